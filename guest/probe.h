@@ -1,0 +1,20 @@
+/* The port-I/O contract between the workload guest and the VMM. Included by the guest's C
+ * code and by mig's VMM (kvm/devices.h), so the two can never disagree. Every port takes a
+ * 32-bit OUT. */
+#ifndef MIG_GUEST_PROBE_H
+#define MIG_GUEST_PROBE_H
+
+#define MIG_PROBE_HEARTBEAT 0x510   /* value: this vCPU's heartbeat sequence number, from 1 */
+#define MIG_PROBE_TICKS 0x514       /* value: LAPIC timer ticks this vCPU has handled */
+#define MIG_PROBE_CHECK_FAIL 0x518  /* value: a self-check failure code (below) */
+#define MIG_PROBE_READY 0x51c       /* value: workload mode; sent once the working set is filled */
+#define MIG_PROBE_SWEEP_PASS 0x520  /* value: completed sweep passes */
+
+#define MIG_CHECK_FAIL_GPR 1    /* a general-purpose register changed under the guest */
+#define MIG_CHECK_FAIL_VEC 2    /* an SSE/AVX register changed */
+#define MIG_CHECK_FAIL_SWEEP 3  /* a sweep page did not hold the value it was left with */
+#define MIG_CHECK_FAIL_TICKS 4  /* the timer stopped ticking */
+#define MIG_CHECK_FAIL_TSC 5    /* the TSC went backwards */
+#define MIG_CHECK_FAIL_EXCEPTION 6 /* the guest took an unexpected exception */
+
+#endif

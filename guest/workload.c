@@ -1,0 +1,353 @@
+/* The workload guest's CPL3 part: everything that loops lives here, because CPL3 runs
+ * natively while CPL0 is emulated on this project's hosts.
+ *
+ * Command line (space-separated key=value; sizes take K/M/G):
+ *   mode=idle|random|hotcold|sweep   what each vCPU does            (idle)
+ *   wss=SIZE        working set, split evenly across vCPUs          (64M)
+ *   rate=MBPS       dirtying rate per guest, in MB/s of pages; 0 = as fast as possible (0)
+ *   fill=zero|random|text|mix   initial working-set contents        (random)
+ *   hot=PCT hotfrac=PCT         hotcold: hot set size and share of writes (10, 90)
+ *   timer=HZ        periodic LAPIC timer interrupts, counted at CPL0 (0 = off)
+ *   hb=MS           heartbeat period                                 (10)
+ *   regcheck=1      keep patterns in GPRs and SSE/AVX registers and check them continuously
+ *   cpus=N          wait for exactly N vCPUs instead of until no more arrive
+ *   seed=N
+ */
+#include "guest.h"
+#include "probe.h"
+
+enum mode { MODE_IDLE, MODE_RANDOM, MODE_HOTCOLD, MODE_SWEEP };
+enum fill { FILL_ZERO, FILL_RANDOM, FILL_TEXT, FILL_MIX };
+
+static struct {
+  enum mode mode;
+  uint64_t wss;
+  uint64_t rate_mbps;
+  enum fill fill;
+  uint64_t hot_pct, hotfrac_pct;
+  uint64_t timer_hz;
+  uint64_t hb_ms;
+  uint64_t regcheck;
+  uint64_t cpus;
+  uint64_t seed;
+} cfg = {MODE_IDLE, 64ul << 20, 0, FILL_RANDOM, 10, 90, 0, 10, 0, 0, 1};
+
+static volatile uint64_t tsc_per_ms;
+static volatile uint32_t ncpus;  /* published by the BSP once all APs have arrived */
+static uint64_t wss_base, mem_end;
+
+extern const uint8_t ap_trampoline[], ap_trampoline_end[];
+
+void *memset(void *d, int c, unsigned long n) {
+  uint8_t *p = d;
+  while (n--) *p++ = (uint8_t)c;
+  return d;
+}
+void *memcpy(void *d, const void *s, unsigned long n) {
+  uint8_t *p = d;
+  const uint8_t *q = s;
+  while (n--) *p++ = *q++;
+  return d;
+}
+
+static void put(const char *s) {
+  while (*s) outb(0x3f8, (uint8_t)*s++);
+}
+static void put_u64(uint64_t v) {
+  char buf[21];
+  int i = 20;
+  buf[i] = 0;
+  do buf[--i] = (char)('0' + v % 10);
+  while (v /= 10);
+  put(buf + i);
+}
+
+static int streq(const char *a, const char *b, unsigned n) {
+  for (unsigned i = 0; i < n; i++)
+    if (a[i] != b[i]) return 0;
+  return b[n] == 0;
+}
+static uint64_t parse_u64(const char *s, unsigned n) {
+  uint64_t v = 0;
+  unsigned i = 0;
+  for (; i < n && s[i] >= '0' && s[i] <= '9'; i++) v = v * 10 + (uint64_t)(s[i] - '0');
+  if (i < n) {
+    char suffix = s[i];
+    if (suffix == 'K' || suffix == 'k') v <<= 10;
+    if (suffix == 'M' || suffix == 'm') v <<= 20;
+    if (suffix == 'G' || suffix == 'g') v <<= 30;
+  }
+  return v;
+}
+
+static void parse_arg(const char *key, unsigned klen, const char *val, unsigned vlen) {
+  if (streq(key, "mode", klen)) {
+    if (streq(val, "idle", vlen)) cfg.mode = MODE_IDLE;
+    else if (streq(val, "random", vlen)) cfg.mode = MODE_RANDOM;
+    else if (streq(val, "hotcold", vlen)) cfg.mode = MODE_HOTCOLD;
+    else if (streq(val, "sweep", vlen)) cfg.mode = MODE_SWEEP;
+    else put("mig-guest: unknown mode\n");
+  } else if (streq(key, "fill", klen)) {
+    if (streq(val, "zero", vlen)) cfg.fill = FILL_ZERO;
+    else if (streq(val, "random", vlen)) cfg.fill = FILL_RANDOM;
+    else if (streq(val, "text", vlen)) cfg.fill = FILL_TEXT;
+    else if (streq(val, "mix", vlen)) cfg.fill = FILL_MIX;
+    else put("mig-guest: unknown fill\n");
+  } else if (streq(key, "wss", klen)) cfg.wss = parse_u64(val, vlen);
+  else if (streq(key, "rate", klen)) cfg.rate_mbps = parse_u64(val, vlen);
+  else if (streq(key, "hot", klen)) cfg.hot_pct = parse_u64(val, vlen);
+  else if (streq(key, "hotfrac", klen)) cfg.hotfrac_pct = parse_u64(val, vlen);
+  else if (streq(key, "timer", klen)) cfg.timer_hz = parse_u64(val, vlen);
+  else if (streq(key, "hb", klen)) cfg.hb_ms = parse_u64(val, vlen);
+  else if (streq(key, "regcheck", klen)) cfg.regcheck = parse_u64(val, vlen);
+  else if (streq(key, "cpus", klen)) cfg.cpus = parse_u64(val, vlen);
+  else if (streq(key, "seed", klen)) cfg.seed = parse_u64(val, vlen);
+  else put("mig-guest: unknown argument ignored\n");
+}
+
+static void parse_cmdline(const char *s) {
+  while (*s) {
+    while (*s == ' ') s++;
+    const char *key = s;
+    while (*s && *s != '=' && *s != ' ') s++;
+    unsigned klen = (unsigned)(s - key);
+    if (*s != '=') continue; /* a bare word (QEMU passes the kernel path first): skip */
+    const char *val = ++s;
+    while (*s && *s != ' ') s++;
+    parse_arg(key, klen, val, (unsigned)(s - val));
+  }
+}
+
+/* TSC ticks in 10 ms of PIT channel 2, the way Linux calibrates: the PIT runs at a fixed
+ * 1.193182 MHz on every PC, QEMU's and mig's alike. */
+static uint64_t calibrate_tsc_per_ms(void) {
+  const uint16_t latch = 11932; /* 10 ms */
+  outb(0x61, (uint8_t)((inb(0x61) & ~0x02) | 0x01)); /* gate on, speaker off */
+  outb(0x43, 0xb0);                                 /* channel 2, lo/hi byte, mode 0 */
+  outb(0x42, latch & 0xff);
+  outb(0x42, latch >> 8);
+  uint64_t t0 = rdtsc();
+  while (!(inb(0x61) & 0x20)) {
+  }
+  return (rdtsc() - t0) / 10;
+}
+
+static uint64_t xorshift(uint64_t *s) {
+  uint64_t x = *s;
+  x ^= x << 13;
+  x ^= x >> 7;
+  x ^= x << 17;
+  return *s = x;
+}
+
+static void fill_page(uint8_t *page, enum fill f, uint64_t *rng) {
+  static const char *const words[] = {"the ", "quick ", "brown ", "fox ", "jumps ", "over ", "lazy ", "dog ",
+                                      "migration ", "memory ", "page ", "dirty ", "round ", "copy ", "and ", "of "};
+  if (f == FILL_RANDOM) {
+    for (unsigned i = 0; i < 4096; i += 8) *(uint64_t *)(page + i) = xorshift(rng);
+  } else if (f == FILL_TEXT) {
+    unsigned i = 0;
+    while (i < 4096) {
+      const char *w = words[xorshift(rng) & 15];
+      while (*w && i < 4096) page[i++] = (uint8_t)*w++;
+    }
+  }
+}
+
+static void apic_icr(uint32_t low) {
+  lapic_write(0x310, 0);
+  lapic_write(0x300, low);
+}
+
+static void delay_us(uint64_t us) {
+  uint64_t end = rdtsc() + us * tsc_per_ms / 1000;
+  while (rdtsc() < end) __asm__ volatile("pause");
+}
+
+/* INIT then two STARTUPs to all other CPUs, each entering the trampoline at 0x8000. */
+static void start_aps(void) {
+  memcpy((void *)0x8000, ap_trampoline, (unsigned long)(ap_trampoline_end - ap_trampoline));
+  apic_icr(0x000c4500);
+  delay_us(10000);
+  apic_icr(0x000c4608);
+  delay_us(200);
+  apic_icr(0x000c4608);
+  /* Wait for the expected count, or until no new CPU arrives for 50 ms. */
+  uint64_t last_change = rdtsc(), seen = cpus_started;
+  while (cfg.cpus ? cpus_started < cfg.cpus && rdtsc() - last_change < 2000 * tsc_per_ms
+                  : rdtsc() - last_change < 50 * tsc_per_ms) {
+    if (cpus_started != seen) {
+      seen = cpus_started;
+      last_change = rdtsc();
+    }
+  }
+}
+
+static void bsp_setup(void) {
+  const uint32_t *mbi = (const uint32_t *)(uint64_t)mb_info_ptr;
+  if (mbi[0] & 0x4) parse_cmdline((const char *)(uint64_t)mbi[4]);
+  mem_end = 0x100000 + (uint64_t)mbi[2] * 1024;
+  wss_base = ((uint64_t)_end + (2ul << 20) - 1) & ~((2ul << 20) - 1);
+  if (cfg.wss > mem_end - wss_base) cfg.wss = (mem_end - wss_base) & ~4095ul;
+  if (cfg.hb_ms == 0) cfg.hb_ms = 1;
+  tsc_per_ms = calibrate_tsc_per_ms();
+  start_aps();
+  ncpus = cpus_started > MAX_CPUS ? MAX_CPUS : cpus_started;
+  put("mig-guest: mode=");
+  put_u64(cfg.mode);
+  put(" wss_mib=");
+  put_u64(cfg.wss >> 20);
+  put(" wss_base=");
+  put_u64(wss_base);
+  put(" rate_mbps=");
+  put_u64(cfg.rate_mbps);
+  put(" cpus=");
+  put_u64(ncpus);
+  put(" tsc_khz=");
+  put_u64(tsc_per_ms);
+  put("\n");
+}
+
+struct worker {
+  unsigned cpu;
+  uint8_t *base;        /* this CPU's slice of the working set */
+  uint64_t pages;
+  uint64_t hot_pages;
+  uint64_t rng;
+  uint64_t credit;      /* pages this CPU may still write now, in 1/1024 units */
+  uint64_t credit_per_ms;
+  uint64_t last_tsc;
+  uint64_t sweep_pos, sweep_pass;
+  uint64_t counter;
+  int avx;
+  uint64_t pattern[38], dump[38];
+};
+
+static void report_failure(uint32_t code) { outl(MIG_PROBE_CHECK_FAIL, code); }
+
+/* Pacing by TSC with bounded catch-up: a slow moment (a host preemption, a migration pause)
+ * earns at most 10 ms of extra writes, never a long burst that starves heartbeats. */
+static uint64_t writes_allowed(struct worker *w, uint64_t now) {
+  if (cfg.rate_mbps == 0) return 256;
+  uint64_t elapsed = now - w->last_tsc;
+  w->last_tsc = now;
+  if (elapsed > 10 * tsc_per_ms) elapsed = 10 * tsc_per_ms;
+  w->credit += elapsed * w->credit_per_ms / tsc_per_ms;
+  if (w->credit > 10 * w->credit_per_ms) w->credit = 10 * w->credit_per_ms;
+  uint64_t n = w->credit >> 10;
+  if (n > 256) n = 256;
+  w->credit -= n << 10;
+  return n;
+}
+
+static void write_random(struct worker *w, uint64_t n) {
+  for (uint64_t i = 0; i < n; i++) {
+    uint64_t r = xorshift(&w->rng);
+    uint64_t page;
+    if (cfg.mode == MODE_HOTCOLD && w->hot_pages && (r >> 40) % 100 < cfg.hotfrac_pct)
+      page = (r & 0xffffffff) % w->hot_pages;
+    else
+      page = (r & 0xffffffff) % w->pages;
+    *(volatile uint64_t *)(w->base + page * 4096 + ((r >> 32) & 0x1ff) * 8) = ++w->counter;
+  }
+}
+
+/* Increment the first byte of each page in order, checking that it still holds what the
+ * previous pass left: a page that lost a write during migration shows up here. */
+static void write_sweep(struct worker *w, uint64_t n) {
+  for (uint64_t i = 0; i < n; i++) {
+    volatile uint8_t *p = w->base + w->sweep_pos * 4096;
+    if (*p != (uint8_t)w->sweep_pass) report_failure(MIG_CHECK_FAIL_SWEEP);
+    *p = (uint8_t)(w->sweep_pass + 1);
+    if (++w->sweep_pos == w->pages) {
+      w->sweep_pos = 0;
+      w->sweep_pass++;
+      outl(MIG_PROBE_SWEEP_PASS, (uint32_t)w->sweep_pass);
+    }
+  }
+}
+
+static void check_registers(struct worker *w, uint64_t iterations) {
+  for (unsigned i = 0; i < 38; i++) w->pattern[i] = xorshift(&w->rng);
+  regcheck_spin(w->pattern, w->dump, iterations, w->avx);
+  for (unsigned i = 0; i < 6; i++)
+    if (w->dump[i] != w->pattern[i]) report_failure(MIG_CHECK_FAIL_GPR);
+  for (unsigned r = 0; r < 8; r++)
+    for (unsigned q = 0; q < (w->avx ? 4u : 2u); q++)
+      if (w->dump[6 + r * 4 + q] != w->pattern[6 + r * 4 + q]) report_failure(MIG_CHECK_FAIL_VEC);
+}
+
+static int have_avx(void) {
+  uint32_t a, b, c, d;
+  cpuid(1, &a, &b, &c, &d);
+  if (!((c >> 28) & 1) || !((c >> 27) & 1)) return 0; /* AVX and OSXSAVE */
+  uint32_t lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (lo & 6) == 6;
+}
+
+static void run_worker(unsigned cpu) {
+  struct worker w = {0};
+  w.cpu = cpu;
+  uint64_t slice = (cfg.wss / ncpus) & ~4095ul;
+  w.base = (uint8_t *)(wss_base + slice * cpu);
+  w.pages = slice / 4096;
+  w.hot_pages = w.pages * cfg.hot_pct / 100;
+  w.rng = cfg.seed * 0x9e3779b97f4a7c15ul + cpu + 1;
+  w.avx = have_avx();
+  /* MB/s of 4 KiB pages, across the guest, shared evenly by its CPUs; 1/1024 units. */
+  w.credit_per_ms = cfg.rate_mbps * 1000000ul / 4096 * 1024 / 1000 / ncpus;
+
+  if (cfg.mode != MODE_SWEEP && cfg.fill != FILL_ZERO)
+    for (uint64_t p = 0; p < w.pages; p++)
+      fill_page(w.base + p * 4096, cfg.fill == FILL_MIX ? (enum fill)(p % 3 + FILL_ZERO) : cfg.fill, &w.rng);
+
+  if (cfg.timer_hz) {
+    lapic_write(0x3e0, 0x3);                                     /* divide by 16 */
+    lapic_write(0x320, 0x20000 | TIMER_VECTOR);                  /* periodic */
+    lapic_write(0x380, (uint32_t)(1000000000ul / 16 / cfg.timer_hz)); /* KVM's APIC bus: 1 GHz */
+  }
+  outl(MIG_PROBE_READY, cfg.mode);
+
+  const uint64_t hb_ticks = cfg.hb_ms * tsc_per_ms;
+  const uint64_t timer_deadline = cfg.timer_hz ? (10000 / cfg.timer_hz + 10) * tsc_per_ms : 0;
+  uint64_t seq = 0, prev = rdtsc(), next_hb = prev, last_ticks = 0, last_tick_tsc = prev;
+  int timer_reported = 0;
+  w.last_tsc = prev;
+  for (;;) {
+    uint64_t now = rdtsc();
+    if (now < prev) report_failure(MIG_CHECK_FAIL_TSC);
+    prev = now;
+    if (now >= next_hb) {
+      outl(MIG_PROBE_HEARTBEAT, (uint32_t)++seq);
+      if (cfg.timer_hz) outl(MIG_PROBE_TICKS, (uint32_t)percpu_of(cpu)->ticks);
+      /* The next beat is due one period on, but never in the past: no bursts after a stall. */
+      next_hb += hb_ticks;
+      if (next_hb <= now) next_hb = now + hb_ticks;
+    }
+    if (cfg.timer_hz) {
+      uint64_t ticks = percpu_of(cpu)->ticks;
+      if (ticks != last_ticks) {
+        last_ticks = ticks;
+        last_tick_tsc = now;
+        timer_reported = 0;
+      } else if (now - last_tick_tsc > timer_deadline && !timer_reported) {
+        report_failure(MIG_CHECK_FAIL_TICKS);
+        timer_reported = 1;
+      }
+    }
+    uint64_t n = cfg.mode == MODE_IDLE ? 0 : writes_allowed(&w, now);
+    if (cfg.mode == MODE_SWEEP) write_sweep(&w, n);
+    else if (n) write_random(&w, n);
+    if (cfg.regcheck) check_registers(&w, 20000);
+    else if (n == 0) for (int i = 0; i < 64; i++) __asm__ volatile("pause");
+  }
+}
+
+void user_main(unsigned cpu) {
+  if (cpu == 0) bsp_setup();
+  else
+    while (!ncpus || !tsc_per_ms) __asm__ volatile("pause");
+  if (cpu < ncpus) run_worker(cpu);
+  for (;;) __asm__ volatile("pause");
+}

@@ -1,0 +1,215 @@
+#include "kvm/machine.h"
+
+#include <pthread.h>
+#include <signal.h>
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+
+namespace mig::kvm {
+
+namespace {
+
+// Delivered to a vCPU thread to knock it out of KVM_RUN. The handler does nothing: what
+// matters is that KVM_RUN returns EINTR.
+int kick_signal() { return SIGRTMIN; }
+
+void install_kick_handler() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction sa {};
+    sa.sa_handler = [](int) {};
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0;  // no SA_RESTART: the ioctl must return
+    if (::sigaction(kick_signal(), &sa, nullptr) != 0) throw_errno("sigaction(kick signal)");
+  });
+}
+
+void validate(const MachineConfig& config) {
+  if (config.vcpus == 0 || config.vcpus > kMaxVcpus)
+    throw std::invalid_argument("vCPU count must be between 1 and " + std::to_string(kMaxVcpus));
+  std::uint64_t total = 0;
+  for (const auto& r : config.layout) total += r.size;
+  if (total < (4u << 20)) throw std::invalid_argument("guest memory must be at least 4 MiB");
+}
+
+}  // namespace
+
+std::unique_ptr<Machine> Machine::create(const MachineConfig& config) {
+  validate(config);
+  KvmSystem sys = KvmSystem::open(config.kvm_path);
+  GuestMemory memory = GuestMemory::create(config.layout, config.backing);
+  Vm vm = Vm::create(sys);
+  vm.map_memory(memory);
+  return std::unique_ptr<Machine>(new Machine(config, std::move(sys), std::move(memory), std::move(vm)));
+}
+
+Machine::Machine(const MachineConfig& config, KvmSystem sys, GuestMemory memory, Vm vm)
+    : config_(config), sys_(std::move(sys)), memory_(std::move(memory)), vm_(std::move(vm)),
+      serial_(config.serial_path), probe_(config.vcpus) {
+  install_kick_handler();
+  for (unsigned i = 0; i < config.vcpus; ++i) vcpus_.push_back(Vcpu::create(sys_, vm_, i));
+  // Sorted so that IA32_TSC (0x10) is restored before IA32_TSC_DEADLINE (0x6e0).
+  std::vector<std::uint32_t> msrs = vcpus_[0].restorable_msrs(sys_.msr_index_list());
+  std::sort(msrs.begin(), msrs.end());
+  for (auto& vcpu : vcpus_) vcpu.set_saved_msrs(msrs);
+}
+
+Machine::~Machine() {
+  {
+    std::lock_guard lock(mutex_);
+    stopping_ = true;
+    pause_requested_ = true;
+  }
+  for (std::size_t i = 0; i < threads_.size(); ++i) {
+    vcpus_[i].run()->immediate_exit = 1;
+    ::pthread_kill(threads_[i].native_handle(), kick_signal());
+  }
+  state_changed_.notify_all();
+  for (auto& t : threads_) t.join();
+}
+
+void Machine::boot(const MultibootImage& image, const std::string& cmdline) {
+  const BootInfo info = load_multiboot(image, memory_, cmdline);
+  vcpus_[0].set_multiboot_entry(info.entry, info.info_addr);
+}
+
+void Machine::start() {
+  if (!threads_.empty()) throw std::logic_error("Machine::start called twice");
+  pause_requested_ = false;
+  for (auto& vcpu : vcpus_) vcpu.run()->immediate_exit = 0;
+  for (unsigned i = 0; i < vcpus_.size(); ++i) threads_.emplace_back([this, i] { vcpu_loop(i); });
+}
+
+void Machine::pause() {
+  {
+    std::lock_guard lock(mutex_);
+    pause_requested_ = true;
+  }
+  // immediate_exit before the signal: a thread that checked the flag just before we set it
+  // and is about to enter KVM_RUN then returns at once instead of running on.
+  for (std::size_t i = 0; i < threads_.size(); ++i) {
+    __atomic_store_n(&vcpus_[i].run()->immediate_exit, 1, __ATOMIC_SEQ_CST);
+    ::pthread_kill(threads_[i].native_handle(), kick_signal());
+  }
+  std::unique_lock lock(mutex_);
+  state_changed_.wait(lock, [&] { return parked_ + stopped_ == threads_.size(); });
+}
+
+void Machine::resume() {
+  std::lock_guard lock(mutex_);
+  for (auto& vcpu : vcpus_) vcpu.run()->immediate_exit = 0;
+  pause_requested_ = false;
+  state_changed_.notify_all();
+}
+
+void Machine::park(Vcpu& vcpu) {
+  // One more KVM_RUN with immediate_exit set completes an I/O instruction whose exit we just
+  // handled (its result is only written back into registers on re-entry), without running
+  // the guest. Only then is the saved state consistent.
+  vcpu.run()->immediate_exit = 1;
+  vcpu.enter();
+  std::unique_lock lock(mutex_);
+  ++parked_;
+  state_changed_.notify_all();
+  state_changed_.wait(lock, [&] { return !pause_requested_.load() || stopping_; });
+  --parked_;
+}
+
+void Machine::vcpu_loop(unsigned index) {
+  Vcpu& vcpu = vcpus_[index];
+  try {
+    for (;;) {
+      if (pause_requested_.load()) {
+        park(vcpu);
+        std::lock_guard lock(mutex_);
+        if (stopping_) break;
+        continue;
+      }
+      if (!vcpu.enter()) continue;  // kicked
+      if (!dispatch_exit(vcpu)) break;
+    }
+  } catch (const std::exception& e) {
+    fail("vCPU " + std::to_string(index) + ": " + e.what());
+  }
+  std::lock_guard lock(mutex_);
+  ++stopped_;
+  state_changed_.notify_all();
+}
+
+bool Machine::dispatch_exit(Vcpu& vcpu) {
+  kvm_run* run = vcpu.run();
+  switch (run->exit_reason) {
+    case KVM_EXIT_IO: {
+      auto* data = reinterpret_cast<std::uint8_t*>(run) + run->io.data_offset;
+      const bool is_write = run->io.direction == KVM_EXIT_IO_OUT;
+      for (std::uint32_t i = 0; i < run->io.count; ++i, data += run->io.size) {
+        if (serial_.handles(run->io.port))
+          serial_.io(run->io.port, is_write, data);
+        else if (probe_.handles(run->io.port))
+          probe_.io(vcpu.index(), run->io.port, is_write, data, run->io.size);
+        else if (!is_write)
+          std::memset(data, 0xff, run->io.size);  // nothing there: the bus floats high
+      }
+      return true;
+    }
+    case KVM_EXIT_MMIO:
+      if (!run->mmio.is_write) std::memset(run->mmio.data, 0xff, sizeof run->mmio.data);
+      return true;
+    case KVM_EXIT_INTR:
+      return true;
+    case KVM_EXIT_HLT:
+      fail("vCPU " + std::to_string(vcpu.index()) + " halted with interrupts off");
+      return false;
+    case KVM_EXIT_SHUTDOWN:
+      fail("vCPU " + std::to_string(vcpu.index()) + ": guest shut down (triple fault)");
+      return false;
+    case KVM_EXIT_FAIL_ENTRY:
+      fail("vCPU " + std::to_string(vcpu.index()) + ": KVM could not enter the guest, hardware reason " +
+           std::to_string(run->fail_entry.hardware_entry_failure_reason));
+      return false;
+    case KVM_EXIT_INTERNAL_ERROR:
+      fail("vCPU " + std::to_string(vcpu.index()) + ": KVM internal error, suberror " +
+           std::to_string(run->internal.suberror));
+      return false;
+    default:
+      fail("vCPU " + std::to_string(vcpu.index()) + ": unhandled exit reason " + std::to_string(run->exit_reason));
+      return false;
+  }
+}
+
+void Machine::fail(std::string reason) {
+  std::lock_guard lock(mutex_);
+  if (!failure_) failure_ = std::move(reason);
+}
+
+std::optional<std::string> Machine::failure() const {
+  std::lock_guard lock(mutex_);
+  return failure_;
+}
+
+MachineState Machine::save_state() const {
+  if (!pause_requested_.load()) throw std::logic_error("Machine::save_state needs a paused machine");
+  MachineState state;
+  for (const auto& vcpu : vcpus_) state.vcpus.push_back(vcpu.save_state());
+  state.vm = vm_.save_state();
+  state.serial = serial_.save();
+  state.probe = probe_.save();
+  return state;
+}
+
+void Machine::restore_state(const MachineState& state) {
+  if (!pause_requested_.load()) throw std::logic_error("Machine::restore_state needs a paused machine");
+  if (state.vcpus.size() != vcpus_.size())
+    throw std::runtime_error("saved state has " + std::to_string(state.vcpus.size()) + " vCPUs, this machine " +
+                             std::to_string(vcpus_.size()));
+  for (std::size_t i = 0; i < vcpus_.size(); ++i) vcpus_[i].restore_state(state.vcpus[i]);
+  // VM-wide state after the vCPUs: the PIC and IOAPIC deliver into LAPICs that now exist in
+  // their saved form, and kvmclock is set last, as close to resuming as we can.
+  vm_.restore_state(state.vm);
+  serial_.restore(state.serial);
+  probe_.restore(state.probe);
+}
+
+}  // namespace mig::kvm

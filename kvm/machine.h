@@ -1,0 +1,104 @@
+// mig's minimal VMM: guest memory, a VM with an in-kernel irqchip, one thread per vCPU, the
+// serial port and the probe. It boots a multiboot image or takes its state from a saved
+// MachineState, and it can pause, save, restore and resume as a whole.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kvm/devices.h"
+#include "kvm/memory.h"
+#include "kvm/multiboot.h"
+#include "kvm/state.h"
+#include "kvm/system.h"
+#include "kvm/vcpu.h"
+#include "kvm/vm.h"
+
+namespace mig::kvm {
+
+inline constexpr unsigned kMaxVcpus = 16;  // what the workload guest supports
+
+struct MachineConfig {
+  std::vector<RegionLayout> layout;  // guest RAM; see pc_memory_layout()
+  unsigned vcpus = 1;
+  std::string serial_path;  // see Serial16550
+  MemoryBacking backing = MemoryBacking::anonymous;
+  std::string kvm_path = "/dev/kvm";
+};
+
+struct MachineState {
+  VmState vm;
+  std::vector<VcpuState> vcpus;
+  SerialState serial;
+  std::vector<HeartbeatState> probe;
+};
+
+class Machine {
+ public:
+  // Creates VM, memory and vCPUs; no vCPU runs until start(). Throws with a one-line reason
+  // for a bad configuration (std::invalid_argument) or an unusable /dev/kvm.
+  static std::unique_ptr<Machine> create(const MachineConfig& config);
+  ~Machine();
+  Machine(const Machine&) = delete;
+  Machine& operator=(const Machine&) = delete;
+
+  // Loads the image and puts vCPU 0 at its entry; the other vCPUs wait for INIT/SIPI, as
+  // application processors do on real hardware.
+  void boot(const MultibootImage& image, const std::string& cmdline);
+
+  // Starts the vCPU threads. Call once, after boot() or restore_state().
+  void start();
+  // Takes every vCPU out of KVM_RUN (even one spinning in guest user mode) and returns once
+  // all are parked with their pending I/O completed, so their state is consistent.
+  void pause();
+  void resume();
+  bool paused() const { return pause_requested_.load(); }
+
+  // Both require the machine to be paused or not yet started.
+  MachineState save_state() const;
+  void restore_state(const MachineState& state);
+
+  // The first guest failure (triple fault, internal error, entry failure), if any. A failed
+  // vCPU stops; the others go on until the machine is paused or destroyed.
+  std::optional<std::string> failure() const;
+
+  const MachineConfig& config() const { return config_; }
+  GuestMemory& memory() { return memory_; }
+  Vm& vm() { return vm_; }
+  Probe& probe() { return probe_; }
+  const Probe& probe() const { return probe_; }
+
+ private:
+  explicit Machine(const MachineConfig& config, KvmSystem sys, GuestMemory memory, Vm vm);
+  void vcpu_loop(unsigned index);
+  // Handles one exit; returns false when the vCPU cannot go on.
+  bool dispatch_exit(Vcpu& vcpu);
+  void park(Vcpu& vcpu);
+  void fail(std::string reason);
+
+  MachineConfig config_;
+  KvmSystem sys_;
+  GuestMemory memory_;
+  Vm vm_;
+  std::vector<Vcpu> vcpus_;
+  Serial16550 serial_;
+  Probe probe_;
+
+  std::vector<std::thread> threads_;
+  mutable std::mutex mutex_;
+  std::condition_variable state_changed_;
+  std::atomic<bool> pause_requested_{true};  // a machine starts parked until start()/resume()
+  bool stopping_ = false;
+  unsigned parked_ = 0;   // vCPU threads waiting in park()
+  unsigned stopped_ = 0;  // vCPU threads that returned for good
+  std::optional<std::string> failure_;
+};
+
+}  // namespace mig::kvm

@@ -1,0 +1,55 @@
+// Guest physical memory: a few regions of host memory, each mapped once and registered with
+// KVM as one slot. Pointers handed out stay valid for the lifetime of the GuestMemory.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "kvm/fd.h"
+
+namespace mig::kvm {
+
+inline constexpr std::uint64_t kPageSize = 4096;
+
+enum class MemoryBacking {
+  anonymous,  // private anonymous memory
+  memfd,      // a memfd per region, shareable with another process over a UNIX socket
+};
+
+struct RegionLayout {
+  std::uint64_t guest_addr = 0;
+  std::uint64_t size = 0;
+  friend bool operator==(const RegionLayout&, const RegionLayout&) = default;
+};
+
+// RAM below the 3 GiB PCI/APIC hole goes at 0; the rest continues at 4 GiB, like a PC.
+std::vector<RegionLayout> pc_memory_layout(std::uint64_t mem_bytes);
+
+class GuestMemory {
+ public:
+  struct Region {
+    RegionLayout layout;
+    Mapping mapping;
+    UniqueFd memfd;  // valid only with MemoryBacking::memfd
+    std::byte* host() const { return mapping.data(); }
+  };
+
+  // Throws std::invalid_argument for an empty or unaligned layout, or one larger than the
+  // host's memory.
+  static GuestMemory create(std::span<const RegionLayout> layout, MemoryBacking backing);
+
+  const std::vector<Region>& regions() const { return regions_; }
+  std::uint64_t total_bytes() const;
+  std::vector<RegionLayout> layout() const;
+
+  // Host address of [guest_addr, guest_addr + len) when it lies inside one region, else
+  // nullptr. Every guest-supplied address goes through here before it is dereferenced.
+  std::byte* translate(std::uint64_t guest_addr, std::uint64_t len) const;
+
+ private:
+  std::vector<Region> regions_;
+};
+
+}  // namespace mig::kvm

@@ -1,0 +1,47 @@
+// One KVM vCPU: its fd, its run area, and its complete state.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "kvm/fd.h"
+#include "kvm/state.h"
+#include "kvm/system.h"
+#include "kvm/vm.h"
+
+namespace mig::kvm {
+
+class Vcpu {
+ public:
+  // Creates vCPU `index` with the host's supported CPUID, its APIC ID set to `index`.
+  static Vcpu create(const KvmSystem& sys, const Vm& vm, unsigned index);
+
+  unsigned index() const { return index_; }
+  int fd() const { return fd_.get(); }
+  kvm_run* run() const { return reinterpret_cast<kvm_run*>(run_area_.data()); }
+
+  // Enters the guest once. Returns false when interrupted (EINTR: a kick or immediate_exit),
+  // true when run()->exit_reason holds a real exit.
+  bool enter();
+
+  // Keeps from `candidates` only the MSRs this vCPU can both read and write back unchanged;
+  // some listed MSRs are read-only or depend on features the guest CPUID lacks.
+  std::vector<std::uint32_t> restorable_msrs(const std::vector<std::uint32_t>& candidates) const;
+  void set_saved_msrs(std::vector<std::uint32_t> msrs) { saved_msrs_ = std::move(msrs); }
+
+  // Puts the vCPU in the state a multiboot v1 loader hands over: 32-bit protected mode,
+  // flat segments, paging off, EAX = magic, EBX = the multiboot information address.
+  void set_multiboot_entry(std::uint32_t entry, std::uint32_t info_addr);
+
+  VcpuState save_state() const;
+  void restore_state(const VcpuState& state);
+
+ private:
+  const KvmSystem* sys_ = nullptr;
+  unsigned index_ = 0;
+  UniqueFd fd_;
+  Mapping run_area_;
+  std::vector<std::uint32_t> saved_msrs_;
+};
+
+}  // namespace mig::kvm

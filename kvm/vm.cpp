@@ -1,0 +1,107 @@
+#include "kvm/vm.h"
+
+#include <sys/ioctl.h>
+
+#include <stdexcept>
+#include <vector>
+
+namespace mig::kvm {
+
+namespace {
+// Where KVM puts the real-mode TSS (three pages) on Intel; just below the BIOS area, above
+// any RAM we map (RAM stops at 3 GiB).
+constexpr std::uint64_t kTssAddress = 0xfffbd000;
+
+kvm_irqchip get_irqchip(int vm_fd, std::uint32_t chip_id) {
+  kvm_irqchip chip{};
+  chip.chip_id = chip_id;
+  check_syscall("KVM_GET_IRQCHIP", [&] { return ::ioctl(vm_fd, KVM_GET_IRQCHIP, &chip); });
+  return chip;
+}
+}  // namespace
+
+Vm Vm::create(const KvmSystem& sys) {
+  Vm vm;
+  vm.fd_ = UniqueFd(check_syscall("KVM_CREATE_VM", [&] { return ::ioctl(sys.fd(), KVM_CREATE_VM, 0); }));
+  const int fd = vm.fd_.get();
+  if (sys.check_extension(KVM_CAP_SET_TSS_ADDR) > 0)
+    check_syscall("KVM_SET_TSS_ADDR", [&] { return ::ioctl(fd, KVM_SET_TSS_ADDR, kTssAddress); });
+  check_syscall("KVM_CREATE_IRQCHIP", [&] { return ::ioctl(fd, KVM_CREATE_IRQCHIP, 0); });
+  kvm_pit_config pit{};
+  pit.flags = KVM_PIT_SPEAKER_DUMMY;
+  check_syscall("KVM_CREATE_PIT2", [&] { return ::ioctl(fd, KVM_CREATE_PIT2, &pit); });
+  if (sys.has_manual_dirty_protect()) {
+    // Without KVM_DIRTY_LOG_INITIALLY_SET: enabling logging write-protects everything, and the
+    // first fetch reports only pages written since.
+    kvm_enable_cap cap{};
+    cap.cap = KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
+    cap.args[0] = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE;
+    check_syscall("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)", [&] { return ::ioctl(fd, KVM_ENABLE_CAP, &cap); });
+    vm.manual_protect_ = true;
+  }
+  return vm;
+}
+
+void Vm::map_memory(const GuestMemory& memory) {
+  for (const auto& region : memory.regions()) {
+    kvm_userspace_memory_region slot{};
+    slot.slot = static_cast<std::uint32_t>(slots_.size());
+    slot.guest_phys_addr = region.layout.guest_addr;
+    slot.memory_size = region.layout.size;
+    slot.userspace_addr = reinterpret_cast<std::uint64_t>(region.host());
+    check_syscall("KVM_SET_USER_MEMORY_REGION", [&] { return ::ioctl(fd_.get(), KVM_SET_USER_MEMORY_REGION, &slot); });
+    slots_.push_back(slot);
+  }
+}
+
+void Vm::set_dirty_logging(bool on) {
+  for (auto& slot : slots_) {
+    slot.flags = on ? KVM_MEM_LOG_DIRTY_PAGES : 0;
+    check_syscall("KVM_SET_USER_MEMORY_REGION(dirty logging)",
+                  [&] { return ::ioctl(fd_.get(), KVM_SET_USER_MEMORY_REGION, &slot); });
+  }
+  dirty_logging_ = on;
+}
+
+void Vm::fetch_and_clear_dirty_log(std::size_t slot, std::span<std::uint64_t> bitmap) {
+  const std::uint64_t pages = slot_pages(slot);
+  if (bitmap.size() * 64 < pages) throw std::invalid_argument("dirty bitmap too small for slot");
+  kvm_dirty_log log{};
+  log.slot = static_cast<std::uint32_t>(slot);
+  log.dirty_bitmap = bitmap.data();
+  check_syscall("KVM_GET_DIRTY_LOG", [&] { return ::ioctl(fd_.get(), KVM_GET_DIRTY_LOG, &log); });
+  if (!manual_protect_) return;  // KVM_GET_DIRTY_LOG already cleared and re-protected
+  kvm_clear_dirty_log clear{};
+  clear.slot = static_cast<std::uint32_t>(slot);
+  clear.first_page = 0;
+  clear.num_pages = static_cast<std::uint32_t>(pages);
+  clear.dirty_bitmap = bitmap.data();
+  check_syscall("KVM_CLEAR_DIRTY_LOG", [&] { return ::ioctl(fd_.get(), KVM_CLEAR_DIRTY_LOG, &clear); });
+}
+
+VmState Vm::save_state() const {
+  const int fd = fd_.get();
+  VmState state;
+  state.pic_master = get_irqchip(fd, KVM_IRQCHIP_PIC_MASTER);
+  state.pic_slave = get_irqchip(fd, KVM_IRQCHIP_PIC_SLAVE);
+  state.ioapic = get_irqchip(fd, KVM_IRQCHIP_IOAPIC);
+  check_syscall("KVM_GET_PIT2", [&] { return ::ioctl(fd, KVM_GET_PIT2, &state.pit); });
+  check_syscall("KVM_GET_CLOCK", [&] { return ::ioctl(fd, KVM_GET_CLOCK, &state.clock); });
+  return state;
+}
+
+void Vm::restore_state(const VmState& state) {
+  const int fd = fd_.get();
+  for (const kvm_irqchip* chip : {&state.pic_master, &state.pic_slave, &state.ioapic}) {
+    kvm_irqchip copy = *chip;
+    check_syscall("KVM_SET_IRQCHIP", [&] { return ::ioctl(fd, KVM_SET_IRQCHIP, &copy); });
+  }
+  kvm_pit_state2 pit = state.pit;
+  check_syscall("KVM_SET_PIT2", [&] { return ::ioctl(fd, KVM_SET_PIT2, &pit); });
+  // Only the clock value is meaningful to set; KVM rejects flags it did not hand out for SET.
+  kvm_clock_data clock{};
+  clock.clock = state.clock.clock;
+  check_syscall("KVM_SET_CLOCK", [&] { return ::ioctl(fd, KVM_SET_CLOCK, &clock); });
+}
+
+}  // namespace mig::kvm

@@ -1,0 +1,50 @@
+// A KVM VM: memory slots, dirty logging, the in-kernel irqchip and PIT, and VM-wide state.
+#pragma once
+
+#include <cstdint>
+#include <span>
+
+#include "kvm/fd.h"
+#include "kvm/memory.h"
+#include "kvm/state.h"
+#include "kvm/system.h"
+
+namespace mig::kvm {
+
+class Vm {
+ public:
+  // Creates the VM with an in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT2. Manual dirty
+  // log protection is enabled when the host offers it, so fetching and clearing are separate.
+  static Vm create(const KvmSystem& sys);
+
+  int fd() const { return fd_.get(); }
+
+  // Registers every region of `memory` as one slot, slot i for region i. `memory` must
+  // outlive the VM's use of it.
+  void map_memory(const GuestMemory& memory);
+  std::size_t slot_count() const { return slots_.size(); }
+  std::uint64_t slot_pages(std::size_t slot) const { return slots_.at(slot).memory_size / kPageSize; }
+
+  // Turns KVM_MEM_LOG_DIRTY_PAGES on or off for every slot. Turning it on starts with a
+  // clean log: only writes from now on are reported.
+  void set_dirty_logging(bool on);
+  bool dirty_logging() const { return dirty_logging_; }
+
+  // Reads the dirty bitmap of `slot` (bit i = page i of the slot, 64-bit words) and
+  // re-arms write protection for exactly those pages, so a write after this call shows up in
+  // the next one. `bitmap` holds at least ceil(slot_pages / 64) words.
+  void fetch_and_clear_dirty_log(std::size_t slot, std::span<std::uint64_t> bitmap);
+
+  // Ordering: PIC and IOAPIC before the PIT (the PIT raises IRQ0 through them), kvmclock last
+  // so that the guest's clock starts counting from the saved value as late as possible.
+  VmState save_state() const;
+  void restore_state(const VmState& state);
+
+ private:
+  UniqueFd fd_;
+  bool manual_protect_ = false;
+  bool dirty_logging_ = false;
+  std::vector<kvm_userspace_memory_region> slots_;
+};
+
+}  // namespace mig::kvm

@@ -1,0 +1,49 @@
+#include "tools/vm_options.h"
+
+#include <fmt/core.h>
+
+namespace mig::tools {
+
+void VmOptions::add_to(CLI::App& app) {
+  app.add_option("--kernel", kernel, "multiboot v1 kernel image (ELF32 or a.out kludge)")->required()->check(CLI::ExistingFile);
+  app.add_option("--mem", mem_bytes, "guest memory, e.g. 256M or 2G")
+      ->transform(CLI::AsSizeValue(false))
+      ->default_str("256M");
+  app.add_option("--vcpus", vcpus, "number of vCPUs")->default_val(1);
+  app.add_option("--append", append, "kernel command line");
+  app.add_option("--serial", serial, "where COM1 output goes: a file, a FIFO, or - for stdout");
+  app.add_flag("--memfd", memfd, "back guest memory with memfd instead of anonymous memory");
+}
+
+kvm::MachineConfig VmOptions::machine_config() const {
+  if (mem_bytes % kvm::kPageSize) throw std::invalid_argument("--mem must be a multiple of 4 KiB");
+  kvm::MachineConfig config;
+  config.layout = kvm::pc_memory_layout(mem_bytes);
+  config.vcpus = vcpus;
+  config.serial_path = serial;
+  config.backing = memfd ? kvm::MemoryBacking::memfd : kvm::MemoryBacking::anonymous;
+  return config;
+}
+
+std::unique_ptr<kvm::Machine> boot_machine(const VmOptions& options) {
+  auto image = kvm::read_multiboot_file(options.kernel);
+  auto machine = kvm::Machine::create(options.machine_config());
+  machine->boot(image, options.append);
+  machine->start();
+  return machine;
+}
+
+void print_heartbeat_stats(const kvm::Probe& probe, std::FILE* out) {
+  const auto vcpus = probe.snapshot();
+  for (std::size_t i = 0; i < vcpus.size(); ++i) {
+    const auto& hb = vcpus[i];
+    fmt::print(out,
+               "vcpu {}: heartbeats {} (seq {}..{}), sequence breaks {}, longest gap {:.3f} ms, timer ticks {}, "
+               "sweep passes {}, self-check failures {}{}\n",
+               i, hb.count, hb.first_seq, hb.last_seq, hb.seq_breaks, static_cast<double>(hb.max_gap_ns) / 1e6,
+               hb.ticks, hb.sweep_passes, hb.check_failures,
+               hb.check_failures ? fmt::format(" (last code {:#x})", hb.last_failure_code) : "");
+  }
+}
+
+}  // namespace mig::tools

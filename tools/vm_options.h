@@ -1,0 +1,30 @@
+// The guest-defining options shared by mig-vm and mig-send, so both start a guest the same way.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <string>
+
+#include "kvm/machine.h"
+
+namespace mig::tools {
+
+struct VmOptions {
+  std::string kernel;
+  std::uint64_t mem_bytes = 256ull << 20;
+  unsigned vcpus = 1;
+  std::string append;
+  std::string serial;
+  bool memfd = false;
+
+  void add_to(CLI::App& app);
+  kvm::MachineConfig machine_config() const;
+};
+
+// Creates the machine, loads the image, starts the vCPUs. Errors carry a one-line reason.
+std::unique_ptr<kvm::Machine> boot_machine(const VmOptions& options);
+
+// One line per vCPU: heartbeats, sequence breaks, the longest gap, timer ticks, failures.
+void print_heartbeat_stats(const kvm::Probe& probe, std::FILE* out);
+
+}  // namespace mig::tools
