@@ -23,6 +23,11 @@
 _start:
   cli
   movl %ebx, mb_info_ptr
+  /* Mask both 8259 PICs: a BIOS (QEMU's SeaBIOS) leaves the PIT ticking on IRQ0 with the PIC
+   * based at vector 8, which would arrive as a double fault once interrupts are on. */
+  movb $0xff, %al
+  outb %al, $0xa1
+  outb %al, $0x21
   xorl %edi, %edi /* cpu 0 */
   jmp enter_long_mode
 

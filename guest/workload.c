@@ -317,6 +317,9 @@ static void run_worker(unsigned cpu) {
   for (;;) {
     uint64_t now = rdtsc();
     if (now < prev) report_failure(MIG_CHECK_FAIL_TSC);
+    /* Iterations take microseconds; a long gap means this vCPU did not run (host preemption,
+     * a migration pause). Ticks missed then are not the timer's fault: restart its window. */
+    if (now - prev > tsc_per_ms) last_tick_tsc = now;
     prev = now;
     if (now >= next_hb) {
       outl(MIG_PROBE_HEARTBEAT, (uint32_t)++seq);
