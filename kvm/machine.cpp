@@ -98,6 +98,7 @@ void Machine::pause() {
 }
 
 void Machine::resume() {
+  if (threads_.empty()) return start();
   std::lock_guard lock(mutex_);
   for (auto& vcpu : vcpus_) vcpu.run()->immediate_exit = 0;
   pause_requested_ = false;

@@ -58,6 +58,8 @@ class Machine {
   // Takes every vCPU out of KVM_RUN (even one spinning in guest user mode) and returns once
   // all are parked with their pending I/O completed, so their state is consistent.
   void pause();
+  // Lets parked vCPUs run again; on a machine that never ran (restored, not started) it
+  // starts the vCPU threads.
   void resume();
   bool paused() const { return pause_requested_.load(); }
 

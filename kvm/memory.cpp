@@ -1,7 +1,10 @@
 #include "kvm/memory.h"
 
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
+
+#include <algorithm>
 
 #include <stdexcept>
 #include <string>
@@ -36,6 +39,7 @@ GuestMemory GuestMemory::create(std::span<const RegionLayout> layout, MemoryBack
     throw std::invalid_argument("guest memory of " + std::to_string(total >> 20) + " MiB exceeds the host's " +
                                 std::to_string(host_memory_bytes() >> 20) + " MiB");
   GuestMemory memory;
+  memory.backing_ = backing;
   for (const auto& region : layout) {
     Region r{region, {}, {}};
     // MAP_NORESERVE: a guest rarely touches all of its memory, and we want untouched pages to
@@ -75,6 +79,44 @@ std::byte* GuestMemory::translate(std::uint64_t guest_addr, std::uint64_t len) c
       return r.host() + (guest_addr - l.guest_addr);
   }
   return nullptr;
+}
+
+}  // namespace mig::kvm
+
+namespace mig::kvm {
+
+void GuestMemory::populated_pages(std::size_t index, std::span<std::uint64_t> bitmap) const {
+  const Region& region = regions_.at(index);
+  const std::uint64_t pages = region.layout.size / kPageSize;
+  if (bitmap.size() * 64 < pages) throw std::invalid_argument("populated-page bitmap too small");
+  std::fill(bitmap.begin(), bitmap.end(), 0);
+  constexpr std::uint64_t kChunk = 16384;
+  auto set = [&](std::uint64_t page) { bitmap[page / 64] |= std::uint64_t{1} << (page % 64); };
+  if (backing_ == MemoryBacking::memfd) {
+    // Page-cache residency: also right for pages another process wrote into the memfd.
+    std::vector<unsigned char> resident(kChunk);
+    for (std::uint64_t first = 0; first < pages; first += kChunk) {
+      const std::uint64_t n = std::min(kChunk, pages - first);
+      check_syscall("mincore", [&] { return ::mincore(region.host() + first * kPageSize, n * kPageSize, resident.data()); });
+      for (std::uint64_t i = 0; i < n; ++i)
+        if (resident[i] & 1) set(first + i);
+    }
+    return;
+  }
+  // pagemap: bit 63 = present, bit 62 = swapped. Neither means never touched.
+  UniqueFd pagemap = UniqueFd::open("/proc/self/pagemap", O_RDONLY);
+  std::vector<std::uint64_t> entries(kChunk);
+  const auto base = reinterpret_cast<std::uint64_t>(region.host()) / kPageSize;
+  for (std::uint64_t first = 0; first < pages; first += kChunk) {
+    const std::uint64_t n = std::min(kChunk, pages - first);
+    const auto bytes = static_cast<ssize_t>(n * sizeof(std::uint64_t));
+    const ssize_t got = check_syscall("read /proc/self/pagemap", [&] {
+      return ::pread(pagemap.get(), entries.data(), static_cast<std::size_t>(bytes), static_cast<off_t>((base + first) * 8));
+    });
+    if (got != bytes) throw std::runtime_error("short read from /proc/self/pagemap");
+    for (std::uint64_t i = 0; i < n; ++i)
+      if (entries[i] >> 62) set(first + i);
+  }
 }
 
 }  // namespace mig::kvm

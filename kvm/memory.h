@@ -7,7 +7,7 @@
 #include <span>
 #include <vector>
 
-#include "kvm/fd.h"
+#include "common/fd.h"
 
 namespace mig::kvm {
 
@@ -48,8 +48,15 @@ class GuestMemory {
   // nullptr. Every guest-supplied address goes through here before it is dereferenced.
   std::byte* translate(std::uint64_t guest_addr, std::uint64_t len) const;
 
+  // Sets bit i of `bitmap` for every page i of region `index` that has ever been backed by
+  // memory; the others have never been touched and read as zero. Asks the kernel (pagemap
+  // for anonymous memory, mincore for memfd) instead of touching the pages, which would cost
+  // a fault each.
+  void populated_pages(std::size_t index, std::span<std::uint64_t> bitmap) const;
+
  private:
   std::vector<Region> regions_;
+  MemoryBacking backing_ = MemoryBacking::anonymous;
 };
 
 }  // namespace mig::kvm

@@ -4,7 +4,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "kvm/fd.h"
+#include "common/fd.h"
 #include "kvm/state.h"
 #include "kvm/system.h"
 #include "kvm/vm.h"

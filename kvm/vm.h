@@ -4,7 +4,7 @@
 #include <cstdint>
 #include <span>
 
-#include "kvm/fd.h"
+#include "common/fd.h"
 #include "kvm/memory.h"
 #include "kvm/state.h"
 #include "kvm/system.h"

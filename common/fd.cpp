@@ -1,4 +1,4 @@
-#include "kvm/fd.h"
+#include "common/fd.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>

@@ -1,0 +1,50 @@
+#include "engine/convergence.h"
+
+namespace mig::engine {
+
+std::string to_string(Decision d) {
+  switch (d) {
+    case Decision::next_round: return "next-round";
+    case Decision::stop_converged: return "converged";
+    case Decision::stop_max_rounds: return "max-rounds";
+    case Decision::stop_no_progress: return "no-progress";
+    case Decision::abort_no_progress: return "aborted-no-progress";
+  }
+  return "unknown";
+}
+
+double window_bandwidth(std::span<const RoundStats> rounds, const ConvergencePolicy& policy) {
+  double bytes = 0, seconds = 0;
+  for (auto it = rounds.rbegin(); it != rounds.rend(); ++it) {
+    bytes += static_cast<double>(it->bytes_sent);
+    seconds += it->duration_s;
+    if (seconds >= policy.bandwidth_window_s) break;
+  }
+  return seconds > 0 ? bytes / seconds : 0;
+}
+
+double expected_downtime_ms(std::span<const RoundStats> rounds, const ConvergencePolicy& policy, std::uint64_t page_size) {
+  if (rounds.empty()) return 0;
+  const double remaining = static_cast<double>(rounds.back().dirty_pages * page_size);
+  if (remaining == 0) return 0;
+  const double bandwidth = window_bandwidth(rounds, policy);
+  return bandwidth > 0 ? remaining / bandwidth * 1000 : 1e12;
+}
+
+Decision decide(std::span<const RoundStats> rounds, const ConvergencePolicy& policy) {
+  if (rounds.empty()) return Decision::next_round;
+  if (expected_downtime_ms(rounds, policy) <= policy.downtime_target_ms) return Decision::stop_converged;
+  if (rounds.size() >= policy.max_rounds) return Decision::stop_max_rounds;
+  // Round 0 sends all memory, so its dirty rate says nothing about progress; judge the
+  // pre-copy rounds after it.
+  if (policy.no_progress_rounds > 0 && rounds.size() > policy.no_progress_rounds) {
+    bool stuck = true;
+    for (std::size_t i = rounds.size() - policy.no_progress_rounds; i < rounds.size(); ++i)
+      stuck = stuck && rounds[i].dirty_rate_Bps >= rounds[i].bandwidth_Bps;
+    if (stuck)
+      return policy.on_no_convergence == NoConvergence::stop ? Decision::stop_no_progress : Decision::abort_no_progress;
+  }
+  return Decision::next_round;
+}
+
+}  // namespace mig::engine

@@ -1,0 +1,54 @@
+// When to stop pre-copying: a pure function of the rounds so far. No clocks, no I/O, so it
+// can be tested as a table and swapped by researchers.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+
+namespace mig::engine {
+
+struct RoundStats {
+  std::uint32_t round = 0;
+  std::uint64_t pages_sent = 0;     // raw or zero-encoded pages put on the wire
+  std::uint64_t pages_skipped = 0;  // dirty pages not sent: unchanged since their last send
+  std::uint64_t bytes_sent = 0;     // wire bytes, headers included
+  double duration_s = 0;            // from the start of this round's send to the next fetch
+  std::uint64_t dirty_pages = 0;    // found by the fetch after the round: the next round's work
+  double dirty_rate_Bps = 0;        // dirty_pages * page size / duration_s
+  double bandwidth_Bps = 0;         // bytes_sent / duration_s
+  double expected_downtime_ms = 0;  // what stopping now would cost, by the windowed bandwidth
+};
+
+enum class NoConvergence { stop, abort };
+
+struct ConvergencePolicy {
+  double downtime_target_ms = 30;
+  std::uint32_t max_rounds = 30;  // round 0 counts
+  // Rounds in a row whose dirty rate reached their bandwidth before we call it no progress.
+  std::uint32_t no_progress_rounds = 3;
+  NoConvergence on_no_convergence = NoConvergence::stop;
+  // Bandwidth is measured over the most recent rounds covering at least this long, so one
+  // slow or tiny round does not swing the estimate, and early rounds do not dilute it.
+  double bandwidth_window_s = 0.25;
+};
+
+enum class Decision {
+  next_round,
+  stop_converged,    // expected downtime within target
+  stop_max_rounds,
+  stop_no_progress,  // on_no_convergence = stop
+  abort_no_progress, // on_no_convergence = abort
+};
+std::string to_string(Decision d);
+inline bool stops(Decision d) { return d != Decision::next_round && d != Decision::abort_no_progress; }
+
+// Bytes per second over the most recent rounds spanning policy.bandwidth_window_s.
+double window_bandwidth(std::span<const RoundStats> rounds, const ConvergencePolicy& policy);
+double expected_downtime_ms(std::span<const RoundStats> rounds, const ConvergencePolicy& policy,
+                            std::uint64_t page_size = 4096);
+
+// `rounds` holds every finished round, oldest first, each with the dirty pages found after it.
+Decision decide(std::span<const RoundStats> rounds, const ConvergencePolicy& policy);
+
+}  // namespace mig::engine

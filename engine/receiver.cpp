@@ -1,0 +1,192 @@
+#include "engine/receiver.h"
+
+#include <cstring>
+
+#include "engine/page_hashes.h"
+
+namespace mig::engine {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Applies page batches to guest memory. Everything in a batch is checked before a single
+// byte of page data is read into guest memory.
+class PageReceiver {
+ public:
+  PageReceiver(std::vector<MemoryRegion> regions, transport::Stream& stream)
+      : regions_(std::move(regions)), stream_(stream), hashes_(regions_) {}
+
+  void apply(const wire::FrameHeader& frame) {
+    wire::BatchHeader header;
+    if (frame.length < sizeof header) throw wire::ProtocolError("page batch shorter than its header");
+    stream_.read_exact(std::as_writable_bytes(std::span(&header, 1)));
+    if (header.count == 0 || header.count > wire::kMaxBatchPages)
+      throw wire::ProtocolError("page batch claims " + std::to_string(header.count) + " pages");
+    // The ordering invariant (protocol.h): a round's pages never arrive after a later round's.
+    if (header.round < last_round_)
+      throw wire::ProtocolError("page batch of round " + std::to_string(header.round) + " after round " +
+                                std::to_string(last_round_));
+    last_round_ = header.round;
+    const std::uint64_t head_bytes = sizeof header + std::uint64_t{header.count} * sizeof(wire::PageDescriptor);
+    if (frame.length < head_bytes) throw wire::ProtocolError("page batch shorter than its descriptors");
+    descriptors_.resize(header.count);
+    stream_.read_exact(std::as_writable_bytes(std::span(descriptors_)));
+
+    targets_.clear();
+    iovecs_.clear();
+    std::uint64_t data_bytes = 0;
+    for (const auto& d : descriptors_) {
+      wire::validate(d);
+      const auto target = locate(d.guest_addr);
+      targets_.push_back(target);
+      data_bytes += d.length;
+      if (d.encoding == wire::PageEncoding::raw) iovecs_.push_back({target.host, kPageSize});
+    }
+    if (frame.length != head_bytes + data_bytes)
+      throw wire::ProtocolError("page batch length " + std::to_string(frame.length) + " disagrees with its descriptors");
+    stream_.read_scatter(iovecs_);
+
+    for (std::size_t i = 0; i < descriptors_.size(); ++i) {
+      const auto& t = targets_[i];
+      std::uint64_t& hash = hashes_.at(t.region, t.page);
+      if (descriptors_[i].encoding == wire::PageEncoding::raw) {
+        hash = hash_page(t.host);
+      } else if (hash != zero_page_hash()) {
+        // Non-zero here before and zero now. A page that never held data is left alone:
+        // writing it would only fault in memory that already reads as zero.
+        std::memset(t.host, 0, kPageSize);
+        hash = zero_page_hash();
+      }
+    }
+    pages_ += descriptors_.size();
+  }
+
+  std::uint64_t digest() const { return hashes_.digest(); }
+  std::uint64_t pages() const { return pages_; }
+  std::uint32_t rounds() const { return last_round_ + 1; }
+
+ private:
+  struct Target {
+    std::size_t region;
+    std::uint64_t page;
+    std::byte* host;
+  };
+
+  Target locate(std::uint64_t guest_addr) const {
+    for (std::size_t r = 0; r < regions_.size(); ++r) {
+      const auto& region = regions_[r];
+      if (guest_addr >= region.guest_addr && guest_addr - region.guest_addr < region.size) {
+        const std::uint64_t offset = guest_addr - region.guest_addr;
+        return {r, offset / kPageSize, region.host + offset};
+      }
+    }
+    throw wire::ProtocolError("page at guest address " + std::to_string(guest_addr) + " lies outside guest memory");
+  }
+
+  std::vector<MemoryRegion> regions_;
+  transport::Stream& stream_;
+  PageHashes hashes_;
+  std::uint32_t last_round_ = 0;
+  std::uint64_t pages_ = 0;
+  std::vector<wire::PageDescriptor> descriptors_;
+  std::vector<Target> targets_;
+  std::vector<iovec> iovecs_;
+};
+
+std::uint64_t ns_since(Clock::time_point t) {
+  return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t).count());
+}
+
+}  // namespace
+
+ReceiveResult receive(transport::Stream& stream, const VmFactory& make_vm, const ReceiverOptions& options) {
+  ReceiveResult result;
+  auto& stats = result.stats;
+  const auto start = Clock::now();
+  std::unique_ptr<MigratableVm> vm;
+  try {
+    stream.set_timeout(options.peer_timeout);
+    const auto hello = stream.receive<wire::Hello>();
+    VmShape shape;
+    shape.vcpus = hello.vcpus;
+    for (const auto& r : hello.regions) shape.regions.push_back({r.guest_addr, r.size});
+    vm = make_vm(shape);
+    const auto regions = vm->memory_regions();
+    if (regions.size() != hello.regions.size()) throw std::runtime_error("the VM built here does not have the sender's memory layout");
+    for (std::size_t i = 0; i < regions.size(); ++i) {
+      if (regions[i].guest_addr != hello.regions[i].guest_addr || regions[i].size != hello.regions[i].size)
+        throw std::runtime_error("the VM built here does not have the sender's memory layout");
+      stats.guest_bytes += regions[i].size;
+    }
+    stream.send(wire::HelloAck{hello.capabilities & wire::kCapVerify, transport::host_boot_id()});
+
+    PageReceiver pages(regions, stream);
+    std::vector<StateSection> sections;
+    wire::Complete complete;
+    for (bool done = false; !done;) {
+      const auto header = stream.read_header();
+      switch (static_cast<wire::MessageType>(header.type)) {
+        case wire::MessageType::page_batch: pages.apply(header); break;
+        case wire::MessageType::state_section: {
+          auto s = wire::decode<wire::StateSection>(stream.read_payload(header));
+          sections.push_back({std::move(s.name), s.version, std::move(s.data)});
+          break;
+        }
+        case wire::MessageType::complete:
+          complete = wire::decode<wire::Complete>(stream.read_payload(header));
+          done = true;
+          break;
+        default:
+          throw wire::ProtocolError(std::string("unexpected ") + wire::to_string(static_cast<wire::MessageType>(header.type)) +
+                                    " during the page stream");
+      }
+    }
+    if (hello.capabilities & wire::kCapVerify) {
+      if (pages.digest() != complete.page_digest)
+        throw std::runtime_error("verification failed: destination memory differs from the source's");
+      stats.verified = true;
+    }
+    const auto restore_start = Clock::now();
+    vm->restore_state(sections);
+    const std::uint64_t restore_ns = ns_since(restore_start);
+    stream.send(wire::Ready{restore_ns});
+    stream.receive<wire::Commit>();
+
+    const auto resume_start = Clock::now();
+    vm->resume();
+    const auto resumed_at = Clock::now();
+    stream.send(wire::Running{std::chrono::duration_cast<std::chrono::nanoseconds>(resumed_at.time_since_epoch()).count(),
+                              ns_since(resume_start)});
+    stats.status = "completed";
+    stats.downtime.restore_ms = static_cast<double>(restore_ns) / 1e6;
+    stats.downtime.resume_ms = std::chrono::duration<double, std::milli>(resumed_at - resume_start).count();
+    stats.pages_sent = pages.pages();
+    stats.rounds = pages.rounds();
+    stats.total_ms = std::chrono::duration<double, std::milli>(resumed_at - start).count();
+    stats.guest = vm->wait_guest_handover(options.handover_wait);
+    if (stats.guest) {
+      try {
+        stream.send(wire::Handover{static_cast<std::int64_t>(stats.guest->gap_ms * 1e6), stats.guest->sequence_continued,
+                                   stats.guest->last_source_seq, stats.guest->first_destination_seq});
+      } catch (const std::exception&) {
+        // The source may already be gone; the guest runs here regardless.
+      }
+    }
+    result.vm = std::move(vm);
+  } catch (const std::exception& e) {
+    stats.status = "failed";
+    stats.error = e.what();
+    if (!dynamic_cast<const transport::RemoteError*>(&e)) {
+      try {
+        stream.set_timeout(std::chrono::milliseconds(200));
+        stream.send(wire::Error{e.what()});
+      } catch (...) {
+      }
+    }
+  }
+  stats.bytes_sent = stream.counters().bytes_received;
+  return result;
+}
+
+}  // namespace mig::engine

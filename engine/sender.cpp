@@ -1,0 +1,283 @@
+#include "engine/sender.h"
+
+#include <algorithm>
+
+#include "engine/page_hashes.h"
+#include "engine/pages.h"
+
+namespace mig::engine {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;  // CLOCK_MONOTONIC on Linux, like the receiver's
+
+double ms_between(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double, std::milli>(b - a).count(); }
+std::int64_t monotonic_ns(Clock::time_point t) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
+}
+
+using Bitmaps = std::vector<std::vector<std::uint64_t>>;
+
+struct RoundCounts {
+  std::uint64_t pages_sent = 0, pages_skipped = 0, bytes = 0;
+};
+
+// Turns the pages set in a bitmap into page-batch frames, gathered straight from guest
+// memory. Hashes each page as it goes, which both feeds verification and finds the pages
+// not worth sending.
+class PageSender {
+ public:
+  static constexpr std::size_t kBatchPages = 256;
+
+  PageSender(std::span<const MemoryRegion> regions, transport::Stream& stream, PageHashes& hashes, bool dedup)
+      : regions_(regions), stream_(stream), hashes_(hashes), dedup_(dedup) {}
+
+  // Sends every page set in `pending`, then clears it.
+  RoundCounts send_round(std::uint32_t round, Bitmaps& pending) {
+    round_ = round;
+    counts_ = {};
+    const std::uint64_t before = stream_.counters().bytes_sent;
+    for (std::size_t r = 0; r < regions_.size(); ++r) {
+      for (const auto& run : runs_of(pending[r], regions_[r].size / kPageSize))
+        for (std::uint64_t page = run.first; page < run.first + run.count; ++page) add_page(r, page);
+      std::fill(pending[r].begin(), pending[r].end(), 0);
+    }
+    flush();
+    counts_.bytes = stream_.counters().bytes_sent - before;
+    return counts_;
+  }
+
+ private:
+  void add_page(std::size_t region, std::uint64_t page) {
+    const std::byte* host = regions_[region].host + page * kPageSize;
+    const std::uint64_t hash = hash_page(host);
+    std::uint64_t& last_sent = hashes_.at(region, page);
+    const bool zero = hash == zero_page_hash() && is_zero_page(host);
+    // Unchanged since its last send: the receiver already holds these bytes. Zero pages the
+    // receiver never got are such pages too (both tables start at the zero hash).
+    if (hash == last_sent && (dedup_ || zero)) {
+      ++counts_.pages_skipped;
+      return;
+    }
+    last_sent = hash;
+    wire::PageDescriptor d;
+    d.guest_addr = regions_[region].guest_addr + page * kPageSize;
+    d.encoding = zero ? wire::PageEncoding::zero : wire::PageEncoding::raw;
+    d.length = zero ? 0 : static_cast<std::uint32_t>(kPageSize);
+    descriptors_.push_back(d);
+    if (!zero) {
+      // Adjacent pages become one iovec: fewer, larger copies in the kernel.
+      if (!pages_.empty() && static_cast<const std::byte*>(pages_.back().iov_base) + pages_.back().iov_len == host)
+        pages_.back().iov_len += kPageSize;
+      else
+        pages_.push_back({const_cast<std::byte*>(host), kPageSize});
+    }
+    ++counts_.pages_sent;
+    if (descriptors_.size() == kBatchPages) flush();
+  }
+
+  void flush() {
+    if (descriptors_.empty()) return;
+    head_.resize(sizeof(wire::BatchHeader) + descriptors_.size() * sizeof(wire::PageDescriptor));
+    const wire::BatchHeader header{round_, static_cast<std::uint32_t>(descriptors_.size())};
+    std::memcpy(head_.data(), &header, sizeof header);
+    std::memcpy(head_.data() + sizeof header, descriptors_.data(), descriptors_.size() * sizeof(wire::PageDescriptor));
+    stream_.send_gathered(wire::MessageType::page_batch, head_, pages_);
+    descriptors_.clear();
+    pages_.clear();
+  }
+
+  std::span<const MemoryRegion> regions_;
+  transport::Stream& stream_;
+  PageHashes& hashes_;
+  bool dedup_;
+  std::uint32_t round_ = 0;
+  RoundCounts counts_;
+  std::vector<wire::PageDescriptor> descriptors_;
+  std::vector<iovec> pages_;
+  std::vector<std::byte> head_;
+};
+
+Bitmaps empty_bitmaps(std::span<const MemoryRegion> regions) {
+  Bitmaps b;
+  for (const auto& r : regions) b.emplace_back(bitmap_words(r.size / kPageSize));
+  return b;
+}
+
+// ORs the pages dirtied since the last fetch into `pending`; returns how many are pending.
+std::uint64_t fetch_dirty(MigratableVm& vm, std::span<const MemoryRegion> regions, Bitmaps& scratch, Bitmaps& pending) {
+  std::uint64_t total = 0;
+  for (std::size_t r = 0; r < regions.size(); ++r) {
+    vm.fetch_dirty_log(r, scratch[r]);
+    for (std::size_t w = 0; w < pending[r].size(); ++w) pending[r][w] |= scratch[r][w];
+    total += count_pages(pending[r], regions[r].size / kPageSize);
+  }
+  return total;
+}
+
+// A send failed: the receiver may have said why before closing. Prefer its words.
+std::string explain_failure(transport::Stream& stream, const std::exception& e) {
+  if (!dynamic_cast<const transport::PeerError*>(&e)) return e.what();
+  try {
+    stream.set_timeout(std::chrono::milliseconds(200));
+    stream.read_header();
+  } catch (const transport::RemoteError& remote) {
+    return remote.what();
+  } catch (...) {
+  }
+  return e.what();
+}
+
+}  // namespace
+
+MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const SenderOptions& options) {
+  MigrationStats stats;
+  stats.offline = options.offline;
+  const auto start = Clock::now();
+  const auto regions = vm.memory_regions();
+  for (const auto& r : regions) stats.guest_bytes += r.size;
+  bool paused = false, logging = false, committed = false;
+  try {
+    stream.set_timeout(options.peer_timeout);
+    stats.zerocopy = stream.zerocopy();
+    wire::Hello hello;
+    hello.capabilities = options.verify ? wire::kCapVerify : 0;
+    hello.vcpus = vm.vcpu_count();
+    hello.host_boot_id = transport::host_boot_id();
+    for (const auto& r : regions) hello.regions.push_back({r.guest_addr, r.size});
+    stream.send(hello);
+    const auto ack = stream.receive<wire::HelloAck>();
+    const bool verify = options.verify && (ack.capabilities & wire::kCapVerify);
+    const bool same_host = !hello.host_boot_id.empty() && ack.host_boot_id == hello.host_boot_id;
+
+    PageHashes hashes(regions);
+    PageSender sender(regions, stream, hashes, options.dedup);
+    Bitmaps pending = empty_bitmaps(regions), scratch = empty_bitmaps(regions);
+    std::uint32_t round = 0;
+    Clock::time_point pause_start = start, paused_at = start;
+
+    if (options.offline) {
+      pause_start = Clock::now();
+      vm.pause();
+      paused = true;
+      paused_at = Clock::now();
+      stats.stop_reason = "offline";
+    } else {
+      // Tracking starts before round 0 reads anything, so every later write is caught.
+      vm.start_dirty_log();
+      logging = true;
+    }
+    // Round 0: every page that may be non-zero; untouched pages are known zero for free.
+    for (std::size_t r = 0; r < regions.size(); ++r) vm.populated_pages(r, pending[r]);
+
+    if (!options.offline) {
+      for (;; ++round) {
+        const auto round_start = Clock::now();
+        const auto counts = sender.send_round(round, pending);
+        const std::uint64_t dirty = fetch_dirty(vm, regions, scratch, pending);
+        RoundStats rs;
+        rs.round = round;
+        rs.pages_sent = counts.pages_sent;
+        rs.pages_skipped = counts.pages_skipped;
+        rs.bytes_sent = counts.bytes;
+        rs.duration_s = std::chrono::duration<double>(Clock::now() - round_start).count();
+        rs.dirty_pages = dirty;
+        rs.dirty_rate_Bps = static_cast<double>(dirty * kPageSize) / std::max(rs.duration_s, 1e-9);
+        rs.bandwidth_Bps = static_cast<double>(counts.bytes) / std::max(rs.duration_s, 1e-9);
+        stats.round_table.push_back(rs);
+        stats.round_table.back().expected_downtime_ms = expected_downtime_ms(stats.round_table, options.policy);
+        if (options.on_round) options.on_round(stats.round_table.back(), stats.guest_bytes);
+        const Decision decision = decide(stats.round_table, options.policy);
+        if (decision == Decision::next_round) continue;
+        stats.stop_reason = to_string(decision);
+        if (decision == Decision::abort_no_progress)
+          throw std::runtime_error("pre-copy made no progress for " + std::to_string(options.policy.no_progress_rounds) +
+                                   " rounds (dirty rate at or above bandwidth); aborted as --on-no-convergence=abort asks");
+        ++round;
+        break;
+      }
+      pause_start = Clock::now();
+      vm.pause();
+      paused = true;
+      paused_at = Clock::now();
+      fetch_dirty(vm, regions, scratch, pending);
+    }
+    const auto synced = Clock::now();
+    const auto final_counts = sender.send_round(round, pending);
+    const auto pages_done = Clock::now();
+    for (const auto& section : vm.save_state()) stream.send(wire::StateSection{section.name, section.version, section.data});
+    const auto state_done = Clock::now();
+    std::uint64_t pages_sent = final_counts.pages_sent, pages_skipped = final_counts.pages_skipped;
+    for (const auto& r : stats.round_table) {
+      pages_sent += r.pages_sent;
+      pages_skipped += r.pages_skipped;
+    }
+    stream.send(wire::Complete{verify ? hashes.digest() : 0, pages_sent});
+    const auto ready = stream.receive<wire::Ready>();
+    const auto ready_at = Clock::now();
+    // From here on the destination may run the guest: the source must never run it again.
+    committed = true;
+    stream.send(wire::Commit{});
+    const auto running = stream.receive<wire::Running>();
+    const auto running_at = Clock::now();
+    // Off the downtime path: a memslot update costs milliseconds and the paused source no
+    // longer needs the log.
+    vm.stop_dirty_log();
+    logging = false;
+
+    stats.status = "completed";
+    stats.rounds = round + 1;
+    stats.pages_sent = pages_sent;
+    stats.pages_skipped = pages_skipped;
+    stats.verified = verify;
+    stats.total_ms = ms_between(start, running_at);
+    auto& d = stats.downtime;
+    d.pause_ms = ms_between(pause_start, paused_at);
+    d.final_sync_ms = ms_between(paused_at, synced);
+    d.final_pages_ms = ms_between(synced, pages_done);
+    d.state_ms = ms_between(pages_done, state_done);
+    d.verify_restore_ms = ms_between(state_done, ready_at);
+    d.restore_ms = static_cast<double>(ready.restore_ns) / 1e6;
+    d.commit_resume_ms = ms_between(ready_at, running_at);
+    d.resume_ms = static_cast<double>(running.resume_ns) / 1e6;
+    if (same_host) {
+      stats.downtime_clock = "shared";
+      stats.downtime_ms = static_cast<double>(running.resumed_at_ns - monotonic_ns(pause_start)) / 1e6;
+    } else {
+      stats.downtime_clock = "round-trip";
+      stats.downtime_ms = ms_between(pause_start, running_at);
+    }
+    try {
+      stream.set_timeout(options.handover_wait);
+      const auto handover = stream.receive<wire::Handover>();
+      stats.guest = GuestHandover{static_cast<double>(handover.gap_ns) / 1e6, handover.sequence_continued != 0,
+                                  handover.last_source_seq, handover.first_destination_seq};
+    } catch (const std::exception&) {
+      // The guest has no heartbeat, or it was slow to show one: the migration still stands.
+    }
+  } catch (const std::exception& e) {
+    stats.error = explain_failure(stream, e);
+    if (committed) {
+      stats.status = "handoff-unknown";
+    } else {
+      stats.status = "failed";
+      try {
+        stream.set_timeout(std::chrono::milliseconds(200));
+        stream.send(wire::Error{"source aborted the migration: " + stats.error});
+      } catch (...) {
+      }
+      // Never lose the guest: everything before the handoff is undone here.
+      if (logging) vm.stop_dirty_log();
+      if (paused) vm.resume();
+    }
+  }
+  if (stats.total_ms == 0) stats.total_ms = ms_between(start, Clock::now());
+  const auto& c = stream.counters();
+  stats.bytes_sent = c.bytes_sent;
+  stats.zerocopy_sends = c.zerocopy_sends;
+  stats.zerocopy_copied = c.zerocopy_copied;
+  stats.throughput_MBps = static_cast<double>(c.bytes_sent) / 1e3 / std::max(stats.total_ms, 1e-9);
+  return stats;
+}
+
+}  // namespace mig::engine

@@ -1,0 +1,35 @@
+// The source side: pre-copy rounds, stop-and-copy, verification, and the handoff.
+#pragma once
+
+#include <chrono>
+#include <functional>
+
+#include "engine/convergence.h"
+#include "engine/stats.h"
+#include "engine/vm.h"
+#include "transport/stream.h"
+
+namespace mig::engine {
+
+struct SenderOptions {
+  ConvergencePolicy policy;
+  bool offline = false;  // pause first and copy everything once: a cold migration
+  bool verify = true;    // page-hash verification at completion
+  bool dedup = true;     // skip a dirty page whose contents equal its last-sent version
+  std::chrono::milliseconds peer_timeout{10000};
+  std::chrono::milliseconds handover_wait{2000};  // for the guest-observed downtime report
+  // Called after each pre-copy round with the round and the guest's size in bytes.
+  std::function<void(const RoundStats&, std::uint64_t guest_bytes)> on_round;
+};
+
+// Migrates `vm` to the receiver at the other end of `stream`.
+//
+// Never throws for a failed migration; the outcome is in stats.status:
+//   completed        the destination runs the guest; `vm` stays paused and must not run again.
+//   failed           something went wrong before the handoff; `vm` runs again (it was resumed
+//                    if this call paused it), dirty logging is off, stats.error says why.
+//   handoff-unknown  the connection broke after Commit was sent and before Running came back:
+//                    the destination may be running the guest, so `vm` stays paused.
+MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const SenderOptions& options);
+
+}  // namespace mig::engine

@@ -1,0 +1,85 @@
+// What the engine needs from a VM, and nothing more. mig's own VMM implements this
+// (tools/kvm_vm.h); a custom hypervisor embeds the engine by implementing it too, and tests
+// use a fake. The engine never sees KVM, devices or threads.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace mig::engine {
+
+inline constexpr std::uint64_t kPageSize = 4096;
+
+struct MemoryRegion {
+  std::uint64_t guest_addr = 0;
+  std::uint64_t size = 0;  // a multiple of kPageSize
+  // Host mapping of the whole region. Valid for the lifetime of the MigratableVm.
+  std::byte* host = nullptr;
+};
+
+// Opaque, named, versioned state: the engine moves it, the VM interprets it.
+struct StateSection {
+  std::string name;
+  std::uint32_t version = 0;
+  std::vector<std::byte> data;
+};
+
+// What the destination learned from the guest's first heartbeat after the switchover.
+struct GuestHandover {
+  double gap_ms = 0;  // last heartbeat at the source to first at the destination, host clock
+  bool sequence_continued = false;
+  std::uint32_t last_source_seq = 0, first_destination_seq = 0;
+};
+
+class MigratableVm {
+ public:
+  virtual ~MigratableVm() = default;
+
+  virtual unsigned vcpu_count() const = 0;
+  virtual std::vector<MemoryRegion> memory_regions() const = 0;
+
+  // Dirty tracking. After start, fetch_dirty_log() sets a bit for every page of `region`
+  // written since the previous fetch (or since start) and re-arms tracking for those pages.
+  // Implementations OR in pages the VMM itself wrote, not only the guest's.
+  virtual void start_dirty_log() = 0;
+  virtual void stop_dirty_log() = 0;
+  virtual void fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) = 0;
+
+  // Pages that may hold non-zero data. A page left clear here must read as zero; finding
+  // that out must not fault the page in. The default claims every page.
+  virtual void populated_pages(std::size_t region, std::span<std::uint64_t> bitmap);
+
+  // Source: pause stops every vCPU and returns once they are stopped. Destination: resume
+  // also starts vCPUs that never ran.
+  virtual void pause() = 0;
+  virtual void resume() = 0;
+
+  // Requires a paused VM. restore_state() receives exactly what save_state() produced on the
+  // source, possibly from an older version of the same VMM (check section versions).
+  virtual std::vector<StateSection> save_state() = 0;
+  virtual void restore_state(const std::vector<StateSection>& sections) = 0;
+
+  // Destination only: blocks until the guest proves it runs again, up to `timeout`. VMs
+  // without a heartbeat return nullopt.
+  virtual std::optional<GuestHandover> wait_guest_handover(std::chrono::milliseconds timeout);
+};
+
+struct VmShape {
+  unsigned vcpus = 0;
+  struct Region {
+    std::uint64_t guest_addr = 0, size = 0;
+  };
+  std::vector<Region> regions;
+};
+
+// Builds an empty VM of the sender's shape on the receiving side.
+using VmFactory = std::function<std::unique_ptr<MigratableVm>(const VmShape&)>;
+
+}  // namespace mig::engine

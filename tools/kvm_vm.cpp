@@ -1,0 +1,134 @@
+#include "tools/kvm_vm.h"
+
+#include "transport/bytes.h"
+
+namespace mig::tools {
+
+namespace {
+
+constexpr std::uint32_t kSectionVersion = 1;
+constexpr std::size_t kMaxXsave = 1u << 20;
+constexpr std::size_t kMaxEntries = 4096;
+
+std::vector<std::byte> encode_vcpu(const kvm::VcpuState& s) {
+  wire::ByteWriter w;
+  w.put(s.mp_state);
+  w.put(s.regs);
+  w.put(s.sregs);
+  w.put_vector(s.xsave);
+  w.put(s.xcrs);
+  w.put(s.debugregs);
+  w.put(s.lapic);
+  w.put_vector(s.msrs);
+  w.put(s.events);
+  w.put_vector(s.cpuid);
+  w.put(s.tsc_khz);
+  return w.take();
+}
+
+kvm::VcpuState decode_vcpu(std::span<const std::byte> data) {
+  wire::ByteReader r(data);
+  kvm::VcpuState s;
+  s.mp_state = r.get<kvm_mp_state>("vcpu.mp_state");
+  s.regs = r.get<kvm_regs>("vcpu.regs");
+  s.sregs = r.get<kvm_sregs>("vcpu.sregs");
+  s.xsave = r.get_vector<std::uint8_t>(kMaxXsave, "vcpu.xsave");
+  s.xcrs = r.get<kvm_xcrs>("vcpu.xcrs");
+  s.debugregs = r.get<kvm_debugregs>("vcpu.debugregs");
+  s.lapic = r.get<kvm_lapic_state>("vcpu.lapic");
+  s.msrs = r.get_vector<kvm_msr_entry>(kMaxEntries, "vcpu.msrs");
+  s.events = r.get<kvm_vcpu_events>("vcpu.events");
+  s.cpuid = r.get_vector<kvm_cpuid_entry2>(kMaxEntries, "vcpu.cpuid");
+  s.tsc_khz = r.get<std::uint32_t>("vcpu.tsc_khz");
+  r.expect_end("vcpu section");
+  return s;
+}
+
+template <typename T>
+std::vector<std::byte> encode_value(const T& value) {
+  wire::ByteWriter w;
+  w.put(value);
+  return w.take();
+}
+template <typename T>
+T decode_value(std::span<const std::byte> data, const char* what) {
+  wire::ByteReader r(data);
+  T value = r.get<T>(what);
+  r.expect_end(what);
+  return value;
+}
+
+}  // namespace
+
+std::vector<engine::StateSection> encode_state(const kvm::MachineState& state) {
+  std::vector<engine::StateSection> sections;
+  for (std::size_t i = 0; i < state.vcpus.size(); ++i)
+    sections.push_back({"vcpu." + std::to_string(i), kSectionVersion, encode_vcpu(state.vcpus[i])});
+  sections.push_back({"vm", kSectionVersion, encode_value(state.vm)});
+  sections.push_back({"serial", kSectionVersion, encode_value(state.serial)});
+  wire::ByteWriter probe;
+  probe.put_vector(state.probe);
+  sections.push_back({"probe", kSectionVersion, probe.take()});
+  return sections;
+}
+
+kvm::MachineState decode_state(const std::vector<engine::StateSection>& sections) {
+  kvm::MachineState state;
+  bool have_vm = false, have_serial = false, have_probe = false;
+  for (const auto& s : sections) {
+    if (s.version != kSectionVersion)
+      throw wire::ProtocolError("state section '" + s.name + "' has version " + std::to_string(s.version) +
+                                ", this build restores version " + std::to_string(kSectionVersion));
+    if (s.name == "vm") {
+      state.vm = decode_value<kvm::VmState>(s.data, "vm section");
+      have_vm = true;
+    } else if (s.name == "serial") {
+      state.serial = decode_value<kvm::SerialState>(s.data, "serial section");
+      have_serial = true;
+    } else if (s.name == "probe") {
+      wire::ByteReader r(s.data);
+      state.probe = r.get_vector<kvm::HeartbeatState>(kvm::kMaxVcpus, "probe section");
+      r.expect_end("probe section");
+      have_probe = true;
+    } else if (s.name == "vcpu." + std::to_string(state.vcpus.size())) {
+      state.vcpus.push_back(decode_vcpu(s.data));
+    } else {
+      throw wire::ProtocolError("unknown or out-of-order state section '" + s.name + "'");
+    }
+  }
+  if (!have_vm || !have_serial || !have_probe || state.vcpus.empty())
+    throw wire::ProtocolError("state is incomplete: a vm, serial, probe or vcpu section is missing");
+  return state;
+}
+
+engine::VmFactory KvmVm::factory(std::string serial_path, kvm::MemoryBacking backing) {
+  return [serial_path, backing](const engine::VmShape& shape) -> std::unique_ptr<engine::MigratableVm> {
+    kvm::MachineConfig config;
+    config.vcpus = shape.vcpus;
+    config.serial_path = serial_path;
+    config.backing = backing;
+    for (const auto& r : shape.regions) config.layout.push_back({r.guest_addr, r.size});
+    return std::make_unique<KvmVm>(kvm::Machine::create(config));
+  };
+}
+
+std::vector<engine::MemoryRegion> KvmVm::memory_regions() const {
+  std::vector<engine::MemoryRegion> out;
+  for (const auto& r : machine_->memory().regions()) out.push_back({r.layout.guest_addr, r.layout.size, r.host()});
+  return out;
+}
+
+std::vector<engine::StateSection> KvmVm::save_state() { return encode_state(machine_->save_state()); }
+
+void KvmVm::restore_state(const std::vector<engine::StateSection>& sections) {
+  machine_->restore_state(decode_state(sections));
+}
+
+std::optional<engine::GuestHandover> KvmVm::wait_guest_handover(std::chrono::milliseconds timeout) {
+  if (!machine_->probe().wait_handover(timeout)) return std::nullopt;
+  const auto h = *machine_->probe().handover();
+  return engine::GuestHandover{static_cast<double>(h.gap_ns) / 1e6, h.sequence_continued, h.last_source_seq,
+                               h.first_destination_seq};
+}
+
+}  // namespace mig::tools

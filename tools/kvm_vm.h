@@ -1,0 +1,45 @@
+// mig's own VMM as an engine::MigratableVm: the one place where the engine's opaque state
+// sections meet kvm::MachineState.
+#pragma once
+
+#include <memory>
+
+#include "engine/vm.h"
+#include "kvm/machine.h"
+
+namespace mig::tools {
+
+class KvmVm final : public engine::MigratableVm {
+ public:
+  explicit KvmVm(std::unique_ptr<kvm::Machine> machine) : machine_(std::move(machine)) {}
+
+  // The receiver's factory: an empty, not yet started machine of the sender's shape.
+  static engine::VmFactory factory(std::string serial_path, kvm::MemoryBacking backing);
+
+  kvm::Machine& machine() { return *machine_; }
+
+  unsigned vcpu_count() const override { return machine_->config().vcpus; }
+  std::vector<engine::MemoryRegion> memory_regions() const override;
+  void start_dirty_log() override { machine_->vm().set_dirty_logging(true); }
+  void stop_dirty_log() override { machine_->vm().set_dirty_logging(false); }
+  void fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) override {
+    machine_->vm().fetch_and_clear_dirty_log(region, bitmap);
+  }
+  void populated_pages(std::size_t region, std::span<std::uint64_t> bitmap) override {
+    machine_->memory().populated_pages(region, bitmap);
+  }
+  void pause() override { machine_->pause(); }
+  void resume() override { machine_->resume(); }
+  std::vector<engine::StateSection> save_state() override;
+  void restore_state(const std::vector<engine::StateSection>& sections) override;
+  std::optional<engine::GuestHandover> wait_guest_handover(std::chrono::milliseconds timeout) override;
+
+ private:
+  std::unique_ptr<kvm::Machine> machine_;
+};
+
+// The state sections, exposed for round-trip tests.
+std::vector<engine::StateSection> encode_state(const kvm::MachineState& state);
+kvm::MachineState decode_state(const std::vector<engine::StateSection>& sections);
+
+}  // namespace mig::tools

@@ -1,0 +1,212 @@
+#include "transport/protocol.h"
+
+namespace mig::wire {
+
+const char* to_string(MessageType type) {
+  switch (type) {
+    case MessageType::invalid: return "invalid";
+    case MessageType::hello: return "Hello";
+    case MessageType::hello_ack: return "HelloAck";
+    case MessageType::page_batch: return "PageBatch";
+    case MessageType::state_section: return "StateSection";
+    case MessageType::complete: return "Complete";
+    case MessageType::ready: return "Ready";
+    case MessageType::commit: return "Commit";
+    case MessageType::running: return "Running";
+    case MessageType::handover: return "Handover";
+    case MessageType::error: return "Error";
+  }
+  return "unknown";
+}
+
+void validate(const FrameHeader& header) {
+  if (header.magic != kMagic) throw ProtocolError("not a mig stream: bad frame magic");
+  std::uint64_t limit = kMaxControlPayload;
+  switch (static_cast<MessageType>(header.type)) {
+    case MessageType::page_batch:
+      limit = sizeof(BatchHeader) + std::uint64_t{kMaxBatchPages} * (sizeof(PageDescriptor) + kPageSize);
+      break;
+    case MessageType::state_section: limit = kMaxStateSection + 1024; break;
+    case MessageType::hello: case MessageType::hello_ack: case MessageType::complete: case MessageType::ready:
+    case MessageType::commit: case MessageType::running: case MessageType::handover: case MessageType::error:
+      break;
+    default: throw ProtocolError("unknown frame type " + std::to_string(header.type));
+  }
+  if (header.length > limit)
+    throw ProtocolError(std::string(to_string(static_cast<MessageType>(header.type))) + " frame of " +
+                        std::to_string(header.length) + " bytes exceeds the limit of " + std::to_string(limit));
+}
+
+void validate(const PageDescriptor& d) {
+  switch (d.encoding) {
+    case PageEncoding::raw:
+      if (d.length != kPageSize) throw ProtocolError("raw page descriptor with length " + std::to_string(d.length));
+      break;
+    case PageEncoding::zero:
+      if (d.length != 0) throw ProtocolError("zero page descriptor with length " + std::to_string(d.length));
+      break;
+    default: throw ProtocolError("unknown page encoding " + std::to_string(static_cast<int>(d.encoding)));
+  }
+  if (d.guest_addr % kPageSize) throw ProtocolError("page descriptor address is not page-aligned");
+}
+
+std::vector<std::byte> encode(const Hello& m) {
+  ByteWriter w;
+  w.put(m.version);
+  w.put(m.capabilities);
+  w.put(m.page_size);
+  w.put(m.vcpus);
+  w.put_string(m.host_boot_id);
+  w.put_vector(m.regions);
+  return w.take();
+}
+template <>
+Hello decode<Hello>(std::span<const std::byte> payload) {
+  ByteReader r(payload);
+  Hello m;
+  // The version comes first and is checked before anything else is interpreted.
+  m.version = r.get<std::uint32_t>("Hello.version");
+  if (m.version != kVersion)
+    throw ProtocolError("peer speaks mig protocol version " + std::to_string(m.version) + ", this build speaks " +
+                        std::to_string(kVersion));
+  m.capabilities = r.get<std::uint32_t>("Hello.capabilities");
+  m.page_size = r.get<std::uint32_t>("Hello.page_size");
+  if (m.page_size != kPageSize) throw ProtocolError("peer uses page size " + std::to_string(m.page_size));
+  m.vcpus = r.get<std::uint32_t>("Hello.vcpus");
+  if (m.vcpus == 0 || m.vcpus > kMaxVcpus) throw ProtocolError("Hello asks for " + std::to_string(m.vcpus) + " vCPUs");
+  m.host_boot_id = r.get_string(kMaxNameBytes, "Hello.host_boot_id");
+  m.regions = r.get_vector<Region>(kMaxRegions, "Hello.regions");
+  if (m.regions.empty()) throw ProtocolError("Hello has no memory regions");
+  std::uint64_t total = 0;
+  for (const auto& region : m.regions) {
+    if (region.size == 0 || region.size % kPageSize || region.guest_addr % kPageSize || region.size > kMaxGuestBytes ||
+        region.guest_addr > kMaxGuestBytes)
+      throw ProtocolError("Hello has a malformed memory region");
+    total += region.size;
+  }
+  if (total > kMaxGuestBytes) throw ProtocolError("Hello asks for " + std::to_string(total) + " bytes of guest memory");
+  r.expect_end("Hello");
+  return m;
+}
+
+std::vector<std::byte> encode(const HelloAck& m) {
+  ByteWriter w;
+  w.put(m.capabilities);
+  w.put_string(m.host_boot_id);
+  return w.take();
+}
+template <>
+HelloAck decode<HelloAck>(std::span<const std::byte> payload) {
+  ByteReader r(payload);
+  HelloAck m;
+  m.capabilities = r.get<std::uint32_t>("HelloAck.capabilities");
+  m.host_boot_id = r.get_string(kMaxNameBytes, "HelloAck.host_boot_id");
+  r.expect_end("HelloAck");
+  return m;
+}
+
+std::vector<std::byte> encode(const StateSection& m) {
+  ByteWriter w;
+  w.put_string(m.name);
+  w.put(m.version);
+  w.put_bytes(m.data);
+  return w.take();
+}
+template <>
+StateSection decode<StateSection>(std::span<const std::byte> payload) {
+  ByteReader r(payload);
+  StateSection m;
+  m.name = r.get_string(kMaxNameBytes, "StateSection.name");
+  m.version = r.get<std::uint32_t>("StateSection.version");
+  auto data = r.get_bytes(kMaxStateSection, "StateSection.data");
+  m.data.assign(data.begin(), data.end());
+  r.expect_end("StateSection");
+  return m;
+}
+
+std::vector<std::byte> encode(const Complete& m) {
+  ByteWriter w;
+  w.put(m.page_digest);
+  w.put(m.pages_sent);
+  return w.take();
+}
+template <>
+Complete decode<Complete>(std::span<const std::byte> payload) {
+  ByteReader r(payload);
+  Complete m;
+  m.page_digest = r.get<std::uint64_t>("Complete.page_digest");
+  m.pages_sent = r.get<std::uint64_t>("Complete.pages_sent");
+  r.expect_end("Complete");
+  return m;
+}
+
+std::vector<std::byte> encode(const Ready& m) {
+  ByteWriter w;
+  w.put(m.restore_ns);
+  return w.take();
+}
+template <>
+Ready decode<Ready>(std::span<const std::byte> payload) {
+  ByteReader r(payload);
+  Ready m{r.get<std::uint64_t>("Ready.restore_ns")};
+  r.expect_end("Ready");
+  return m;
+}
+
+std::vector<std::byte> encode(const Commit&) { return {}; }
+template <>
+Commit decode<Commit>(std::span<const std::byte> payload) {
+  ByteReader(payload).expect_end("Commit");
+  return {};
+}
+
+std::vector<std::byte> encode(const Running& m) {
+  ByteWriter w;
+  w.put(m.resumed_at_ns);
+  w.put(m.resume_ns);
+  return w.take();
+}
+template <>
+Running decode<Running>(std::span<const std::byte> payload) {
+  ByteReader r(payload);
+  Running m;
+  m.resumed_at_ns = r.get<std::int64_t>("Running.resumed_at_ns");
+  m.resume_ns = r.get<std::uint64_t>("Running.resume_ns");
+  r.expect_end("Running");
+  return m;
+}
+
+std::vector<std::byte> encode(const Handover& m) {
+  ByteWriter w;
+  w.put(m.gap_ns);
+  w.put(m.sequence_continued);
+  w.put(m.last_source_seq);
+  w.put(m.first_destination_seq);
+  return w.take();
+}
+template <>
+Handover decode<Handover>(std::span<const std::byte> payload) {
+  ByteReader r(payload);
+  Handover m;
+  m.gap_ns = r.get<std::int64_t>("Handover.gap_ns");
+  m.sequence_continued = r.get<std::uint8_t>("Handover.sequence_continued");
+  m.last_source_seq = r.get<std::uint32_t>("Handover.last_source_seq");
+  m.first_destination_seq = r.get<std::uint32_t>("Handover.first_destination_seq");
+  r.expect_end("Handover");
+  return m;
+}
+
+std::vector<std::byte> encode(const Error& m) {
+  ByteWriter w;
+  w.put_string(m.message);
+  return w.take();
+}
+template <>
+Error decode<Error>(std::span<const std::byte> payload) {
+  ByteReader r(payload);
+  Error m{r.get_string(kMaxMessageBytes, "Error.message")};
+  r.expect_end("Error");
+  return m;
+}
+
+}  // namespace mig::wire

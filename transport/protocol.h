@@ -1,0 +1,199 @@
+// The mig migration protocol, whole. Version 1.
+//
+//   sender (source)                                   receiver (destination, incoming mode)
+//   Hello {version, capabilities, vcpus, regions} ──▶  creates a VM of that shape
+//                                                 ◀── HelloAck {capabilities accepted, boot id}
+//   PageBatch {round 0, descriptors, pages}       ──▶  pages land straight in guest memory
+//   PageBatch {round k ...}   (pre-copy rounds)   ──▶
+//       ... source pauses the guest ...
+//   PageBatch {final round}                       ──▶
+//   StateSection {name, version, bytes} × n       ──▶
+//   Complete {page-hash digest}                   ──▶  verifies, restores all state
+//                                                 ◀── Ready {restore time}   or Error {message}
+//   Commit                                        ──▶  resumes the guest
+//                                                 ◀── Running {resumed at}
+//                                                 ◀── Handover {guest-observed gap}  (after the
+//                                                      guest's first heartbeat there, if any)
+//
+// Every frame is a FrameHeader followed by `length` payload bytes. Integers are
+// little-endian. Type 0 is invalid, so an all-zero frame is never accepted. The version is
+// checked at Hello; a receiver refuses any other. Every length, count and guest address a
+// receiver reads is bounded here or checked against the VM's memory before use.
+//
+// Ordering invariant for page data: a page's copy from round k must never land after its copy
+// from round k+1. With one TCP stream that is the stream's order, and the receiver rejects a
+// batch whose round is lower than one it already applied. Parallel channels must keep it by
+// sending each page of a round on the channel chosen by its address, and by finishing round k
+// on every channel before round k+1 starts.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "transport/bytes.h"
+
+namespace mig::wire {
+
+inline constexpr std::uint32_t kMagic = 0x3147494d;  // "MIG1"
+inline constexpr std::uint32_t kVersion = 1;
+inline constexpr std::uint32_t kPageSize = 4096;
+
+// Bounds on what a receiver accepts.
+inline constexpr std::uint64_t kMaxControlPayload = 1u << 20;
+inline constexpr std::uint64_t kMaxStateSection = 64u << 20;
+inline constexpr std::uint32_t kMaxBatchPages = 1024;
+inline constexpr std::uint32_t kMaxRegions = 64;
+inline constexpr std::uint32_t kMaxVcpus = 256;
+inline constexpr std::uint64_t kMaxGuestBytes = 1ull << 40;
+inline constexpr std::size_t kMaxNameBytes = 64;
+inline constexpr std::size_t kMaxMessageBytes = 4096;
+
+enum class MessageType : std::uint16_t {
+  invalid = 0,
+  hello = 1,
+  hello_ack = 2,
+  page_batch = 3,
+  state_section = 4,
+  complete = 5,
+  ready = 6,
+  commit = 7,
+  running = 8,
+  handover = 9,
+  error = 10,
+};
+const char* to_string(MessageType type);
+
+struct FrameHeader {
+  std::uint32_t magic = kMagic;
+  std::uint16_t type = 0;
+  std::uint16_t reserved = 0;
+  std::uint64_t length = 0;  // payload bytes after this header
+};
+static_assert(sizeof(FrameHeader) == 16);
+
+// Checks magic, type and the payload bound for that type.
+void validate(const FrameHeader& header);
+
+// Capability bits, offered in Hello and accepted in HelloAck.
+inline constexpr std::uint32_t kCapVerify = 1u << 0;  // page-hash verification at Complete
+
+struct Region {
+  std::uint64_t guest_addr = 0;
+  std::uint64_t size = 0;
+  friend bool operator==(const Region&, const Region&) = default;
+};
+
+struct Hello {
+  std::uint32_t version = kVersion;
+  std::uint32_t capabilities = 0;
+  std::uint32_t page_size = kPageSize;
+  std::uint32_t vcpus = 0;
+  std::string host_boot_id;  // equal boot ids mean one host: CLOCK_MONOTONIC is comparable
+  std::vector<Region> regions;
+  friend bool operator==(const Hello&, const Hello&) = default;
+};
+
+struct HelloAck {
+  std::uint32_t capabilities = 0;
+  std::string host_boot_id;
+  friend bool operator==(const HelloAck&, const HelloAck&) = default;
+};
+
+enum class PageEncoding : std::uint8_t {
+  invalid = 0,
+  raw = 1,   // kPageSize bytes follow
+  zero = 2,  // no bytes follow; the page is all zeroes
+};
+
+struct PageDescriptor {
+  std::uint64_t guest_addr = 0;
+  std::uint32_t length = 0;  // payload bytes for this page
+  PageEncoding encoding = PageEncoding::invalid;
+  std::uint8_t reserved[3] = {};
+};
+static_assert(sizeof(PageDescriptor) == 16);
+
+// A page batch payload is: BatchHeader, PageDescriptor[count], then each page's bytes in
+// descriptor order. Kept as raw structs so the sender can gather pages straight from guest
+// memory and the receiver can scatter them straight into it.
+struct BatchHeader {
+  std::uint32_t round = 0;
+  std::uint32_t count = 0;
+};
+static_assert(sizeof(BatchHeader) == 8);
+
+// Checks one descriptor's encoding and length; the address is checked against guest memory
+// by the receiver.
+void validate(const PageDescriptor& d);
+
+struct StateSection {
+  std::string name;
+  std::uint32_t version = 0;
+  std::vector<std::byte> data;
+  friend bool operator==(const StateSection&, const StateSection&) = default;
+};
+
+struct Complete {
+  std::uint64_t page_digest = 0;  // XXH3 over the per-page hashes of every page, in order
+  std::uint64_t pages_sent = 0;
+  friend bool operator==(const Complete&, const Complete&) = default;
+};
+
+struct Ready {
+  std::uint64_t restore_ns = 0;
+  friend bool operator==(const Ready&, const Ready&) = default;
+};
+
+struct Commit {
+  friend bool operator==(const Commit&, const Commit&) = default;
+};
+
+struct Running {
+  std::int64_t resumed_at_ns = 0;  // receiver's CLOCK_MONOTONIC when the vCPUs ran again
+  std::uint64_t resume_ns = 0;     // how long resuming took
+  friend bool operator==(const Running&, const Running&) = default;
+};
+
+struct Handover {
+  std::int64_t gap_ns = 0;  // the guest's first heartbeat here minus its last at the source
+  std::uint8_t sequence_continued = 0;
+  std::uint32_t last_source_seq = 0;
+  std::uint32_t first_destination_seq = 0;
+  friend bool operator==(const Handover&, const Handover&) = default;
+};
+
+struct Error {
+  std::string message;
+  friend bool operator==(const Error&, const Error&) = default;
+};
+
+// encode() gives the payload; decode() takes exactly one payload and throws ProtocolError on
+// anything malformed or out of bounds.
+std::vector<std::byte> encode(const Hello& m);
+std::vector<std::byte> encode(const HelloAck& m);
+std::vector<std::byte> encode(const StateSection& m);
+std::vector<std::byte> encode(const Complete& m);
+std::vector<std::byte> encode(const Ready& m);
+std::vector<std::byte> encode(const Commit& m);
+std::vector<std::byte> encode(const Running& m);
+std::vector<std::byte> encode(const Handover& m);
+std::vector<std::byte> encode(const Error& m);
+
+template <typename T>
+T decode(std::span<const std::byte> payload);
+
+// The message type each struct travels as.
+template <typename T>
+constexpr MessageType type_of();
+template <> constexpr MessageType type_of<Hello>() { return MessageType::hello; }
+template <> constexpr MessageType type_of<HelloAck>() { return MessageType::hello_ack; }
+template <> constexpr MessageType type_of<StateSection>() { return MessageType::state_section; }
+template <> constexpr MessageType type_of<Complete>() { return MessageType::complete; }
+template <> constexpr MessageType type_of<Ready>() { return MessageType::ready; }
+template <> constexpr MessageType type_of<Commit>() { return MessageType::commit; }
+template <> constexpr MessageType type_of<Running>() { return MessageType::running; }
+template <> constexpr MessageType type_of<Handover>() { return MessageType::handover; }
+template <> constexpr MessageType type_of<Error>() { return MessageType::error; }
+
+}  // namespace mig::wire

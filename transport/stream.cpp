@@ -1,0 +1,247 @@
+#include "transport/stream.h"
+
+#include <linux/errqueue.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+
+#include <boost/asio.hpp>
+#include <fcntl.h>
+
+#include <fstream>
+
+namespace mig::transport {
+
+namespace {
+
+[[noreturn]] void throw_peer_errno(const char* what) {
+  const int err = errno;
+  if (err == EAGAIN || err == EWOULDBLOCK) throw PeerError(std::string(what) + ": the peer stopped responding (timed out)");
+  if (err == EPIPE || err == ECONNRESET) throw PeerError(std::string(what) + ": the peer closed the connection");
+  throw_errno(what, err);
+}
+
+}  // namespace
+
+Stream::Stream(UniqueFd fd) : fd_(std::move(fd)) {
+  const int one = 1;
+  // Frames are written whole, with MSG_MORE between parts; Nagle would only delay control
+  // messages on the downtime path.
+  ::setsockopt(fd_.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
+void Stream::set_timeout(std::chrono::milliseconds timeout) {
+  timeval tv{};
+  tv.tv_sec = static_cast<time_t>(timeout.count() / 1000);
+  tv.tv_usec = static_cast<suseconds_t>((timeout.count() % 1000) * 1000);
+  check_syscall("setsockopt SO_RCVTIMEO", [&] { return ::setsockopt(fd_.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv); });
+  check_syscall("setsockopt SO_SNDTIMEO", [&] { return ::setsockopt(fd_.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv); });
+}
+
+bool Stream::enable_zerocopy() {
+  const int one = 1;
+  zerocopy_ = ::setsockopt(fd_.get(), SOL_SOCKET, SO_ZEROCOPY, &one, sizeof one) == 0;
+  return zerocopy_;
+}
+
+void Stream::write_all(std::span<iovec> parts, int flags) {
+  std::size_t index = 0;
+  while (index < parts.size()) {
+    msghdr msg{};
+    msg.msg_iov = parts.data() + index;
+    msg.msg_iovlen = std::min<std::size_t>(parts.size() - index, IOV_MAX);
+    const ssize_t n = ::sendmsg(fd_.get(), &msg, flags | MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == ENOBUFS && (flags & MSG_ZEROCOPY)) {  // out of option memory: reap, retry
+        reap_zerocopy_completions();
+        flags &= ~MSG_ZEROCOPY;
+        continue;
+      }
+      throw_peer_errno("send");
+    }
+    if (flags & MSG_ZEROCOPY) {
+      ++zerocopy_outstanding_;
+      ++counters_.zerocopy_sends;
+    }
+    counters_.bytes_sent += static_cast<std::uint64_t>(n);
+    auto left = static_cast<std::size_t>(n);
+    while (left > 0 && index < parts.size()) {
+      if (left >= parts[index].iov_len) {
+        left -= parts[index].iov_len;
+        ++index;
+      } else {
+        parts[index].iov_base = static_cast<std::byte*>(parts[index].iov_base) + left;
+        parts[index].iov_len -= left;
+        left = 0;
+      }
+    }
+    while (index < parts.size() && parts[index].iov_len == 0) ++index;
+  }
+  if (zerocopy_outstanding_ >= 64) reap_zerocopy_completions();
+}
+
+// Zero-copy completions arrive on the socket's error queue. Guest memory outlives the
+// migration, so nothing waits for them; they are read only to release the kernel's
+// accounting and to learn whether the kernel copied after all.
+void Stream::reap_zerocopy_completions() {
+  for (;;) {
+    char control[128];
+    msghdr msg{};
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    if (::recvmsg(fd_.get(), &msg, MSG_ERRQUEUE | MSG_DONTWAIT) < 0) return;
+    for (cmsghdr* cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
+      const auto* err = reinterpret_cast<const sock_extended_err*>(CMSG_DATA(cm));
+      if (err->ee_origin != SO_EE_ORIGIN_ZEROCOPY) continue;
+      const std::uint64_t completed = std::uint64_t{err->ee_data} - err->ee_info + 1;
+      zerocopy_outstanding_ -= std::min(zerocopy_outstanding_, completed);
+      if (err->ee_code & SO_EE_CODE_ZEROCOPY_COPIED) counters_.zerocopy_copied += completed;
+    }
+  }
+}
+
+void Stream::send_frame(wire::MessageType type, std::span<const std::byte> payload) {
+  send_gathered(type, payload, {});
+}
+
+void Stream::send_gathered(wire::MessageType type, std::span<const std::byte> head, std::span<const iovec> pages) {
+  wire::FrameHeader header;
+  header.type = static_cast<std::uint16_t>(type);
+  header.length = head.size();
+  for (const auto& page : pages) header.length += page.iov_len;
+  std::vector<iovec> parts;
+  parts.reserve(2 + pages.size());
+  parts.push_back({&header, sizeof header});
+  if (!head.empty()) parts.push_back({const_cast<std::byte*>(head.data()), head.size()});
+  if (!zerocopy_ || pages.empty()) {
+    parts.insert(parts.end(), pages.begin(), pages.end());
+    write_all(parts, 0);
+    return;
+  }
+  // Header and descriptors are copied (they are small and short-lived); only the pages,
+  // which live as long as the guest, go zero-copy.
+  write_all(parts, MSG_MORE);
+  std::vector<iovec> page_parts(pages.begin(), pages.end());
+  write_all(page_parts, MSG_ZEROCOPY);
+}
+
+void Stream::read_exact(std::span<std::byte> out) {
+  iovec part{out.data(), out.size()};
+  read_scatter({&part, 1});
+}
+
+void Stream::read_scatter(std::span<iovec> parts) {
+  std::size_t index = 0;
+  while (index < parts.size() && parts[index].iov_len == 0) ++index;
+  while (index < parts.size()) {
+    msghdr msg{};
+    msg.msg_iov = parts.data() + index;
+    msg.msg_iovlen = std::min<std::size_t>(parts.size() - index, IOV_MAX);
+    const ssize_t n = ::recvmsg(fd_.get(), &msg, MSG_WAITALL);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw_peer_errno("receive");
+    }
+    if (n == 0) throw PeerError("the peer closed the connection mid-stream");
+    counters_.bytes_received += static_cast<std::uint64_t>(n);
+    auto left = static_cast<std::size_t>(n);
+    while (index < parts.size() && left >= parts[index].iov_len) {
+      left -= parts[index].iov_len;
+      ++index;
+    }
+    if (left > 0) {
+      parts[index].iov_base = static_cast<std::byte*>(parts[index].iov_base) + left;
+      parts[index].iov_len -= left;
+    }
+    while (index < parts.size() && parts[index].iov_len == 0) ++index;
+  }
+}
+
+wire::FrameHeader Stream::read_header() {
+  wire::FrameHeader header;
+  read_exact(std::as_writable_bytes(std::span(&header, 1)));
+  wire::validate(header);
+  if (header.type == static_cast<std::uint16_t>(wire::MessageType::error))
+    throw RemoteError("peer reported: " + wire::decode<wire::Error>(read_payload(header)).message);
+  return header;
+}
+
+std::vector<std::byte> Stream::read_payload(const wire::FrameHeader& header) {
+  std::vector<std::byte> payload(header.length);
+  read_exact(payload);
+  return payload;
+}
+
+Endpoint Endpoint::parse(const std::string& text) {
+  const std::string usage = "endpoint '" + text + "' is not of the form tcp:HOST:PORT";
+  if (text.rfind("tcp:", 0) != 0) throw std::invalid_argument(usage);
+  const auto colon = text.rfind(':');
+  if (colon <= 4) throw std::invalid_argument(usage);
+  Endpoint e;
+  e.host = text.substr(4, colon - 4);
+  const std::string port = text.substr(colon + 1);
+  if (port.empty() || port.size() > 5 || port.find_first_not_of("0123456789") != std::string::npos || std::stoul(port) > 65535)
+    throw std::invalid_argument(usage);
+  e.port = static_cast<std::uint16_t>(std::stoul(port));
+  return e;
+}
+
+std::string Endpoint::to_string() const { return "tcp:" + host + ":" + std::to_string(port); }
+
+namespace {
+// Hands the connected socket over to a plain fd; Asio's object closes only its own copy.
+UniqueFd take_fd(boost::asio::ip::tcp::socket& socket) {
+  return UniqueFd(check_syscall("dup socket", [&] { return ::fcntl(socket.native_handle(), F_DUPFD_CLOEXEC, 0); }));
+}
+}  // namespace
+
+Stream connect(const Endpoint& endpoint) {
+  boost::asio::io_context io;
+  boost::asio::ip::tcp::resolver resolver(io);
+  boost::asio::ip::tcp::socket socket(io);
+  boost::system::error_code ec;
+  auto results = resolver.resolve(endpoint.host, std::to_string(endpoint.port), ec);
+  if (!ec) boost::asio::connect(socket, results, ec);
+  if (ec) throw PeerError("cannot connect to " + endpoint.to_string() + ": " + ec.message());
+  return Stream(take_fd(socket));
+}
+
+struct Listener::Impl {
+  boost::asio::io_context io;
+  boost::asio::ip::tcp::acceptor acceptor{io};
+};
+
+Listener::Listener(const Endpoint& endpoint) : impl_(std::make_unique<Impl>()) {
+  boost::system::error_code ec;
+  boost::asio::ip::tcp::resolver resolver(impl_->io);
+  auto results = resolver.resolve(endpoint.host, std::to_string(endpoint.port), ec);
+  if (ec || results.empty()) throw std::runtime_error("cannot resolve " + endpoint.to_string() + ": " + ec.message());
+  const auto ep = results.begin()->endpoint();
+  impl_->acceptor.open(ep.protocol(), ec);
+  if (!ec) impl_->acceptor.set_option(boost::asio::socket_base::reuse_address(true), ec);
+  if (!ec) impl_->acceptor.bind(ep, ec);
+  if (!ec) impl_->acceptor.listen(1, ec);
+  if (ec) throw std::runtime_error("cannot listen on " + endpoint.to_string() + ": " + ec.message());
+}
+Listener::~Listener() = default;
+Listener::Listener(Listener&&) noexcept = default;
+
+std::uint16_t Listener::port() const { return impl_->acceptor.local_endpoint().port(); }
+
+Stream Listener::accept() {
+  boost::asio::ip::tcp::socket socket(impl_->io);
+  boost::system::error_code ec;
+  impl_->acceptor.accept(socket, ec);
+  if (ec) throw std::runtime_error("accept: " + ec.message());
+  return Stream(take_fd(socket));
+}
+
+std::string host_boot_id() {
+  std::ifstream in("/proc/sys/kernel/random/boot_id");
+  std::string id;
+  std::getline(in, id);
+  return id;
+}
+
+}  // namespace mig::transport

@@ -1,0 +1,113 @@
+// A connected, blocking byte stream carrying protocol frames. Page data is gathered straight
+// from guest memory on send and scattered straight into it on receive.
+#pragma once
+
+#include <sys/uio.h>
+
+#include <chrono>
+#include <memory>
+#include <cstdint>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common/fd.h"
+#include "transport/protocol.h"
+
+namespace mig::transport {
+
+enum class ZeroCopy { off, on };
+
+// The peer went away or stopped answering; distinct from a malformed stream.
+struct PeerError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+// The peer reported an error of its own (an Error message).
+struct RemoteError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct StreamCounters {
+  std::uint64_t bytes_sent = 0;
+  std::uint64_t bytes_received = 0;
+  std::uint64_t zerocopy_sends = 0;
+  std::uint64_t zerocopy_copied = 0;  // sends the kernel completed by copying (loopback does)
+};
+
+class Stream {
+ public:
+  explicit Stream(UniqueFd fd);
+  int fd() const { return fd_.get(); }
+
+  // Every blocking read and write gives up after `timeout` of silence with a PeerError, so a
+  // vanished peer can never hang a paused source.
+  void set_timeout(std::chrono::milliseconds timeout);
+  // Turns on MSG_ZEROCOPY for page data. Returns false when the socket cannot do it.
+  bool enable_zerocopy();
+  bool zerocopy() const { return zerocopy_; }
+
+  template <typename T>
+  void send(const T& message) {
+    send_frame(wire::type_of<T>(), wire::encode(message));
+  }
+  void send_frame(wire::MessageType type, std::span<const std::byte> payload);
+  // One frame whose payload is `head` followed by the bytes of `pages`, which point into guest
+  // memory. With zero-copy on, those bytes leave without a user-space copy.
+  void send_gathered(wire::MessageType type, std::span<const std::byte> head, std::span<const iovec> pages);
+
+  // The next frame's header, validated. An Error frame is turned into RemoteError here.
+  wire::FrameHeader read_header();
+  template <typename T>
+  T receive() {
+    const auto header = read_header();
+    if (header.type != static_cast<std::uint16_t>(wire::type_of<T>()))
+      throw wire::ProtocolError(std::string("expected ") + wire::to_string(wire::type_of<T>()) + ", got " +
+                                wire::to_string(static_cast<wire::MessageType>(header.type)));
+    return wire::decode<T>(read_payload(header));
+  }
+  std::vector<std::byte> read_payload(const wire::FrameHeader& header);
+  void read_exact(std::span<std::byte> out);
+  // Fills every iovec in order; modifies the array while advancing through it.
+  void read_scatter(std::span<iovec> parts);
+
+  const StreamCounters& counters() const { return counters_; }
+
+ private:
+  void write_all(std::span<iovec> parts, int flags);
+  void reap_zerocopy_completions();
+
+  UniqueFd fd_;
+  bool zerocopy_ = false;
+  std::uint64_t zerocopy_outstanding_ = 0;
+  StreamCounters counters_;
+};
+
+// "tcp:HOST:PORT". Throws std::invalid_argument naming the expected form.
+struct Endpoint {
+  std::string host;
+  std::uint16_t port = 0;
+  static Endpoint parse(const std::string& text);
+  std::string to_string() const;
+};
+
+// Connection set-up through Boost.Asio; the connected socket then becomes a plain Stream.
+Stream connect(const Endpoint& endpoint);
+
+class Listener {
+ public:
+  explicit Listener(const Endpoint& endpoint);
+  ~Listener();
+  Listener(Listener&&) noexcept;
+  std::uint16_t port() const;  // the bound port, useful with port 0
+  Stream accept();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// This host's boot id: equal ids mean CLOCK_MONOTONIC readings are comparable.
+std::string host_boot_id();
+
+}  // namespace mig::transport
