@@ -40,7 +40,7 @@ Decision decide(std::span<const RoundStats> rounds, const ConvergencePolicy& pol
   if (policy.no_progress_rounds > 0 && rounds.size() > policy.no_progress_rounds) {
     bool stuck = true;
     for (std::size_t i = rounds.size() - policy.no_progress_rounds; i < rounds.size(); ++i)
-      stuck = stuck && rounds[i].dirty_rate_Bps >= rounds[i].bandwidth_Bps;
+      stuck = stuck && rounds[i].dirty_pages >= rounds[i].pages_sent + rounds[i].pages_skipped;
     if (stuck)
       return policy.on_no_convergence == NoConvergence::stop ? Decision::stop_no_progress : Decision::abort_no_progress;
   }

@@ -25,7 +25,9 @@ enum class NoConvergence { stop, abort };
 struct ConvergencePolicy {
   double downtime_target_ms = 30;
   std::uint32_t max_rounds = 30;  // round 0 counts
-  // Rounds in a row whose dirty rate reached their bandwidth before we call it no progress.
+  // Rounds in a row whose dirty rate reached their transfer rate before we call it no
+  // progress. Both are counted in pages over the round's duration (the guest dirtied at least
+  // as many pages as the round got through), so wire overhead cannot hide a stuck migration.
   std::uint32_t no_progress_rounds = 3;
   NoConvergence on_no_convergence = NoConvergence::stop;
   // Bandwidth is measured over the most recent rounds covering at least this long, so one

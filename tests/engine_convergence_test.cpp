@@ -1,0 +1,69 @@
+// The convergence policy as a table: inputs are round statistics, output is the decision.
+#include <catch2/catch.hpp>
+#include <vector>
+
+#include "engine/convergence.h"
+
+using namespace mig::engine;
+
+namespace {
+// A round that sent `mb` megabytes in `seconds` and then found `dirty_pages` dirty.
+RoundStats round_of(double mb, double seconds, std::uint64_t dirty_pages) {
+  RoundStats r;
+  r.bytes_sent = static_cast<std::uint64_t>(mb * 1e6);
+  r.pages_sent = r.bytes_sent / 4096;
+  r.duration_s = seconds;
+  r.dirty_pages = dirty_pages;
+  r.bandwidth_Bps = static_cast<double>(r.bytes_sent) / seconds;
+  r.dirty_rate_Bps = static_cast<double>(dirty_pages * 4096) / seconds;
+  return r;
+}
+}  // namespace
+
+TEST_CASE("convergence decisions") {
+  ConvergencePolicy policy;  // 30 ms, 30 rounds, 3 rounds without progress, stop
+  ConvergencePolicy abort_policy = policy;
+  abort_policy.on_no_convergence = NoConvergence::abort;
+  // 1 GB/s links throughout: 30 ms of downtime is 30 MB, about 7324 pages.
+  const auto converging = round_of(1000, 1.0, 100);
+  const auto just_inside = round_of(1000, 1.0, 7300);
+  const auto just_outside = round_of(1000, 1.0, 7400);
+  const auto stuck = round_of(100, 0.1, 30000);  // 1 GB/s sent, 1.2 GB/s dirtied
+
+  struct Row {
+    const char* what;
+    std::vector<RoundStats> rounds;
+    ConvergencePolicy policy;
+    Decision expected;
+  };
+  const std::vector<Row> table = {
+      {"nothing yet", {}, policy, Decision::next_round},
+      {"round 0 left little dirty", {converging}, policy, Decision::stop_converged},
+      {"nothing dirty at all", {round_of(1000, 1.0, 0)}, policy, Decision::stop_converged},
+      {"expected downtime just inside the target", {just_inside}, policy, Decision::stop_converged},
+      {"expected downtime just outside the target", {just_outside}, policy, Decision::next_round},
+      {"round cap reached", std::vector<RoundStats>(30, just_outside), policy, Decision::stop_max_rounds},
+      {"one round short of the cap", std::vector<RoundStats>(29, just_outside), policy, Decision::next_round},
+      {"stuck for 3 rounds after round 0", {just_outside, stuck, stuck, stuck}, policy, Decision::stop_no_progress},
+      {"stuck for 3 rounds, abort policy", {just_outside, stuck, stuck, stuck}, abort_policy, Decision::abort_no_progress},
+      {"stuck for only 2 rounds", {just_outside, just_outside, stuck, stuck}, policy, Decision::next_round},
+      {"round 0 alone never counts as stuck", {stuck, stuck, stuck}, policy, Decision::next_round},
+  };
+  for (const auto& row : table) {
+    INFO(row.what);
+    CHECK(to_string(decide(row.rounds, row.policy)) == to_string(row.expected));
+  }
+}
+
+TEST_CASE("bandwidth is measured over a recent window, not the whole run") {
+  ConvergencePolicy policy;
+  policy.bandwidth_window_s = 0.25;
+  // A slow first second, then fast recent rounds: the estimate follows the recent ones.
+  std::vector<RoundStats> rounds = {round_of(100, 1.0, 0), round_of(200, 0.1, 0), round_of(200, 0.1, 0), round_of(200, 0.1, 0)};
+  CHECK(window_bandwidth(rounds, policy) == Approx(2e9));
+  // Tiny recent rounds are pooled with earlier ones until the window is covered.
+  rounds = {round_of(1000, 1.0, 0), round_of(1, 0.001, 0)};
+  CHECK(window_bandwidth(rounds, policy) == Approx(1001e6 / 1.001));
+  rounds.back().dirty_pages = 2441;  // 10 MB left at ~1 GB/s
+  CHECK(expected_downtime_ms(rounds, policy) == Approx(10.0).epsilon(0.01));
+}

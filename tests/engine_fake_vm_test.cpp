@@ -1,0 +1,303 @@
+// The engine end to end against fake VMs: correctness, verification, failure handling.
+#include <catch2/catch.hpp>
+#include <future>
+
+#include "engine/page_hashes.h"
+#include "engine/receiver.h"
+#include "engine/sender.h"
+#include "tests/fake_vm.h"
+
+using namespace mig;
+using namespace std::chrono_literals;
+using Catch::Matchers::Contains;
+
+namespace {
+
+constexpr std::uint64_t kPages = 4096;  // 16 MiB
+
+engine::VmFactory fake_factory(test::FakeVm** made) {
+  return [made](const engine::VmShape& shape) -> std::unique_ptr<engine::MigratableVm> {
+    std::vector<std::uint64_t> pages;
+    for (const auto& r : shape.regions) pages.push_back(r.size / engine::kPageSize);
+    auto vm = std::make_unique<test::FakeVm>(pages);
+    *made = vm.get();
+    return vm;
+  };
+}
+
+// Runs the receiver on a thread and the sender here, joined by `relay` (which may tamper).
+template <typename Relay>
+std::pair<engine::MigrationStats, engine::ReceiveResult> run_migration(test::FakeVm& source, test::FakeVm** destination,
+                                                                       const engine::SenderOptions& options, Relay relay) {
+  auto [send_end, relay_in] = test::stream_pair();
+  auto [relay_out, recv_end] = test::stream_pair();
+  auto receiver = std::async(std::launch::async, [&, s = std::move(recv_end)]() mutable {
+    return engine::receive(s, fake_factory(destination), engine::ReceiverOptions{2000ms, 100ms});
+  });
+  auto relay_thread = std::async(std::launch::async, [&, in = std::move(relay_in), out = std::move(relay_out)]() mutable {
+    relay(in, out);
+  });
+  auto stats = engine::migrate(source, send_end, options);
+  send_end = transport::Stream(UniqueFd());  // close: unblocks a relay still waiting
+  auto received = receiver.get();
+  relay_thread.get();
+  return {stats, std::move(received)};
+}
+
+// Forwards frames both ways; `tamper` may change a sender frame (payload) or return false
+// to cut the connection there.
+template <typename Tamper>
+auto frame_relay(Tamper tamper) {
+  return [tamper](transport::Stream& from_sender, transport::Stream& to_receiver) mutable {
+    std::atomic<bool> done{false};
+    std::thread back([&] {
+      // Receiver -> sender: plain byte copy.
+      std::vector<std::byte> buf(65536);
+      while (!done) {
+        const ssize_t n = ::recv(to_receiver.fd(), buf.data(), buf.size(), 0);
+        if (n <= 0) break;
+        if (::send(from_sender.fd(), buf.data(), static_cast<std::size_t>(n), MSG_NOSIGNAL) != n) break;
+      }
+      ::shutdown(from_sender.fd(), SHUT_RDWR);
+    });
+    try {
+      for (int index = 0;; ++index) {
+        wire::FrameHeader header;
+        from_sender.read_exact(std::as_writable_bytes(std::span(&header, 1)));
+        auto payload = from_sender.read_payload(header);
+        if (!tamper(index, header, payload)) break;
+        to_receiver.send_frame(static_cast<wire::MessageType>(header.type), payload);
+      }
+    } catch (const std::exception&) {
+    }
+    done = true;
+    ::shutdown(to_receiver.fd(), SHUT_RDWR);
+    ::shutdown(from_sender.fd(), SHUT_RDWR);
+    back.join();
+  };
+}
+
+auto pass_through() {
+  return frame_relay([](int, wire::FrameHeader&, std::vector<std::byte>&) { return true; });
+}
+
+void fill(test::FakeVm& vm, std::uint64_t pages) {
+  for (std::uint64_t p = 0; p < pages; p += 3) vm.write(0, p, p * 7 + 1);  // a third touched
+}
+
+}  // namespace
+
+TEST_CASE("a fake VM migrates while being written to, and the destination equals the source") {
+  test::FakeVm source({kPages, 64});
+  fill(source, kPages);
+  source.write(1, 5, 99);
+  test::FakeVm* destination = nullptr;
+  engine::SenderOptions options;
+  std::pair<engine::MigrationStats, engine::ReceiveResult> result;
+  {
+    test::Writer writer(source, kPages, 20us);
+    result = run_migration(source, &destination, options, pass_through());
+  }
+  const auto& [sent, received] = result;
+  INFO(sent.error << " / " << received.stats.error);
+  REQUIRE(sent.status == "completed");
+  REQUIRE(received.stats.status == "completed");
+  CHECK(sent.verified);
+  CHECK(received.stats.verified);
+  REQUIRE(destination != nullptr);
+  CHECK(destination->region_memory(0) == source.region_memory(0));
+  CHECK(destination->region_memory(1) == source.region_memory(1));
+  CHECK(source.paused());         // the guest now lives at the destination
+  CHECK(source.resumes == 0);
+  CHECK_FALSE(destination->paused());
+  REQUIRE(destination->restored.size() == 2);
+  CHECK(destination->restored[0].name == "fake.cpu");
+  CHECK(destination->restored[0].version == 3);
+  CHECK(sent.round_table.size() >= 1);
+  CHECK(sent.pages_skipped > 0);  // untouched and unchanged pages were not sent
+}
+
+TEST_CASE("offline migration pauses first and copies once") {
+  test::FakeVm source({kPages});
+  fill(source, kPages);
+  test::FakeVm* destination = nullptr;
+  engine::SenderOptions options;
+  options.offline = true;
+  auto [sent, received] = run_migration(source, &destination, options, pass_through());
+  REQUIRE(sent.status == "completed");
+  CHECK(sent.rounds == 1);
+  CHECK(sent.round_table.empty());
+  CHECK(sent.stop_reason == "offline");
+  CHECK(destination->region_memory(0) == source.region_memory(0));
+}
+
+TEST_CASE("a page corrupted in flight fails verification and the source resumes") {
+  test::FakeVm source({kPages});
+  fill(source, kPages);
+  test::FakeVm* destination = nullptr;
+  bool corrupted = false;
+  auto relay = frame_relay([&](int, wire::FrameHeader& header, std::vector<std::byte>& payload) {
+    const bool has_page_data = header.type == static_cast<std::uint16_t>(wire::MessageType::page_batch) &&
+                               payload.size() > sizeof(wire::BatchHeader) + 256 * sizeof(wire::PageDescriptor);
+    if (has_page_data && !corrupted) {
+      payload.back() ^= std::byte{0x40};
+      corrupted = true;
+    }
+    return true;
+  });
+  auto [sent, received] = run_migration(source, &destination, engine::SenderOptions{}, relay);
+  REQUIRE(corrupted);
+  CHECK(received.stats.status == "failed");
+  CHECK_THAT(received.stats.error, Contains("verification failed"));
+  CHECK(received.vm == nullptr);
+  CHECK(sent.status == "failed");
+  CHECK_THAT(sent.error, Contains("verification failed"));
+  CHECK_FALSE(source.paused());
+  CHECK(source.pauses == source.resumes);
+}
+
+TEST_CASE("a connection lost at any point before the handoff leaves the source running") {
+  // Cut before the Hello, the first page batch, a later one, the state, and the Complete.
+  using T = wire::MessageType;
+  for (auto [type, nth] : std::vector<std::pair<T, int>>{{T::hello, 0}, {T::page_batch, 0}, {T::page_batch, 3},
+                                                          {T::state_section, 0}, {T::complete, 0}}) {
+    test::FakeVm source({kPages});
+    fill(source, kPages);
+    test::FakeVm* destination = nullptr;
+    int seen = 0;
+    auto relay = frame_relay([&, type = type, nth = nth](int, wire::FrameHeader& h, std::vector<std::byte>&) {
+      return !(h.type == static_cast<std::uint16_t>(type) && seen++ == nth);
+    });
+    const int cut_at = static_cast<int>(type) * 10 + nth;
+    auto [sent, received] = run_migration(source, &destination, engine::SenderOptions{}, relay);
+    INFO("cut at frame " << cut_at << ": " << sent.error);
+    CHECK(sent.status == "failed");
+    CHECK_FALSE(sent.error.empty());
+    CHECK(received.stats.status == "failed");
+    CHECK_FALSE(source.paused());
+  }
+}
+
+TEST_CASE("a connection lost after Commit leaves the guest in at most one place") {
+  test::FakeVm source({kPages});
+  fill(source, kPages);
+  test::FakeVm* destination = nullptr;
+  auto relay = frame_relay([](int, wire::FrameHeader& h, std::vector<std::byte>&) {
+    return h.type != static_cast<std::uint16_t>(wire::MessageType::commit);
+  });
+  auto [sent, received] = run_migration(source, &destination, engine::SenderOptions{}, relay);
+  // The source cannot know whether Commit arrived, so it must not resume; here it did not
+  // arrive, so the destination must not run either.
+  CHECK(sent.status == "handoff-unknown");
+  CHECK(source.paused());
+  CHECK(received.stats.status == "failed");
+  CHECK(received.vm == nullptr);
+}
+
+TEST_CASE("no progress with --on-no-convergence=abort gives up and resumes") {
+  test::FakeVm source({kPages});
+  fill(source, kPages);
+  test::FakeVm* destination = nullptr;
+  engine::SenderOptions options;
+  options.policy.on_no_convergence = engine::NoConvergence::abort;
+  options.policy.downtime_target_ms = 0;  // never converges
+  options.policy.no_progress_rounds = 2;
+  source.thrash = true;  // every round finds every page dirty again
+  auto [sent, received] = run_migration(source, &destination, options, pass_through());
+  CHECK(sent.status == "failed");
+  CHECK_THAT(sent.error, Contains("no progress"));
+  CHECK_FALSE(source.paused());
+}
+
+TEST_CASE("the receiver refuses malformed streams with a reason") {
+  auto run = [](auto send_bad_stream) {
+    auto [sender_end, receiver_end] = test::stream_pair();
+    test::FakeVm* destination = nullptr;
+    auto receiver = std::async(std::launch::async, [&, s = std::move(receiver_end)]() mutable {
+      return engine::receive(s, fake_factory(&destination), engine::ReceiverOptions{1000ms, 100ms});
+    });
+    try {
+      send_bad_stream(sender_end);
+    } catch (const std::exception&) {
+    }
+    sender_end = transport::Stream(UniqueFd());
+    return receiver.get().stats;
+  };
+  wire::Hello hello;
+  hello.vcpus = 1;
+  hello.regions = {{0, kPages * engine::kPageSize}};
+  auto batch = [](std::uint32_t round, std::uint64_t addr) {
+    std::vector<std::byte> payload(sizeof(wire::BatchHeader) + sizeof(wire::PageDescriptor) + engine::kPageSize);
+    const wire::BatchHeader h{round, 1};
+    wire::PageDescriptor d;
+    d.guest_addr = addr;
+    d.encoding = wire::PageEncoding::raw;
+    d.length = engine::kPageSize;
+    std::memcpy(payload.data(), &h, sizeof h);
+    std::memcpy(payload.data() + sizeof h, &d, sizeof d);
+    return payload;
+  };
+  auto send_hello_then = [&](auto rest) {
+    return [&, rest](transport::Stream& s) {
+      s.send(hello);
+      s.receive<wire::HelloAck>();
+      rest(s);
+    };
+  };
+
+  SECTION("garbage instead of a frame") {
+    auto stats = run([](transport::Stream& s) {
+      const char junk[] = "GET / HTTP/1.1\r\n\r\n";
+      ::send(s.fd(), junk, sizeof junk, MSG_NOSIGNAL);
+    });
+    CHECK_THAT(stats.error, Contains("not a mig stream"));
+  }
+  SECTION("wrong protocol version") {
+    auto stats = run([&](transport::Stream& s) {
+      auto h = hello;
+      h.version = 7;
+      s.send(h);
+    });
+    CHECK_THAT(stats.error, Contains("version 7"));
+  }
+  SECTION("a stream that stops mid-frame") {
+    auto stats = run(send_hello_then([&](transport::Stream& s) {
+      const auto payload = batch(0, 0);
+      wire::FrameHeader h{wire::kMagic, static_cast<std::uint16_t>(wire::MessageType::page_batch), 0, payload.size()};
+      ::send(s.fd(), &h, sizeof h, MSG_NOSIGNAL);
+      ::send(s.fd(), payload.data(), 100, MSG_NOSIGNAL);
+    }));
+    CHECK_THAT(stats.error, Contains("closed the connection"));
+  }
+  SECTION("a page outside guest memory") {
+    auto stats = run(send_hello_then([&](transport::Stream& s) {
+      s.send_frame(wire::MessageType::page_batch, batch(0, kPages * engine::kPageSize));
+    }));
+    CHECK_THAT(stats.error, Contains("outside guest memory"));
+  }
+  SECTION("a page at an address that wraps around") {
+    auto stats = run(send_hello_then([&](transport::Stream& s) {
+      s.send_frame(wire::MessageType::page_batch, batch(0, ~0ull & ~4095ull));
+    }));
+    CHECK_THAT(stats.error, Contains("outside guest memory"));
+  }
+  SECTION("a round older than one already applied") {
+    auto stats = run(send_hello_then([&](transport::Stream& s) {
+      s.send_frame(wire::MessageType::page_batch, batch(3, 0));
+      s.send_frame(wire::MessageType::page_batch, batch(2, 0));
+    }));
+    CHECK_THAT(stats.error, Contains("after round 3"));
+  }
+  SECTION("a batch whose length disagrees with its descriptors") {
+    auto stats = run(send_hello_then([&](transport::Stream& s) {
+      auto payload = batch(0, 0);
+      payload.resize(payload.size() + 4096);
+      s.send_frame(wire::MessageType::page_batch, payload);
+    }));
+    CHECK_THAT(stats.error, Contains("disagrees"));
+  }
+  SECTION("a message out of place") {
+    auto stats = run(send_hello_then([&](transport::Stream& s) { s.send(wire::Commit{}); }));
+    CHECK_THAT(stats.error, Contains("unexpected Commit"));
+  }
+}

@@ -1,0 +1,50 @@
+// Bitmap -> runs, against a naive reference on random inputs.
+#include <catch2/catch.hpp>
+#include <random>
+
+#include "engine/pages.h"
+
+using namespace mig::engine;
+
+namespace {
+std::vector<PageRun> naive_runs(const std::vector<std::uint64_t>& bitmap, std::uint64_t pages) {
+  std::vector<PageRun> runs;
+  for (std::uint64_t p = 0; p < pages; ++p) {
+    if (!((bitmap[p / 64] >> (p % 64)) & 1)) continue;
+    if (!runs.empty() && runs.back().first + runs.back().count == p)
+      ++runs.back().count;
+    else
+      runs.push_back({p, 1});
+  }
+  return runs;
+}
+}  // namespace
+
+TEST_CASE("runs_of matches a bit-by-bit reference on random bitmaps") {
+  std::mt19937_64 rng(12345);
+  for (int trial = 0; trial < 500; ++trial) {
+    const std::uint64_t pages = rng() % 2000 + 1;
+    std::vector<std::uint64_t> bitmap(bitmap_words(pages));
+    const int density = static_cast<int>(rng() % 4);
+    for (auto& w : bitmap) {
+      switch (density) {
+        case 0: w = rng() & rng() & rng(); break;  // sparse
+        case 1: w = rng(); break;                  // half
+        case 2: w = rng() | rng() | rng(); break;  // dense
+        default: w = (rng() % 3 == 0) ? ~0ull : 0; break;  // long runs across words
+      }
+    }
+    INFO("trial " << trial << " pages " << pages);
+    REQUIRE(runs_of(bitmap, pages) == naive_runs(bitmap, pages));
+    std::uint64_t reference = 0;
+    for (const auto& r : naive_runs(bitmap, pages)) reference += r.count;
+    REQUIRE(count_pages(bitmap, pages) == reference);
+  }
+}
+
+TEST_CASE("runs_of handles the edges") {
+  CHECK(runs_of(std::vector<std::uint64_t>{0}, 64).empty());
+  CHECK(runs_of(std::vector<std::uint64_t>{~0ull, ~0ull}, 128) == std::vector<PageRun>{{0, 128}});
+  CHECK(runs_of(std::vector<std::uint64_t>{~0ull, ~0ull}, 100) == std::vector<PageRun>{{0, 100}});  // bits past the end ignored
+  CHECK(runs_of(std::vector<std::uint64_t>{1ull << 63, 1}, 128) == std::vector<PageRun>{{63, 2}});  // joined across words
+}

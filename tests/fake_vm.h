@@ -1,0 +1,126 @@
+// A MigratableVm with plain memory, for engine tests without KVM. A writer thread can dirty
+// pages while a migration runs; pause() stops it the way stopping vCPUs would.
+#pragma once
+
+#include <sys/socket.h>
+
+#include <atomic>
+#include <cstring>
+#include <mutex>
+#include <random>
+#include <thread>
+
+#include "engine/vm.h"
+#include "transport/stream.h"
+
+namespace mig::test {
+
+class FakeVm final : public engine::MigratableVm {
+ public:
+  explicit FakeVm(std::vector<std::uint64_t> region_pages) {
+    for (std::size_t r = 0; r < region_pages.size(); ++r) {
+      memory_.emplace_back(region_pages[r] * engine::kPageSize);
+      dirty_.emplace_back((region_pages[r] + 63) / 64);
+      touched_.emplace_back((region_pages[r] + 63) / 64);
+    }
+  }
+
+  // Writes `value` at the start of a page, as a vCPU would: refused while paused.
+  bool write(std::size_t region, std::uint64_t page, std::uint64_t value) {
+    std::lock_guard lock(mutex_);
+    if (paused_) return false;
+    std::memcpy(memory_[region].data() + page * engine::kPageSize + (value % 512) * 8, &value, 8);
+    set(touched_[region], page);
+    if (logging_) set(dirty_[region], page);
+    return true;
+  }
+  const std::vector<std::byte>& region_memory(std::size_t r) const { return memory_[r]; }
+  std::vector<std::byte>& region_memory(std::size_t r) { return memory_[r]; }
+
+  unsigned vcpu_count() const override { return 2; }
+  std::vector<engine::MemoryRegion> memory_regions() const override {
+    std::vector<engine::MemoryRegion> out;
+    for (std::size_t r = 0; r < memory_.size(); ++r)
+      out.push_back({r << 30, memory_[r].size(), const_cast<std::byte*>(memory_[r].data())});
+    return out;
+  }
+  void start_dirty_log() override {
+    std::lock_guard lock(mutex_);
+    logging_ = true;
+    for (auto& d : dirty_) std::fill(d.begin(), d.end(), 0);
+  }
+  void stop_dirty_log() override {
+    std::lock_guard lock(mutex_);
+    logging_ = false;
+  }
+  void fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) override {
+    std::lock_guard lock(mutex_);
+    // A thrashing guest rewrites everything it ever touched between any two fetches.
+    const auto& source = thrash ? touched_[region] : dirty_[region];
+    std::copy(source.begin(), source.end(), bitmap.begin());
+    std::fill(dirty_[region].begin(), dirty_[region].end(), 0);
+  }
+  void populated_pages(std::size_t region, std::span<std::uint64_t> bitmap) override {
+    std::lock_guard lock(mutex_);
+    std::copy(touched_[region].begin(), touched_[region].end(), bitmap.begin());
+  }
+  void pause() override {
+    std::lock_guard lock(mutex_);
+    paused_ = true;
+    ++pauses;
+  }
+  void resume() override {
+    std::lock_guard lock(mutex_);
+    paused_ = false;
+    ++resumes;
+  }
+  bool paused() {
+    std::lock_guard lock(mutex_);
+    return paused_;
+  }
+  std::vector<engine::StateSection> save_state() override {
+    return {{"fake.cpu", 3, {std::byte{0xab}, std::byte{0xcd}}}, {"fake.dev", 1, {}}};
+  }
+  void restore_state(const std::vector<engine::StateSection>& sections) override { restored = sections; }
+
+  std::atomic<int> pauses{0}, resumes{0};
+  bool thrash = false;
+  std::vector<engine::StateSection> restored;
+
+ private:
+  static void set(std::vector<std::uint64_t>& bits, std::uint64_t page) { bits[page / 64] |= 1ull << (page % 64); }
+  std::mutex mutex_;
+  bool paused_ = false, logging_ = false;
+  std::vector<std::vector<std::byte>> memory_;
+  std::vector<std::vector<std::uint64_t>> dirty_, touched_;
+};
+
+// Dirties random pages of `vm` until stopped.
+class Writer {
+ public:
+  Writer(FakeVm& vm, std::uint64_t pages, std::chrono::microseconds period)
+      : thread_([&vm, pages, period, this] {
+          std::mt19937_64 rng(7);
+          std::uint64_t value = 1;
+          while (!stop_) {
+            vm.write(0, rng() % pages, value++);
+            std::this_thread::sleep_for(period);
+          }
+        }) {}
+  ~Writer() {
+    stop_ = true;
+    thread_.join();
+  }
+
+ private:
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+inline std::pair<transport::Stream, transport::Stream> stream_pair() {
+  int fds[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) throw std::runtime_error("socketpair failed");
+  return {transport::Stream(UniqueFd(fds[0])), transport::Stream(UniqueFd(fds[1]))};
+}
+
+}  // namespace mig::test
