@@ -1,0 +1,174 @@
+// Live migration of real guests between two in-process VMMs over loopback TCP.
+#include <sys/socket.h>
+
+#include <catch2/catch.hpp>
+#include <cstring>
+#include <future>
+#include <thread>
+
+#include "engine/receiver.h"
+#include "engine/sender.h"
+#include "tests/support.h"
+#include "tools/kvm_vm.h"
+
+using namespace mig;
+using namespace std::chrono_literals;
+
+namespace {
+
+struct Migrated {
+  engine::MigrationStats sent;
+  engine::ReceiveResult received;
+  tools::KvmVm* destination() { return static_cast<tools::KvmVm*>(received.vm.get()); }
+};
+
+Migrated migrate_over_tcp(tools::KvmVm& source, const engine::SenderOptions& options = {}) {
+  transport::Listener listener(transport::Endpoint::parse("tcp:127.0.0.1:0"));
+  auto receiver = std::async(std::launch::async, [&] {
+    auto stream = listener.accept();
+    return engine::receive(stream, tools::KvmVm::factory("", kvm::MemoryBacking::anonymous), engine::ReceiverOptions{});
+  });
+  auto stream = transport::connect({"127.0.0.1", listener.port()});
+  auto sent = engine::migrate(source, stream, options);
+  return {sent, receiver.get()};
+}
+
+std::unique_ptr<tools::KvmVm> boot(const std::string& cmdline, std::uint64_t mem = 128ull << 20, unsigned vcpus = 1) {
+  return std::make_unique<tools::KvmVm>(test::boot_guest(cmdline, test::small_config(mem, vcpus)));
+}
+
+void require_completed(const Migrated& m) {
+  INFO("sender: " << m.sent.error << "; receiver: " << m.received.stats.error);
+  REQUIRE(m.sent.status == "completed");
+  REQUIRE(m.received.stats.status == "completed");
+  CHECK(m.sent.verified);
+  CHECK(m.received.stats.verified);
+  REQUIRE(m.sent.guest.has_value());  // the guest's first heartbeat at the destination arrived
+  CHECK(m.sent.guest->sequence_continued);
+}
+
+// Lets the guest run at the destination, then checks it never noticed anything.
+void require_guest_carries_on(kvm::Machine& machine, std::chrono::milliseconds run_for = 300ms) {
+  const auto before = machine.probe().snapshot();
+  std::this_thread::sleep_for(run_for);
+  machine.pause();
+  INFO(machine.failure().value_or(""));
+  REQUIRE_FALSE(machine.failure());
+  const auto after = machine.probe().snapshot();
+  for (std::size_t i = 0; i < after.size(); ++i) {
+    INFO("vcpu " << i << " failure code " << after[i].last_failure_code);
+    CHECK(after[i].check_failures == 0);
+    CHECK(after[i].seq_breaks == 0);
+    CHECK(after[i].last_seq > before[i].last_seq + 10);
+  }
+  machine.resume();
+}
+
+}  // namespace
+
+TEST_CASE("each workload migrates live, verified, and the guest carries on") {
+  test::require_kvm();
+  struct Case {
+    const char* cmdline;
+    unsigned vcpus;
+  };
+  const Case cases[] = {
+      {"mode=idle hb=2", 1},
+      {"mode=random rate=100 wss=64M hb=2", 1},
+      {"mode=hotcold rate=200 wss=64M hot=5 hotfrac=95 hb=2", 1},
+      {"mode=idle regcheck=1 hb=2", 1},
+      {"mode=random rate=20 wss=16M timer=250 hb=2", 1},
+      {"mode=random rate=100 wss=64M fill=mix timer=100 regcheck=1 hb=2 cpus=4", 4},
+  };
+  for (const auto& c : cases) {
+    SECTION(c.cmdline) {
+      auto source = boot(c.cmdline, 128ull << 20, c.vcpus);
+      std::this_thread::sleep_for(200ms);
+      const auto ticks_before = source->machine().probe().snapshot()[0].ticks;
+      auto m = migrate_over_tcp(*source);
+      require_completed(m);
+      CHECK(source->machine().paused());
+      auto& destination = m.destination()->machine();
+      require_guest_carries_on(destination);
+      if (std::strstr(c.cmdline, "timer=")) CHECK(destination.probe().snapshot()[0].ticks > ticks_before + 20);
+    }
+  }
+}
+
+TEST_CASE("sweep: the destination's memory holds the sweep pattern") {
+  test::require_kvm();
+  auto source = boot("mode=sweep rate=200 wss=16M hb=2");
+  std::this_thread::sleep_for(300ms);
+  auto m = migrate_over_tcp(*source);
+  require_completed(m);
+  auto& destination = m.destination()->machine();
+  require_guest_carries_on(destination, 200ms);  // the guest checks every byte it increments
+  destination.pause();
+  // Every page's first byte is v+1 up to where the sweep stands and v after it (mod 256).
+  const std::byte* wss = destination.memory().translate(4ull << 20, 16ull << 20);
+  REQUIRE(wss != nullptr);
+  const std::uint64_t pages = (16ull << 20) / kvm::kPageSize;
+  const auto last = static_cast<std::uint8_t>(wss[(pages - 1) * kvm::kPageSize]);
+  std::uint64_t boundaries = 0;
+  for (std::uint64_t p = 0; p < pages; ++p) {
+    const auto value = static_cast<std::uint8_t>(wss[p * kvm::kPageSize]);
+    INFO("page " << p);
+    REQUIRE((value == last || value == static_cast<std::uint8_t>(last + 1)));
+    if (p > 0 && value != static_cast<std::uint8_t>(wss[(p - 1) * kvm::kPageSize])) ++boundaries;
+  }
+  CHECK(boundaries <= 1);
+  CHECK(destination.probe().snapshot()[0].sweep_passes > 0);
+}
+
+TEST_CASE("ping-pong: ten migrations back and forth, noticed only as heartbeat gaps") {
+  test::require_kvm();
+  std::unique_ptr<engine::MigratableVm> current = boot("mode=random rate=50 wss=16M timer=100 regcheck=1 hb=2", 64ull << 20);
+  std::this_thread::sleep_for(100ms);
+  for (int hop = 0; hop < 10; ++hop) {
+    INFO("hop " << hop);
+    auto m = migrate_over_tcp(static_cast<tools::KvmVm&>(*current));
+    require_completed(m);
+    current = std::move(m.received.vm);  // the old VMM is dropped: the guest lives on only there
+    std::this_thread::sleep_for(50ms);
+  }
+  auto& machine = static_cast<tools::KvmVm&>(*current).machine();
+  require_guest_carries_on(machine);
+}
+
+TEST_CASE("offline migration copies a paused guest once") {
+  test::require_kvm();
+  auto source = boot("mode=random rate=100 wss=32M hb=2");
+  engine::SenderOptions options;
+  options.offline = true;
+  auto m = migrate_over_tcp(*source, options);
+  require_completed(m);
+  CHECK(m.sent.rounds == 1);
+  CHECK(m.sent.stop_reason == "offline");
+  require_guest_carries_on(m.destination()->machine());
+}
+
+TEST_CASE("a receiver that dies mid-stream leaves the source guest running") {
+  test::require_kvm();
+  auto source = boot("mode=random rate=100 wss=64M fill=random hb=2");
+  transport::Listener listener(transport::Endpoint::parse("tcp:127.0.0.1:0"));
+  auto dying_receiver = std::async(std::launch::async, [&] {
+    auto stream = listener.accept();
+    stream.receive<wire::Hello>();
+    stream.send(wire::HelloAck{wire::kCapVerify, transport::host_boot_id()});
+    for (int i = 0; i < 5; ++i) stream.read_payload(stream.read_header());
+    // Gone without a word, like a killed process: the kernel resets the connection.
+    linger hard{1, 0};
+    ::setsockopt(stream.fd(), SOL_SOCKET, SO_LINGER, &hard, sizeof hard);
+  });
+  auto stream = transport::connect({"127.0.0.1", listener.port()});
+  const auto seq_before = source->machine().probe().snapshot()[0].last_seq;
+  auto sent = engine::migrate(*source, stream, {});
+  dying_receiver.get();
+  CHECK(sent.status == "failed");
+  CHECK_FALSE(sent.error.empty());
+  CHECK_FALSE(source->machine().paused());
+  REQUIRE(source->machine().probe().wait_heartbeat_after(0, seq_before + 50, 2s));
+  require_guest_carries_on(source->machine());
+  // And it can still be migrated afterwards.
+  require_completed(migrate_over_tcp(*source));
+}
