@@ -125,7 +125,7 @@ BootInfo load_multiboot(const MultibootImage& image, const GuestMemory& memory, 
                                 " bytes) does not fit in guest RAM");
     if (seg.guest_addr < kInfoEnd && std::uint64_t{seg.guest_addr} + seg.mem_size > kInfoAddr)
       throw ImageError("image segment overlaps the multiboot information area at 0x9000");
-    std::memcpy(host, seg.bytes.data(), seg.bytes.size());
+    if (!seg.bytes.empty()) std::memcpy(host, seg.bytes.data(), seg.bytes.size());  // bss has none
     std::memset(host + seg.bytes.size(), 0, seg.mem_size - seg.bytes.size());
   }
   if (cmdline.size() >= kInfoEnd - kCmdlineAddr) throw ImageError("kernel command line is longer than 3 KiB");

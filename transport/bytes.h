@@ -75,7 +75,7 @@ class ByteReader {
     auto b = get_bytes(max_elements * sizeof(T), what);
     if (b.size() % sizeof(T)) throw ProtocolError(std::string(what) + " has a partial element");
     std::vector<T> v(b.size() / sizeof(T));
-    std::memcpy(v.data(), b.data(), b.size());
+    if (!v.empty()) std::memcpy(v.data(), b.data(), b.size());  // memcpy wants non-null even for 0 bytes
     return v;
   }
   std::size_t remaining() const { return bytes_.size() - offset_; }

@@ -1,0 +1,246 @@
+// mig-vm, mig-send and mig-recv as operators run them: real processes, exit codes, stats files.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "tests/support.h"
+#include "transport/stream.h"
+
+using namespace mig;
+using Catch::Matchers::Contains;
+
+namespace {
+
+const std::string kTools = std::string(MIG_BINARY_DIR) + "/tools/";
+
+std::string temp_path(const std::string& name) {
+  return "/tmp/mig-cli-test-" + std::to_string(::getpid()) + "-" + name;
+}
+
+// A child process with stdout on a pipe and stderr in a file.
+class Child {
+ public:
+  explicit Child(std::vector<std::string> args) : stderr_path_(temp_path("stderr-" + std::to_string(counter_++))) {
+    int out[2];
+    REQUIRE(::pipe2(out, O_CLOEXEC) == 0);
+    pid_ = ::fork();
+    REQUIRE(pid_ >= 0);
+    if (pid_ == 0) {
+      ::dup2(out[1], STDOUT_FILENO);
+      const int err = ::open(stderr_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      ::dup2(err, STDERR_FILENO);
+      std::vector<char*> argv;
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      ::execv(argv[0], argv.data());
+      ::_exit(127);
+    }
+    ::close(out[1]);
+    stdout_ = ::fdopen(out[0], "r");
+  }
+  ~Child() {
+    if (pid_ > 0 && status_ < 0) {
+      ::kill(pid_, SIGKILL);
+      wait();
+    }
+    if (stdout_) std::fclose(stdout_);
+    std::remove(stderr_path_.c_str());
+  }
+  std::string read_line() {
+    char buf[512];
+    return std::fgets(buf, sizeof buf, stdout_) ? std::string(buf) : std::string();
+  }
+  int wait() {
+    if (status_ < 0) {
+      int status = 0;
+      ::waitpid(pid_, &status, 0);
+      status_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    }
+    return status_;
+  }
+  std::string stderr_text() const {
+    std::ifstream in(stderr_path_);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+  }
+
+ private:
+  static inline int counter_ = 0;
+  std::string stderr_path_;
+  pid_t pid_ = -1;
+  int status_ = -1;
+  std::FILE* stdout_ = nullptr;
+};
+
+// Starts mig-recv on a free port and returns it with "tcp:127.0.0.1:PORT".
+std::pair<std::unique_ptr<Child>, std::string> start_receiver(std::vector<std::string> extra) {
+  std::vector<std::string> args = {kTools + "mig-recv", "--listen", "tcp:127.0.0.1:0"};
+  args.insert(args.end(), extra.begin(), extra.end());
+  auto child = std::make_unique<Child>(args);
+  const std::string line = child->read_line();  // "mig-recv: listening on tcp:127.0.0.1:PORT"
+  REQUIRE_THAT(line, Contains("listening on tcp:"));
+  return {std::move(child), line.substr(line.find("tcp:"), line.find_last_not_of("\n") - line.find("tcp:") + 1)};
+}
+
+nlohmann::json read_json(const std::string& path) {
+  std::ifstream in(path);
+  REQUIRE(in.good());
+  return nlohmann::json::parse(in);
+}
+
+std::vector<std::string> send_args(const std::string& to, const std::string& stats, const std::string& append) {
+  return {kTools + "mig-send", "--kernel", test::kGuestImage, "--mem", "128M", "--append", append,
+          "--to", to, "--after", "0.3", "--stats-json", stats};
+}
+
+}  // namespace
+
+TEST_CASE("mig-send and mig-recv migrate a guest and both write their statistics") {
+  test::require_kvm();
+  const auto send_stats = temp_path("send.json"), recv_stats = temp_path("recv.json");
+  auto [receiver, endpoint] = start_receiver({"--run-for", "1", "--stats-json", recv_stats});
+  Child sender(send_args(endpoint, send_stats, "mode=random rate=50 wss=32M hb=2"));
+  INFO(sender.stderr_text() << receiver->stderr_text());
+  REQUIRE(sender.wait() == 0);
+  REQUIRE(receiver->wait() == 0);
+  CHECK_THAT(sender.stderr_text(), Contains("verified: true"));
+
+  const auto s = read_json(send_stats);
+  CHECK(s["status"] == "completed");
+  CHECK(s["verified"] == true);
+  for (const char* field : {"total_ms", "rounds", "bytes_sent", "pages_sent", "downtime_ms", "guest_downtime_ms",
+                            "heartbeat_sequence_continued", "downtime_breakdown", "round_table"})
+    CHECK(s.contains(field));
+  CHECK(s["heartbeat_sequence_continued"] == true);
+  CHECK(s["downtime_ms"].get<double>() > 0);
+  CHECK(s["round_table"].size() >= 1);
+  for (const char* field : {"pages", "bytes", "duration_ms", "dirty_pages", "dirty_rate_MBps", "bandwidth_MBps", "expected_downtime_ms"})
+    CHECK(s["round_table"][0].contains(field));
+  for (const char* part : {"final_sync_ms", "final_pages_ms", "state_ms", "restore_ms", "resume_ms"})
+    CHECK(s["downtime_breakdown"].contains(part));
+
+  const auto r = read_json(recv_stats);
+  CHECK(r["status"] == "completed");
+  CHECK(r["local_guest_heartbeats"][0]["sequence_breaks"] == 0);
+  CHECK(r["local_guest_heartbeats"][0]["self_check_failures"] == 0);
+  std::remove(send_stats.c_str());
+  std::remove(recv_stats.c_str());
+}
+
+TEST_CASE("mig-recv --then-send-to passes a running guest on") {
+  test::require_kvm();
+  auto [last, last_endpoint] = start_receiver({"--run-for", "0.5"});
+  auto [middle, middle_endpoint] = start_receiver({"--then-send-to", last_endpoint, "--then-after", "0.3"});
+  Child sender(send_args(middle_endpoint, temp_path("hop.json"), "mode=random rate=50 wss=16M hb=2 timer=100"));
+  INFO(sender.stderr_text() << middle->stderr_text() << last->stderr_text());
+  REQUIRE(sender.wait() == 0);
+  REQUIRE(middle->wait() == 0);
+  REQUIRE(last->wait() == 0);
+  CHECK_THAT(middle->stderr_text(), Contains("onward: migrated"));
+  std::remove(temp_path("hop.json").c_str());
+}
+
+TEST_CASE("mig-send to a port where nobody listens fails clearly and keeps the guest running") {
+  test::require_kvm();
+  // Bind a port and close it again: nobody listens there now.
+  std::uint16_t port;
+  { port = transport::Listener(transport::Endpoint::parse("tcp:127.0.0.1:0")).port(); }
+  const auto stats = temp_path("refused.json");
+  auto args = send_args("tcp:127.0.0.1:" + std::to_string(port), stats, "mode=random rate=50 wss=16M hb=2");
+  args.insert(args.end(), {"--run-for", "1.5"});
+  Child sender(args);
+  REQUIRE(sender.wait() == 2);
+  CHECK_THAT(sender.stderr_text(), Contains("cannot connect to tcp:127.0.0.1:" + std::to_string(port)));
+  CHECK_THAT(sender.stderr_text(), Contains("keeps running"));
+  const auto s = read_json(stats);
+  CHECK(s["status"] == "failed");
+  const auto& beats = s["local_guest_heartbeats"][0];
+  CHECK(beats["count"].get<int>() > 300);  // ran on for over a second at 2 ms per beat
+  CHECK(beats["sequence_breaks"] == 0);
+  CHECK(beats["longest_gap_ms"].get<double>() < 100);
+  std::remove(stats.c_str());
+}
+
+TEST_CASE("mig-recv refuses bad streams with one line and exit code 2") {
+  test::require_kvm();
+  wire::Hello hello;
+  hello.vcpus = 1;
+  hello.regions = {{0, 64ull << 20}};
+  auto send_raw = [](const std::string& endpoint, auto write) {
+    auto stream = transport::connect(transport::Endpoint::parse(endpoint));
+    try {
+      write(stream);
+    } catch (const std::exception&) {
+    }
+  };
+  struct Case {
+    const char* what;
+    std::function<void(transport::Stream&)> write;
+    const char* expected;
+  };
+  const std::vector<Case> cases = {
+      {"garbage", [](transport::Stream& s) { ::send(s.fd(), "hello there, not mig", 20, MSG_NOSIGNAL); }, "not a mig stream"},
+      {"wrong version",
+       [&](transport::Stream& s) {
+         auto h = hello;
+         h.version = 2;
+         s.send(h);
+       },
+       "version 2"},
+      {"truncated",
+       [&](transport::Stream& s) {
+         s.send(hello);
+         s.receive<wire::HelloAck>();
+         wire::FrameHeader h{wire::kMagic, static_cast<std::uint16_t>(wire::MessageType::page_batch), 0, 8 + 16 + 4096};
+         ::send(s.fd(), &h, sizeof h, MSG_NOSIGNAL);
+       },
+       "closed the connection"},
+      {"absurd size",
+       [&](transport::Stream& s) {
+         auto h = hello;
+         h.regions = {{0, 1ull << 39}};  // 512 GiB: larger than this host
+         s.send(h);
+       },
+       "exceeds the host"},
+  };
+  for (const auto& c : cases) {
+    INFO(c.what);
+    auto [receiver, endpoint] = start_receiver({});
+    send_raw(endpoint, c.write);
+    CHECK(receiver->wait() == 2);
+    const auto err = receiver->stderr_text();
+    CHECK_THAT(err, Contains("migration failed") && Contains(c.expected));
+    CHECK(std::count(err.begin(), err.end(), '\n') == 1);
+  }
+}
+
+TEST_CASE("mig-vm rejects bad input with a clear error") {
+  struct Case {
+    std::vector<std::string> args;
+    const char* expected;
+  };
+  const std::vector<Case> cases = {
+      {{"--kernel", "/nonexistent"}, "File does not exist"},
+      {{"--kernel", kTools + "mig-vm"}, "no multiboot v1 header"},
+      {{"--kernel", test::kGuestImage, "--mem", "0"}, "at least 4 MiB"},
+      {{"--kernel", test::kGuestImage, "--mem", "100T"}, "exceeds the host"},
+      {{"--kernel", test::kGuestImage, "--vcpus", "99"}, "vCPU count"},
+  };
+  for (const auto& c : cases) {
+    std::vector<std::string> args = {kTools + "mig-vm", "--run-for", "0.1"};
+    args.insert(args.end(), c.args.begin(), c.args.end());
+    Child vm(args);
+    INFO(c.expected);
+    CHECK(vm.wait() != 0);
+    CHECK_THAT(vm.stderr_text(), Contains(c.expected));
+  }
+}
