@@ -85,6 +85,20 @@ std::byte* GuestMemory::translate(std::uint64_t guest_addr, std::uint64_t len) c
 
 namespace mig::kvm {
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // Linux 5.14; older libc headers lack the name
+#endif
+
+void GuestMemory::populate() const {
+  for (const auto& r : regions_) {
+    if (::madvise(r.host(), r.layout.size, MADV_POPULATE_WRITE) == 0) continue;
+    if (errno != EINVAL) throw_errno("madvise(MADV_POPULATE_WRITE)");
+    // Kernels before 5.14: touch each page instead.
+    for (std::uint64_t offset = 0; offset < r.layout.size; offset += kPageSize)
+      *reinterpret_cast<volatile std::byte*>(r.host() + offset) = std::byte{0};
+  }
+}
+
 void GuestMemory::populated_pages(std::size_t index, std::span<std::uint64_t> bitmap) const {
   const Region& region = regions_.at(index);
   const std::uint64_t pages = region.layout.size / kPageSize;

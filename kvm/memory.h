@@ -54,6 +54,11 @@ class GuestMemory {
   // a fault each.
   void populated_pages(std::size_t index, std::span<std::uint64_t> bitmap) const;
 
+  // Backs every page with memory now (MADV_POPULATE_WRITE), so that writing it later costs
+  // no page fault. On these hosts a fault on fresh memory costs 4-9 us: populating ahead,
+  // while a receiver waits for its source, takes that off the migration's clock.
+  void populate() const;
+
  private:
   std::vector<Region> regions_;
   MemoryBacking backing_ = MemoryBacking::anonymous;

@@ -101,13 +101,19 @@ kvm::MachineState decode_state(const std::vector<engine::StateSection>& sections
   return state;
 }
 
-engine::VmFactory KvmVm::factory(std::string serial_path, kvm::MemoryBacking backing) {
-  return [serial_path, backing](const engine::VmShape& shape) -> std::unique_ptr<engine::MigratableVm> {
+engine::VmFactory KvmVm::factory(std::string serial_path, kvm::MemoryBacking backing,
+                                 std::shared_ptr<std::unique_ptr<kvm::Machine>> prepared) {
+  return [serial_path, backing, prepared](const engine::VmShape& shape) -> std::unique_ptr<engine::MigratableVm> {
     kvm::MachineConfig config;
     config.vcpus = shape.vcpus;
     config.serial_path = serial_path;
     config.backing = backing;
     for (const auto& r : shape.regions) config.layout.push_back({r.guest_addr, r.size});
+    if (prepared && *prepared) {
+      auto machine = std::move(*prepared);
+      if (machine->config().vcpus == config.vcpus && machine->memory().layout() == config.layout)
+        return std::make_unique<KvmVm>(std::move(machine));
+    }
     return std::make_unique<KvmVm>(kvm::Machine::create(config));
   };
 }

@@ -14,7 +14,10 @@ class KvmVm final : public engine::MigratableVm {
   explicit KvmVm(std::unique_ptr<kvm::Machine> machine) : machine_(std::move(machine)) {}
 
   // The receiver's factory: an empty, not yet started machine of the sender's shape.
-  static engine::VmFactory factory(std::string serial_path, kvm::MemoryBacking backing);
+  // `prepared`, if given, is a machine built while waiting; it is used when its shape
+  // matches the sender's, and discarded otherwise.
+  static engine::VmFactory factory(std::string serial_path, kvm::MemoryBacking backing,
+                                   std::shared_ptr<std::unique_ptr<kvm::Machine>> prepared = nullptr);
 
   kvm::Machine& machine() { return *machine_; }
 

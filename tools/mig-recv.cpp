@@ -15,6 +15,8 @@ int main(int argc, char** argv) {
   CLI::App app{"mig-recv: wait for a migrating guest, restore it and run it"};
   std::string listen, serial, stats_json;
   double run_for = -1, then_after = 0.5;
+  std::uint64_t expect_mem = 0;
+  unsigned expect_vcpus = 1;
   bool memfd = false;
   tools::SendOptions onward;
   app.add_option("--listen", listen, "where to wait for the source, tcp:HOST:PORT (port 0 picks a free one)")->required();
@@ -22,6 +24,11 @@ int main(int argc, char** argv) {
   app.add_option("--run-for", run_for, "run the received guest this many seconds, then exit; default: until SIGINT/SIGTERM");
   app.add_option("--stats-json", stats_json, "write the incoming migration's statistics here (and the onward one's to FILE.onward)");
   app.add_flag("--memfd", memfd, "back guest memory with memfd");
+  app.add_option("--expect-mem", expect_mem,
+                 "build the VM for a guest of this size while waiting, with its memory populated, so receiving "
+                 "pays no page faults (like QEMU's -incoming with -m); a different incoming shape is still accepted")
+      ->transform(CLI::AsSizeValue(false));
+  app.add_option("--expect-vcpus", expect_vcpus, "with --expect-mem: the vCPU count to prepare for")->default_val(1);
   onward.add_to(app, "--then-send-to", false);
   app.add_option("--then-after", then_after, "with --then-send-to: seconds to run the guest here before sending it on")
       ->default_val(0.5);
@@ -39,11 +46,21 @@ int main(int argc, char** argv) {
   fmt::print("mig-recv: listening on tcp:{}:{}\n", transport::Endpoint::parse(listen).host, listener->port());
   std::fflush(stdout);
 
+  const auto backing = memfd ? kvm::MemoryBacking::memfd : kvm::MemoryBacking::anonymous;
+  auto prepared = std::make_shared<std::unique_ptr<kvm::Machine>>();
   engine::ReceiveResult result;
   try {
+    if (expect_mem > 0) {
+      kvm::MachineConfig config;
+      config.layout = kvm::pc_memory_layout(expect_mem);
+      config.vcpus = expect_vcpus;
+      config.serial_path = serial;
+      config.backing = backing;
+      *prepared = kvm::Machine::create(config);
+      (*prepared)->memory().populate();
+    }
     auto stream = listener->accept();
-    result = engine::receive(stream, tools::KvmVm::factory(serial, memfd ? kvm::MemoryBacking::memfd : kvm::MemoryBacking::anonymous),
-                             engine::ReceiverOptions{});
+    result = engine::receive(stream, tools::KvmVm::factory(serial, backing, prepared), engine::ReceiverOptions{});
   } catch (const std::exception& e) {
     result.stats.error = e.what();
   }
