@@ -124,9 +124,15 @@ int main(int argc, char** argv) {
       const auto run = migrate_once(source, options, zerocopy, prepared);
       const auto& s = run.sent;
       const double raw_ms = static_cast<double>(s.bytes_sent) / link * 1000;
-      fmt::print("{:>3}% of link ({:>4} MB/s asked): {} total {:7.1f} ms  sent {:6.1f} MB  {:6.0f} MB/s = {:.2f} of raw link "
+      // What the guest really dirtied during pre-copy (round 0 excluded: it sends everything).
+      double dirtied = 0, seconds = 0;
+      for (std::size_t i = 1; i < s.round_table.size(); ++i) {
+        dirtied += static_cast<double>(s.round_table[i].dirty_pages * engine::kPageSize);
+        seconds += s.round_table[i].duration_s;
+      }
+      fmt::print("{:>3}% of link ({:>4} MB/s asked, {:>4.0f} MB/s dirtied): {} total {:7.1f} ms  sent {:6.1f} MB  {:6.0f} MB/s = {:.2f} of raw link "
                  "(raw transfer of the same bytes: {:.1f} ms)  rounds {:2} ({})  downtime {:6.2f} ms  guest saw {} ms  verified {}\n",
-                 percent, rate_mbps, s.status, s.total_ms, static_cast<double>(s.bytes_sent) / 1e6, s.throughput_MBps,
+                 percent, rate_mbps, seconds > 0 ? dirtied / seconds / 1e6 : 0.0, s.status, s.total_ms, static_cast<double>(s.bytes_sent) / 1e6, s.throughput_MBps,
                  raw_ms / s.total_ms, raw_ms, s.rounds, s.stop_reason, s.downtime_ms,
                  s.guest ? fmt::format("{:6.2f}", s.guest->gap_ms) : "n/a", s.verified);
       if (s.status != "completed") fmt::print("  error: {}\n", s.error);

@@ -54,6 +54,7 @@ class Child {
     if (stdout_) std::fclose(stdout_);
     std::remove(stderr_path_.c_str());
   }
+  void signal(int sig) { ::kill(pid_, sig); }
   std::string read_line() {
     char buf[512];
     return std::fgets(buf, sizeof buf, stdout_) ? std::string(buf) : std::string();
@@ -134,6 +135,44 @@ TEST_CASE("mig-send and mig-recv migrate a guest and both write their statistics
   CHECK(r["local_guest_heartbeats"][0]["self_check_failures"] == 0);
   std::remove(send_stats.c_str());
   std::remove(recv_stats.c_str());
+}
+
+TEST_CASE("mig-send migrates on SIGUSR1") {
+  test::require_kvm();
+  auto [receiver, endpoint] = start_receiver({"--run-for", "0.3"});
+  auto args = send_args(endpoint, temp_path("usr1.json"), "mode=idle hb=2");
+  args.erase(args.begin() + 9, args.begin() + 11);  // no --after: wait for the signal
+  Child sender(args);
+  ::usleep(500000);
+  sender.signal(SIGUSR1);
+  INFO(sender.stderr_text() << receiver->stderr_text());
+  REQUIRE(sender.wait() == 0);
+  REQUIRE(receiver->wait() == 0);
+  std::remove(temp_path("usr1.json").c_str());
+}
+
+TEST_CASE("QEMU boots the same guest image") {
+  if (::access("/usr/bin/qemu-system-x86_64", X_OK) != 0) {
+    std::printf("SKIPPED: qemu-system-x86_64 is not installed\n");
+    std::exit(MIG_SKIP_CODE);
+  }
+  test::require_kvm();
+  const auto serial = temp_path("qemu-serial.txt");
+  Child qemu({"/usr/bin/qemu-system-x86_64", "-enable-kvm", "-m", "128", "-smp", "2", "-display", "none", "-nodefaults",
+              "-kernel", test::kGuestImage, "-append", "mode=random rate=10 wss=8M timer=100 regcheck=1", "-serial",
+              "file:" + serial});
+  std::string text;
+  for (int i = 0; i < 300 && text.find("cpus=2") == std::string::npos; ++i) {
+    ::usleep(100000);
+    std::ifstream in(serial);
+    text.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  qemu.signal(SIGKILL);
+  qemu.wait();
+  std::remove(serial.c_str());
+  INFO(text);
+  CHECK_THAT(text, Contains("mig-guest: mode=1") && Contains("cpus=2"));
+  CHECK_THAT(text, !Contains("exception"));
 }
 
 TEST_CASE("mig-recv --then-send-to passes a running guest on") {
