@@ -56,6 +56,12 @@ void vcpu_ioctl(int fd, unsigned long request, const char* what, T* arg) {
   check_syscall(what, [&] { return ::ioctl(fd, request, arg); });
 }
 
+// The KVM_SET_* ioctls only read their argument; the cast is for ioctl's untyped signature.
+template <typename T>
+void vcpu_set(int fd, unsigned long request, const char* what, const T& value) {
+  vcpu_ioctl(fd, request, what, const_cast<T*>(&value));
+}
+
 }  // namespace
 
 Vcpu Vcpu::create(const KvmSystem& sys, const Vm& vm, unsigned index) {
@@ -159,27 +165,21 @@ void Vcpu::restore_state(const VcpuState& s) {
   // CPUID before anything that depends on the features it exposes (XSAVE layout, MSRs).
   auto cpuid = make_cpuid2(s.cpuid);
   vcpu_ioctl(fd, abi::kSetCpuid2, "KVM_SET_CPUID2", cpuid.data());
-  kvm_mp_state mp_state = s.mp_state;
-  vcpu_ioctl(fd, KVM_SET_MP_STATE, "KVM_SET_MP_STATE", &mp_state);
+  vcpu_set(fd, KVM_SET_MP_STATE, "KVM_SET_MP_STATE", s.mp_state);
   // REGS before VCPU_EVENTS: KVM_SET_REGS clears a pending exception.
-  kvm_regs regs = s.regs;
-  vcpu_ioctl(fd, KVM_SET_REGS, "KVM_SET_REGS", &regs);
+  vcpu_set(fd, KVM_SET_REGS, "KVM_SET_REGS", s.regs);
   // SREGS before LAPIC: SREGS carries the APIC base that LAPIC state is interpreted against.
-  kvm_sregs sregs = s.sregs;
-  vcpu_ioctl(fd, KVM_SET_SREGS, "KVM_SET_SREGS", &sregs);
+  vcpu_set(fd, KVM_SET_SREGS, "KVM_SET_SREGS", s.sregs);
   if (s.xsave.size() < sizeof(abi::Xsave)) throw std::runtime_error("saved XSAVE area is too small");
   std::vector<std::uint8_t> xsave = s.xsave;
   xsave.resize(std::max(xsave.size(), sys_->xsave_size()));
   vcpu_ioctl(fd, abi::kSetXsave, "KVM_SET_XSAVE", xsave.data());
-  kvm_xcrs xcrs = s.xcrs;
-  vcpu_ioctl(fd, KVM_SET_XCRS, "KVM_SET_XCRS", &xcrs);
-  kvm_debugregs debugregs = s.debugregs;
-  vcpu_ioctl(fd, KVM_SET_DEBUGREGS, "KVM_SET_DEBUGREGS", &debugregs);
+  vcpu_set(fd, KVM_SET_XCRS, "KVM_SET_XCRS", s.xcrs);
+  vcpu_set(fd, KVM_SET_DEBUGREGS, "KVM_SET_DEBUGREGS", s.debugregs);
   // LAPIC before MSRs: IA32_TSC_DEADLINE only takes once the LAPIC timer is in deadline mode,
   // and TSC itself comes earlier in the MSR list than TSC_DEADLINE so the deadline is
   // interpreted against the restored TSC.
-  kvm_lapic_state lapic = s.lapic;
-  vcpu_ioctl(fd, KVM_SET_LAPIC, "KVM_SET_LAPIC", &lapic);
+  vcpu_set(fd, KVM_SET_LAPIC, "KVM_SET_LAPIC", s.lapic);
   MsrBuffer msrs(s.msrs.size());
   std::memcpy(msrs.entries(), s.msrs.data(), s.msrs.size() * sizeof(kvm_msr_entry));
   transfer_msrs(fd, abi::kSetMsrs, "KVM_SET_MSRS", msrs);
@@ -187,8 +187,7 @@ void Vcpu::restore_state(const VcpuState& s) {
   for (const auto& e : s.msrs) saved_msrs_.push_back(e.index);
   // VCPU_EVENTS last: it re-injects the pending exception/interrupt/NMI that earlier SETs
   // would otherwise clear.
-  kvm_vcpu_events events = s.events;
-  vcpu_ioctl(fd, KVM_SET_VCPU_EVENTS, "KVM_SET_VCPU_EVENTS", &events);
+  vcpu_set(fd, KVM_SET_VCPU_EVENTS, "KVM_SET_VCPU_EVENTS", s.events);
 }
 
 }  // namespace mig::kvm
