@@ -13,7 +13,7 @@ struct RoundStats {
   std::uint64_t pages_sent = 0;     // raw or zero-encoded pages put on the wire
   std::uint64_t pages_skipped = 0;  // dirty pages not sent: unchanged since their last send
   std::uint64_t bytes_sent = 0;     // wire bytes, headers included
-  double duration_s = 0;            // from the start of this round's send to the next fetch
+  double duration_s = 0;            // first page sent until the receiver acknowledged the round
   std::uint64_t dirty_pages = 0;    // found by the fetch after the round: the next round's work
   double dirty_rate_Bps = 0;        // dirty_pages * page size / duration_s
   double bandwidth_Bps = 0;         // bytes_sent / duration_s

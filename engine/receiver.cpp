@@ -128,6 +128,9 @@ ReceiveResult receive(transport::Stream& stream, const VmFactory& make_vm, const
       const auto header = stream.read_header();
       switch (static_cast<wire::MessageType>(header.type)) {
         case wire::MessageType::page_batch: pages.apply(header); break;
+        case wire::MessageType::round_end:
+          stream.send(wire::RoundAck{wire::decode<wire::RoundEnd>(stream.read_payload(header)).round});
+          break;
         case wire::MessageType::state_section: {
           auto s = wire::decode<wire::StateSection>(stream.read_payload(header));
           sections.push_back({std::move(s.name), s.version, std::move(s.data)});

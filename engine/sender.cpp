@@ -174,6 +174,8 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
       for (;; ++round) {
         const auto round_start = Clock::now();
         const auto counts = sender.send_round(round, pending);
+        stream.send(wire::RoundEnd{round});
+        if (stream.receive<wire::RoundAck>().round != round) throw wire::ProtocolError("RoundAck for the wrong round");
         const std::uint64_t dirty = fetch_dirty(vm, regions, scratch, pending);
         RoundStats rs;
         rs.round = round;

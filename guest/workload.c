@@ -11,6 +11,8 @@
  *   hb=MS           heartbeat period                                 (10)
  *   regcheck=1      keep patterns in GPRs and SSE/AVX registers and check them continuously
  *   cpus=N          wait for exactly N vCPUs instead of until no more arrive
+ *   hbserial=1      also write one '.' to COM1 per heartbeat of vCPU 0, so a host that does
+ *                   not implement the probe (QEMU) can timestamp heartbeats from the serial line
  *   seed=N
  */
 #include "guest.h"
@@ -30,7 +32,8 @@ static struct {
   uint64_t regcheck;
   uint64_t cpus;
   uint64_t seed;
-} cfg = {MODE_IDLE, 64ul << 20, 0, FILL_RANDOM, 10, 90, 0, 10, 0, 0, 1};
+  uint64_t hbserial;
+} cfg = {MODE_IDLE, 64ul << 20, 0, FILL_RANDOM, 10, 90, 0, 10, 0, 0, 1, 0};
 
 static volatile uint64_t tsc_per_ms;
 static volatile uint32_t ncpus;  /* published by the BSP once all APs have arrived */
@@ -102,6 +105,7 @@ static void parse_arg(const char *key, unsigned klen, const char *val, unsigned 
   else if (streq(key, "regcheck", klen)) cfg.regcheck = parse_u64(val, vlen);
   else if (streq(key, "cpus", klen)) cfg.cpus = parse_u64(val, vlen);
   else if (streq(key, "seed", klen)) cfg.seed = parse_u64(val, vlen);
+  else if (streq(key, "hbserial", klen)) cfg.hbserial = parse_u64(val, vlen);
   else put("mig-guest: unknown argument ignored\n");
 }
 
@@ -308,6 +312,8 @@ static void run_worker(unsigned cpu) {
     lapic_write(0x380, (uint32_t)(1000000000ul / 16 / cfg.timer_hz)); /* KVM's APIC bus: 1 GHz */
   }
   outl(MIG_PROBE_READY, cfg.mode);
+  if (cpu == 0) put("mig-guest: ready\n");
+  const int serial_heartbeat = cpu == 0 && cfg.hbserial;
 
   const uint64_t hb_ticks = cfg.hb_ms * tsc_per_ms;
   const uint64_t timer_deadline = cfg.timer_hz ? (10000 / cfg.timer_hz + 10) * tsc_per_ms : 0;
@@ -323,6 +329,7 @@ static void run_worker(unsigned cpu) {
     prev = now;
     if (now >= next_hb) {
       outl(MIG_PROBE_HEARTBEAT, (uint32_t)++seq);
+      if (serial_heartbeat) outb(0x3f8, '.');
       if (cfg.timer_hz) outl(MIG_PROBE_TICKS, (uint32_t)percpu_of(cpu)->ticks);
       /* The next beat is due one period on, but never in the past: no bursts after a stall. */
       next_hb += hb_ticks;

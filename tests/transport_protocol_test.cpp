@@ -39,6 +39,8 @@ TEST_CASE("every protocol message round-trips and refuses truncation") {
   check_round_trip(Running{-5, 77});
   check_round_trip(Handover{7'500'000, 1, 99, 100});
   check_round_trip(Error{"something broke"});
+  check_round_trip(RoundEnd{7});
+  check_round_trip(RoundAck{7});
   CHECK(decode<Commit>(encode(Commit{})) == Commit{});
 }
 

@@ -15,6 +15,8 @@ const char* to_string(MessageType type) {
     case MessageType::running: return "Running";
     case MessageType::handover: return "Handover";
     case MessageType::error: return "Error";
+    case MessageType::round_end: return "RoundEnd";
+    case MessageType::round_ack: return "RoundAck";
   }
   return "unknown";
 }
@@ -29,6 +31,7 @@ void validate(const FrameHeader& header) {
     case MessageType::state_section: limit = kMaxStateSection + 1024; break;
     case MessageType::hello: case MessageType::hello_ack: case MessageType::complete: case MessageType::ready:
     case MessageType::commit: case MessageType::running: case MessageType::handover: case MessageType::error:
+    case MessageType::round_end: case MessageType::round_ack:
       break;
     default: throw ProtocolError("unknown frame type " + std::to_string(header.type));
   }
@@ -206,6 +209,32 @@ Error decode<Error>(std::span<const std::byte> payload) {
   ByteReader r(payload);
   Error m{r.get_string(kMaxMessageBytes, "Error.message")};
   r.expect_end("Error");
+  return m;
+}
+
+std::vector<std::byte> encode(const RoundEnd& m) {
+  ByteWriter w;
+  w.put(m.round);
+  return w.take();
+}
+template <>
+RoundEnd decode<RoundEnd>(std::span<const std::byte> payload) {
+  ByteReader r(payload);
+  RoundEnd m{r.get<std::uint32_t>("RoundEnd.round")};
+  r.expect_end("RoundEnd");
+  return m;
+}
+
+std::vector<std::byte> encode(const RoundAck& m) {
+  ByteWriter w;
+  w.put(m.round);
+  return w.take();
+}
+template <>
+RoundAck decode<RoundAck>(std::span<const std::byte> payload) {
+  ByteReader r(payload);
+  RoundAck m{r.get<std::uint32_t>("RoundAck.round")};
+  r.expect_end("RoundAck");
   return m;
 }
 

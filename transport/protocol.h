@@ -4,7 +4,9 @@
 //   Hello {version, capabilities, vcpus, regions} ──▶  creates a VM of that shape
 //                                                 ◀── HelloAck {capabilities accepted, boot id}
 //   PageBatch {round 0, descriptors, pages}       ──▶  pages land straight in guest memory
-//   PageBatch {round k ...}   (pre-copy rounds)   ──▶
+//   RoundEnd {round 0}                            ──▶
+//                                                 ◀── RoundAck {round 0}   once all of it landed
+//   PageBatch, RoundEnd {round k ...} (pre-copy)  ──▶  ◀── RoundAck {round k}
 //       ... source pauses the guest ...
 //   PageBatch {final round}                       ──▶
 //   StateSection {name, version, bytes} × n       ──▶
@@ -61,6 +63,8 @@ enum class MessageType : std::uint16_t {
   running = 8,
   handover = 9,
   error = 10,
+  round_end = 11,
+  round_ack = 12,
 };
 const char* to_string(MessageType type);
 
@@ -127,6 +131,19 @@ static_assert(sizeof(BatchHeader) == 8);
 // by the receiver.
 void validate(const PageDescriptor& d);
 
+// A pre-copy round is measured from its first page until the receiver acknowledges having
+// applied all of it. Without this, socket buffers (megabytes on loopback) hide a slow
+// receiver: the bandwidth estimate comes out too high and the backlog drains during the
+// downtime instead of before it.
+struct RoundEnd {
+  std::uint32_t round = 0;
+  friend bool operator==(const RoundEnd&, const RoundEnd&) = default;
+};
+struct RoundAck {
+  std::uint32_t round = 0;
+  friend bool operator==(const RoundAck&, const RoundAck&) = default;
+};
+
 struct StateSection {
   std::string name;
   std::uint32_t version = 0;
@@ -179,6 +196,8 @@ std::vector<std::byte> encode(const Commit& m);
 std::vector<std::byte> encode(const Running& m);
 std::vector<std::byte> encode(const Handover& m);
 std::vector<std::byte> encode(const Error& m);
+std::vector<std::byte> encode(const RoundEnd& m);
+std::vector<std::byte> encode(const RoundAck& m);
 
 template <typename T>
 T decode(std::span<const std::byte> payload);
@@ -195,5 +214,7 @@ template <> constexpr MessageType type_of<Commit>() { return MessageType::commit
 template <> constexpr MessageType type_of<Running>() { return MessageType::running; }
 template <> constexpr MessageType type_of<Handover>() { return MessageType::handover; }
 template <> constexpr MessageType type_of<Error>() { return MessageType::error; }
+template <> constexpr MessageType type_of<RoundEnd>() { return MessageType::round_end; }
+template <> constexpr MessageType type_of<RoundAck>() { return MessageType::round_ack; }
 
 }  // namespace mig::wire
