@@ -52,16 +52,26 @@ def raw_link_mbps(nbytes):
     return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 8 / 1e6
 
 
+def connect_unix(path, timeout=20):
+    """Connects once QEMU listens on `path` (it creates the file a little before it listens)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class SerialTap:
     """Reads a QEMU serial chardev; timestamps each heartbeat byte on the host clock."""
 
     def __init__(self, path):
-        for _ in range(200):
-            if os.path.exists(path):
-                break
-            time.sleep(0.05)
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(path)
+        self.sock = connect_unix(path)
         self.text = b""
         self.beats = []
         self.ready = threading.Event()
@@ -81,12 +91,7 @@ class SerialTap:
 
 class Qmp:
     def __init__(self, path):
-        for _ in range(200):
-            if os.path.exists(path):
-                break
-            time.sleep(0.05)
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(path)
+        self.sock = connect_unix(path)
         self.file = self.sock.makefile("rw")
         json.loads(self.file.readline())  # greeting
         self.execute("qmp_capabilities")
@@ -103,9 +108,12 @@ class Qmp:
 
 
 class Qemu:
+    instances = 0
+
     def __init__(self, tmp, tag, mem, append, incoming=None):
-        self.serial_path = os.path.join(tmp, f"{tag}.serial")
-        qmp_path = os.path.join(tmp, f"{tag}.qmp")
+        Qemu.instances += 1  # fresh socket paths: a killed QEMU leaves its files behind
+        self.serial_path = os.path.join(tmp, f"{tag}{Qemu.instances}.serial")
+        qmp_path = os.path.join(tmp, f"{tag}{Qemu.instances}.qmp")
         cmd = [QEMU, "-enable-kvm", "-m", str(mem >> 20), "-smp", "1", "-display", "none", "-nodefaults",
                "-kernel", IMAGE, "-append", append,
                "-chardev", f"socket,id=ser,path={self.serial_path},server=on,wait=off", "-serial", "chardev:ser",

@@ -171,6 +171,7 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
     for (std::size_t r = 0; r < regions.size(); ++r) vm.populated_pages(r, pending[r]);
 
     if (!options.offline) {
+      stream.set_rate_limit(options.bandwidth_limit);
       for (;; ++round) {
         const auto round_start = Clock::now();
         const auto counts = sender.send_round(round, pending);
@@ -198,6 +199,7 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
         ++round;
         break;
       }
+      stream.set_rate_limit(0);
       pause_start = Clock::now();
       vm.pause();
       paused = true;

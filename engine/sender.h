@@ -16,6 +16,10 @@ struct SenderOptions {
   bool offline = false;  // pause first and copy everything once: a cold migration
   bool verify = true;    // page-hash verification at completion
   bool dedup = true;     // skip a dirty page whose contents equal its last-sent version
+  // Bytes per second for pre-copy page data; 0 = unlimited. The paused final round is not
+  // limited: by then the downtime is what matters. The convergence estimate uses the
+  // bandwidth measured under the limit, so it stays on the safe side.
+  double bandwidth_limit = 0;
   std::chrono::milliseconds peer_timeout{10000};
   std::chrono::milliseconds handover_wait{2000};  // for the guest-observed downtime report
   // Called after each pre-copy round with the round and the guest's size in bytes.

@@ -22,6 +22,8 @@ void SendOptions::add_to(CLI::App& app, const std::string& to_flag, bool to_requ
   app.add_flag("--offline", offline, "pause first and copy everything once, no pre-copy");
   app.add_flag("--no-verify", no_verify, "skip the page-hash proof that destination memory equals the source's");
   app.add_flag("--no-dedup", no_dedup, "resend dirty pages even when their contents did not change");
+  app.add_option("--bandwidth", bandwidth, "limit pre-copy page data to RATE bytes per second, e.g. 100M (the final, paused round is not limited)")
+      ->transform(CLI::AsSizeValue(false));
   app.add_option("--zerocopy", zerocopy, "MSG_ZEROCOPY for page data: auto (on unless the peer is loopback), on, off")
       ->default_val("auto")
       ->check(CLI::IsMember({"auto", "on", "off"}));
@@ -35,6 +37,7 @@ engine::SenderOptions SendOptions::sender_options() const {
   o.offline = offline;
   o.verify = !no_verify;
   o.dedup = !no_dedup;
+  o.bandwidth_limit = static_cast<double>(bandwidth);
   return o;
 }
 

@@ -31,6 +31,7 @@ struct SendOptions {
   bool no_verify = false;
   bool no_dedup = false;
   std::string zerocopy = "auto";
+  std::uint64_t bandwidth = 0;  // bytes per second, 0 = unlimited
 
   void add_to(CLI::App& app, const std::string& to_flag, bool to_required);
   engine::SenderOptions sender_options() const;

@@ -44,6 +44,13 @@ bool Stream::enable_zerocopy() {
   return zerocopy_;
 }
 
+void Stream::set_rate_limit(double bytes_per_second) {
+  if (bytes_per_second > 0)
+    rate_limit_.emplace(bytes_per_second);
+  else
+    rate_limit_.reset();
+}
+
 void Stream::write_all(std::span<iovec> parts, int flags) {
   std::size_t index = 0;
   while (index < parts.size()) {
@@ -110,6 +117,7 @@ void Stream::send_gathered(wire::MessageType type, std::span<const std::byte> he
   header.type = static_cast<std::uint16_t>(type);
   header.length = head.size();
   for (const auto& page : pages) header.length += page.iov_len;
+  if (rate_limit_ && !pages.empty()) rate_limit_->take(sizeof header + header.length);
   std::vector<iovec> parts;
   parts.reserve(2 + pages.size());
   parts.push_back({&header, sizeof header});

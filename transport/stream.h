@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <memory>
+#include <optional>
 #include <cstdint>
 #include <span>
 #include <stdexcept>
@@ -14,6 +15,7 @@
 
 #include "common/fd.h"
 #include "transport/protocol.h"
+#include "transport/rate_limit.h"
 
 namespace mig::transport {
 
@@ -46,6 +48,8 @@ class Stream {
   // Turns on MSG_ZEROCOPY for page data. Returns false when the socket cannot do it.
   bool enable_zerocopy();
   bool zerocopy() const { return zerocopy_; }
+  // Limits page data (send_gathered with pages) to `bytes_per_second`; 0 lifts the limit.
+  void set_rate_limit(double bytes_per_second);
 
   template <typename T>
   void send(const T& message) {
@@ -80,6 +84,7 @@ class Stream {
   UniqueFd fd_;
   bool zerocopy_ = false;
   std::uint64_t zerocopy_outstanding_ = 0;
+  std::optional<TokenBucket> rate_limit_;
   StreamCounters counters_;
 };
 

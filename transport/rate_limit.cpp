@@ -1,0 +1,28 @@
+#include "transport/rate_limit.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <thread>
+
+namespace mig::transport {
+
+TokenBucket::TokenBucket(double bytes_per_second, double burst_bytes)
+    : rate_(bytes_per_second), burst_(std::max({burst_bytes, bytes_per_second / 100, 2.0 * (1 << 20)})), tokens_(burst_) {
+  if (!(bytes_per_second > 0)) throw std::invalid_argument("bandwidth limit must be positive");
+}
+
+std::chrono::nanoseconds TokenBucket::reserve(std::uint64_t bytes, std::chrono::steady_clock::time_point now) {
+  if (last_ != std::chrono::steady_clock::time_point{})
+    tokens_ = std::min(burst_, tokens_ + std::chrono::duration<double>(now - last_).count() * rate_);
+  last_ = now;
+  tokens_ -= static_cast<double>(bytes);  // may go negative: the debt is the wait
+  if (tokens_ >= 0) return std::chrono::nanoseconds(0);
+  return std::chrono::nanoseconds(static_cast<std::int64_t>(-tokens_ / rate_ * 1e9));
+}
+
+void TokenBucket::take(std::uint64_t bytes) {
+  const auto wait = reserve(bytes, std::chrono::steady_clock::now());
+  if (wait.count() > 0) std::this_thread::sleep_for(wait);
+}
+
+}  // namespace mig::transport
