@@ -2,6 +2,7 @@
 
 #include <cstring>
 
+#include "engine/compression.h"
 #include "engine/page_hashes.h"
 
 namespace mig::engine {
@@ -23,6 +24,8 @@ class PageReceiver {
     stream_.read_exact(std::as_writable_bytes(std::span(&header, 1)));
     if (header.count == 0 || header.count > wire::kMaxBatchPages)
       throw wire::ProtocolError("page batch claims " + std::to_string(header.count) + " pages");
+    if (header.flags & ~wire::kBatchZstd) throw wire::ProtocolError("page batch has unknown flags");
+    const bool compressed = header.flags & wire::kBatchZstd;
     // The ordering invariant (protocol.h): a round's pages never arrive after a later round's.
     if (header.round < last_round_)
       throw wire::ProtocolError("page batch of round " + std::to_string(header.round) + " after round " +
@@ -43,9 +46,22 @@ class PageReceiver {
       data_bytes += d.length;
       if (d.encoding == wire::PageEncoding::raw) iovecs_.push_back({target.host, kPageSize});
     }
-    if (frame.length != head_bytes + data_bytes)
+    if (frame.length != head_bytes + (compressed ? header.compressed_bytes : data_bytes))
       throw wire::ProtocolError("page batch length " + std::to_string(frame.length) + " disagrees with its descriptors");
-    stream_.read_scatter(iovecs_);
+    if (compressed) {
+      // The one place pages take a bounce copy: they arrive as a single zstd frame.
+      blob_.resize(header.compressed_bytes);
+      stream_.read_exact(blob_);
+      staging_.resize(data_bytes);
+      decompressor_.decompress(blob_, staging_);
+      std::size_t offset = 0;
+      for (const auto& part : iovecs_) {
+        std::memcpy(part.iov_base, staging_.data() + offset, part.iov_len);
+        offset += part.iov_len;
+      }
+    } else {
+      stream_.read_scatter(iovecs_);
+    }
 
     for (std::size_t i = 0; i < descriptors_.size(); ++i) {
       const auto& t = targets_[i];
@@ -92,6 +108,8 @@ class PageReceiver {
   std::vector<wire::PageDescriptor> descriptors_;
   std::vector<Target> targets_;
   std::vector<iovec> iovecs_;
+  BatchDecompressor decompressor_;
+  std::vector<std::byte> blob_, staging_;
 };
 
 std::uint64_t ns_since(Clock::time_point t) {

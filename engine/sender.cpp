@@ -1,7 +1,9 @@
 #include "engine/sender.h"
 
 #include <algorithm>
+#include <optional>
 
+#include "engine/compression.h"
 #include "engine/page_hashes.h"
 #include "engine/pages.h"
 
@@ -29,8 +31,13 @@ class PageSender {
  public:
   static constexpr std::size_t kBatchPages = 256;
 
-  PageSender(std::span<const MemoryRegion> regions, transport::Stream& stream, PageHashes& hashes, bool dedup)
-      : regions_(regions), stream_(stream), hashes_(hashes), dedup_(dedup) {}
+  PageSender(std::span<const MemoryRegion> regions, transport::Stream& stream, PageHashes& hashes, bool dedup,
+             int compress_level)
+      : regions_(regions), stream_(stream), hashes_(hashes), dedup_(dedup) {
+    if (compress_level > 0) compressor_.emplace(compress_level);
+  }
+
+  std::uint64_t batches_compressed() const { return compressor_ ? compressor_->batches_compressed() : 0; }
 
   // Sends every page set in `pending`, then clears it.
   RoundCounts send_round(std::uint32_t round, Bitmaps& pending) {
@@ -78,8 +85,19 @@ class PageSender {
 
   void flush() {
     if (descriptors_.empty()) return;
-    head_.resize(sizeof(wire::BatchHeader) + descriptors_.size() * sizeof(wire::PageDescriptor));
-    const wire::BatchHeader header{round_, static_cast<std::uint32_t>(descriptors_.size())};
+    wire::BatchHeader header{round_, static_cast<std::uint32_t>(descriptors_.size()), 0, 0};
+    std::span<const std::byte> compressed;
+    if (compressor_ && !pages_.empty()) {
+      std::size_t total = 0;
+      for (const auto& part : pages_) total += part.iov_len;
+      compressed = compressor_->compress(pages_, total);
+    }
+    if (!compressed.empty()) {
+      header.flags = wire::kBatchZstd;
+      header.compressed_bytes = static_cast<std::uint32_t>(compressed.size());
+      pages_.assign(1, iovec{const_cast<std::byte*>(compressed.data()), compressed.size()});
+    }
+    head_.resize(sizeof header + descriptors_.size() * sizeof(wire::PageDescriptor));
     std::memcpy(head_.data(), &header, sizeof header);
     std::memcpy(head_.data() + sizeof header, descriptors_.data(), descriptors_.size() * sizeof(wire::PageDescriptor));
     stream_.send_gathered(wire::MessageType::page_batch, head_, pages_);
@@ -93,6 +111,7 @@ class PageSender {
   bool dedup_;
   std::uint32_t round_ = 0;
   RoundCounts counts_;
+  std::optional<BatchCompressor> compressor_;
   std::vector<wire::PageDescriptor> descriptors_;
   std::vector<iovec> pages_;
   std::vector<std::byte> head_;
@@ -151,7 +170,7 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
     const bool same_host = !hello.host_boot_id.empty() && ack.host_boot_id == hello.host_boot_id;
 
     PageHashes hashes(regions);
-    PageSender sender(regions, stream, hashes, options.dedup);
+    PageSender sender(regions, stream, hashes, options.dedup, options.compress_level);
     Bitmaps pending = empty_bitmaps(regions), scratch = empty_bitmaps(regions);
     std::uint32_t round = 0;
     Clock::time_point pause_start = start, paused_at = start;
@@ -234,6 +253,7 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
     stats.pages_sent = pages_sent;
     stats.pages_skipped = pages_skipped;
     stats.verified = verify;
+    stats.batches_compressed = sender.batches_compressed();
     stats.total_ms = ms_between(start, running_at);
     auto& d = stats.downtime;
     d.pause_ms = ms_between(pause_start, paused_at);

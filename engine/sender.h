@@ -20,6 +20,7 @@ struct SenderOptions {
   // limited: by then the downtime is what matters. The convergence estimate uses the
   // bandwidth measured under the limit, so it stays on the safe side.
   double bandwidth_limit = 0;
+  int compress_level = 0;  // zstd level for page batches; 0 = off
   std::chrono::milliseconds peer_timeout{10000};
   std::chrono::milliseconds handover_wait{2000};  // for the guest-observed downtime report
   // Called after each pre-copy round with the round and the guest's size in bytes.

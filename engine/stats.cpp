@@ -45,6 +45,7 @@ nlohmann::json to_json(const MigrationStats& s) {
       {"zerocopy", s.zerocopy},
       {"zerocopy_sends", s.zerocopy_sends},
       {"zerocopy_copied", s.zerocopy_copied},
+      {"batches_compressed", s.batches_compressed},
       {"round_table", rounds},
   };
   return j;

@@ -43,6 +43,7 @@ struct MigrationStats {
   double throughput_MBps = 0;     // bytes_sent / total time
   bool zerocopy = false;
   std::uint64_t zerocopy_sends = 0, zerocopy_copied = 0;
+  std::uint64_t batches_compressed = 0;
   std::vector<RoundStats> round_table;  // pre-copy rounds; the final round is in downtime
 };
 

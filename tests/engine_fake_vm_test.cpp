@@ -228,7 +228,7 @@ TEST_CASE("the receiver refuses malformed streams with a reason") {
   hello.regions = {{0, kPages * engine::kPageSize}};
   auto batch = [](std::uint32_t round, std::uint64_t addr) {
     std::vector<std::byte> payload(sizeof(wire::BatchHeader) + sizeof(wire::PageDescriptor) + engine::kPageSize);
-    const wire::BatchHeader h{round, 1};
+    const wire::BatchHeader h{round, 1, 0, 0};
     wire::PageDescriptor d;
     d.guest_addr = addr;
     d.encoding = wire::PageEncoding::raw;
@@ -300,4 +300,49 @@ TEST_CASE("the receiver refuses malformed streams with a reason") {
     auto stats = run(send_hello_then([&](transport::Stream& s) { s.send(wire::Commit{}); }));
     CHECK_THAT(stats.error, Contains("unexpected Commit"));
   }
+}
+
+TEST_CASE("compressed batches arrive intact, and incompressible memory is mostly not tried") {
+  test::FakeVm source({kPages});
+  // Compressible: pages of repeated text.
+  for (std::uint64_t p = 0; p < kPages / 2; ++p) {
+    auto* page = source.region_memory(0).data() + p * engine::kPageSize;
+    for (std::size_t i = 0; i < engine::kPageSize; ++i) page[i] = static_cast<std::byte>("migration "[i % 10]);
+    source.write(0, p, p + 1);
+  }
+  // Incompressible: random pages.
+  std::mt19937_64 rng(3);
+  for (std::uint64_t p = kPages / 2; p < kPages; ++p) {
+    auto* page = reinterpret_cast<std::uint64_t*>(source.region_memory(0).data() + p * engine::kPageSize);
+    for (std::size_t i = 0; i < engine::kPageSize / 8; ++i) page[i] = rng();
+    source.write(0, p, p + 1);
+  }
+  test::FakeVm* destination = nullptr;
+  engine::SenderOptions options;
+  options.compress_level = 1;
+  options.offline = true;
+  auto [sent, received] = run_migration(source, &destination, options, pass_through());
+  REQUIRE(sent.status == "completed");
+  CHECK(received.stats.verified);
+  CHECK(destination->region_memory(0) == source.region_memory(0));
+  // 8 batches of text compress; the 8 random ones are tried only on the 1st, 3rd and 6th.
+  CHECK(sent.batches_compressed == 8);
+  CHECK(sent.bytes_sent < kPages * engine::kPageSize * 6 / 10);
+}
+
+TEST_CASE("a corrupt compressed batch is refused") {
+  test::FakeVm source({kPages});
+  for (std::uint64_t p = 0; p < 256; ++p) source.write(0, p, 1);  // mostly zero pages: compressible
+  test::FakeVm* destination = nullptr;
+  engine::SenderOptions options;
+  options.compress_level = 1;
+  auto relay = frame_relay([](int, wire::FrameHeader& header, std::vector<std::byte>& payload) {
+    if (header.type == static_cast<std::uint16_t>(wire::MessageType::page_batch)) payload.back() ^= std::byte{0xff};
+    return true;
+  });
+  auto [sent, received] = run_migration(source, &destination, options, relay);
+  CHECK(received.stats.status == "failed");
+  CHECK_THAT(received.stats.error, Contains("compressed page batch"));
+  CHECK(sent.status == "failed");
+  CHECK_FALSE(source.paused());
 }

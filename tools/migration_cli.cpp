@@ -24,6 +24,12 @@ void SendOptions::add_to(CLI::App& app, const std::string& to_flag, bool to_requ
   app.add_flag("--no-dedup", no_dedup, "resend dirty pages even when their contents did not change");
   app.add_option("--bandwidth", bandwidth, "limit pre-copy page data to RATE bytes per second, e.g. 100M (the final, paused round is not limited)")
       ->transform(CLI::AsSizeValue(false));
+  app.add_option("--compress", compress, "compress page batches: zstd or zstd:LEVEL (default level 1); backs off by itself on incompressible memory")
+      ->check([](const std::string& v) {
+        return v == "zstd" || (v.rfind("zstd:", 0) == 0 && v.size() > 5 && v.find_first_not_of("0123456789", 5) == std::string::npos)
+                   ? std::string()
+                   : std::string("expected zstd or zstd:LEVEL");
+      });
   app.add_option("--zerocopy", zerocopy, "MSG_ZEROCOPY for page data: auto (on unless the peer is loopback), on, off")
       ->default_val("auto")
       ->check(CLI::IsMember({"auto", "on", "off"}));
@@ -38,6 +44,7 @@ engine::SenderOptions SendOptions::sender_options() const {
   o.verify = !no_verify;
   o.dedup = !no_dedup;
   o.bandwidth_limit = static_cast<double>(bandwidth);
+  if (!compress.empty()) o.compress_level = compress == "zstd" ? 1 : std::stoi(compress.substr(5));
   return o;
 }
 

@@ -32,6 +32,7 @@ struct SendOptions {
   bool no_dedup = false;
   std::string zerocopy = "auto";
   std::uint64_t bandwidth = 0;  // bytes per second, 0 = unlimited
+  std::string compress;         // "", "zstd" or "zstd:LEVEL"
 
   void add_to(CLI::App& app, const std::string& to_flag, bool to_required);
   engine::SenderOptions sender_options() const;

@@ -120,12 +120,17 @@ static_assert(sizeof(PageDescriptor) == 16);
 
 // A page batch payload is: BatchHeader, PageDescriptor[count], then each page's bytes in
 // descriptor order. Kept as raw structs so the sender can gather pages straight from guest
-// memory and the receiver can scatter them straight into it.
+// memory and the receiver can scatter them straight into it. With kBatchZstd the page bytes
+// are instead one zstd frame of `compressed_bytes` that must decompress to exactly the sum
+// of the descriptors' lengths.
+inline constexpr std::uint32_t kBatchZstd = 1u << 0;
 struct BatchHeader {
   std::uint32_t round = 0;
   std::uint32_t count = 0;
+  std::uint32_t flags = 0;
+  std::uint32_t compressed_bytes = 0;
 };
-static_assert(sizeof(BatchHeader) == 8);
+static_assert(sizeof(BatchHeader) == 16);
 
 // Checks one descriptor's encoding and length; the address is checked against guest memory
 // by the receiver.
