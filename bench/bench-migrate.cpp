@@ -45,7 +45,7 @@ double raw_link_Bps(std::uint64_t bytes) {
       got += n;
     }
   });
-  auto s = transport::connect({"127.0.0.1", listener.port()});
+  auto s = transport::connect(transport::Endpoint::parse(listener.endpoint()));
   const auto start = steady_clock::now();
   std::uint64_t sent = 0;
   while (sent < bytes) {
@@ -71,7 +71,7 @@ Run migrate_once(tools::KvmVm& source, const engine::SenderOptions& options, boo
     auto r = engine::receive(stream, tools::KvmVm::factory("", kvm::MemoryBacking::anonymous, prepared), engine::ReceiverOptions{});
     return r.stats;  // the destination VM is dropped here: the bench only needs the numbers
   });
-  auto stream = transport::connect({"127.0.0.1", listener.port()});
+  auto stream = transport::connect(transport::Endpoint::parse(listener.endpoint()));
   if (zerocopy) stream.enable_zerocopy();
   auto sent = engine::migrate(source, stream, options);
   return {sent, receiver.get()};

@@ -129,6 +129,18 @@ ReceiveResult receive(transport::Stream& stream, const VmFactory& make_vm, const
     VmShape shape;
     shape.vcpus = hello.vcpus;
     for (const auto& r : hello.regions) shape.regions.push_back({r.guest_addr, r.size});
+    const bool shared = (hello.capabilities & wire::kCapSharedMemory) && stream.can_pass_fds();
+    std::vector<UniqueFd> memory_fds;
+    if (shared) {
+      // The VM is built on the source's memory, which arrives only after the acknowledgement.
+      stream.send(wire::HelloAck{wire::kCapSharedMemory, transport::host_boot_id()});
+      const auto announced = stream.receive<wire::SharedMemory>();
+      if (announced.regions != hello.regions.size())
+        throw wire::ProtocolError("SharedMemory announces " + std::to_string(announced.regions) + " regions, Hello had " +
+                                  std::to_string(hello.regions.size()));
+      memory_fds = stream.receive_fds(announced.regions);
+      for (const auto& fd : memory_fds) shape.shared_memory_fds.push_back(fd.get());
+    }
     vm = make_vm(shape);
     const auto regions = vm->memory_regions();
     if (regions.size() != hello.regions.size()) throw std::runtime_error("the VM built here does not have the sender's memory layout");
@@ -137,7 +149,8 @@ ReceiveResult receive(transport::Stream& stream, const VmFactory& make_vm, const
         throw std::runtime_error("the VM built here does not have the sender's memory layout");
       stats.guest_bytes += regions[i].size;
     }
-    stream.send(wire::HelloAck{hello.capabilities & wire::kCapVerify, transport::host_boot_id()});
+    if (!shared) stream.send(wire::HelloAck{hello.capabilities & wire::kCapVerify, transport::host_boot_id()});
+    stats.shared_memory = shared;
 
     PageReceiver pages(regions, stream);
     std::vector<StateSection> sections;

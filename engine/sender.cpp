@@ -160,7 +160,10 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
     stream.set_timeout(options.peer_timeout);
     stats.zerocopy = stream.zerocopy();
     wire::Hello hello;
-    hello.capabilities = options.verify ? wire::kCapVerify : 0;
+    const auto memory_fds = vm.shareable_memory_fds();
+    const bool offer_sharing = options.share_memory && !memory_fds.empty() && stream.can_pass_fds();
+    // Shared memory needs no verification: there is only one copy.
+    hello.capabilities = offer_sharing ? wire::kCapSharedMemory : options.verify ? wire::kCapVerify : 0;
     hello.vcpus = vm.vcpu_count();
     hello.host_boot_id = transport::host_boot_id();
     for (const auto& r : regions) hello.regions.push_back({r.guest_addr, r.size});
@@ -168,6 +171,15 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
     const auto ack = stream.receive<wire::HelloAck>();
     const bool verify = options.verify && (ack.capabilities & wire::kCapVerify);
     const bool same_host = !hello.host_boot_id.empty() && ack.host_boot_id == hello.host_boot_id;
+    const bool shared = offer_sharing && (ack.capabilities & wire::kCapSharedMemory);
+    if (shared) {
+      stream.send(wire::SharedMemory{static_cast<std::uint32_t>(memory_fds.size())});
+      stream.send_fds(memory_fds);
+      // The hand-over is round 0. Its acknowledgement says the destination VM is built on
+      // this memory, so building it stays out of the downtime.
+      stream.send(wire::RoundEnd{0});
+      stream.receive<wire::RoundAck>();
+    }
 
     PageHashes hashes(regions);
     PageSender sender(regions, stream, hashes, options.dedup, options.compress_level);
@@ -175,21 +187,25 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
     std::uint32_t round = 0;
     Clock::time_point pause_start = start, paused_at = start;
 
-    if (options.offline) {
+    if (options.offline || shared) {
       pause_start = Clock::now();
       vm.pause();
       paused = true;
       paused_at = Clock::now();
-      stats.stop_reason = "offline";
+      stats.stop_reason = shared ? "shared-memory" : "offline";
+      // Nothing to copy: the destination already maps this very memory.
+      if (shared)
+        for (auto& bitmap : pending) std::fill(bitmap.begin(), bitmap.end(), 0);
     } else {
       // Tracking starts before round 0 reads anything, so every later write is caught.
       vm.start_dirty_log();
       logging = true;
     }
     // Round 0: every page that may be non-zero; untouched pages are known zero for free.
-    for (std::size_t r = 0; r < regions.size(); ++r) vm.populated_pages(r, pending[r]);
+    if (!shared)
+      for (std::size_t r = 0; r < regions.size(); ++r) vm.populated_pages(r, pending[r]);
 
-    if (!options.offline) {
+    if (!options.offline && !shared) {
       stream.set_rate_limit(options.bandwidth_limit);
       for (;; ++round) {
         const auto round_start = Clock::now();
@@ -253,6 +269,7 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
     stats.pages_sent = pages_sent;
     stats.pages_skipped = pages_skipped;
     stats.verified = verify;
+    stats.shared_memory = shared;
     stats.batches_compressed = sender.batches_compressed();
     stats.total_ms = ms_between(start, running_at);
     auto& d = stats.downtime;

@@ -21,6 +21,9 @@ struct SenderOptions {
   // bandwidth measured under the limit, so it stays on the safe side.
   double bandwidth_limit = 0;
   int compress_level = 0;  // zstd level for page batches; 0 = off
+  // Hand guest memory over instead of copying it when the VM can share it and the stream
+  // is a UNIX socket (same host).
+  bool share_memory = true;
   std::chrono::milliseconds peer_timeout{10000};
   std::chrono::milliseconds handover_wait{2000};  // for the guest-observed downtime report
   // Called after each pre-copy round with the round and the guest's size in bytes.

@@ -28,6 +28,7 @@ nlohmann::json to_json(const MigrationStats& s) {
       {"pages_skipped", s.pages_skipped},
       {"guest_bytes", s.guest_bytes},
       {"verified", s.verified},
+      {"shared_memory", s.shared_memory},
       {"downtime_ms", s.downtime_ms},
       {"downtime_clock", s.downtime_clock},
       {"downtime_breakdown",

@@ -36,6 +36,7 @@ struct MigrationStats {
   std::uint64_t pages_skipped = 0;
   std::uint64_t guest_bytes = 0;
   bool verified = false;          // the page-hash check ran and passed
+  bool shared_memory = false;     // same-host hand-over: memory was shared, not copied (nothing to verify)
   double downtime_ms = 0;         // pause start to the destination's resume, host clock
   std::string downtime_clock;     // "shared" (one host) or "round-trip" (an upper bound)
   DowntimeBreakdown downtime;

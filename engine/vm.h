@@ -52,6 +52,10 @@ class MigratableVm {
   virtual void stop_dirty_log() = 0;
   virtual void fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) = 0;
 
+  // Same-host hand-over: one fd per region (the region is the file from offset 0), valid
+  // for the lifetime of the VM, or empty when memory cannot be shared (the default).
+  virtual std::vector<int> shareable_memory_fds() const { return {}; }
+
   // Pages that may hold non-zero data. A page left clear here must read as zero; finding
   // that out must not fault the page in. The default claims every page.
   virtual void populated_pages(std::size_t region, std::span<std::uint64_t> bitmap);
@@ -77,6 +81,9 @@ struct VmShape {
     std::uint64_t guest_addr = 0, size = 0;
   };
   std::vector<Region> regions;
+  // With a same-host hand-over: the source's memory fds, one per region, to be mapped
+  // instead of allocating. Borrowed for the duration of the factory call (dup to keep).
+  std::vector<int> shared_memory_fds;
 };
 
 // Builds an empty VM of the sender's shape on the receiving side.

@@ -31,6 +31,9 @@ struct MachineConfig {
   std::string serial_path;  // see Serial16550
   MemoryBacking backing = MemoryBacking::anonymous;
   std::string kvm_path = "/dev/kvm";
+  // Non-empty: map these memory files (one per region) instead of allocating memory, for a
+  // same-host hand-over. Borrowed during create(); the machine keeps duplicates.
+  std::vector<int> shared_memory_fds;
 };
 
 struct MachineState {

@@ -1,6 +1,7 @@
 #include "kvm/memory.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -54,6 +55,23 @@ GuestMemory GuestMemory::create(std::span<const RegionLayout> layout, MemoryBack
       r.mapping = Mapping::map(region.size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                                -1, 0, "mmap guest memory");
     }
+    memory.regions_.push_back(std::move(r));
+  }
+  return memory;
+}
+
+GuestMemory GuestMemory::adopt(std::span<const RegionLayout> layout, std::span<const int> fds) {
+  if (fds.size() != layout.size()) throw std::invalid_argument("one memory fd per region is needed");
+  GuestMemory memory;
+  memory.backing_ = MemoryBacking::memfd;
+  for (std::size_t i = 0; i < layout.size(); ++i) {
+    struct stat st {};
+    check_syscall("fstat memory fd", [&] { return ::fstat(fds[i], &st); });
+    if (static_cast<std::uint64_t>(st.st_size) < layout[i].size || layout[i].size % kPageSize)
+      throw std::invalid_argument("shared memory file " + std::to_string(i) + " is smaller than its region");
+    Region r{layout[i], {}, UniqueFd(check_syscall("dup memory fd", [&] { return ::fcntl(fds[i], F_DUPFD_CLOEXEC, 0); }))};
+    r.mapping = Mapping::map(layout[i].size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, r.memfd.get(), 0,
+                             "mmap shared guest memory");
     memory.regions_.push_back(std::move(r));
   }
   return memory;

@@ -39,10 +39,14 @@ class GuestMemory {
   // Throws std::invalid_argument for an empty or unaligned layout, or one larger than the
   // host's memory.
   static GuestMemory create(std::span<const RegionLayout> layout, MemoryBacking backing);
+  // Maps existing memory files, one per region (another VMM's memfds, for a same-host
+  // hand-over). The fds are duplicated; the caller keeps its own.
+  static GuestMemory adopt(std::span<const RegionLayout> layout, std::span<const int> fds);
 
   const std::vector<Region>& regions() const { return regions_; }
   std::uint64_t total_bytes() const;
   std::vector<RegionLayout> layout() const;
+  MemoryBacking backing() const { return backing_; }
 
   // Host address of [guest_addr, guest_addr + len) when it lies inside one region, else
   // nullptr. Every guest-supplied address goes through here before it is dereferenced.

@@ -41,6 +41,7 @@ TEST_CASE("every protocol message round-trips and refuses truncation") {
   check_round_trip(Error{"something broke"});
   check_round_trip(RoundEnd{7});
   check_round_trip(RoundAck{7});
+  check_round_trip(SharedMemory{2});
   CHECK(decode<Commit>(encode(Commit{})) == Commit{});
 }
 
@@ -111,6 +112,8 @@ TEST_CASE("tcp endpoints parse, and others are refused with the expected form") 
   auto e = Endpoint::parse("tcp:127.0.0.1:4444");
   CHECK(e.host == "127.0.0.1");
   CHECK(e.port == 4444);
-  for (const char* bad : {"127.0.0.1:4444", "tcp:4444", "tcp:host:", "tcp:host:99999", "tcp:host:12ab", "udp:h:1"})
-    CHECK_THROWS_WITH(Endpoint::parse(bad), Contains("tcp:HOST:PORT"));
+  for (const char* bad : {"127.0.0.1:4444", "tcp:4444", "tcp:host:", "tcp:host:99999", "tcp:host:12ab", "udp:h:1", "unix:"})
+    CHECK_THROWS_WITH(Endpoint::parse(bad), Contains("tcp:HOST:PORT or unix:PATH"));
+  CHECK(Endpoint::parse("unix:/tmp/x.sock").unix_path == "/tmp/x.sock");
+  CHECK(Endpoint::parse("unix:/tmp/x.sock").to_string() == "unix:/tmp/x.sock");
 }

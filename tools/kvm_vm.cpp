@@ -109,7 +109,8 @@ engine::VmFactory KvmVm::factory(std::string serial_path, kvm::MemoryBacking bac
     config.serial_path = serial_path;
     config.backing = backing;
     for (const auto& r : shape.regions) config.layout.push_back({r.guest_addr, r.size});
-    if (prepared && *prepared) {
+    config.shared_memory_fds = shape.shared_memory_fds;
+    if (prepared && *prepared && config.shared_memory_fds.empty()) {
       auto machine = std::move(*prepared);
       if (machine->config().vcpus == config.vcpus && machine->memory().layout() == config.layout)
         return std::make_unique<KvmVm>(std::move(machine));
@@ -122,6 +123,13 @@ std::vector<engine::MemoryRegion> KvmVm::memory_regions() const {
   std::vector<engine::MemoryRegion> out;
   for (const auto& r : machine_->memory().regions()) out.push_back({r.layout.guest_addr, r.layout.size, r.host()});
   return out;
+}
+
+std::vector<int> KvmVm::shareable_memory_fds() const {
+  std::vector<int> fds;
+  if (machine_->memory().backing() != kvm::MemoryBacking::memfd) return fds;
+  for (const auto& r : machine_->memory().regions()) fds.push_back(r.memfd.get());
+  return fds;
 }
 
 std::vector<engine::StateSection> KvmVm::save_state() { return encode_state(machine_->save_state()); }

@@ -28,6 +28,7 @@ class KvmVm final : public engine::MigratableVm {
   void fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) override {
     machine_->vm().fetch_and_clear_dirty_log(region, bitmap);
   }
+  std::vector<int> shareable_memory_fds() const override;
   void populated_pages(std::size_t region, std::span<std::uint64_t> bitmap) override {
     machine_->memory().populated_pages(region, bitmap);
   }

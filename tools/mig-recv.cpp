@@ -19,7 +19,7 @@ int main(int argc, char** argv) {
   unsigned expect_vcpus = 1;
   bool memfd = false;
   tools::SendOptions onward;
-  app.add_option("--listen", listen, "where to wait for the source, tcp:HOST:PORT (port 0 picks a free one)")->required();
+  app.add_option("--listen", listen, "where to wait for the source: tcp:HOST:PORT (port 0 picks a free one) or unix:PATH (same host; with a memfd-backed source, memory is handed over instead of copied)")->required();
   app.add_option("--serial", serial, "where the guest's COM1 output goes: a file, a FIFO, or - for stdout");
   app.add_option("--run-for", run_for, "run the received guest this many seconds, then exit; default: until SIGINT/SIGTERM");
   app.add_option("--stats-json", stats_json, "write the incoming migration's statistics here (and the onward one's to FILE.onward)");
@@ -43,7 +43,7 @@ int main(int argc, char** argv) {
     return tools::kExitSetupError;
   }
   // Tests and scripts read the actual port from this line (it matters with port 0).
-  fmt::print("mig-recv: listening on tcp:{}:{}\n", transport::Endpoint::parse(listen).host, listener->port());
+  fmt::print("mig-recv: listening on {}\n", listener->endpoint());
   std::fflush(stdout);
 
   const auto backing = memfd ? kvm::MemoryBacking::memfd : kvm::MemoryBacking::anonymous;

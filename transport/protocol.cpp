@@ -17,6 +17,7 @@ const char* to_string(MessageType type) {
     case MessageType::error: return "Error";
     case MessageType::round_end: return "RoundEnd";
     case MessageType::round_ack: return "RoundAck";
+    case MessageType::shared_memory: return "SharedMemory";
   }
   return "unknown";
 }
@@ -31,7 +32,7 @@ void validate(const FrameHeader& header) {
     case MessageType::state_section: limit = kMaxStateSection + 1024; break;
     case MessageType::hello: case MessageType::hello_ack: case MessageType::complete: case MessageType::ready:
     case MessageType::commit: case MessageType::running: case MessageType::handover: case MessageType::error:
-    case MessageType::round_end: case MessageType::round_ack:
+    case MessageType::round_end: case MessageType::round_ack: case MessageType::shared_memory:
       break;
     default: throw ProtocolError("unknown frame type " + std::to_string(header.type));
   }
@@ -235,6 +236,20 @@ RoundAck decode<RoundAck>(std::span<const std::byte> payload) {
   ByteReader r(payload);
   RoundAck m{r.get<std::uint32_t>("RoundAck.round")};
   r.expect_end("RoundAck");
+  return m;
+}
+
+std::vector<std::byte> encode(const SharedMemory& m) {
+  ByteWriter w;
+  w.put(m.regions);
+  return w.take();
+}
+template <>
+SharedMemory decode<SharedMemory>(std::span<const std::byte> payload) {
+  ByteReader r(payload);
+  SharedMemory m{r.get<std::uint32_t>("SharedMemory.regions")};
+  if (m.regions == 0 || m.regions > kMaxRegions) throw ProtocolError("SharedMemory announces " + std::to_string(m.regions) + " regions");
+  r.expect_end("SharedMemory");
   return m;
 }
 

@@ -3,6 +3,8 @@
 //   sender (source)                                   receiver (destination, incoming mode)
 //   Hello {version, capabilities, vcpus, regions} ──▶  creates a VM of that shape
 //                                                 ◀── HelloAck {capabilities accepted, boot id}
+//   [SharedMemory {regions} + one memfd per region over SCM_RIGHTS, if both accepted it:
+//    the VM is built on the source's own memory and no page is sent]
 //   PageBatch {round 0, descriptors, pages}       ──▶  pages land straight in guest memory
 //   RoundEnd {round 0}                            ──▶
 //                                                 ◀── RoundAck {round 0}   once all of it landed
@@ -65,6 +67,7 @@ enum class MessageType : std::uint16_t {
   error = 10,
   round_end = 11,
   round_ack = 12,
+  shared_memory = 13,
 };
 const char* to_string(MessageType type);
 
@@ -80,7 +83,8 @@ static_assert(sizeof(FrameHeader) == 16);
 void validate(const FrameHeader& header);
 
 // Capability bits, offered in Hello and accepted in HelloAck.
-inline constexpr std::uint32_t kCapVerify = 1u << 0;  // page-hash verification at Complete
+inline constexpr std::uint32_t kCapVerify = 1u << 0;        // page-hash verification at Complete
+inline constexpr std::uint32_t kCapSharedMemory = 1u << 1;  // same host: guest memory handed over as memfds
 
 struct Region {
   std::uint64_t guest_addr = 0;
@@ -149,6 +153,12 @@ struct RoundAck {
   friend bool operator==(const RoundAck&, const RoundAck&) = default;
 };
 
+// Announces one memory fd per region, sent right after this frame as SCM_RIGHTS.
+struct SharedMemory {
+  std::uint32_t regions = 0;
+  friend bool operator==(const SharedMemory&, const SharedMemory&) = default;
+};
+
 struct StateSection {
   std::string name;
   std::uint32_t version = 0;
@@ -203,6 +213,7 @@ std::vector<std::byte> encode(const Handover& m);
 std::vector<std::byte> encode(const Error& m);
 std::vector<std::byte> encode(const RoundEnd& m);
 std::vector<std::byte> encode(const RoundAck& m);
+std::vector<std::byte> encode(const SharedMemory& m);
 
 template <typename T>
 T decode(std::span<const std::byte> payload);
@@ -221,5 +232,6 @@ template <> constexpr MessageType type_of<Handover>() { return MessageType::hand
 template <> constexpr MessageType type_of<Error>() { return MessageType::error; }
 template <> constexpr MessageType type_of<RoundEnd>() { return MessageType::round_end; }
 template <> constexpr MessageType type_of<RoundAck>() { return MessageType::round_ack; }
+template <> constexpr MessageType type_of<SharedMemory>() { return MessageType::shared_memory; }
 
 }  // namespace mig::wire

@@ -7,7 +7,9 @@
 
 #include <boost/asio.hpp>
 #include <fcntl.h>
+#include <unistd.h>
 
+#include <cstring>
 #include <fstream>
 
 namespace mig::transport {
@@ -182,7 +184,12 @@ std::vector<std::byte> Stream::read_payload(const wire::FrameHeader& header) {
 }
 
 Endpoint Endpoint::parse(const std::string& text) {
-  const std::string usage = "endpoint '" + text + "' is not of the form tcp:HOST:PORT";
+  const std::string usage = "endpoint '" + text + "' is not of the form tcp:HOST:PORT or unix:PATH";
+  if (text.rfind("unix:", 0) == 0 && text.size() > 5) {
+    Endpoint e;
+    e.unix_path = text.substr(5);
+    return e;
+  }
   if (text.rfind("tcp:", 0) != 0) throw std::invalid_argument(usage);
   const auto colon = text.rfind(':');
   if (colon <= 4) throw std::invalid_argument(usage);
@@ -195,17 +202,77 @@ Endpoint Endpoint::parse(const std::string& text) {
   return e;
 }
 
-std::string Endpoint::to_string() const { return "tcp:" + host + ":" + std::to_string(port); }
+std::string Endpoint::to_string() const {
+  return unix_path.empty() ? "tcp:" + host + ":" + std::to_string(port) : "unix:" + unix_path;
+}
+
+bool Stream::can_pass_fds() const {
+  int domain = 0;
+  socklen_t len = sizeof domain;
+  return ::getsockopt(fd_.get(), SOL_SOCKET, SO_DOMAIN, &domain, &len) == 0 && domain == AF_UNIX;
+}
+
+void Stream::send_fds(std::span<const int> fds) {
+  std::byte marker{0};
+  iovec part{&marker, 1};
+  std::vector<char> control(CMSG_SPACE(fds.size_bytes()));
+  msghdr msg{};
+  msg.msg_iov = &part;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control.data();
+  msg.msg_controllen = control.size();
+  cmsghdr* cm = CMSG_FIRSTHDR(&msg);
+  cm->cmsg_level = SOL_SOCKET;
+  cm->cmsg_type = SCM_RIGHTS;
+  cm->cmsg_len = CMSG_LEN(fds.size_bytes());
+  std::memcpy(CMSG_DATA(cm), fds.data(), fds.size_bytes());
+  if (check_syscall("sendmsg(SCM_RIGHTS)", [&] { return ::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL); }) != 1)
+    throw PeerError("could not send the file descriptors");
+}
+
+std::vector<UniqueFd> Stream::receive_fds(std::size_t count) {
+  std::byte marker{};
+  iovec part{&marker, 1};
+  std::vector<char> control(CMSG_SPACE(count * sizeof(int)));
+  msghdr msg{};
+  msg.msg_iov = &part;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control.data();
+  msg.msg_controllen = control.size();
+  const ssize_t n = check_syscall("recvmsg(SCM_RIGHTS)", [&] { return ::recvmsg(fd_.get(), &msg, MSG_CMSG_CLOEXEC); });
+  if (n == 0) throw PeerError("the peer closed the connection before passing its file descriptors");
+  std::vector<UniqueFd> fds;
+  for (cmsghdr* cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
+    if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS) continue;
+    const std::size_t got = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (std::size_t i = 0; i < got; ++i) {
+      int fd;
+      std::memcpy(&fd, CMSG_DATA(cm) + i * sizeof(int), sizeof fd);
+      fds.emplace_back(fd);  // owned from here, so a surplus is closed, never leaked
+    }
+  }
+  if ((msg.msg_flags & MSG_CTRUNC) || fds.size() != count)
+    throw wire::ProtocolError("expected " + std::to_string(count) + " file descriptors, got " + std::to_string(fds.size()));
+  return fds;
+}
 
 namespace {
 // Hands the connected socket over to a plain fd; Asio's object closes only its own copy.
-UniqueFd take_fd(boost::asio::ip::tcp::socket& socket) {
+template <typename Socket>
+UniqueFd take_fd(Socket& socket) {
   return UniqueFd(check_syscall("dup socket", [&] { return ::fcntl(socket.native_handle(), F_DUPFD_CLOEXEC, 0); }));
 }
 }  // namespace
 
 Stream connect(const Endpoint& endpoint) {
   boost::asio::io_context io;
+  if (!endpoint.unix_path.empty()) {
+    boost::asio::local::stream_protocol::socket socket(io);
+    boost::system::error_code ec;
+    socket.connect(boost::asio::local::stream_protocol::endpoint(endpoint.unix_path), ec);
+    if (ec) throw PeerError("cannot connect to " + endpoint.to_string() + ": " + ec.message());
+    return Stream(take_fd(socket));
+  }
   boost::asio::ip::tcp::resolver resolver(io);
   boost::asio::ip::tcp::socket socket(io);
   boost::system::error_code ec;
@@ -218,10 +285,25 @@ Stream connect(const Endpoint& endpoint) {
 struct Listener::Impl {
   boost::asio::io_context io;
   boost::asio::ip::tcp::acceptor acceptor{io};
+  boost::asio::local::stream_protocol::acceptor local_acceptor{io};
+  Endpoint endpoint;
+  ~Impl() {
+    if (!endpoint.unix_path.empty()) ::unlink(endpoint.unix_path.c_str());
+  }
 };
 
 Listener::Listener(const Endpoint& endpoint) : impl_(std::make_unique<Impl>()) {
   boost::system::error_code ec;
+  impl_->endpoint = endpoint;
+  if (!endpoint.unix_path.empty()) {
+    ::unlink(endpoint.unix_path.c_str());  // a stale socket file from an earlier run
+    boost::asio::local::stream_protocol::endpoint ep(endpoint.unix_path);
+    impl_->local_acceptor.open(ep.protocol(), ec);
+    if (!ec) impl_->local_acceptor.bind(ep, ec);
+    if (!ec) impl_->local_acceptor.listen(1, ec);
+    if (ec) throw std::runtime_error("cannot listen on " + endpoint.to_string() + ": " + ec.message());
+    return;
+  }
   boost::asio::ip::tcp::resolver resolver(impl_->io);
   auto results = resolver.resolve(endpoint.host, std::to_string(endpoint.port), ec);
   if (ec || results.empty()) throw std::runtime_error("cannot resolve " + endpoint.to_string() + ": " + ec.message());
@@ -237,9 +319,20 @@ Listener::Listener(Listener&&) noexcept = default;
 
 std::uint16_t Listener::port() const { return impl_->acceptor.local_endpoint().port(); }
 
+std::string Listener::endpoint() const {
+  if (!impl_->endpoint.unix_path.empty()) return impl_->endpoint.to_string();
+  return "tcp:" + impl_->endpoint.host + ":" + std::to_string(port());
+}
+
 Stream Listener::accept() {
-  boost::asio::ip::tcp::socket socket(impl_->io);
   boost::system::error_code ec;
+  if (!impl_->endpoint.unix_path.empty()) {
+    boost::asio::local::stream_protocol::socket socket(impl_->io);
+    impl_->local_acceptor.accept(socket, ec);
+    if (ec) throw std::runtime_error("accept: " + ec.message());
+    return Stream(take_fd(socket));
+  }
+  boost::asio::ip::tcp::socket socket(impl_->io);
   impl_->acceptor.accept(socket, ec);
   if (ec) throw std::runtime_error("accept: " + ec.message());
   return Stream(take_fd(socket));

@@ -75,6 +75,12 @@ class Stream {
   // Fills every iovec in order; modifies the array while advancing through it.
   void read_scatter(std::span<iovec> parts);
 
+  // File descriptors travel only over UNIX sockets, as SCM_RIGHTS on one marker byte that
+  // follows the frame announcing them.
+  bool can_pass_fds() const;
+  void send_fds(std::span<const int> fds);
+  std::vector<UniqueFd> receive_fds(std::size_t count);
+
   const StreamCounters& counters() const { return counters_; }
 
  private:
@@ -88,10 +94,11 @@ class Stream {
   StreamCounters counters_;
 };
 
-// "tcp:HOST:PORT". Throws std::invalid_argument naming the expected form.
+// "tcp:HOST:PORT" or "unix:PATH". Throws std::invalid_argument naming the expected forms.
 struct Endpoint {
   std::string host;
   std::uint16_t port = 0;
+  std::string unix_path;  // set for unix: endpoints, which can also pass file descriptors
   static Endpoint parse(const std::string& text);
   std::string to_string() const;
 };
@@ -104,7 +111,8 @@ class Listener {
   explicit Listener(const Endpoint& endpoint);
   ~Listener();
   Listener(Listener&&) noexcept;
-  std::uint16_t port() const;  // the bound port, useful with port 0
+  std::uint16_t port() const;  // the bound TCP port, useful with port 0
+  std::string endpoint() const;  // what a peer connects to: tcp:HOST:PORT (actual port) or unix:PATH
   Stream accept();
 
  private:
