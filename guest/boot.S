@@ -137,6 +137,33 @@ timer_isr:
 spurious_isr:
   iretq
 
+/* #UD: the designated ud2 in guest_halt() asks to halt; anything else is a real fault.
+ * CPL3 reaches CPL0 through an exception because PVM hosts refuse int N from user mode (#UD
+ * anyway) and run a syscall entry natively at ring 3, where sti faults. sti's one-instruction
+ * shadow makes sti+hlt atomic: an interrupt already pending wakes the hlt, never is missed. */
+  .globl ud_isr
+ud_isr:
+  pushq %rax
+  leaq guest_halt_ud2(%rip), %rax
+  cmpq %rax, 8(%rsp) /* faulting rip */
+  jne 1f
+  addq $2, 8(%rsp) /* resume after the ud2 */
+  popq %rax
+  sti
+  hlt
+  iretq
+1:
+  popq %rax
+  jmp exc6
+
+/* CPL3: halt this vCPU until its next interrupt. */
+  .globl guest_halt
+guest_halt:
+  .globl guest_halt_ud2
+guest_halt_ud2:
+  ud2
+  ret
+
 /* Exceptions: report vector and faulting RIP, then stop this CPU. */
 .macro EXC vector, has_error
   .globl exc\vector

@@ -45,6 +45,7 @@ static inline void cpuid(uint32_t leaf, uint32_t *a, uint32_t *b, uint32_t *c, u
 static inline void lapic_write(uint32_t reg, uint32_t v) { *(volatile uint32_t *)((uint64_t)LAPIC_BASE + reg) = v; }
 static inline uint32_t lapic_read(uint32_t reg) { return *(volatile uint32_t *)((uint64_t)LAPIC_BASE + reg); }
 
+void guest_halt(void);                         /* CPL3: halt until the next interrupt (boot.S) */
 void user_main(unsigned cpu);                  /* CPL3 entry, workload.c */
 void regcheck_spin(const uint64_t *pattern, uint64_t *dump, uint64_t iterations, int avx); /* regcheck.S */
 

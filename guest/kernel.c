@@ -22,7 +22,7 @@ struct tss64 {
 
 extern uint64_t gdt_tss[];
 extern void *exception_stubs[22];
-extern void timer_isr(void), spurious_isr(void);
+extern void timer_isr(void), spurious_isr(void), ud_isr(void);
 
 static struct idt_gate idt[256];
 static struct tss64 tss[MAX_CPUS];
@@ -35,6 +35,7 @@ static void set_gate(unsigned vector, void *handler) {
   uint64_t addr = (uint64_t)handler;
   idt[vector] = (struct idt_gate){(uint16_t)addr, 0x10, 0, 0x8e, (uint16_t)(addr >> 16), (uint32_t)(addr >> 32), 0};
 }
+
 
 static void enable_vector_state(void) {
   uint64_t cr0, cr4;
@@ -59,6 +60,7 @@ void cpu_init(unsigned cpu) {
     for (unsigned v = 0; v < 22; v++) set_gate(v, exception_stubs[v]);
     set_gate(TIMER_VECTOR, timer_isr);
     set_gate(SPURIOUS_VECTOR, spurious_isr);
+    set_gate(6, ud_isr); /* also the halt request, see boot.S */
   }
   __asm__ volatile("lidt %0" ::"m"(idt_desc));
 

@@ -2,12 +2,14 @@
  * natively while CPL0 is emulated on this project's hosts.
  *
  * Command line (space-separated key=value; sizes take K/M/G):
- *   mode=idle|random|hotcold|sweep   what each vCPU does            (idle)
+ *   mode=idle|spin|random|hotcold|sweep   what each vCPU does       (idle)
+ *                   idle halts between heartbeats (woken by the LAPIC timer); spin busy-waits
  *   wss=SIZE        working set, split evenly across vCPUs          (64M)
  *   rate=MBPS       dirtying rate per guest, in MB/s of pages; 0 = as fast as possible (0)
  *   fill=zero|random|text|mix   initial working-set contents        (random)
  *   hot=PCT hotfrac=PCT         hotcold: hot set size and share of writes (10, 90)
- *   timer=HZ        periodic LAPIC timer interrupts, counted at CPL0 (0 = off)
+ *   timer=HZ        periodic LAPIC timer interrupts, counted at CPL0 (0 = off); an idle vCPU's
+ *                   timer runs at least at twice the heartbeat rate, since it wakes the vCPU
  *   hb=MS           heartbeat period                                 (10)
  *   regcheck=1      keep patterns in GPRs and SSE/AVX registers and check them continuously
  *   cpus=N          wait for exactly N vCPUs instead of until no more arrive
@@ -18,7 +20,7 @@
 #include "guest.h"
 #include "probe.h"
 
-enum mode { MODE_IDLE, MODE_RANDOM, MODE_HOTCOLD, MODE_SWEEP };
+enum mode { MODE_IDLE, MODE_RANDOM, MODE_HOTCOLD, MODE_SWEEP, MODE_SPIN };
 enum fill { FILL_ZERO, FILL_RANDOM, FILL_TEXT, FILL_MIX };
 
 static struct {
@@ -89,6 +91,7 @@ static void parse_arg(const char *key, unsigned klen, const char *val, unsigned 
     else if (streq(val, "random", vlen)) cfg.mode = MODE_RANDOM;
     else if (streq(val, "hotcold", vlen)) cfg.mode = MODE_HOTCOLD;
     else if (streq(val, "sweep", vlen)) cfg.mode = MODE_SWEEP;
+    else if (streq(val, "spin", vlen)) cfg.mode = MODE_SPIN;
     else put("mig-guest: unknown mode\n");
   } else if (streq(key, "fill", klen)) {
     if (streq(val, "zero", vlen)) cfg.fill = FILL_ZERO;
@@ -306,10 +309,17 @@ static void run_worker(unsigned cpu) {
     for (uint64_t p = 0; p < w.pages; p++)
       fill_page(w.base + p * 4096, cfg.fill == FILL_MIX ? (enum fill)(p % 3 + FILL_ZERO) : cfg.fill, &w.rng);
 
-  if (cfg.timer_hz) {
+  /* An idle vCPU halts, so something must wake it for each heartbeat: the LAPIC timer, at
+   * the heartbeat rate unless a timer rate was asked for. The register check needs a
+   * running vCPU, so it keeps the vCPU spinning instead. */
+  const int halts = cfg.mode == MODE_IDLE && !cfg.regcheck;
+  /* A halted vCPU wakes at least twice per heartbeat, so a beat is at most half a period late. */
+  const uint64_t wake_hz = halts ? 2000 / cfg.hb_ms + 1 : 0;
+  const uint64_t timer_hz = cfg.timer_hz > wake_hz ? cfg.timer_hz : wake_hz;
+  if (timer_hz) {
     lapic_write(0x3e0, 0x3);                                     /* divide by 16 */
     lapic_write(0x320, 0x20000 | TIMER_VECTOR);                  /* periodic */
-    lapic_write(0x380, (uint32_t)(1000000000ul / 16 / cfg.timer_hz)); /* KVM's APIC bus: 1 GHz */
+    lapic_write(0x380, (uint32_t)(1000000000ul / 16 / timer_hz)); /* KVM's APIC bus: 1 GHz */
   }
   outl(MIG_PROBE_READY, cfg.mode);
   if (cpu == 0) put("mig-guest: ready\n");
@@ -346,10 +356,11 @@ static void run_worker(unsigned cpu) {
         timer_reported = 1;
       }
     }
-    uint64_t n = cfg.mode == MODE_IDLE ? 0 : writes_allowed(&w, now);
+    uint64_t n = cfg.mode == MODE_IDLE || cfg.mode == MODE_SPIN ? 0 : writes_allowed(&w, now);
     if (cfg.mode == MODE_SWEEP) write_sweep(&w, n);
     else if (n) write_random(&w, n);
     if (cfg.regcheck) check_registers(&w, 20000);
+    else if (halts) guest_halt();
     else if (n == 0) for (int i = 0; i < 64; i++) __asm__ volatile("pause");
   }
 }

@@ -85,6 +85,7 @@ TEST_CASE("each workload migrates live, verified, and the guest carries on") {
   };
   const Case cases[] = {
       {"mode=idle hb=2", 1},
+      {"mode=spin hb=2", 1},
       {"mode=random rate=100 wss=64M hb=2", 1},
       {"mode=hotcold rate=200 wss=64M hot=5 hotfrac=95 hb=2", 1},
       {"mode=idle regcheck=1 hb=2", 1},
