@@ -8,8 +8,19 @@ the probe port under mig, one serial byte per heartbeat under QEMU), bytes sent,
 raw link (iperf3, same byte count, measured in this run) so every row has a ratio to the
 limit. Writes JSON lines and CSV, and PNG plots when gnuplot is installed.
 
-    bench/compare-qemu.py [--mem 2G] [--wss 1G] [--fill random] [--rates 0,25,50,75]
-                          [--configs mig,mig-prepared,qemu,qemu-multifd4] [--out DIR]
+    bench/compare-qemu.py [--mem 2G[,...]] [--wss 1G] [--fill random[,text,mix,zero]]
+                          [--workload random[,hotcold,sweep]] [--rates 0,25,50,75]
+                          [--configs mig,mig:prepared,qemu,qemu:multifd4] [--shaped "tbf rate 1gbit burst 512kb latency 50ms"]
+                          [--out DIR]
+
+The matrix is every combination of guest size, fill, workload, rate and configuration.
+A configuration is `mig` or `qemu`, optionally with `:` and `+`-joined options:
+  mig:  prepared (mig-recv --expect-mem), compress (zstd), nodedup, noverify, offline, zerocopy
+  qemu: multifdN (N channels), xbzrle, compress (multifd zstd, needs multifdN)
+Rate 0 runs the idle workload. --shaped runs everything, the raw-link baseline included,
+in a private network namespace whose loopback carries that qdisc (tc qdisc add dev lo root
+SPEC; "netem rate 1gbit delay 1ms" where the kernel has netem): a link slower than memory,
+with no address outside 127.0.0.1 involved.
 """
 import argparse
 import csv
@@ -129,7 +140,8 @@ class Qemu:
         self.proc.wait()
 
 
-def qemu_row(tmp, mem, append, channels):
+def qemu_row(tmp, mem, append, options):
+    channels = next((int(o[len("multifd"):]) for o in options if o.startswith("multifd")), 0)
     port = free_port()
     dst = Qemu(tmp, "dst", mem, append, incoming="defer")
     src = Qemu(tmp, "src", mem, append)
@@ -138,9 +150,17 @@ def qemu_row(tmp, mem, append, channels):
             raise RuntimeError("QEMU guest never reported ready")
         time.sleep(1)
         for side in (src, dst):
+            capabilities = []
             if channels:
-                side.qmp.execute("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+                capabilities.append({"capability": "multifd", "state": True})
+            if "xbzrle" in options:
+                capabilities.append({"capability": "xbzrle", "state": True})
+            if capabilities:
+                side.qmp.execute("migrate-set-capabilities", capabilities=capabilities)
+            if channels:
                 side.qmp.execute("migrate-set-parameters", **{"multifd-channels": channels})
+            if "compress" in options:
+                side.qmp.execute("migrate-set-parameters", **{"multifd-compression": "zstd"})
         src.qmp.execute("migrate-set-parameters", **{"downtime-limit": DOWNTIME_MS, "max-bandwidth": 1 << 40})
         dst.qmp.execute("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
         src.qmp.execute("migrate", uri=f"tcp:127.0.0.1:{port}")
@@ -160,36 +180,45 @@ def qemu_row(tmp, mem, append, channels):
         dst.close()
 
 
-def mig_row(tmp, mem, append, prepared):
+MIG_SEND_FLAGS = {"compress": ["--compress", "zstd"], "nodedup": ["--no-dedup"], "noverify": ["--no-verify"],
+                  "offline": ["--offline"], "zerocopy": ["--zerocopy", "on"]}
+
+
+def mig_row(tmp, mem, append, options):
     send_stats, recv_stats = os.path.join(tmp, "send.json"), os.path.join(tmp, "recv.json")
     recv_cmd = [os.path.join(BUILD, "tools", "mig-recv"), "--listen", "tcp:127.0.0.1:0", "--run-for", "1",
                 "--stats-json", recv_stats]
-    if prepared:
+    if "prepared" in options:
         recv_cmd += ["--expect-mem", str(mem)]
+    send_flags = [flag for o in options if o != "prepared" for flag in MIG_SEND_FLAGS[o]]
     receiver = subprocess.Popen(recv_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     endpoint = receiver.stdout.readline().split()[-1]
     sender = subprocess.run([os.path.join(BUILD, "tools", "mig-send"), "--kernel", IMAGE, "--mem", str(mem),
-                             "--append", append, "--to", endpoint, "--after", "1", "--stats-json", send_stats],
+                             "--append", append, "--to", endpoint, "--after", "1", "--stats-json", send_stats] + send_flags,
                             capture_output=True, text=True)
     receiver.wait(timeout=60)
     if sender.returncode != 0:
         raise RuntimeError(f"mig-send failed: {sender.stderr.strip()}")
-    s = json.load(open(send_stats))
-    return {k: s[k] for k in ("status", "total_ms", "downtime_ms", "guest_downtime_ms", "bytes_sent", "rounds", "verified")}
+    with open(send_stats) as f:
+        s = json.load(f)
+    row = {k: s[k] for k in ("status", "total_ms", "downtime_ms", "guest_downtime_ms", "bytes_sent", "rounds", "verified")}
+    row["mig_stats"] = s  # every --stats-json field
+    return row
 
 
 def plot(out_dir, rows):
     if not shutil.which("gnuplot"):
         print("gnuplot not installed: no plots")
         return
-    configs = sorted({r["config"] for r in rows})
+    configs = sorted({(r["config"], r["mem"], r["fill"], r["workload"]) for r in rows})
     for metric, label in (("total_ms", "total time (ms)"), ("guest_downtime_ms", "guest-observed downtime (ms)"),
                           ("bytes_sent", "bytes sent")):
         data = os.path.join(out_dir, f"{metric}.dat")
         with open(data, "w") as f:
             for c in configs:
-                f.write(f'"{c}"\n')
-                for r in sorted((r for r in rows if r["config"] == c), key=lambda r: r["dirty_MBps"]):
+                f.write(f'"{" ".join(c)}"\n')
+                for r in sorted((r for r in rows if (r["config"], r["mem"], r["fill"], r["workload"]) == c),
+                                key=lambda r: r["dirty_MBps"]):
                     if r[metric] is not None:
                         f.write(f"{r['dirty_MBps']} {r[metric]}\n")
                 f.write("\n\n")
@@ -201,41 +230,66 @@ def plot(out_dir, rows):
         print(f"plot: {png}")
 
 
+def enter_shaped_namespace(qdisc):
+    """Re-runs this script inside a fresh network namespace whose loopback is shaped."""
+    name = f"migbench{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
+        subprocess.run(["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root"] + qdisc.split(),
+                       check=True)
+        argv = [a for a in sys.argv if a != "--shaped" and a != qdisc]
+        return subprocess.run(["ip", "netns", "exec", name, sys.executable] + argv + ["--link-label", qdisc]).returncode
+    finally:
+        subprocess.run(["ip", "netns", "delete", name])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mem", default="2G")
+    p.add_argument("--mem", default="2G", help="guest sizes, comma-separated")
     p.add_argument("--wss", default="1G")
-    p.add_argument("--fill", default="random")
+    p.add_argument("--fill", default="random", help="fills, comma-separated: zero, random, text, mix")
+    p.add_argument("--workload", default="random", help="dirtying workloads for non-zero rates: random, hotcold, sweep")
     p.add_argument("--rates", default="0,25,50,75", help="guest dirty rates, percent of the raw link; 0 = idle")
-    p.add_argument("--configs", default="mig,mig-prepared,qemu,qemu-multifd4")
+    p.add_argument("--configs", default="mig,mig:prepared,qemu,qemu:multifd4")
+    p.add_argument("--shaped", help='a qdisc for a shaped loopback, e.g. "tbf rate 1gbit burst 512kb latency 50ms"')
+    p.add_argument("--link-label", default="loopback", help=argparse.SUPPRESS)
     p.add_argument("--out", default=os.path.join(BUILD, "compare-qemu"))
     args = p.parse_args()
-    mem, wss = size_bytes(args.mem), size_bytes(args.wss)
+    if args.shaped:
+        return enter_shaped_namespace(args.shaped)
+    wss = size_bytes(args.wss)
     os.makedirs(args.out, exist_ok=True)
     link = raw_link_mbps(wss)
-    print(f"raw link (iperf3, {wss >> 20} MiB over loopback): {link:.0f} MB/s")
+    print(f"raw link (iperf3, {wss >> 20} MiB over {args.link_label}): {link:.0f} MB/s")
     rows = []
+    matrix = [(m, fill, workload, int(percent), config) for m in args.mem.split(",") for fill in args.fill.split(",")
+              for workload in args.workload.split(",") for percent in args.rates.split(",") for config in args.configs.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        for percent in [int(x) for x in args.rates.split(",")]:
+        for mem_text, fill, workload, percent, config in matrix:
+            mem = size_bytes(mem_text)
             rate = int(link * percent / 100)
-            mode = f"mode=random rate={rate}" if percent else "mode=idle"
-            append = f"{mode} wss={wss >> 20}M fill={args.fill} hb=1 hbserial=1"
-            for config in args.configs.split(","):
+            mode = f"mode={workload} rate={rate}" if percent else "mode=idle"
+            append = f"{mode} wss={wss >> 20}M fill={fill} hb=1 hbserial=1"
+            kind, _, option_text = config.partition(":")
+            options = [o for o in option_text.split("+") if o]
+            if True:
                 try:
-                    if config.startswith("qemu"):
-                        row = qemu_row(tmp, mem, append, 4 if config == "qemu-multifd4" else 0)
+                    if kind == "qemu":
+                        row = qemu_row(tmp, mem, append, options)
                     else:
-                        row = mig_row(tmp, mem, append, config == "mig-prepared")
+                        row = mig_row(tmp, mem, append, options)
                 except Exception as e:  # one failed row must not lose the others
                     row = {"status": f"error: {e}", "total_ms": None, "downtime_ms": None, "guest_downtime_ms": None,
                            "bytes_sent": None, "rounds": None, "verified": None}
                 row.update(config=config, link_percent=percent, dirty_MBps=rate, raw_link_MBps=round(link),
-                           mem=args.mem, wss=args.wss, fill=args.fill, guest_cmdline=append)
+                           link=args.link_label, mem=mem_text, wss=args.wss, fill=fill, workload=workload,
+                           guest_cmdline=append)
                 if row["bytes_sent"] and row["total_ms"]:
                     row["ratio_to_raw_link"] = round(row["bytes_sent"] / 1e6 / link * 1000 / row["total_ms"], 3)
                 rows.append(row)
                 fmt = lambda v, f: "n/a" if v is None else format(v, f)
-                print(f"{percent:>3}% {config:<14} {row['status']:<10} total {fmt(row['total_ms'], '8.1f')} ms  "
+                print(f"{mem_text:>4} {fill:<6} {workload:<7} {percent:>3}% {config:<18} {row['status']:<10} total {fmt(row['total_ms'], '8.1f')} ms  "
                       f"downtime {fmt(row['downtime_ms'], '7.2f')} ms  guest saw {fmt(row['guest_downtime_ms'], '7.2f')} ms  "
                       f"sent {fmt(row['bytes_sent'] and row['bytes_sent'] / 1e6, '7.1f')} MB  "
                       f"ratio to link {fmt(row.get('ratio_to_raw_link'), '.2f')}", flush=True)
@@ -243,7 +297,7 @@ def main():
         for r in rows:
             f.write(json.dumps(r) + "\n")
     with open(os.path.join(args.out, "rows.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r if k != "mig_stats"}), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     print(f"rows: {args.out}/rows.jsonl, {args.out}/rows.csv")
