@@ -85,7 +85,7 @@ int main(int argc, char** argv) {
   std::uint64_t mem = 2ull << 30, wss = 1ull << 30;
   std::vector<int> link_percents = {0, 25, 50, 75};
   double downtime_ms = 30;
-  bool zerocopy = false, prepare = false;
+  bool zerocopy = false, prepare = false, no_plan = false;
   app.add_option("--kernel", image);
   app.add_option("--mem", mem)->transform(CLI::AsSizeValue(false));
   app.add_option("--wss", wss)->transform(CLI::AsSizeValue(false));
@@ -94,6 +94,7 @@ int main(int argc, char** argv) {
   app.add_option("--downtime-ms", downtime_ms);
   app.add_flag("--zerocopy", zerocopy);
   app.add_flag("--prepare", prepare, "populate the destination's memory while it waits (mig-recv --expect-mem)");
+  app.add_flag("--no-page-plan", no_plan, "do not announce round 0's pages to the receiver");
   app.add_option("--json", json_path, "append one JSON object per migration");
   CLI11_PARSE(app, argc, argv);
 
@@ -121,6 +122,7 @@ int main(int argc, char** argv) {
       tools::KvmVm source(std::move(machine));
       engine::SenderOptions options;
       options.policy.downtime_target_ms = downtime_ms;
+      options.page_plan = !no_plan;
       const auto run = migrate_once(source, options, zerocopy, prepared);
       const auto& s = run.sent;
       const double raw_ms = static_cast<double>(s.bytes_sent) / link * 1000;

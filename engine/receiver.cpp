@@ -1,9 +1,11 @@
 #include "engine/receiver.h"
 
 #include <cstring>
+#include <thread>
 
 #include "engine/compression.h"
 #include "engine/page_hashes.h"
+#include "engine/pages.h"
 
 namespace mig::engine {
 
@@ -112,6 +114,27 @@ class PageReceiver {
   std::vector<std::byte> blob_, staging_;
 };
 
+// Backs the pages of a PagePlan with memory on a helper thread, in stream order and in
+// chunks, so the receiving thread finds them ready instead of faulting on each. Stops early
+// when asked (round 0 is over: whatever is left has arrived already).
+std::jthread start_preparing(MigratableVm& vm, const std::vector<MemoryRegion>& regions, wire::PagePlan plan) {
+  if (plan.bitmaps.size() != regions.size()) throw wire::ProtocolError("PagePlan does not match the memory layout");
+  for (std::size_t r = 0; r < regions.size(); ++r)
+    if (plan.bitmaps[r].size() != bitmap_words(regions[r].size / kPageSize))
+      throw wire::ProtocolError("PagePlan bitmap does not match its region");
+  return std::jthread([&vm, plan = std::move(plan), regions](std::stop_token stop) {
+    constexpr std::uint64_t kChunkPages = 512;  // 2 MiB
+    for (std::size_t r = 0; r < regions.size(); ++r) {
+      for (const auto& run : runs_of(plan.bitmaps[r], regions[r].size / kPageSize)) {
+        for (std::uint64_t first = run.first; first < run.first + run.count; first += kChunkPages) {
+          if (stop.stop_requested()) return;
+          vm.prepare_pages(r, first, std::min(kChunkPages, run.first + run.count - first));
+        }
+      }
+    }
+  });
+}
+
 std::uint64_t ns_since(Clock::time_point t) {
   return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t).count());
 }
@@ -153,6 +176,7 @@ ReceiveResult receive(transport::Stream& stream, const VmFactory& make_vm, const
     stats.shared_memory = shared;
 
     PageReceiver pages(regions, stream);
+    std::jthread preparing;  // declared after `vm`: stopped and joined before the VM can go
     std::vector<StateSection> sections;
     wire::Complete complete;
     for (bool done = false; !done;) {
@@ -160,7 +184,11 @@ ReceiveResult receive(transport::Stream& stream, const VmFactory& make_vm, const
       switch (static_cast<wire::MessageType>(header.type)) {
         case wire::MessageType::page_batch: pages.apply(header); break;
         case wire::MessageType::round_end:
+          preparing.request_stop();
           stream.send(wire::RoundAck{wire::decode<wire::RoundEnd>(stream.read_payload(header)).round});
+          break;
+        case wire::MessageType::page_plan:
+          preparing = start_preparing(*vm, regions, wire::decode<wire::PagePlan>(stream.read_payload(header)));
           break;
         case wire::MessageType::state_section: {
           auto s = wire::decode<wire::StateSection>(stream.read_payload(header));

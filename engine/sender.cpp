@@ -202,8 +202,10 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
       logging = true;
     }
     // Round 0: every page that may be non-zero; untouched pages are known zero for free.
-    if (!shared)
+    if (!shared) {
       for (std::size_t r = 0; r < regions.size(); ++r) vm.populated_pages(r, pending[r]);
+      if (options.page_plan) stream.send(wire::PagePlan{pending});
+    }
 
     if (!options.offline && !shared) {
       stream.set_rate_limit(options.bandwidth_limit);

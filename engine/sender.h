@@ -24,6 +24,9 @@ struct SenderOptions {
   // Hand guest memory over instead of copying it when the VM can share it and the stream
   // is a UNIX socket (same host).
   bool share_memory = true;
+  // Tell the receiver which pages round 0 carries, so it can back them with memory ahead of
+  // the stream instead of faulting on each page as it lands.
+  bool page_plan = true;
   std::chrono::milliseconds peer_timeout{10000};
   std::chrono::milliseconds handover_wait{2000};  // for the guest-observed downtime report
   // Called after each pre-copy round with the round and the guest's size in bytes.

@@ -60,6 +60,10 @@ class MigratableVm {
   // that out must not fault the page in. The default claims every page.
   virtual void populated_pages(std::size_t region, std::span<std::uint64_t> bitmap);
 
+  // Destination: back these pages with memory now, because data for them is on its way.
+  // Called from a helper thread while pages are being received; the default does nothing.
+  virtual void prepare_pages(std::size_t region, std::uint64_t first_page, std::uint64_t count);
+
   // Source: pause stops every vCPU and returns once they are stopped. Destination: resume
   // also starts vCPUs that never ran.
   virtual void pause() = 0;

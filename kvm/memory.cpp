@@ -108,13 +108,19 @@ namespace mig::kvm {
 #endif
 
 void GuestMemory::populate() const {
-  for (const auto& r : regions_) {
-    if (::madvise(r.host(), r.layout.size, MADV_POPULATE_WRITE) == 0) continue;
-    if (errno != EINVAL) throw_errno("madvise(MADV_POPULATE_WRITE)");
-    // Kernels before 5.14: touch each page instead.
-    for (std::uint64_t offset = 0; offset < r.layout.size; offset += kPageSize)
-      *reinterpret_cast<volatile std::byte*>(r.host() + offset) = std::byte{0};
-  }
+  for (std::size_t i = 0; i < regions_.size(); ++i) populate(i, 0, regions_[i].layout.size / kPageSize);
+}
+
+void GuestMemory::populate(std::size_t index, std::uint64_t first, std::uint64_t count) const {
+  const Region& r = regions_.at(index);
+  if (first > r.layout.size / kPageSize || count > r.layout.size / kPageSize - first)
+    throw std::out_of_range("populate: pages outside the region");
+  std::byte* start = r.host() + first * kPageSize;
+  if (::madvise(start, count * kPageSize, MADV_POPULATE_WRITE) == 0) return;
+  if (errno != EINVAL) throw_errno("madvise(MADV_POPULATE_WRITE)");
+  // Kernels before 5.14: touch each page instead. Adding zero keeps concurrent writes intact.
+  for (std::uint64_t page = 0; page < count; ++page)
+    __atomic_fetch_add(reinterpret_cast<unsigned char*>(start + page * kPageSize), 0, __ATOMIC_RELAXED);
 }
 
 void GuestMemory::populated_pages(std::size_t index, std::span<std::uint64_t> bitmap) const {

@@ -42,6 +42,7 @@ TEST_CASE("every protocol message round-trips and refuses truncation") {
   check_round_trip(RoundEnd{7});
   check_round_trip(RoundAck{7});
   check_round_trip(SharedMemory{2});
+  check_round_trip(PagePlan{{{1, 2, 3}, {0xffff}}});
   CHECK(decode<Commit>(encode(Commit{})) == Commit{});
 }
 

@@ -32,6 +32,9 @@ class KvmVm final : public engine::MigratableVm {
   void populated_pages(std::size_t region, std::span<std::uint64_t> bitmap) override {
     machine_->memory().populated_pages(region, bitmap);
   }
+  void prepare_pages(std::size_t region, std::uint64_t first_page, std::uint64_t count) override {
+    machine_->memory().populate(region, first_page, count);
+  }
   void pause() override { machine_->pause(); }
   void resume() override { machine_->resume(); }
   std::vector<engine::StateSection> save_state() override;

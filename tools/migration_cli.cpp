@@ -22,6 +22,7 @@ void SendOptions::add_to(CLI::App& app, const std::string& to_flag, bool to_requ
   app.add_flag("--offline", offline, "pause first and copy everything once, no pre-copy");
   app.add_flag("--no-verify", no_verify, "skip the page-hash proof that destination memory equals the source's");
   app.add_flag("--no-dedup", no_dedup, "resend dirty pages even when their contents did not change");
+  app.add_flag("--no-page-plan", no_page_plan, "do not tell the receiver which pages are coming (it then faults on each as it lands)");
   app.add_option("--bandwidth", bandwidth, "limit pre-copy page data to RATE bytes per second, e.g. 100M (the final, paused round is not limited)")
       ->transform(CLI::AsSizeValue(false));
   app.add_option("--compress", compress, "compress page batches: zstd or zstd:LEVEL (default level 1); backs off by itself on incompressible memory")
@@ -43,6 +44,7 @@ engine::SenderOptions SendOptions::sender_options() const {
   o.offline = offline;
   o.verify = !no_verify;
   o.dedup = !no_dedup;
+  o.page_plan = !no_page_plan;
   o.bandwidth_limit = static_cast<double>(bandwidth);
   if (!compress.empty()) o.compress_level = compress == "zstd" ? 1 : std::stoi(compress.substr(5));
   return o;

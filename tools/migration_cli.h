@@ -30,6 +30,7 @@ struct SendOptions {
   bool offline = false;
   bool no_verify = false;
   bool no_dedup = false;
+  bool no_page_plan = false;
   std::string zerocopy = "auto";
   std::uint64_t bandwidth = 0;  // bytes per second, 0 = unlimited
   std::string compress;         // "", "zstd" or "zstd:LEVEL"

@@ -18,6 +18,7 @@ const char* to_string(MessageType type) {
     case MessageType::round_end: return "RoundEnd";
     case MessageType::round_ack: return "RoundAck";
     case MessageType::shared_memory: return "SharedMemory";
+    case MessageType::page_plan: return "PagePlan";
   }
   return "unknown";
 }
@@ -30,6 +31,7 @@ void validate(const FrameHeader& header) {
       limit = sizeof(BatchHeader) + std::uint64_t{kMaxBatchPages} * (sizeof(PageDescriptor) + kPageSize);
       break;
     case MessageType::state_section: limit = kMaxStateSection + 1024; break;
+    case MessageType::page_plan: limit = kMaxPlanBytes; break;
     case MessageType::hello: case MessageType::hello_ack: case MessageType::complete: case MessageType::ready:
     case MessageType::commit: case MessageType::running: case MessageType::handover: case MessageType::error:
     case MessageType::round_end: case MessageType::round_ack: case MessageType::shared_memory:
@@ -244,6 +246,25 @@ std::vector<std::byte> encode(const SharedMemory& m) {
   w.put(m.regions);
   return w.take();
 }
+template <>
+PagePlan decode<PagePlan>(std::span<const std::byte> payload) {
+  ByteReader r(payload);
+  PagePlan m;
+  const auto regions = r.get<std::uint32_t>("PagePlan.regions");
+  if (regions == 0 || regions > kMaxRegions) throw ProtocolError("PagePlan has " + std::to_string(regions) + " regions");
+  for (std::uint32_t i = 0; i < regions; ++i)
+    m.bitmaps.push_back(r.get_vector<std::uint64_t>(kMaxPlanBytes / 8, "PagePlan.bitmap"));
+  r.expect_end("PagePlan");
+  return m;
+}
+
+std::vector<std::byte> encode(const PagePlan& m) {
+  ByteWriter w;
+  w.put(static_cast<std::uint32_t>(m.bitmaps.size()));
+  for (const auto& b : m.bitmaps) w.put_vector(b);
+  return w.take();
+}
+
 template <>
 SharedMemory decode<SharedMemory>(std::span<const std::byte> payload) {
   ByteReader r(payload);

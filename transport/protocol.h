@@ -5,6 +5,7 @@
 //                                                 ◀── HelloAck {capabilities accepted, boot id}
 //   [SharedMemory {regions} + one memfd per region over SCM_RIGHTS, if both accepted it:
 //    the VM is built on the source's own memory and no page is sent]
+//   PagePlan {which pages round 0 carries}        ──▶  starts populating those pages, ahead
 //   PageBatch {round 0, descriptors, pages}       ──▶  pages land straight in guest memory
 //   RoundEnd {round 0}                            ──▶
 //                                                 ◀── RoundAck {round 0}   once all of it landed
@@ -68,6 +69,7 @@ enum class MessageType : std::uint16_t {
   round_end = 11,
   round_ack = 12,
   shared_memory = 13,
+  page_plan = 14,
 };
 const char* to_string(MessageType type);
 
@@ -153,6 +155,14 @@ struct RoundAck {
   friend bool operator==(const RoundAck&, const RoundAck&) = default;
 };
 
+// The pages round 0 will carry, one bitmap per region (bit i = page i), so the receiver can
+// back exactly those with memory ahead of the stream instead of faulting on each as it lands.
+struct PagePlan {
+  std::vector<std::vector<std::uint64_t>> bitmaps;
+  friend bool operator==(const PagePlan&, const PagePlan&) = default;
+};
+inline constexpr std::uint64_t kMaxPlanBytes = kMaxGuestBytes / kPageSize / 8 + 4096;
+
 // Announces one memory fd per region, sent right after this frame as SCM_RIGHTS.
 struct SharedMemory {
   std::uint32_t regions = 0;
@@ -214,6 +224,7 @@ std::vector<std::byte> encode(const Error& m);
 std::vector<std::byte> encode(const RoundEnd& m);
 std::vector<std::byte> encode(const RoundAck& m);
 std::vector<std::byte> encode(const SharedMemory& m);
+std::vector<std::byte> encode(const PagePlan& m);
 
 template <typename T>
 T decode(std::span<const std::byte> payload);
@@ -233,5 +244,6 @@ template <> constexpr MessageType type_of<Error>() { return MessageType::error; 
 template <> constexpr MessageType type_of<RoundEnd>() { return MessageType::round_end; }
 template <> constexpr MessageType type_of<RoundAck>() { return MessageType::round_ack; }
 template <> constexpr MessageType type_of<SharedMemory>() { return MessageType::shared_memory; }
+template <> constexpr MessageType type_of<PagePlan>() { return MessageType::page_plan; }
 
 }  // namespace mig::wire
