@@ -4,6 +4,7 @@
 #include <thread>
 
 #include "engine/compression.h"
+#include "engine/delta.h"
 #include "engine/page_hashes.h"
 #include "engine/pages.h"
 
@@ -40,13 +41,23 @@ class PageReceiver {
 
     targets_.clear();
     iovecs_.clear();
-    std::uint64_t data_bytes = 0;
+    std::uint64_t data_bytes = 0, delta_bytes = 0;
     for (const auto& d : descriptors_) {
       wire::validate(d);
+      if (d.encoding == wire::PageEncoding::delta) delta_bytes += d.length;
+    }
+    deltas_.resize(delta_bytes);  // sized once per batch: the iovecs below point into it
+    delta_bytes = 0;
+    for (const auto& d : descriptors_) {
       const auto target = locate(d.guest_addr);
       targets_.push_back(target);
       data_bytes += d.length;
       if (d.encoding == wire::PageEncoding::raw) iovecs_.push_back({target.host, kPageSize});
+      if (d.encoding == wire::PageEncoding::delta) {
+        // A delta is applied to the page as it stands, so it lands beside it first.
+        iovecs_.push_back({deltas_.data() + delta_bytes, d.length});
+        delta_bytes += d.length;
+      }
     }
     if (frame.length != head_bytes + (compressed ? header.compressed_bytes : data_bytes))
       throw wire::ProtocolError("page batch length " + std::to_string(frame.length) + " disagrees with its descriptors");
@@ -65,10 +76,15 @@ class PageReceiver {
       stream_.read_scatter(iovecs_);
     }
 
+    delta_bytes = 0;
     for (std::size_t i = 0; i < descriptors_.size(); ++i) {
       const auto& t = targets_[i];
       std::uint64_t& hash = hashes_.at(t.region, t.page);
-      if (descriptors_[i].encoding == wire::PageEncoding::raw) {
+      if (descriptors_[i].encoding == wire::PageEncoding::delta) {
+        apply_delta(t.host, std::span(deltas_).subspan(delta_bytes, descriptors_[i].length));
+        delta_bytes += descriptors_[i].length;
+        hash = hash_page(t.host);
+      } else if (descriptors_[i].encoding == wire::PageEncoding::raw) {
         hash = hash_page(t.host);
       } else if (hash != zero_page_hash()) {
         // Non-zero here before and zero now. A page that never held data is left alone:
@@ -111,7 +127,7 @@ class PageReceiver {
   std::vector<Target> targets_;
   std::vector<iovec> iovecs_;
   BatchDecompressor decompressor_;
-  std::vector<std::byte> blob_, staging_;
+  std::vector<std::byte> blob_, staging_, deltas_;
 };
 
 // Backs the pages of a PagePlan with memory on a helper thread, in stream order and in

@@ -4,6 +4,7 @@
 #include <optional>
 
 #include "engine/compression.h"
+#include "engine/delta.h"
 #include "engine/page_hashes.h"
 #include "engine/pages.h"
 
@@ -21,7 +22,7 @@ std::int64_t monotonic_ns(Clock::time_point t) {
 using Bitmaps = std::vector<std::vector<std::uint64_t>>;
 
 struct RoundCounts {
-  std::uint64_t pages_sent = 0, pages_skipped = 0, bytes = 0;
+  std::uint64_t pages_sent = 0, pages_skipped = 0, pages_delta = 0, bytes = 0;
 };
 
 // Turns the pages set in a bitmap into page-batch frames, gathered straight from guest
@@ -32,12 +33,19 @@ class PageSender {
   static constexpr std::size_t kBatchPages = 256;
 
   PageSender(std::span<const MemoryRegion> regions, transport::Stream& stream, PageHashes& hashes, bool dedup,
-             int compress_level)
+             int compress_level, std::size_t delta_cache_pages)
       : regions_(regions), stream_(stream), hashes_(hashes), dedup_(dedup) {
     if (compress_level > 0) compressor_.emplace(compress_level);
+    if (delta_cache_pages > 0) {
+      // Batches send cached pages straight from their slots: a slot must not be reused while
+      // the batch that points at it is being built.
+      delta_.emplace(std::max(delta_cache_pages, 2 * kBatchPages));
+      delta_bytes_.reserve(kBatchPages * kPageSize);  // never reallocates: iovecs point into it
+    }
   }
 
   std::uint64_t batches_compressed() const { return compressor_ ? compressor_->batches_compressed() : 0; }
+  std::uint64_t pages_delta() const { return pages_delta_total_; }
 
   // Sends every page set in `pending`, then clears it.
   RoundCounts send_round(std::uint32_t round, Bitmaps& pending) {
@@ -51,12 +59,21 @@ class PageSender {
     }
     flush();
     counts_.bytes = stream_.counters().bytes_sent - before;
+    pages_delta_total_ += counts_.pages_delta;
     return counts_;
   }
 
  private:
   void add_page(std::size_t region, std::uint64_t page) {
     const std::byte* host = regions_[region].host + page * kPageSize;
+    // A resent page under delta encoding goes through a snapshot: the bytes hashed, cached
+    // and sent must be one and the same, or a later delta would apply to bytes the receiver
+    // never had. Round 0 sends straight from guest memory and caches nothing.
+    const bool through_cache = delta_ && round_ > 0;
+    if (through_cache) {
+      std::memcpy(snapshot_, host, kPageSize);
+      host = snapshot_;
+    }
     const std::uint64_t hash = hash_page(host);
     std::uint64_t& last_sent = hashes_.at(region, page);
     const bool zero = hash == zero_page_hash() && is_zero_page(host);
@@ -71,6 +88,28 @@ class PageSender {
     d.guest_addr = regions_[region].guest_addr + page * kPageSize;
     d.encoding = zero ? wire::PageEncoding::zero : wire::PageEncoding::raw;
     d.length = zero ? 0 : static_cast<std::uint32_t>(kPageSize);
+    if (through_cache && zero) {
+      // The receiver's copy becomes zero; so must the version a later delta starts from.
+      if (std::byte* slot = delta_->find(region, page)) std::memset(slot, 0, kPageSize);
+    }
+    if (through_cache && !zero) {
+      std::byte* slot = delta_->find(region, page);
+      const std::size_t at = delta_bytes_.size();
+      if (slot && encode_delta(slot, host, kPageSize / 2, delta_bytes_) > 0) {
+        d.encoding = wire::PageEncoding::delta;
+        d.length = static_cast<std::uint32_t>(delta_bytes_.size() - at);
+        pages_.push_back({delta_bytes_.data() + at, d.length});
+        ++counts_.pages_delta;
+      } else {
+        slot = delta_->slot_for(region, page);
+        pages_.push_back({slot, kPageSize});
+      }
+      std::memcpy(slot ? slot : delta_->slot_for(region, page), host, kPageSize);
+      descriptors_.push_back(d);
+      ++counts_.pages_sent;
+      if (descriptors_.size() == kBatchPages) flush();
+      return;
+    }
     descriptors_.push_back(d);
     if (!zero) {
       // Adjacent pages become one iovec: fewer, larger copies in the kernel.
@@ -103,6 +142,7 @@ class PageSender {
     stream_.send_gathered(wire::MessageType::page_batch, head_, pages_);
     descriptors_.clear();
     pages_.clear();
+    delta_bytes_.clear();
   }
 
   std::span<const MemoryRegion> regions_;
@@ -111,7 +151,11 @@ class PageSender {
   bool dedup_;
   std::uint32_t round_ = 0;
   RoundCounts counts_;
+  std::uint64_t pages_delta_total_ = 0;
   std::optional<BatchCompressor> compressor_;
+  std::optional<DeltaCache> delta_;
+  std::vector<std::byte> delta_bytes_;
+  alignas(64) std::byte snapshot_[kPageSize];
   std::vector<wire::PageDescriptor> descriptors_;
   std::vector<iovec> pages_;
   std::vector<std::byte> head_;
@@ -182,7 +226,7 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
     }
 
     PageHashes hashes(regions);
-    PageSender sender(regions, stream, hashes, options.dedup, options.compress_level);
+    PageSender sender(regions, stream, hashes, options.dedup, options.compress_level, options.delta_cache_pages);
     Bitmaps pending = empty_bitmaps(regions), scratch = empty_bitmaps(regions);
     std::uint32_t round = 0;
     Clock::time_point pause_start = start, paused_at = start;
@@ -253,6 +297,7 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
       pages_sent += r.pages_sent;
       pages_skipped += r.pages_skipped;
     }
+    stats.pages_delta = sender.pages_delta();
     stream.send(wire::Complete{verify ? hashes.digest() : 0, pages_sent});
     const auto ready = stream.receive<wire::Ready>();
     const auto ready_at = Clock::now();

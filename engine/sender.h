@@ -21,6 +21,9 @@ struct SenderOptions {
   // bandwidth measured under the limit, so it stays on the safe side.
   double bandwidth_limit = 0;
   int compress_level = 0;  // zstd level for page batches; 0 = off
+  // Pages kept to delta-encode against (XBZRLE-style); 0 = off. Pages enter the cache when
+  // resent after round 0, which is when a page shows it is being rewritten.
+  std::size_t delta_cache_pages = 0;
   // Hand guest memory over instead of copying it when the VM can share it and the stream
   // is a UNIX socket (same host).
   bool share_memory = true;

@@ -26,6 +26,7 @@ nlohmann::json to_json(const MigrationStats& s) {
       {"bytes_sent", s.bytes_sent},
       {"pages_sent", s.pages_sent},
       {"pages_skipped", s.pages_skipped},
+      {"pages_delta", s.pages_delta},
       {"guest_bytes", s.guest_bytes},
       {"verified", s.verified},
       {"shared_memory", s.shared_memory},

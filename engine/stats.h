@@ -34,6 +34,7 @@ struct MigrationStats {
   std::uint64_t bytes_sent = 0;   // all wire bytes
   std::uint64_t pages_sent = 0;
   std::uint64_t pages_skipped = 0;
+  std::uint64_t pages_delta = 0;  // sent as a delta against their previous version
   std::uint64_t guest_bytes = 0;
   bool verified = false;          // the page-hash check ran and passed
   bool shared_memory = false;     // same-host hand-over: memory was shared, not copied (nothing to verify)

@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 
 #include <atomic>
+#include <functional>
 #include <cstring>
 #include <mutex>
 #include <random>
@@ -54,6 +55,7 @@ class FakeVm final : public engine::MigratableVm {
     logging_ = false;
   }
   void fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) override {
+    if (before_fetch && region == 0) before_fetch(*this);  // the guest's writes during the round
     std::lock_guard lock(mutex_);
     // A thrashing guest rewrites everything it ever touched between any two fetches.
     const auto& source = thrash ? touched_[region] : dirty_[region];
@@ -85,6 +87,7 @@ class FakeVm final : public engine::MigratableVm {
 
   std::atomic<int> pauses{0}, resumes{0};
   bool thrash = false;
+  std::function<void(FakeVm&)> before_fetch;
   std::vector<engine::StateSection> restored;
 
  private:

@@ -31,6 +31,10 @@ void SendOptions::add_to(CLI::App& app, const std::string& to_flag, bool to_requ
                    ? std::string()
                    : std::string("expected zstd or zstd:LEVEL");
       });
+  app.add_flag("--delta", delta, "send pages that changed a little as deltas against their last-sent version (XBZRLE-style)");
+  app.add_option("--delta-cache", delta_cache, "with --delta: how much last-sent page data to keep")
+      ->transform(CLI::AsSizeValue(false))
+      ->default_str("64M");
   app.add_option("--zerocopy", zerocopy, "MSG_ZEROCOPY for page data: auto (on unless the peer is loopback), on, off")
       ->default_val("auto")
       ->check(CLI::IsMember({"auto", "on", "off"}));
@@ -45,6 +49,7 @@ engine::SenderOptions SendOptions::sender_options() const {
   o.verify = !no_verify;
   o.dedup = !no_dedup;
   o.page_plan = !no_page_plan;
+  if (delta) o.delta_cache_pages = std::max<std::size_t>(1, delta_cache / engine::kPageSize);
   o.bandwidth_limit = static_cast<double>(bandwidth);
   if (!compress.empty()) o.compress_level = compress == "zstd" ? 1 : std::stoi(compress.substr(5));
   return o;

@@ -51,6 +51,9 @@ void validate(const PageDescriptor& d) {
     case PageEncoding::zero:
       if (d.length != 0) throw ProtocolError("zero page descriptor with length " + std::to_string(d.length));
       break;
+    case PageEncoding::delta:
+      if (d.length == 0 || d.length >= kPageSize) throw ProtocolError("delta page descriptor with length " + std::to_string(d.length));
+      break;
     default: throw ProtocolError("unknown page encoding " + std::to_string(static_cast<int>(d.encoding)));
   }
   if (d.guest_addr % kPageSize) throw ProtocolError("page descriptor address is not page-aligned");

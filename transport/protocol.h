@@ -114,6 +114,7 @@ enum class PageEncoding : std::uint8_t {
   invalid = 0,
   raw = 1,   // kPageSize bytes follow
   zero = 2,  // no bytes follow; the page is all zeroes
+  delta = 3, // `length` bytes of runs against the version of the page sent last (engine/delta.h)
 };
 
 struct PageDescriptor {
