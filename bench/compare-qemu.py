@@ -271,6 +271,8 @@ def main():
             mem = size_bytes(mem_text)
             rate = int(link * percent / 100)
             mode = f"mode={workload} rate={rate}" if percent else "mode=idle"
+            if workload == "hotcold" and percent:
+                mode += " hot=5 hotfrac=95"
             append = f"{mode} wss={wss >> 20}M fill={fill} hb=1 hbserial=1"
             kind, _, option_text = config.partition(":")
             options = [o for o in option_text.split("+") if o]
