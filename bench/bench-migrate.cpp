@@ -68,12 +68,20 @@ Run migrate_once(tools::KvmVm& source, const engine::SenderOptions& options, boo
   transport::Listener listener(transport::Endpoint::parse("tcp:127.0.0.1:0"));
   auto receiver = std::async(std::launch::async, [&] {
     auto stream = listener.accept();
-    auto r = engine::receive(stream, tools::KvmVm::factory("", kvm::MemoryBacking::anonymous, prepared), engine::ReceiverOptions{});
+    engine::ReceiverOptions receiver_options;
+    receiver_options.accept_channel = [&listener] { return listener.accept(); };
+    auto r = engine::receive(stream, tools::KvmVm::factory("", kvm::MemoryBacking::anonymous, prepared), receiver_options);
     return r.stats;  // the destination VM is dropped here: the bench only needs the numbers
   });
-  auto stream = transport::connect(transport::Endpoint::parse(listener.endpoint()));
-  if (zerocopy) stream.enable_zerocopy();
-  auto sent = engine::migrate(source, stream, options);
+  auto open = [&listener, zerocopy] {
+    auto s = transport::connect(transport::Endpoint::parse(listener.endpoint()));
+    if (zerocopy) s.enable_zerocopy();
+    return s;
+  };
+  auto stream = open();
+  engine::SenderOptions with_channels = options;
+  with_channels.open_channel = open;
+  auto sent = engine::migrate(source, stream, with_channels);
   return {sent, receiver.get()};
 }
 
@@ -86,6 +94,7 @@ int main(int argc, char** argv) {
   std::vector<int> link_percents = {0, 25, 50, 75};
   double downtime_ms = 30;
   bool zerocopy = false, prepare = false, no_plan = false;
+  unsigned parallel = 1;
   app.add_option("--kernel", image);
   app.add_option("--mem", mem)->transform(CLI::AsSizeValue(false));
   app.add_option("--wss", wss)->transform(CLI::AsSizeValue(false));
@@ -95,6 +104,7 @@ int main(int argc, char** argv) {
   app.add_flag("--zerocopy", zerocopy);
   app.add_flag("--prepare", prepare, "populate the destination's memory while it waits (mig-recv --expect-mem)");
   app.add_flag("--no-page-plan", no_plan, "do not announce round 0's pages to the receiver");
+  app.add_option("--parallel", parallel, "page channels");
   app.add_option("--json", json_path, "append one JSON object per migration");
   CLI11_PARSE(app, argc, argv);
 
@@ -123,6 +133,7 @@ int main(int argc, char** argv) {
       engine::SenderOptions options;
       options.policy.downtime_target_ms = downtime_ms;
       options.page_plan = !no_plan;
+      options.channels = parallel;
       const auto run = migrate_once(source, options, zerocopy, prepared);
       const auto& s = run.sent;
       const double raw_ms = static_cast<double>(s.bytes_sent) / link * 1000;

@@ -1,6 +1,10 @@
 #include "engine/receiver.h"
 
+#include <sys/socket.h>
+
 #include <cstring>
+#include <mutex>
+#include <optional>
 #include <thread>
 
 #include "engine/compression.h"
@@ -14,12 +18,14 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// Applies page batches to guest memory. Everything in a batch is checked before a single
-// byte of page data is read into guest memory.
+// Applies the page batches of one channel to guest memory. Everything in a batch is checked
+// before a single byte of page data is read into guest memory, including that each page
+// belongs to this channel: the round-ordering invariant rests on it.
 class PageReceiver {
  public:
-  PageReceiver(std::vector<MemoryRegion> regions, transport::Stream& stream)
-      : regions_(std::move(regions)), stream_(stream), hashes_(regions_) {}
+  PageReceiver(std::vector<MemoryRegion> regions, transport::Stream& stream, PageHashes& hashes, unsigned channel,
+               unsigned channels)
+      : regions_(std::move(regions)), stream_(stream), hashes_(hashes), channel_(channel), channels_(channels) {}
 
   void apply(const wire::FrameHeader& frame) {
     wire::BatchHeader header;
@@ -96,7 +102,6 @@ class PageReceiver {
     pages_ += descriptors_.size();
   }
 
-  std::uint64_t digest() const { return hashes_.digest(); }
   std::uint64_t pages() const { return pages_; }
   std::uint32_t rounds() const { return last_round_ + 1; }
 
@@ -112,6 +117,8 @@ class PageReceiver {
       const auto& region = regions_[r];
       if (guest_addr >= region.guest_addr && guest_addr - region.guest_addr < region.size) {
         const std::uint64_t offset = guest_addr - region.guest_addr;
+        if (channels_ > 1 && guest_addr / kPageSize / wire::kChannelChunkPages % channels_ != channel_)
+          throw wire::ProtocolError("page at guest address " + std::to_string(guest_addr) + " arrived on the wrong channel");
         return {r, offset / kPageSize, region.host + offset};
       }
     }
@@ -120,7 +127,8 @@ class PageReceiver {
 
   std::vector<MemoryRegion> regions_;
   transport::Stream& stream_;
-  PageHashes hashes_;
+  PageHashes& hashes_;  // shared by all channels; each writes only its own pages' entries
+  unsigned channel_, channels_;
   std::uint32_t last_round_ = 0;
   std::uint64_t pages_ = 0;
   std::vector<wire::PageDescriptor> descriptors_;
@@ -149,6 +157,88 @@ std::jthread start_preparing(MigratableVm& vm, const std::vector<MemoryRegion>& 
       }
     }
   });
+}
+
+// Channels 1..n-1: a thread each, applying its batches and acknowledging its rounds. The
+// sender closes them after the final round; a failure shuts channel 0 down too, so the main
+// loop stops instead of waiting for frames that will not come.
+class ExtraChannels {
+ public:
+  ~ExtraChannels() { stop(); }
+
+  void start(std::vector<transport::Stream> streams, const std::vector<MemoryRegion>& regions, PageHashes& hashes,
+             transport::Stream& main) {
+    streams_ = std::move(streams);
+    const auto channels = static_cast<unsigned>(streams_.size() + 1);
+    for (unsigned i = 0; i < streams_.size(); ++i) {
+      receivers_.push_back(std::make_unique<PageReceiver>(regions, streams_[i], hashes, i + 1, channels));
+      threads_.emplace_back([this, i, &main] {
+        auto& stream = streams_[i];
+        try {
+          for (;;) {
+            const auto header = stream.read_header();
+            if (header.type == static_cast<std::uint16_t>(wire::MessageType::page_batch)) {
+              receivers_[i]->apply(header);
+            } else if (header.type == static_cast<std::uint16_t>(wire::MessageType::round_end)) {
+              stream.send(wire::RoundAck{wire::decode<wire::RoundEnd>(stream.read_payload(header)).round});
+            } else {
+              throw wire::ProtocolError(std::string("unexpected ") + wire::to_string(static_cast<wire::MessageType>(header.type)) +
+                                        " on a page channel");
+            }
+          }
+        } catch (const transport::PeerError&) {
+          // Closed: the sender is done with this channel (or gone, which channel 0 notices).
+        } catch (const std::exception& e) {
+          std::lock_guard lock(mutex_);
+          if (!error_) error_ = std::string("channel ") + std::to_string(i + 1) + ": " + e.what();
+          ::shutdown(main.fd(), SHUT_RDWR);
+        }
+      });
+    }
+  }
+
+  // Stops and joins every channel thread; returns the first channel's error, if any.
+  std::optional<std::string> stop() {
+    for (auto& s : streams_) ::shutdown(s.fd(), SHUT_RDWR);
+    for (auto& t : threads_) t.join();
+    threads_.clear();
+    std::lock_guard lock(mutex_);
+    return error_;
+  }
+
+  std::uint64_t pages() const {
+    std::uint64_t n = 0;
+    for (const auto& r : receivers_) n += r->pages();
+    return n;
+  }
+  std::uint64_t bytes() const {
+    std::uint64_t n = 0;
+    for (const auto& s : streams_) n += s.counters().bytes_received;
+    return n;
+  }
+
+ private:
+  std::vector<transport::Stream> streams_;
+  std::vector<std::unique_ptr<PageReceiver>> receivers_;
+  std::vector<std::thread> threads_;
+  std::mutex mutex_;
+  std::optional<std::string> error_;
+};
+
+// Accepts the sender's extra channels, in whatever order they connect.
+std::vector<transport::Stream> accept_channels(const ReceiverOptions& options, const wire::Hello& hello, unsigned channels) {
+  std::vector<std::optional<transport::Stream>> slots(channels - 1);
+  for (unsigned n = 1; n < channels; ++n) {
+    auto stream = options.accept_channel();
+    stream.set_timeout(options.peer_timeout);
+    const auto h = stream.receive<wire::ChannelHello>();
+    if (h.session != hello.session) throw wire::ProtocolError("a channel of another migration session connected");
+    if (h.index == 0 || h.index >= channels || slots[h.index - 1]) throw wire::ProtocolError("bad or repeated channel index");
+    slots[h.index - 1] = std::move(stream);
+  }
+  std::vector<transport::Stream> out;
+  for (auto& s : slots) out.push_back(std::move(*s));
+  return out;
 }
 
 std::uint64_t ns_since(Clock::time_point t) {
@@ -188,40 +278,53 @@ ReceiveResult receive(transport::Stream& stream, const VmFactory& make_vm, const
         throw std::runtime_error("the VM built here does not have the sender's memory layout");
       stats.guest_bytes += regions[i].size;
     }
-    if (!shared) stream.send(wire::HelloAck{hello.capabilities & wire::kCapVerify, transport::host_boot_id()});
+    const unsigned channels = !shared && options.accept_channel ? hello.channels : 1;
+    if (!shared) stream.send(wire::HelloAck{hello.capabilities & wire::kCapVerify, transport::host_boot_id(), channels});
     stats.shared_memory = shared;
+    stats.channels = channels;
 
-    PageReceiver pages(regions, stream);
+    PageHashes hashes(regions);
+    PageReceiver pages(regions, stream, hashes, 0, channels);
+    ExtraChannels extra;  // after `vm` and `hashes`: its threads stop before they go
+    if (channels > 1) extra.start(accept_channels(options, hello, channels), regions, hashes, stream);
     std::jthread preparing;  // declared after `vm`: stopped and joined before the VM can go
     std::vector<StateSection> sections;
     wire::Complete complete;
-    for (bool done = false; !done;) {
-      const auto header = stream.read_header();
-      switch (static_cast<wire::MessageType>(header.type)) {
-        case wire::MessageType::page_batch: pages.apply(header); break;
-        case wire::MessageType::round_end:
-          preparing.request_stop();
-          stream.send(wire::RoundAck{wire::decode<wire::RoundEnd>(stream.read_payload(header)).round});
-          break;
-        case wire::MessageType::page_plan:
-          preparing = start_preparing(*vm, regions, wire::decode<wire::PagePlan>(stream.read_payload(header)));
-          break;
-        case wire::MessageType::state_section: {
-          auto s = wire::decode<wire::StateSection>(stream.read_payload(header));
-          sections.push_back({std::move(s.name), s.version, std::move(s.data)});
-          break;
+    try {
+      for (bool done = false; !done;) {
+        const auto header = stream.read_header();
+        switch (static_cast<wire::MessageType>(header.type)) {
+          case wire::MessageType::page_batch: pages.apply(header); break;
+          case wire::MessageType::round_end:
+            preparing.request_stop();
+            stream.send(wire::RoundAck{wire::decode<wire::RoundEnd>(stream.read_payload(header)).round});
+            break;
+          case wire::MessageType::page_plan:
+            preparing = start_preparing(*vm, regions, wire::decode<wire::PagePlan>(stream.read_payload(header)));
+            break;
+          case wire::MessageType::state_section: {
+            auto s = wire::decode<wire::StateSection>(stream.read_payload(header));
+            sections.push_back({std::move(s.name), s.version, std::move(s.data)});
+            break;
+          }
+          case wire::MessageType::complete:
+            complete = wire::decode<wire::Complete>(stream.read_payload(header));
+            done = true;
+            break;
+          default:
+            throw wire::ProtocolError(std::string("unexpected ") + wire::to_string(static_cast<wire::MessageType>(header.type)) +
+                                      " during the page stream");
         }
-        case wire::MessageType::complete:
-          complete = wire::decode<wire::Complete>(stream.read_payload(header));
-          done = true;
-          break;
-        default:
-          throw wire::ProtocolError(std::string("unexpected ") + wire::to_string(static_cast<wire::MessageType>(header.type)) +
-                                    " during the page stream");
       }
+    } catch (const std::exception&) {
+      // A channel's own error says more than the shutdown of channel 0 it caused.
+      if (auto error = extra.stop()) throw std::runtime_error(*error);
+      throw;
     }
+    // The sender sends Complete only after every channel acknowledged the final round.
+    if (auto error = extra.stop()) throw std::runtime_error(*error);
     if (hello.capabilities & wire::kCapVerify) {
-      if (pages.digest() != complete.page_digest)
+      if (hashes.digest() != complete.page_digest)
         throw std::runtime_error("verification failed: destination memory differs from the source's");
       stats.verified = true;
     }
@@ -239,7 +342,8 @@ ReceiveResult receive(transport::Stream& stream, const VmFactory& make_vm, const
     stats.status = "completed";
     stats.downtime.restore_ms = static_cast<double>(restore_ns) / 1e6;
     stats.downtime.resume_ms = std::chrono::duration<double, std::milli>(resumed_at - resume_start).count();
-    stats.pages_sent = pages.pages();
+    stats.pages_sent = pages.pages() + extra.pages();
+    stats.extra_channel_bytes = extra.bytes();
     stats.rounds = pages.rounds();
     stats.total_ms = std::chrono::duration<double, std::milli>(resumed_at - start).count();
     stats.guest = vm->wait_guest_handover(options.handover_wait);

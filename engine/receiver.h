@@ -3,6 +3,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
 
 #include "engine/stats.h"
@@ -14,6 +15,9 @@ namespace mig::engine {
 struct ReceiverOptions {
   std::chrono::milliseconds peer_timeout{10000};
   std::chrono::milliseconds handover_wait{2000};
+  // Accepts the next connection, for a sender that asks for parallel channels. Without it
+  // the receiver accepts one channel and the sender falls back to it.
+  std::function<transport::Stream()> accept_channel;
 };
 
 struct ReceiveResult {

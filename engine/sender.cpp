@@ -1,7 +1,9 @@
 #include "engine/sender.h"
 
 #include <algorithm>
+#include <future>
 #include <optional>
+#include <random>
 
 #include "engine/compression.h"
 #include "engine/delta.h"
@@ -23,6 +25,13 @@ using Bitmaps = std::vector<std::vector<std::uint64_t>>;
 
 struct RoundCounts {
   std::uint64_t pages_sent = 0, pages_skipped = 0, pages_delta = 0, bytes = 0;
+  RoundCounts& operator+=(const RoundCounts& o) {
+    pages_sent += o.pages_sent;
+    pages_skipped += o.pages_skipped;
+    pages_delta += o.pages_delta;
+    bytes += o.bytes;
+    return *this;
+  }
 };
 
 // Turns the pages set in a bitmap into page-batch frames, gathered straight from guest
@@ -32,9 +41,10 @@ class PageSender {
  public:
   static constexpr std::size_t kBatchPages = 256;
 
+  // Channel `channel` of `channels`: it handles only the pages that travel on it.
   PageSender(std::span<const MemoryRegion> regions, transport::Stream& stream, PageHashes& hashes, bool dedup,
-             int compress_level, std::size_t delta_cache_pages)
-      : regions_(regions), stream_(stream), hashes_(hashes), dedup_(dedup) {
+             int compress_level, std::size_t delta_cache_pages, unsigned channel, unsigned channels)
+      : regions_(regions), stream_(stream), hashes_(hashes), dedup_(dedup), channel_(channel), channels_(channels) {
     if (compress_level > 0) compressor_.emplace(compress_level);
     if (delta_cache_pages > 0) {
       // Batches send cached pages straight from their slots: a slot must not be reused while
@@ -47,15 +57,17 @@ class PageSender {
   std::uint64_t batches_compressed() const { return compressor_ ? compressor_->batches_compressed() : 0; }
   std::uint64_t pages_delta() const { return pages_delta_total_; }
 
-  // Sends every page set in `pending`, then clears it.
-  RoundCounts send_round(std::uint32_t round, Bitmaps& pending) {
+  // Sends this channel's pages among those set in `pending`, which it only reads: other
+  // channels read it at the same time.
+  RoundCounts send_round(std::uint32_t round, const Bitmaps& pending) {
     round_ = round;
     counts_ = {};
     const std::uint64_t before = stream_.counters().bytes_sent;
     for (std::size_t r = 0; r < regions_.size(); ++r) {
+      const std::uint64_t region_first = regions_[r].guest_addr / kPageSize;
       for (const auto& run : runs_of(pending[r], regions_[r].size / kPageSize))
-        for (std::uint64_t page = run.first; page < run.first + run.count; ++page) add_page(r, page);
-      std::fill(pending[r].begin(), pending[r].end(), 0);
+        for (std::uint64_t page = run.first; page < run.first + run.count; ++page)
+          if (channels_ == 1 || (region_first + page) / wire::kChannelChunkPages % channels_ == channel_) add_page(r, page);
     }
     flush();
     counts_.bytes = stream_.counters().bytes_sent - before;
@@ -147,8 +159,9 @@ class PageSender {
 
   std::span<const MemoryRegion> regions_;
   transport::Stream& stream_;
-  PageHashes& hashes_;
+  PageHashes& hashes_;  // shared by all channels; each writes only its own pages' entries
   bool dedup_;
+  unsigned channel_, channels_;
   std::uint32_t round_ = 0;
   RoundCounts counts_;
   std::uint64_t pages_delta_total_ = 0;
@@ -210,6 +223,9 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
     hello.capabilities = offer_sharing ? wire::kCapSharedMemory : options.verify ? wire::kCapVerify : 0;
     hello.vcpus = vm.vcpu_count();
     hello.host_boot_id = transport::host_boot_id();
+    hello.channels = std::clamp(options.channels, 1u, wire::kMaxChannels);
+    if (hello.channels > 1 && !options.open_channel) throw std::invalid_argument("parallel channels need a way to open them");
+    hello.session = std::random_device{}() | (std::uint64_t{std::random_device{}()} << 32);
     for (const auto& r : regions) hello.regions.push_back({r.guest_addr, r.size});
     stream.send(hello);
     const auto ack = stream.receive<wire::HelloAck>();
@@ -225,9 +241,53 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
       stream.receive<wire::RoundAck>();
     }
 
+    // Extra channels, and a page sender per channel.
+    const unsigned channels = shared ? 1 : ack.channels;
+    if (channels < 1 || channels > hello.channels) throw wire::ProtocolError("receiver accepted an impossible channel count");
+    std::vector<transport::Stream> extra;
+    std::vector<transport::Stream*> streams{&stream};
+    for (unsigned i = 1; i < channels; ++i) {
+      extra.push_back(options.open_channel());
+      extra.back().set_timeout(options.peer_timeout);
+      extra.back().send(wire::ChannelHello{hello.session, i});
+    }
+    for (auto& s : extra) streams.push_back(&s);
     PageHashes hashes(regions);
-    PageSender sender(regions, stream, hashes, options.dedup, options.compress_level, options.delta_cache_pages);
+    std::vector<std::unique_ptr<PageSender>> senders;
+    for (unsigned i = 0; i < channels; ++i)
+      senders.push_back(std::make_unique<PageSender>(regions, *streams[i], hashes, options.dedup, options.compress_level,
+                                                     options.delta_cache_pages, i, channels));
     Bitmaps pending = empty_bitmaps(regions), scratch = empty_bitmaps(regions);
+    // Sends round `r` of `pending` on every channel at once, each ending it with RoundEnd and
+    // waiting for its RoundAck when `acknowledged`; then clears `pending`.
+    auto send_round = [&](std::uint32_t r, bool acknowledged) {
+      auto one = [&](std::size_t i) {
+        auto counts = senders[i]->send_round(r, pending);
+        if (acknowledged) {
+          streams[i]->send(wire::RoundEnd{r});
+          if (streams[i]->receive<wire::RoundAck>().round != r) throw wire::ProtocolError("RoundAck for the wrong round");
+        }
+        return counts;
+      };
+      RoundCounts total;
+      if (channels == 1) {
+        total = one(0);
+      } else {
+        std::vector<std::future<RoundCounts>> running;
+        for (std::size_t i = 0; i < channels; ++i) running.push_back(std::async(std::launch::async, one, i));
+        std::exception_ptr failure;
+        for (auto& f : running) {
+          try {
+            total += f.get();
+          } catch (...) {
+            if (!failure) failure = std::current_exception();
+          }
+        }
+        if (failure) std::rethrow_exception(failure);
+      }
+      for (auto& bitmap : pending) std::fill(bitmap.begin(), bitmap.end(), 0);
+      return total;
+    };
     std::uint32_t round = 0;
     Clock::time_point pause_start = start, paused_at = start;
 
@@ -252,12 +312,10 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
     }
 
     if (!options.offline && !shared) {
-      stream.set_rate_limit(options.bandwidth_limit);
+      for (auto* s : streams) s->set_rate_limit(options.bandwidth_limit / channels);
       for (;; ++round) {
         const auto round_start = Clock::now();
-        const auto counts = sender.send_round(round, pending);
-        stream.send(wire::RoundEnd{round});
-        if (stream.receive<wire::RoundAck>().round != round) throw wire::ProtocolError("RoundAck for the wrong round");
+        const auto counts = send_round(round, true);
         const std::uint64_t dirty = fetch_dirty(vm, regions, scratch, pending);
         RoundStats rs;
         rs.round = round;
@@ -280,7 +338,7 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
         ++round;
         break;
       }
-      stream.set_rate_limit(0);
+      for (auto* s : streams) s->set_rate_limit(0);
       pause_start = Clock::now();
       vm.pause();
       paused = true;
@@ -288,7 +346,14 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
       fetch_dirty(vm, regions, scratch, pending);
     }
     const auto synced = Clock::now();
-    const auto final_counts = sender.send_round(round, pending);
+    // With one channel, Complete right behind the pages is the end of the round. With
+    // several, each must have acknowledged its share before state and Complete go out on
+    // channel 0; the extra channels are then done and closed.
+    const auto final_counts = send_round(round, channels > 1);
+    std::uint64_t extra_bytes = 0;
+    for (const auto& s : extra) extra_bytes += s.counters().bytes_sent;
+    extra.clear();
+    streams.resize(1);
     const auto pages_done = Clock::now();
     for (const auto& section : vm.save_state()) stream.send(wire::StateSection{section.name, section.version, section.data});
     const auto state_done = Clock::now();
@@ -297,7 +362,12 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
       pages_sent += r.pages_sent;
       pages_skipped += r.pages_skipped;
     }
-    stats.pages_delta = sender.pages_delta();
+    for (const auto& s : senders) {
+      stats.pages_delta += s->pages_delta();
+      stats.batches_compressed += s->batches_compressed();
+    }
+    stats.channels = channels;
+    stats.extra_channel_bytes = extra_bytes;
     stream.send(wire::Complete{verify ? hashes.digest() : 0, pages_sent});
     const auto ready = stream.receive<wire::Ready>();
     const auto ready_at = Clock::now();
@@ -317,7 +387,7 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
     stats.pages_skipped = pages_skipped;
     stats.verified = verify;
     stats.shared_memory = shared;
-    stats.batches_compressed = sender.batches_compressed();
+
     stats.total_ms = ms_between(start, running_at);
     auto& d = stats.downtime;
     d.pause_ms = ms_between(pause_start, paused_at);
@@ -361,10 +431,10 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
   }
   if (stats.total_ms == 0) stats.total_ms = ms_between(start, Clock::now());
   const auto& c = stream.counters();
-  stats.bytes_sent = c.bytes_sent;
+  stats.bytes_sent = c.bytes_sent + stats.extra_channel_bytes;
   stats.zerocopy_sends = c.zerocopy_sends;
   stats.zerocopy_copied = c.zerocopy_copied;
-  stats.throughput_MBps = static_cast<double>(c.bytes_sent) / 1e3 / std::max(stats.total_ms, 1e-9);
+  stats.throughput_MBps = static_cast<double>(stats.bytes_sent) / 1e3 / std::max(stats.total_ms, 1e-9);
   return stats;
 }
 

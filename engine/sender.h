@@ -30,6 +30,11 @@ struct SenderOptions {
   // Tell the receiver which pages round 0 carries, so it can back them with memory ahead of
   // the stream instead of faulting on each page as it lands.
   bool page_plan = true;
+  // Connections for page data. Each carries the pages of its share of guest memory (by
+  // address, see wire::kChannelChunkPages) on its own thread. `open_channel` connects one
+  // more to the same receiver; needed when channels > 1.
+  unsigned channels = 1;
+  std::function<transport::Stream()> open_channel;
   std::chrono::milliseconds peer_timeout{10000};
   std::chrono::milliseconds handover_wait{2000};  // for the guest-observed downtime report
   // Called after each pre-copy round with the round and the guest's size in bytes.

@@ -48,6 +48,7 @@ nlohmann::json to_json(const MigrationStats& s) {
       {"zerocopy_sends", s.zerocopy_sends},
       {"zerocopy_copied", s.zerocopy_copied},
       {"batches_compressed", s.batches_compressed},
+      {"channels", s.channels},
       {"round_table", rounds},
   };
   return j;

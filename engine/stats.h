@@ -46,6 +46,8 @@ struct MigrationStats {
   bool zerocopy = false;
   std::uint64_t zerocopy_sends = 0, zerocopy_copied = 0;
   std::uint64_t batches_compressed = 0;
+  unsigned channels = 1;                 // connections that carried pages
+  std::uint64_t extra_channel_bytes = 0; // of bytes_sent, what channels 1..n-1 carried
   std::vector<RoundStats> round_table;  // pre-copy rounds; the final round is in downtime
 };
 

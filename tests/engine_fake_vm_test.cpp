@@ -1,6 +1,9 @@
 // The engine end to end against fake VMs: correctness, verification, failure handling.
 #include <catch2/catch.hpp>
+#include <condition_variable>
+#include <deque>
 #include <future>
+#include <mutex>
 
 #include "engine/page_hashes.h"
 #include "engine/receiver.h"
@@ -32,7 +35,7 @@ std::pair<engine::MigrationStats, engine::ReceiveResult> run_migration(test::Fak
   auto [send_end, relay_in] = test::stream_pair();
   auto [relay_out, recv_end] = test::stream_pair();
   auto receiver = std::async(std::launch::async, [&, s = std::move(recv_end)]() mutable {
-    return engine::receive(s, fake_factory(destination), engine::ReceiverOptions{2000ms, 100ms});
+    return engine::receive(s, fake_factory(destination), engine::ReceiverOptions{2000ms, 100ms, {}});
   });
   auto relay_thread = std::async(std::launch::async, [&, in = std::move(relay_in), out = std::move(relay_out)]() mutable {
     relay(in, out);
@@ -214,7 +217,7 @@ TEST_CASE("the receiver refuses malformed streams with a reason") {
     auto [sender_end, receiver_end] = test::stream_pair();
     test::FakeVm* destination = nullptr;
     auto receiver = std::async(std::launch::async, [&, s = std::move(receiver_end)]() mutable {
-      return engine::receive(s, fake_factory(&destination), engine::ReceiverOptions{1000ms, 100ms});
+      return engine::receive(s, fake_factory(&destination), engine::ReceiverOptions{1000ms, 100ms, {}});
     });
     try {
       send_bad_stream(sender_end);
@@ -387,4 +390,70 @@ TEST_CASE("delta-encoded rounds leave the destination equal to the source") {
     CHECK(sent.pages_delta >= 64 * 9);  // every hot page, in every round after its first resend
     CHECK(destination->region_memory(0) == source.region_memory(0));
   }
+}
+
+TEST_CASE("parallel channels deliver every page, in round order, with deltas and compression") {
+  // Socketpairs stand in for connections: the sender's open_channel hands the far end to
+  // the receiver's accept_channel.
+  std::mutex mutex;
+  std::condition_variable ready;
+  std::deque<transport::Stream> connecting;
+  engine::SenderOptions options;
+  options.channels = 4;
+  options.open_channel = [&] {
+    auto [near, far] = test::stream_pair();
+    std::lock_guard lock(mutex);
+    connecting.push_back(std::move(far));
+    ready.notify_all();
+    return std::move(near);
+  };
+  options.delta_cache_pages = 1024;
+  options.compress_level = 1;
+  options.policy.downtime_target_ms = 0;
+  options.policy.no_progress_rounds = 0;
+  options.policy.max_rounds = 8;
+  test::FakeVm source({kPages, 1024});
+  fill(source, kPages);
+  std::uint64_t value = 1;
+  source.before_fetch = [&value](test::FakeVm& vm) {
+    for (std::uint64_t p = 0; p < kPages; p += 37) vm.write(0, p, value++);
+  };
+
+  auto [send_end, recv_end] = test::stream_pair();
+  test::FakeVm* destination = nullptr;
+  auto receiver = std::async(std::launch::async, [&, s = std::move(recv_end)]() mutable {
+    engine::ReceiverOptions receiver_options{2000ms, 100ms, {}};
+    receiver_options.accept_channel = [&] {
+      std::unique_lock lock(mutex);
+      ready.wait(lock, [&] { return !connecting.empty(); });
+      auto accepted = std::move(connecting.front());
+      connecting.pop_front();
+      return accepted;
+    };
+    return engine::receive(s, fake_factory(&destination), receiver_options);
+  });
+  auto sent = engine::migrate(source, send_end, options);
+  auto received = receiver.get();
+  INFO(sent.error << " / " << received.stats.error);
+  REQUIRE(sent.status == "completed");
+  CHECK(sent.channels == 4);
+  CHECK(received.stats.channels == 4);
+  CHECK(received.stats.verified);
+  CHECK(sent.pages_delta > 0);
+  CHECK(sent.extra_channel_bytes > sent.bytes_sent / 2);  // most pages went on channels 1-3
+  CHECK(destination->region_memory(0) == source.region_memory(0));
+  CHECK(destination->region_memory(1) == source.region_memory(1));
+}
+
+TEST_CASE("a receiver without extra connections makes the sender fall back to one channel") {
+  test::FakeVm source({kPages});
+  fill(source, kPages);
+  test::FakeVm* destination = nullptr;
+  engine::SenderOptions options;
+  options.channels = 4;
+  options.open_channel = [] () -> transport::Stream { throw std::logic_error("must not be called"); };
+  auto [sent, received] = run_migration(source, &destination, options, pass_through());
+  REQUIRE(sent.status == "completed");
+  CHECK(sent.channels == 1);
+  CHECK(destination->region_memory(0) == source.region_memory(0));
 }

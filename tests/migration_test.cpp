@@ -27,10 +27,15 @@ Migrated migrate_over(const std::string& endpoint, tools::KvmVm& source, const e
   transport::Listener listener(transport::Endpoint::parse(endpoint));
   auto receiver = std::async(std::launch::async, [&] {
     auto stream = listener.accept();
-    return engine::receive(stream, tools::KvmVm::factory("", kvm::MemoryBacking::anonymous), engine::ReceiverOptions{});
+    engine::ReceiverOptions receiver_options;
+    receiver_options.accept_channel = [&] { return listener.accept(); };
+    return engine::receive(stream, tools::KvmVm::factory("", kvm::MemoryBacking::anonymous), receiver_options);
   });
-  auto stream = transport::connect(transport::Endpoint::parse(listener.endpoint()));
-  auto sent = engine::migrate(source, stream, options);
+  auto open = [&] { return transport::connect(transport::Endpoint::parse(listener.endpoint())); };
+  auto stream = open();
+  engine::SenderOptions with_channels = options;
+  with_channels.open_channel = open;
+  auto sent = engine::migrate(source, stream, with_channels);
   return {sent, receiver.get()};
 }
 
@@ -208,5 +213,19 @@ TEST_CASE("same host without memfd memory: pages are copied over the UNIX socket
   require_completed(m);
   CHECK_FALSE(m.sent.shared_memory);
   CHECK(m.sent.pages_sent > 4000);
+  require_guest_carries_on(m.destination()->machine());
+}
+
+TEST_CASE("parallel channels: a dirtying guest migrates over three connections") {
+  test::require_kvm();
+  auto source = boot("mode=random rate=200 wss=64M timer=100 regcheck=1 hb=2", 256ull << 20);
+  std::this_thread::sleep_for(200ms);
+  engine::SenderOptions options;
+  options.channels = 3;
+  options.delta_cache_pages = 4096;
+  auto m = migrate_over_tcp(*source, options);
+  require_completed(m);
+  CHECK(m.sent.channels == 3);
+  CHECK(m.received.stats.channels == 3);
   require_guest_carries_on(m.destination()->machine());
 }

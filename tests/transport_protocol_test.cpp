@@ -26,13 +26,16 @@ Hello sample_hello() {
   h.vcpus = 4;
   h.host_boot_id = "8c1f";
   h.regions = {{0, 3ull << 30}, {4ull << 30, 1ull << 30}};
+  h.channels = 4;
+  h.session = 0xfeedfacecafe;
   return h;
 }
 }  // namespace
 
 TEST_CASE("every protocol message round-trips and refuses truncation") {
   check_round_trip(sample_hello());
-  check_round_trip(HelloAck{kCapVerify, "8c1f"});
+  check_round_trip(HelloAck{kCapVerify, "8c1f", 4});
+  check_round_trip(ChannelHello{0xfeedfacecafe, 3});
   check_round_trip(StateSection{"vcpu.0", 1, {std::byte{1}, std::byte{2}, std::byte{3}}});
   check_round_trip(Complete{0x1234567890abcdefull, 42});
   check_round_trip(Ready{123456});
@@ -59,6 +62,8 @@ TEST_CASE("Hello with absurd shapes is refused") {
     return encode(h);
   };
   CHECK_THROWS_WITH(decode<Hello>(bad([](Hello& h) { h.vcpus = 0; })), Contains("vCPUs"));
+  CHECK_THROWS_WITH(decode<Hello>(bad([](Hello& h) { h.channels = 0; })), Contains("channels"));
+  CHECK_THROWS_WITH(decode<Hello>(bad([](Hello& h) { h.channels = 99; })), Contains("channels"));
   CHECK_THROWS_WITH(decode<Hello>(bad([](Hello& h) { h.vcpus = 100000; })), Contains("vCPUs"));
   CHECK_THROWS_WITH(decode<Hello>(bad([](Hello& h) { h.regions.clear(); })), Contains("no memory regions"));
   CHECK_THROWS_WITH(decode<Hello>(bad([](Hello& h) { h.regions[0].size = 4097; })), Contains("malformed"));

@@ -60,7 +60,9 @@ int main(int argc, char** argv) {
       (*prepared)->memory().populate();
     }
     auto stream = listener->accept();
-    result = engine::receive(stream, tools::KvmVm::factory(serial, backing, prepared), engine::ReceiverOptions{});
+    engine::ReceiverOptions receiver_options;
+    receiver_options.accept_channel = [&listener] { return listener->accept(); };
+    result = engine::receive(stream, tools::KvmVm::factory(serial, backing, prepared), receiver_options);
   } catch (const std::exception& e) {
     result.stats.error = e.what();
   }

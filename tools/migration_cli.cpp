@@ -35,6 +35,9 @@ void SendOptions::add_to(CLI::App& app, const std::string& to_flag, bool to_requ
   app.add_option("--delta-cache", delta_cache, "with --delta: how much last-sent page data to keep")
       ->transform(CLI::AsSizeValue(false))
       ->default_str("64M");
+  app.add_option("--parallel", parallel, "TCP connections for page data, each carrying its share of guest memory")
+      ->default_val(1)
+      ->check(CLI::Range(1u, 16u));
   app.add_option("--zerocopy", zerocopy, "MSG_ZEROCOPY for page data: auto (on unless the peer is loopback), on, off")
       ->default_val("auto")
       ->check(CLI::IsMember({"auto", "on", "off"}));
@@ -101,11 +104,16 @@ engine::MigrationStats migrate_to(KvmVm& vm, const SendOptions& options) {
   engine::MigrationStats stats;
   try {
     const auto endpoint = transport::Endpoint::parse(options.to);
-    auto stream = transport::connect(endpoint);
-    if (options.zerocopy == "on" || (options.zerocopy == "auto" && !is_loopback(endpoint.host))) {
-      if (!stream.enable_zerocopy() && options.zerocopy == "on")
+    const bool want_zerocopy = options.zerocopy == "on" || (options.zerocopy == "auto" && !is_loopback(endpoint.host));
+    auto open = [&endpoint, want_zerocopy, &options] {
+      auto stream = transport::connect(endpoint);
+      if (want_zerocopy && !stream.enable_zerocopy() && options.zerocopy == "on")
         throw std::runtime_error("--zerocopy=on but the socket refuses SO_ZEROCOPY");
-    }
+      return stream;
+    };
+    auto stream = open();
+    sender.channels = options.parallel;
+    sender.open_channel = open;
     stats = engine::migrate(vm, stream, sender);
   } catch (const std::exception& e) {
     // Nothing was paused yet: connecting or parsing failed.

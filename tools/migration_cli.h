@@ -35,6 +35,7 @@ struct SendOptions {
   std::uint64_t bandwidth = 0;  // bytes per second, 0 = unlimited
   std::string compress;         // "", "zstd" or "zstd:LEVEL"
   bool delta = false;
+  unsigned parallel = 1;
   std::uint64_t delta_cache = 64ull << 20;
 
   void add_to(CLI::App& app, const std::string& to_flag, bool to_required);

@@ -19,6 +19,7 @@ const char* to_string(MessageType type) {
     case MessageType::round_ack: return "RoundAck";
     case MessageType::shared_memory: return "SharedMemory";
     case MessageType::page_plan: return "PagePlan";
+    case MessageType::channel_hello: return "ChannelHello";
   }
   return "unknown";
 }
@@ -35,6 +36,7 @@ void validate(const FrameHeader& header) {
     case MessageType::hello: case MessageType::hello_ack: case MessageType::complete: case MessageType::ready:
     case MessageType::commit: case MessageType::running: case MessageType::handover: case MessageType::error:
     case MessageType::round_end: case MessageType::round_ack: case MessageType::shared_memory:
+    case MessageType::channel_hello:
       break;
     default: throw ProtocolError("unknown frame type " + std::to_string(header.type));
   }
@@ -67,6 +69,8 @@ std::vector<std::byte> encode(const Hello& m) {
   w.put(m.vcpus);
   w.put_string(m.host_boot_id);
   w.put_vector(m.regions);
+  w.put(m.channels);
+  w.put(m.session);
   return w.take();
 }
 template <>
@@ -94,6 +98,9 @@ Hello decode<Hello>(std::span<const std::byte> payload) {
     total += region.size;
   }
   if (total > kMaxGuestBytes) throw ProtocolError("Hello asks for " + std::to_string(total) + " bytes of guest memory");
+  m.channels = r.get<std::uint32_t>("Hello.channels");
+  if (m.channels == 0 || m.channels > kMaxChannels) throw ProtocolError("Hello asks for " + std::to_string(m.channels) + " channels");
+  m.session = r.get<std::uint64_t>("Hello.session");
   r.expect_end("Hello");
   return m;
 }
@@ -102,6 +109,7 @@ std::vector<std::byte> encode(const HelloAck& m) {
   ByteWriter w;
   w.put(m.capabilities);
   w.put_string(m.host_boot_id);
+  w.put(m.channels);
   return w.take();
 }
 template <>
@@ -110,6 +118,7 @@ HelloAck decode<HelloAck>(std::span<const std::byte> payload) {
   HelloAck m;
   m.capabilities = r.get<std::uint32_t>("HelloAck.capabilities");
   m.host_boot_id = r.get_string(kMaxNameBytes, "HelloAck.host_boot_id");
+  m.channels = r.get<std::uint32_t>("HelloAck.channels");
   r.expect_end("HelloAck");
   return m;
 }
@@ -266,6 +275,22 @@ std::vector<std::byte> encode(const PagePlan& m) {
   w.put(static_cast<std::uint32_t>(m.bitmaps.size()));
   for (const auto& b : m.bitmaps) w.put_vector(b);
   return w.take();
+}
+
+std::vector<std::byte> encode(const ChannelHello& m) {
+  ByteWriter w;
+  w.put(m.session);
+  w.put(m.index);
+  return w.take();
+}
+template <>
+ChannelHello decode<ChannelHello>(std::span<const std::byte> payload) {
+  ByteReader r(payload);
+  ChannelHello m;
+  m.session = r.get<std::uint64_t>("ChannelHello.session");
+  m.index = r.get<std::uint32_t>("ChannelHello.index");
+  r.expect_end("ChannelHello");
+  return m;
 }
 
 template <>

@@ -1,8 +1,11 @@
 // The mig migration protocol, whole. Version 1.
 //
 //   sender (source)                                   receiver (destination, incoming mode)
-//   Hello {version, capabilities, vcpus, regions} ──▶  creates a VM of that shape
-//                                                 ◀── HelloAck {capabilities accepted, boot id}
+//   Hello {version, capabilities, vcpus, regions, channels, session}
+//                                                 ──▶  creates a VM of that shape
+//                                                 ◀── HelloAck {capabilities, boot id, channels}
+//   [channels 1..n-1: a connection each, opening with ChannelHello {session, index}; each
+//    carries the pages of its share of guest memory and its own RoundEnd/RoundAck]
 //   [SharedMemory {regions} + one memfd per region over SCM_RIGHTS, if both accepted it:
 //    the VM is built on the source's own memory and no page is sent]
 //   PagePlan {which pages round 0 carries}        ──▶  starts populating those pages, ahead
@@ -53,6 +56,10 @@ inline constexpr std::uint32_t kMaxVcpus = 256;
 inline constexpr std::uint64_t kMaxGuestBytes = 1ull << 40;
 inline constexpr std::size_t kMaxNameBytes = 64;
 inline constexpr std::size_t kMaxMessageBytes = 4096;
+inline constexpr std::uint32_t kMaxChannels = 16;
+// With parallel channels, the page at guest page number P travels on channel
+// (P / kChannelChunkPages) % channels, always, so its copies arrive in round order.
+inline constexpr std::uint64_t kChannelChunkPages = 512;
 
 enum class MessageType : std::uint16_t {
   invalid = 0,
@@ -70,6 +77,7 @@ enum class MessageType : std::uint16_t {
   round_ack = 12,
   shared_memory = 13,
   page_plan = 14,
+  channel_hello = 15,
 };
 const char* to_string(MessageType type);
 
@@ -101,12 +109,15 @@ struct Hello {
   std::uint32_t vcpus = 0;
   std::string host_boot_id;  // equal boot ids mean one host: CLOCK_MONOTONIC is comparable
   std::vector<Region> regions;
+  std::uint32_t channels = 1;  // connections the sender would like to use for pages
+  std::uint64_t session = 0;   // ties the extra channels' connections to this one
   friend bool operator==(const Hello&, const Hello&) = default;
 };
 
 struct HelloAck {
   std::uint32_t capabilities = 0;
   std::string host_boot_id;
+  std::uint32_t channels = 1;  // what the receiver accepted: 1, or the sender's count
   friend bool operator==(const HelloAck&, const HelloAck&) = default;
 };
 
@@ -163,6 +174,13 @@ struct PagePlan {
   friend bool operator==(const PagePlan&, const PagePlan&) = default;
 };
 inline constexpr std::uint64_t kMaxPlanBytes = kMaxGuestBytes / kPageSize / 8 + 4096;
+
+// The first frame on an extra channel's connection.
+struct ChannelHello {
+  std::uint64_t session = 0;
+  std::uint32_t index = 0;
+  friend bool operator==(const ChannelHello&, const ChannelHello&) = default;
+};
 
 // Announces one memory fd per region, sent right after this frame as SCM_RIGHTS.
 struct SharedMemory {
@@ -226,6 +244,7 @@ std::vector<std::byte> encode(const RoundEnd& m);
 std::vector<std::byte> encode(const RoundAck& m);
 std::vector<std::byte> encode(const SharedMemory& m);
 std::vector<std::byte> encode(const PagePlan& m);
+std::vector<std::byte> encode(const ChannelHello& m);
 
 template <typename T>
 T decode(std::span<const std::byte> payload);
@@ -246,5 +265,6 @@ template <> constexpr MessageType type_of<RoundEnd>() { return MessageType::roun
 template <> constexpr MessageType type_of<RoundAck>() { return MessageType::round_ack; }
 template <> constexpr MessageType type_of<SharedMemory>() { return MessageType::shared_memory; }
 template <> constexpr MessageType type_of<PagePlan>() { return MessageType::page_plan; }
+template <> constexpr MessageType type_of<ChannelHello>() { return MessageType::channel_hello; }
 
 }  // namespace mig::wire
