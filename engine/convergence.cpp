@@ -33,7 +33,12 @@ double expected_downtime_ms(std::span<const RoundStats> rounds, const Convergenc
 
 Decision decide(std::span<const RoundStats> rounds, const ConvergencePolicy& policy) {
   if (rounds.empty()) return Decision::next_round;
-  if (expected_downtime_ms(rounds, policy) <= policy.downtime_target_ms) return Decision::stop_converged;
+  if (expected_downtime_ms(rounds, policy) <= policy.downtime_target_ms) {
+    const bool halved = rounds.size() >= 2 && rounds.back().dirty_pages > 0 &&
+                        rounds.back().dirty_pages * 2 <= rounds[rounds.size() - 2].dirty_pages;
+    if (policy.keep_improving && halved && rounds.size() < policy.max_rounds) return Decision::next_round;
+    return Decision::stop_converged;
+  }
   if (rounds.size() >= policy.max_rounds) return Decision::stop_max_rounds;
   // Round 0 sends all memory, so its dirty rate says nothing about progress; judge the
   // pre-copy rounds after it.

@@ -33,6 +33,10 @@ struct ConvergencePolicy {
   // Bandwidth is measured over the most recent rounds covering at least this long, so one
   // slow or tiny round does not swing the estimate, and early rounds do not dilute it.
   double bandwidth_window_s = 0.25;
+  // Within the target, go on while rounds still pay: as long as the last round at least
+  // halved the pages left, another one is cheap and cuts the downtime further. Off by
+  // default, where the target alone decides.
+  bool keep_improving = false;
 };
 
 enum class Decision {
