@@ -61,6 +61,24 @@ void validate(const PageDescriptor& d) {
   if (d.guest_addr % kPageSize) throw ProtocolError("page descriptor address is not page-aligned");
 }
 
+namespace {
+// The codec of every message that is a single fixed-size field.
+template <typename Message, typename Field>
+std::vector<std::byte> encode_field(const Message& m, Field Message::*field) {
+  ByteWriter w;
+  w.put(m.*field);
+  return w.take();
+}
+template <typename Message, typename Field>
+Message decode_field(std::span<const std::byte> payload, Field Message::*field, const char* what) {
+  ByteReader r(payload);
+  Message m;
+  m.*field = r.get<Field>(what);
+  r.expect_end(what);
+  return m;
+}
+}  // namespace
+
 std::vector<std::byte> encode(const Hello& m) {
   ByteWriter w;
   w.put(m.version);
@@ -158,17 +176,10 @@ Complete decode<Complete>(std::span<const std::byte> payload) {
   return m;
 }
 
-std::vector<std::byte> encode(const Ready& m) {
-  ByteWriter w;
-  w.put(m.restore_ns);
-  return w.take();
-}
+std::vector<std::byte> encode(const Ready& m) { return encode_field(m, &Ready::restore_ns); }
 template <>
 Ready decode<Ready>(std::span<const std::byte> payload) {
-  ByteReader r(payload);
-  Ready m{r.get<std::uint64_t>("Ready.restore_ns")};
-  r.expect_end("Ready");
-  return m;
+  return decode_field(payload, &Ready::restore_ns, "Ready");
 }
 
 std::vector<std::byte> encode(const Commit&) { return {}; }
@@ -227,37 +238,19 @@ Error decode<Error>(std::span<const std::byte> payload) {
   return m;
 }
 
-std::vector<std::byte> encode(const RoundEnd& m) {
-  ByteWriter w;
-  w.put(m.round);
-  return w.take();
-}
+std::vector<std::byte> encode(const RoundEnd& m) { return encode_field(m, &RoundEnd::round); }
 template <>
 RoundEnd decode<RoundEnd>(std::span<const std::byte> payload) {
-  ByteReader r(payload);
-  RoundEnd m{r.get<std::uint32_t>("RoundEnd.round")};
-  r.expect_end("RoundEnd");
-  return m;
+  return decode_field(payload, &RoundEnd::round, "RoundEnd");
 }
 
-std::vector<std::byte> encode(const RoundAck& m) {
-  ByteWriter w;
-  w.put(m.round);
-  return w.take();
-}
+std::vector<std::byte> encode(const RoundAck& m) { return encode_field(m, &RoundAck::round); }
 template <>
 RoundAck decode<RoundAck>(std::span<const std::byte> payload) {
-  ByteReader r(payload);
-  RoundAck m{r.get<std::uint32_t>("RoundAck.round")};
-  r.expect_end("RoundAck");
-  return m;
+  return decode_field(payload, &RoundAck::round, "RoundAck");
 }
 
-std::vector<std::byte> encode(const SharedMemory& m) {
-  ByteWriter w;
-  w.put(m.regions);
-  return w.take();
-}
+std::vector<std::byte> encode(const SharedMemory& m) { return encode_field(m, &SharedMemory::regions); }
 template <>
 PagePlan decode<PagePlan>(std::span<const std::byte> payload) {
   ByteReader r(payload);
@@ -295,10 +288,8 @@ ChannelHello decode<ChannelHello>(std::span<const std::byte> payload) {
 
 template <>
 SharedMemory decode<SharedMemory>(std::span<const std::byte> payload) {
-  ByteReader r(payload);
-  SharedMemory m{r.get<std::uint32_t>("SharedMemory.regions")};
+  const auto m = decode_field(payload, &SharedMemory::regions, "SharedMemory");
   if (m.regions == 0 || m.regions > kMaxRegions) throw ProtocolError("SharedMemory announces " + std::to_string(m.regions) + " regions");
-  r.expect_end("SharedMemory");
   return m;
 }
 
