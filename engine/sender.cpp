@@ -297,15 +297,13 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
       paused = true;
       paused_at = Clock::now();
       stats.stop_reason = shared ? "shared-memory" : "offline";
-      // Nothing to copy: the destination already maps this very memory.
-      if (shared)
-        for (auto& bitmap : pending) std::fill(bitmap.begin(), bitmap.end(), 0);
     } else {
       // Tracking starts before round 0 reads anything, so every later write is caught.
       vm.start_dirty_log();
       logging = true;
     }
     // Round 0: every page that may be non-zero; untouched pages are known zero for free.
+    // Shared memory leaves it empty: the destination already maps this very memory.
     if (!shared) {
       for (std::size_t r = 0; r < regions.size(); ++r) vm.populated_pages(r, pending[r]);
       if (options.page_plan) stream.send(wire::PagePlan{pending});
