@@ -42,14 +42,15 @@ class PageSender {
   static constexpr std::size_t kBatchPages = 256;
 
   // Channel `channel` of `channels`: it handles only the pages that travel on it.
-  PageSender(std::span<const MemoryRegion> regions, transport::Stream& stream, PageHashes& hashes, bool dedup,
-             int compress_level, std::size_t delta_cache_pages, unsigned channel, unsigned channels)
-      : regions_(regions), stream_(stream), hashes_(hashes), dedup_(dedup), channel_(channel), channels_(channels) {
-    if (compress_level > 0) compressor_.emplace(compress_level);
-    if (delta_cache_pages > 0) {
+  PageSender(std::span<const MemoryRegion> regions, transport::Stream& stream, PageHashes& hashes,
+             const SenderOptions& options, unsigned channel, unsigned channels)
+      : regions_(regions), stream_(stream), hashes_(hashes), dedup_(options.dedup),
+        skip_zero_(options.skip_zero_pages), channel_(channel), channels_(channels) {
+    if (options.compress_level > 0) compressor_.emplace(options.compress_level);
+    if (options.delta_cache_pages > 0) {
       // Batches send cached pages straight from their slots: a slot must not be reused while
       // the batch that points at it is being built.
-      delta_.emplace(std::max(delta_cache_pages, 2 * kBatchPages));
+      delta_.emplace(std::max(options.delta_cache_pages, 2 * kBatchPages));
       delta_bytes_.reserve(kBatchPages * kPageSize);  // never reallocates: iovecs point into it
     }
   }
@@ -91,7 +92,7 @@ class PageSender {
     const bool zero = hash == zero_page_hash() && is_zero_page(host);
     // Unchanged since its last send: the receiver already holds these bytes. Zero pages the
     // receiver never got are such pages too (both tables start at the zero hash).
-    if (hash == last_sent && (dedup_ || zero)) {
+    if (hash == last_sent && (zero ? skip_zero_ : dedup_)) {
       ++counts_.pages_skipped;
       return;
     }
@@ -160,7 +161,7 @@ class PageSender {
   std::span<const MemoryRegion> regions_;
   transport::Stream& stream_;
   PageHashes& hashes_;  // shared by all channels; each writes only its own pages' entries
-  bool dedup_;
+  bool dedup_, skip_zero_;
   unsigned channel_, channels_;
   std::uint32_t round_ = 0;
   RoundCounts counts_;
@@ -255,8 +256,7 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
     PageHashes hashes(regions);
     std::vector<std::unique_ptr<PageSender>> senders;
     for (unsigned i = 0; i < channels; ++i)
-      senders.push_back(std::make_unique<PageSender>(regions, *streams[i], hashes, options.dedup, options.compress_level,
-                                                     options.delta_cache_pages, i, channels));
+      senders.push_back(std::make_unique<PageSender>(regions, *streams[i], hashes, options, i, channels));
     Bitmaps pending = empty_bitmaps(regions), scratch = empty_bitmaps(regions);
     // Sends round `r` of `pending` on every channel at once, each ending it with RoundEnd and
     // waiting for its RoundAck when `acknowledged`; then clears `pending`.
@@ -305,7 +305,12 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
     // Round 0: every page that may be non-zero; untouched pages are known zero for free.
     // Shared memory leaves it empty: the destination already maps this very memory.
     if (!shared) {
-      for (std::size_t r = 0; r < regions.size(); ++r) vm.populated_pages(r, pending[r]);
+      for (std::size_t r = 0; r < regions.size(); ++r) {
+        if (options.skip_zero_pages)
+          vm.populated_pages(r, pending[r]);
+        else
+          std::fill(pending[r].begin(), pending[r].end(), ~std::uint64_t{0});  // bits past the end are ignored
+      }
       if (options.page_plan) stream.send(wire::PagePlan{pending});
     }
 

@@ -16,6 +16,9 @@ struct SenderOptions {
   bool offline = false;  // pause first and copy everything once: a cold migration
   bool verify = true;    // page-hash verification at completion
   bool dedup = true;     // skip a dirty page whose contents equal its last-sent version
+  // Skip never-touched pages in round 0 (found without faulting them in) and zero pages the
+  // receiver already holds as zero. Off: every page is read and sent, for measuring the gain.
+  bool skip_zero_pages = true;
   // Bytes per second for pre-copy page data; 0 = unlimited. The paused final round is not
   // limited: by then the downtime is what matters. The convergence estimate uses the
   // bandwidth measured under the limit, so it stays on the safe side.

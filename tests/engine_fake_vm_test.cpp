@@ -457,3 +457,21 @@ TEST_CASE("a receiver without extra connections makes the sender fall back to on
   CHECK(sent.channels == 1);
   CHECK(destination->region_memory(0) == source.region_memory(0));
 }
+
+TEST_CASE("with zero-page skipping off, every page crosses the wire") {
+  test::FakeVm source({kPages, 100});  // 100 pages: a partial last bitmap word
+  fill(source, kPages);                // a third of region 0 touched, region 1 untouched
+  test::FakeVm* destination = nullptr;
+  engine::SenderOptions options;
+  options.offline = true;
+  auto skipping = run_migration(source, &destination, options, pass_through());
+  REQUIRE(skipping.first.status == "completed");
+  CHECK(skipping.first.pages_sent < kPages / 2);
+  options.skip_zero_pages = false;
+  auto all = run_migration(source, &destination, options, pass_through());
+  REQUIRE(all.first.status == "completed");
+  CHECK(all.first.pages_sent == kPages + 100);
+  CHECK(all.first.pages_skipped == 0);
+  CHECK(destination->region_memory(0) == source.region_memory(0));
+  CHECK(destination->region_memory(1) == source.region_memory(1));
+}

@@ -24,6 +24,8 @@ void SendOptions::add_to(CLI::App& app, const std::string& to_flag, bool to_requ
                "within the downtime target, go on with rounds while each still halves the pages left");
   app.add_flag("--no-verify", no_verify, "skip the page-hash proof that destination memory equals the source's");
   app.add_flag("--no-dedup", no_dedup, "resend dirty pages even when their contents did not change");
+  app.add_flag("--no-zero-skip", no_zero_skip,
+               "read and send every page, never-touched and zero ones too (to measure what skipping them saves)");
   app.add_flag("--no-page-plan", no_page_plan, "do not tell the receiver which pages are coming (it then faults on each as it lands)");
   app.add_option("--bandwidth", bandwidth, "limit pre-copy page data to RATE bytes per second, e.g. 100M (the final, paused round is not limited)")
       ->transform(CLI::AsSizeValue(false));
@@ -55,6 +57,7 @@ engine::SenderOptions SendOptions::sender_options() const {
   o.verify = !no_verify;
   o.dedup = !no_dedup;
   o.page_plan = !no_page_plan;
+  o.skip_zero_pages = !no_zero_skip;
   if (delta) o.delta_cache_pages = std::max<std::size_t>(1, delta_cache / engine::kPageSize);
   o.bandwidth_limit = static_cast<double>(bandwidth);
   if (!compress.empty()) o.compress_level = compress == "zstd" ? 1 : std::stoi(compress.substr(5));

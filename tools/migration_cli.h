@@ -31,6 +31,7 @@ struct SendOptions {
   bool no_verify = false;
   bool no_dedup = false;
   bool no_page_plan = false;
+  bool no_zero_skip = false;
   std::string zerocopy = "auto";
   std::uint64_t bandwidth = 0;  // bytes per second, 0 = unlimited
   std::string compress;         // "", "zstd" or "zstd:LEVEL"
