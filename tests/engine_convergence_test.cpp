@@ -65,7 +65,7 @@ TEST_CASE("convergence decisions") {
   }
 }
 
-TEST_CASE("bandwidth is measured over a recent window, not the whole run") {
+TEST_CASE("bandwidth is measured over a recent window - not the whole run") {
   ConvergencePolicy policy;
   policy.bandwidth_window_s = 0.25;
   // A slow first second, then fast recent rounds: the estimate follows the recent ones.

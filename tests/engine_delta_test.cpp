@@ -7,7 +7,7 @@
 
 using namespace mig::engine;
 
-TEST_CASE("deltas round-trip on random edits, and give up when not worth it") {
+TEST_CASE("deltas round-trip on random edits - and give up when not worth it") {
   std::mt19937_64 rng(42);
   for (int trial = 0; trial < 300; ++trial) {
     std::vector<std::byte> old_page(kPageSize), new_page;

@@ -90,7 +90,7 @@ void fill(test::FakeVm& vm, std::uint64_t pages) {
 
 }  // namespace
 
-TEST_CASE("a fake VM migrates while being written to, and the destination equals the source") {
+TEST_CASE("a fake VM migrates while being written to - and the destination equals the source") {
   test::FakeVm source({kPages, 64});
   fill(source, kPages);
   source.write(1, 5, 99);
@@ -305,7 +305,7 @@ TEST_CASE("the receiver refuses malformed streams with a reason") {
   }
 }
 
-TEST_CASE("compressed batches arrive intact, and incompressible memory is mostly not tried") {
+TEST_CASE("compressed batches arrive intact - and incompressible memory is mostly not tried") {
   test::FakeVm source({kPages});
   // Compressible: pages of repeated text.
   for (std::uint64_t p = 0; p < kPages / 2; ++p) {
@@ -392,7 +392,7 @@ TEST_CASE("delta-encoded rounds leave the destination equal to the source") {
   }
 }
 
-TEST_CASE("parallel channels deliver every page, in round order, with deltas and compression") {
+TEST_CASE("parallel channels deliver every page - in round order - with deltas and compression") {
   // Socketpairs stand in for connections: the sender's open_channel hands the far end to
   // the receiver's accept_channel.
   std::mutex mutex;
@@ -458,7 +458,7 @@ TEST_CASE("a receiver without extra connections makes the sender fall back to on
   CHECK(destination->region_memory(0) == source.region_memory(0));
 }
 
-TEST_CASE("with zero-page skipping off, every page crosses the wire") {
+TEST_CASE("with zero-page skipping off - every page crosses the wire") {
   test::FakeVm source({kPages, 100});  // 100 pages: a partial last bitmap word
   fill(source, kPages);                // a third of region 0 touched, region 1 untouched
   test::FakeVm* destination = nullptr;

@@ -135,7 +135,7 @@ TEST_CASE("pause and resume return promptly while the guest spins in user mode")
   require_healthy(*machine);
 }
 
-TEST_CASE("a guest that breaks is reported, not hidden") {
+TEST_CASE("a guest that breaks is reported - not hidden") {
   test::require_kvm();
   // An a.out-kludge image whose only instruction is ud2 at CPL0 with no IDT: triple fault.
   std::uint32_t header[8] = {0x1badb002, 0x00010000, 0, 0x100000, 0x100000, 0, 0x101000, 0x100020};

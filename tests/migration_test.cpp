@@ -82,7 +82,7 @@ void require_guest_carries_on(kvm::Machine& machine, std::chrono::milliseconds r
 
 }  // namespace
 
-TEST_CASE("each workload migrates live, verified, and the guest carries on") {
+TEST_CASE("each workload migrates live - verified - and the guest carries on") {
   test::require_kvm();
   struct Case {
     const char* cmdline;
@@ -137,7 +137,7 @@ TEST_CASE("sweep: the destination's memory holds the sweep pattern") {
   CHECK(destination.probe().snapshot()[0].sweep_passes > 0);
 }
 
-TEST_CASE("ping-pong: ten migrations back and forth, noticed only as heartbeat gaps") {
+TEST_CASE("ping-pong: ten migrations back and forth - noticed only as heartbeat gaps") {
   test::require_kvm();
   std::unique_ptr<engine::MigratableVm> current = boot("mode=random rate=50 wss=16M timer=100 regcheck=1 hb=2", 64ull << 20);
   std::this_thread::sleep_for(100ms);
@@ -190,7 +190,7 @@ TEST_CASE("a receiver that dies mid-stream leaves the source guest running") {
   require_completed(migrate_over_tcp(*source));
 }
 
-TEST_CASE("same host: memfd-backed guest memory is handed over, not copied") {
+TEST_CASE("same host: memfd-backed guest memory is handed over - not copied") {
   test::require_kvm();
   auto source = boot("mode=random rate=100 wss=64M timer=100 regcheck=1 hb=2", 256ull << 20, 1, kvm::MemoryBacking::memfd);
   std::this_thread::sleep_for(200ms);

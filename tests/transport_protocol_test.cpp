@@ -113,7 +113,7 @@ TEST_CASE("page descriptors are validated") {
   CHECK_THROWS_WITH(validate(d), Contains("unknown page encoding"));
 }
 
-TEST_CASE("tcp endpoints parse, and others are refused with the expected form") {
+TEST_CASE("tcp endpoints parse - and others are refused with the expected form") {
   using mig::transport::Endpoint;
   auto e = Endpoint::parse("tcp:127.0.0.1:4444");
   CHECK(e.host == "127.0.0.1");

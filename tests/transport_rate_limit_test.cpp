@@ -5,7 +5,7 @@
 using namespace mig::transport;
 using namespace std::chrono;
 
-TEST_CASE("the token bucket lets a burst through, then paces to the rate") {
+TEST_CASE("the token bucket lets a burst through - then paces to the rate") {
   TokenBucket bucket(100e6, 4e6);  // 100 MB/s, 4 MB burst
   const auto t0 = steady_clock::time_point{} + seconds(100);
   CHECK(bucket.reserve(4'000'000, t0) == nanoseconds(0));           // the burst
