@@ -44,28 +44,14 @@ kvm::VcpuState decode_vcpu(std::span<const std::byte> data) {
   return s;
 }
 
-template <typename T>
-std::vector<std::byte> encode_value(const T& value) {
-  wire::ByteWriter w;
-  w.put(value);
-  return w.take();
-}
-template <typename T>
-T decode_value(std::span<const std::byte> data, const char* what) {
-  wire::ByteReader r(data);
-  T value = r.get<T>(what);
-  r.expect_end(what);
-  return value;
-}
-
 }  // namespace
 
 std::vector<engine::StateSection> encode_state(const kvm::MachineState& state) {
   std::vector<engine::StateSection> sections;
   for (std::size_t i = 0; i < state.vcpus.size(); ++i)
     sections.push_back({"vcpu." + std::to_string(i), kSectionVersion, encode_vcpu(state.vcpus[i])});
-  sections.push_back({"vm", kSectionVersion, encode_value(state.vm)});
-  sections.push_back({"serial", kSectionVersion, encode_value(state.serial)});
+  sections.push_back({"vm", kSectionVersion, wire::encode_value(state.vm)});
+  sections.push_back({"serial", kSectionVersion, wire::encode_value(state.serial)});
   wire::ByteWriter probe;
   probe.put_vector(state.probe);
   sections.push_back({"probe", kSectionVersion, probe.take()});
@@ -80,10 +66,10 @@ kvm::MachineState decode_state(const std::vector<engine::StateSection>& sections
       throw wire::ProtocolError("state section '" + s.name + "' has version " + std::to_string(s.version) +
                                 ", this build restores version " + std::to_string(kSectionVersion));
     if (s.name == "vm") {
-      state.vm = decode_value<kvm::VmState>(s.data, "vm section");
+      state.vm = wire::decode_value<kvm::VmState>(s.data, "vm section");
       have_vm = true;
     } else if (s.name == "serial") {
-      state.serial = decode_value<kvm::SerialState>(s.data, "serial section");
+      state.serial = wire::decode_value<kvm::SerialState>(s.data, "serial section");
       have_serial = true;
     } else if (s.name == "probe") {
       wire::ByteReader r(s.data);

@@ -97,4 +97,21 @@ class ByteReader {
   std::size_t offset_ = 0;
 };
 
+// The bytes of one fixed-size value, and back: exactly sizeof(T) bytes, nothing trailing.
+template <typename T>
+  requires std::is_trivially_copyable_v<T>
+std::vector<std::byte> encode_value(const T& value) {
+  ByteWriter w;
+  w.put(value);
+  return w.take();
+}
+template <typename T>
+  requires std::is_trivially_copyable_v<T>
+T decode_value(std::span<const std::byte> bytes, const char* what) {
+  ByteReader r(bytes);
+  T value = r.get<T>(what);
+  r.expect_end(what);
+  return value;
+}
+
 }  // namespace mig::wire

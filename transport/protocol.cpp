@@ -65,16 +65,12 @@ namespace {
 // The codec of every message that is a single fixed-size field.
 template <typename Message, typename Field>
 std::vector<std::byte> encode_field(const Message& m, Field Message::*field) {
-  ByteWriter w;
-  w.put(m.*field);
-  return w.take();
+  return encode_value(m.*field);
 }
 template <typename Message, typename Field>
 Message decode_field(std::span<const std::byte> payload, Field Message::*field, const char* what) {
-  ByteReader r(payload);
   Message m;
-  m.*field = r.get<Field>(what);
-  r.expect_end(what);
+  m.*field = decode_value<Field>(payload, what);
   return m;
 }
 }  // namespace
