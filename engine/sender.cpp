@@ -101,38 +101,38 @@ class PageSender {
     d.guest_addr = regions_[region].guest_addr + page * kPageSize;
     d.encoding = zero ? wire::PageEncoding::zero : wire::PageEncoding::raw;
     d.length = zero ? 0 : static_cast<std::uint32_t>(kPageSize);
-    if (through_cache && zero) {
+    if (zero) {
       // The receiver's copy becomes zero; so must the version a later delta starts from.
-      if (std::byte* slot = delta_->find(region, page)) std::memset(slot, 0, kPageSize);
-    }
-    if (through_cache && !zero) {
-      std::byte* slot = delta_->find(region, page);
-      const std::size_t at = delta_bytes_.size();
-      if (slot && encode_delta(slot, host, kPageSize / 2, delta_bytes_) > 0) {
-        d.encoding = wire::PageEncoding::delta;
-        d.length = static_cast<std::uint32_t>(delta_bytes_.size() - at);
-        pages_.push_back({delta_bytes_.data() + at, d.length});
-        ++counts_.pages_delta;
-      } else {
-        slot = delta_->slot_for(region, page);
-        pages_.push_back({slot, kPageSize});
-      }
-      std::memcpy(slot ? slot : delta_->slot_for(region, page), host, kPageSize);
-      descriptors_.push_back(d);
-      ++counts_.pages_sent;
-      if (descriptors_.size() == kBatchPages) flush();
-      return;
+      if (through_cache)
+        if (std::byte* slot = delta_->find(region, page)) std::memset(slot, 0, kPageSize);
+    } else if (through_cache) {
+      add_through_cache(region, page, host, d);
+    } else if (!pages_.empty() && static_cast<const std::byte*>(pages_.back().iov_base) + pages_.back().iov_len == host) {
+      pages_.back().iov_len += kPageSize;  // adjacent pages: one iovec, fewer and larger copies
+    } else {
+      pages_.push_back({const_cast<std::byte*>(host), kPageSize});
     }
     descriptors_.push_back(d);
-    if (!zero) {
-      // Adjacent pages become one iovec: fewer, larger copies in the kernel.
-      if (!pages_.empty() && static_cast<const std::byte*>(pages_.back().iov_base) + pages_.back().iov_len == host)
-        pages_.back().iov_len += kPageSize;
-      else
-        pages_.push_back({const_cast<std::byte*>(host), kPageSize});
-    }
     ++counts_.pages_sent;
     if (descriptors_.size() == kBatchPages) flush();
+  }
+
+  // `snapshot` is the page as hashed. It goes as a delta against its cached version when that
+  // is small enough, else whole from its cache slot; either way the slot then holds it.
+  void add_through_cache(std::size_t region, std::uint64_t page, const std::byte* snapshot, wire::PageDescriptor& d) {
+    std::byte* slot = delta_->find(region, page);
+    const std::size_t at = delta_bytes_.size();
+    if (slot && encode_delta(slot, snapshot, kPageSize / 2, delta_bytes_) > 0) {
+      d.encoding = wire::PageEncoding::delta;
+      d.length = static_cast<std::uint32_t>(delta_bytes_.size() - at);
+      pages_.push_back({delta_bytes_.data() + at, d.length});
+      ++counts_.pages_delta;
+    } else {
+      slot = delta_->slot_for(region, page);
+      pages_.push_back({slot, kPageSize});
+    }
+    std::memcpy(slot, snapshot, kPageSize);
+    memory_ = transport::PageMemory::scratch;
   }
 
   void flush() {
@@ -148,14 +148,16 @@ class PageSender {
       header.flags = wire::kBatchZstd;
       header.compressed_bytes = static_cast<std::uint32_t>(compressed.size());
       pages_.assign(1, iovec{const_cast<std::byte*>(compressed.data()), compressed.size()});
+      memory_ = transport::PageMemory::scratch;
     }
     head_.resize(sizeof header + descriptors_.size() * sizeof(wire::PageDescriptor));
     std::memcpy(head_.data(), &header, sizeof header);
     std::memcpy(head_.data() + sizeof header, descriptors_.data(), descriptors_.size() * sizeof(wire::PageDescriptor));
-    stream_.send_gathered(wire::MessageType::page_batch, head_, pages_);
+    stream_.send_gathered(wire::MessageType::page_batch, head_, pages_, memory_);
     descriptors_.clear();
     pages_.clear();
     delta_bytes_.clear();
+    memory_ = transport::PageMemory::guest;
   }
 
   std::span<const MemoryRegion> regions_;
@@ -172,6 +174,7 @@ class PageSender {
   alignas(64) std::byte snapshot_[kPageSize];
   std::vector<wire::PageDescriptor> descriptors_;
   std::vector<iovec> pages_;
+  transport::PageMemory memory_ = transport::PageMemory::guest;  // where this batch's pages_ point
   std::vector<std::byte> head_;
 };
 

@@ -111,10 +111,11 @@ void Stream::reap_zerocopy_completions() {
 }
 
 void Stream::send_frame(wire::MessageType type, std::span<const std::byte> payload) {
-  send_gathered(type, payload, {});
+  send_gathered(type, payload, {}, PageMemory::scratch);
 }
 
-void Stream::send_gathered(wire::MessageType type, std::span<const std::byte> head, std::span<const iovec> pages) {
+void Stream::send_gathered(wire::MessageType type, std::span<const std::byte> head, std::span<const iovec> pages,
+                           PageMemory memory) {
   wire::FrameHeader header;
   header.type = static_cast<std::uint16_t>(type);
   header.length = head.size();
@@ -124,13 +125,13 @@ void Stream::send_gathered(wire::MessageType type, std::span<const std::byte> he
   parts.reserve(2 + pages.size());
   parts.push_back({&header, sizeof header});
   if (!head.empty()) parts.push_back({const_cast<std::byte*>(head.data()), head.size()});
-  if (!zerocopy_ || pages.empty()) {
+  if (!zerocopy_ || pages.empty() || memory != PageMemory::guest) {
     parts.insert(parts.end(), pages.begin(), pages.end());
     write_all(parts, 0);
     return;
   }
-  // Header and descriptors are copied (they are small and short-lived); only the pages,
-  // which live as long as the guest, go zero-copy.
+  // Header and descriptors are copied (they are small and short-lived); only the pages go
+  // zero-copy.
   write_all(parts, MSG_MORE);
   std::vector<iovec> page_parts(pages.begin(), pages.end());
   write_all(page_parts, MSG_ZEROCOPY);

@@ -19,7 +19,11 @@
 
 namespace mig::transport {
 
-enum class ZeroCopy { off, on };
+// Where the page parts of a frame point. Only guest memory may go zero-copy: it lives as
+// long as the VM, and a page the guest rewrites after the send is dirty and goes again.
+// Scratch buffers (compressed batches, deltas, cached page versions) are reused by the next
+// batch, so the kernel must copy them before send_gathered returns.
+enum class PageMemory { guest, scratch };
 
 // The peer went away or stopped answering; distinct from a malformed stream.
 struct PeerError : std::runtime_error {
@@ -56,9 +60,10 @@ class Stream {
     send_frame(wire::type_of<T>(), wire::encode(message));
   }
   void send_frame(wire::MessageType type, std::span<const std::byte> payload);
-  // One frame whose payload is `head` followed by the bytes of `pages`, which point into guest
-  // memory. With zero-copy on, those bytes leave without a user-space copy.
-  void send_gathered(wire::MessageType type, std::span<const std::byte> head, std::span<const iovec> pages);
+  // One frame whose payload is `head` followed by the bytes of `pages`. With zero-copy on and
+  // pages in guest memory, those bytes leave without a copy.
+  void send_gathered(wire::MessageType type, std::span<const std::byte> head, std::span<const iovec> pages,
+                     PageMemory memory);
 
   // The next frame's header, validated. An Error frame is turned into RemoteError here.
   wire::FrameHeader read_header();
