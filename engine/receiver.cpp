@@ -27,6 +27,24 @@ class PageReceiver {
                unsigned channels)
       : regions_(std::move(regions)), stream_(stream), hashes_(hashes), channel_(channel), channels_(channels) {}
 
+  // Handles the frames every channel carries: page batches, and round ends (acknowledged once
+  // the round's batches before them are applied). Returns false for any other frame.
+  bool handle(const wire::FrameHeader& frame) {
+    if (frame.type == static_cast<std::uint16_t>(wire::MessageType::page_batch)) {
+      apply(frame);
+      return true;
+    }
+    if (frame.type == static_cast<std::uint16_t>(wire::MessageType::round_end)) {
+      stream_.send(wire::RoundAck{wire::decode<wire::RoundEnd>(stream_.read_payload(frame)).round});
+      return true;
+    }
+    return false;
+  }
+
+  std::uint64_t pages() const { return pages_; }
+  std::uint32_t rounds() const { return last_round_ + 1; }
+
+ private:
   void apply(const wire::FrameHeader& frame) {
     wire::BatchHeader header;
     if (frame.length < sizeof header) throw wire::ProtocolError("page batch shorter than its header");
@@ -102,10 +120,6 @@ class PageReceiver {
     pages_ += descriptors_.size();
   }
 
-  std::uint64_t pages() const { return pages_; }
-  std::uint32_t rounds() const { return last_round_ + 1; }
-
- private:
   struct Target {
     std::size_t region;
     std::uint64_t page;
@@ -177,14 +191,9 @@ class ExtraChannels {
         try {
           for (;;) {
             const auto header = stream.read_header();
-            if (header.type == static_cast<std::uint16_t>(wire::MessageType::page_batch)) {
-              receivers_[i]->apply(header);
-            } else if (header.type == static_cast<std::uint16_t>(wire::MessageType::round_end)) {
-              stream.send(wire::RoundAck{wire::decode<wire::RoundEnd>(stream.read_payload(header)).round});
-            } else {
+            if (!receivers_[i]->handle(header))
               throw wire::ProtocolError(std::string("unexpected ") + wire::to_string(static_cast<wire::MessageType>(header.type)) +
                                         " on a page channel");
-            }
           }
         } catch (const transport::PeerError&) {
           // Closed: the sender is done with this channel (or gone, which channel 0 notices).
@@ -293,12 +302,13 @@ ReceiveResult receive(transport::Stream& stream, const VmFactory& make_vm, const
     try {
       for (bool done = false; !done;) {
         const auto header = stream.read_header();
+        // Round 0 is over at the first round end (or at Complete, offline): whatever pages the
+        // plan still lists have arrived already.
+        if (header.type == static_cast<std::uint16_t>(wire::MessageType::round_end) ||
+            header.type == static_cast<std::uint16_t>(wire::MessageType::complete))
+          preparing.request_stop();
+        if (pages.handle(header)) continue;
         switch (static_cast<wire::MessageType>(header.type)) {
-          case wire::MessageType::page_batch: pages.apply(header); break;
-          case wire::MessageType::round_end:
-            preparing.request_stop();
-            stream.send(wire::RoundAck{wire::decode<wire::RoundEnd>(stream.read_payload(header)).round});
-            break;
           case wire::MessageType::page_plan:
             preparing = start_preparing(*vm, regions, wire::decode<wire::PagePlan>(stream.read_payload(header)));
             break;
