@@ -62,15 +62,15 @@ struct Run {
   engine::MigrationStats received;
 };
 
-// `prepared` is the destination VM built and populated while it waited for the source.
+// `make_vm` builds the destination VM (KvmVm::factory, possibly prepared while waiting).
 Run migrate_once(tools::KvmVm& source, const engine::SenderOptions& options, bool zerocopy,
-                 std::shared_ptr<std::unique_ptr<kvm::Machine>> prepared) {
+                 const engine::VmFactory& make_vm) {
   transport::Listener listener(transport::Endpoint::parse("tcp:127.0.0.1:0"));
   auto receiver = std::async(std::launch::async, [&] {
     auto stream = listener.accept();
     engine::ReceiverOptions receiver_options;
     receiver_options.accept_channel = [&listener] { return listener.accept(); };
-    auto r = engine::receive(stream, tools::KvmVm::factory("", kvm::MemoryBacking::anonymous, prepared), receiver_options);
+    auto r = engine::receive(stream, make_vm, receiver_options);
     return r.stats;  // the destination VM is dropped here: the bench only needs the numbers
   });
   auto open = [&listener, zerocopy] {
@@ -117,13 +117,11 @@ int main(int argc, char** argv) {
       const auto rate_mbps = static_cast<std::uint64_t>(link / 1e6 * percent / 100);
       const std::string cmdline = percent == 0 ? fmt::format("mode=idle wss={}M fill={} hb=1", wss >> 20, fill)
                                                : fmt::format("mode=random rate={} wss={}M fill={} hb=1", rate_mbps, wss >> 20, fill);
+      // The destination is built first, so that a prepared one is populated while it waits.
+      const auto make_destination = tools::KvmVm::factory(
+          "", kvm::MemoryBacking::anonymous, prepare ? std::optional(tools::KvmVm::pc_shape(mem, 1)) : std::nullopt);
       kvm::MachineConfig config;
       config.layout = kvm::pc_memory_layout(mem);
-      auto prepared = std::make_shared<std::unique_ptr<kvm::Machine>>();
-      if (prepare) {
-        *prepared = kvm::Machine::create(config);
-        (*prepared)->memory().populate();
-      }
       auto machine = kvm::Machine::create(config);
       machine->boot(kvm::read_multiboot_file(image), cmdline);
       machine->start();
@@ -134,7 +132,7 @@ int main(int argc, char** argv) {
       options.policy.downtime_target_ms = downtime_ms;
       options.page_plan = !no_plan;
       options.channels = parallel;
-      const auto run = migrate_once(source, options, zerocopy, prepared);
+      const auto run = migrate_once(source, options, zerocopy, make_destination);
       const auto& s = run.sent;
       const double raw_ms = static_cast<double>(s.bytes_sent) / link * 1000;
       // What the guest really dirtied during pre-copy (round 0 excluded: it sends everything).

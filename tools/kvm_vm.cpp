@@ -87,20 +87,36 @@ kvm::MachineState decode_state(const std::vector<engine::StateSection>& sections
   return state;
 }
 
+engine::VmShape KvmVm::pc_shape(std::uint64_t mem_bytes, unsigned vcpus) {
+  engine::VmShape shape;
+  shape.vcpus = vcpus;
+  for (const auto& r : kvm::pc_memory_layout(mem_bytes)) shape.regions.push_back({r.guest_addr, r.size});
+  return shape;
+}
+
 engine::VmFactory KvmVm::factory(std::string serial_path, kvm::MemoryBacking backing,
-                                 std::shared_ptr<std::unique_ptr<kvm::Machine>> prepared) {
-  return [serial_path, backing, prepared](const engine::VmShape& shape) -> std::unique_ptr<engine::MigratableVm> {
+                                 std::optional<engine::VmShape> expected) {
+  auto config_for = [serial_path, backing](const engine::VmShape& shape) {
     kvm::MachineConfig config;
     config.vcpus = shape.vcpus;
     config.serial_path = serial_path;
     config.backing = backing;
     for (const auto& r : shape.regions) config.layout.push_back({r.guest_addr, r.size});
     config.shared_memory_fds = shape.shared_memory_fds;
-    if (prepared && *prepared && config.shared_memory_fds.empty()) {
-      auto machine = std::move(*prepared);
-      if (machine->config().vcpus == config.vcpus && machine->memory().layout() == config.layout)
-        return std::make_unique<KvmVm>(std::move(machine));
-    }
+    return config;
+  };
+  // Shared so the factory stays copyable, as std::function wants; taken by the first use.
+  auto prepared = std::make_shared<std::unique_ptr<kvm::Machine>>();
+  if (expected) {
+    *prepared = kvm::Machine::create(config_for(*expected));
+    (*prepared)->memory().populate();
+  }
+  return [config_for, prepared](const engine::VmShape& shape) -> std::unique_ptr<engine::MigratableVm> {
+    const kvm::MachineConfig config = config_for(shape);
+    if (auto machine = std::move(*prepared); machine && config.shared_memory_fds.empty() &&
+                                             machine->config().vcpus == config.vcpus &&
+                                             machine->memory().layout() == config.layout)
+      return std::make_unique<KvmVm>(std::move(machine));
     return std::make_unique<KvmVm>(kvm::Machine::create(config));
   };
 }

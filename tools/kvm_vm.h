@@ -3,6 +3,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 
 #include "engine/vm.h"
 #include "kvm/machine.h"
@@ -14,10 +15,13 @@ class KvmVm final : public engine::MigratableVm {
   explicit KvmVm(std::unique_ptr<kvm::Machine> machine) : machine_(std::move(machine)) {}
 
   // The receiver's factory: an empty, not yet started machine of the sender's shape.
-  // `prepared`, if given, is a machine built while waiting; it is used when its shape
-  // matches the sender's, and discarded otherwise.
+  // With `expected`, a machine of that shape is built now, its memory populated, so that a
+  // receiver pays for it while it waits; it is used if the sender's shape matches, and
+  // discarded otherwise.
   static engine::VmFactory factory(std::string serial_path, kvm::MemoryBacking backing,
-                                   std::shared_ptr<std::unique_ptr<kvm::Machine>> prepared = nullptr);
+                                   std::optional<engine::VmShape> expected = std::nullopt);
+  // The shape of a guest of `mem_bytes` on the PC memory layout, as mig-send builds it.
+  static engine::VmShape pc_shape(std::uint64_t mem_bytes, unsigned vcpus);
 
   kvm::Machine& machine() { return *machine_; }
 

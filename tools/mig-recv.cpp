@@ -47,22 +47,15 @@ int main(int argc, char** argv) {
   std::fflush(stdout);
 
   const auto backing = memfd ? kvm::MemoryBacking::memfd : kvm::MemoryBacking::anonymous;
-  auto prepared = std::make_shared<std::unique_ptr<kvm::Machine>>();
   engine::ReceiveResult result;
   try {
-    if (expect_mem > 0) {
-      kvm::MachineConfig config;
-      config.layout = kvm::pc_memory_layout(expect_mem);
-      config.vcpus = expect_vcpus;
-      config.serial_path = serial;
-      config.backing = backing;
-      *prepared = kvm::Machine::create(config);
-      (*prepared)->memory().populate();
-    }
+    // Built (and with --expect-mem, populated) now, while nobody has connected yet.
+    const auto factory = tools::KvmVm::factory(
+        serial, backing, expect_mem > 0 ? std::optional(tools::KvmVm::pc_shape(expect_mem, expect_vcpus)) : std::nullopt);
     auto stream = listener->accept();
     engine::ReceiverOptions receiver_options;
     receiver_options.accept_channel = [&listener] { return listener->accept(); };
-    result = engine::receive(stream, tools::KvmVm::factory(serial, backing, prepared), receiver_options);
+    result = engine::receive(stream, factory, receiver_options);
   } catch (const std::exception& e) {
     result.stats.error = e.what();
   }
