@@ -15,7 +15,7 @@ limit. Writes JSON lines and CSV, and PNG plots when gnuplot is installed.
 
 The matrix is every combination of guest size, fill, workload, rate and configuration.
 A configuration is `mig` or `qemu`, optionally with `:` and `+`-joined options:
-  mig:  prepared (mig-recv --expect-mem), compress (zstd), delta, parallel2, parallel4, improving, nozeroskip, nodedup, noverify, noplan, offline, zerocopy
+  mig:  prepared (mig-recv --expect-mem), compress (zstd), delta, parallel2, parallel4, attarget, nozeroskip, nodedup, noverify, noplan, offline, zerocopy
   qemu: multifdN (N channels), xbzrle, compress (multifd zstd, needs multifdN)
 Rate 0 runs the idle workload. --shaped runs everything, the raw-link baseline included,
 in a private network namespace whose loopback carries that qdisc (tc qdisc add dev lo root
@@ -182,7 +182,7 @@ def qemu_row(tmp, mem, append, options):
 
 MIG_SEND_FLAGS = {"compress": ["--compress", "zstd"], "nodedup": ["--no-dedup"], "noverify": ["--no-verify"],
                   "noplan": ["--no-page-plan"], "delta": ["--delta"], "parallel4": ["--parallel", "4"], "parallel2": ["--parallel", "2"],
-                  "improving": ["--keep-improving"], "nozeroskip": ["--no-zero-skip"],
+                  "attarget": ["--stop-at-target"], "nozeroskip": ["--no-zero-skip"],
                   "offline": ["--offline"], "zerocopy": ["--zerocopy", "on"]}
 
 

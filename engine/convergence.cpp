@@ -33,10 +33,14 @@ double expected_downtime_ms(std::span<const RoundStats> rounds, const Convergenc
 
 Decision decide(std::span<const RoundStats> rounds, const ConvergencePolicy& policy) {
   if (rounds.empty()) return Decision::next_round;
-  if (expected_downtime_ms(rounds, policy) <= policy.downtime_target_ms) {
-    const bool halved = rounds.size() >= 2 && rounds.back().dirty_pages > 0 &&
-                        rounds.back().dirty_pages * 2 <= rounds[rounds.size() - 2].dirty_pages;
-    if (policy.keep_improving && halved && rounds.size() < policy.max_rounds) return Decision::next_round;
+  const double expected_ms = expected_downtime_ms(rounds, policy);
+  if (expected_ms <= policy.downtime_target_ms) {
+    const RoundStats& last = rounds.back();
+    const double went_through = static_cast<double>(last.pages_sent + last.pages_skipped);
+    const bool still_shrinking = static_cast<double>(last.dirty_pages) <= policy.improve_shrink * went_through;
+    if (policy.improve_within_target && still_shrinking && expected_ms > policy.improve_floor_ms &&
+        rounds.size() < policy.max_rounds)
+      return Decision::next_round;
     return Decision::stop_converged;
   }
   if (rounds.size() >= policy.max_rounds) return Decision::stop_max_rounds;

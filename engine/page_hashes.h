@@ -3,7 +3,9 @@
 // lands. A page's last send happens after its last write (the final round runs with the
 // guest paused), so at completion the two tables - and so their digests - are equal exactly
 // when destination memory equals source memory. Building them costs a hash per page sent,
-// spread over the rounds; only the digest of the tables is on the downtime path.
+// spread over the rounds. The digest of a table is kept up to date as entries change (a sum
+// of per-entry mixes, so every channel adds up its own pages without sharing a lock), which
+// leaves nothing to compute on the downtime path.
 #pragma once
 
 #include <cstddef>
@@ -22,12 +24,22 @@ std::uint64_t zero_page_hash();
 
 class PageHashes {
  public:
-  explicit PageHashes(std::span<const MemoryRegion> regions);
-  std::uint64_t& at(std::size_t region, std::uint64_t page) { return tables_[region][page]; }
+  // Every entry starts as the zero page's hash. Channels 0 .. channels-1 may call set()
+  // concurrently, each for its own pages only.
+  PageHashes(std::span<const MemoryRegion> regions, unsigned channels);
+  std::uint64_t get(std::size_t region, std::uint64_t page) const { return tables_[region][page]; }
+  void set(unsigned channel, std::size_t region, std::uint64_t page, std::uint64_t hash);
+  // Equal for two tables with equal entries, whatever order they were set in. Read it once
+  // no channel is setting entries any more.
   std::uint64_t digest() const;
 
  private:
+  struct alignas(64) ChannelSum {  // one cache line each: channels never contend
+    std::uint64_t value = 0;
+  };
   std::vector<std::vector<std::uint64_t>> tables_;
+  std::vector<std::uint64_t> first_page_;  // each region's first page in one numbering of all pages
+  std::vector<ChannelSum> sums_;           // sum of mix(page, entry) - mix(page, zero hash) over the channel's pages
 };
 
 }  // namespace mig::engine

@@ -103,18 +103,17 @@ class PageReceiver {
     delta_bytes = 0;
     for (std::size_t i = 0; i < descriptors_.size(); ++i) {
       const auto& t = targets_[i];
-      std::uint64_t& hash = hashes_.at(t.region, t.page);
       if (descriptors_[i].encoding == wire::PageEncoding::delta) {
         apply_delta(t.host, std::span(deltas_).subspan(delta_bytes, descriptors_[i].length));
         delta_bytes += descriptors_[i].length;
-        hash = hash_page(t.host);
+        hashes_.set(channel_, t.region, t.page, hash_page(t.host));
       } else if (descriptors_[i].encoding == wire::PageEncoding::raw) {
-        hash = hash_page(t.host);
-      } else if (hash != zero_page_hash()) {
+        hashes_.set(channel_, t.region, t.page, hash_page(t.host));
+      } else if (hashes_.get(t.region, t.page) != zero_page_hash()) {
         // Non-zero here before and zero now. A page that never held data is left alone:
         // writing it would only fault in memory that already reads as zero.
         std::memset(t.host, 0, kPageSize);
-        hash = zero_page_hash();
+        hashes_.set(channel_, t.region, t.page, zero_page_hash());
       }
     }
     pages_ += descriptors_.size();
@@ -292,7 +291,7 @@ ReceiveResult receive(transport::Stream& stream, const VmFactory& make_vm, const
     stats.shared_memory = shared;
     stats.channels = channels;
 
-    PageHashes hashes(regions);
+    PageHashes hashes(regions, channels);
     PageReceiver pages(regions, stream, hashes, 0, channels);
     ExtraChannels extra;  // after `vm` and `hashes`: its threads stop before they go
     if (channels > 1) extra.start(accept_channels(options, hello, channels), regions, hashes, stream);

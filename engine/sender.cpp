@@ -88,7 +88,7 @@ class PageSender {
       host = snapshot_;
     }
     const std::uint64_t hash = hash_page(host);
-    std::uint64_t& last_sent = hashes_.at(region, page);
+    const std::uint64_t last_sent = hashes_.get(region, page);
     const bool zero = hash == zero_page_hash() && is_zero_page(host);
     // Unchanged since its last send: the receiver already holds these bytes. Zero pages the
     // receiver never got are such pages too (both tables start at the zero hash).
@@ -96,7 +96,7 @@ class PageSender {
       ++counts_.pages_skipped;
       return;
     }
-    last_sent = hash;
+    hashes_.set(channel_, region, page, hash);
     wire::PageDescriptor d;
     d.guest_addr = regions_[region].guest_addr + page * kPageSize;
     d.encoding = zero ? wire::PageEncoding::zero : wire::PageEncoding::raw;
@@ -256,7 +256,7 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
       extra.back().send(wire::ChannelHello{hello.session, i});
     }
     for (auto& s : extra) streams.push_back(&s);
-    PageHashes hashes(regions);
+    PageHashes hashes(regions, channels);
     std::vector<std::unique_ptr<PageSender>> senders;
     for (unsigned i = 0; i < channels; ++i)
       senders.push_back(std::make_unique<PageSender>(regions, *streams[i], hashes, options, i, channels));

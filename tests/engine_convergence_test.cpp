@@ -21,11 +21,11 @@ RoundStats round_of(double mb, double seconds, std::uint64_t dirty_pages) {
 }  // namespace
 
 TEST_CASE("convergence decisions") {
-  ConvergencePolicy policy;  // 30 ms, 30 rounds, 3 rounds without progress, stop
+  ConvergencePolicy improving;  // the defaults: 30 ms, 30 rounds, 3 rounds without progress, stop, improve within
+  ConvergencePolicy policy = improving;  // the target alone decides
+  policy.improve_within_target = false;
   ConvergencePolicy abort_policy = policy;
   abort_policy.on_no_convergence = NoConvergence::abort;
-  ConvergencePolicy improving = policy;
-  improving.keep_improving = true;
   // 1 GB/s links throughout: 30 ms of downtime is 30 MB, about 7324 pages.
   const auto converging = round_of(1000, 1.0, 100);
   const auto just_inside = round_of(1000, 1.0, 7300);
@@ -50,13 +50,19 @@ TEST_CASE("convergence decisions") {
       {"stuck for 3 rounds, abort policy", {just_outside, stuck, stuck, stuck}, abort_policy, Decision::abort_no_progress},
       {"stuck for only 2 rounds", {just_outside, just_outside, stuck, stuck}, policy, Decision::next_round},
       {"round 0 alone never counts as stuck", {stuck, stuck, stuck}, policy, Decision::next_round},
-      {"keep improving: inside the target but the last round halved what is left",
-       {round_of(1000, 1.0, 5000), round_of(20, 0.02, 2000)}, improving, Decision::next_round},
-      {"keep improving: inside the target and no longer halving",
-       {round_of(1000, 1.0, 5000), round_of(20, 0.02, 3000)}, improving, Decision::stop_converged},
-      {"keep improving: nothing left", {round_of(1000, 1.0, 5000), round_of(20, 0.02, 0)}, improving, Decision::stop_converged},
-      {"keep improving: not past the round cap", std::vector<RoundStats>(30, converging), improving, Decision::stop_converged},
-      {"without keep improving the same rounds stop", {round_of(1000, 1.0, 5000), round_of(20, 0.02, 2000)}, policy,
+      // 5000 pages in round 0, then a round through 4882 pages (20 MB) at 1 GB/s.
+      {"improving: within the target and the last round left 61% of its pages",
+       {round_of(1000, 1.0, 5000), round_of(20, 0.02, 3000)}, improving, Decision::next_round},
+      {"improving: within the target and the last round left 92% of its pages",
+       {round_of(1000, 1.0, 5000), round_of(20, 0.02, 4500)}, improving, Decision::stop_converged},
+      {"improving: below the 1 ms floor", {round_of(1000, 1.0, 5000), round_of(20, 0.02, 200)}, improving,
+       Decision::stop_converged},
+      {"improving: round 0 alone may earn another round", {just_inside}, improving, Decision::next_round},
+      {"improving: nothing left", {round_of(1000, 1.0, 5000), round_of(20, 0.02, 0)}, improving, Decision::stop_converged},
+      {"improving: not past the round cap", std::vector<RoundStats>(30, round_of(1000, 1.0, 5000)), improving,
+       Decision::stop_converged},
+      {"improving: outside the target it changes nothing", {just_outside}, improving, Decision::next_round},
+      {"at the target the rounds that improve stop", {round_of(1000, 1.0, 5000), round_of(20, 0.02, 3000)}, policy,
        Decision::stop_converged},
   };
   for (const auto& row : table) {

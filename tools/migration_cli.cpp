@@ -20,8 +20,9 @@ void SendOptions::add_to(CLI::App& app, const std::string& to_flag, bool to_requ
       ->default_val("stop")
       ->check(CLI::IsMember({"stop", "abort"}));
   app.add_flag("--offline", offline, "pause first and copy everything once, no pre-copy");
-  app.add_flag("--keep-improving", keep_improving,
-               "within the downtime target, go on with rounds while each still halves the pages left");
+  app.add_flag("--stop-at-target", stop_at_target,
+               "stop pre-copy as soon as the expected downtime is within the target (by default rounds go on while "
+               "each still cuts the pages left by a tenth)");
   app.add_flag("--no-verify", no_verify, "skip the page-hash proof that destination memory equals the source's");
   app.add_flag("--no-dedup", no_dedup, "resend dirty pages even when their contents did not change");
   app.add_flag("--no-zero-skip", no_zero_skip,
@@ -51,7 +52,7 @@ engine::SenderOptions SendOptions::sender_options() const {
   engine::SenderOptions o;
   o.policy.downtime_target_ms = downtime_ms;
   o.policy.max_rounds = max_iterations;
-  o.policy.keep_improving = keep_improving;
+  o.policy.improve_within_target = !stop_at_target;
   o.policy.on_no_convergence = on_no_convergence == "abort" ? engine::NoConvergence::abort : engine::NoConvergence::stop;
   o.offline = offline;
   o.verify = !no_verify;

@@ -37,7 +37,7 @@ struct SendOptions {
   std::string compress;         // "", "zstd" or "zstd:LEVEL"
   bool delta = false;
   unsigned parallel = 1;
-  bool keep_improving = false;
+  bool stop_at_target = false;
   std::uint64_t delta_cache = 64ull << 20;
 
   void add_to(CLI::App& app, const std::string& to_flag, bool to_required);
