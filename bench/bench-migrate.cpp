@@ -75,7 +75,7 @@ Run migrate_once(tools::KvmVm& source, const engine::SenderOptions& options, boo
   });
   auto open = [&listener, zerocopy] {
     auto s = transport::connect(transport::Endpoint::parse(listener.endpoint()));
-    if (zerocopy) s.enable_zerocopy();
+    if (zerocopy) s.enable_zerocopy(transport::Stream::ZeroCopy::always);
     return s;
   };
   auto stream = open();

@@ -219,7 +219,6 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
   bool paused = false, logging = false, committed = false;
   try {
     stream.set_timeout(options.peer_timeout);
-    stats.zerocopy = stream.zerocopy();
     wire::Hello hello;
     const auto memory_fds = vm.shareable_memory_fds();
     const bool offer_sharing = options.share_memory && !memory_fds.empty() && stream.can_pass_fds();
@@ -438,6 +437,7 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
   if (stats.total_ms == 0) stats.total_ms = ms_between(start, Clock::now());
   const auto& c = stream.counters();
   stats.bytes_sent = c.bytes_sent + stats.extra_channel_bytes;
+  stats.zerocopy = stream.zerocopy();
   stats.zerocopy_sends = c.zerocopy_sends;
   stats.zerocopy_copied = c.zerocopy_copied;
   stats.throughput_MBps = static_cast<double>(stats.bytes_sent) / 1e3 / std::max(stats.total_ms, 1e-9);

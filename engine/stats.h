@@ -43,7 +43,7 @@ struct MigrationStats {
   DowntimeBreakdown downtime;
   std::optional<GuestHandover> guest;  // the downtime the guest saw, from its heartbeats
   double throughput_MBps = 0;     // bytes_sent / total time
-  bool zerocopy = false;
+  bool zerocopy = false;          // MSG_ZEROCOPY still on at the end (auto drops it where the kernel copies)
   std::uint64_t zerocopy_sends = 0, zerocopy_copied = 0;
   std::uint64_t batches_compressed = 0;
   unsigned channels = 1;                 // connections that carried pages

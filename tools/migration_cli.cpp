@@ -43,7 +43,7 @@ void SendOptions::add_to(CLI::App& app, const std::string& to_flag, bool to_requ
   app.add_option("--parallel", parallel, "TCP connections for page data, each carrying its share of guest memory")
       ->default_val(1)
       ->check(CLI::Range(1u, 16u));
-  app.add_option("--zerocopy", zerocopy, "MSG_ZEROCOPY for page data: auto (on unless the peer is loopback), on, off")
+  app.add_option("--zerocopy", zerocopy, "MSG_ZEROCOPY for page data: auto (on until the kernel reports it copied anyway, as over loopback), on, off")
       ->default_val("auto")
       ->check(CLI::IsMember({"auto", "on", "off"}));
 }
@@ -75,7 +75,6 @@ sigset_t control_signals() {
   return set;
 }
 
-bool is_loopback(const std::string& host) { return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1"; }
 }  // namespace
 
 void block_control_signals() {
@@ -111,11 +110,12 @@ engine::MigrationStats migrate_to(KvmVm& vm, const SendOptions& options) {
   engine::MigrationStats stats;
   try {
     const auto endpoint = transport::Endpoint::parse(options.to);
-    const bool want_zerocopy = options.zerocopy == "on" || (options.zerocopy == "auto" && !is_loopback(endpoint.host));
-    auto open = [&endpoint, want_zerocopy, &options] {
+    auto open = [&endpoint, &options] {
       auto stream = transport::connect(endpoint);
-      if (want_zerocopy && !stream.enable_zerocopy() && options.zerocopy == "on")
+      using transport::Stream;
+      if (options.zerocopy == "on" && !stream.enable_zerocopy(Stream::ZeroCopy::always))
         throw std::runtime_error("--zerocopy=on but the socket refuses SO_ZEROCOPY");
+      if (options.zerocopy == "auto") stream.enable_zerocopy(Stream::ZeroCopy::unless_copied);
       return stream;
     };
     auto stream = open();

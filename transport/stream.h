@@ -49,8 +49,12 @@ class Stream {
   // Every blocking read and write gives up after `timeout` of silence with a PeerError, so a
   // vanished peer can never hang a paused source.
   void set_timeout(std::chrono::milliseconds timeout);
-  // Turns on MSG_ZEROCOPY for page data. Returns false when the socket cannot do it.
-  bool enable_zerocopy();
+  // Turns on MSG_ZEROCOPY for page data. Returns false when the socket cannot do it. With
+  // `unless_copied`, it turns itself off again at the first send the kernel reports it
+  // completed by copying (loopback, a veth into a local namespace, a NIC without
+  // scatter-gather): there the completions cost more than the copy they did not save.
+  enum class ZeroCopy { always, unless_copied };
+  bool enable_zerocopy(ZeroCopy mode);
   bool zerocopy() const { return zerocopy_; }
   // Limits page data (send_gathered with pages) to `bytes_per_second`; 0 lifts the limit.
   void set_rate_limit(double bytes_per_second);
@@ -94,6 +98,7 @@ class Stream {
 
   UniqueFd fd_;
   bool zerocopy_ = false;
+  bool zerocopy_unless_copied_ = false;
   std::uint64_t zerocopy_outstanding_ = 0;
   std::optional<TokenBucket> rate_limit_;
   StreamCounters counters_;
