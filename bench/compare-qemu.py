@@ -10,24 +10,28 @@ limit. Writes JSON lines and CSV, and PNG plots when gnuplot is installed.
 
     bench/compare-qemu.py [--mem 2G[,...]] [--wss 1G] [--fill random[,text,mix,zero]]
                           [--workload random[,hotcold,sweep]] [--rates 0,25,50,75]
-                          [--configs mig,mig:prepared,qemu,qemu:multifd4] [--shaped "tbf rate 1gbit burst 512kb latency 50ms"]
-                          [--out DIR]
+                          [--configs mig,mig:prepared,qemu,qemu:multifd4] [--repeat N]
+                          [--shaped "tbf rate 1gbit burst 512kb latency 50ms"] [--out DIR]
 
 The matrix is every combination of guest size, fill, workload, rate and configuration.
 A configuration is `mig` or `qemu`, optionally with `:` and `+`-joined options:
   mig:  prepared (mig-recv --expect-mem), compress (zstd), delta, parallel2, parallel4, attarget, nozeroskip, nodedup, noverify, noplan, offline, zerocopy
   qemu: multifdN (N channels), xbzrle, compress (multifd zstd, needs multifdN)
-Rate 0 runs the idle workload. --shaped runs everything, the raw-link baseline included,
-in a private network namespace whose loopback carries that qdisc (tc qdisc add dev lo root
-SPEC; "netem rate 1gbit delay 1ms" where the kernel has netem): a link slower than memory,
-with no address outside 127.0.0.1 involved.
+Rate 0 runs the idle workload. --shaped puts every receiver (mig-recv, the destination QEMU,
+the iperf3 server of the raw-link baseline) in a network namespace of its own, reached over a
+veth pair whose two ends both carry that qdisc (tc qdisc add dev VETH root SPEC; e.g.
+"netem rate 1gbit delay 1ms" where the kernel has netem, "tbf ..." where it has not): a link
+slower than memory between two "hosts", on addresses in 10.199.0.0/30 that the run creates
+and deletes.
 """
 import argparse
+import contextlib
 import csv
 import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,12 +56,41 @@ def free_port():
         return s.getsockname()[1]
 
 
-def raw_link_mbps(nbytes):
-    """iperf3, one stream over loopback, the same byte count a migration moves."""
+class Link:
+    """Where receivers listen, and the command prefix that starts a process on their side."""
+
+    def __init__(self, host="127.0.0.1", receiver_prefix=(), label="loopback"):
+        self.host, self.receiver_prefix, self.label = host, list(receiver_prefix), label
+
+
+@contextlib.contextmanager
+def shaped_link(qdisc):
+    """A receiving namespace behind a veth pair, `qdisc` on both ends; gone afterwards."""
+    ns, near, far = f"migdst{os.getpid()}", f"migs{os.getpid()}", f"migd{os.getpid()}"
+    run = lambda *cmd: subprocess.run(list(cmd), check=True)
+    run("ip", "netns", "add", ns)
+    try:
+        run("ip", "link", "add", near, "type", "veth", "peer", "name", far, "netns", ns)
+        run("ip", "addr", "add", "10.199.0.1/30", "dev", near)
+        run("ip", "link", "set", near, "up")
+        run("ip", "-n", ns, "addr", "add", "10.199.0.2/30", "dev", far)
+        run("ip", "-n", ns, "link", "set", far, "up")
+        run("ip", "-n", ns, "link", "set", "lo", "up")
+        run("tc", "qdisc", "add", "dev", near, "root", *qdisc.split())
+        run("tc", "-n", ns, "qdisc", "add", "dev", far, "root", *qdisc.split())
+        yield Link("10.199.0.2", ["ip", "netns", "exec", ns], f"veth, {qdisc}")
+    finally:
+        subprocess.run(["ip", "link", "delete", near], stderr=subprocess.DEVNULL)
+        subprocess.run(["ip", "netns", "delete", ns])
+
+
+def raw_link_mbps(link, nbytes):
+    """iperf3, one stream over the link, the same byte count a migration moves."""
     port = free_port()
-    server = subprocess.Popen(["iperf3", "-s", "-1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(link.receiver_prefix + ["iperf3", "-s", "-1", "-B", link.host, "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.3)
-    out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-n", str(nbytes), "-J"],
+    out = subprocess.run(["iperf3", "-c", link.host, "-p", str(port), "-n", str(nbytes), "-J"],
                          capture_output=True, text=True, check=True).stdout
     server.wait(timeout=10)
     return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 8 / 1e6
@@ -121,7 +154,7 @@ class Qmp:
 class Qemu:
     instances = 0
 
-    def __init__(self, tmp, tag, mem, append, incoming=None):
+    def __init__(self, tmp, tag, mem, append, incoming=None, prefix=()):
         Qemu.instances += 1  # fresh socket paths: a killed QEMU leaves its files behind
         self.serial_path = os.path.join(tmp, f"{tag}{Qemu.instances}.serial")
         qmp_path = os.path.join(tmp, f"{tag}{Qemu.instances}.qmp")
@@ -131,7 +164,7 @@ class Qemu:
                "-qmp", f"unix:{qmp_path},server=on,wait=off"]
         if incoming:
             cmd += ["-incoming", incoming]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(list(prefix) + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.tap = SerialTap(self.serial_path)
         self.qmp = Qmp(qmp_path)
 
@@ -140,10 +173,10 @@ class Qemu:
         self.proc.wait()
 
 
-def qemu_row(tmp, mem, append, options):
+def qemu_row(link, tmp, mem, append, options):
     channels = next((int(o[len("multifd"):]) for o in options if o.startswith("multifd")), 0)
     port = free_port()
-    dst = Qemu(tmp, "dst", mem, append, incoming="defer")
+    dst = Qemu(tmp, "dst", mem, append, incoming="defer", prefix=link.receiver_prefix)
     src = Qemu(tmp, "src", mem, append)
     try:
         if not src.tap.ready.wait(300):
@@ -162,8 +195,8 @@ def qemu_row(tmp, mem, append, options):
             if "compress" in options:
                 side.qmp.execute("migrate-set-parameters", **{"multifd-compression": "zstd"})
         src.qmp.execute("migrate-set-parameters", **{"downtime-limit": DOWNTIME_MS, "max-bandwidth": 1 << 40})
-        dst.qmp.execute("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
-        src.qmp.execute("migrate", uri=f"tcp:127.0.0.1:{port}")
+        dst.qmp.execute("migrate-incoming", uri=f"tcp:{link.host}:{port}")
+        src.qmp.execute("migrate", uri=f"tcp:{link.host}:{port}")
         while True:
             info = src.qmp.execute("query-migrate")
             if info.get("status") in ("completed", "failed", "cancelled"):
@@ -186,10 +219,10 @@ MIG_SEND_FLAGS = {"compress": ["--compress", "zstd"], "nodedup": ["--no-dedup"],
                   "offline": ["--offline"], "zerocopy": ["--zerocopy", "on"]}
 
 
-def mig_row(tmp, mem, append, options):
+def mig_row(link, tmp, mem, append, options):
     send_stats, recv_stats = os.path.join(tmp, "send.json"), os.path.join(tmp, "recv.json")
-    recv_cmd = [os.path.join(BUILD, "tools", "mig-recv"), "--listen", "tcp:127.0.0.1:0", "--run-for", "1",
-                "--stats-json", recv_stats]
+    recv_cmd = link.receiver_prefix + [os.path.join(BUILD, "tools", "mig-recv"), "--listen", f"tcp:{link.host}:0",
+                                       "--run-for", "1", "--stats-json", recv_stats]
     if "prepared" in options:
         recv_cmd += ["--expect-mem", str(mem)]
     send_flags = [flag for o in options if o != "prepared" for flag in MIG_SEND_FLAGS[o]]
@@ -208,42 +241,105 @@ def mig_row(tmp, mem, append, options):
     return row
 
 
+def series(rows):
+    """Rows grouped by what a plot line or summary line shows: configuration and guest, then
+    dirty rate; each group holds one row per repeat."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["config"], r["mem"], r["fill"], r["workload"]), {}).setdefault(r["dirty_MBps"], []).append(r)
+    return groups
+
+
+def values(rows, metric):
+    return sorted(r[metric] for r in rows if r.get(metric) is not None)
+
+
+def summarize(rows):
+    """Median and range over the repeats of every matrix point."""
+    print("\nmedian [min-max] over repeats")
+    for key, by_rate in sorted(series(rows).items()):
+        for rate, group in sorted(by_rate.items()):
+            parts = []
+            for metric, unit in (("total_ms", "ms total"), ("guest_downtime_ms", "ms guest saw"),
+                                 ("ratio_to_raw_link", "of link")):
+                v = values(group, metric)
+                if v:
+                    parts.append(f"{statistics.median(v):.2f} [{v[0]:.2f}-{v[-1]:.2f}] {unit}")
+            print(f"{' '.join(key):<40} {group[0]['link_percent']:>3}%  " + "  ".join(parts or ["no result"]))
+
+
 def plot(out_dir, rows):
     if not shutil.which("gnuplot"):
         print("gnuplot not installed: no plots")
         return
-    configs = sorted({(r["config"], r["mem"], r["fill"], r["workload"]) for r in rows})
+    groups = series(rows)
     for metric, label in (("total_ms", "total time (ms)"), ("guest_downtime_ms", "guest-observed downtime (ms)"),
                           ("bytes_sent", "bytes sent")):
         data = os.path.join(out_dir, f"{metric}.dat")
         with open(data, "w") as f:
-            for c in configs:
-                f.write(f'"{" ".join(c)}"\n')
-                for r in sorted((r for r in rows if (r["config"], r["mem"], r["fill"], r["workload"]) == c),
-                                key=lambda r: r["dirty_MBps"]):
-                    if r[metric] is not None:
-                        f.write(f"{r['dirty_MBps']} {r[metric]}\n")
+            for key, by_rate in sorted(groups.items()):
+                f.write(f'"{" ".join(key)}"\n')
+                for rate, group in sorted(by_rate.items()):
+                    if values(group, metric):
+                        f.write(f"{rate} {statistics.median(values(group, metric))}\n")
                 f.write("\n\n")
         png = os.path.join(out_dir, f"{metric}.png")
         script = (f"set terminal png size 800,500; set output '{png}'; set key top left; set grid;"
-                  f"set xlabel 'guest dirty rate asked (MB/s)'; set ylabel '{label}';"
-                  f"plot for [i=0:{len(configs) - 1}] '{data}' index i using 1:2 with linespoints title columnheader(1)")
+                  f"set xlabel 'guest dirty rate asked (MB/s)'; set ylabel '{label} (median of repeats)';"
+                  f"plot for [i=0:{len(groups) - 1}] '{data}' index i using 1:2 with linespoints title columnheader(1)")
         subprocess.run(["gnuplot", "-e", script], check=True)
         print(f"plot: {png}")
 
 
-def enter_shaped_namespace(qdisc):
-    """Re-runs this script inside a fresh network namespace whose loopback is shaped."""
-    name = f"migbench{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
+def run_row(link, tmp, wss, mem_text, fill, workload, percent, rate, config):
+    """One migration, with the raw link measured just before it: loopback moves by +-30 % within
+    minutes here, so a ratio is only meaningful against a baseline taken next to it."""
+    mem = size_bytes(mem_text)
+    mode = f"mode={workload} rate={rate}" if percent else "mode=idle"
+    if workload == "hotcold" and percent:
+        mode += " hot=5 hotfrac=95"
+    append = f"{mode} wss={wss >> 20}M fill={fill} hb=1 hbserial=1"
+    kind, _, option_text = config.partition(":")
+    options = [o for o in option_text.split("+") if o]
+    row_link = raw_link_mbps(link, wss)
     try:
-        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
-        subprocess.run(["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root"] + qdisc.split(),
-                       check=True)
-        argv = [a for a in sys.argv if a != "--shaped" and a != qdisc]
-        return subprocess.run(["ip", "netns", "exec", name, sys.executable] + argv + ["--link-label", qdisc]).returncode
-    finally:
-        subprocess.run(["ip", "netns", "delete", name])
+        row = (qemu_row if kind == "qemu" else mig_row)(link, tmp, mem, append, options)
+    except Exception as e:  # one failed row must not lose the others
+        row = {"status": f"error: {e}", "total_ms": None, "downtime_ms": None, "guest_downtime_ms": None,
+               "bytes_sent": None, "rounds": None, "verified": None}
+    row.update(config=config, link_percent=percent, dirty_MBps=rate, raw_link_MBps=round(row_link), link=link.label,
+               mem=mem_text, wss=f"{wss >> 20}M", fill=fill, workload=workload, guest_cmdline=append)
+    if row["bytes_sent"] and row["total_ms"]:
+        row["ratio_to_raw_link"] = round(row["bytes_sent"] / 1e6 / row_link * 1000 / row["total_ms"], 3)
+    return row
+
+
+def print_row(row):
+    fmt = lambda v, f: "n/a" if v is None else format(v, f)
+    print(f"{row['mem']:>4} {row['fill']:<6} {row['workload']:<7} {row['link_percent']:>3}% {row['config']:<24} "
+          f"{row['status']:<10} total {fmt(row['total_ms'], '8.1f')} ms  downtime {fmt(row['downtime_ms'], '7.2f')} ms  "
+          f"guest saw {fmt(row['guest_downtime_ms'], '7.2f')} ms  sent {fmt(row['bytes_sent'] and row['bytes_sent'] / 1e6, '7.1f')} MB  "
+          f"link {row['raw_link_MBps']:5d} MB/s  ratio {fmt(row.get('ratio_to_raw_link'), '.2f')}", flush=True)
+
+
+def run_matrix(link, args):
+    wss = size_bytes(args.wss)
+    # Dirty rates are percentages of one baseline taken at the start, so that every
+    # configuration at a given percentage runs the very same guest.
+    base = raw_link_mbps(link, wss)
+    print(f"raw link (iperf3, {wss >> 20} MiB over {link.label}): {base:.0f} MB/s")
+    matrix = [(m, fill, workload, int(percent), config) for m in args.mem.split(",") for fill in args.fill.split(",")
+              for workload in args.workload.split(",") for percent in args.rates.split(",")
+              for config in args.configs.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeat):
+            for mem_text, fill, workload, percent, config in matrix:
+                row = run_row(link, tmp, wss, mem_text, fill, workload, percent, int(base * percent / 100), config)
+                row["repeat"] = repeat
+                rows.append(row)
+                print_row(row)
+    return rows
 
 
 def main():
@@ -254,49 +350,13 @@ def main():
     p.add_argument("--workload", default="random", help="dirtying workloads for non-zero rates: random, hotcold, sweep")
     p.add_argument("--rates", default="0,25,50,75", help="guest dirty rates, percent of the raw link; 0 = idle")
     p.add_argument("--configs", default="mig,mig:prepared,qemu,qemu:multifd4")
-    p.add_argument("--shaped", help='a qdisc for a shaped loopback, e.g. "tbf rate 1gbit burst 512kb latency 50ms"')
-    p.add_argument("--link-label", default="loopback", help=argparse.SUPPRESS)
+    p.add_argument("--repeat", type=int, default=1, help="run the whole matrix this many times (rows carry `repeat`)")
+    p.add_argument("--shaped", help='a qdisc for both ends of a veth link, e.g. "tbf rate 1gbit burst 512kb latency 50ms"')
     p.add_argument("--out", default=os.path.join(BUILD, "compare-qemu"))
     args = p.parse_args()
-    if args.shaped:
-        return enter_shaped_namespace(args.shaped)
-    wss = size_bytes(args.wss)
     os.makedirs(args.out, exist_ok=True)
-    link = raw_link_mbps(wss)
-    print(f"raw link (iperf3, {wss >> 20} MiB over {args.link_label}): {link:.0f} MB/s")
-    rows = []
-    matrix = [(m, fill, workload, int(percent), config) for m in args.mem.split(",") for fill in args.fill.split(",")
-              for workload in args.workload.split(",") for percent in args.rates.split(",") for config in args.configs.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        for mem_text, fill, workload, percent, config in matrix:
-            mem = size_bytes(mem_text)
-            rate = int(link * percent / 100)
-            mode = f"mode={workload} rate={rate}" if percent else "mode=idle"
-            if workload == "hotcold" and percent:
-                mode += " hot=5 hotfrac=95"
-            append = f"{mode} wss={wss >> 20}M fill={fill} hb=1 hbserial=1"
-            kind, _, option_text = config.partition(":")
-            options = [o for o in option_text.split("+") if o]
-            if True:
-                try:
-                    if kind == "qemu":
-                        row = qemu_row(tmp, mem, append, options)
-                    else:
-                        row = mig_row(tmp, mem, append, options)
-                except Exception as e:  # one failed row must not lose the others
-                    row = {"status": f"error: {e}", "total_ms": None, "downtime_ms": None, "guest_downtime_ms": None,
-                           "bytes_sent": None, "rounds": None, "verified": None}
-                row.update(config=config, link_percent=percent, dirty_MBps=rate, raw_link_MBps=round(link),
-                           link=args.link_label, mem=mem_text, wss=args.wss, fill=fill, workload=workload,
-                           guest_cmdline=append)
-                if row["bytes_sent"] and row["total_ms"]:
-                    row["ratio_to_raw_link"] = round(row["bytes_sent"] / 1e6 / link * 1000 / row["total_ms"], 3)
-                rows.append(row)
-                fmt = lambda v, f: "n/a" if v is None else format(v, f)
-                print(f"{mem_text:>4} {fill:<6} {workload:<7} {percent:>3}% {config:<18} {row['status']:<10} total {fmt(row['total_ms'], '8.1f')} ms  "
-                      f"downtime {fmt(row['downtime_ms'], '7.2f')} ms  guest saw {fmt(row['guest_downtime_ms'], '7.2f')} ms  "
-                      f"sent {fmt(row['bytes_sent'] and row['bytes_sent'] / 1e6, '7.1f')} MB  "
-                      f"ratio to link {fmt(row.get('ratio_to_raw_link'), '.2f')}", flush=True)
+    with shaped_link(args.shaped) if args.shaped else contextlib.nullcontext(Link()) as link:
+        rows = run_matrix(link, args)
     with open(os.path.join(args.out, "rows.jsonl"), "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
@@ -305,6 +365,7 @@ def main():
         writer.writeheader()
         writer.writerows(rows)
     print(f"rows: {args.out}/rows.jsonl, {args.out}/rows.csv")
+    summarize(rows)
     plot(args.out, rows)
 
 
