@@ -107,14 +107,16 @@ namespace mig::kvm {
 #define MADV_POPULATE_WRITE 23  // Linux 5.14; older libc headers lack the name
 #endif
 
-void GuestMemory::populate() const {
+void GuestMemory::populate() {
   for (std::size_t i = 0; i < regions_.size(); ++i) populate(i, 0, regions_[i].layout.size / kPageSize);
+  fully_populated_ = true;
 }
 
 void GuestMemory::populate(std::size_t index, std::uint64_t first, std::uint64_t count) const {
   const Region& r = regions_.at(index);
   if (first > r.layout.size / kPageSize || count > r.layout.size / kPageSize - first)
     throw std::out_of_range("populate: pages outside the region");
+  if (fully_populated_) return;
   std::byte* start = r.host() + first * kPageSize;
   if (::madvise(start, count * kPageSize, MADV_POPULATE_WRITE) == 0) return;
   if (errno != EINVAL) throw_errno("madvise(MADV_POPULATE_WRITE)");

@@ -61,13 +61,15 @@ class GuestMemory {
   // Backs every page with memory now (MADV_POPULATE_WRITE), so that writing it later costs
   // no page fault. On these hosts a fault on fresh memory costs 4-9 us: populating ahead,
   // while a receiver waits for its source, takes that off the migration's clock.
-  void populate() const;
-  // The same for `count` pages of region `index` from page `first`.
+  void populate();
+  // The same for `count` pages of region `index` from page `first`. Nothing to do after
+  // populate(): walking populated pages again still costs 40-90 ms per GiB here.
   void populate(std::size_t index, std::uint64_t first, std::uint64_t count) const;
 
  private:
   std::vector<Region> regions_;
   MemoryBacking backing_ = MemoryBacking::anonymous;
+  bool fully_populated_ = false;
 };
 
 }  // namespace mig::kvm
