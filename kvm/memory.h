@@ -56,7 +56,11 @@ class GuestMemory {
   // memory; the others have never been touched and read as zero. Asks the kernel (pagemap
   // for anonymous memory, mincore for memfd) instead of touching the pages, which would cost
   // a fault each.
-  void populated_pages(std::size_t index, std::span<std::uint64_t> bitmap) const;
+  // How populated_pages() asks about anonymous memory: `best` is PAGEMAP_SCAN where the kernel
+  // has it (6.7 on), else one pagemap entry per page, which `pagemap_entries` forces so tests
+  // can hold the two to each other.
+  enum class PageScan { best, pagemap_entries };
+  void populated_pages(std::size_t index, std::span<std::uint64_t> bitmap, PageScan scan = PageScan::best) const;
 
   // Backs every page with memory now (MADV_POPULATE_WRITE), so that writing it later costs
   // no page fault. On these hosts a fault on fresh memory costs 4-9 us: populating ahead,
