@@ -1,5 +1,7 @@
 #include "engine/convergence.h"
 
+#include <algorithm>
+
 namespace mig::engine {
 
 std::string to_string(Decision d) {
@@ -31,19 +33,37 @@ double expected_downtime_ms(std::span<const RoundStats> rounds, const Convergenc
   return bandwidth > 0 ? remaining / bandwidth * 1000 : 1e12;
 }
 
+namespace {
+// The last round left at most `improve_shrink` of the pages it went through.
+bool still_shrinking(const RoundStats& last, const ConvergencePolicy& policy) {
+  const double went_through = static_cast<double>(last.pages_sent + last.pages_skipped);
+  return static_cast<double>(last.dirty_pages) <= policy.improve_shrink * went_through;
+}
+
+
+// The expected downtime above which a stuck guest is worth slowing down.
+double throttle_above_ms(const ConvergencePolicy& policy) {
+  return policy.improve_within_target ? policy.throttle_above_ms : policy.downtime_target_ms;
+}
+
+bool can_throttle_more(const RoundStats& last, const ConvergencePolicy& policy) {
+  return policy.auto_converge && last.throttle < policy.throttle_max;
+}
+}  // namespace
+
 Decision decide(std::span<const RoundStats> rounds, const ConvergencePolicy& policy) {
   if (rounds.empty()) return Decision::next_round;
+  const RoundStats& last = rounds.back();
   const double expected_ms = expected_downtime_ms(rounds, policy);
   if (expected_ms <= policy.downtime_target_ms) {
-    const RoundStats& last = rounds.back();
-    const double went_through = static_cast<double>(last.pages_sent + last.pages_skipped);
-    const bool still_shrinking = static_cast<double>(last.dirty_pages) <= policy.improve_shrink * went_through;
-    if (policy.improve_within_target && still_shrinking && expected_ms > policy.improve_floor_ms &&
-        rounds.size() < policy.max_rounds)
-      return Decision::next_round;
-    return Decision::stop_converged;
+    if (!policy.improve_within_target || expected_ms <= policy.improve_floor_ms || rounds.size() >= policy.max_rounds)
+      return Decision::stop_converged;
+    const bool throttling_pays = expected_ms > throttle_above_ms(policy) && can_throttle_more(last, policy);
+    return still_shrinking(last, policy) || throttling_pays ? Decision::next_round : Decision::stop_converged;
   }
   if (rounds.size() >= policy.max_rounds) return Decision::stop_max_rounds;
+  // A stuck guest is first throttled, as far as the policy allows.
+  if (can_throttle_more(last, policy)) return Decision::next_round;
   // Round 0 sends all memory, so its dirty rate says nothing about progress; judge the
   // pre-copy rounds after it.
   if (policy.no_progress_rounds > 0 && rounds.size() > policy.no_progress_rounds) {
@@ -54,6 +74,16 @@ Decision decide(std::span<const RoundStats> rounds, const ConvergencePolicy& pol
       return policy.on_no_convergence == NoConvergence::stop ? Decision::stop_no_progress : Decision::abort_no_progress;
   }
   return Decision::next_round;
+}
+
+double next_throttle(std::span<const RoundStats> rounds, const ConvergencePolicy& policy) {
+  if (rounds.empty()) return 0;
+  const RoundStats& last = rounds.back();
+  // Round 0 sends all memory: how much it left says nothing about the guest.
+  const bool stuck = rounds.size() >= 2 && !still_shrinking(last, policy) &&
+                     expected_downtime_ms(rounds, policy) > throttle_above_ms(policy);
+  if (!policy.auto_converge || !stuck) return last.throttle;
+  return std::min(policy.throttle_max, last.throttle > 0 ? last.throttle + policy.throttle_step : policy.throttle_initial);
 }
 
 }  // namespace mig::engine

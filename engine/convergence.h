@@ -18,6 +18,7 @@ struct RoundStats {
   double dirty_rate_Bps = 0;        // dirty_pages * page size / duration_s
   double bandwidth_Bps = 0;         // bytes_sent / duration_s
   double expected_downtime_ms = 0;  // what stopping now would cost, by the windowed bandwidth
+  double throttle = 0;              // share of time the guest's vCPUs were held during the round
 };
 
 enum class NoConvergence { stop, abort };
@@ -34,15 +35,26 @@ struct ConvergencePolicy {
   // slow or tiny round does not swing the estimate, and early rounds do not dilute it.
   double bandwidth_window_s = 0.25;
   // The target is a ceiling, not a goal. Within it, go on while rounds still pay: a round
-  // that left at most `improve_shrink` of the pages it went through cuts the downtime by at
-  // least a tenth, and costs about one downtime of pre-copy time, which the guest does not
-  // notice. Rounds stop paying once their fixed costs (dirty-log sync, the round's
-  // acknowledgement) rival their pages; the ratio then climbs past the bound by itself.
-  // Off (`improve_within_target = false`) the target alone decides, as in QEMU.
+  // that left at most `improve_shrink` of the pages it went through cut the downtime by at
+  // least a tenth, and cost about one downtime of pre-copy time, which the guest does not
+  // notice. Below `improve_floor_ms` the pause is dominated by state and handshake, not
+  // pages, and rounds stop. Off (`improve_within_target = false`) the target alone decides,
+  // as in QEMU.
   bool improve_within_target = true;
   double improve_shrink = 0.9;
-  // Below this expected downtime the pause is dominated by state and handshake, not pages.
   double improve_floor_ms = 1.0;
+  // Auto-converge (QEMU's name): a round that did not cut the pages left by a tenth, while
+  // the expected downtime is above `throttle_above_ms` (above the target when only the
+  // target decides), holds the guest's vCPUs for a share of the time: throttle_initial, then
+  // throttle_step more per such round, up to throttle_max. A guest that dirties memory as
+  // fast as the link drains it slows down for a few rounds instead of paying with a long
+  // pause; below a few ms, the pause hurts it less than being slowed. Outside the target,
+  // stuck rounds count as no progress only at throttle_max.
+  bool auto_converge = true;
+  double throttle_above_ms = 5;
+  double throttle_initial = 0.2;
+  double throttle_step = 0.1;
+  double throttle_max = 0.9;
 };
 
 enum class Decision {
@@ -62,5 +74,7 @@ double expected_downtime_ms(std::span<const RoundStats> rounds, const Convergenc
 
 // `rounds` holds every finished round, oldest first, each with the dirty pages found after it.
 Decision decide(std::span<const RoundStats> rounds, const ConvergencePolicy& policy);
+// The throttle for the next round (auto-converge), given the rounds so far.
+double next_throttle(std::span<const RoundStats> rounds, const ConvergencePolicy& policy);
 
 }  // namespace mig::engine

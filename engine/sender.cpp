@@ -217,6 +217,8 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
   const auto regions = vm.memory_regions();
   for (const auto& r : regions) stats.guest_bytes += r.size;
   bool paused = false, logging = false, committed = false;
+  double throttle = 0;  // auto-converge: the share of time the vCPUs are held
+  ConvergencePolicy policy = options.policy;  // auto-converge turns itself off where the VM cannot throttle
   try {
     stream.set_timeout(options.peer_timeout);
     wire::Hello hello;
@@ -331,14 +333,25 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
         rs.dirty_pages = dirty;
         rs.dirty_rate_Bps = static_cast<double>(dirty * kPageSize) / std::max(rs.duration_s, 1e-9);
         rs.bandwidth_Bps = static_cast<double>(counts.bytes) / std::max(rs.duration_s, 1e-9);
+        rs.throttle = throttle;
         stats.round_table.push_back(rs);
-        stats.round_table.back().expected_downtime_ms = expected_downtime_ms(stats.round_table, options.policy);
+        stats.round_table.back().expected_downtime_ms = expected_downtime_ms(stats.round_table, policy);
         if (options.on_round) options.on_round(stats.round_table.back(), stats.guest_bytes);
-        const Decision decision = decide(stats.round_table, options.policy);
-        if (decision == Decision::next_round) continue;
+        const Decision decision = decide(stats.round_table, policy);
+        if (decision == Decision::next_round) {
+          const double wanted = next_throttle(stats.round_table, policy);
+          if (wanted != throttle) {
+            if (vm.set_throttle(wanted)) {
+              throttle = wanted;
+            } else {
+              policy.auto_converge = false;  // stuck rounds now count as no progress at once
+            }
+          }
+          continue;
+        }
         stats.stop_reason = to_string(decision);
         if (decision == Decision::abort_no_progress)
-          throw std::runtime_error("pre-copy made no progress for " + std::to_string(options.policy.no_progress_rounds) +
+          throw std::runtime_error("pre-copy made no progress for " + std::to_string(policy.no_progress_rounds) +
                                    " rounds (dirty rate at or above bandwidth); aborted as --on-no-convergence=abort asks");
         ++round;
         break;
@@ -430,6 +443,7 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
       } catch (...) {
       }
       // Never lose the guest: everything before the handoff is undone here.
+      if (throttle > 0 && !paused) vm.set_throttle(0);
       if (logging) vm.stop_dirty_log();
       if (paused) vm.resume();
     }

@@ -64,6 +64,12 @@ class MigratableVm {
   // Called from a helper thread while pages are being received; the default does nothing.
   virtual void prepare_pages(std::size_t region, std::uint64_t first_page, std::uint64_t count);
 
+  // Source, auto-converge: hold the vCPUs for `share` (0 to 1) of the time from now on, so a
+  // guest that dirties memory faster than the link drains it slows down; 0 lets it run
+  // freely again. pause() ends any throttling first. Returns false when this VM cannot
+  // throttle (the default).
+  virtual bool set_throttle(double /*share*/) { return false; }
+
   // Source: pause stops every vCPU and returns once they are stopped. Destination: resume
   // also starts vCPUs that never ran.
   virtual void pause() = 0;

@@ -18,10 +18,17 @@ RoundStats round_of(double mb, double seconds, std::uint64_t dirty_pages) {
   r.dirty_rate_Bps = static_cast<double>(dirty_pages * 4096) / seconds;
   return r;
 }
+
+RoundStats throttled(RoundStats r, double throttle) {
+  r.throttle = throttle;
+  return r;
+}
 }  // namespace
 
 TEST_CASE("convergence decisions") {
-  ConvergencePolicy improving;  // the defaults: 30 ms, 30 rounds, 3 rounds without progress, stop, improve within
+  ConvergencePolicy defaults;  // 30 ms, 30 rounds, 3 rounds without progress, stop, improve within, auto-converge
+  ConvergencePolicy improving = defaults;  // improve within the target, never throttle
+  improving.auto_converge = false;
   ConvergencePolicy policy = improving;  // the target alone decides
   policy.improve_within_target = false;
   ConvergencePolicy abort_policy = policy;
@@ -55,6 +62,17 @@ TEST_CASE("convergence decisions") {
        {round_of(1000, 1.0, 5000), round_of(20, 0.02, 3000)}, improving, Decision::next_round},
       {"improving: within the target and the last round left 92% of its pages",
        {round_of(1000, 1.0, 5000), round_of(20, 0.02, 4500)}, improving, Decision::stop_converged},
+      {"auto-converge: within the target - not shrinking - throttling can still help",
+       {round_of(1000, 1.0, 5000), round_of(20, 0.02, 4500)}, defaults, Decision::next_round},
+      {"auto-converge: within the target - not shrinking - below 5 ms expected",
+       {round_of(1000, 1.0, 5000), round_of(4, 0.004, 950)}, defaults, Decision::stop_converged},
+      {"auto-converge: within the target - not shrinking - at the maximum throttle",
+       {round_of(1000, 1.0, 5000), throttled(round_of(20, 0.02, 4500), 0.9)}, defaults, Decision::stop_converged},
+      {"auto-converge: stuck outside the target - throttle first", {just_outside, stuck, stuck, stuck}, defaults,
+       Decision::next_round},
+      {"auto-converge: stuck outside the target at the maximum throttle",
+       {just_outside, throttled(stuck, 0.7), throttled(stuck, 0.8), throttled(stuck, 0.9)}, defaults,
+       Decision::stop_no_progress},
       {"improving: below the 1 ms floor", {round_of(1000, 1.0, 5000), round_of(20, 0.02, 200)}, improving,
        Decision::stop_converged},
       {"improving: round 0 alone may earn another round", {just_inside}, improving, Decision::next_round},
@@ -69,6 +87,27 @@ TEST_CASE("convergence decisions") {
     INFO(row.what);
     CHECK(to_string(decide(row.rounds, row.policy)) == to_string(row.expected));
   }
+}
+
+TEST_CASE("auto-converge raises the throttle only while rounds stop paying") {
+  ConvergencePolicy policy;  // 20 % first, +10 % per round, at most 90 %
+  const auto round0 = round_of(1000, 1.0, 5000);
+  const auto shrinking = round_of(20, 0.02, 3000);  // left 61 % of 4882 pages, 12 ms expected
+  const auto flat = round_of(20, 0.02, 4800);       // left 98 %
+  CHECK(next_throttle({}, policy) == 0);
+  CHECK(next_throttle(std::vector{round0}, policy) == 0);  // round 0 says nothing about the guest
+  CHECK(next_throttle(std::vector{round0, shrinking}, policy) == 0);
+  CHECK(next_throttle(std::vector{round0, flat}, policy) == Approx(0.2));
+  CHECK(next_throttle(std::vector{round0, throttled(flat, 0.2)}, policy) == Approx(0.3));
+  CHECK(next_throttle(std::vector{round0, throttled(shrinking, 0.3)}, policy) == Approx(0.3));  // kept, not raised
+  CHECK(next_throttle(std::vector{round0, throttled(flat, 0.9)}, policy) == Approx(0.9));
+  // Below 5 ms expected the guest is not worth slowing: 1200 of 4882 pages left, 4.9 ms.
+  CHECK(next_throttle(std::vector{round0, round_of(20, 0.02, 1200)}, policy) == 0);
+  // Only the target decides: within it, no throttle.
+  policy.improve_within_target = false;
+  CHECK(next_throttle(std::vector{round0, flat}, policy) == 0);
+  policy.auto_converge = false;
+  CHECK(next_throttle(std::vector{round0, round_of(100, 0.1, 30000)}, policy) == 0);
 }
 
 TEST_CASE("bandwidth is measured over a recent window - not the whole run") {

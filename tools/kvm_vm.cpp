@@ -1,5 +1,8 @@
 #include "tools/kvm_vm.h"
 
+#include <condition_variable>
+#include <mutex>
+
 #include "transport/bytes.h"
 
 namespace mig::tools {
@@ -119,6 +122,36 @@ engine::VmFactory KvmVm::factory(std::string serial_path, kvm::MemoryBacking bac
       return std::make_unique<KvmVm>(std::move(machine));
     return std::make_unique<KvmVm>(kvm::Machine::create(config));
   };
+}
+
+bool KvmVm::set_throttle(double share) {
+  throttler_ = std::jthread();  // stops and joins the previous throttler, which leaves the vCPUs running
+  if (share <= 0) return true;
+  // A 10 ms period: short enough that the guest sees a slower CPU rather than stalls, long
+  // enough that a pause and a resume (about 0.1 ms each here) are a small part of it.
+  constexpr std::chrono::microseconds kPeriod{10000};
+  const auto held = std::chrono::duration_cast<std::chrono::microseconds>(kPeriod * std::min(share, 0.99));
+  throttler_ = std::jthread([this, held, running = kPeriod - held](std::stop_token stop) {
+    std::mutex mutex;
+    std::condition_variable_any wake;
+    std::unique_lock lock(mutex);
+    // Both sleeps end early on a stop request, so ending throttling (and so pause()) waits
+    // for at most one pause and resume of the vCPUs, never for the rest of a period.
+    auto sleep = [&](std::chrono::microseconds time) {
+      return !wake.wait_for(lock, stop, time, [&] { return stop.stop_requested(); });
+    };
+    while (sleep(running)) {
+      machine_->pause();
+      sleep(held);
+      machine_->resume();
+    }
+  });
+  return true;
+}
+
+void KvmVm::pause() {
+  throttler_ = std::jthread();
+  machine_->pause();
 }
 
 std::vector<engine::MemoryRegion> KvmVm::memory_regions() const {

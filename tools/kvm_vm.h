@@ -4,6 +4,7 @@
 
 #include <memory>
 #include <optional>
+#include <thread>
 
 #include "engine/vm.h"
 #include "kvm/machine.h"
@@ -39,7 +40,9 @@ class KvmVm final : public engine::MigratableVm {
   void prepare_pages(std::size_t region, std::uint64_t first_page, std::uint64_t count) override {
     machine_->memory().populate(region, first_page, count);
   }
-  void pause() override { machine_->pause(); }
+  // Holds the vCPUs for `share` of every 10 ms from a helper thread (auto-converge).
+  bool set_throttle(double share) override;
+  void pause() override;
   void resume() override { machine_->resume(); }
   std::vector<engine::StateSection> save_state() override;
   void restore_state(const std::vector<engine::StateSection>& sections) override;
@@ -47,6 +50,7 @@ class KvmVm final : public engine::MigratableVm {
 
  private:
   std::unique_ptr<kvm::Machine> machine_;
+  std::jthread throttler_;  // declared after machine_: stopped before the machine goes
 };
 
 // The state sections, exposed for round-trip tests.

@@ -38,6 +38,7 @@ struct SendOptions {
   bool delta = false;
   unsigned parallel = 1;
   bool stop_at_target = false;
+  bool no_auto_converge = false;
   std::uint64_t delta_cache = 64ull << 20;
 
   void add_to(CLI::App& app, const std::string& to_flag, bool to_required);
