@@ -47,7 +47,7 @@ double throttle_above_ms(const ConvergencePolicy& policy) {
 }
 
 bool can_throttle_more(const RoundStats& last, const ConvergencePolicy& policy) {
-  return policy.auto_converge && last.throttle < policy.throttle_max;
+  return policy.auto_converge && last.throttle_pct < policy.throttle_max_pct;
 }
 }  // namespace
 
@@ -76,14 +76,15 @@ Decision decide(std::span<const RoundStats> rounds, const ConvergencePolicy& pol
   return Decision::next_round;
 }
 
-double next_throttle(std::span<const RoundStats> rounds, const ConvergencePolicy& policy) {
+unsigned next_throttle_pct(std::span<const RoundStats> rounds, const ConvergencePolicy& policy) {
   if (rounds.empty()) return 0;
   const RoundStats& last = rounds.back();
   // Round 0 sends all memory: how much it left says nothing about the guest.
   const bool stuck = rounds.size() >= 2 && !still_shrinking(last, policy) &&
                      expected_downtime_ms(rounds, policy) > throttle_above_ms(policy);
-  if (!policy.auto_converge || !stuck) return last.throttle;
-  return std::min(policy.throttle_max, last.throttle > 0 ? last.throttle + policy.throttle_step : policy.throttle_initial);
+  if (!policy.auto_converge || !stuck) return last.throttle_pct;
+  return std::min(policy.throttle_max_pct,
+                  last.throttle_pct > 0 ? last.throttle_pct + policy.throttle_step_pct : policy.throttle_initial_pct);
 }
 
 }  // namespace mig::engine

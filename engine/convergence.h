@@ -18,7 +18,7 @@ struct RoundStats {
   double dirty_rate_Bps = 0;        // dirty_pages * page size / duration_s
   double bandwidth_Bps = 0;         // bytes_sent / duration_s
   double expected_downtime_ms = 0;  // what stopping now would cost, by the windowed bandwidth
-  double throttle = 0;              // share of time the guest's vCPUs were held during the round
+  unsigned throttle_pct = 0;        // percent of the time the guest's vCPUs were held during the round
 };
 
 enum class NoConvergence { stop, abort };
@@ -43,18 +43,18 @@ struct ConvergencePolicy {
   bool improve_within_target = true;
   double improve_shrink = 0.9;
   double improve_floor_ms = 1.0;
-  // Auto-converge (QEMU's name): a round that did not cut the pages left by a tenth, while
-  // the expected downtime is above `throttle_above_ms` (above the target when only the
-  // target decides), holds the guest's vCPUs for a share of the time: throttle_initial, then
-  // throttle_step more per such round, up to throttle_max. A guest that dirties memory as
+  // Auto-converge (QEMU's name, and its percentages): a round that did not cut the pages left
+  // by a tenth, while the expected downtime is above `throttle_above_ms` (above the target
+  // when only the target decides), holds the guest's vCPUs for part of the time:
+  // throttle_initial_pct, then throttle_step_pct more per such round, up to throttle_max_pct. A guest that dirties memory as
   // fast as the link drains it slows down for a few rounds instead of paying with a long
   // pause; below a few ms, the pause hurts it less than being slowed. Outside the target,
-  // stuck rounds count as no progress only at throttle_max.
+  // stuck rounds count as no progress only at throttle_max_pct.
   bool auto_converge = true;
   double throttle_above_ms = 5;
-  double throttle_initial = 0.2;
-  double throttle_step = 0.1;
-  double throttle_max = 0.9;
+  unsigned throttle_initial_pct = 20;
+  unsigned throttle_step_pct = 10;
+  unsigned throttle_max_pct = 90;
 };
 
 enum class Decision {
@@ -74,7 +74,7 @@ double expected_downtime_ms(std::span<const RoundStats> rounds, const Convergenc
 
 // `rounds` holds every finished round, oldest first, each with the dirty pages found after it.
 Decision decide(std::span<const RoundStats> rounds, const ConvergencePolicy& policy);
-// The throttle for the next round (auto-converge), given the rounds so far.
-double next_throttle(std::span<const RoundStats> rounds, const ConvergencePolicy& policy);
+// The throttle for the next round (auto-converge), in percent, given the rounds so far.
+unsigned next_throttle_pct(std::span<const RoundStats> rounds, const ConvergencePolicy& policy);
 
 }  // namespace mig::engine

@@ -217,7 +217,7 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
   const auto regions = vm.memory_regions();
   for (const auto& r : regions) stats.guest_bytes += r.size;
   bool paused = false, logging = false, committed = false;
-  double throttle = 0;  // auto-converge: the share of time the vCPUs are held
+  unsigned throttle_pct = 0;  // auto-converge: the part of the time the vCPUs are held
   ConvergencePolicy policy = options.policy;  // auto-converge turns itself off where the VM cannot throttle
   try {
     stream.set_timeout(options.peer_timeout);
@@ -333,16 +333,16 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
         rs.dirty_pages = dirty;
         rs.dirty_rate_Bps = static_cast<double>(dirty * kPageSize) / std::max(rs.duration_s, 1e-9);
         rs.bandwidth_Bps = static_cast<double>(counts.bytes) / std::max(rs.duration_s, 1e-9);
-        rs.throttle = throttle;
+        rs.throttle_pct = throttle_pct;
         stats.round_table.push_back(rs);
         stats.round_table.back().expected_downtime_ms = expected_downtime_ms(stats.round_table, policy);
         if (options.on_round) options.on_round(stats.round_table.back(), stats.guest_bytes);
         const Decision decision = decide(stats.round_table, policy);
         if (decision == Decision::next_round) {
-          const double wanted = next_throttle(stats.round_table, policy);
-          if (wanted != throttle) {
-            if (vm.set_throttle(wanted)) {
-              throttle = wanted;
+          const unsigned wanted = next_throttle_pct(stats.round_table, policy);
+          if (wanted != throttle_pct) {
+            if (vm.set_throttle(wanted / 100.0)) {
+              throttle_pct = wanted;
             } else {
               policy.auto_converge = false;  // stuck rounds now count as no progress at once
             }
@@ -443,7 +443,7 @@ MigrationStats migrate(MigratableVm& vm, transport::Stream& stream, const Sender
       } catch (...) {
       }
       // Never lose the guest: everything before the handoff is undone here.
-      if (throttle > 0 && !paused) vm.set_throttle(0);
+      if (throttle_pct > 0 && !paused) vm.set_throttle(0);
       if (logging) vm.stop_dirty_log();
       if (paused) vm.resume();
     }

@@ -16,7 +16,7 @@ nlohmann::json to_json(const MigrationStats& s) {
                       {"dirty_rate_MBps", r.dirty_rate_Bps / 1e6},
                       {"bandwidth_MBps", r.bandwidth_Bps / 1e6},
                       {"expected_downtime_ms", r.expected_downtime_ms},
-                      {"throttle", r.throttle}});
+                      {"throttle_pct", r.throttle_pct}});
   nlohmann::json j = {
       {"status", s.status},
       {"error", s.error},

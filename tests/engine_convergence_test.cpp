@@ -19,8 +19,8 @@ RoundStats round_of(double mb, double seconds, std::uint64_t dirty_pages) {
   return r;
 }
 
-RoundStats throttled(RoundStats r, double throttle) {
-  r.throttle = throttle;
+RoundStats throttled(RoundStats r, unsigned pct) {
+  r.throttle_pct = pct;
   return r;
 }
 }  // namespace
@@ -67,11 +67,11 @@ TEST_CASE("convergence decisions") {
       {"auto-converge: within the target - not shrinking - below 5 ms expected",
        {round_of(1000, 1.0, 5000), round_of(4, 0.004, 950)}, defaults, Decision::stop_converged},
       {"auto-converge: within the target - not shrinking - at the maximum throttle",
-       {round_of(1000, 1.0, 5000), throttled(round_of(20, 0.02, 4500), 0.9)}, defaults, Decision::stop_converged},
+       {round_of(1000, 1.0, 5000), throttled(round_of(20, 0.02, 4500), 90)}, defaults, Decision::stop_converged},
       {"auto-converge: stuck outside the target - throttle first", {just_outside, stuck, stuck, stuck}, defaults,
        Decision::next_round},
       {"auto-converge: stuck outside the target at the maximum throttle",
-       {just_outside, throttled(stuck, 0.7), throttled(stuck, 0.8), throttled(stuck, 0.9)}, defaults,
+       {just_outside, throttled(stuck, 70), throttled(stuck, 80), throttled(stuck, 90)}, defaults,
        Decision::stop_no_progress},
       {"improving: below the 1 ms floor", {round_of(1000, 1.0, 5000), round_of(20, 0.02, 200)}, improving,
        Decision::stop_converged},
@@ -94,20 +94,21 @@ TEST_CASE("auto-converge raises the throttle only while rounds stop paying") {
   const auto round0 = round_of(1000, 1.0, 5000);
   const auto shrinking = round_of(20, 0.02, 3000);  // left 61 % of 4882 pages, 12 ms expected
   const auto flat = round_of(20, 0.02, 4800);       // left 98 %
-  CHECK(next_throttle({}, policy) == 0);
-  CHECK(next_throttle(std::vector{round0}, policy) == 0);  // round 0 says nothing about the guest
-  CHECK(next_throttle(std::vector{round0, shrinking}, policy) == 0);
-  CHECK(next_throttle(std::vector{round0, flat}, policy) == Approx(0.2));
-  CHECK(next_throttle(std::vector{round0, throttled(flat, 0.2)}, policy) == Approx(0.3));
-  CHECK(next_throttle(std::vector{round0, throttled(shrinking, 0.3)}, policy) == Approx(0.3));  // kept, not raised
-  CHECK(next_throttle(std::vector{round0, throttled(flat, 0.9)}, policy) == Approx(0.9));
+  auto next = [&](std::vector<RoundStats> rounds) { return next_throttle_pct(rounds, policy); };
+  CHECK(next({}) == 0);
+  CHECK(next({round0}) == 0);  // round 0 says nothing about the guest
+  CHECK(next({round0, shrinking}) == 0);
+  CHECK(next({round0, flat}) == 20);
+  CHECK(next({round0, throttled(flat, 20)}) == 30);
+  CHECK(next({round0, throttled(shrinking, 30)}) == 30);  // kept, not raised
+  CHECK(next({round0, throttled(flat, 90)}) == 90);
   // Below 5 ms expected the guest is not worth slowing: 1200 of 4882 pages left, 4.9 ms.
-  CHECK(next_throttle(std::vector{round0, round_of(20, 0.02, 1200)}, policy) == 0);
+  CHECK(next({round0, round_of(20, 0.02, 1200)}) == 0);
   // Only the target decides: within it, no throttle.
   policy.improve_within_target = false;
-  CHECK(next_throttle(std::vector{round0, flat}, policy) == 0);
+  CHECK(next({round0, flat}) == 0);
   policy.auto_converge = false;
-  CHECK(next_throttle(std::vector{round0, round_of(100, 0.1, 30000)}, policy) == 0);
+  CHECK(next({round0, round_of(100, 0.1, 30000)}) == 0);
 }
 
 TEST_CASE("bandwidth is measured over a recent window - not the whole run") {

@@ -212,6 +212,45 @@ TEST_CASE("no progress with --on-no-convergence=abort gives up and resumes") {
   CHECK_FALSE(source.paused());
 }
 
+TEST_CASE("auto-converge throttles a thrashing guest step by step until it calms down") {
+  test::FakeVm source({kPages});
+  fill(source, kPages);
+  source.thrash = true;
+  source.throttle_calms_at = 0.5;
+  test::FakeVm* destination = nullptr;
+  engine::SenderOptions options;
+  options.policy.downtime_target_ms = 0;  // only an empty dirty set converges
+  options.policy.throttle_above_ms = 0;
+  auto [sent, received] = run_migration(source, &destination, options, pass_through());
+  REQUIRE(sent.status == "completed");
+  CHECK(sent.stop_reason == "converged");
+  REQUIRE(source.throttles.size() == 4);
+  for (std::size_t i = 0; i < 4; ++i) CHECK(source.throttles[i] == Approx(0.2 + 0.1 * static_cast<double>(i)));
+  CHECK(sent.round_table.back().throttle_pct == 50);
+  REQUIRE(destination != nullptr);
+  CHECK(destination->region_memory(0) == source.region_memory(0));
+}
+
+TEST_CASE("auto-converge at its maximum: a guest still stuck is given up on - and runs unthrottled") {
+  test::FakeVm source({kPages});
+  fill(source, kPages);
+  source.thrash = true;
+  source.throttle_calms_at = 2.0;  // never
+  test::FakeVm* destination = nullptr;
+  engine::SenderOptions options;
+  options.policy.downtime_target_ms = 0;
+  options.policy.throttle_above_ms = 0;
+  options.policy.no_progress_rounds = 2;
+  options.policy.on_no_convergence = engine::NoConvergence::abort;
+  auto [sent, received] = run_migration(source, &destination, options, pass_through());
+  CHECK(sent.status == "failed");
+  CHECK_THAT(sent.error, Contains("no progress"));
+  REQUIRE(source.throttles.size() == 9);  // 20 % to 90 %, then off again
+  CHECK(source.throttles[7] == Approx(0.9));  // the VM is told a share
+  CHECK(source.throttles.back() == 0);
+  CHECK_FALSE(source.paused());
+}
+
 TEST_CASE("the receiver refuses malformed streams with a reason") {
   auto run = [](auto send_bad_stream) {
     auto [sender_end, receiver_end] = test::stream_pair();

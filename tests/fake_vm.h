@@ -8,6 +8,7 @@
 #include <functional>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <thread>
 
@@ -66,6 +67,15 @@ class FakeVm final : public engine::MigratableVm {
     std::lock_guard lock(mutex_);
     std::copy(touched_[region].begin(), touched_[region].end(), bitmap.begin());
   }
+  // Throttling works only with `throttle_calms_at` set; a thrashing guest then calms down once
+  // throttled that far, as a CPU-bound writer slowed enough would.
+  bool set_throttle(double share) override {
+    if (!throttle_calms_at) return false;
+    std::lock_guard lock(mutex_);
+    throttles.push_back(share);
+    if (share >= *throttle_calms_at) thrash = false;
+    return true;
+  }
   void pause() override {
     std::lock_guard lock(mutex_);
     paused_ = true;
@@ -87,6 +97,8 @@ class FakeVm final : public engine::MigratableVm {
 
   std::atomic<int> pauses{0}, resumes{0};
   bool thrash = false;
+  std::optional<double> throttle_calms_at;
+  std::vector<double> throttles;  // every set_throttle() call
   std::function<void(FakeVm&)> before_fetch;
   std::vector<engine::StateSection> restored;
 

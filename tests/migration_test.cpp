@@ -216,6 +216,30 @@ TEST_CASE("same host without memfd memory: pages are copied over the UNIX socket
   require_guest_carries_on(m.destination()->machine());
 }
 
+TEST_CASE("throttling holds the vCPUs part of the time - and ends at once for a pause") {
+  test::require_kvm();
+  auto vm = boot("mode=spin hb=1");
+  std::this_thread::sleep_for(100ms);
+  auto beats_in = [&](std::chrono::milliseconds window) {
+    const auto before = vm->machine().probe().snapshot()[0].count;
+    std::this_thread::sleep_for(window);
+    return vm->machine().probe().snapshot()[0].count - before;
+  };
+  const auto free_running = beats_in(300ms);
+  REQUIRE(vm->set_throttle(0.7));
+  const auto throttled = beats_in(300ms);
+  INFO("heartbeats in 300 ms: " << free_running << " free, " << throttled << " throttled at 70 %");
+  CHECK(throttled < free_running * 2 / 3);
+  const auto pause_start = std::chrono::steady_clock::now();
+  vm->pause();  // ends the throttling first
+  CHECK(std::chrono::steady_clock::now() - pause_start < 5ms);
+  const auto parked = vm->machine().probe().snapshot()[0].count;
+  std::this_thread::sleep_for(50ms);
+  CHECK(vm->machine().probe().snapshot()[0].count == parked);  // the throttler did not resume it
+  vm->resume();
+  CHECK(beats_in(300ms) > free_running * 2 / 3);
+}
+
 TEST_CASE("parallel channels: a dirtying guest migrates over three connections") {
   test::require_kvm();
   auto source = boot("mode=random rate=200 wss=64M timer=100 regcheck=1 hb=2", 256ull << 20);

@@ -20,8 +20,8 @@ void SendOptions::add_to(CLI::App& app, const std::string& to_flag, bool to_requ
       ->default_val("stop")
       ->check(CLI::IsMember({"stop", "abort"}));
   app.add_flag("--no-auto-converge", no_auto_converge,
-               "never slow the guest: by default, outside the downtime target, a round that did not cut the pages left by "
-               "a tenth holds the vCPUs for 20 % of the time, then 10 % more per such round, up to 90 %");
+               "never slow the guest: by default, while the expected downtime is above 5 ms, a round that did not cut the "
+               "pages left by a tenth holds the vCPUs for 20 % of the time, then 10 % more per such round, up to 90 %");
   app.add_flag("--offline", offline, "pause first and copy everything once, no pre-copy");
   app.add_flag("--stop-at-target", stop_at_target,
                "stop pre-copy as soon as the expected downtime is within the target (by default rounds go on while "
@@ -105,9 +105,9 @@ engine::MigrationStats migrate_to(KvmVm& vm, const SendOptions& options) {
   if (::isatty(STDOUT_FILENO)) {
     sender.on_round = [](const engine::RoundStats& r, std::uint64_t guest_bytes) {
       const double remaining = static_cast<double>(r.dirty_pages * engine::kPageSize);
-      fmt::print("\rmigrating: round {:>2}  {:5.1f} % sent  dirty {:7.1f} MB/s  throughput {:7.1f} MB/s  expected downtime {:7.1f} ms  throttle {:3.0f} %",
+      fmt::print("\rmigrating: round {:>2}  {:5.1f} % sent  dirty {:7.1f} MB/s  throughput {:7.1f} MB/s  expected downtime {:7.1f} ms  throttle {:2} %",
                  r.round, 100.0 * (1 - remaining / static_cast<double>(guest_bytes)), r.dirty_rate_Bps / 1e6,
-                 r.bandwidth_Bps / 1e6, r.expected_downtime_ms, r.throttle * 100);
+                 r.bandwidth_Bps / 1e6, r.expected_downtime_ms, r.throttle_pct);
       std::fflush(stdout);
     };
   }
