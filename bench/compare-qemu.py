@@ -15,7 +15,7 @@ limit. Writes JSON lines and CSV, and PNG plots when gnuplot is installed.
 
 The matrix is every combination of guest size, fill, workload, rate and configuration.
 A configuration is `mig` or `qemu`, optionally with `:` and `+`-joined options:
-  mig:  prepared (mig-recv --expect-mem), compress (zstd), delta, parallel2, parallel4, attarget, nozeroskip, nodedup, noverify, noplan, offline, zerocopy
+  mig:  prepared (mig-recv --expect-mem), compress (zstd), delta, parallel2, parallel4, attarget, noautoconverge, nozeroskip, nodedup, noverify, noplan, offline, zerocopy
   qemu: multifdN (N channels), xbzrle, compress (multifd zstd, needs multifdN)
 Rate 0 runs the idle workload. --shaped puts every receiver (mig-recv, the destination QEMU,
 the iperf3 server of the raw-link baseline) in a network namespace of its own, reached over a
@@ -215,7 +215,7 @@ def qemu_row(link, tmp, mem, append, options):
 
 MIG_SEND_FLAGS = {"compress": ["--compress", "zstd"], "nodedup": ["--no-dedup"], "noverify": ["--no-verify"],
                   "noplan": ["--no-page-plan"], "delta": ["--delta"], "parallel4": ["--parallel", "4"], "parallel2": ["--parallel", "2"],
-                  "attarget": ["--stop-at-target"], "nozeroskip": ["--no-zero-skip"],
+                  "attarget": ["--stop-at-target"], "noautoconverge": ["--no-auto-converge"], "nozeroskip": ["--no-zero-skip"],
                   "offline": ["--offline"], "zerocopy": ["--zerocopy", "on"]}
 
 

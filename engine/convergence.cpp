@@ -40,7 +40,6 @@ bool still_shrinking(const RoundStats& last, const ConvergencePolicy& policy) {
   return static_cast<double>(last.dirty_pages) <= policy.improve_shrink * went_through;
 }
 
-
 // The expected downtime above which a stuck guest is worth slowing down.
 double throttle_above_ms(const ConvergencePolicy& policy) {
   return policy.improve_within_target ? policy.throttle_above_ms : policy.downtime_target_ms;

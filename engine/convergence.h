@@ -43,13 +43,14 @@ struct ConvergencePolicy {
   bool improve_within_target = true;
   double improve_shrink = 0.9;
   double improve_floor_ms = 1.0;
-  // Auto-converge (QEMU's name, and its percentages): a round that did not cut the pages left
-  // by a tenth, while the expected downtime is above `throttle_above_ms` (above the target
-  // when only the target decides), holds the guest's vCPUs for part of the time:
-  // throttle_initial_pct, then throttle_step_pct more per such round, up to throttle_max_pct. A guest that dirties memory as
-  // fast as the link drains it slows down for a few rounds instead of paying with a long
-  // pause; below a few ms, the pause hurts it less than being slowed. Outside the target,
-  // stuck rounds count as no progress only at throttle_max_pct.
+  // Auto-converge (QEMU's name, and its percentages): a round that did not cut the pages
+  // left by a tenth, while the expected downtime is above `throttle_above_ms` (above the
+  // target when only the target decides), holds the guest's vCPUs for part of the time:
+  // throttle_initial_pct, then throttle_step_pct more per such round, up to
+  // throttle_max_pct. A guest that dirties memory as fast as the link drains it slows down
+  // for a few rounds instead of paying with a long pause; below a few ms, the pause hurts it
+  // less than being slowed. Outside the target, stuck rounds count as no progress only at
+  // throttle_max_pct.
   bool auto_converge = true;
   double throttle_above_ms = 5;
   unsigned throttle_initial_pct = 20;
