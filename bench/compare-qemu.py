@@ -16,7 +16,7 @@ limit. Writes JSON lines and CSV, and PNG plots when gnuplot is installed.
 The matrix is every combination of guest size, fill, workload, rate and configuration.
 A configuration is `mig` or `qemu`, optionally with `:` and `+`-joined options:
   mig:  prepared (mig-recv --expect-mem), compress (zstd), delta, parallel2, parallel4, attarget, noautoconverge, nozeroskip, nodedup, noverify, noplan, offline, zerocopy
-  qemu: multifdN (N channels), xbzrle, compress (multifd zstd, needs multifdN)
+  qemu: multifdN (N channels), xbzrle, autoconverge, compress (multifd zstd, needs multifdN)
 Rate 0 runs the idle workload. --shaped puts every receiver (mig-recv, the destination QEMU,
 the iperf3 server of the raw-link baseline) in a network namespace of its own, reached over a
 veth pair whose two ends both carry that qdisc (tc qdisc add dev VETH root SPEC; e.g.
@@ -188,6 +188,8 @@ def qemu_row(link, tmp, mem, append, options):
                 capabilities.append({"capability": "multifd", "state": True})
             if "xbzrle" in options:
                 capabilities.append({"capability": "xbzrle", "state": True})
+            if "autoconverge" in options:
+                capabilities.append({"capability": "auto-converge", "state": True})
             if capabilities:
                 side.qmp.execute("migrate-set-capabilities", capabilities=capabilities)
             if channels:
