@@ -17,7 +17,8 @@ The matrix is every combination of guest size, fill, workload, rate and configur
 A configuration is `mig` or `qemu`, optionally with `:` and `+`-joined options:
   mig:  prepared (mig-recv --expect-mem), compress (zstd), delta, parallel2, parallel4, attarget, noautoconverge, nozeroskip, nodedup, noverify, noplan, offline, zerocopy
   qemu: multifdN (N channels), xbzrle, autoconverge, compress (multifd zstd, needs multifdN)
-Rate 0 runs the idle workload. --shaped puts every receiver (mig-recv, the destination QEMU,
+Rate 0 runs the idle workload; rate `max` writes as fast as the guest can (a CPU-bound
+dirtier, the case auto-converge is for). --shaped puts every receiver (mig-recv, the destination QEMU,
 the iperf3 server of the raw-link baseline) in a network namespace of its own, reached over a
 veth pair whose two ends both carry that qdisc (tc qdisc add dev VETH root SPEC; e.g.
 "netem rate 1gbit delay 1ms" where the kernel has netem, "tbf ..." where it has not): a link
@@ -43,6 +44,7 @@ BUILD = os.environ.get("MIG_BUILD", os.path.join(ROOT, "build"))
 IMAGE = os.path.join(BUILD, "guest", "mig-guest.elf")
 QEMU = "qemu-system-x86_64"
 DOWNTIME_MS = 30
+QEMU_TIMEOUT_S = 60
 
 
 def size_bytes(text):
@@ -199,10 +201,18 @@ def qemu_row(link, tmp, mem, append, options):
         src.qmp.execute("migrate-set-parameters", **{"downtime-limit": DOWNTIME_MS, "max-bandwidth": 1 << 40})
         dst.qmp.execute("migrate-incoming", uri=f"tcp:{link.host}:{port}")
         src.qmp.execute("migrate", uri=f"tcp:{link.host}:{port}")
+        # QEMU pre-copies until the rest fits its downtime limit, however long that takes: a
+        # guest that never converges would hold up the whole matrix.
+        deadline = time.monotonic() + QEMU_TIMEOUT_S
         while True:
             info = src.qmp.execute("query-migrate")
             if info.get("status") in ("completed", "failed", "cancelled"):
                 break
+            if time.monotonic() > deadline:
+                src.qmp.execute("migrate_cancel")
+                return {"status": f"no convergence in {QEMU_TIMEOUT_S} s", "total_ms": None, "downtime_ms": None,
+                        "guest_downtime_ms": None, "bytes_sent": info.get("ram", {}).get("transferred"),
+                        "rounds": info.get("ram", {}).get("dirty-sync-count"), "verified": None}
             time.sleep(0.01)
         time.sleep(1)  # the guest runs at the destination
         gap = (dst.tap.beats[0] - src.tap.beats[-1]) / 1e6 if dst.tap.beats and src.tap.beats else None
@@ -252,6 +262,11 @@ def series(rows):
     return groups
 
 
+def by_rate(groups_of_one_series):
+    """Dirty rates in ascending order; flat out (None) last."""
+    return sorted(groups_of_one_series.items(), key=lambda item: (item[0] is None, item[0] or 0))
+
+
 def values(rows, metric):
     return sorted(r[metric] for r in rows if r.get(metric) is not None)
 
@@ -259,8 +274,8 @@ def values(rows, metric):
 def summarize(rows):
     """Median and range over the repeats of every matrix point."""
     print("\nmedian [min-max] over repeats")
-    for key, by_rate in sorted(series(rows).items()):
-        for rate, group in sorted(by_rate.items()):
+    for key, rates in sorted(series(rows).items()):
+        for rate, group in by_rate(rates):
             parts = []
             for metric, unit in (("total_ms", "ms total"), ("guest_downtime_ms", "ms guest saw"),
                                  ("ratio_to_raw_link", "of link")):
@@ -275,14 +290,17 @@ def plot(out_dir, rows):
         print("gnuplot not installed: no plots")
         return
     groups = series(rows)
+    if all(r["dirty_MBps"] is None for r in rows):
+        print("only flat-out rows, which have no dirty rate for an x axis: no plots")
+        return
     for metric, label in (("total_ms", "total time (ms)"), ("guest_downtime_ms", "guest-observed downtime (ms)"),
                           ("bytes_sent", "bytes sent")):
         data = os.path.join(out_dir, f"{metric}.dat")
         with open(data, "w") as f:
-            for key, by_rate in sorted(groups.items()):
+            for key, rates in sorted(groups.items()):
                 f.write(f'"{" ".join(key)}"\n')
-                for rate, group in sorted(by_rate.items()):
-                    if values(group, metric):
+                for rate, group in by_rate(rates):
+                    if rate is not None and values(group, metric):  # flat out has no place on the x axis
                         f.write(f"{rate} {statistics.median(values(group, metric))}\n")
                 f.write("\n\n")
         png = os.path.join(out_dir, f"{metric}.png")
@@ -297,7 +315,7 @@ def run_row(link, tmp, wss, mem_text, fill, workload, percent, rate, config):
     """One migration, with the raw link measured just before it: loopback moves by +-30 % within
     minutes here, so a ratio is only meaningful against a baseline taken next to it."""
     mem = size_bytes(mem_text)
-    mode = f"mode={workload} rate={rate}" if percent else "mode=idle"
+    mode = "mode=idle" if percent == 0 else f"mode={workload}" + (f" rate={rate}" if rate is not None else "")
     if workload == "hotcold" and percent:
         mode += " hot=5 hotfrac=95"
     append = f"{mode} wss={wss >> 20}M fill={fill} hb=1 hbserial=1"
@@ -329,15 +347,17 @@ def run_matrix(link, args):
     # Dirty rates are percentages of one baseline taken at the start, so that every
     # configuration at a given percentage runs the very same guest.
     base = raw_link_mbps(link, wss)
-    print(f"raw link (iperf3, {wss >> 20} MiB over {link.label}): {base:.0f} MB/s")
-    matrix = [(m, fill, workload, int(percent), config) for m in args.mem.split(",") for fill in args.fill.split(",")
+    print(f"raw link (iperf3, {wss >> 20} MiB over {link.label}): {base:.0f} MB/s", flush=True)
+    matrix = [(m, fill, workload, percent if percent == "max" else int(percent), config)
+              for m in args.mem.split(",") for fill in args.fill.split(",")
               for workload in args.workload.split(",") for percent in args.rates.split(",")
               for config in args.configs.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeat):
             for mem_text, fill, workload, percent, config in matrix:
-                row = run_row(link, tmp, wss, mem_text, fill, workload, percent, int(base * percent / 100), config)
+                rate = None if percent == "max" else int(base * percent / 100)
+                row = run_row(link, tmp, wss, mem_text, fill, workload, percent, rate, config)
                 row["repeat"] = repeat
                 rows.append(row)
                 print_row(row)
@@ -350,7 +370,8 @@ def main():
     p.add_argument("--wss", default="1G")
     p.add_argument("--fill", default="random", help="fills, comma-separated: zero, random, text, mix")
     p.add_argument("--workload", default="random", help="dirtying workloads for non-zero rates: random, hotcold, sweep")
-    p.add_argument("--rates", default="0,25,50,75", help="guest dirty rates, percent of the raw link; 0 = idle")
+    p.add_argument("--rates", default="0,25,50,75",
+                   help="guest dirty rates, percent of the raw link; 0 = idle, max = as fast as the guest can")
     p.add_argument("--configs", default="mig,mig:prepared,qemu,qemu:multifd4")
     p.add_argument("--repeat", type=int, default=1, help="run the whole matrix this many times (rows carry `repeat`)")
     p.add_argument("--shaped", help='a qdisc for both ends of a veth link, e.g. "tbf rate 1gbit burst 512kb latency 50ms"')

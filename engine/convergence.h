@@ -55,7 +55,7 @@ struct ConvergencePolicy {
   double throttle_above_ms = 5;
   unsigned throttle_initial_pct = 20;
   unsigned throttle_step_pct = 10;
-  unsigned throttle_max_pct = 90;
+  unsigned throttle_max_pct = 99;
 };
 
 enum class Decision {

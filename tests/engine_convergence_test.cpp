@@ -67,11 +67,11 @@ TEST_CASE("convergence decisions") {
       {"auto-converge: within the target - not shrinking - below 5 ms expected",
        {round_of(1000, 1.0, 5000), round_of(4, 0.004, 950)}, defaults, Decision::stop_converged},
       {"auto-converge: within the target - not shrinking - at the maximum throttle",
-       {round_of(1000, 1.0, 5000), throttled(round_of(20, 0.02, 4500), 90)}, defaults, Decision::stop_converged},
+       {round_of(1000, 1.0, 5000), throttled(round_of(20, 0.02, 4500), 99)}, defaults, Decision::stop_converged},
       {"auto-converge: stuck outside the target - throttle first", {just_outside, stuck, stuck, stuck}, defaults,
        Decision::next_round},
       {"auto-converge: stuck outside the target at the maximum throttle",
-       {just_outside, throttled(stuck, 70), throttled(stuck, 80), throttled(stuck, 90)}, defaults,
+       {just_outside, throttled(stuck, 80), throttled(stuck, 90), throttled(stuck, 99)}, defaults,
        Decision::stop_no_progress},
       {"improving: below the 1 ms floor", {round_of(1000, 1.0, 5000), round_of(20, 0.02, 200)}, improving,
        Decision::stop_converged},
@@ -90,7 +90,7 @@ TEST_CASE("convergence decisions") {
 }
 
 TEST_CASE("auto-converge raises the throttle only while rounds stop paying") {
-  ConvergencePolicy policy;  // 20 % first, +10 % per round, at most 90 %
+  ConvergencePolicy policy;  // 20 % first, +10 % per round, at most 99 %
   const auto round0 = round_of(1000, 1.0, 5000);
   const auto shrinking = round_of(20, 0.02, 3000);  // left 61 % of 4882 pages, 12 ms expected
   const auto flat = round_of(20, 0.02, 4800);       // left 98 %
@@ -101,7 +101,8 @@ TEST_CASE("auto-converge raises the throttle only while rounds stop paying") {
   CHECK(next({round0, flat}) == 20);
   CHECK(next({round0, throttled(flat, 20)}) == 30);
   CHECK(next({round0, throttled(shrinking, 30)}) == 30);  // kept, not raised
-  CHECK(next({round0, throttled(flat, 90)}) == 90);
+  CHECK(next({round0, throttled(flat, 90)}) == 99);
+  CHECK(next({round0, throttled(flat, 99)}) == 99);
   // Below 5 ms expected the guest is not worth slowing: 1200 of 4882 pages left, 4.9 ms.
   CHECK(next({round0, round_of(20, 0.02, 1200)}) == 0);
   // Only the target decides: within it, no throttle.

@@ -245,8 +245,8 @@ TEST_CASE("auto-converge at its maximum: a guest still stuck is given up on - an
   auto [sent, received] = run_migration(source, &destination, options, pass_through());
   CHECK(sent.status == "failed");
   CHECK_THAT(sent.error, Contains("no progress"));
-  REQUIRE(source.throttles.size() == 9);  // 20 % to 90 %, then off again
-  CHECK(source.throttles[7] == Approx(0.9));  // the VM is told a share
+  REQUIRE(source.throttles.size() == 10);  // 20 % to 90 % by tens, 99 %, then off again
+  CHECK(source.throttles[8] == Approx(0.99));  // the VM is told a share
   CHECK(source.throttles.back() == 0);
   CHECK_FALSE(source.paused());
 }

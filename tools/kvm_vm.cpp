@@ -128,7 +128,8 @@ bool KvmVm::set_throttle(double share) {
   throttler_ = std::jthread();  // stops and joins the previous throttler, which leaves the vCPUs running
   if (share <= 0) return true;
   // A 10 ms period: short enough that the guest sees a slower CPU rather than stalls, long
-  // enough that a pause and a resume (about 0.1 ms each here) are a small part of it.
+  // enough that a pause and a resume (about 0.1 ms each here) are a small part of it, up to
+  // the highest throttles, where the guest is left only slivers of time on purpose.
   constexpr std::chrono::microseconds kPeriod{10000};
   const auto held = std::chrono::duration_cast<std::chrono::microseconds>(kPeriod * std::min(share, 0.99));
   throttler_ = std::jthread([this, held, running = kPeriod - held](std::stop_token stop) {

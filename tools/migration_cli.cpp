@@ -21,7 +21,7 @@ void SendOptions::add_to(CLI::App& app, const std::string& to_flag, bool to_requ
       ->check(CLI::IsMember({"stop", "abort"}));
   app.add_flag("--no-auto-converge", no_auto_converge,
                "never slow the guest: by default, while the expected downtime is above 5 ms, a round that did not cut the "
-               "pages left by a tenth holds the vCPUs for 20 % of the time, then 10 % more per such round, up to 90 %");
+               "pages left by a tenth holds the vCPUs for 20 % of the time, then 10 % more per such round, up to 99 %");
   app.add_flag("--offline", offline, "pause first and copy everything once, no pre-copy");
   app.add_flag("--stop-at-target", stop_at_target,
                "stop pre-copy as soon as the expected downtime is within the target (by default rounds go on while "
