@@ -52,14 +52,14 @@ class GuestMemory {
   // nullptr. Every guest-supplied address goes through here before it is dereferenced.
   std::byte* translate(std::uint64_t guest_addr, std::uint64_t len) const;
 
-  // Sets bit i of `bitmap` for every page i of region `index` that has ever been backed by
-  // memory; the others have never been touched and read as zero. Asks the kernel (pagemap
-  // for anonymous memory, mincore for memfd) instead of touching the pages, which would cost
-  // a fault each.
   // How populated_pages() asks about anonymous memory: `best` is PAGEMAP_SCAN where the kernel
   // has it (6.7 on), else one pagemap entry per page, which `pagemap_entries` forces so tests
   // can hold the two to each other.
   enum class PageScan { best, pagemap_entries };
+  // Sets bit i of `bitmap` for every page i of region `index` that has ever been backed by
+  // memory; the others have never been touched and read as zero. Asks the kernel (pagemap
+  // for anonymous memory, mincore for memfd) instead of touching the pages, which would cost
+  // a fault each.
   void populated_pages(std::size_t index, std::span<std::uint64_t> bitmap, PageScan scan = PageScan::best) const;
 
   // Backs every page with memory now (MADV_POPULATE_WRITE), so that writing it later costs

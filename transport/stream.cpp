@@ -43,7 +43,7 @@ void Stream::set_timeout(std::chrono::milliseconds timeout) {
 bool Stream::enable_zerocopy(ZeroCopy mode) {
   const int one = 1;
   zerocopy_ = ::setsockopt(fd_.get(), SOL_SOCKET, SO_ZEROCOPY, &one, sizeof one) == 0;
-  zerocopy_unless_copied_ = mode == ZeroCopy::unless_copied;
+  zerocopy_probing_ = zerocopy_ && mode == ZeroCopy::unless_copied;
   return zerocopy_;
 }
 
@@ -88,11 +88,9 @@ void Stream::write_all(std::span<iovec> parts, int flags) {
     }
     while (index < parts.size() && parts[index].iov_len == 0) ++index;
   }
-  // Until a completion has said whether the kernel copies, look after every send: a copying
-  // path is then left after a send or two rather than after 64.
-  const bool still_probing = zerocopy_unless_copied_ && counters_.zerocopy_copied == 0 &&
-                             zerocopy_outstanding_ == counters_.zerocopy_sends;
-  if (zerocopy_outstanding_ >= 64 || (still_probing && zerocopy_outstanding_ > 0)) reap_zerocopy_completions();
+  // While probing, look after every send: a copying path is then left after a send or two
+  // rather than after 64.
+  if (zerocopy_outstanding_ >= 64 || (zerocopy_probing_ && zerocopy_outstanding_ > 0)) reap_zerocopy_completions();
 }
 
 // Zero-copy completions arrive on the socket's error queue. Guest memory outlives the
@@ -110,10 +108,10 @@ void Stream::reap_zerocopy_completions() {
       if (err->ee_origin != SO_EE_ORIGIN_ZEROCOPY) continue;
       const std::uint64_t completed = std::uint64_t{err->ee_data} - err->ee_info + 1;
       zerocopy_outstanding_ -= std::min(zerocopy_outstanding_, completed);
-      if (err->ee_code & SO_EE_CODE_ZEROCOPY_COPIED) {
-        counters_.zerocopy_copied += completed;
-        if (zerocopy_unless_copied_) zerocopy_ = false;
-      }
+      const bool copied = err->ee_code & SO_EE_CODE_ZEROCOPY_COPIED;
+      if (copied) counters_.zerocopy_copied += completed;
+      if (zerocopy_probing_ && copied) zerocopy_ = false;
+      zerocopy_probing_ = false;
     }
   }
 }

@@ -98,7 +98,8 @@ class Stream {
 
   UniqueFd fd_;
   bool zerocopy_ = false;
-  bool zerocopy_unless_copied_ = false;
+  // ZeroCopy::unless_copied until the first completion says whether the kernel copies.
+  bool zerocopy_probing_ = false;
   std::uint64_t zerocopy_outstanding_ = 0;
   std::optional<TokenBucket> rate_limit_;
   StreamCounters counters_;
