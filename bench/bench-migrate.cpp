@@ -16,9 +16,11 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
-#include "engine/receiver.h"
-#include "engine/sender.h"
-#include "tools/kvm_vm.h"
+#include "control/json.h"
+#include "engine/incoming_migration.h"
+#include "engine/source_migration.h"
+#include "transport/endpoint.h"
+#include "vmm/kvm_vm.h"
 
 using namespace mig;
 using namespace std::chrono;
@@ -59,18 +61,18 @@ double raw_link_Bps(std::uint64_t bytes) {
 
 struct Run {
   engine::MigrationStats sent;
-  engine::MigrationStats received;
+  engine::IncomingStats received;
 };
 
 // `make_vm` builds the destination VM (KvmVm::factory, possibly prepared while waiting).
-Run migrate_once(tools::KvmVm& source, const engine::SenderOptions& options, bool zerocopy,
+Run migrate_once(vmm::KvmVm& source, const engine::SenderOptions& options, bool zerocopy,
                  const engine::VmFactory& make_vm) {
   transport::Listener listener(transport::Endpoint::parse("tcp:127.0.0.1:0"));
   auto receiver = std::async(std::launch::async, [&] {
     auto stream = listener.accept();
     engine::ReceiverOptions receiver_options;
-    receiver_options.accept_channel = [&listener] { return listener.accept(); };
-    auto r = engine::receive(stream, make_vm, receiver_options);
+    receiver_options.accept_channel = [&listener](std::chrono::milliseconds timeout) { return listener.accept(timeout); };
+    auto r = engine::IncomingMigration(stream, make_vm, receiver_options).run();
     return r.stats;  // the destination VM is dropped here: the bench only needs the numbers
   });
   auto open = [&listener, zerocopy] {
@@ -81,7 +83,7 @@ Run migrate_once(tools::KvmVm& source, const engine::SenderOptions& options, boo
   auto stream = open();
   engine::SenderOptions with_channels = options;
   with_channels.open_channel = open;
-  auto sent = engine::migrate(source, stream, with_channels);
+  auto sent = engine::SourceMigration(source, stream, with_channels).run();
   return {sent, receiver.get()};
 }
 
@@ -118,8 +120,8 @@ int main(int argc, char** argv) {
       const std::string cmdline = percent == 0 ? fmt::format("mode=idle wss={}M fill={} hb=1", wss >> 20, fill)
                                                : fmt::format("mode=random rate={} wss={}M fill={} hb=1", rate_mbps, wss >> 20, fill);
       // The destination is built first, so that a prepared one is populated while it waits.
-      const auto make_destination = tools::KvmVm::factory(
-          "", kvm::MemoryBacking::anonymous, prepare ? std::optional(tools::KvmVm::pc_shape(mem, 1)) : std::nullopt);
+      const auto make_destination = vmm::KvmVm::factory(
+          "", kvm::MemoryBacking::anonymous, prepare ? std::optional(vmm::KvmVm::pc_shape(mem, 1)) : std::nullopt);
       kvm::MachineConfig config;
       config.layout = kvm::pc_memory_layout(mem);
       auto machine = kvm::Machine::create(config);
@@ -127,7 +129,7 @@ int main(int argc, char** argv) {
       machine->start();
       if (!machine->probe().wait_ready(seconds(120))) throw std::runtime_error("guest not ready");
       std::this_thread::sleep_for(seconds(1));
-      tools::KvmVm source(std::move(machine));
+      vmm::KvmVm source(std::move(machine));
       engine::SenderOptions options;
       options.policy.downtime_target_ms = downtime_ms;
       options.page_plan = !no_plan;
@@ -143,12 +145,12 @@ int main(int argc, char** argv) {
       }
       fmt::print("{:>3}% of link ({:>4} MB/s asked, {:>4.0f} MB/s dirtied): {} total {:7.1f} ms  sent {:6.1f} MB  {:6.0f} MB/s = {:.2f} of raw link "
                  "(raw transfer of the same bytes: {:.1f} ms)  rounds {:2} ({})  downtime {:6.2f} ms  guest saw {} ms  verified {}\n",
-                 percent, rate_mbps, seconds > 0 ? dirtied / seconds / 1e6 : 0.0, s.status, s.total_ms, static_cast<double>(s.bytes_sent) / 1e6, s.throughput_MBps,
-                 raw_ms / s.total_ms, raw_ms, s.rounds, s.stop_reason, s.downtime_ms,
+                 percent, rate_mbps, seconds > 0 ? dirtied / seconds / 1e6 : 0.0, engine::to_string(s.status), s.total_ms, static_cast<double>(s.bytes_sent) / 1e6, s.throughput_MBps,
+                 raw_ms / s.total_ms, raw_ms, s.rounds, engine::to_string(s.stop_reason), s.downtime_ms,
                  s.guest ? fmt::format("{:6.2f}", s.guest->gap_ms) : "n/a", s.verified);
-      if (s.status != "completed") fmt::print("  error: {}\n", s.error);
+      if (s.status != engine::MigrationStatus::completed) fmt::print("  error: {}\n", s.error);
       if (json.is_open()) {
-        auto j = engine::to_json(s);
+        auto j = control::to_json(s);
         j["link_percent"] = percent;
         j["guest_cmdline"] = cmdline;
         j["raw_link_MBps"] = link / 1e6;

@@ -1,7 +1,6 @@
-// Everything a migration measured, for people (the progress line) and machines (JSON).
+// What a migration measured and how it ended, as plain values with typed outcomes. Strings
+// appear only where people or JSON read them (to_string here, JSON in control/).
 #pragma once
-
-#include <nlohmann/json_fwd.hpp>
 
 #include <cstdint>
 #include <optional>
@@ -12,6 +11,20 @@
 #include "engine/vm.h"
 
 namespace mig::engine {
+
+// QEMU's MigrationStatus names where they exist; handoff-unknown is mig's own.
+enum class MigrationStatus { none, setup, active, device, completed, failed, cancelling, cancelled, handoff_unknown };
+const char* to_string(MigrationStatus status);
+bool is_finished(MigrationStatus status);
+
+// The source's phases, in order. A failure names the phase it happened in.
+enum class Phase { setup, precopy, stop_and_copy, device_state, awaiting_ready, commit, finished };
+const char* to_string(Phase phase);
+
+// Why pre-copy ended.
+enum class StopReason { none, converged, max_rounds, no_progress, forced, offline, shared_memory };
+const char* to_string(StopReason reason);
+StopReason stop_reason_of(Decision decision);
 
 struct DowntimeBreakdown {
   double pause_ms = 0;        // stopping the vCPUs
@@ -24,15 +37,20 @@ struct DowntimeBreakdown {
   double resume_ms = 0;       // of which resuming, as the receiver measured it
 };
 
+// The source's view of one migration.
 struct MigrationStats {
-  std::string status = "failed";  // completed | failed | handoff-unknown
-  std::string error;
-  std::string stop_reason;        // the convergence decision, or "offline"
+  MigrationStatus status = MigrationStatus::failed;  // completed, failed, cancelled or handoff_unknown
+  std::string error;              // why, for failed, cancelled and handoff_unknown
+  Phase failed_phase = Phase::setup;  // where it failed or was cancelled
+  StopReason stop_reason = StopReason::none;
   bool offline = false;
   double total_ms = 0;            // connect to Running
+  double setup_ms = 0;            // connect until the first page could go
   std::uint32_t rounds = 0;       // including the final, paused round
-  std::uint64_t bytes_sent = 0;   // all wire bytes
+  std::uint64_t bytes_sent = 0;   // all wire bytes, every channel
+  std::uint64_t downtime_bytes = 0;  // of which while the guest was paused
   std::uint64_t pages_sent = 0;
+  std::uint64_t pages_zero = 0;   // of pages_sent, sent as zero pages
   std::uint64_t pages_skipped = 0;
   std::uint64_t pages_delta = 0;  // sent as a delta against their previous version
   std::uint64_t guest_bytes = 0;
@@ -51,6 +69,21 @@ struct MigrationStats {
   std::vector<RoundStats> round_table;  // pre-copy rounds; the final round is in downtime
 };
 
-nlohmann::json to_json(const MigrationStats& stats);
+// The destination's view of one incoming migration.
+struct IncomingStats {
+  MigrationStatus status = MigrationStatus::failed;  // completed or failed
+  std::string error;
+  double total_ms = 0;            // Hello to resumed
+  std::uint64_t guest_bytes = 0;
+  std::uint64_t bytes_received = 0;  // every channel
+  std::uint64_t pages_received = 0;
+  std::uint32_t rounds = 0;
+  unsigned channels = 1;
+  bool verified = false;
+  bool shared_memory = false;
+  double restore_ms = 0;
+  double resume_ms = 0;
+  std::optional<GuestHandover> guest;
+};
 
 }  // namespace mig::engine

@@ -1,5 +1,5 @@
 // What the engine needs from a VM, and nothing more. mig's own VMM implements this
-// (tools/kvm_vm.h); a custom hypervisor embeds the engine by implementing it too, and tests
+// (vmm/kvm_vm.h); a custom hypervisor embeds the engine by implementing it too, and tests
 // use a fake. The engine never sees KVM, devices or threads.
 #pragma once
 

@@ -6,8 +6,8 @@
 #include <mutex>
 
 #include "engine/page_hashes.h"
-#include "engine/receiver.h"
-#include "engine/sender.h"
+#include "engine/incoming_migration.h"
+#include "engine/source_migration.h"
 #include "tests/fake_vm.h"
 
 using namespace mig;
@@ -18,29 +18,19 @@ namespace {
 
 constexpr std::uint64_t kPages = 4096;  // 16 MiB
 
-engine::VmFactory fake_factory(test::FakeVm** made) {
-  return [made](const engine::VmShape& shape) -> std::unique_ptr<engine::MigratableVm> {
-    std::vector<std::uint64_t> pages;
-    for (const auto& r : shape.regions) pages.push_back(r.size / engine::kPageSize);
-    auto vm = std::make_unique<test::FakeVm>(pages);
-    *made = vm.get();
-    return vm;
-  };
-}
-
 // Runs the receiver on a thread and the sender here, joined by `relay` (which may tamper).
 template <typename Relay>
-std::pair<engine::MigrationStats, engine::ReceiveResult> run_migration(test::FakeVm& source, test::FakeVm** destination,
+std::pair<engine::MigrationStats, engine::IncomingResult> run_migration(test::FakeVm& source, test::FakeVm** destination,
                                                                        const engine::SenderOptions& options, Relay relay) {
   auto [send_end, relay_in] = test::stream_pair();
   auto [relay_out, recv_end] = test::stream_pair();
   auto receiver = std::async(std::launch::async, [&, s = std::move(recv_end)]() mutable {
-    return engine::receive(s, fake_factory(destination), engine::ReceiverOptions{2000ms, 100ms, {}});
+    return engine::IncomingMigration(s, test::fake_factory(destination), engine::ReceiverOptions{2000ms, 100ms, {}}).run();
   });
   auto relay_thread = std::async(std::launch::async, [&, in = std::move(relay_in), out = std::move(relay_out)]() mutable {
     relay(in, out);
   });
-  auto stats = engine::migrate(source, send_end, options);
+  auto stats = engine::SourceMigration(source, send_end, options).run();
   send_end = transport::Stream(UniqueFd());  // close: unblocks a relay still waiting
   auto received = receiver.get();
   relay_thread.get();
@@ -96,15 +86,15 @@ TEST_CASE("a fake VM migrates while being written to - and the destination equal
   source.write(1, 5, 99);
   test::FakeVm* destination = nullptr;
   engine::SenderOptions options;
-  std::pair<engine::MigrationStats, engine::ReceiveResult> result;
+  std::pair<engine::MigrationStats, engine::IncomingResult> result;
   {
     test::Writer writer(source, kPages, 20us);
     result = run_migration(source, &destination, options, pass_through());
   }
   const auto& [sent, received] = result;
   INFO(sent.error << " / " << received.stats.error);
-  REQUIRE(sent.status == "completed");
-  REQUIRE(received.stats.status == "completed");
+  REQUIRE(sent.status == engine::MigrationStatus::completed);
+  REQUIRE(received.stats.status == engine::MigrationStatus::completed);
   CHECK(sent.verified);
   CHECK(received.stats.verified);
   REQUIRE(destination != nullptr);
@@ -127,10 +117,10 @@ TEST_CASE("offline migration pauses first and copies once") {
   engine::SenderOptions options;
   options.offline = true;
   auto [sent, received] = run_migration(source, &destination, options, pass_through());
-  REQUIRE(sent.status == "completed");
+  REQUIRE(sent.status == engine::MigrationStatus::completed);
   CHECK(sent.rounds == 1);
   CHECK(sent.round_table.empty());
-  CHECK(sent.stop_reason == "offline");
+  CHECK(sent.stop_reason == engine::StopReason::offline);
   CHECK(destination->region_memory(0) == source.region_memory(0));
 }
 
@@ -150,10 +140,10 @@ TEST_CASE("a page corrupted in flight fails verification and the source resumes"
   });
   auto [sent, received] = run_migration(source, &destination, engine::SenderOptions{}, relay);
   REQUIRE(corrupted);
-  CHECK(received.stats.status == "failed");
+  CHECK(received.stats.status == engine::MigrationStatus::failed);
   CHECK_THAT(received.stats.error, Contains("verification failed"));
   CHECK(received.vm == nullptr);
-  CHECK(sent.status == "failed");
+  CHECK(sent.status == engine::MigrationStatus::failed);
   CHECK_THAT(sent.error, Contains("verification failed"));
   CHECK_FALSE(source.paused());
   CHECK(source.pauses == source.resumes);
@@ -174,9 +164,9 @@ TEST_CASE("a connection lost at any point before the handoff leaves the source r
     const int cut_at = static_cast<int>(type) * 10 + nth;
     auto [sent, received] = run_migration(source, &destination, engine::SenderOptions{}, relay);
     INFO("cut at frame " << cut_at << ": " << sent.error);
-    CHECK(sent.status == "failed");
+    CHECK(sent.status == engine::MigrationStatus::failed);
     CHECK_FALSE(sent.error.empty());
-    CHECK(received.stats.status == "failed");
+    CHECK(received.stats.status == engine::MigrationStatus::failed);
     CHECK_FALSE(source.paused());
   }
 }
@@ -191,9 +181,9 @@ TEST_CASE("a connection lost after Commit leaves the guest in at most one place"
   auto [sent, received] = run_migration(source, &destination, engine::SenderOptions{}, relay);
   // The source cannot know whether Commit arrived, so it must not resume; here it did not
   // arrive, so the destination must not run either.
-  CHECK(sent.status == "handoff-unknown");
+  CHECK(sent.status == engine::MigrationStatus::handoff_unknown);
   CHECK(source.paused());
-  CHECK(received.stats.status == "failed");
+  CHECK(received.stats.status == engine::MigrationStatus::failed);
   CHECK(received.vm == nullptr);
 }
 
@@ -207,7 +197,7 @@ TEST_CASE("no progress with --on-no-convergence=abort gives up and resumes") {
   options.policy.no_progress_rounds = 2;
   source.thrash = true;  // every round finds every page dirty again
   auto [sent, received] = run_migration(source, &destination, options, pass_through());
-  CHECK(sent.status == "failed");
+  CHECK(sent.status == engine::MigrationStatus::failed);
   CHECK_THAT(sent.error, Contains("no progress"));
   CHECK_FALSE(source.paused());
 }
@@ -222,8 +212,8 @@ TEST_CASE("auto-converge throttles a thrashing guest step by step until it calms
   options.policy.downtime_target_ms = 0;  // only an empty dirty set converges
   options.policy.throttle_above_ms = 0;
   auto [sent, received] = run_migration(source, &destination, options, pass_through());
-  REQUIRE(sent.status == "completed");
-  CHECK(sent.stop_reason == "converged");
+  REQUIRE(sent.status == engine::MigrationStatus::completed);
+  CHECK(sent.stop_reason == engine::StopReason::converged);
   REQUIRE(source.throttles.size() == 4);
   for (std::size_t i = 0; i < 4; ++i) CHECK(source.throttles[i] == Approx(0.2 + 0.1 * static_cast<double>(i)));
   CHECK(sent.round_table.back().throttle_pct == 50);
@@ -243,7 +233,7 @@ TEST_CASE("auto-converge at its maximum: a guest still stuck is given up on - an
   options.policy.no_progress_rounds = 2;
   options.policy.on_no_convergence = engine::NoConvergence::abort;
   auto [sent, received] = run_migration(source, &destination, options, pass_through());
-  CHECK(sent.status == "failed");
+  CHECK(sent.status == engine::MigrationStatus::failed);
   CHECK_THAT(sent.error, Contains("no progress"));
   REQUIRE(source.throttles.size() == 10);  // 20 % to 90 % by tens, 99 %, then off again
   CHECK(source.throttles[8] == Approx(0.99));  // the VM is told a share
@@ -256,7 +246,7 @@ TEST_CASE("the receiver refuses malformed streams with a reason") {
     auto [sender_end, receiver_end] = test::stream_pair();
     test::FakeVm* destination = nullptr;
     auto receiver = std::async(std::launch::async, [&, s = std::move(receiver_end)]() mutable {
-      return engine::receive(s, fake_factory(&destination), engine::ReceiverOptions{1000ms, 100ms, {}});
+      return engine::IncomingMigration(s, test::fake_factory(&destination), engine::ReceiverOptions{1000ms, 100ms, {}}).run();
     });
     try {
       send_bad_stream(sender_end);
@@ -364,7 +354,7 @@ TEST_CASE("compressed batches arrive intact - and incompressible memory is mostl
   options.compress_level = 1;
   options.offline = true;
   auto [sent, received] = run_migration(source, &destination, options, pass_through());
-  REQUIRE(sent.status == "completed");
+  REQUIRE(sent.status == engine::MigrationStatus::completed);
   CHECK(received.stats.verified);
   CHECK(destination->region_memory(0) == source.region_memory(0));
   // 8 batches of text compress; the 8 random ones are tried only on the 1st, 3rd and 6th.
@@ -383,9 +373,9 @@ TEST_CASE("a corrupt compressed batch is refused") {
     return true;
   });
   auto [sent, received] = run_migration(source, &destination, options, relay);
-  CHECK(received.stats.status == "failed");
+  CHECK(received.stats.status == engine::MigrationStatus::failed);
   CHECK_THAT(received.stats.error, Contains("compressed page batch"));
-  CHECK(sent.status == "failed");
+  CHECK(sent.status == engine::MigrationStatus::failed);
   CHECK_FALSE(source.paused());
 }
 
@@ -423,9 +413,9 @@ TEST_CASE("delta-encoded rounds leave the destination equal to the source") {
     };
     auto [sent, received] = run_migration(source, &destination, options, pass_through());
     INFO(sent.error << " / " << received.stats.error);
-    REQUIRE(sent.status == "completed");
+    REQUIRE(sent.status == engine::MigrationStatus::completed);
     CHECK(received.stats.verified);
-    INFO("rounds " << sent.rounds << " stop " << sent.stop_reason << " pages " << sent.pages_sent << " delta " << sent.pages_delta << " skipped " << sent.pages_skipped);
+    INFO("rounds " << sent.rounds << " stop " << engine::to_string(sent.stop_reason) << " pages " << sent.pages_sent << " delta " << sent.pages_delta << " skipped " << sent.pages_skipped);
     CHECK(sent.pages_delta >= 64 * 9);  // every hot page, in every round after its first resend
     CHECK(destination->region_memory(0) == source.region_memory(0));
   }
@@ -462,19 +452,19 @@ TEST_CASE("parallel channels deliver every page - in round order - with deltas a
   test::FakeVm* destination = nullptr;
   auto receiver = std::async(std::launch::async, [&, s = std::move(recv_end)]() mutable {
     engine::ReceiverOptions receiver_options{2000ms, 100ms, {}};
-    receiver_options.accept_channel = [&] {
+    receiver_options.accept_channel = [&](std::chrono::milliseconds) {
       std::unique_lock lock(mutex);
       ready.wait(lock, [&] { return !connecting.empty(); });
       auto accepted = std::move(connecting.front());
       connecting.pop_front();
       return accepted;
     };
-    return engine::receive(s, fake_factory(&destination), receiver_options);
+    return engine::IncomingMigration(s, test::fake_factory(&destination), receiver_options).run();
   });
-  auto sent = engine::migrate(source, send_end, options);
+  auto sent = engine::SourceMigration(source, send_end, options).run();
   auto received = receiver.get();
   INFO(sent.error << " / " << received.stats.error);
-  REQUIRE(sent.status == "completed");
+  REQUIRE(sent.status == engine::MigrationStatus::completed);
   CHECK(sent.channels == 4);
   CHECK(received.stats.channels == 4);
   CHECK(received.stats.verified);
@@ -492,7 +482,7 @@ TEST_CASE("a receiver without extra connections makes the sender fall back to on
   options.channels = 4;
   options.open_channel = [] () -> transport::Stream { throw std::logic_error("must not be called"); };
   auto [sent, received] = run_migration(source, &destination, options, pass_through());
-  REQUIRE(sent.status == "completed");
+  REQUIRE(sent.status == engine::MigrationStatus::completed);
   CHECK(sent.channels == 1);
   CHECK(destination->region_memory(0) == source.region_memory(0));
 }
@@ -504,11 +494,11 @@ TEST_CASE("with zero-page skipping off - every page crosses the wire") {
   engine::SenderOptions options;
   options.offline = true;
   auto skipping = run_migration(source, &destination, options, pass_through());
-  REQUIRE(skipping.first.status == "completed");
+  REQUIRE(skipping.first.status == engine::MigrationStatus::completed);
   CHECK(skipping.first.pages_sent < kPages / 2);
   options.skip_zero_pages = false;
   auto all = run_migration(source, &destination, options, pass_through());
-  REQUIRE(all.first.status == "completed");
+  REQUIRE(all.first.status == engine::MigrationStatus::completed);
   CHECK(all.first.pages_sent == kPages + 100);
   CHECK(all.first.pages_skipped == 0);
   CHECK(destination->region_memory(0) == source.region_memory(0));

@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 
 #include <atomic>
+#include <future>
 #include <functional>
 #include <cstring>
 #include <mutex>
@@ -12,6 +13,8 @@
 #include <random>
 #include <thread>
 
+#include "engine/incoming_migration.h"
+#include "engine/source_migration.h"
 #include "engine/vm.h"
 #include "transport/stream.h"
 
@@ -136,6 +139,38 @@ inline std::pair<transport::Stream, transport::Stream> stream_pair() {
   int fds[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) throw std::runtime_error("socketpair failed");
   return {transport::Stream(UniqueFd(fds[0])), transport::Stream(UniqueFd(fds[1]))};
+}
+
+// Builds FakeVms of the sender's shape; the last one built is left in *made.
+inline engine::VmFactory fake_factory(FakeVm** made) {
+  return [made](const engine::VmShape& shape) -> std::unique_ptr<engine::MigratableVm> {
+    std::vector<std::uint64_t> pages;
+    for (const auto& r : shape.regions) pages.push_back(r.size / engine::kPageSize);
+    auto vm = std::make_unique<FakeVm>(pages);
+    *made = vm.get();
+    return vm;
+  };
+}
+
+struct FakeMigration {
+  engine::MigrationStats sent;
+  engine::IncomingResult received;
+  FakeVm* destination = nullptr;  // owned by received.vm when it completed
+};
+
+// Migrates `source` to a receiver on another thread, over a socketpair.
+inline FakeMigration migrate_fake(FakeVm& source, const engine::SenderOptions& options,
+                                  std::shared_ptr<engine::MigrationControl> control = nullptr) {
+  using namespace std::chrono_literals;
+  auto [send_end, recv_end] = stream_pair();
+  FakeMigration m;
+  auto receiver = std::async(std::launch::async, [&, s = std::move(recv_end)]() mutable {
+    return engine::IncomingMigration(s, fake_factory(&m.destination), engine::ReceiverOptions{2000ms, 100ms, {}}).run();
+  });
+  m.sent = engine::SourceMigration(source, send_end, options, std::move(control)).run();
+  send_end = transport::Stream(UniqueFd());  // closed, as a process that is done would
+  m.received = receiver.get();
+  return m;
 }
 
 }  // namespace mig::test

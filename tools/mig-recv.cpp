@@ -1,88 +1,103 @@
-// mig-recv: wait in incoming mode, receive a migrating guest, and run it (and optionally
-// migrate it onward once it runs).
+// mig-recv: wait in incoming mode, receive a migrating guest, and keep it running - with a
+// QMP socket (--qmp) through which it can be watched, stopped or migrated onward.
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
-#include <signal.h>
 
 #include <chrono>
+#include <optional>
 
-#include "tools/migration_cli.h"
+#include "control/json.h"
+#include "control/qmp_server.h"
+#include "tools/cli.h"
 #include "tools/vm_options.h"
+#include "vmm/kvm_vm.h"
 
 using namespace mig;
+using namespace std::chrono;
+
+namespace {
+
+std::string receive_summary_line(const engine::IncomingStats& s) {
+  return fmt::format("received {:.1f} MiB of guest memory ({} pages, {} rounds, {:.1f} MB); restore {:.2f} ms, resume {:.2f} ms{}; verified: {}",
+                     static_cast<double>(s.guest_bytes) / (1 << 20), s.pages_received, s.rounds,
+                     static_cast<double>(s.bytes_received) / 1e6, s.restore_ms, s.resume_ms,
+                     s.guest ? fmt::format(", guest saw {:.2f} ms", s.guest->gap_ms) : "", s.verified);
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"mig-recv: wait for a migrating guest, restore it and run it"};
-  std::string listen, serial, stats_json;
-  double run_for = -1, then_after = 0.5;
+  std::string listen, serial, stats_json, qmp;
+  double run_for = -1;
   std::uint64_t expect_mem = 0;
   unsigned expect_vcpus = 1;
   bool memfd = false;
-  tools::SendOptions onward;
-  app.add_option("--listen", listen, "where to wait for the source: tcp:HOST:PORT (port 0 picks a free one) or unix:PATH (same host; with a memfd-backed source, memory is handed over instead of copied)")->required();
+  app.add_option("--listen", listen, "where to wait for the source: tcp:HOST:PORT (port 0 picks a free one), unix:PATH (same host; with a memfd-backed source, memory is handed over instead of copied), or defer (wait for QMP's migrate-incoming)")->required();
+  app.add_option("--qmp", qmp, "a QMP control socket at unix:PATH (mode 0600) for the guest that arrives");
   app.add_option("--serial", serial, "where the guest's COM1 output goes: a file, a FIFO, or - for stdout");
-  app.add_option("--run-for", run_for, "run the received guest this many seconds, then exit; default: until SIGINT/SIGTERM");
-  app.add_option("--stats-json", stats_json, "write the incoming migration's statistics here (and the onward one's to FILE.onward)");
+  app.add_option("--run-for", run_for, "run the received guest this many seconds, then exit; default: until quit (QMP) or SIGINT/SIGTERM");
+  app.add_option("--stats-json", stats_json, "write the incoming migration's statistics here");
   app.add_flag("--memfd", memfd, "back guest memory with memfd");
   app.add_option("--expect-mem", expect_mem,
                  "build the VM for a guest of this size while waiting, with its memory populated, so receiving "
                  "pays no page faults (like QEMU's -incoming with -m); a different incoming shape is still accepted")
       ->transform(CLI::AsSizeValue(false));
   app.add_option("--expect-vcpus", expect_vcpus, "with --expect-mem: the vCPU count to prepare for")->default_val(1);
-  onward.add_to(app, "--then-send-to", false);
-  app.add_option("--then-after", then_after, "with --then-send-to: seconds to run the guest here before sending it on")
-      ->default_val(0.5);
   CLI11_PARSE(app, argc, argv);
 
-  tools::block_control_signals();
-  std::optional<transport::Listener> listener;
+  engine::VmFactory factory;
   try {
-    listener.emplace(transport::Endpoint::parse(listen));
+    if (listen == "defer" && qmp.empty()) throw std::invalid_argument("--listen defer needs --qmp, to receive migrate-incoming");
+    const auto backing = memfd ? kvm::MemoryBacking::memfd : kvm::MemoryBacking::anonymous;
+    // Built (and with --expect-mem, populated) now, while nobody has connected yet.
+    factory = vmm::KvmVm::factory(serial, backing,
+                                  expect_mem > 0 ? std::optional(vmm::KvmVm::pc_shape(expect_mem, expect_vcpus)) : std::nullopt);
   } catch (const std::exception& e) {
     fmt::print(stderr, "mig-recv: {}\n", e.what());
     return tools::kExitSetupError;
   }
-  // Tests and scripts read the actual port from this line (it matters with port 0).
-  fmt::print("mig-recv: listening on {}\n", listener->endpoint());
-  std::fflush(stdout);
-
-  const auto backing = memfd ? kvm::MemoryBacking::memfd : kvm::MemoryBacking::anonymous;
-  engine::ReceiveResult result;
+  control::Domain domain(control::Domain::Incoming{std::move(factory), {}});
+  std::optional<control::QmpServer> server;
+  tools::ControlSignals signals;  // before any thread starts
+  const auto quit_on_signal = signals.on_terminate([&domain] { domain.quit(); });
   try {
-    // Built (and with --expect-mem, populated) now, while nobody has connected yet.
-    const auto factory = tools::KvmVm::factory(
-        serial, backing, expect_mem > 0 ? std::optional(tools::KvmVm::pc_shape(expect_mem, expect_vcpus)) : std::nullopt);
-    auto stream = listener->accept();
-    engine::ReceiverOptions receiver_options;
-    receiver_options.accept_channel = [&listener] { return listener->accept(); };
-    result = engine::receive(stream, factory, receiver_options);
+    if (!qmp.empty()) server.emplace(domain, control::qmp_socket_path(qmp));
+    // Tests and scripts read the actual port from this line (it matters with port 0).
+    if (listen == "defer")
+      fmt::print("mig-recv: waiting for migrate-incoming on {}\n", qmp);
+    else
+      fmt::print("mig-recv: listening on {}\n", domain.migrate_incoming(listen));
+    std::fflush(stdout);
   } catch (const std::exception& e) {
-    result.stats.error = e.what();
+    fmt::print(stderr, "mig-recv: {}\n", e.what());
+    return tools::kExitSetupError;
   }
-  if (result.stats.status != "completed") {
-    fmt::print(stderr, "mig-recv: migration failed: {}\n", result.stats.error);
-    tools::write_stats_json(stats_json, "destination", result.stats, nullptr);
+
+  const auto incoming = domain.wait_incoming();
+  if (!incoming || incoming->status != engine::MigrationStatus::completed) {
+    fmt::print(stderr, "mig-recv: migration failed: {}\n", incoming ? incoming->error : "stopped before a guest arrived");
+    if (incoming) tools::write_stats_json(stats_json, control::to_json(*incoming));
     return tools::kExitMigrationFailed;
   }
-  auto& vm = static_cast<tools::KvmVm&>(*result.vm);
-  fmt::print(stderr, "mig-recv: {}\n", tools::receive_summary_line(result.stats));
-  tools::write_stats_json(stats_json, "destination", result.stats, nullptr);
+  fmt::print(stderr, "mig-recv: {}\n", receive_summary_line(*incoming));
+  tools::write_stats_json(stats_json, control::to_json(*incoming));
 
-  if (!onward.to.empty()) {
-    tools::wait_for_signal(then_after);
-    const auto stats = tools::migrate_to(vm, onward);
-    fmt::print(stderr, "mig-recv: onward: {}\n", tools::summary_line(stats));
-    tools::write_stats_json(stats_json.empty() ? "" : stats_json + ".onward", "source", stats, nullptr);
-    if (stats.status == "completed") return tools::kExitMigrated;
-    if (stats.status == "handoff-unknown") return tools::kExitHandoffUnknown;
-    fmt::print(stderr, "mig-recv: the guest keeps running here\n");
+  kvm::Machine& machine = static_cast<vmm::KvmVm*>(domain.vm())->machine();
+  const auto arrived = steady_clock::now();
+  while ((run_for < 0 || steady_clock::now() < arrived + duration<double>(run_for)) && !machine.failure() &&
+         !domain.wait_quit(milliseconds(20))) {
   }
-  const int sig = tools::wait_for_signal(run_for);
-  (void)sig;
-  vm.machine().pause();
-  tools::print_heartbeat_stats(vm.machine().probe(), stdout);
-  tools::write_stats_json(stats_json, "destination", result.stats, &vm.machine());
-  if (auto failure = vm.machine().failure()) {
+  if (const auto onward = domain.wait_migration(); onward && onward->status == engine::MigrationStatus::completed) {
+    fmt::print(stderr, "mig-recv: the guest migrated onward\n");
+    return tools::kExitMigrated;
+  }
+  machine.pause();
+  tools::print_heartbeat_stats(machine.probe(), stdout);
+  auto report = control::to_json(*incoming);
+  report.update(tools::guest_report(machine));
+  tools::write_stats_json(stats_json, report);
+  if (auto failure = machine.failure()) {
     fmt::print(stderr, "mig-recv: guest failed: {}\n", *failure);
     return tools::kExitGuestFailed;
   }

@@ -1,78 +1,183 @@
-// mig-send: run a guest, then live-migrate it to a mig-recv waiting in incoming mode.
+// mig-send: live-migrate a guest to a mig-recv waiting in incoming mode. Either a guest that
+// already runs under another process (--vm unix:QMP_SOCKET, as `virsh migrate --live`), or
+// one this process boots itself and then migrates (the form benchmarks use).
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
-#include <signal.h>
+#include <unistd.h>
 
 #include <chrono>
+#include <optional>
+#include <thread>
 
-#include "tools/migration_cli.h"
+#include "control/qmp_client.h"
+#include "control/qmp_server.h"
+#include "tools/cli.h"
 #include "tools/vm_options.h"
+#include "vmm/kvm_vm.h"
 
 using namespace mig;
 using namespace std::chrono;
 
-int main(int argc, char** argv) {
-  CLI::App app{"mig-send: run a guest and live-migrate it to a waiting mig-recv"};
-  tools::VmOptions vm_options;
-  vm_options.add_to(app);
-  tools::SendOptions send_options;
-  send_options.add_to(app, "--to", true);
-  double after = -1;
-  double run_for = -1;
-  std::string stats_json;
-  app.add_option("--after", after,
-                 "migrate this many seconds after the guest reports ready (or after boot, for guests without the "
-                 "probe); without it, migrate on SIGUSR1");
-  app.add_option("--run-for", run_for, "if the migration fails, keep running the guest this long (seconds from start) before exiting; default: until SIGINT/SIGTERM");
-  app.add_option("--stats-json", stats_json, "write the migration's statistics here");
-  CLI11_PARSE(app, argc, argv);
+namespace {
 
-  tools::block_control_signals();
+bool is_finished(const nlohmann::json& info) {
+  const auto status = info.value("status", "");
+  return status == "completed" || status == "failed" || status == "cancelled" || status == "handoff-unknown";
+}
+
+// --vm: drives the migration of another process's guest through its QMP socket, polling
+// query-migrate as an orchestrator does. A signal cancels it. A guest that moved has no
+// business on the source any more, so the source is told to quit, as libvirt does.
+int migrate_running_vm(const std::string& socket, const nlohmann::json& arguments, const std::string& stats_json,
+                       bool verbose, tools::ControlSignals& signals) {
+  control::QmpClient source(control::qmp_socket_path(socket));
+  source.execute("migrate", arguments);
+  const bool tty = ::isatty(STDOUT_FILENO);
+  bool cancel_sent = false;
+  nlohmann::json info;
+  for (;;) {
+    info = source.execute("query-migrate");
+    if (tty) fmt::print("\r{}", tools::progress_line(info));
+    if (verbose && !tty) fmt::print("{}\n", tools::progress_line(info));
+    std::fflush(stdout);
+    if (is_finished(info)) break;
+    if (signals.terminating() && !cancel_sent) {
+      source.execute("migrate_cancel");
+      cancel_sent = true;
+    }
+    signals.wait(0.1);
+  }
+  if (tty) fmt::print("\n");
+  fmt::print(stderr, "mig-send: {}\n", tools::summary_line(info));
+  tools::write_stats_json(stats_json, info["mig"].value("stats", info));
+  const auto status = info.value("status", "");
+  if (status == "completed") {
+    try {
+      source.execute("quit");
+    } catch (const std::exception&) {
+      // It may close the socket before the reply arrives.
+    }
+  }
+  if (status == "handoff-unknown")
+    fmt::print(stderr, "mig-send: the destination may be running the guest; the source was not resumed\n");
+  return tools::exit_code_for(status);
+}
+
+struct BootedGuest {
+  tools::VmOptions vm;
+  double after = -1, run_for = -1;
+  std::string qmp;
+};
+
+// Boots the guest, migrates it --after seconds after it reports ready (or on SIGUSR1), and
+// keeps it running here when the migration fails: SIGUSR1 then retries.
+int boot_and_migrate(const BootedGuest& options, const nlohmann::json& arguments, const std::string& stats_json,
+                     tools::ControlSignals& signals) {
   const auto started = steady_clock::now();
-  std::unique_ptr<tools::KvmVm> vm;
+  std::unique_ptr<vmm::KvmVm> vm;
+  std::optional<std::string> qmp_path;
   try {
-    vm = std::make_unique<tools::KvmVm>(tools::boot_machine(vm_options));
+    if (!options.qmp.empty()) qmp_path = control::qmp_socket_path(options.qmp);
+    vm = std::make_unique<vmm::KvmVm>(tools::boot_machine(options.vm));
   } catch (const std::exception& e) {
     fmt::print(stderr, "mig-send: {}\n", e.what());
     return tools::kExitSetupError;
   }
-  if (after >= 0) {
-    const bool ready = vm->machine().probe().wait_ready(seconds(60));
+  kvm::Machine& machine = vm->machine();
+  control::Domain domain(std::move(vm));
+  const auto quit_on_signal = signals.on_terminate([&domain] { domain.quit(); });
+  std::optional<control::QmpServer> server;
+  if (qmp_path) server.emplace(domain, *qmp_path);
+  if (::isatty(STDOUT_FILENO))
+    domain.subscribe([&domain](const control::Event& event) {
+      if (event.name == "MIGRATION_PASS") fmt::print("\r{}", tools::progress_line(domain.query_migrate()));
+      std::fflush(stdout);
+    });
+
+  double migrate_at = -1;
+  if (options.after >= 0) {
+    bool ready = false;
+    for (int i = 0; i < 600 && !ready && !signals.terminating(); ++i) ready = machine.probe().wait_ready(milliseconds(100));
     if (!ready) fmt::print(stderr, "mig-send: the guest did not report ready; --after counts from boot\n");
+    migrate_at = options.after + duration<double>(steady_clock::now() - started).count();
   }
-  auto seconds_left = [&](double limit) {
+  auto seconds_until = [&](double limit) {
     return limit < 0 ? -1.0 : std::max(0.0, limit - duration<double>(steady_clock::now() - started).count());
   };
-  const auto ready_at = steady_clock::now();
-  double migrate_at = after < 0 ? -1 : after + duration<double>(ready_at - started).count();
-
-  engine::MigrationStats last;
-  last.error = "not migrated";
+  nlohmann::json last = {{"status", "failed"}, {"error", "not migrated"}};
   for (;;) {
-    const int sig = tools::wait_for_signal(migrate_at < 0 ? seconds_left(run_for) : seconds_left(migrate_at));
-    if (sig == SIGINT || sig == SIGTERM || (sig == 0 && migrate_at < 0)) break;  // or --run-for expired
-    if (auto failure = vm->machine().failure()) {
+    const auto signal = signals.wait(seconds_until(migrate_at < 0 ? options.run_for : migrate_at));
+    if (signal == tools::ControlSignals::Signal::terminate || (signal == tools::ControlSignals::Signal::none && migrate_at < 0))
+      break;  // a signal, or --run-for ran out
+    if (auto failure = machine.failure()) {
       fmt::print(stderr, "mig-send: guest failed before migration: {}\n", *failure);
       return tools::kExitGuestFailed;
     }
-    last = tools::migrate_to(*vm, send_options);
-    fmt::print(stderr, "mig-send: {}\n", tools::summary_line(last));
-    if (last.status == "completed") {
-      tools::write_stats_json(stats_json, "source", last, nullptr);
-      return tools::kExitMigrated;
+    try {
+      domain.migrate(control::parse_migrate_arguments(arguments, domain.parameters()));
+    } catch (const std::exception& e) {
+      fmt::print(stderr, "mig-send: {}\n", e.what());
+      break;
     }
-    if (last.status == "handoff-unknown") {
-      tools::write_stats_json(stats_json, "source", last, nullptr);
+    domain.wait_migration();
+    const auto info = domain.query_migrate();
+    if (::isatty(STDOUT_FILENO)) fmt::print("\n");
+    fmt::print(stderr, "mig-send: {}\n", tools::summary_line(info));
+    last = info["mig"]["stats"];
+    const auto status = info.value("status", "");
+    if (status == "completed" || status == "handoff-unknown") tools::write_stats_json(stats_json, last);
+    if (status == "completed") return tools::kExitMigrated;
+    if (status == "handoff-unknown") {
       fmt::print(stderr, "mig-send: the destination may be running the guest; the source was not resumed\n");
       return tools::kExitHandoffUnknown;
     }
-    // Failed: the guest runs on here. SIGUSR1 tries again; --run-for or a signal ends it.
     fmt::print(stderr, "mig-send: the guest keeps running here; send SIGUSR1 to retry\n");
-    tools::write_stats_json(stats_json, "source", last, &vm->machine());
     migrate_at = -1;
   }
-  // The heartbeat summary now covers the time the guest ran on after any failure.
-  vm->machine().pause();
-  tools::write_stats_json(stats_json, "source", last, &vm->machine());
+  // The heartbeat summary covers the time the guest ran on after any failure.
+  machine.pause();
+  last.update(tools::guest_report(machine));
+  tools::write_stats_json(stats_json, last);
   return tools::kExitMigrationFailed;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"mig-send: live-migrate a guest to a waiting mig-recv - one that runs already (--vm), or one it boots"};
+  BootedGuest booted;
+  booted.vm.add_to(app, false);
+  std::string to, vm_socket, stats_json;
+  bool verbose = false;
+  tools::MigrateFlags flags;
+  app.add_option("--to", to, "destination in incoming mode: tcp:HOST:PORT or unix:PATH")->required();
+  app.add_option("--vm", vm_socket, "migrate the guest of another mig process through its QMP socket, unix:PATH, instead of booting one");
+  app.add_flag("--verbose", verbose, "with --vm: print a progress line per poll even when stdout is not a terminal");
+  app.add_option("--after", booted.after,
+                 "migrate this many seconds after the guest reports ready (or after boot, for guests without the "
+                 "probe); without it, migrate on SIGUSR1");
+  app.add_option("--run-for", booted.run_for, "if the migration fails, keep running the guest this long (seconds from start) before exiting; default: until SIGINT/SIGTERM");
+  app.add_option("--stats-json", stats_json, "write the migration's statistics here");
+  app.add_option("--qmp", booted.qmp, "a QMP control socket for the booted guest, unix:PATH");
+  flags.add_to(app);
+  CLI11_PARSE(app, argc, argv);
+  if (vm_socket.empty() == booted.vm.kernel.empty()) {
+    fmt::print(stderr, "mig-send: give either --vm unix:PATH (a running guest) or --kernel IMAGE (boot one)\n");
+    return tools::kExitSetupError;
+  }
+  const auto arguments = flags.arguments(to);
+  try {
+    control::parse_migrate_arguments(arguments, {});  // every mistake before anything starts
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "mig-send: {}\n", e.what());
+    return tools::kExitSetupError;
+  }
+  tools::ControlSignals signals;
+  try {
+    if (!vm_socket.empty()) return migrate_running_vm(vm_socket, arguments, stats_json, verbose, signals);
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "mig-send: {}\n", e.what());
+    return tools::kExitSetupError;
+  }
+  return boot_and_migrate(booted, arguments, stats_json, signals);
 }

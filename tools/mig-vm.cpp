@@ -1,60 +1,69 @@
-// mig-vm: run a guest locally and report its heartbeats, or measure its dirty-page rate.
+// mig-vm: run a guest under mig's VMM, optionally with a QMP control socket, and report its
+// heartbeats; or measure its dirty-page rate.
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
 
 #include <chrono>
+#include <optional>
 #include <thread>
-#include <vector>
 
+#include "control/qmp_server.h"
+#include "tools/cli.h"
 #include "tools/vm_options.h"
+#include "vmm/kvm_vm.h"
+
+using namespace mig;
+using namespace std::chrono;
 
 namespace {
 
-using namespace std::chrono;
-
-// Like `virsh domdirtyrate-calc`: count the pages written during a window under dirty logging.
-double measure_dirty_rate_mbps(mig::kvm::Machine& machine, double seconds) {
-  auto& vm = machine.vm();
-  std::vector<std::vector<std::uint64_t>> bitmaps;
-  for (std::size_t s = 0; s < vm.slot_count(); ++s) bitmaps.emplace_back((vm.slot_pages(s) + 63) / 64);
-  vm.set_dirty_logging(true);
-  const auto start = steady_clock::now();
-  std::this_thread::sleep_for(duration<double>(seconds));
-  std::uint64_t pages = 0;
-  for (std::size_t s = 0; s < vm.slot_count(); ++s) {
-    vm.fetch_and_clear_dirty_log(s, bitmaps[s]);
-    for (auto word : bitmaps[s]) pages += static_cast<std::uint64_t>(__builtin_popcountll(word));
+// Like `virsh domdirtyrate-calc`, through the same command the QMP socket offers.
+double measure_dirty_rate_mbps(control::Domain& domain, double seconds) {
+  domain.calc_dirty_rate(seconds);
+  for (;;) {
+    const auto info = domain.query_dirty_rate();
+    if (info["status"] == "measured") return info["dirty-rate"].get<double>();
+    if (info["status"] != "measuring") throw std::runtime_error("the dirty-rate measurement failed");
+    std::this_thread::sleep_for(milliseconds(20));
   }
-  const double elapsed = duration<double>(steady_clock::now() - start).count();
-  vm.set_dirty_logging(false);
-  return static_cast<double>(pages * mig::kvm::kPageSize) / 1e6 / elapsed;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"mig-vm: run a multiboot guest under mig's VMM and report its heartbeats"};
-  mig::tools::VmOptions vm_options;
+  tools::VmOptions vm_options;
   vm_options.add_to(app);
-  double run_for = 5;
-  double dirty_rate_window = 0;
-  app.add_option("--run-for", run_for, "seconds to run before printing statistics and exiting")->default_val(5);
-  app.add_option("--dirty-rate", dirty_rate_window, "measure the dirty-page rate over this many seconds, once the guest is ready");
+  double run_for = -1, dirty_rate_window = 0;
+  std::string qmp;
+  app.add_option("--run-for", run_for, "seconds to run before printing statistics and exiting (default 5; with --qmp, until quit)");
+  app.add_option("--dirty-rate", dirty_rate_window, "measure the dirty-page rate over this many seconds, once the guest is ready")
+      ->check(CLI::Range(0.1, 60.0));
+  app.add_option("--qmp", qmp, "a QMP control socket at unix:PATH (mode 0600): watch, stop, migrate the guest");
   CLI11_PARSE(app, argc, argv);
 
+  tools::ControlSignals signals;
   try {
-    auto machine = mig::tools::boot_machine(vm_options);
+    const std::string qmp_path = qmp.empty() ? "" : control::qmp_socket_path(qmp);
+    if (run_for < 0 && qmp.empty()) run_for = 5;
+    auto vm = std::make_unique<vmm::KvmVm>(tools::boot_machine(vm_options));
+    kvm::Machine& machine = vm->machine();
+    control::Domain domain(std::move(vm));
+    const auto quit_on_signal = signals.on_terminate([&domain] { domain.quit(); });
+    std::optional<control::QmpServer> server;
+    if (!qmp_path.empty()) server.emplace(domain, qmp_path);
     const auto started = steady_clock::now();
     if (dirty_rate_window > 0) {
-      if (!machine->probe().wait_ready(seconds(60))) throw std::runtime_error("guest did not report ready within 60 s");
-      fmt::print("dirty rate: {:.1f} MB/s over {:.2f} s\n", measure_dirty_rate_mbps(*machine, dirty_rate_window),
-                 dirty_rate_window);
+      if (!machine.probe().wait_ready(seconds(60))) throw std::runtime_error("guest did not report ready within 60 s");
+      fmt::print("dirty rate: {:.1f} MB/s over {:.2f} s\n", measure_dirty_rate_mbps(domain, dirty_rate_window), dirty_rate_window);
     }
-    const auto deadline = started + duration<double>(run_for);
-    while (steady_clock::now() < deadline && !machine->failure()) std::this_thread::sleep_for(milliseconds(20));
-    machine->pause();
-    mig::tools::print_heartbeat_stats(machine->probe(), stdout);
-    if (auto failure = machine->failure()) {
+    // Until --run-for runs out, somebody quits (QMP or a signal), or the guest fails.
+    while ((run_for < 0 || steady_clock::now() < started + duration<double>(run_for)) && !machine.failure() &&
+           !domain.wait_quit(milliseconds(20))) {
+    }
+    machine.pause();
+    tools::print_heartbeat_stats(machine.probe(), stdout);
+    if (auto failure = machine.failure()) {
       fmt::print(stderr, "mig-vm: guest failed: {}\n", *failure);
       return 1;
     }

@@ -4,8 +4,10 @@
 
 namespace mig::tools {
 
-void VmOptions::add_to(CLI::App& app) {
-  app.add_option("--kernel", kernel, "multiboot v1 kernel image (ELF32 or a.out kludge)")->required()->check(CLI::ExistingFile);
+void VmOptions::add_to(CLI::App& app, bool kernel_required) {
+  app.add_option("--kernel", kernel, "multiboot v1 kernel image (ELF32 or a.out kludge)")
+      ->required(kernel_required)
+      ->check(CLI::ExistingFile);
   app.add_option("--mem", mem_bytes, "guest memory, e.g. 256M or 2G")
       ->transform(CLI::AsSizeValue(false))
       ->default_str("256M");
@@ -44,6 +46,19 @@ void print_heartbeat_stats(const kvm::Probe& probe, std::FILE* out) {
                hb.ticks, hb.sweep_passes, hb.check_failures,
                hb.check_failures ? fmt::format(" (last code {:#x})", hb.last_failure_code) : "");
   }
+}
+
+nlohmann::json guest_report(const kvm::Machine& machine) {
+  nlohmann::json beats = nlohmann::json::array();
+  for (const auto& hb : machine.probe().snapshot())
+    beats.push_back({{"count", hb.count},
+                     {"first_seq", hb.first_seq},
+                     {"last_seq", hb.last_seq},
+                     {"sequence_breaks", hb.seq_breaks},
+                     {"longest_gap_ms", static_cast<double>(hb.max_gap_ns) / 1e6},
+                     {"timer_ticks", hb.ticks},
+                     {"self_check_failures", hb.check_failures}});
+  return {{"local_guest_heartbeats", beats}, {"local_guest_failure", machine.failure().value_or("")}};
 }
 
 }  // namespace mig::tools

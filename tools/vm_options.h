@@ -2,6 +2,7 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 
 #include <string>
 
@@ -17,7 +18,8 @@ struct VmOptions {
   std::string serial;
   bool memfd = false;
 
-  void add_to(CLI::App& app);
+  // --kernel is required unless the tool can also work without booting a guest.
+  void add_to(CLI::App& app, bool kernel_required = true);
   kvm::MachineConfig machine_config() const;
 };
 
@@ -26,5 +28,7 @@ std::unique_ptr<kvm::Machine> boot_machine(const VmOptions& options);
 
 // One line per vCPU: heartbeats, sequence breaks, the longest gap, timer ticks, failures.
 void print_heartbeat_stats(const kvm::Probe& probe, std::FILE* out);
+// The same per vCPU as JSON, plus the guest's failure if any, for statistics files.
+nlohmann::json guest_report(const kvm::Machine& machine);
 
 }  // namespace mig::tools

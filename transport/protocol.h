@@ -50,6 +50,8 @@ inline constexpr std::uint32_t kPageSize = 4096;
 // Bounds on what a receiver accepts.
 inline constexpr std::uint64_t kMaxControlPayload = 1u << 20;
 inline constexpr std::uint64_t kMaxStateSection = 64u << 20;
+inline constexpr std::size_t kMaxStateSections = 1024;      // per migration
+inline constexpr std::uint64_t kMaxStateTotal = 256u << 20;  // all sections of a migration together
 inline constexpr std::uint32_t kMaxBatchPages = 1024;
 inline constexpr std::uint32_t kMaxRegions = 64;
 inline constexpr std::uint32_t kMaxVcpus = 256;

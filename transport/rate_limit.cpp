@@ -20,9 +20,14 @@ std::chrono::nanoseconds TokenBucket::reserve(std::uint64_t bytes, std::chrono::
   return std::chrono::nanoseconds(static_cast<std::int64_t>(-tokens_ / rate_ * 1e9));
 }
 
-void TokenBucket::take(std::uint64_t bytes) {
-  const auto wait = reserve(bytes, std::chrono::steady_clock::now());
-  if (wait.count() > 0) std::this_thread::sleep_for(wait);
+bool TokenBucket::take(std::uint64_t bytes, const std::function<bool()>& interrupted) {
+  const auto until = std::chrono::steady_clock::now() + reserve(bytes, std::chrono::steady_clock::now());
+  constexpr auto kSlice = std::chrono::milliseconds(10);
+  for (auto now = std::chrono::steady_clock::now(); now < until; now = std::chrono::steady_clock::now()) {
+    if (interrupted && interrupted()) return false;
+    std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(until - now, kSlice));
+  }
+  return true;
 }
 
 }  // namespace mig::transport

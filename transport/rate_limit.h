@@ -3,6 +3,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 
 namespace mig::transport {
 
@@ -15,8 +16,9 @@ class TokenBucket {
   // The delay before `bytes` may go, with the tokens taken; zero when they are there now.
   // Split from the sleep so it can be tested without a clock.
   std::chrono::nanoseconds reserve(std::uint64_t bytes, std::chrono::steady_clock::time_point now);
-  // Blocks until `bytes` may be sent.
-  void take(std::uint64_t bytes);
+  // Blocks until `bytes` may be sent, and returns true; or returns false as soon as
+  // `interrupted` (asked every 10 ms, when given) says so.
+  bool take(std::uint64_t bytes, const std::function<bool()>& interrupted = {});
 
   double rate() const { return rate_; }
 

@@ -5,7 +5,6 @@
 #include <netinet/tcp.h>
 #include <sys/socket.h>
 
-#include <boost/asio.hpp>
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -48,10 +47,10 @@ bool Stream::enable_zerocopy(ZeroCopy mode) {
 }
 
 void Stream::set_rate_limit(double bytes_per_second) {
-  if (bytes_per_second > 0)
-    rate_limit_.emplace(bytes_per_second);
-  else
+  if (!(bytes_per_second > 0))
     rate_limit_.reset();
+  else if (!rate_limit_ || rate_limit_->rate() != bytes_per_second)
+    rate_limit_.emplace(bytes_per_second);
 }
 
 void Stream::write_all(std::span<iovec> parts, int flags) {
@@ -126,7 +125,8 @@ void Stream::send_gathered(wire::MessageType type, std::span<const std::byte> he
   header.type = static_cast<std::uint16_t>(type);
   header.length = head.size();
   for (const auto& page : pages) header.length += page.iov_len;
-  if (rate_limit_ && !pages.empty()) rate_limit_->take(sizeof header + header.length);
+  if (rate_limit_ && !pages.empty() && !rate_limit_->take(sizeof header + header.length, interrupted_))
+    throw Interrupted("interrupted while waiting for the bandwidth limit");
   std::vector<iovec> parts;
   parts.reserve(2 + pages.size());
   parts.push_back({&header, sizeof header});
@@ -190,29 +190,6 @@ std::vector<std::byte> Stream::read_payload(const wire::FrameHeader& header) {
   return payload;
 }
 
-Endpoint Endpoint::parse(const std::string& text) {
-  const std::string usage = "endpoint '" + text + "' is not of the form tcp:HOST:PORT or unix:PATH";
-  if (text.rfind("unix:", 0) == 0 && text.size() > 5) {
-    Endpoint e;
-    e.unix_path = text.substr(5);
-    return e;
-  }
-  if (text.rfind("tcp:", 0) != 0) throw std::invalid_argument(usage);
-  const auto colon = text.rfind(':');
-  if (colon <= 4) throw std::invalid_argument(usage);
-  Endpoint e;
-  e.host = text.substr(4, colon - 4);
-  const std::string port = text.substr(colon + 1);
-  if (port.empty() || port.size() > 5 || port.find_first_not_of("0123456789") != std::string::npos || std::stoul(port) > 65535)
-    throw std::invalid_argument(usage);
-  e.port = static_cast<std::uint16_t>(std::stoul(port));
-  return e;
-}
-
-std::string Endpoint::to_string() const {
-  return unix_path.empty() ? "tcp:" + host + ":" + std::to_string(port) : "unix:" + unix_path;
-}
-
 bool Stream::can_pass_fds() const {
   int domain = 0;
   socklen_t len = sizeof domain;
@@ -261,88 +238,6 @@ std::vector<UniqueFd> Stream::receive_fds(std::size_t count) {
   if ((msg.msg_flags & MSG_CTRUNC) || fds.size() != count)
     throw wire::ProtocolError("expected " + std::to_string(count) + " file descriptors, got " + std::to_string(fds.size()));
   return fds;
-}
-
-namespace {
-// Hands the connected socket over to a plain fd; Asio's object closes only its own copy.
-template <typename Socket>
-UniqueFd take_fd(Socket& socket) {
-  return UniqueFd(check_syscall("dup socket", [&] { return ::fcntl(socket.native_handle(), F_DUPFD_CLOEXEC, 0); }));
-}
-}  // namespace
-
-Stream connect(const Endpoint& endpoint) {
-  boost::asio::io_context io;
-  if (!endpoint.unix_path.empty()) {
-    boost::asio::local::stream_protocol::socket socket(io);
-    boost::system::error_code ec;
-    socket.connect(boost::asio::local::stream_protocol::endpoint(endpoint.unix_path), ec);
-    if (ec) throw PeerError("cannot connect to " + endpoint.to_string() + ": " + ec.message());
-    return Stream(take_fd(socket));
-  }
-  boost::asio::ip::tcp::resolver resolver(io);
-  boost::asio::ip::tcp::socket socket(io);
-  boost::system::error_code ec;
-  auto results = resolver.resolve(endpoint.host, std::to_string(endpoint.port), ec);
-  if (!ec) boost::asio::connect(socket, results, ec);
-  if (ec) throw PeerError("cannot connect to " + endpoint.to_string() + ": " + ec.message());
-  return Stream(take_fd(socket));
-}
-
-struct Listener::Impl {
-  boost::asio::io_context io;
-  boost::asio::ip::tcp::acceptor acceptor{io};
-  boost::asio::local::stream_protocol::acceptor local_acceptor{io};
-  Endpoint endpoint;
-  ~Impl() {
-    if (!endpoint.unix_path.empty()) ::unlink(endpoint.unix_path.c_str());
-  }
-};
-
-Listener::Listener(const Endpoint& endpoint) : impl_(std::make_unique<Impl>()) {
-  boost::system::error_code ec;
-  impl_->endpoint = endpoint;
-  if (!endpoint.unix_path.empty()) {
-    ::unlink(endpoint.unix_path.c_str());  // a stale socket file from an earlier run
-    boost::asio::local::stream_protocol::endpoint ep(endpoint.unix_path);
-    impl_->local_acceptor.open(ep.protocol(), ec);
-    if (!ec) impl_->local_acceptor.bind(ep, ec);
-    if (!ec) impl_->local_acceptor.listen(1, ec);
-    if (ec) throw std::runtime_error("cannot listen on " + endpoint.to_string() + ": " + ec.message());
-    return;
-  }
-  boost::asio::ip::tcp::resolver resolver(impl_->io);
-  auto results = resolver.resolve(endpoint.host, std::to_string(endpoint.port), ec);
-  if (ec || results.empty()) throw std::runtime_error("cannot resolve " + endpoint.to_string() + ": " + ec.message());
-  const auto ep = results.begin()->endpoint();
-  impl_->acceptor.open(ep.protocol(), ec);
-  if (!ec) impl_->acceptor.set_option(boost::asio::socket_base::reuse_address(true), ec);
-  if (!ec) impl_->acceptor.bind(ep, ec);
-  if (!ec) impl_->acceptor.listen(1, ec);
-  if (ec) throw std::runtime_error("cannot listen on " + endpoint.to_string() + ": " + ec.message());
-}
-Listener::~Listener() = default;
-Listener::Listener(Listener&&) noexcept = default;
-
-std::uint16_t Listener::port() const { return impl_->acceptor.local_endpoint().port(); }
-
-std::string Listener::endpoint() const {
-  if (!impl_->endpoint.unix_path.empty()) return impl_->endpoint.to_string();
-  return "tcp:" + impl_->endpoint.host + ":" + std::to_string(port());
-}
-
-Stream Listener::accept() {
-  boost::system::error_code ec;
-  if (!impl_->endpoint.unix_path.empty()) {
-    boost::asio::local::stream_protocol::socket socket(impl_->io);
-    impl_->local_acceptor.accept(socket, ec);
-    if (ec) throw std::runtime_error("accept: " + ec.message());
-    return Stream(take_fd(socket));
-  }
-  boost::asio::ip::tcp::socket socket(impl_->io);
-  impl_->acceptor.accept(socket, ec);
-  if (ec) throw std::runtime_error("accept: " + ec.message());
-  return Stream(take_fd(socket));
 }
 
 std::string host_boot_id() {

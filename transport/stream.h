@@ -5,6 +5,7 @@
 #include <sys/uio.h>
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <cstdint>
@@ -27,6 +28,10 @@ enum class PageMemory { guest, scratch };
 
 // The peer went away or stopped answering; distinct from a malformed stream.
 struct PeerError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+// A wait was cut short because the stream's interrupt predicate said so (a cancel).
+struct Interrupted : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 // The peer reported an error of its own (an Error message).
@@ -56,8 +61,12 @@ class Stream {
   enum class ZeroCopy { always, unless_copied };
   bool enable_zerocopy(ZeroCopy mode);
   bool zerocopy() const { return zerocopy_; }
-  // Limits page data (send_gathered with pages) to `bytes_per_second`; 0 lifts the limit.
+  // Limits page data (send_gathered with pages) to `bytes_per_second`; 0 lifts the limit. A
+  // new rate keeps the tokens already earned.
   void set_rate_limit(double bytes_per_second);
+  // Asked while waiting for the rate limit: when it says true, the wait ends with Interrupted
+  // instead of sleeping on. Empty: never.
+  void set_interrupt(std::function<bool()> interrupted) { interrupted_ = std::move(interrupted); }
 
   template <typename T>
   void send(const T& message) {
@@ -102,33 +111,8 @@ class Stream {
   bool zerocopy_probing_ = false;
   std::uint64_t zerocopy_outstanding_ = 0;
   std::optional<TokenBucket> rate_limit_;
+  std::function<bool()> interrupted_;
   StreamCounters counters_;
-};
-
-// "tcp:HOST:PORT" or "unix:PATH". Throws std::invalid_argument naming the expected forms.
-struct Endpoint {
-  std::string host;
-  std::uint16_t port = 0;
-  std::string unix_path;  // set for unix: endpoints, which can also pass file descriptors
-  static Endpoint parse(const std::string& text);
-  std::string to_string() const;
-};
-
-// Connection set-up through Boost.Asio; the connected socket then becomes a plain Stream.
-Stream connect(const Endpoint& endpoint);
-
-class Listener {
- public:
-  explicit Listener(const Endpoint& endpoint);
-  ~Listener();
-  Listener(Listener&&) noexcept;
-  std::uint16_t port() const;  // the bound TCP port, useful with port 0
-  std::string endpoint() const;  // what a peer connects to: tcp:HOST:PORT (actual port) or unix:PATH
-  Stream accept();
-
- private:
-  struct Impl;
-  std::unique_ptr<Impl> impl_;
 };
 
 // This host's boot id: equal ids mean CLOCK_MONOTONIC readings are comparable.

@@ -9,7 +9,7 @@
 #include "engine/vm.h"
 #include "kvm/machine.h"
 
-namespace mig::tools {
+namespace mig::vmm {
 
 class KvmVm final : public engine::MigratableVm {
  public:
@@ -57,4 +57,4 @@ class KvmVm final : public engine::MigratableVm {
 std::vector<engine::StateSection> encode_state(const kvm::MachineState& state);
 kvm::MachineState decode_state(const std::vector<engine::StateSection>& sections);
 
-}  // namespace mig::tools
+}  // namespace mig::vmm

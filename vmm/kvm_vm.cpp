@@ -1,11 +1,11 @@
-#include "tools/kvm_vm.h"
+#include "vmm/kvm_vm.h"
 
 #include <condition_variable>
 #include <mutex>
 
 #include "transport/bytes.h"
 
-namespace mig::tools {
+namespace mig::vmm {
 
 namespace {
 
@@ -181,4 +181,4 @@ std::optional<engine::GuestHandover> KvmVm::wait_guest_handover(std::chrono::mil
                                h.first_destination_seq};
 }
 
-}  // namespace mig::tools
+}  // namespace mig::vmm

@@ -7,10 +7,11 @@
 #include <future>
 #include <thread>
 
-#include "engine/receiver.h"
-#include "engine/sender.h"
+#include "engine/incoming_migration.h"
+#include "engine/source_migration.h"
 #include "tests/support.h"
-#include "tools/kvm_vm.h"
+#include "transport/endpoint.h"
+#include "vmm/kvm_vm.h"
 
 using namespace mig;
 using namespace std::chrono_literals;
@@ -19,43 +20,43 @@ namespace {
 
 struct Migrated {
   engine::MigrationStats sent;
-  engine::ReceiveResult received;
-  tools::KvmVm* destination() { return static_cast<tools::KvmVm*>(received.vm.get()); }
+  engine::IncomingResult received;
+  vmm::KvmVm* destination() { return static_cast<vmm::KvmVm*>(received.vm.get()); }
 };
 
-Migrated migrate_over(const std::string& endpoint, tools::KvmVm& source, const engine::SenderOptions& options = {}) {
+Migrated migrate_over(const std::string& endpoint, vmm::KvmVm& source, const engine::SenderOptions& options = {}) {
   transport::Listener listener(transport::Endpoint::parse(endpoint));
   auto receiver = std::async(std::launch::async, [&] {
     auto stream = listener.accept();
     engine::ReceiverOptions receiver_options;
-    receiver_options.accept_channel = [&] { return listener.accept(); };
-    return engine::receive(stream, tools::KvmVm::factory("", kvm::MemoryBacking::anonymous), receiver_options);
+    receiver_options.accept_channel = [&](std::chrono::milliseconds timeout) { return listener.accept(timeout); };
+    return engine::IncomingMigration(stream, vmm::KvmVm::factory("", kvm::MemoryBacking::anonymous), receiver_options).run();
   });
   auto open = [&] { return transport::connect(transport::Endpoint::parse(listener.endpoint())); };
   auto stream = open();
   engine::SenderOptions with_channels = options;
   with_channels.open_channel = open;
-  auto sent = engine::migrate(source, stream, with_channels);
+  auto sent = engine::SourceMigration(source, stream, with_channels).run();
   return {sent, receiver.get()};
 }
 
-Migrated migrate_over_tcp(tools::KvmVm& source, const engine::SenderOptions& options = {}) {
+Migrated migrate_over_tcp(vmm::KvmVm& source, const engine::SenderOptions& options = {}) {
   return migrate_over("tcp:127.0.0.1:0", source, options);
 }
 
-std::unique_ptr<tools::KvmVm> boot(const std::string& cmdline, std::uint64_t mem = 128ull << 20, unsigned vcpus = 1,
+std::unique_ptr<vmm::KvmVm> boot(const std::string& cmdline, std::uint64_t mem = 128ull << 20, unsigned vcpus = 1,
                                    kvm::MemoryBacking backing = kvm::MemoryBacking::anonymous) {
   auto config = test::small_config(mem, vcpus);
   config.backing = backing;
-  return std::make_unique<tools::KvmVm>(test::boot_guest(cmdline, config));
+  return std::make_unique<vmm::KvmVm>(test::boot_guest(cmdline, config));
 }
 
 std::string unix_endpoint() { return "unix:/tmp/mig-migration-test-" + std::to_string(::getpid()) + ".sock"; }
 
 void require_completed(const Migrated& m) {
   INFO("sender: " << m.sent.error << "; receiver: " << m.received.stats.error);
-  REQUIRE(m.sent.status == "completed");
-  REQUIRE(m.received.stats.status == "completed");
+  REQUIRE(m.sent.status == engine::MigrationStatus::completed);
+  REQUIRE(m.received.stats.status == engine::MigrationStatus::completed);
   // Copied memory is verified; shared memory has only one copy, so there is nothing to check.
   CHECK(m.sent.verified != m.sent.shared_memory);
   CHECK(m.received.stats.verified != m.received.stats.shared_memory);
@@ -143,12 +144,12 @@ TEST_CASE("ping-pong: ten migrations back and forth - noticed only as heartbeat 
   std::this_thread::sleep_for(100ms);
   for (int hop = 0; hop < 10; ++hop) {
     INFO("hop " << hop);
-    auto m = migrate_over_tcp(static_cast<tools::KvmVm&>(*current));
+    auto m = migrate_over_tcp(static_cast<vmm::KvmVm&>(*current));
     require_completed(m);
     current = std::move(m.received.vm);  // the old VMM is dropped: the guest lives on only there
     std::this_thread::sleep_for(50ms);
   }
-  auto& machine = static_cast<tools::KvmVm&>(*current).machine();
+  auto& machine = static_cast<vmm::KvmVm&>(*current).machine();
   require_guest_carries_on(machine);
 }
 
@@ -160,7 +161,7 @@ TEST_CASE("offline migration copies a paused guest once") {
   auto m = migrate_over_tcp(*source, options);
   require_completed(m);
   CHECK(m.sent.rounds == 1);
-  CHECK(m.sent.stop_reason == "offline");
+  CHECK(m.sent.stop_reason == engine::StopReason::offline);
   require_guest_carries_on(m.destination()->machine());
 }
 
@@ -179,9 +180,9 @@ TEST_CASE("a receiver that dies mid-stream leaves the source guest running") {
   });
   auto stream = transport::connect(transport::Endpoint::parse(listener.endpoint()));
   const auto seq_before = source->machine().probe().snapshot()[0].last_seq;
-  auto sent = engine::migrate(*source, stream, {});
+  auto sent = engine::SourceMigration(*source, stream, {}).run();
   dying_receiver.get();
-  CHECK(sent.status == "failed");
+  CHECK(sent.status == engine::MigrationStatus::failed);
   CHECK_FALSE(sent.error.empty());
   CHECK_FALSE(source->machine().paused());
   REQUIRE(source->machine().probe().wait_heartbeat_after(0, seq_before + 50, 2s));

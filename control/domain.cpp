@@ -1,0 +1,389 @@
+#include "control/domain.h"
+
+#include "control/json.h"
+#include "engine/pages.h"
+
+namespace mig::control {
+
+const char* to_string(RunState state) {
+  switch (state) {
+    case RunState::prelaunch: return "prelaunch";
+    case RunState::inmigrate: return "inmigrate";
+    case RunState::running: return "running";
+    case RunState::paused: return "paused";
+    case RunState::finish_migrate: return "finish-migrate";
+    case RunState::postmigrate: return "postmigrate";
+    case RunState::shutdown: return "shutdown";
+  }
+  return "unknown";
+}
+
+transport::Stream open_migration_stream(const transport::Endpoint& endpoint, ZeroCopyMode mode) {
+  auto stream = transport::connect(endpoint);
+  using transport::Stream;
+  if (mode == ZeroCopyMode::on && !stream.enable_zerocopy(Stream::ZeroCopy::always))
+    throw std::runtime_error("zerocopy on was asked for, but the socket refuses SO_ZEROCOPY");
+  if (mode == ZeroCopyMode::automatic) stream.enable_zerocopy(Stream::ZeroCopy::unless_copied);
+  return stream;
+}
+
+Domain::Domain(std::unique_ptr<engine::MigratableVm> vm) : vm_(std::move(vm)), run_state_(RunState::running) {}
+
+Domain::Domain(Incoming incoming) : run_state_(RunState::prelaunch), incoming_(std::move(incoming)) {}
+
+Domain::~Domain() {
+  quit();
+  for (auto* t : {&outgoing_thread_, &incoming_thread_, &dirty_thread_})
+    if (t->joinable()) t->join();
+}
+
+std::uint64_t Domain::subscribe(EventSink sink) {
+  std::lock_guard lock(sinks_mutex_);
+  sinks_[next_sink_] = std::move(sink);
+  return next_sink_++;
+}
+
+void Domain::unsubscribe(std::uint64_t id) {
+  std::lock_guard lock(sinks_mutex_);
+  sinks_.erase(id);
+}
+
+void Domain::emit(const std::string& name, nlohmann::json data) {
+  const Event event{name, std::move(data), std::chrono::system_clock::now()};
+  std::map<std::uint64_t, EventSink> sinks;
+  {
+    std::lock_guard lock(sinks_mutex_);
+    sinks = sinks_;
+  }
+  for (const auto& [id, sink] : sinks) sink(event);
+}
+
+void Domain::set_run_state(RunState state) {
+  {
+    std::lock_guard lock(mutex_);
+    run_state_ = state;
+  }
+  changed_.notify_all();
+}
+
+RunState Domain::run_state() const {
+  std::lock_guard lock(mutex_);
+  return run_state_;
+}
+
+nlohmann::json Domain::query_status() const {
+  const RunState state = run_state();
+  return {{"running", state == RunState::running}, {"singlestep", false}, {"status", to_string(state)}};
+}
+
+engine::MigratableVm* Domain::vm() const {
+  std::lock_guard lock(mutex_);
+  return vm_.get();
+}
+
+// stop, cont, migrate and calc-dirty-rate each need the guest here and nothing else using
+// it: the engine assumes the guest runs while it migrates, and dirty logging has one user.
+void Domain::require_guest_idle(const char* command) const {
+  if (!vm_) throw CommandError(std::string(command) + ": no guest here yet (" + to_string(run_state_) + ")");
+  if (outgoing_active_) throw CommandError(std::string(command) + ": a migration is in progress");
+  if (dirty_status_ == "measuring") throw CommandError(std::string(command) + ": a dirty-rate measurement is in progress");
+  if (run_state_ == RunState::postmigrate)
+    throw CommandError(std::string(command) + ": the guest has migrated away and must not run here again");
+  if (quit_) throw CommandError(std::string(command) + ": the domain is shutting down");
+}
+
+void Domain::stop() {
+  {
+    std::lock_guard lock(mutex_);
+    require_guest_idle("stop");
+    if (run_state_ != RunState::running) return;
+    vm_->pause();
+    run_state_ = RunState::paused;
+  }
+  emit("STOP");
+}
+
+void Domain::cont() {
+  {
+    std::lock_guard lock(mutex_);
+    require_guest_idle("cont");
+    if (run_state_ != RunState::paused) return;
+    vm_->resume();
+    run_state_ = RunState::running;
+  }
+  emit("RESUME");
+}
+
+void Domain::quit() {
+  std::shared_ptr<engine::MigrationControl> control;
+  {
+    std::lock_guard lock(mutex_);
+    if (quit_) return;
+    quit_ = true;
+    control = control_;
+    if (listener_) listener_->interrupt();
+    if (receiving_) receiving_->abort();
+  }
+  changed_.notify_all();
+  // A cancelled migration resumes the guest before it ends; only then is it stopped here.
+  if (control) control->cancel();
+  {
+    std::unique_lock lock(mutex_);
+    changed_.wait(lock, [&] { return !outgoing_active_ && !incoming_active_; });
+  }
+  std::thread measuring;
+  {
+    std::lock_guard lock(mutex_);
+    measuring = std::move(dirty_thread_);
+  }
+  if (measuring.joinable()) measuring.join();
+  {
+    std::lock_guard lock(mutex_);
+    if (vm_ && run_state_ == RunState::running) vm_->pause();
+  }
+  // Announced before the state says so: whoever waits for the shutdown may end the process
+  // (and its QMP server) at once.
+  emit("SHUTDOWN", {{"guest", false}, {"reason", "host-qmp-quit"}});
+  set_run_state(RunState::shutdown);
+}
+
+bool Domain::wait_quit(std::optional<std::chrono::milliseconds> timeout) const {
+  std::unique_lock lock(mutex_);
+  auto done = [&] { return run_state_ == RunState::shutdown; };
+  if (!timeout) {
+    changed_.wait(lock, done);
+    return true;
+  }
+  return changed_.wait_for(lock, *timeout, done);
+}
+
+engine::MigrationObserver Domain::migration_observer() {
+  engine::MigrationObserver observer;
+  observer.status_changed = [this](engine::MigrationStatus status) {
+    // The run state follows first, so that whoever reacts to the event sees it.
+    if (status == engine::MigrationStatus::completed) set_run_state(RunState::postmigrate);
+    if (status == engine::MigrationStatus::handoff_unknown) set_run_state(RunState::paused);
+    emit("MIGRATION", {{"status", engine::to_string(status)}});
+  };
+  observer.round_finished = [this](const engine::RoundStats& round) { emit("MIGRATION_PASS", {{"pass", round.round + 1}}); };
+  observer.guest_paused = [this] {
+    set_run_state(RunState::finish_migrate);
+    emit("STOP");
+  };
+  observer.guest_resumed = [this] {
+    set_run_state(RunState::running);
+    emit("RESUME");
+  };
+  return observer;
+}
+
+void Domain::migrate(MigrateRequest request) {
+  std::shared_ptr<engine::MigrationControl> control;
+  {
+    std::lock_guard lock(mutex_);
+    require_guest_idle("migrate");
+    if (run_state_ != RunState::running) throw CommandError("migrate: the guest is " + std::string(to_string(run_state_)) + ", not running");
+    if (outgoing_thread_.joinable()) outgoing_thread_.join();  // the previous one, finished
+    control = std::make_shared<engine::MigrationControl>(request.options.tunables(), migration_observer());
+    control_ = control;
+    outgoing_active_ = true;
+    outgoing_result_.reset();
+  }
+  control->advance(engine::MigrationStatus::none, engine::MigrationStatus::setup);
+  std::lock_guard lock(mutex_);
+  outgoing_thread_ = std::thread([this, request = std::move(request), control]() mutable {
+    run_outgoing(std::move(request), std::move(control));
+  });
+}
+
+void Domain::run_outgoing(MigrateRequest request, std::shared_ptr<engine::MigrationControl> control) {
+  engine::MigrationStats stats;
+  try {
+    auto open = [endpoint = request.endpoint, mode = request.zerocopy] { return open_migration_stream(endpoint, mode); };
+    auto stream = open();
+    request.options.open_channel = open;
+    stats = engine::SourceMigration(*vm_, stream, request.options, control).run();
+  } catch (const std::exception& e) {
+    // Connecting failed: nothing was touched, the guest runs on.
+    stats.status = engine::MigrationStatus::failed;
+    stats.error = e.what();
+    control->finish(stats);
+  }
+  {
+    std::lock_guard lock(mutex_);
+    outgoing_result_ = stats;
+    outgoing_active_ = false;
+  }
+  changed_.notify_all();
+}
+
+bool Domain::cancel_migration() {
+  const auto control = migration_control();
+  return control && control->cancel();
+}
+
+std::shared_ptr<engine::MigrationControl> Domain::migration_control() const {
+  std::lock_guard lock(mutex_);
+  return control_;
+}
+
+std::optional<engine::MigrationStats> Domain::wait_migration() const {
+  std::unique_lock lock(mutex_);
+  changed_.wait(lock, [&] { return !outgoing_active_; });
+  return outgoing_result_;
+}
+
+nlohmann::json Domain::query_migrate() const {
+  std::unique_lock lock(mutex_);
+  if (control_) {
+    const auto control = control_;
+    lock.unlock();
+    return migration_info(control->progress());
+  }
+  if (incoming_active_)
+    return {{"status", "active"}, {"ram", {{"transferred", receiving_ ? receiving_->bytes_received() : 0}}}};
+  if (incoming_result_) {
+    nlohmann::json info = {{"status", engine::to_string(incoming_result_->status)},
+                           {"total-time", static_cast<std::int64_t>(incoming_result_->total_ms)},
+                           {"ram", {{"transferred", incoming_result_->bytes_received}}},
+                           {"mig", to_json(*incoming_result_)}};
+    if (!incoming_result_->error.empty()) info["error-desc"] = incoming_result_->error;
+    return info;
+  }
+  return nlohmann::json::object();
+}
+
+MigrationParameters Domain::parameters() const {
+  std::lock_guard lock(mutex_);
+  return parameters_;
+}
+
+void Domain::set_parameters(const nlohmann::json& changes) {
+  std::shared_ptr<engine::MigrationControl> control;
+  MigrationParameters updated;
+  {
+    std::lock_guard lock(mutex_);
+    updated = apply_parameters(parameters_, changes);
+    parameters_ = updated;
+    if (outgoing_active_) control = control_;
+  }
+  if (!control) return;
+  // Only what was named changes: a migrate argument that overrode a parameter stays.
+  engine::Tunables t = control->tunables();
+  const auto wanted = updated.tunables();
+  if (changes.contains("downtime-limit")) t.downtime_target_ms = wanted.downtime_target_ms;
+  if (changes.contains("max-bandwidth")) t.bandwidth_limit = wanted.bandwidth_limit;
+  if (changes.contains("cpu-throttle-initial")) t.throttle_initial_pct = wanted.throttle_initial_pct;
+  if (changes.contains("cpu-throttle-increment")) t.throttle_step_pct = wanted.throttle_step_pct;
+  if (changes.contains("max-cpu-throttle")) t.throttle_max_pct = wanted.throttle_max_pct;
+  control->set_tunables(t);
+}
+
+void Domain::calc_dirty_rate(double seconds) {
+  if (!(seconds >= 0.1 && seconds <= 60)) throw CommandError("calc-time must be between 0.1 and 60 seconds");
+  std::lock_guard lock(mutex_);
+  require_guest_idle("calc-dirty-rate");
+  if (dirty_thread_.joinable()) dirty_thread_.join();
+  dirty_status_ = "measuring";
+  dirty_calc_time_ = seconds;
+  dirty_start_time_ = std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+  dirty_thread_ = std::thread([this, seconds] { measure_dirty_rate(seconds); });
+}
+
+// Like virsh domdirtyrate-calc: the distinct pages written during the window, under dirty
+// logging, per second.
+void Domain::measure_dirty_rate(double seconds) {
+  engine::MigratableVm& vm = *vm_;
+  double rate = 0;
+  try {
+    const auto regions = vm.memory_regions();
+    vm.start_dirty_log();
+    const auto start = std::chrono::steady_clock::now();
+    {
+      std::unique_lock lock(mutex_);
+      changed_.wait_for(lock, std::chrono::duration<double>(seconds), [&] { return quit_; });
+    }
+    std::uint64_t pages = 0;
+    for (std::size_t r = 0; r < regions.size(); ++r) {
+      std::vector<std::uint64_t> bitmap(engine::bitmap_words(regions[r].size / engine::kPageSize));
+      vm.fetch_dirty_log(r, bitmap);
+      pages += engine::count_pages(bitmap, regions[r].size / engine::kPageSize);
+    }
+    vm.stop_dirty_log();
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    rate = static_cast<double>(pages * engine::kPageSize) / 1e6 / elapsed;
+  } catch (const std::exception&) {
+    rate = -1;
+  }
+  std::lock_guard lock(mutex_);
+  dirty_status_ = rate < 0 ? "failed" : "measured";
+  dirty_rate_MBps_ = std::max(rate, 0.0);
+}
+
+nlohmann::json Domain::query_dirty_rate() const {
+  std::lock_guard lock(mutex_);
+  nlohmann::json info = {{"status", dirty_status_}, {"mode", "dirty-bitmap"}};
+  if (dirty_status_ == "unstarted") return info;
+  info["start-time"] = dirty_start_time_;
+  info["calc-time"] = dirty_calc_time_;
+  if (dirty_status_ == "measured") info["dirty-rate"] = static_cast<std::int64_t>(dirty_rate_MBps_ + 0.5);
+  return info;
+}
+
+std::string Domain::migrate_incoming(const std::string& uri) {
+  std::lock_guard lock(mutex_);
+  if (!incoming_ || vm_) throw CommandError("migrate-incoming: this domain already has a guest");
+  if (run_state_ != RunState::prelaunch) throw CommandError("migrate-incoming: already waiting for an incoming migration");
+  try {
+    listener_.emplace(transport::Endpoint::parse(uri));
+  } catch (const std::exception& e) {
+    throw CommandError(std::string("migrate-incoming: ") + e.what());
+  }
+  run_state_ = RunState::inmigrate;
+  incoming_active_ = true;
+  incoming_thread_ = std::thread([this] { run_incoming(); });
+  return listener_->endpoint();
+}
+
+void Domain::run_incoming() {
+  engine::IncomingStats stats;
+  try {
+    auto stream = listener_->accept();
+    engine::ReceiverOptions options = incoming_->options;
+    options.accept_channel = [this](std::chrono::milliseconds timeout) { return listener_->accept(timeout); };
+    engine::IncomingMigration migration(stream, incoming_->make_vm, options);
+    {
+      std::lock_guard lock(mutex_);
+      if (quit_) throw std::runtime_error("the receiver was told to stop");
+      receiving_ = &migration;
+    }
+    emit("MIGRATION", {{"status", "active"}});
+    auto result = migration.run();
+    std::lock_guard lock(mutex_);
+    receiving_ = nullptr;
+    stats = result.stats;
+    if (result.vm) {
+      vm_ = std::move(result.vm);
+      run_state_ = RunState::running;
+    }
+  } catch (const std::exception& e) {
+    stats.error = e.what();
+  }
+  {
+    std::lock_guard lock(mutex_);
+    incoming_result_ = stats;
+    incoming_active_ = false;
+    if (!vm_ && run_state_ == RunState::inmigrate) run_state_ = RunState::prelaunch;  // migrate-incoming may try again
+  }
+  changed_.notify_all();
+  if (stats.status == engine::MigrationStatus::completed) emit("RESUME");
+  emit("MIGRATION", {{"status", engine::to_string(stats.status)}});
+}
+
+std::optional<engine::IncomingStats> Domain::wait_incoming() const {
+  std::unique_lock lock(mutex_);
+  changed_.wait(lock, [&] { return (incoming_result_ && !incoming_active_) || run_state_ == RunState::shutdown; });
+  return incoming_result_;
+}
+
+}  // namespace mig::control

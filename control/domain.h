@@ -1,0 +1,144 @@
+// A guest as an operator sees it (libvirt's "domain"): its run state, its migrations in
+// both directions, the migration parameters, and a dirty-rate measurement - each command a
+// method, every change announced as an event. The QMP server is a thin layer over this, and
+// mig-vm, mig-send and mig-recv are built on it too. Thread-safe.
+//
+// Run states are QEMU's:
+//   prelaunch ─migrate_incoming─▶ inmigrate ─(guest arrives)─▶ running ◀─cont/stop─▶ paused
+//   running ─migrate─▶ (finish-migrate while paused for the switchover) ─▶ postmigrate
+//   any ─quit─▶ shutdown
+// A guest that migrated away never runs here again: cont refuses in postmigrate.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include "control/arguments.h"
+#include "engine/control.h"
+#include "engine/incoming_migration.h"
+#include "engine/source_migration.h"
+#include "transport/endpoint.h"
+
+namespace mig::control {
+
+enum class RunState { prelaunch, inmigrate, running, paused, finish_migrate, postmigrate, shutdown };
+const char* to_string(RunState state);
+
+// An asynchronous event, as QMP sends it: MIGRATION, MIGRATION_PASS, STOP, RESUME, SHUTDOWN.
+struct Event {
+  std::string name;
+  nlohmann::json data;
+  std::chrono::system_clock::time_point time;
+};
+
+// Connects to `endpoint` for a migration, with MSG_ZEROCOPY as `mode` asks.
+transport::Stream open_migration_stream(const transport::Endpoint& endpoint, ZeroCopyMode mode);
+
+class Domain {
+ public:
+  using EventSink = std::function<void(const Event&)>;
+  struct Incoming {
+    engine::VmFactory make_vm;
+    engine::ReceiverOptions options;  // accept_channel is the domain's own
+  };
+
+  // A domain whose guest runs now.
+  explicit Domain(std::unique_ptr<engine::MigratableVm> vm);
+  // A domain waiting for its guest to arrive (migrate_incoming).
+  explicit Domain(Incoming incoming);
+  // Cancels whatever runs (an outgoing migration resumes the guest first) and joins.
+  ~Domain();
+  Domain(const Domain&) = delete;
+  Domain& operator=(const Domain&) = delete;
+
+  // Sinks are called on whichever thread caused the event, never with the domain locked.
+  std::uint64_t subscribe(EventSink sink);
+  void unsubscribe(std::uint64_t id);
+
+  RunState run_state() const;
+  nlohmann::json query_status() const;
+  // The guest; null until one is here. Valid while the domain lives.
+  engine::MigratableVm* vm() const;
+
+  void stop();
+  void cont();
+  // Cancels a migration in progress, stops the guest and announces SHUTDOWN; whoever owns
+  // the domain then ends the process (wait_quit).
+  void quit();
+  bool wait_quit(std::optional<std::chrono::milliseconds> timeout = std::nullopt) const;
+
+  // Starts migrating the guest away in the background. Throws CommandError when it cannot
+  // start (no running guest, a migration or measurement in progress).
+  void migrate(MigrateRequest request);
+  bool cancel_migration();
+  nlohmann::json query_migrate() const;
+  // Blocks until the outgoing migration in progress (if any) ends; the last one's result.
+  std::optional<engine::MigrationStats> wait_migration() const;
+  std::shared_ptr<engine::MigrationControl> migration_control() const;
+
+  MigrationParameters parameters() const;
+  // migrate-set-parameters: changes the defaults of the next migration and, for the
+  // tunables among them, the running one at its next round boundary.
+  void set_parameters(const nlohmann::json& changes);
+
+  // calc-dirty-rate: counts the pages the guest writes over `seconds`, in the background.
+  void calc_dirty_rate(double seconds);
+  nlohmann::json query_dirty_rate() const;
+
+  // Waits on `uri` for the incoming guest, in the background; returns where to send it
+  // (the real port for tcp:HOST:0). Throws CommandError unless waiting for a guest.
+  std::string migrate_incoming(const std::string& uri);
+  // Blocks until an incoming migration has ended, or the domain quit; the last result.
+  std::optional<engine::IncomingStats> wait_incoming() const;
+
+ private:
+  void emit(const std::string& name, nlohmann::json data = nlohmann::json::object());
+  void set_run_state(RunState state);
+  engine::MigrationObserver migration_observer();
+  void run_outgoing(MigrateRequest request, std::shared_ptr<engine::MigrationControl> control);
+  void run_incoming();
+  void measure_dirty_rate(double seconds);
+  void require_guest_idle(const char* command) const;  // with mutex_ held
+
+  mutable std::mutex mutex_;
+  mutable std::condition_variable changed_;
+  std::unique_ptr<engine::MigratableVm> vm_;
+  RunState run_state_;
+  bool quit_ = false;
+  MigrationParameters parameters_;
+
+  // Outgoing.
+  std::shared_ptr<engine::MigrationControl> control_;
+  bool outgoing_active_ = false;
+  std::optional<engine::MigrationStats> outgoing_result_;
+  std::thread outgoing_thread_;
+
+  // Incoming.
+  std::optional<Incoming> incoming_;
+  std::optional<transport::Listener> listener_;
+  engine::IncomingMigration* receiving_ = nullptr;  // while one runs, for quit()
+  bool incoming_active_ = false;
+  std::optional<engine::IncomingStats> incoming_result_;
+  std::thread incoming_thread_;
+
+  // Dirty rate.
+  std::string dirty_status_ = "unstarted";
+  double dirty_rate_MBps_ = 0, dirty_calc_time_ = 0;
+  std::int64_t dirty_start_time_ = 0;
+  std::thread dirty_thread_;
+
+  std::mutex sinks_mutex_;
+  std::map<std::uint64_t, EventSink> sinks_;
+  std::uint64_t next_sink_ = 1;
+};
+
+}  // namespace mig::control

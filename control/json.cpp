@@ -1,0 +1,142 @@
+#include "control/json.h"
+
+#include <algorithm>
+
+namespace mig::control {
+
+namespace {
+
+nlohmann::json round_table(const std::vector<engine::RoundStats>& rounds) {
+  nlohmann::json table = nlohmann::json::array();
+  for (const auto& r : rounds) table.push_back(to_json(r));
+  return table;
+}
+
+nlohmann::json guest_downtime(const std::optional<engine::GuestHandover>& guest) {
+  return guest ? nlohmann::json(guest->gap_ms) : nlohmann::json(nullptr);
+}
+
+}  // namespace
+
+nlohmann::json to_json(const engine::RoundStats& r) {
+  return {{"round", r.round},
+          {"pages", r.pages_sent},
+          {"pages_skipped", r.pages_skipped},
+          {"bytes", r.bytes_sent},
+          {"duration_ms", r.duration_s * 1000},
+          {"dirty_pages", r.dirty_pages},
+          {"dirty_rate_MBps", r.dirty_rate_Bps / 1e6},
+          {"bandwidth_MBps", r.bandwidth_Bps / 1e6},
+          {"expected_downtime_ms", r.expected_downtime_ms},
+          {"throttle_pct", r.throttle_pct}};
+}
+
+nlohmann::json to_json(const engine::MigrationStats& s) {
+  return {
+      {"role", "source"},
+      {"status", engine::to_string(s.status)},
+      {"error", s.error},
+      {"failed_phase", s.status == engine::MigrationStatus::completed ? "" : engine::to_string(s.failed_phase)},
+      {"stop_reason", engine::to_string(s.stop_reason)},
+      {"offline", s.offline},
+      {"total_ms", s.total_ms},
+      {"setup_ms", s.setup_ms},
+      {"rounds", s.rounds},
+      {"bytes_sent", s.bytes_sent},
+      {"downtime_bytes", s.downtime_bytes},
+      {"pages_sent", s.pages_sent},
+      {"pages_zero", s.pages_zero},
+      {"pages_skipped", s.pages_skipped},
+      {"pages_delta", s.pages_delta},
+      {"guest_bytes", s.guest_bytes},
+      {"verified", s.verified},
+      {"shared_memory", s.shared_memory},
+      {"downtime_ms", s.downtime_ms},
+      {"downtime_clock", s.downtime_clock},
+      {"downtime_breakdown",
+       {{"pause_ms", s.downtime.pause_ms},
+        {"final_sync_ms", s.downtime.final_sync_ms},
+        {"final_pages_ms", s.downtime.final_pages_ms},
+        {"state_ms", s.downtime.state_ms},
+        {"verify_restore_ms", s.downtime.verify_restore_ms},
+        {"restore_ms", s.downtime.restore_ms},
+        {"commit_resume_ms", s.downtime.commit_resume_ms},
+        {"resume_ms", s.downtime.resume_ms}}},
+      {"guest_downtime_ms", guest_downtime(s.guest)},
+      {"heartbeat_sequence_continued", s.guest ? nlohmann::json(s.guest->sequence_continued) : nlohmann::json(nullptr)},
+      {"throughput_MBps", s.throughput_MBps},
+      {"zerocopy", s.zerocopy},
+      {"zerocopy_sends", s.zerocopy_sends},
+      {"zerocopy_copied", s.zerocopy_copied},
+      {"batches_compressed", s.batches_compressed},
+      {"channels", s.channels},
+      {"round_table", round_table(s.round_table)},
+  };
+}
+
+nlohmann::json to_json(const engine::IncomingStats& s) {
+  return {
+      {"role", "destination"},
+      {"status", engine::to_string(s.status)},
+      {"error", s.error},
+      {"total_ms", s.total_ms},
+      {"guest_bytes", s.guest_bytes},
+      {"bytes_received", s.bytes_received},
+      {"pages_received", s.pages_received},
+      {"rounds", s.rounds},
+      {"channels", s.channels},
+      {"verified", s.verified},
+      {"shared_memory", s.shared_memory},
+      {"restore_ms", s.restore_ms},
+      {"resume_ms", s.resume_ms},
+      {"guest_downtime_ms", guest_downtime(s.guest)},
+      {"heartbeat_sequence_continued", s.guest ? nlohmann::json(s.guest->sequence_continued) : nlohmann::json(nullptr)},
+  };
+}
+
+nlohmann::json migration_info(const engine::MigrationProgress& p) {
+  const double seconds = std::max(p.elapsed_ms / 1000, 1e-9);
+  const double last_dirty_rate = p.rounds.empty() ? 0 : p.rounds.back().dirty_rate_Bps;
+  nlohmann::json ram = {
+      {"transferred", p.bytes_sent},
+      {"remaining", p.pages_remaining * engine::kPageSize},
+      {"total", p.guest_bytes},
+      {"duplicate", p.pages_zero},
+      {"skipped", p.pages_skipped},
+      {"normal", p.pages_sent - p.pages_zero},
+      {"normal-bytes", (p.pages_sent - p.pages_zero) * engine::kPageSize},
+      {"dirty-pages-rate", static_cast<std::uint64_t>(last_dirty_rate / engine::kPageSize)},
+      {"mbps", static_cast<double>(p.bytes_sent) * 8 / 1e6 / seconds},
+      {"dirty-sync-count", p.dirty_syncs},
+      {"page-size", engine::kPageSize},
+      {"pages-per-second", static_cast<std::uint64_t>(static_cast<double>(p.pages_sent) / seconds)},
+      {"precopy-bytes", p.precopy_bytes},
+      {"downtime-bytes", p.downtime_bytes},
+      {"postcopy-bytes", 0},
+  };
+  nlohmann::json info = {
+      {"status", engine::to_string(p.status)},
+      {"total-time", static_cast<std::int64_t>(p.elapsed_ms)},
+      {"setup-time", static_cast<std::int64_t>(p.setup_ms)},
+      {"expected-downtime", static_cast<std::int64_t>(p.expected_downtime_ms)},
+      {"ram", ram},
+      {"cpu-throttle-percentage", p.throttle_pct},
+  };
+  nlohmann::json own = {{"phase", engine::to_string(p.phase)}, {"rounds", round_table(p.rounds)}};
+  if (p.result) {
+    const auto& r = *p.result;
+    info["total-time"] = static_cast<std::int64_t>(r.total_ms);
+    if (r.status == engine::MigrationStatus::completed) info["downtime"] = static_cast<std::int64_t>(r.downtime_ms);
+    if (!r.error.empty()) info["error-desc"] = r.error;
+    own["downtime-ms"] = r.downtime_ms;
+    own["guest-downtime-ms"] = guest_downtime(r.guest);
+    own["verified"] = r.verified;
+    own["stop-reason"] = engine::to_string(r.stop_reason);
+    own["rounds-total"] = r.rounds;
+    own["stats"] = to_json(r);
+  }
+  info["mig"] = own;
+  return info;
+}
+
+}  // namespace mig::control

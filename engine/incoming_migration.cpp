@@ -1,0 +1,258 @@
+#include "engine/incoming_migration.h"
+
+#include <sys/socket.h>
+
+#include <optional>
+#include <thread>
+
+#include "engine/page_hashes.h"
+#include "engine/page_receiver.h"
+
+namespace mig::engine {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using wire::MessageType;
+
+std::uint64_t ns_since(Clock::time_point t) {
+  return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t).count());
+}
+
+bool is(const wire::FrameHeader& frame, MessageType type) { return frame.type == static_cast<std::uint16_t>(type); }
+
+// Accepts the sender's extra channels, in whatever order they connect.
+std::vector<transport::Stream> accept_channels(const ReceiverOptions& options, std::uint64_t session, unsigned channels) {
+  std::vector<std::optional<transport::Stream>> slots(channels - 1);
+  for (unsigned n = 1; n < channels; ++n) {
+    auto stream = options.accept_channel(options.peer_timeout);
+    stream.set_timeout(options.peer_timeout);
+    const auto h = stream.receive<wire::ChannelHello>();
+    if (h.session != session) throw wire::ProtocolError("a channel of another migration session connected");
+    if (h.index == 0 || h.index >= channels || slots[h.index - 1]) throw wire::ProtocolError("bad or repeated channel index");
+    slots[h.index - 1] = std::move(stream);
+  }
+  std::vector<transport::Stream> out;
+  for (auto& s : slots) out.push_back(std::move(*s));
+  return out;
+}
+
+}  // namespace
+
+// What one incoming migration builds up as it goes. Member order is teardown order in
+// reverse: the helper threads stop before the hashes and the VM they use go.
+struct IncomingMigration::Session {
+  Clock::time_point start = Clock::now();
+  wire::Hello hello;
+  VmShape shape;
+  std::vector<UniqueFd> memory_fds;  // same host: the source's memory
+  std::unique_ptr<MigratableVm> vm;
+  std::vector<MemoryRegion> regions;
+  unsigned channels = 1;
+  std::unique_ptr<PageHashes> hashes;
+  std::unique_ptr<PageReceiver> pages;
+  ExtraChannels extra;
+  std::jthread preparing;
+  std::vector<StateSection> sections;
+  std::uint64_t state_bytes = 0;
+  IncomingStats stats;
+};
+
+IncomingMigration::IncomingMigration(transport::Stream& stream, VmFactory make_vm, ReceiverOptions options)
+    : stream_(stream), make_vm_(std::move(make_vm)), options_(std::move(options)), s_(std::make_unique<Session>()) {}
+
+IncomingMigration::~IncomingMigration() = default;
+
+const char* IncomingMigration::to_string(State state) {
+  switch (state) {
+    case State::awaiting_hello: return "awaiting Hello";
+    case State::awaiting_shared_memory: return "awaiting SharedMemory";
+    case State::receiving_pages: return "receiving pages";
+    case State::receiving_state: return "receiving state";
+    case State::awaiting_commit: return "awaiting Commit";
+    case State::running: return "running";
+  }
+  return "unknown";
+}
+
+void IncomingMigration::abort() {
+  aborted_ = true;
+  ::shutdown(stream_.fd(), SHUT_RDWR);
+}
+
+IncomingResult IncomingMigration::run() {
+  Session& s = *s_;
+  IncomingResult result;
+  try {
+    stream_.set_timeout(options_.peer_timeout);
+    for (State state = State::awaiting_hello; state != State::running;) {
+      state = step(state, stream_.read_header());
+      bytes_received_ = stream_.counters().bytes_received;
+    }
+    result.vm = std::move(s.vm);
+  } catch (const std::exception& e) {
+    s.stats.status = MigrationStatus::failed;
+    // A channel's own error says more than the shutdown of channel 0 it caused.
+    const auto channel_error = s.extra.stop();
+    s.stats.error = aborted_ ? "the receiver was told to stop" : channel_error ? *channel_error : e.what();
+    if (!dynamic_cast<const transport::RemoteError*>(&e)) {
+      try {
+        stream_.set_timeout(std::chrono::milliseconds(200));
+        stream_.send(wire::Error{s.stats.error});
+      } catch (...) {
+      }
+    }
+  }
+  s.stats.bytes_received = stream_.counters().bytes_received + s.extra.bytes();
+  result.stats = s.stats;
+  return result;
+}
+
+IncomingMigration::State IncomingMigration::step(State state, const wire::FrameHeader& frame) {
+  switch (state) {
+    case State::awaiting_hello:
+      if (is(frame, MessageType::hello)) return on_hello(frame);
+      break;
+    case State::awaiting_shared_memory:
+      if (is(frame, MessageType::shared_memory)) return on_shared_memory(frame);
+      break;
+    case State::receiving_pages:
+      // Round 0 is over at the first round end (or at Complete, offline): whatever pages the
+      // plan still lists have arrived already.
+      if (is(frame, MessageType::round_end) || is(frame, MessageType::complete)) s_->preparing.request_stop();
+      if (s_->pages->handle(frame)) return state;
+      if (is(frame, MessageType::page_plan)) return on_page_plan(frame);
+      [[fallthrough]];
+    case State::receiving_state:
+      if (is(frame, MessageType::state_section)) return on_state_section(frame);
+      if (is(frame, MessageType::complete)) return on_complete(frame);
+      break;
+    case State::awaiting_commit:
+      if (is(frame, MessageType::commit)) return on_commit(frame);
+      break;
+    case State::running:
+      break;
+  }
+  throw wire::ProtocolError(std::string("unexpected ") + wire::to_string(static_cast<MessageType>(frame.type)) +
+                            " while " + to_string(state));
+}
+
+IncomingMigration::State IncomingMigration::on_hello(const wire::FrameHeader& frame) {
+  Session& s = *s_;
+  s.hello = wire::decode<wire::Hello>(stream_.read_payload(frame));
+  s.shape.vcpus = s.hello.vcpus;
+  for (const auto& r : s.hello.regions) s.shape.regions.push_back({r.guest_addr, r.size});
+  if ((s.hello.capabilities & wire::kCapSharedMemory) && stream_.can_pass_fds()) {
+    // The VM is built on the source's memory, which arrives only after the acknowledgement.
+    stream_.send(wire::HelloAck{wire::kCapSharedMemory, transport::host_boot_id()});
+    s.stats.shared_memory = true;
+    return State::awaiting_shared_memory;
+  }
+  build_vm();
+  s.channels = options_.accept_channel ? s.hello.channels : 1;
+  s.stats.channels = s.channels;
+  stream_.send(wire::HelloAck{s.hello.capabilities & wire::kCapVerify, transport::host_boot_id(), s.channels});
+  s.hashes = std::make_unique<PageHashes>(s.regions, s.channels);
+  s.pages = std::make_unique<PageReceiver>(s.regions, stream_, *s.hashes, 0, s.channels);
+  if (s.channels > 1) s.extra.start(accept_channels(options_, s.hello.session, s.channels), s.regions, *s.hashes, stream_);
+  return State::receiving_pages;
+}
+
+IncomingMigration::State IncomingMigration::on_shared_memory(const wire::FrameHeader& frame) {
+  Session& s = *s_;
+  const auto announced = wire::decode<wire::SharedMemory>(stream_.read_payload(frame));
+  if (announced.regions != s.hello.regions.size())
+    throw wire::ProtocolError("SharedMemory announces " + std::to_string(announced.regions) + " regions, Hello had " +
+                              std::to_string(s.hello.regions.size()));
+  s.memory_fds = stream_.receive_fds(announced.regions);
+  for (const auto& fd : s.memory_fds) s.shape.shared_memory_fds.push_back(fd.get());
+  build_vm();
+  s.hashes = std::make_unique<PageHashes>(s.regions, 1);
+  s.pages = std::make_unique<PageReceiver>(s.regions, stream_, *s.hashes, 0, 1);
+  return State::receiving_pages;
+}
+
+void IncomingMigration::build_vm() {
+  Session& s = *s_;
+  s.vm = make_vm_(s.shape);
+  s.regions = s.vm->memory_regions();
+  if (s.regions.size() != s.hello.regions.size()) throw std::runtime_error("the VM built here does not have the sender's memory layout");
+  for (std::size_t i = 0; i < s.regions.size(); ++i) {
+    if (s.regions[i].guest_addr != s.hello.regions[i].guest_addr || s.regions[i].size != s.hello.regions[i].size)
+      throw std::runtime_error("the VM built here does not have the sender's memory layout");
+    s.stats.guest_bytes += s.regions[i].size;
+  }
+}
+
+IncomingMigration::State IncomingMigration::on_page_plan(const wire::FrameHeader& frame) {
+  Session& s = *s_;
+  if (s.preparing.joinable()) throw wire::ProtocolError("a second PagePlan");
+  s.preparing = start_preparing(*s.vm, s.regions, wire::decode<wire::PagePlan>(stream_.read_payload(frame)));
+  return State::receiving_pages;
+}
+
+// Sections are bounded in number and in total, not only each on its own: a peer must not be
+// able to make the receiver hold more than a guest's state could ever need.
+IncomingMigration::State IncomingMigration::on_state_section(const wire::FrameHeader& frame) {
+  Session& s = *s_;
+  auto section = wire::decode<wire::StateSection>(stream_.read_payload(frame));
+  s.state_bytes += section.data.size();
+  if (s.sections.size() >= wire::kMaxStateSections || s.state_bytes > wire::kMaxStateTotal)
+    throw wire::ProtocolError("state sections exceed " + std::to_string(wire::kMaxStateSections) + " sections or " +
+                              std::to_string(wire::kMaxStateTotal >> 20) + " MiB in total");
+  s.sections.push_back({std::move(section.name), section.version, std::move(section.data)});
+  return State::receiving_state;
+}
+
+// Every channel acknowledged the final round before the sender sent Complete, so all memory
+// is here: verify it, then restore the state.
+IncomingMigration::State IncomingMigration::on_complete(const wire::FrameHeader& frame) {
+  Session& s = *s_;
+  const auto complete = wire::decode<wire::Complete>(stream_.read_payload(frame));
+  if (auto error = s.extra.stop()) throw std::runtime_error(*error);
+  if (s.hello.capabilities & wire::kCapVerify) {
+    if (s.hashes->digest() != complete.page_digest)
+      throw std::runtime_error("verification failed: destination memory differs from the source's");
+    s.stats.verified = true;
+  }
+  const auto restore_start = Clock::now();
+  s.vm->restore_state(s.sections);
+  const std::uint64_t restore_ns = ns_since(restore_start);
+  s.stats.restore_ms = static_cast<double>(restore_ns) / 1e6;
+  stream_.send(wire::Ready{restore_ns});
+  return State::awaiting_commit;
+}
+
+IncomingMigration::State IncomingMigration::on_commit(const wire::FrameHeader& frame) {
+  Session& s = *s_;
+  wire::decode<wire::Commit>(stream_.read_payload(frame));
+  const auto resume_start = Clock::now();
+  s.vm->resume();
+  const auto resumed_at = Clock::now();
+  // The guest runs here now: from this line on, nothing may take it away, so what follows
+  // only reports.
+  auto& stats = s.stats;
+  stats.status = MigrationStatus::completed;
+  stats.resume_ms = std::chrono::duration<double, std::milli>(resumed_at - resume_start).count();
+  stats.pages_received = s.pages->pages() + s.extra.pages();
+  stats.rounds = s.pages->rounds();
+  stats.total_ms = std::chrono::duration<double, std::milli>(resumed_at - s.start).count();
+  try {
+    stream_.send(wire::Running{std::chrono::duration_cast<std::chrono::nanoseconds>(resumed_at.time_since_epoch()).count(),
+                               ns_since(resume_start)});
+    report_guest_handover();
+  } catch (const std::exception&) {
+    // The source may be gone already (it then reports handoff-unknown); the guest runs here.
+  }
+  return State::running;
+}
+
+void IncomingMigration::report_guest_handover() {
+  Session& s = *s_;
+  s.stats.guest = s.vm->wait_guest_handover(options_.handover_wait);
+  if (!s.stats.guest) return;
+  stream_.send(wire::Handover{static_cast<std::int64_t>(s.stats.guest->gap_ms * 1e6), s.stats.guest->sequence_continued,
+                              s.stats.guest->last_source_seq, s.stats.guest->first_destination_seq});
+}
+
+}  // namespace mig::engine

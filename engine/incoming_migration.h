@@ -1,0 +1,83 @@
+// The destination side: incoming mode, as a state machine over frames.
+//
+//   awaiting-hello ──Hello──▶ receiving-pages ◀─PageBatch, RoundEnd, PagePlan
+//        │                        │
+//        └─Hello (shared)─▶ awaiting-shared-memory ─SharedMemory─┘
+//                                 │ StateSection
+//                                 ▼
+//                          receiving-state ◀─StateSection
+//                                 │ Complete: verify, restore, Ready
+//                                 ▼
+//                          awaiting-commit ──Commit: resume, Running──▶ running
+//
+// A frame that arrives anywhere else is refused with "unexpected X while Y". Once the guest
+// is resumed here, the destination owns it, whatever then happens to the connection.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <memory>
+
+#include "engine/stats.h"
+#include "engine/vm.h"
+#include "transport/stream.h"
+
+namespace mig::engine {
+
+struct ReceiverOptions {
+  std::chrono::milliseconds peer_timeout{10000};
+  std::chrono::milliseconds handover_wait{2000};
+  // Accepts the next connection, for a sender that asks for parallel channels; it should give
+  // up (throw) after `peer_timeout`. Without it the receiver accepts one channel and the
+  // sender falls back to it.
+  std::function<transport::Stream(std::chrono::milliseconds timeout)> accept_channel;
+};
+
+struct IncomingResult {
+  IncomingStats stats;
+  std::unique_ptr<MigratableVm> vm;  // running when stats.status is completed, else null
+};
+
+class IncomingMigration {
+ public:
+  IncomingMigration(transport::Stream& stream, VmFactory make_vm, ReceiverOptions options);
+  ~IncomingMigration();
+  IncomingMigration(const IncomingMigration&) = delete;
+  IncomingMigration& operator=(const IncomingMigration&) = delete;
+
+  // Receives the guest and runs it. Never throws for a failed migration: a malformed stream,
+  // a vanished or aborting source, a verification mismatch or a failed restore all give
+  // status failed with the reason, and no VM. The peer is told why where the connection
+  // still allows it.
+  IncomingResult run();
+
+  // From another thread: ends the migration before the guest runs here (a quitting
+  // receiver). The source sees the connection close and keeps its guest.
+  void abort();
+  std::uint64_t bytes_received() const { return bytes_received_.load(std::memory_order_relaxed); }
+
+ private:
+  enum class State { awaiting_hello, awaiting_shared_memory, receiving_pages, receiving_state, awaiting_commit, running };
+  static const char* to_string(State state);
+  struct Session;
+
+  State step(State state, const wire::FrameHeader& frame);
+  State on_hello(const wire::FrameHeader& frame);
+  State on_shared_memory(const wire::FrameHeader& frame);
+  void build_vm();
+  State on_page_plan(const wire::FrameHeader& frame);
+  State on_state_section(const wire::FrameHeader& frame);
+  State on_complete(const wire::FrameHeader& frame);
+  State on_commit(const wire::FrameHeader& frame);
+  void report_guest_handover();
+
+  transport::Stream& stream_;
+  const VmFactory make_vm_;
+  const ReceiverOptions options_;
+  std::unique_ptr<Session> s_;
+  std::atomic<bool> aborted_{false};
+  std::atomic<std::uint64_t> bytes_received_{0};
+};
+
+}  // namespace mig::engine

@@ -1,0 +1,194 @@
+#include "engine/page_receiver.h"
+
+#include <sys/socket.h>
+
+#include <cstring>
+
+#include "engine/delta.h"
+#include "engine/pages.h"
+
+namespace mig::engine {
+
+PageReceiver::PageReceiver(std::vector<MemoryRegion> regions, transport::Stream& stream, PageHashes& hashes,
+                           unsigned channel, unsigned channels)
+    : regions_(std::move(regions)), stream_(stream), hashes_(hashes), channel_(channel), channels_(channels) {}
+
+bool PageReceiver::handle(const wire::FrameHeader& frame) {
+  if (frame.type == static_cast<std::uint16_t>(wire::MessageType::page_batch)) {
+    apply(frame);
+    return true;
+  }
+  if (frame.type == static_cast<std::uint16_t>(wire::MessageType::round_end)) {
+    stream_.send(wire::RoundAck{wire::decode<wire::RoundEnd>(stream_.read_payload(frame)).round});
+    return true;
+  }
+  return false;
+}
+
+void PageReceiver::apply(const wire::FrameHeader& frame) {
+  wire::BatchHeader header;
+  if (frame.length < sizeof header) throw wire::ProtocolError("page batch shorter than its header");
+  stream_.read_exact(std::as_writable_bytes(std::span(&header, 1)));
+  if (header.count == 0 || header.count > wire::kMaxBatchPages)
+    throw wire::ProtocolError("page batch claims " + std::to_string(header.count) + " pages");
+  if (header.flags & ~wire::kBatchZstd) throw wire::ProtocolError("page batch has unknown flags");
+  const bool compressed = header.flags & wire::kBatchZstd;
+  // The ordering invariant (protocol.h): a round's pages never arrive after a later round's.
+  if (header.round < last_round_)
+    throw wire::ProtocolError("page batch of round " + std::to_string(header.round) + " after round " +
+                              std::to_string(last_round_));
+  last_round_ = header.round;
+  const std::uint64_t head_bytes = sizeof header + std::uint64_t{header.count} * sizeof(wire::PageDescriptor);
+  if (frame.length < head_bytes) throw wire::ProtocolError("page batch shorter than its descriptors");
+  descriptors_.resize(header.count);
+  stream_.read_exact(std::as_writable_bytes(std::span(descriptors_)));
+  const std::uint64_t data_bytes = locate_all();
+  if (frame.length != head_bytes + (compressed ? header.compressed_bytes : data_bytes))
+    throw wire::ProtocolError("page batch length " + std::to_string(frame.length) + " disagrees with its descriptors");
+  if (compressed)
+    read_compressed(header.compressed_bytes, data_bytes);
+  else
+    stream_.read_scatter(iovecs_);
+  record_hashes();
+  pages_ += descriptors_.size();
+}
+
+std::uint64_t PageReceiver::locate_all() {
+  targets_.clear();
+  iovecs_.clear();
+  std::uint64_t data_bytes = 0, delta_bytes = 0;
+  for (const auto& d : descriptors_) {
+    wire::validate(d);
+    if (d.encoding == wire::PageEncoding::delta) delta_bytes += d.length;
+  }
+  deltas_.resize(delta_bytes);  // sized once per batch: the iovecs below point into it
+  delta_bytes = 0;
+  for (const auto& d : descriptors_) {
+    const auto target = locate(d.guest_addr);
+    targets_.push_back(target);
+    data_bytes += d.length;
+    if (d.encoding == wire::PageEncoding::raw) iovecs_.push_back({target.host, kPageSize});
+    if (d.encoding == wire::PageEncoding::delta) {
+      // A delta is applied to the page as it stands, so it lands beside it first.
+      iovecs_.push_back({deltas_.data() + delta_bytes, d.length});
+      delta_bytes += d.length;
+    }
+  }
+  return data_bytes;
+}
+
+// The one place pages take a bounce copy: they arrive as a single zstd frame.
+void PageReceiver::read_compressed(std::uint32_t compressed_bytes, std::uint64_t data_bytes) {
+  blob_.resize(compressed_bytes);
+  stream_.read_exact(blob_);
+  staging_.resize(data_bytes);
+  decompressor_.decompress(blob_, staging_);
+  std::size_t offset = 0;
+  for (const auto& part : iovecs_) {
+    std::memcpy(part.iov_base, staging_.data() + offset, part.iov_len);
+    offset += part.iov_len;
+  }
+}
+
+void PageReceiver::record_hashes() {
+  std::uint64_t delta_bytes = 0;
+  for (std::size_t i = 0; i < descriptors_.size(); ++i) {
+    const auto& t = targets_[i];
+    if (descriptors_[i].encoding == wire::PageEncoding::delta) {
+      apply_delta(t.host, std::span(deltas_).subspan(delta_bytes, descriptors_[i].length));
+      delta_bytes += descriptors_[i].length;
+      hashes_.set(channel_, t.region, t.page, hash_page(t.host));
+    } else if (descriptors_[i].encoding == wire::PageEncoding::raw) {
+      hashes_.set(channel_, t.region, t.page, hash_page(t.host));
+    } else if (hashes_.get(t.region, t.page) != zero_page_hash()) {
+      // Non-zero here before and zero now. A page that never held data is left alone:
+      // writing it would only fault in memory that already reads as zero.
+      std::memset(t.host, 0, kPageSize);
+      hashes_.set(channel_, t.region, t.page, zero_page_hash());
+    }
+  }
+}
+
+PageReceiver::Target PageReceiver::locate(std::uint64_t guest_addr) const {
+  for (std::size_t r = 0; r < regions_.size(); ++r) {
+    const auto& region = regions_[r];
+    if (guest_addr >= region.guest_addr && guest_addr - region.guest_addr < region.size) {
+      const std::uint64_t offset = guest_addr - region.guest_addr;
+      if (channels_ > 1 && guest_addr / kPageSize / wire::kChannelChunkPages % channels_ != channel_)
+        throw wire::ProtocolError("page at guest address " + std::to_string(guest_addr) + " arrived on the wrong channel");
+      return {r, offset / kPageSize, region.host + offset};
+    }
+  }
+  throw wire::ProtocolError("page at guest address " + std::to_string(guest_addr) + " lies outside guest memory");
+}
+
+std::jthread start_preparing(MigratableVm& vm, const std::vector<MemoryRegion>& regions, wire::PagePlan plan) {
+  if (plan.bitmaps.size() != regions.size()) throw wire::ProtocolError("PagePlan does not match the memory layout");
+  for (std::size_t r = 0; r < regions.size(); ++r)
+    if (plan.bitmaps[r].size() != bitmap_words(regions[r].size / kPageSize))
+      throw wire::ProtocolError("PagePlan bitmap does not match its region");
+  return std::jthread([&vm, plan = std::move(plan), regions](std::stop_token stop) {
+    constexpr std::uint64_t kChunkPages = 512;  // 2 MiB
+    try {
+      for (std::size_t r = 0; r < regions.size(); ++r) {
+        for (const auto& run : runs_of(plan.bitmaps[r], regions[r].size / kPageSize)) {
+          for (std::uint64_t first = run.first; first < run.first + run.count; first += kChunkPages) {
+            if (stop.stop_requested()) return;
+            vm.prepare_pages(r, first, std::min(kChunkPages, run.first + run.count - first));
+          }
+        }
+      }
+    } catch (const std::exception&) {
+      // Preparing is only a head start: the receiving thread faults the pages in itself, and
+      // meets whatever went wrong with this memory there, where it can be reported.
+    }
+  });
+}
+
+void ExtraChannels::start(std::vector<transport::Stream> streams, const std::vector<MemoryRegion>& regions,
+                          PageHashes& hashes, transport::Stream& main) {
+  streams_ = std::move(streams);
+  const auto channels = static_cast<unsigned>(streams_.size() + 1);
+  for (unsigned i = 0; i < streams_.size(); ++i) {
+    receivers_.push_back(std::make_unique<PageReceiver>(regions, streams_[i], hashes, i + 1, channels));
+    threads_.emplace_back([this, i, &main] {
+      auto& stream = streams_[i];
+      try {
+        for (;;) {
+          const auto header = stream.read_header();
+          if (!receivers_[i]->handle(header))
+            throw wire::ProtocolError(std::string("unexpected ") + wire::to_string(static_cast<wire::MessageType>(header.type)) +
+                                      " on a page channel");
+        }
+      } catch (const transport::PeerError&) {
+        // Closed: the sender is done with this channel (or gone, which channel 0 notices).
+      } catch (const std::exception& e) {
+        std::lock_guard lock(mutex_);
+        if (!error_) error_ = std::string("channel ") + std::to_string(i + 1) + ": " + e.what();
+        ::shutdown(main.fd(), SHUT_RDWR);
+      }
+    });
+  }
+}
+
+std::optional<std::string> ExtraChannels::stop() {
+  for (auto& s : streams_) ::shutdown(s.fd(), SHUT_RDWR);
+  for (auto& t : threads_) t.join();
+  threads_.clear();
+  std::lock_guard lock(mutex_);
+  return error_;
+}
+
+std::uint64_t ExtraChannels::pages() const {
+  std::uint64_t n = 0;
+  for (const auto& r : receivers_) n += r->pages();
+  return n;
+}
+
+std::uint64_t ExtraChannels::bytes() const {
+  std::uint64_t n = 0;
+  for (const auto& s : streams_) n += s.counters().bytes_received;
+  return n;
+}
+
+}  // namespace mig::engine

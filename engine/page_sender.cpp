@@ -1,0 +1,150 @@
+#include "engine/page_sender.h"
+
+#include <cstring>
+
+#include "engine/pages.h"
+
+namespace mig::engine {
+
+Bitmaps empty_bitmaps(std::span<const MemoryRegion> regions) {
+  Bitmaps b;
+  for (const auto& r : regions) b.emplace_back(bitmap_words(r.size / kPageSize));
+  return b;
+}
+
+RoundCounts& RoundCounts::operator+=(const RoundCounts& o) {
+  pages_sent += o.pages_sent;
+  pages_zero += o.pages_zero;
+  pages_skipped += o.pages_skipped;
+  pages_delta += o.pages_delta;
+  bytes += o.bytes;
+  return *this;
+}
+
+PageSender::PageSender(std::span<const MemoryRegion> regions, transport::Stream& stream, PageHashes& hashes,
+                       const PageSenderConfig& config, MigrationControl& control, unsigned channel, unsigned channels)
+    : regions_(regions), stream_(stream), hashes_(hashes), control_(control), dedup_(config.dedup),
+      skip_zero_(config.skip_zero_pages), channel_(channel), channels_(channels) {
+  if (config.compress_level > 0) compressor_.emplace(config.compress_level);
+  if (config.delta_cache_pages > 0) {
+    // Batches send cached pages straight from their slots: a slot must not be reused while
+    // the batch that points at it is being built.
+    delta_.emplace(std::max(config.delta_cache_pages, 2 * kBatchPages));
+    delta_bytes_.reserve(kBatchPages * kPageSize);  // never reallocates: iovecs point into it
+  }
+}
+
+RoundCounts PageSender::send_round(std::uint32_t round, const Bitmaps& pending, bool guest_paused) {
+  round_ = round;
+  guest_paused_ = guest_paused;
+  counts_ = {};
+  unreported_ = {};
+  const std::uint64_t before = stream_.counters().bytes_sent;
+  for (std::size_t r = 0; r < regions_.size(); ++r) {
+    const std::uint64_t region_first = regions_[r].guest_addr / kPageSize;
+    for (const auto& run : runs_of(pending[r], regions_[r].size / kPageSize))
+      for (std::uint64_t page = run.first; page < run.first + run.count; ++page)
+        if (channels_ == 1 || (region_first + page) / wire::kChannelChunkPages % channels_ == channel_) add_page(r, page);
+  }
+  flush();
+  // Pages skipped after the last batch were not reported with it.
+  control_.count_batch(0, 0, 0, unreported_.pages_skipped, guest_paused_);
+  counts_.bytes = stream_.counters().bytes_sent - before;
+  pages_delta_total_ += counts_.pages_delta;
+  return counts_;
+}
+
+void PageSender::add_page(std::size_t region, std::uint64_t page) {
+  const std::byte* host = regions_[region].host + page * kPageSize;
+  // A resent page under delta encoding goes through a snapshot: the bytes hashed, cached
+  // and sent must be one and the same, or a later delta would apply to bytes the receiver
+  // never had. Round 0 sends straight from guest memory and caches nothing.
+  const bool through_cache = delta_ && round_ > 0;
+  if (through_cache) {
+    std::memcpy(snapshot_, host, kPageSize);
+    host = snapshot_;
+  }
+  const std::uint64_t hash = hash_page(host);
+  const std::uint64_t last_sent = hashes_.get(region, page);
+  const bool zero = hash == zero_page_hash() && is_zero_page(host);
+  // Unchanged since its last send: the receiver already holds these bytes. Zero pages the
+  // receiver never got are such pages too (both tables start at the zero hash).
+  if (hash == last_sent && (zero ? skip_zero_ : dedup_)) {
+    ++counts_.pages_skipped;
+    ++unreported_.pages_skipped;
+    return;
+  }
+  hashes_.set(channel_, region, page, hash);
+  wire::PageDescriptor d;
+  d.guest_addr = regions_[region].guest_addr + page * kPageSize;
+  d.encoding = zero ? wire::PageEncoding::zero : wire::PageEncoding::raw;
+  d.length = zero ? 0 : static_cast<std::uint32_t>(kPageSize);
+  if (zero) {
+    // The receiver's copy becomes zero; so must the version a later delta starts from.
+    if (through_cache)
+      if (std::byte* slot = delta_->find(region, page)) std::memset(slot, 0, kPageSize);
+    ++counts_.pages_zero;
+    ++unreported_.pages_zero;
+  } else if (through_cache) {
+    add_through_cache(region, page, host, d);
+  } else if (!pages_.empty() && static_cast<const std::byte*>(pages_.back().iov_base) + pages_.back().iov_len == host) {
+    pages_.back().iov_len += kPageSize;  // adjacent pages: one iovec, fewer and larger copies
+  } else {
+    pages_.push_back({const_cast<std::byte*>(host), kPageSize});
+  }
+  descriptors_.push_back(d);
+  ++counts_.pages_sent;
+  ++unreported_.pages_sent;
+  if (descriptors_.size() == kBatchPages) flush();
+}
+
+// `snapshot` is the page as hashed. It goes as a delta against its cached version when that
+// is small enough, else whole from its cache slot; either way the slot then holds it.
+void PageSender::add_through_cache(std::size_t region, std::uint64_t page, const std::byte* snapshot,
+                                   wire::PageDescriptor& d) {
+  std::byte* slot = delta_->find(region, page);
+  const std::size_t at = delta_bytes_.size();
+  if (slot && encode_delta(slot, snapshot, kPageSize / 2, delta_bytes_) > 0) {
+    d.encoding = wire::PageEncoding::delta;
+    d.length = static_cast<std::uint32_t>(delta_bytes_.size() - at);
+    pages_.push_back({delta_bytes_.data() + at, d.length});
+    ++counts_.pages_delta;
+  } else {
+    slot = delta_->slot_for(region, page);
+    pages_.push_back({slot, kPageSize});
+  }
+  std::memcpy(slot, snapshot, kPageSize);
+  memory_ = transport::PageMemory::scratch;
+}
+
+void PageSender::flush() {
+  if (descriptors_.empty()) return;
+  if (control_.cancel_requested()) throw MigrationCancelled();
+  wire::BatchHeader header{round_, static_cast<std::uint32_t>(descriptors_.size()), 0, 0};
+  std::span<const std::byte> compressed;
+  if (compressor_ && !pages_.empty()) {
+    std::size_t total = 0;
+    for (const auto& part : pages_) total += part.iov_len;
+    compressed = compressor_->compress(pages_, total);
+  }
+  if (!compressed.empty()) {
+    header.flags = wire::kBatchZstd;
+    header.compressed_bytes = static_cast<std::uint32_t>(compressed.size());
+    pages_.assign(1, iovec{const_cast<std::byte*>(compressed.data()), compressed.size()});
+    memory_ = transport::PageMemory::scratch;
+  }
+  head_.resize(sizeof header + descriptors_.size() * sizeof(wire::PageDescriptor));
+  std::memcpy(head_.data(), &header, sizeof header);
+  std::memcpy(head_.data() + sizeof header, descriptors_.data(), descriptors_.size() * sizeof(wire::PageDescriptor));
+  const std::uint64_t before = stream_.counters().bytes_sent;
+  stream_.send_gathered(wire::MessageType::page_batch, head_, pages_, memory_);
+  control_.count_batch(stream_.counters().bytes_sent - before, unreported_.pages_sent, unreported_.pages_zero,
+                       unreported_.pages_skipped, guest_paused_);
+  unreported_ = {};
+  descriptors_.clear();
+  pages_.clear();
+  delta_bytes_.clear();
+  memory_ = transport::PageMemory::guest;
+}
+
+}  // namespace mig::engine

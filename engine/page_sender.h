@@ -1,0 +1,78 @@
+// The source's page path for one channel: pages set in a bitmap become page-batch frames,
+// gathered straight from guest memory.
+#pragma once
+
+#include <sys/uio.h>
+
+#include <optional>
+#include <span>
+#include <vector>
+
+#include "engine/compression.h"
+#include "engine/control.h"
+#include "engine/delta.h"
+#include "engine/page_hashes.h"
+#include "engine/vm.h"
+#include "transport/stream.h"
+
+namespace mig::engine {
+
+using Bitmaps = std::vector<std::vector<std::uint64_t>>;
+Bitmaps empty_bitmaps(std::span<const MemoryRegion> regions);
+
+struct RoundCounts {
+  std::uint64_t pages_sent = 0, pages_zero = 0, pages_skipped = 0, pages_delta = 0, bytes = 0;
+  RoundCounts& operator+=(const RoundCounts& o);
+};
+
+struct PageSenderConfig {
+  bool dedup = true;
+  bool skip_zero_pages = true;
+  int compress_level = 0;
+  std::size_t delta_cache_pages = 0;
+};
+
+// Hashes each page as it goes, which both feeds verification and finds the pages not worth
+// sending. Checks for a cancel before every batch, so a cancel never waits out a round.
+class PageSender {
+ public:
+  static constexpr std::size_t kBatchPages = 256;
+
+  // Channel `channel` of `channels`: it handles only the pages that travel on it.
+  PageSender(std::span<const MemoryRegion> regions, transport::Stream& stream, PageHashes& hashes,
+             const PageSenderConfig& config, MigrationControl& control, unsigned channel, unsigned channels);
+
+  std::uint64_t batches_compressed() const { return compressor_ ? compressor_->batches_compressed() : 0; }
+  std::uint64_t pages_delta() const { return pages_delta_total_; }
+
+  // Sends this channel's pages among those set in `pending`, which it only reads: other
+  // channels read it at the same time. `guest_paused` only sorts the bytes for statistics.
+  RoundCounts send_round(std::uint32_t round, const Bitmaps& pending, bool guest_paused);
+
+ private:
+  void add_page(std::size_t region, std::uint64_t page);
+  void add_through_cache(std::size_t region, std::uint64_t page, const std::byte* snapshot, wire::PageDescriptor& d);
+  void flush();
+
+  std::span<const MemoryRegion> regions_;
+  transport::Stream& stream_;
+  PageHashes& hashes_;  // shared by all channels; each writes only its own pages' entries
+  MigrationControl& control_;
+  bool dedup_, skip_zero_;
+  unsigned channel_, channels_;
+  std::uint32_t round_ = 0;
+  bool guest_paused_ = false;
+  RoundCounts counts_;
+  RoundCounts unreported_;  // of counts_, not yet told to control_
+  std::uint64_t pages_delta_total_ = 0;
+  std::optional<BatchCompressor> compressor_;
+  std::optional<DeltaCache> delta_;
+  std::vector<std::byte> delta_bytes_;
+  alignas(64) std::byte snapshot_[kPageSize];
+  std::vector<wire::PageDescriptor> descriptors_;
+  std::vector<iovec> pages_;
+  transport::PageMemory memory_ = transport::PageMemory::guest;  // where this batch's pages_ point
+  std::vector<std::byte> head_;
+};
+
+}  // namespace mig::engine

@@ -1,0 +1,544 @@
+#include "engine/source_migration.h"
+
+#include <algorithm>
+#include <future>
+#include <optional>
+#include <random>
+
+#include "engine/page_hashes.h"
+#include "engine/page_sender.h"
+#include "engine/pages.h"
+
+namespace mig::engine {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;  // CLOCK_MONOTONIC on Linux, like the receiver's
+
+double ms_between(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double, std::milli>(b - a).count(); }
+std::int64_t monotonic_ns(Clock::time_point t) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
+}
+
+// Undoes what a migration set on the source VM - throttling, dirty logging, the pause - in a
+// destructor that cannot throw. After the commit the guest may already run at the
+// destination, so the pause is never undone then.
+class SourceRollback {
+ public:
+  SourceRollback(MigratableVm& vm, const MigrationObserver& observer) : vm_(vm), observer_(observer) {}
+  ~SourceRollback() { undo(); }
+  SourceRollback(const SourceRollback&) = delete;
+  SourceRollback& operator=(const SourceRollback&) = delete;
+
+  void logging_started() { logging_ = true; }
+  void throttled(bool on) { throttled_ = on; }
+  void paused() {
+    paused_ = true;
+    throttled_ = false;  // pause() ends throttling
+  }
+  void committed() { committed_ = true; }
+  bool is_paused() const { return paused_; }
+
+  // Stops dirty logging now, off the downtime path; a failure here changes nothing about the
+  // migration's outcome (a memslot update that fails leaves only a slower paused VM).
+  void stop_logging() noexcept {
+    if (!logging_) return;
+    logging_ = false;
+    try {
+      vm_.stop_dirty_log();
+    } catch (...) {
+    }
+  }
+
+  void undo() noexcept {
+    stop_logging();
+    if (committed_) return;
+    try {
+      if (throttled_) vm_.set_throttle(0);
+      throttled_ = false;
+      if (paused_) {
+        vm_.resume();
+        paused_ = false;
+        if (observer_.guest_resumed) observer_.guest_resumed();
+      }
+    } catch (...) {
+      // Nothing more can be done from here; the VM reports its own failure.
+    }
+  }
+
+ private:
+  MigratableVm& vm_;
+  const MigrationObserver& observer_;
+  bool logging_ = false, throttled_ = false, paused_ = false, committed_ = false;
+};
+
+// ORs the pages dirtied since the last fetch into `pending`; returns how many are pending.
+std::uint64_t fetch_dirty(MigratableVm& vm, std::span<const MemoryRegion> regions, Bitmaps& scratch, Bitmaps& pending) {
+  std::uint64_t total = 0;
+  for (std::size_t r = 0; r < regions.size(); ++r) {
+    vm.fetch_dirty_log(r, scratch[r]);
+    for (std::size_t w = 0; w < pending[r].size(); ++w) pending[r][w] |= scratch[r][w];
+    total += count_pages(pending[r], regions[r].size / kPageSize);
+  }
+  return total;
+}
+
+std::uint64_t count_pending(std::span<const MemoryRegion> regions, const Bitmaps& pending) {
+  std::uint64_t total = 0;
+  for (std::size_t r = 0; r < regions.size(); ++r) total += count_pages(pending[r], regions[r].size / kPageSize);
+  return total;
+}
+
+// A send failed: the receiver may have said why before closing. Prefer its words.
+std::string explain_failure(transport::Stream& stream, const std::exception& e) {
+  if (!dynamic_cast<const transport::PeerError*>(&e)) return e.what();
+  try {
+    stream.set_timeout(std::chrono::milliseconds(200));
+    stream.read_header();
+  } catch (const transport::RemoteError& remote) {
+    return remote.what();
+  } catch (...) {
+  }
+  return e.what();
+}
+
+}  // namespace
+
+Tunables SenderOptions::tunables() const {
+  return {policy.downtime_target_ms, bandwidth_limit, policy.throttle_initial_pct, policy.throttle_step_pct,
+          policy.throttle_max_pct};
+}
+
+struct SourceMigration::State {
+  State(MigratableVm& vm_, transport::Stream& stream_, SenderOptions options_, MigrationControl& control)
+      : vm(vm_), stream(stream_), options(std::move(options_)), policy(options.policy), regions(vm.memory_regions()),
+        rollback(vm, control.observer()) {}
+
+  MigratableVm& vm;
+  transport::Stream& stream;
+  const SenderOptions options;
+  ConvergencePolicy policy;  // options.policy with the live tunables applied
+  const std::vector<MemoryRegion> regions;
+  SourceRollback rollback;
+  MigrationStats stats;
+  Phase phase = Phase::setup;
+  bool committed = false;
+
+  // Agreed at the handshake.
+  std::uint64_t session = 0;
+  bool verify = false, same_host = false, shared = false;
+  unsigned channels = 1;
+  std::vector<transport::Stream> extra;  // channels 1..n-1
+  std::vector<transport::Stream*> streams;
+  std::unique_ptr<PageHashes> hashes;
+  std::vector<std::unique_ptr<PageSender>> senders;
+
+  // The rounds.
+  Bitmaps pending, scratch;
+  std::uint32_t round = 0;  // the round being sent, in the end the final one
+  unsigned throttle_pct = 0;
+  RoundCounts totals;
+
+  // The switchover's clock.
+  Clock::time_point start, pause_start, paused_at, synced, pages_done, state_done, ready_at, running_at;
+  wire::Ready ready;
+  wire::Running running;
+};
+
+SourceMigration::SourceMigration(MigratableVm& vm, transport::Stream& stream, SenderOptions options,
+                                 std::shared_ptr<MigrationControl> control)
+    : control_(control ? std::move(control) : std::make_shared<MigrationControl>(options.tunables())) {
+  s_ = std::make_unique<State>(vm, stream, std::move(options), *control_);
+}
+
+SourceMigration::~SourceMigration() = default;
+
+namespace {
+
+// Control frames count towards what the migration has sent, like page batches.
+template <typename Message>
+void send_counted(transport::Stream& stream, MigrationControl& control, const Message& message, bool guest_paused) {
+  const std::uint64_t before = stream.counters().bytes_sent;
+  stream.send(message);
+  control.count_batch(stream.counters().bytes_sent - before, 0, 0, 0, guest_paused);
+}
+
+// Moves the status on, unless a cancel got there first.
+void enter(MigrationControl& control, MigrationStatus from, MigrationStatus to) {
+  if (!control.advance(from, to)) throw MigrationCancelled();
+}
+
+}  // namespace
+
+MigrationStats SourceMigration::run() {
+  State& s = *s_;
+  s.start = Clock::now();
+  for (const auto& r : s.regions) s.stats.guest_bytes += r.size;
+  s.stats.offline = s.options.offline;
+  control_->started(s.stats.guest_bytes);
+  try {
+    // Whoever steers the migration may have announced set-up already, while connecting.
+    if (control_->status() != MigrationStatus::setup) enter(*control_, MigrationStatus::none, MigrationStatus::setup);
+    set_up();
+    enter(*control_, MigrationStatus::setup, MigrationStatus::active);
+    start_tracking();
+    plan_round_zero();
+    if (!s.rollback.is_paused()) precopy();
+    stop_and_copy();
+    send_device_state();
+    await_ready();
+    commit();
+    // Completed from here: the guest runs at the destination. What the guest saw of the
+    // switchover is reported once it has shown a heartbeat there.
+    finish_statistics();
+    control_->finish(s.stats);
+    report_guest_handover();
+  } catch (const std::exception& e) {
+    fail(e);
+  }
+  // The source runs again before anyone can see the migration failed.
+  s.rollback.undo();
+  finish_statistics();
+  control_->finish(s.stats);
+  return s.stats;
+}
+
+void SourceMigration::set_up() {
+  State& s = *s_;
+  s.stream.set_timeout(s.options.peer_timeout);
+  s.stream.set_interrupt([control = control_.get()] { return control->cancel_requested(); });
+  wire::Hello hello;
+  const auto memory_fds = s.vm.shareable_memory_fds();
+  const bool offer_sharing = s.options.share_memory && !memory_fds.empty() && s.stream.can_pass_fds();
+  // Shared memory needs no verification: there is only one copy.
+  hello.capabilities = offer_sharing ? wire::kCapSharedMemory : s.options.verify ? wire::kCapVerify : 0;
+  hello.vcpus = s.vm.vcpu_count();
+  hello.host_boot_id = transport::host_boot_id();
+  hello.channels = std::clamp(s.options.channels, 1u, wire::kMaxChannels);
+  if (hello.channels > 1 && !s.options.open_channel) throw std::invalid_argument("parallel channels need a way to open them");
+  hello.session = std::random_device{}() | (std::uint64_t{std::random_device{}()} << 32);
+  for (const auto& r : s.regions) hello.regions.push_back({r.guest_addr, r.size});
+  s.session = hello.session;
+  send_counted(s.stream, *control_, hello, false);
+  const auto ack = s.stream.receive<wire::HelloAck>();
+  s.verify = s.options.verify && (ack.capabilities & wire::kCapVerify);
+  s.same_host = !hello.host_boot_id.empty() && ack.host_boot_id == hello.host_boot_id;
+  s.shared = offer_sharing && (ack.capabilities & wire::kCapSharedMemory);
+  if (s.shared) hand_over_memory();
+  s.channels = s.shared ? 1 : ack.channels;
+  if (s.channels < 1 || s.channels > hello.channels) throw wire::ProtocolError("receiver accepted an impossible channel count");
+  open_channels();
+  s.stats.setup_ms = ms_between(s.start, Clock::now());
+  control_->set_setup_done();
+}
+
+// Same host: the receiver maps this very memory. Its acknowledgement says the destination
+// VM is built on it, so building that stays out of the downtime. The hand-over is round 0.
+void SourceMigration::hand_over_memory() {
+  State& s = *s_;
+  const auto fds = s.vm.shareable_memory_fds();
+  send_counted(s.stream, *control_, wire::SharedMemory{static_cast<std::uint32_t>(fds.size())}, false);
+  s.stream.send_fds(fds);
+  send_counted(s.stream, *control_, wire::RoundEnd{0}, false);
+  s.stream.receive<wire::RoundAck>();
+}
+
+void SourceMigration::open_channels() {
+  State& s = *s_;
+  for (unsigned i = 1; i < s.channels; ++i) {
+    s.extra.push_back(s.options.open_channel());
+    s.extra.back().set_timeout(s.options.peer_timeout);
+    s.extra.back().set_interrupt([control = control_.get()] { return control->cancel_requested(); });
+    send_counted(s.extra.back(), *control_, wire::ChannelHello{s.session, i}, false);
+  }
+  s.streams = {&s.stream};
+  for (auto& e : s.extra) s.streams.push_back(&e);
+  s.hashes = std::make_unique<PageHashes>(s.regions, s.channels);
+  const PageSenderConfig config{s.options.dedup, s.options.skip_zero_pages, s.options.compress_level,
+                                s.options.delta_cache_pages};
+  for (unsigned i = 0; i < s.channels; ++i)
+    s.senders.push_back(std::make_unique<PageSender>(s.regions, *s.streams[i], *s.hashes, config, *control_, i, s.channels));
+  s.pending = empty_bitmaps(s.regions);
+  s.scratch = empty_bitmaps(s.regions);
+}
+
+namespace {
+
+// Pauses the guest for the switchover (or, offline and shared, for the whole migration).
+void pause_guest(MigratableVm& vm, MigrationControl& control, SourceRollback& rollback, Clock::time_point& pause_start,
+                 Clock::time_point& paused_at) {
+  enter(control, MigrationStatus::active, MigrationStatus::device);
+  pause_start = Clock::now();
+  vm.pause();
+  rollback.paused();
+  paused_at = Clock::now();
+  if (control.observer().guest_paused) control.observer().guest_paused();
+}
+
+// Sends round `round` of `pending` on every channel at once, each ending it with RoundEnd and
+// waiting for its RoundAck when `acknowledged`.
+RoundCounts send_on_all_channels(std::vector<std::unique_ptr<PageSender>>& senders,
+                                 const std::vector<transport::Stream*>& streams, MigrationControl& control,
+                                 std::uint32_t round, const Bitmaps& pending, bool acknowledged, bool guest_paused) {
+  auto one = [&](std::size_t i) {
+    auto counts = senders[i]->send_round(round, pending, guest_paused);
+    if (acknowledged) {
+      send_counted(*streams[i], control, wire::RoundEnd{round}, guest_paused);
+      if (streams[i]->receive<wire::RoundAck>().round != round) throw wire::ProtocolError("RoundAck for the wrong round");
+    }
+    return counts;
+  };
+  if (senders.size() == 1) return one(0);
+  std::vector<std::future<RoundCounts>> running;
+  for (std::size_t i = 0; i < senders.size(); ++i) running.push_back(std::async(std::launch::async, one, i));
+  RoundCounts total;
+  std::exception_ptr failure;
+  for (auto& f : running) {
+    try {
+      total += f.get();
+    } catch (...) {
+      if (!failure) failure = std::current_exception();
+    }
+  }
+  if (failure) std::rethrow_exception(failure);
+  return total;
+}
+
+}  // namespace
+
+// Tracking starts before round 0 reads anything, so every later write is caught. Offline
+// and shared-memory migrations pause instead: there is nothing to track.
+void SourceMigration::start_tracking() {
+  State& s = *s_;
+  if (s.options.offline || s.shared) {
+    pause_guest(s.vm, *control_, s.rollback, s.pause_start, s.paused_at);
+    s.stats.stop_reason = s.shared ? StopReason::shared_memory : StopReason::offline;
+    return;
+  }
+  s.vm.start_dirty_log();
+  s.rollback.logging_started();
+}
+
+// Round 0: every page that may be non-zero; untouched pages are known zero for free. Shared
+// memory leaves it empty: the destination already maps this very memory.
+void SourceMigration::plan_round_zero() {
+  State& s = *s_;
+  if (s.shared) return;
+  for (std::size_t r = 0; r < s.regions.size(); ++r) {
+    if (s.options.skip_zero_pages)
+      s.vm.populated_pages(r, s.pending[r]);
+    else
+      std::fill(s.pending[r].begin(), s.pending[r].end(), ~std::uint64_t{0});  // bits past the end are ignored
+  }
+  if (s.options.page_plan) send_counted(s.stream, *control_, wire::PagePlan{s.pending}, false);
+}
+
+void SourceMigration::precopy() {
+  State& s = *s_;
+  s.phase = Phase::precopy;
+  control_->set_phase(s.phase);
+  apply_tunables();
+  while (precopy_round(s.round)) ++s.round;
+  ++s.round;  // the final round follows, paused
+}
+
+// Sends one round while the guest runs; returns whether another should follow.
+bool SourceMigration::precopy_round(std::uint32_t round) {
+  State& s = *s_;
+  const auto round_start = Clock::now();
+  control_->round_started(count_pending(s.regions, s.pending));
+  const auto counts = send_on_all_channels(s.senders, s.streams, *control_, round, s.pending, true, false);
+  for (auto& bitmap : s.pending) std::fill(bitmap.begin(), bitmap.end(), 0);
+  s.totals += counts;
+  const std::uint64_t dirty = fetch_dirty(s.vm, s.regions, s.scratch, s.pending);
+  control_->count_dirty_sync();
+  RoundStats rs;
+  rs.round = round;
+  rs.pages_sent = counts.pages_sent;
+  rs.pages_skipped = counts.pages_skipped;
+  rs.bytes_sent = counts.bytes;
+  rs.duration_s = std::chrono::duration<double>(Clock::now() - round_start).count();
+  rs.dirty_pages = dirty;
+  rs.dirty_rate_Bps = static_cast<double>(dirty * kPageSize) / std::max(rs.duration_s, 1e-9);
+  rs.bandwidth_Bps = static_cast<double>(counts.bytes) / std::max(rs.duration_s, 1e-9);
+  rs.throttle_pct = s.throttle_pct;
+  s.stats.round_table.push_back(rs);
+  s.stats.round_table.back().expected_downtime_ms = expected_downtime_ms(s.stats.round_table, s.policy);
+  control_->round_finished(s.stats.round_table.back(), s.throttle_pct);
+
+  // The round boundary: whatever the operator changed meanwhile counts from here.
+  apply_tunables();
+  if (control_->cancel_requested()) throw MigrationCancelled();
+  if (control_->switchover_forced()) {
+    s.stats.stop_reason = StopReason::forced;
+    return false;
+  }
+  const Decision decision = decide(s.stats.round_table, s.policy);
+  if (decision == Decision::abort_no_progress)
+    throw std::runtime_error("pre-copy made no progress for " + std::to_string(s.policy.no_progress_rounds) +
+                             " rounds (dirty rate at or above bandwidth); aborted as --on-no-convergence=abort asks");
+  if (decision != Decision::next_round) {
+    s.stats.stop_reason = stop_reason_of(decision);
+    return false;
+  }
+  const unsigned wanted = next_throttle_pct(s.stats.round_table, s.policy);
+  if (wanted != s.throttle_pct) {
+    if (s.vm.set_throttle(wanted / 100.0)) {
+      s.throttle_pct = wanted;
+      s.rollback.throttled(wanted > 0);
+    } else {
+      s.policy.auto_converge = false;  // stuck rounds now count as no progress at once
+    }
+  }
+  return true;
+}
+
+void SourceMigration::apply_tunables() {
+  State& s = *s_;
+  const Tunables t = control_->tunables();
+  s.policy.downtime_target_ms = t.downtime_target_ms;
+  s.policy.throttle_initial_pct = t.throttle_initial_pct;
+  s.policy.throttle_step_pct = t.throttle_step_pct;
+  s.policy.throttle_max_pct = t.throttle_max_pct;
+  for (auto* stream : s.streams) stream->set_rate_limit(t.bandwidth_limit / s.channels);
+}
+
+// The guest pauses (unless it already is), and the pages it dirtied since the last round go,
+// unlimited. With one channel, Complete right behind the pages is the end of the round. With
+// several, each must have acknowledged its share before state and Complete go out on
+// channel 0; the extra channels are then done and closed.
+void SourceMigration::stop_and_copy() {
+  State& s = *s_;
+  s.phase = Phase::stop_and_copy;
+  control_->set_phase(s.phase);
+  for (auto* stream : s.streams) stream->set_rate_limit(0);
+  if (!s.rollback.is_paused()) {
+    pause_guest(s.vm, *control_, s.rollback, s.pause_start, s.paused_at);
+    fetch_dirty(s.vm, s.regions, s.scratch, s.pending);
+    control_->count_dirty_sync();
+  }
+  s.synced = Clock::now();
+  control_->round_started(count_pending(s.regions, s.pending));
+  s.totals += send_on_all_channels(s.senders, s.streams, *control_, s.round, s.pending, s.channels > 1, true);
+  for (const auto& e : s.extra) s.stats.extra_channel_bytes += e.counters().bytes_sent;
+  s.extra.clear();
+  s.streams.resize(1);
+  s.pages_done = Clock::now();
+}
+
+void SourceMigration::send_device_state() {
+  State& s = *s_;
+  s.phase = Phase::device_state;
+  control_->set_phase(s.phase);
+  for (const auto& section : s.vm.save_state())
+    send_counted(s.stream, *control_, wire::StateSection{section.name, section.version, section.data}, true);
+  s.state_done = Clock::now();
+}
+
+// The receiver checks the page-hash digest and restores the state before it says Ready.
+void SourceMigration::await_ready() {
+  State& s = *s_;
+  s.phase = Phase::awaiting_ready;
+  control_->set_phase(s.phase);
+  for (const auto& sender : s.senders) {
+    s.stats.pages_delta += sender->pages_delta();
+    s.stats.batches_compressed += sender->batches_compressed();
+  }
+  send_counted(s.stream, *control_, wire::Complete{s.verify ? s.hashes->digest() : 0, s.totals.pages_sent}, true);
+  s.ready = s.stream.receive<wire::Ready>();
+  s.ready_at = Clock::now();
+}
+
+// The point of no return. From the moment Commit may have left, the destination may run the
+// guest: the source must never run it again, whatever happens to the connection.
+void SourceMigration::commit() {
+  State& s = *s_;
+  s.phase = Phase::commit;
+  control_->set_phase(s.phase);
+  if (!control_->begin_commit()) throw MigrationCancelled();
+  s.committed = true;
+  s.rollback.committed();
+  send_counted(s.stream, *control_, wire::Commit{}, true);
+  s.running = s.stream.receive<wire::Running>();
+  s.running_at = Clock::now();
+  s.rollback.stop_logging();  // off the downtime path: a memslot update costs milliseconds
+
+  auto& stats = s.stats;
+  stats.status = MigrationStatus::completed;
+  stats.rounds = s.round + 1;
+  stats.pages_sent = s.totals.pages_sent;
+  stats.pages_zero = s.totals.pages_zero;
+  stats.pages_skipped = s.totals.pages_skipped;
+  stats.verified = s.verify;
+  stats.shared_memory = s.shared;
+  stats.channels = s.channels;
+  stats.total_ms = ms_between(s.start, s.running_at);
+  auto& d = stats.downtime;
+  d.pause_ms = ms_between(s.pause_start, s.paused_at);
+  d.final_sync_ms = ms_between(s.paused_at, s.synced);
+  d.final_pages_ms = ms_between(s.synced, s.pages_done);
+  d.state_ms = ms_between(s.pages_done, s.state_done);
+  d.verify_restore_ms = ms_between(s.state_done, s.ready_at);
+  d.restore_ms = static_cast<double>(s.ready.restore_ns) / 1e6;
+  d.commit_resume_ms = ms_between(s.ready_at, s.running_at);
+  d.resume_ms = static_cast<double>(s.running.resume_ns) / 1e6;
+  if (s.same_host) {
+    stats.downtime_clock = "shared";
+    stats.downtime_ms = static_cast<double>(s.running.resumed_at_ns - monotonic_ns(s.pause_start)) / 1e6;
+  } else {
+    stats.downtime_clock = "round-trip";
+    stats.downtime_ms = ms_between(s.pause_start, s.running_at);
+  }
+}
+
+// The destination reports the gap its guest saw, once the guest showed a heartbeat there. A
+// guest without heartbeats, or a slow one, leaves the migration standing all the same.
+void SourceMigration::report_guest_handover() {
+  State& s = *s_;
+  try {
+    s.stream.set_timeout(s.options.handover_wait);
+    const auto handover = s.stream.receive<wire::Handover>();
+    s.stats.guest = GuestHandover{static_cast<double>(handover.gap_ns) / 1e6, handover.sequence_continued != 0,
+                                  handover.last_source_seq, handover.first_destination_seq};
+  } catch (const std::exception&) {
+  }
+}
+
+void SourceMigration::fail(const std::exception& error) {
+  State& s = *s_;
+  auto& stats = s.stats;
+  stats.failed_phase = s.phase;
+  const bool cancelled = !s.committed && (control_->cancel_requested() || dynamic_cast<const MigrationCancelled*>(&error) ||
+                                          dynamic_cast<const transport::Interrupted*>(&error));
+  if (cancelled) {
+    stats.status = MigrationStatus::cancelled;
+    stats.error = std::string("cancelled during ") + to_string(s.phase);
+  } else {
+    stats.status = s.committed ? MigrationStatus::handoff_unknown : MigrationStatus::failed;
+    stats.error = std::string(to_string(s.phase)) + ": " + explain_failure(s.stream, error);
+  }
+  if (s.committed) return;
+  // Tell the receiver, so it discards what it has instead of waiting out its timeout.
+  try {
+    s.stream.set_interrupt(nullptr);
+    s.stream.set_timeout(std::chrono::milliseconds(200));
+    s.stream.send(wire::Error{cancelled ? "the source cancelled the migration" : "source aborted the migration: " + stats.error});
+  } catch (...) {
+  }
+}
+
+void SourceMigration::finish_statistics() {
+  State& s = *s_;
+  auto& stats = s.stats;
+  if (stats.total_ms == 0) stats.total_ms = ms_between(s.start, Clock::now());
+  for (const auto& e : s.extra) stats.extra_channel_bytes += e.counters().bytes_sent;
+  const auto& c = s.stream.counters();
+  stats.bytes_sent = c.bytes_sent + stats.extra_channel_bytes;
+  stats.downtime_bytes = control_->progress().downtime_bytes;
+  stats.zerocopy = s.stream.zerocopy();
+  stats.zerocopy_sends = c.zerocopy_sends;
+  stats.zerocopy_copied = c.zerocopy_copied;
+  stats.throughput_MBps = static_cast<double>(stats.bytes_sent) / 1e3 / std::max(stats.total_ms, 1e-9);
+}
+
+}  // namespace mig::engine

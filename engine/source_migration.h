@@ -1,0 +1,109 @@
+// The source side of a migration, as named phases:
+//
+//   run()
+//     set_up()            handshake, same-host memory hand-over, extra channels
+//     start_tracking()    dirty logging on (or, offline, pause now)
+//     plan_round_zero()   which pages may hold data; tell the receiver
+//     precopy()           rounds while the guest runs, until the policy (or the operator) stops them
+//     stop_and_copy()     pause, last dirty pages
+//     send_device_state() vCPU, VM and device state
+//     await_ready()       the receiver verifies and restores
+//     commit()            the point of no return: the destination resumes the guest
+//   and one outcome: completed, failed, cancelled or handoff-unknown (see MigrationStats).
+//
+// Whatever the source set up (dirty logging, throttling, the pause) is undone by one
+// rollback guard unless the migration committed. Nothing here throws for a failed migration.
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <memory>
+
+#include "engine/control.h"
+#include "engine/convergence.h"
+#include "engine/stats.h"
+#include "engine/vm.h"
+#include "transport/stream.h"
+
+namespace mig::engine {
+
+struct SenderOptions {
+  // The starting point; the downtime target and throttle steps can change while the
+  // migration runs (MigrationControl::set_tunables).
+  ConvergencePolicy policy;
+  bool offline = false;  // pause first and copy everything once: a cold migration
+  bool verify = true;    // page-hash verification at completion
+  bool dedup = true;     // skip a dirty page whose contents equal its last-sent version
+  // Skip never-touched pages in round 0 (found without faulting them in) and zero pages the
+  // receiver already holds as zero. Off: every page is read and sent, for measuring the gain.
+  bool skip_zero_pages = true;
+  // Bytes per second for pre-copy page data; 0 = unlimited. The paused final round is not
+  // limited: by then the downtime is what matters. The convergence estimate uses the
+  // bandwidth measured under the limit, so it stays on the safe side.
+  double bandwidth_limit = 0;
+  int compress_level = 0;  // zstd level for page batches; 0 = off
+  // Pages kept to delta-encode against (XBZRLE-style); 0 = off. Pages enter the cache when
+  // resent after round 0, which is when a page shows it is being rewritten.
+  std::size_t delta_cache_pages = 0;
+  // Hand guest memory over instead of copying it when the VM can share it and the stream
+  // is a UNIX socket (same host).
+  bool share_memory = true;
+  // Tell the receiver which pages round 0 carries, so it can back them with memory ahead of
+  // the stream instead of faulting on each page as it lands.
+  bool page_plan = true;
+  // Connections for page data. Each carries the pages of its share of guest memory (by
+  // address, see wire::kChannelChunkPages) on its own thread. `open_channel` connects one
+  // more to the same receiver; needed when channels > 1.
+  unsigned channels = 1;
+  std::function<transport::Stream()> open_channel;
+  std::chrono::milliseconds peer_timeout{10000};
+  std::chrono::milliseconds handover_wait{2000};  // for the guest-observed downtime report
+
+  // The tunables these options start from.
+  Tunables tunables() const;
+};
+
+class SourceMigration {
+ public:
+  // `control` may be shared with whoever steers the migration; without one, the migration
+  // makes its own.
+  SourceMigration(MigratableVm& vm, transport::Stream& stream, SenderOptions options,
+                  std::shared_ptr<MigrationControl> control = nullptr);
+  ~SourceMigration();
+  SourceMigration(const SourceMigration&) = delete;
+  SourceMigration& operator=(const SourceMigration&) = delete;
+
+  MigrationControl& control() { return *control_; }
+
+  // Runs the migration to its outcome; call once.
+  //   completed        the destination runs the guest; the VM stays paused and must not run again.
+  //   failed           something went wrong before the commit; the VM runs again (it was
+  //                    resumed if this paused it), dirty logging is off, stats.error says why.
+  //   cancelled        as failed, because MigrationControl::cancel() asked.
+  //   handoff-unknown  the connection broke after Commit was sent and before Running came back:
+  //                    the destination may be running the guest, so the VM stays paused.
+  MigrationStats run();
+
+ private:
+  struct State;
+  void set_up();
+  void hand_over_memory();
+  void open_channels();
+  void start_tracking();
+  void plan_round_zero();
+  void precopy();
+  bool precopy_round(std::uint32_t round);
+  void apply_tunables();
+  void stop_and_copy();
+  void send_device_state();
+  void await_ready();
+  void commit();
+  void report_guest_handover();
+  void fail(const std::exception& error);
+  void finish_statistics();
+
+  std::unique_ptr<State> s_;
+  std::shared_ptr<MigrationControl> control_;
+};
+
+}  // namespace mig::engine

@@ -1,0 +1,187 @@
+#include "tools/cli.h"
+
+#include <fmt/core.h>
+#include <signal.h>
+
+#include <fstream>
+
+#include "control/arguments.h"
+
+namespace mig::tools {
+
+void MigrateFlags::add_to(CLI::App& app) {
+  // Each flag with the migrate argument it becomes when given.
+  auto given = [this](CLI::Option* option, std::function<void(nlohmann::json&)> argument) {
+    given_.emplace_back(option, std::move(argument));
+  };
+  given(app.add_option("--downtime-ms", downtime_ms_, "downtime target for the convergence check, in ms (default 30)")
+            ->check(CLI::Range(0.0, 2'000'000.0)),
+        [this](nlohmann::json& a) { a["downtime-ms"] = downtime_ms_; });
+  given(app.add_option("--max-iterations", max_iterations_, "at most this many pre-copy rounds, round 0 included (default 30)")
+            ->check(CLI::Range(1u, 1000u)),
+        [this](nlohmann::json& a) { a["max-iterations"] = max_iterations_; });
+  given(app.add_option("--on-no-convergence", on_no_convergence_, "when rounds stop making progress: stop (and copy) or abort")
+            ->check(CLI::IsMember({"stop", "abort"})),
+        [this](nlohmann::json& a) { a["on-no-convergence"] = on_no_convergence_; });
+  given(app.add_flag("--no-auto-converge", no_auto_converge_,
+                     "never slow the guest: by default, while the expected downtime is above 5 ms, a round that did not cut the "
+                     "pages left by a tenth holds the vCPUs for 20 % of the time, then 10 % more per such round, up to 99 %"),
+        [](nlohmann::json& a) { a["auto-converge"] = false; });
+  given(app.add_flag("--offline", offline_, "pause first and copy everything once, no pre-copy"),
+        [](nlohmann::json& a) { a["offline"] = true; });
+  given(app.add_flag("--stop-at-target", stop_at_target_,
+                     "stop pre-copy as soon as the expected downtime is within the target (by default rounds go on while "
+                     "each still cuts the pages left by a tenth)"),
+        [](nlohmann::json& a) { a["stop-at-target"] = true; });
+  given(app.add_flag("--no-verify", no_verify_, "skip the page-hash proof that destination memory equals the source's"),
+        [](nlohmann::json& a) { a["verify"] = false; });
+  given(app.add_flag("--no-dedup", no_dedup_, "resend dirty pages even when their contents did not change"),
+        [](nlohmann::json& a) { a["dedup"] = false; });
+  given(app.add_flag("--no-zero-skip", no_zero_skip_,
+                     "read and send every page, never-touched and zero ones too (to measure what skipping them saves)"),
+        [](nlohmann::json& a) { a["zero-skip"] = false; });
+  given(app.add_flag("--no-page-plan", no_page_plan_, "do not tell the receiver which pages are coming (it then faults on each as it lands)"),
+        [](nlohmann::json& a) { a["page-plan"] = false; });
+  given(app.add_option("--bandwidth", bandwidth_, "limit pre-copy page data to RATE bytes per second, e.g. 100M (the final, paused round is not limited)")
+            ->transform(CLI::AsSizeValue(false)),
+        [this](nlohmann::json& a) { a["bandwidth"] = bandwidth_; });
+  given(app.add_option("--compress", compress_, "compress page batches: zstd or zstd:LEVEL (1-19, default 1); backs off by itself on incompressible memory")
+            ->check([](const std::string& v) {
+              try {
+                control::parse_compress_level(v);
+                return std::string();
+              } catch (const std::exception& e) {
+                return std::string(e.what());
+              }
+            }),
+        [this](nlohmann::json& a) { a["compress"] = compress_; });
+  given(app.add_flag("--delta", delta_, "send pages that changed a little as deltas against their last-sent version (XBZRLE-style)"),
+        [](nlohmann::json& a) { a["delta"] = true; });
+  given(app.add_option("--delta-cache", delta_cache_, "with --delta: how much last-sent page data to keep (default 64M)")
+            ->transform(CLI::AsSizeValue(false)),
+        [this](nlohmann::json& a) { a["delta-cache"] = delta_cache_; });
+  given(app.add_option("--parallel", parallel_, "TCP connections for page data, each carrying its share of guest memory")
+            ->check(CLI::Range(1u, 16u)),
+        [this](nlohmann::json& a) { a["parallel"] = parallel_; });
+  given(app.add_option("--zerocopy", zerocopy_, "MSG_ZEROCOPY for page data: auto (on until the kernel reports it copied anyway, as over loopback), on, off")
+            ->check(CLI::IsMember({"auto", "on", "off"})),
+        [this](nlohmann::json& a) { a["zerocopy"] = zerocopy_; });
+}
+
+nlohmann::json MigrateFlags::arguments(const std::string& uri) const {
+  nlohmann::json args = {{"uri", uri}};
+  for (const auto& [option, argument] : given_)
+    if (option->count() > 0) argument(args);
+  return args;
+}
+
+namespace {
+sigset_t control_signal_set() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGUSR1);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  return set;
+}
+}  // namespace
+
+ControlSignals::ControlSignals() {
+  const sigset_t set = control_signal_set();
+  ::pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  watcher_ = std::thread([this] { watch(); });
+}
+
+ControlSignals::~ControlSignals() {
+  stop_ = true;
+  watcher_.join();
+}
+
+ControlSignals::TerminateHook ControlSignals::on_terminate(std::function<void()> callback) {
+  set_on_terminate(std::move(callback));
+  return TerminateHook(*this);
+}
+
+// The callback runs on the watcher thread with mutex_ released, so a hook being removed
+// meanwhile may still see one last call; callbacks only ask their target to quit.
+void ControlSignals::set_on_terminate(std::function<void()> callback) {
+  std::lock_guard lock(mutex_);
+  on_terminate_ = std::move(callback);
+}
+
+void ControlSignals::watch() {
+  const sigset_t set = control_signal_set();
+  while (!stop_) {
+    timespec slice{0, 100'000'000};  // looks at stop_ ten times a second
+    const int sig = ::sigtimedwait(&set, nullptr, &slice);
+    if (sig <= 0) continue;
+    std::function<void()> callback;
+    {
+      std::lock_guard lock(mutex_);
+      if (sig == SIGUSR1) {
+        usr1_ = true;
+      } else {
+        terminating_ = true;
+        callback = on_terminate_;
+      }
+    }
+    signalled_.notify_all();
+    if (callback) callback();
+  }
+}
+
+ControlSignals::Signal ControlSignals::wait(double seconds) {
+  std::unique_lock lock(mutex_);
+  auto arrived = [&] { return usr1_ || terminating_; };
+  if (seconds < 0)
+    signalled_.wait(lock, arrived);
+  else
+    signalled_.wait_for(lock, std::chrono::duration<double>(seconds), arrived);
+  if (terminating_) return Signal::terminate;
+  if (std::exchange(usr1_, false)) return Signal::usr1;
+  return Signal::none;
+}
+
+std::string progress_line(const nlohmann::json& info) {
+  const auto& ram = info.value("ram", nlohmann::json::object());
+  const double total = ram.value("total", 1.0), remaining = ram.value("remaining", 0.0);
+  const auto& rounds = info.value("mig", nlohmann::json::object()).value("rounds", nlohmann::json::array());
+  const auto last = rounds.empty() ? nlohmann::json::object() : rounds.back();
+  return fmt::format("migrating: {:>10}  round {:>2}  {:5.1f} % sent  dirty {:7.1f} MB/s  throughput {:7.1f} MB/s  "
+                     "expected downtime {:7.1f} ms  throttle {:2} %",
+                     info.value("status", "?"), rounds.size(), 100.0 * (1 - remaining / std::max(total, 1.0)),
+                     last.value("dirty_rate_MBps", 0.0), last.value("bandwidth_MBps", 0.0),
+                     last.value("expected_downtime_ms", 0.0), info.value("cpu-throttle-percentage", 0));
+}
+
+std::string summary_line(const nlohmann::json& info) {
+  const std::string status = info.value("status", "unknown");
+  const auto stats = info.value("mig", nlohmann::json::object()).value("stats", nlohmann::json::object());
+  if (status != "completed") return fmt::format("migration {}: {}", status, info.value("error-desc", "no reason given"));
+  const auto guest = stats.value("guest_downtime_ms", nlohmann::json());
+  return fmt::format(
+      "migrated {:.1f} MiB of guest memory in {:.1f} ms ({} rounds, {}, {:.1f} MB sent, {:.0f} MB/s); downtime {:.2f} ms{}; "
+      "verified: {}",
+      stats.value("guest_bytes", 0.0) / (1 << 20), stats.value("total_ms", 0.0), stats.value("rounds", 0),
+      stats.value("stop_reason", ""), stats.value("bytes_sent", 0.0) / 1e6, stats.value("throughput_MBps", 0.0),
+      stats.value("downtime_ms", 0.0), guest.is_number() ? fmt::format(", guest saw {:.2f} ms", guest.get<double>()) : "",
+      stats.value("verified", false));
+}
+
+bool write_stats_json(const std::string& path, const nlohmann::json& json) {
+  if (path.empty()) return true;
+  std::ofstream out(path);
+  out << json.dump(2) << "\n";
+  out.flush();
+  if (out) return true;
+  fmt::print(stderr, "mig: cannot write statistics to {}\n", path);
+  return false;
+}
+
+int exit_code_for(const std::string& status) {
+  if (status == "completed") return kExitMigrated;
+  if (status == "handoff-unknown") return kExitHandoffUnknown;
+  return kExitMigrationFailed;
+}
+
+}  // namespace mig::tools
