@@ -3,7 +3,7 @@
 namespace mig::engine {
 
 MigrationControl::MigrationControl(Tunables tunables, MigrationObserver observer)
-    : observer_(std::move(observer)), tunables_(tunables) {}
+    : observer_(std::move(observer)), tunables_(tunables), bandwidth_limit_(tunables.bandwidth_limit) {}
 
 bool MigrationControl::cancel() {
   {
@@ -24,11 +24,13 @@ void MigrationControl::set_downtime_target(double ms) {
 void MigrationControl::set_bandwidth(double bytes_per_second) {
   std::lock_guard lock(mutex_);
   tunables_.bandwidth_limit = bytes_per_second;
+  bandwidth_limit_ = bytes_per_second;
 }
 
 void MigrationControl::set_tunables(const Tunables& tunables) {
   std::lock_guard lock(mutex_);
   tunables_ = tunables;
+  bandwidth_limit_ = tunables.bandwidth_limit;
 }
 
 Tunables MigrationControl::tunables() const {

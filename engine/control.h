@@ -32,7 +32,8 @@
 namespace mig::engine {
 
 // What can be changed while a migration runs. A change takes effect at the next round
-// boundary (bandwidth: at the next page batch).
+// boundary; the bandwidth limit at the next page batch, so that lifting it does not wait out
+// a round paced by the old one.
 struct Tunables {
   double downtime_target_ms = 30;
   double bandwidth_limit = 0;  // bytes per second of pre-copy page data; 0 = unlimited
@@ -102,6 +103,8 @@ class MigrationControl {
   // false, e.g. when a cancel got there first).
   bool advance(MigrationStatus expected, MigrationStatus desired);
   bool cancel_requested() const { return cancel_requested_.load(std::memory_order_relaxed); }
+  // The bandwidth limit as of now, read before every page batch.
+  double bandwidth_limit() const { return bandwidth_limit_.load(std::memory_order_relaxed); }
   bool switchover_forced() const { return switchover_forced_.load(std::memory_order_relaxed); }
   // The point of no return: after this, cancel() refuses. False when a cancel came first.
   bool begin_commit();
@@ -128,6 +131,7 @@ class MigrationControl {
   MigrationProgress progress_;  // the parts that change only at phase and round boundaries
   std::chrono::steady_clock::time_point started_at_{};
   std::atomic<bool> cancel_requested_{false}, switchover_forced_{false};
+  std::atomic<double> bandwidth_limit_{0};
   std::atomic<std::uint64_t> bytes_sent_{0}, precopy_bytes_{0}, downtime_bytes_{0};
   std::atomic<std::uint64_t> pages_sent_{0}, pages_zero_{0}, pages_skipped_{0}, pages_remaining_{0};
   std::atomic<std::uint32_t> dirty_syncs_{0};

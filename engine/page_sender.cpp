@@ -136,6 +136,8 @@ void PageSender::flush() {
   head_.resize(sizeof header + descriptors_.size() * sizeof(wire::PageDescriptor));
   std::memcpy(head_.data(), &header, sizeof header);
   std::memcpy(head_.data() + sizeof header, descriptors_.data(), descriptors_.size() * sizeof(wire::PageDescriptor));
+  // Pre-copy data is paced by the limit of this moment; the paused final round is not.
+  stream_.set_rate_limit(guest_paused_ ? 0 : control_.bandwidth_limit() / channels_);
   const std::uint64_t before = stream_.counters().bytes_sent;
   stream_.send_gathered(wire::MessageType::page_batch, head_, pages_, memory_);
   control_.count_batch(stream_.counters().bytes_sent - before, unreported_.pages_sent, unreported_.pages_zero,

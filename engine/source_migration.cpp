@@ -400,7 +400,6 @@ void SourceMigration::apply_tunables() {
   s.policy.throttle_initial_pct = t.throttle_initial_pct;
   s.policy.throttle_step_pct = t.throttle_step_pct;
   s.policy.throttle_max_pct = t.throttle_max_pct;
-  for (auto* stream : s.streams) stream->set_rate_limit(t.bandwidth_limit / s.channels);
 }
 
 // The guest pauses (unless it already is), and the pages it dirtied since the last round go,
@@ -411,7 +410,6 @@ void SourceMigration::stop_and_copy() {
   State& s = *s_;
   s.phase = Phase::stop_and_copy;
   control_->set_phase(s.phase);
-  for (auto* stream : s.streams) stream->set_rate_limit(0);
   if (!s.rollback.is_paused()) {
     pause_guest(s.vm, *control_, s.rollback, s.pause_start, s.paused_at);
     fetch_dirty(s.vm, s.regions, s.scratch, s.pending);
