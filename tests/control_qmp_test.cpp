@@ -60,6 +60,13 @@ void keep_dirtying(test::FakeVm& vm) {
   };
 }
 
+// A migration that goes on until somebody steps in: a downtime limit of 0 ms that no round
+// can meet, and rounds enough.
+void start_endless_migration(control::QmpClient& client, const DestinationHost& destination) {
+  client.execute("migrate-set-parameters", {{"downtime-limit", 0}});
+  client.execute("migrate", {{"uri", destination.endpoint}, {"max-iterations", 1000}});
+}
+
 json wait_for_status(control::QmpClient& client, const std::set<std::string>& statuses) {
   for (int i = 0; i < 1000; ++i) {
     auto info = client.execute("query-migrate");
@@ -236,8 +243,7 @@ TEST_CASE("QMP: an orchestrator raises the downtime limit when progress stalls -
   keep_dirtying(*host.vm);
   DestinationHost destination;
   control::QmpClient client(host.path);
-  client.execute("migrate-set-parameters", {{"downtime-limit", 0}});
-  client.execute("migrate", {{"uri", destination.endpoint}, {"max-iterations", 1000}});
+  start_endless_migration(client, destination);
   // As KubeVirt's and Nova's monitors do: watch expected-downtime, and when it stops
   // falling, give the migration the downtime it needs.
   std::vector<std::int64_t> expected;
@@ -271,8 +277,7 @@ TEST_CASE("QMP: migrate_cancel stops a migration - the guest runs on and migrate
   {
     DestinationHost destination;
     control::QmpClient client(host.path);
-    client.execute("migrate-set-parameters", {{"downtime-limit", 0}});
-    client.execute("migrate", {{"uri", destination.endpoint}, {"max-iterations", 1000}});
+    start_endless_migration(client, destination);
     while (client.execute("query-migrate")["ram"]["dirty-sync-count"] < 3) std::this_thread::sleep_for(5ms);
     client.execute("migrate_cancel");
     const auto info = wait_for_status(client, {"cancelled", "failed", "completed"});

@@ -143,14 +143,16 @@ ControlSignals::Signal ControlSignals::wait(double seconds) {
 }
 
 std::string progress_line(const nlohmann::json& info) {
-  const auto& ram = info.value("ram", nlohmann::json::object());
-  const double total = ram.value("total", 1.0), remaining = ram.value("remaining", 0.0);
-  const auto& rounds = info.value("mig", nlohmann::json::object()).value("rounds", nlohmann::json::array());
+  const auto ram = info.value("ram", nlohmann::json::object());
+  const auto rounds = info.value("mig", nlohmann::json::object()).value("rounds", nlohmann::json::array());
   const auto last = rounds.empty() ? nlohmann::json::object() : rounds.back();
-  return fmt::format("migrating: {:>10}  round {:>2}  {:5.1f} % sent  dirty {:7.1f} MB/s  throughput {:7.1f} MB/s  "
-                     "expected downtime {:7.1f} ms  throttle {:2} %",
-                     info.value("status", "?"), rounds.size(), 100.0 * (1 - remaining / std::max(total, 1.0)),
-                     last.value("dirty_rate_MBps", 0.0), last.value("bandwidth_MBps", 0.0),
+  // Sent is what needs no sending any more; before the first page goes nothing is known.
+  const double total = ram.value("total", 0.0), remaining = ram.value("remaining", 0.0);
+  const bool started = info.value("status", "") != "setup" && total > 0;
+  return fmt::format("migrating: {:>10}  round {:>2}  {:5.1f} % sent  {:8.1f} MB on the wire at {:7.1f} MB/s  dirty {:7.1f} MB/s  "
+                     "expected downtime {:6.1f} ms  throttle {:2} %",
+                     info.value("status", "?"), rounds.size(), started ? 100.0 * (1 - remaining / total) : 0.0,
+                     ram.value("transferred", 0.0) / 1e6, ram.value("mbps", 0.0) / 8, last.value("dirty_rate_MBps", 0.0),
                      last.value("expected_downtime_ms", 0.0), info.value("cpu-throttle-percentage", 0));
 }
 

@@ -13,7 +13,6 @@
 #include "vmm/kvm_vm.h"
 
 using namespace mig;
-using namespace std::chrono;
 
 namespace {
 
@@ -22,6 +21,28 @@ std::string receive_summary_line(const engine::IncomingStats& s) {
                      static_cast<double>(s.guest_bytes) / (1 << 20), s.pages_received, s.rounds,
                      static_cast<double>(s.bytes_received) / 1e6, s.restore_ms, s.resume_ms,
                      s.guest ? fmt::format(", guest saw {:.2f} ms", s.guest->gap_ms) : "", s.verified);
+}
+
+// Runs the guest that arrived until --run-for, quit or a signal; reports its heartbeats,
+// unless it has moved on meanwhile.
+int run_received_guest(control::Domain& domain, const engine::IncomingStats& incoming, double run_for,
+                       const std::string& stats_json) {
+  kvm::Machine& machine = static_cast<vmm::KvmVm*>(domain.vm())->machine();
+  tools::run_guest(domain, machine, run_for);
+  if (const auto onward = domain.wait_migration(); onward && onward->status == engine::MigrationStatus::completed) {
+    fmt::print(stderr, "mig-recv: the guest migrated onward\n");
+    return tools::kExitMigrated;
+  }
+  machine.pause();
+  tools::print_heartbeat_stats(machine.probe(), stdout);
+  auto report = control::to_json(incoming);
+  report.update(tools::guest_report(machine));
+  tools::write_stats_json(stats_json, report);
+  if (auto failure = machine.failure()) {
+    fmt::print(stderr, "mig-recv: guest failed: {}\n", *failure);
+    return tools::kExitGuestFailed;
+  }
+  return tools::kExitMigrated;
 }
 
 }  // namespace
@@ -83,23 +104,5 @@ int main(int argc, char** argv) {
   fmt::print(stderr, "mig-recv: {}\n", receive_summary_line(*incoming));
   tools::write_stats_json(stats_json, control::to_json(*incoming));
 
-  kvm::Machine& machine = static_cast<vmm::KvmVm*>(domain.vm())->machine();
-  const auto arrived = steady_clock::now();
-  while ((run_for < 0 || steady_clock::now() < arrived + duration<double>(run_for)) && !machine.failure() &&
-         !domain.wait_quit(milliseconds(20))) {
-  }
-  if (const auto onward = domain.wait_migration(); onward && onward->status == engine::MigrationStatus::completed) {
-    fmt::print(stderr, "mig-recv: the guest migrated onward\n");
-    return tools::kExitMigrated;
-  }
-  machine.pause();
-  tools::print_heartbeat_stats(machine.probe(), stdout);
-  auto report = control::to_json(*incoming);
-  report.update(tools::guest_report(machine));
-  tools::write_stats_json(stats_json, report);
-  if (auto failure = machine.failure()) {
-    fmt::print(stderr, "mig-recv: guest failed: {}\n", *failure);
-    return tools::kExitGuestFailed;
-  }
-  return tools::kExitMigrated;
+  return run_received_guest(domain, *incoming, run_for, stats_json);
 }

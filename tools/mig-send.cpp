@@ -69,6 +69,43 @@ struct BootedGuest {
   std::string qmp;
 };
 
+// When to migrate, in seconds from `started`: --after, counted from the guest's ready
+// report (or from now, for a guest without the probe); never (-1) without --after.
+double migration_time(const BootedGuest& options, const kvm::Machine& machine, const tools::ControlSignals& signals,
+                      steady_clock::time_point started) {
+  if (options.after < 0) return -1;
+  bool ready = false;
+  for (int i = 0; i < 600 && !ready && !signals.terminating(); ++i) ready = machine.probe().wait_ready(milliseconds(100));
+  if (!ready) fmt::print(stderr, "mig-send: the guest did not report ready; --after counts from boot\n");
+  return options.after + duration<double>(steady_clock::now() - started).count();
+}
+
+// One migration, reported on stderr and in the stats file. Returns the exit code when it is
+// final - the guest left, or may have - and nothing while the guest runs on here.
+std::optional<int> migrate_once(control::Domain& domain, const nlohmann::json& arguments, const std::string& stats_json,
+                                nlohmann::json& stats) {
+  try {
+    domain.migrate(control::parse_migrate_arguments(arguments, domain.parameters()));
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "mig-send: {}\n", e.what());
+    return std::nullopt;
+  }
+  domain.wait_migration();
+  const auto info = domain.query_migrate();
+  if (::isatty(STDOUT_FILENO)) fmt::print("\n");
+  fmt::print(stderr, "mig-send: {}\n", tools::summary_line(info));
+  stats = info["mig"]["stats"];
+  const auto status = info.value("status", "");
+  if (status == "completed" || status == "handoff-unknown") tools::write_stats_json(stats_json, stats);
+  if (status == "completed") return tools::kExitMigrated;
+  if (status == "handoff-unknown") {
+    fmt::print(stderr, "mig-send: the destination may be running the guest; the source was not resumed\n");
+    return tools::kExitHandoffUnknown;
+  }
+  fmt::print(stderr, "mig-send: the guest keeps running here; send SIGUSR1 to retry\n");
+  return std::nullopt;
+}
+
 // Boots the guest, migrates it --after seconds after it reports ready (or on SIGUSR1), and
 // keeps it running here when the migration fails: SIGUSR1 then retries.
 int boot_and_migrate(const BootedGuest& options, const nlohmann::json& arguments, const std::string& stats_json,
@@ -93,19 +130,11 @@ int boot_and_migrate(const BootedGuest& options, const nlohmann::json& arguments
       if (event.name == "MIGRATION_PASS") fmt::print("\r{}", tools::progress_line(domain.query_migrate()));
       std::fflush(stdout);
     });
-
-  double migrate_at = -1;
-  if (options.after >= 0) {
-    bool ready = false;
-    for (int i = 0; i < 600 && !ready && !signals.terminating(); ++i) ready = machine.probe().wait_ready(milliseconds(100));
-    if (!ready) fmt::print(stderr, "mig-send: the guest did not report ready; --after counts from boot\n");
-    migrate_at = options.after + duration<double>(steady_clock::now() - started).count();
-  }
   auto seconds_until = [&](double limit) {
     return limit < 0 ? -1.0 : std::max(0.0, limit - duration<double>(steady_clock::now() - started).count());
   };
-  nlohmann::json last = {{"status", "failed"}, {"error", "not migrated"}};
-  for (;;) {
+  nlohmann::json stats = {{"status", "failed"}, {"error", "not migrated"}};
+  for (double migrate_at = migration_time(options, machine, signals, started);; migrate_at = -1) {
     const auto signal = signals.wait(seconds_until(migrate_at < 0 ? options.run_for : migrate_at));
     if (signal == tools::ControlSignals::Signal::terminate || (signal == tools::ControlSignals::Signal::none && migrate_at < 0))
       break;  // a signal, or --run-for ran out
@@ -113,31 +142,12 @@ int boot_and_migrate(const BootedGuest& options, const nlohmann::json& arguments
       fmt::print(stderr, "mig-send: guest failed before migration: {}\n", *failure);
       return tools::kExitGuestFailed;
     }
-    try {
-      domain.migrate(control::parse_migrate_arguments(arguments, domain.parameters()));
-    } catch (const std::exception& e) {
-      fmt::print(stderr, "mig-send: {}\n", e.what());
-      break;
-    }
-    domain.wait_migration();
-    const auto info = domain.query_migrate();
-    if (::isatty(STDOUT_FILENO)) fmt::print("\n");
-    fmt::print(stderr, "mig-send: {}\n", tools::summary_line(info));
-    last = info["mig"]["stats"];
-    const auto status = info.value("status", "");
-    if (status == "completed" || status == "handoff-unknown") tools::write_stats_json(stats_json, last);
-    if (status == "completed") return tools::kExitMigrated;
-    if (status == "handoff-unknown") {
-      fmt::print(stderr, "mig-send: the destination may be running the guest; the source was not resumed\n");
-      return tools::kExitHandoffUnknown;
-    }
-    fmt::print(stderr, "mig-send: the guest keeps running here; send SIGUSR1 to retry\n");
-    migrate_at = -1;
+    if (const auto exit_code = migrate_once(domain, arguments, stats_json, stats)) return *exit_code;
   }
   // The heartbeat summary covers the time the guest ran on after any failure.
   machine.pause();
-  last.update(tools::guest_report(machine));
-  tools::write_stats_json(stats_json, last);
+  stats.update(tools::guest_report(machine));
+  tools::write_stats_json(stats_json, stats);
   return tools::kExitMigrationFailed;
 }
 

@@ -57,10 +57,7 @@ int main(int argc, char** argv) {
       if (!machine.probe().wait_ready(seconds(60))) throw std::runtime_error("guest did not report ready within 60 s");
       fmt::print("dirty rate: {:.1f} MB/s over {:.2f} s\n", measure_dirty_rate_mbps(domain, dirty_rate_window), dirty_rate_window);
     }
-    // Until --run-for runs out, somebody quits (QMP or a signal), or the guest fails.
-    while ((run_for < 0 || steady_clock::now() < started + duration<double>(run_for)) && !machine.failure() &&
-           !domain.wait_quit(milliseconds(20))) {
-    }
+    tools::run_guest(domain, machine, run_for < 0 ? -1 : std::max(0.0, run_for - duration<double>(steady_clock::now() - started).count()));
     machine.pause();
     tools::print_heartbeat_stats(machine.probe(), stdout);
     if (auto failure = machine.failure()) {

@@ -35,6 +35,13 @@ std::unique_ptr<kvm::Machine> boot_machine(const VmOptions& options) {
   return machine;
 }
 
+void run_guest(const control::Domain& domain, const kvm::Machine& machine, double run_for) {
+  using namespace std::chrono;
+  const auto until = steady_clock::now() + duration_cast<steady_clock::duration>(duration<double>(std::max(run_for, 0.0)));
+  while ((run_for < 0 || steady_clock::now() < until) && !machine.failure() && !domain.wait_quit(milliseconds(20))) {
+  }
+}
+
 void print_heartbeat_stats(const kvm::Probe& probe, std::FILE* out) {
   const auto vcpus = probe.snapshot();
   for (std::size_t i = 0; i < vcpus.size(); ++i) {

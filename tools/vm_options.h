@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "control/domain.h"
 #include "kvm/machine.h"
 
 namespace mig::tools {
@@ -25,6 +26,10 @@ struct VmOptions {
 
 // Creates the machine, loads the image, starts the vCPUs. Errors carry a one-line reason.
 std::unique_ptr<kvm::Machine> boot_machine(const VmOptions& options);
+
+// Lets the guest run until `run_for` seconds have passed (forever if negative), the domain
+// quits (QMP or a signal), or the guest fails.
+void run_guest(const control::Domain& domain, const kvm::Machine& machine, double run_for);
 
 // One line per vCPU: heartbeats, sequence breaks, the longest gap, timer ticks, failures.
 void print_heartbeat_stats(const kvm::Probe& probe, std::FILE* out);
