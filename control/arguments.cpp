@@ -1,12 +1,19 @@
 #include "control/arguments.h"
 
 #include <set>
+#include <sstream>
 
 namespace mig::control {
 
 namespace {
 
 constexpr int kMaxZstdLevel = 19;
+
+std::string shortest(double value) {
+  std::ostringstream out;
+  out << value;
+  return out.str();
+}
 
 // Reads typed fields from a JSON object, remembering which it read so that anything else
 // can be refused. Messages follow QEMU's wording.
@@ -38,8 +45,8 @@ class Fields {
     if (!has(name)) return fallback;
     const double value = typed(name, &nlohmann::json::is_number, "number").get<double>();
     if (!(value >= min && value <= max))  // also refuses NaN
-      throw CommandError("Parameter '" + std::string(name) + "' expects a value between " + std::to_string(min) + " and " +
-                         std::to_string(max));
+      throw CommandError("Parameter '" + std::string(name) + "' expects a value between " + shortest(min) + " and " +
+                         shortest(max));
     return value;
   }
   std::string text(const char* name, const std::string& fallback, const std::set<std::string>& allowed = {}) {

@@ -117,10 +117,20 @@ bool Probe::wait_heartbeat_after(unsigned vcpu, std::uint32_t seq, std::chrono::
 }
 
 void Probe::restore(const std::vector<HeartbeatState>& state) {
+  const std::int64_t now = monotonic_ns();
   std::lock_guard lock(mutex_);
   vcpus_ = state;
   vcpus_.resize(std::max<std::size_t>(vcpus_.size(), 1));
-  awaiting_handover_ = vcpus_[0].count > 0;
+  // The timestamps came over the wire. One before boot or after now is no time on this
+  // clock: nothing can be measured from it (and subtracting it could overflow).
+  bool vcpu0_comparable = true;
+  for (auto& hb : vcpus_) {
+    if (hb.last_ns >= 0 && hb.last_ns <= now) continue;
+    vcpu0_comparable = vcpu0_comparable && &hb != &vcpus_[0];
+    hb.last_ns = now;
+  }
+  for (auto& hb : vcpus_) hb.max_gap_ns = std::max<std::int64_t>(hb.max_gap_ns, 0);
+  awaiting_handover_ = vcpus_[0].count > 0 && vcpu0_comparable;
   handover_.reset();
 }
 

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 
@@ -108,6 +109,12 @@ MultibootImage parse_multiboot(std::span<const std::byte> file) {
 }
 
 MultibootImage read_multiboot_file(const std::string& path) {
+  // A kernel is a regular file of bounded size: /dev/zero or a FIFO would be read forever.
+  std::error_code error;
+  const auto status = std::filesystem::status(path, error);
+  if (!error && !std::filesystem::is_regular_file(status)) throw ImageError(path + " is not a regular file");
+  if (!error && std::filesystem::file_size(path, error) > kMaxImageBytes)
+    throw ImageError(path + " is larger than " + std::to_string(kMaxImageBytes >> 20) + " MiB, too large for a kernel image");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw ImageError("cannot open kernel image " + path + ": " + std::strerror(errno));
   std::vector<char> raw((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());

@@ -169,6 +169,9 @@ TEST_CASE("mig-vm rejects bad input with a clear error") {
       {{"--kernel", test::kGuestImage, "--mem", "0"}, "at least 4 MiB"},
       {{"--kernel", test::kGuestImage, "--mem", "100T"}, "exceeds the host"},
       {{"--kernel", test::kGuestImage, "--vcpus", "99"}, "vCPU count"},
+      {{"--kernel", "/dev/zero"}, "not a regular file"},
+      {{"--kernel", test::kGuestImage, "--mem", "-5"}, "cannot be negative"},
+      {{"--kernel", test::kGuestImage, "--dirty-rate", "1e300"}, "not in range"},
   };
   for (const auto& c : cases) {
     std::vector<std::string> args = {kTools + "mig-vm", "--run-for", "0.1"};
@@ -178,4 +181,45 @@ TEST_CASE("mig-vm rejects bad input with a clear error") {
     CHECK(vm.wait() != 0);
     CHECK_THAT(vm.stderr_text(), Contains(c.expected));
   }
+}
+
+TEST_CASE("mig-send refuses bad migrate options before it boots anything") {
+  const std::pair<std::vector<std::string>, const char*> cases[] = {
+      {{"--compress", "zstd:0"}, "LEVEL from 1 to 19"},
+      {{"--compress", "zstd:99999999999999999999"}, "LEVEL from 1 to 19"},
+      {{"--downtime-ms", "nan"}, "downtime-ms"},
+      {{"--downtime-ms", "-5"}, "downtime-ms"},
+      {{"--after", "-5"}, "--after"},
+      {{"--bandwidth", "-1"}, "cannot be negative"},
+  };
+  for (const auto& [extra, expected] : cases) {
+    std::vector<std::string> args = {kTools + "mig-send", "--kernel", test::kGuestImage, "--to", "tcp:127.0.0.1:1"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    const auto ran = run_tool(args);
+    INFO(extra[0] << " " << extra[1] << ": " << ran.err);
+    CHECK(ran.exit_code != 0);
+    CHECK(ran.exit_code != 2);  // refused as a bad command line, not as a failed migration
+    CHECK_THAT(ran.err, Contains(expected));
+  }
+}
+
+TEST_CASE("an unwritable stats file costs no guest - on either side") {
+  test::require_kvm();
+  auto [receiver, endpoint] = start_receiver({"--run-for", "0.5", "--stats-json", "/proc/version"});
+  Child sender(send_args(endpoint, "/proc/version", "mode=random rate=20 wss=16M hb=2"));
+  CHECK(sender.wait() == 0);
+  CHECK(receiver->wait() == 0);  // it received the guest and ran it to the end
+  CHECK_THAT(receiver->stderr_text(), Contains("cannot write statistics to /proc/version"));
+  std::string beats;
+  for (std::string line; !(line = receiver->read_line()).empty();) beats += line;
+  CHECK_THAT(beats, Contains("sequence breaks 0"));
+
+  // A failed migration: the source guest runs on for --run-for, then the tool exits as usual.
+  std::uint16_t port;
+  { port = transport::Listener(transport::Endpoint::parse("tcp:127.0.0.1:0")).port(); }
+  auto args = send_args("tcp:127.0.0.1:" + std::to_string(port), "/proc/version", "mode=idle hb=2");
+  args.insert(args.end(), {"--run-for", "0.8"});
+  Child failing(args);
+  CHECK(failing.wait() == 2);
+  CHECK_THAT(failing.stderr_text(), Contains("keeps running") && Contains("cannot write statistics"));
 }

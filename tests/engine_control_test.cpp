@@ -238,3 +238,27 @@ TEST_CASE("a failure names the phase it happened in") {
   CHECK_THAT(m.sent.error, Contains("pre-copy: ") && Contains("no progress"));
   CHECK_FALSE(source.paused());
 }
+
+TEST_CASE("a failure to stop dirty logging after Running leaves the migration completed") {
+  test::FakeVm source({kPages});
+  fill(source);
+  source.fail_stop_dirty_log = true;
+  auto m = test::migrate_fake(source, engine::SenderOptions{});
+  INFO(m.sent.error);
+  CHECK(m.sent.status == MigrationStatus::completed);
+  CHECK(m.received.stats.status == MigrationStatus::completed);
+  CHECK(source.paused());  // and the guest stays where it went
+}
+
+TEST_CASE("a slow bandwidth limit paces in slices - the receiver never waits out its timeout") {
+  // 2.4 MB at 100 KB/s: past the 2 MiB burst, 0.3 MB take 3 s. Paced a whole 1 MiB batch at
+  // a time, the receiver (2 s timeout) would hear nothing for those 3 s.
+  test::FakeVm source({1024});
+  for (std::uint64_t p = 0; p < 600; ++p) source.write(0, p, p + 1);
+  engine::SenderOptions options;
+  options.bandwidth_limit = 100e3;
+  auto m = test::migrate_fake(source, options);
+  INFO(m.sent.error << " / " << m.received.stats.error);
+  REQUIRE(m.sent.status == MigrationStatus::completed);
+  CHECK(m.destination->region_memory(0) == source.region_memory(0));
+}

@@ -9,6 +9,7 @@
 #include "engine/incoming_migration.h"
 #include "engine/source_migration.h"
 #include "tests/fake_vm.h"
+#include "transport/endpoint.h"
 
 using namespace mig;
 using namespace std::chrono_literals;
@@ -37,8 +38,18 @@ std::pair<engine::MigrationStats, engine::IncomingResult> run_migration(test::Fa
   return {stats, std::move(received)};
 }
 
-// Forwards frames both ways; `tamper` may change a sender frame (payload) or return false
-// to cut the connection there.
+// What a relay does with a frame from the sender.
+enum class Relay {
+  forward,
+  cut,                  // close the connection instead
+  forward_then_deafen,  // forward it, then stop taking the receiver's replies: its next send fails
+};
+
+// Forwards frames both ways; `tamper` may change a sender frame (payload) and says what to
+// do with it (a bool: forward or cut).
+Relay as_action(bool forward) { return forward ? Relay::forward : Relay::cut; }
+Relay as_action(Relay action) { return action; }
+
 template <typename Tamper>
 auto frame_relay(Tamper tamper) {
   return [tamper](transport::Stream& from_sender, transport::Stream& to_receiver) mutable {
@@ -58,7 +69,9 @@ auto frame_relay(Tamper tamper) {
         wire::FrameHeader header;
         from_sender.read_exact(std::as_writable_bytes(std::span(&header, 1)));
         auto payload = from_sender.read_payload(header);
-        if (!tamper(index, header, payload)) break;
+        const Relay action = as_action(tamper(index, header, payload));
+        if (action == Relay::cut) break;
+        if (action == Relay::forward_then_deafen) ::shutdown(to_receiver.fd(), SHUT_RD);
         to_receiver.send_frame(static_cast<wire::MessageType>(header.type), payload);
       }
     } catch (const std::exception&) {
@@ -185,6 +198,23 @@ TEST_CASE("a connection lost after Commit leaves the guest in at most one place"
   CHECK(source.paused());
   CHECK(received.stats.status == engine::MigrationStatus::failed);
   CHECK(received.vm == nullptr);
+}
+
+TEST_CASE("a destination that resumed keeps the guest even when Running cannot be sent") {
+  test::FakeVm source({kPages});
+  fill(source, kPages);
+  test::FakeVm* destination = nullptr;
+  auto relay = frame_relay([](int, wire::FrameHeader& h, std::vector<std::byte>&) {
+    return h.type == static_cast<std::uint16_t>(wire::MessageType::commit) ? Relay::forward_then_deafen : Relay::forward;
+  });
+  auto [sent, received] = run_migration(source, &destination, engine::SenderOptions{}, relay);
+  // The source cannot tell; the destination resumed, and owns the guest from then on.
+  CHECK(sent.status == engine::MigrationStatus::handoff_unknown);
+  CHECK(source.paused());
+  CHECK(received.stats.status == engine::MigrationStatus::completed);
+  REQUIRE(received.vm != nullptr);
+  CHECK_FALSE(destination->paused());
+  CHECK(destination->region_memory(0) == source.region_memory(0));
 }
 
 TEST_CASE("no progress with --on-no-convergence=abort gives up and resumes") {
@@ -503,4 +533,28 @@ TEST_CASE("with zero-page skipping off - every page crosses the wire") {
   CHECK(all.first.pages_skipped == 0);
   CHECK(destination->region_memory(0) == source.region_memory(0));
   CHECK(destination->region_memory(1) == source.region_memory(1));
+}
+
+TEST_CASE("a receiver whose extra channels never connect gives up within its timeout") {
+  // The sender asks for 3 channels and then opens none of them.
+  transport::Listener listener(transport::Endpoint::parse("tcp:127.0.0.1:0"));
+  auto receiver = std::async(std::launch::async, [&] {
+    auto stream = listener.accept(2000ms);
+    engine::ReceiverOptions options{300ms, 100ms, {}};
+    options.accept_channel = [&](std::chrono::milliseconds timeout) { return listener.accept(timeout); };
+    test::FakeVm* made = nullptr;
+    return engine::IncomingMigration(stream, test::fake_factory(&made), options).run();
+  });
+  auto stream = transport::connect(transport::Endpoint::parse(listener.endpoint()));
+  wire::Hello hello;
+  hello.vcpus = 1;
+  hello.channels = 3;
+  hello.regions = {{0, kPages * engine::kPageSize}};
+  stream.send(hello);
+  stream.receive<wire::HelloAck>();
+  const auto started = std::chrono::steady_clock::now();
+  const auto result = receiver.get();
+  CHECK(result.stats.status == engine::MigrationStatus::failed);
+  CHECK_THAT(result.stats.error, Contains("nobody connected"));
+  CHECK(std::chrono::steady_clock::now() - started < 2s);
 }

@@ -57,6 +57,7 @@ class FakeVm final : public engine::MigratableVm {
   void stop_dirty_log() override {
     std::lock_guard lock(mutex_);
     logging_ = false;
+    if (fail_stop_dirty_log) throw std::runtime_error("KVM_SET_USER_MEMORY_REGION: out of memory");
   }
   void fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) override {
     if (before_fetch && region == 0) before_fetch(*this);  // the guest's writes during the round
@@ -100,6 +101,7 @@ class FakeVm final : public engine::MigratableVm {
 
   std::atomic<int> pauses{0}, resumes{0};
   bool thrash = false;
+  bool fail_stop_dirty_log = false;
   std::optional<double> throttle_calms_at;
   std::vector<double> throttles;  // every set_throttle() call
   std::function<void(FakeVm&)> before_fetch;

@@ -152,3 +152,23 @@ TEST_CASE("a guest that breaks is reported - not hidden") {
   REQUIRE(machine->failure());
   CHECK_THAT(*machine->failure(), Catch::Matchers::Contains("triple fault"));
 }
+
+TEST_CASE("heartbeat timestamps from the stream that are no time here measure nothing") {
+  // Needs no KVM: the probe is plain bookkeeping.
+  kvm::Probe probe(2);
+  std::vector<kvm::HeartbeatState> state(2);
+  state[0].count = state[1].count = 10;
+  state[0].last_seq = state[1].last_seq = 10;
+  state[0].last_ns = INT64_MIN;                        // as a hostile peer sent it
+  state[1].last_ns = kvm::monotonic_ns() + 1'000'000'000'000;  // from the future
+  state[1].max_gap_ns = -5;
+  probe.restore(state);
+  std::uint32_t beat = 11;
+  probe.io(0, MIG_PROBE_HEARTBEAT, true, reinterpret_cast<std::uint8_t*>(&beat), 4);
+  probe.io(1, MIG_PROBE_HEARTBEAT, true, reinterpret_cast<std::uint8_t*>(&beat), 4);
+  CHECK_FALSE(probe.handover());  // no gap is claimed
+  for (const auto& hb : probe.snapshot()) {
+    CHECK(hb.max_gap_ns >= 0);
+    CHECK(hb.max_gap_ns < 1'000'000'000);
+  }
+}

@@ -112,3 +112,10 @@ TEST_CASE("page descriptors are validated") {
   d.encoding = PageEncoding::invalid;
   CHECK_THROWS_WITH(validate(d), Contains("unknown page encoding"));
 }
+
+TEST_CASE("a frame header with reserved bits set is refused") {
+  FrameHeader header{kMagic, static_cast<std::uint16_t>(MessageType::commit), 1, 0};
+  CHECK_THROWS_WITH(validate(header), Contains("reserved"));
+  header.reserved = 0;
+  CHECK_NOTHROW(validate(header));
+}

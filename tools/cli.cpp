@@ -9,6 +9,14 @@
 
 namespace mig::tools {
 
+CLI::Option* size_option(CLI::Option* option) {
+  return option
+      ->check([](const std::string& value) {
+        return value.find('-') == std::string::npos ? std::string() : std::string("a size cannot be negative");
+      })
+      ->transform(CLI::AsSizeValue(false));
+}
+
 void MigrateFlags::add_to(CLI::App& app) {
   // Each flag with the migrate argument it becomes when given.
   auto given = [this](CLI::Option* option, std::function<void(nlohmann::json&)> argument) {
@@ -42,8 +50,7 @@ void MigrateFlags::add_to(CLI::App& app) {
         [](nlohmann::json& a) { a["zero-skip"] = false; });
   given(app.add_flag("--no-page-plan", no_page_plan_, "do not tell the receiver which pages are coming (it then faults on each as it lands)"),
         [](nlohmann::json& a) { a["page-plan"] = false; });
-  given(app.add_option("--bandwidth", bandwidth_, "limit pre-copy page data to RATE bytes per second, e.g. 100M (the final, paused round is not limited)")
-            ->transform(CLI::AsSizeValue(false)),
+  given(size_option(app.add_option("--bandwidth", bandwidth_, "limit pre-copy page data to RATE bytes per second, e.g. 100M (the final, paused round is not limited)")),
         [this](nlohmann::json& a) { a["bandwidth"] = bandwidth_; });
   given(app.add_option("--compress", compress_, "compress page batches: zstd or zstd:LEVEL (1-19, default 1); backs off by itself on incompressible memory")
             ->check([](const std::string& v) {
@@ -57,8 +64,7 @@ void MigrateFlags::add_to(CLI::App& app) {
         [this](nlohmann::json& a) { a["compress"] = compress_; });
   given(app.add_flag("--delta", delta_, "send pages that changed a little as deltas against their last-sent version (XBZRLE-style)"),
         [](nlohmann::json& a) { a["delta"] = true; });
-  given(app.add_option("--delta-cache", delta_cache_, "with --delta: how much last-sent page data to keep (default 64M)")
-            ->transform(CLI::AsSizeValue(false)),
+  given(size_option(app.add_option("--delta-cache", delta_cache_, "with --delta: how much last-sent page data to keep (default 64M)")),
         [this](nlohmann::json& a) { a["delta-cache"] = delta_cache_; });
   given(app.add_option("--parallel", parallel_, "TCP connections for page data, each carrying its share of guest memory")
             ->check(CLI::Range(1u, 16u)),

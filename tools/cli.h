@@ -24,6 +24,10 @@ enum ExitCode : int {
   kExitGuestFailed = 4,      // the guest itself crashed (triple fault, internal error)
 };
 
+// A size in bytes with K/M/G suffixes (binary). A negative one is refused, where CLI11 alone
+// would wrap it around into an absurd size.
+CLI::Option* size_option(CLI::Option* option);
+
 // mig's migrate options as command-line flags (mig-send, mig-ctl migrate). Only the flags
 // given become arguments, so a domain's migration parameters stay the defaults.
 class MigrateFlags {

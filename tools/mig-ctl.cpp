@@ -70,9 +70,7 @@ int main(int argc, char** argv) {
   std::string parameter, value;
   auto* set = app.add_subcommand("set", "change a migration parameter, also of the migration in progress");
   set->add_option("parameter", parameter, "downtime-ms or bandwidth")->required()->check(CLI::IsMember({"downtime-ms", "bandwidth"}));
-  set->add_option("value", value, "milliseconds, or bytes per second (K/M/G suffixes)")
-      ->required()
-      ->transform(CLI::AsSizeValue(false));
+  tools::size_option(set->add_option("value", value, "milliseconds, or bytes per second (K/M/G suffixes)")->required());
   double seconds = 1;
   auto* dirty = app.add_subcommand("dirty-rate", "measure how fast the guest dirties memory");
   dirty->add_option("seconds", seconds, "measuring time")->check(CLI::Range(0.1, 60.0));

@@ -60,10 +60,9 @@ int main(int argc, char** argv) {
   app.add_option("--run-for", run_for, "run the received guest this many seconds, then exit; default: until quit (QMP) or SIGINT/SIGTERM");
   app.add_option("--stats-json", stats_json, "write the incoming migration's statistics here");
   app.add_flag("--memfd", memfd, "back guest memory with memfd");
-  app.add_option("--expect-mem", expect_mem,
-                 "build the VM for a guest of this size while waiting, with its memory populated, so receiving "
-                 "pays no page faults (like QEMU's -incoming with -m); a different incoming shape is still accepted")
-      ->transform(CLI::AsSizeValue(false));
+  tools::size_option(app.add_option("--expect-mem", expect_mem,
+                                    "build the VM for a guest of this size while waiting, with its memory populated, so receiving "
+                                    "pays no page faults (like QEMU's -incoming with -m); a different incoming shape is still accepted"));
   app.add_option("--expect-vcpus", expect_vcpus, "with --expect-mem: the vCPU count to prepare for")->default_val(1);
   CLI11_PARSE(app, argc, argv);
 

@@ -165,8 +165,10 @@ int main(int argc, char** argv) {
   app.add_flag("--verbose", verbose, "with --vm: print a progress line per poll even when stdout is not a terminal");
   app.add_option("--after", booted.after,
                  "migrate this many seconds after the guest reports ready (or after boot, for guests without the "
-                 "probe); without it, migrate on SIGUSR1");
-  app.add_option("--run-for", booted.run_for, "if the migration fails, keep running the guest this long (seconds from start) before exiting; default: until SIGINT/SIGTERM");
+                 "probe); without it, migrate on SIGUSR1")
+      ->check(CLI::Range(0.0, 1e9));
+  app.add_option("--run-for", booted.run_for, "if the migration fails, keep running the guest this long (seconds from start) before exiting; default: until SIGINT/SIGTERM")
+      ->check(CLI::Range(0.0, 1e9));
   app.add_option("--stats-json", stats_json, "write the migration's statistics here");
   app.add_option("--qmp", booted.qmp, "a QMP control socket for the booted guest, unix:PATH");
   flags.add_to(app);

@@ -2,14 +2,15 @@
 
 #include <fmt/core.h>
 
+#include "tools/cli.h"
+
 namespace mig::tools {
 
 void VmOptions::add_to(CLI::App& app, bool kernel_required) {
   app.add_option("--kernel", kernel, "multiboot v1 kernel image (ELF32 or a.out kludge)")
       ->required(kernel_required)
       ->check(CLI::ExistingFile);
-  app.add_option("--mem", mem_bytes, "guest memory, e.g. 256M or 2G")
-      ->transform(CLI::AsSizeValue(false))
+  size_option(app.add_option("--mem", mem_bytes, "guest memory, e.g. 256M or 2G"))
       ->default_str("256M");
   app.add_option("--vcpus", vcpus, "number of vCPUs")->default_val(1);
   app.add_option("--append", append, "kernel command line");

@@ -26,6 +26,7 @@ const char* to_string(MessageType type) {
 
 void validate(const FrameHeader& header) {
   if (header.magic != kMagic) throw ProtocolError("not a mig stream: bad frame magic");
+  if (header.reserved != 0) throw ProtocolError("frame header has reserved bits set");
   std::uint64_t limit = kMaxControlPayload;
   switch (static_cast<MessageType>(header.type)) {
     case MessageType::page_batch:

@@ -22,6 +22,20 @@ namespace {
   throw_errno(what, err);
 }
 
+// Moves `index` (and the part it points into) past `bytes` transferred bytes, and past any
+// empty parts after them.
+void consume(std::span<iovec> parts, std::size_t& index, std::size_t bytes) {
+  while (index < parts.size() && bytes >= parts[index].iov_len) {
+    bytes -= parts[index].iov_len;
+    ++index;
+  }
+  if (bytes > 0) {
+    parts[index].iov_base = static_cast<std::byte*>(parts[index].iov_base) + bytes;
+    parts[index].iov_len -= bytes;
+  }
+  while (index < parts.size() && parts[index].iov_len == 0) ++index;
+}
+
 }  // namespace
 
 Stream::Stream(UniqueFd fd) : fd_(std::move(fd)) {
@@ -74,18 +88,7 @@ void Stream::write_all(std::span<iovec> parts, int flags) {
       ++counters_.zerocopy_sends;
     }
     counters_.bytes_sent += static_cast<std::uint64_t>(n);
-    auto left = static_cast<std::size_t>(n);
-    while (left > 0 && index < parts.size()) {
-      if (left >= parts[index].iov_len) {
-        left -= parts[index].iov_len;
-        ++index;
-      } else {
-        parts[index].iov_base = static_cast<std::byte*>(parts[index].iov_base) + left;
-        parts[index].iov_len -= left;
-        left = 0;
-      }
-    }
-    while (index < parts.size() && parts[index].iov_len == 0) ++index;
+    consume(parts, index, static_cast<std::size_t>(n));
   }
   // While probing, look after every send: a copying path is then left after a send or two
   // rather than after 64.
@@ -125,12 +128,14 @@ void Stream::send_gathered(wire::MessageType type, std::span<const std::byte> he
   header.type = static_cast<std::uint16_t>(type);
   header.length = head.size();
   for (const auto& page : pages) header.length += page.iov_len;
-  if (rate_limit_ && !pages.empty() && !rate_limit_->take(sizeof header + header.length, interrupted_))
-    throw Interrupted("interrupted while waiting for the bandwidth limit");
   std::vector<iovec> parts;
   parts.reserve(2 + pages.size());
   parts.push_back({&header, sizeof header});
   if (!head.empty()) parts.push_back({const_cast<std::byte*>(head.data()), head.size()});
+  if (rate_limit_ && !pages.empty()) {
+    parts.insert(parts.end(), pages.begin(), pages.end());
+    return write_paced(parts);
+  }
   if (!zerocopy_ || pages.empty() || memory != PageMemory::guest) {
     parts.insert(parts.end(), pages.begin(), pages.end());
     write_all(parts, 0);
@@ -141,6 +146,26 @@ void Stream::send_gathered(wire::MessageType type, std::span<const std::byte> he
   write_all(parts, MSG_MORE);
   std::vector<iovec> page_parts(pages.begin(), pages.end());
   write_all(page_parts, MSG_ZEROCOPY);
+}
+
+// Page data under a bandwidth limit goes in slices, each once its tokens are there: a slow
+// limit shows as a steady trickle the peer sees progress in, never as one long silence
+// before a whole batch, and a cancel waits for one slice at most. Slices are copied, never
+// sent zero-copy: the frame header lives on the caller's stack.
+void Stream::write_paced(std::span<iovec> parts) {
+  constexpr std::size_t kSliceBytes = 64 * 1024;
+  std::vector<iovec> slice;
+  for (std::size_t index = 0; index < parts.size();) {
+    slice.clear();
+    std::size_t bytes = 0;
+    for (std::size_t i = index; i < parts.size() && bytes < kSliceBytes; ++i) {
+      slice.push_back({parts[i].iov_base, std::min(parts[i].iov_len, kSliceBytes - bytes)});
+      bytes += slice.back().iov_len;
+    }
+    if (!rate_limit_->take(bytes, interrupted_)) throw Interrupted("interrupted while waiting for the bandwidth limit");
+    write_all(slice, 0);
+    consume(parts, index, bytes);
+  }
 }
 
 void Stream::read_exact(std::span<std::byte> out) {
@@ -162,16 +187,7 @@ void Stream::read_scatter(std::span<iovec> parts) {
     }
     if (n == 0) throw PeerError("the peer closed the connection mid-stream");
     counters_.bytes_received += static_cast<std::uint64_t>(n);
-    auto left = static_cast<std::size_t>(n);
-    while (index < parts.size() && left >= parts[index].iov_len) {
-      left -= parts[index].iov_len;
-      ++index;
-    }
-    if (left > 0) {
-      parts[index].iov_base = static_cast<std::byte*>(parts[index].iov_base) + left;
-      parts[index].iov_len -= left;
-    }
-    while (index < parts.size() && parts[index].iov_len == 0) ++index;
+    consume(parts, index, static_cast<std::size_t>(n));
   }
 }
 

@@ -103,6 +103,7 @@ class Stream {
 
  private:
   void write_all(std::span<iovec> parts, int flags);
+  void write_paced(std::span<iovec> parts);
   void reap_zerocopy_completions();
 
   UniqueFd fd_;
