@@ -50,9 +50,11 @@ void require_cancelled(const test::FakeMigration& m) {
   INFO(m.sent.error << " / " << m.received.stats.error);
   CHECK(m.sent.status == MigrationStatus::cancelled);
   CHECK_THAT(m.sent.error, Contains("cancelled"));
+  // The destination hears of it as an Error frame, or - when the cancel cut a page batch
+  // short - as a connection closed mid-frame. Either way it discards the guest.
   CHECK(m.received.stats.status == MigrationStatus::failed);
-  CHECK_THAT(m.received.stats.error, Contains("cancelled"));
-  CHECK(m.received.vm == nullptr);  // the destination discarded the guest
+  CHECK_THAT(m.received.stats.error, Contains("cancelled") || Contains("closed the connection mid-stream"));
+  CHECK(m.received.vm == nullptr);
 }
 
 }  // namespace

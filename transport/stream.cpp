@@ -162,7 +162,11 @@ void Stream::write_paced(std::span<iovec> parts) {
       slice.push_back({parts[i].iov_base, std::min(parts[i].iov_len, kSliceBytes - bytes)});
       bytes += slice.back().iov_len;
     }
-    if (!rate_limit_->take(bytes, interrupted_)) throw Interrupted("interrupted while waiting for the bandwidth limit");
+    if (!rate_limit_->take(bytes, interrupted_)) {
+      // Half a frame has gone: nothing that follows could be read as a frame any more.
+      if (index > 0) ::shutdown(fd_.get(), SHUT_WR);
+      throw Interrupted("interrupted while waiting for the bandwidth limit");
+    }
     write_all(slice, 0);
     consume(parts, index, bytes);
   }
