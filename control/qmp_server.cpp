@@ -142,12 +142,7 @@ void QmpServer::serve(Client& client) {
       std::uint64_t count;
       [[maybe_unused]] auto n = ::read(client.wake.get(), &count, sizeof count);
     }
-    if (fds[0].revents & POLLOUT) {
-      std::lock_guard lock(client.mutex);
-      const ssize_t sent = ::send(client.fd.get(), client.outbox.data(), client.outbox.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
-      if (sent < 0 && errno != EAGAIN && errno != EINTR) return;
-      if (sent > 0) client.outbox.erase(0, static_cast<std::size_t>(sent));
-    }
+    if ((fds[0].revents & POLLOUT) && !write_pending(client)) return;
     if (fds[0].revents & (POLLERR | POLLNVAL)) return;
     if (closing || !(fds[0].revents & (POLLIN | POLLHUP))) continue;
     const ssize_t got = ::recv(client.fd.get(), buffer, sizeof buffer, MSG_DONTWAIT);
@@ -164,14 +159,27 @@ void QmpServer::serve(Client& client) {
   }
 }
 
-void QmpServer::flush(Client& client) {
+// Writes what the client's queue holds, as far as its socket takes it now. False when the
+// socket failed.
+bool QmpServer::write_pending(Client& client) {
   std::lock_guard lock(client.mutex);
-  while (!client.outbox.empty()) {
+  if (client.outbox.empty()) return true;
+  const ssize_t sent = ::send(client.fd.get(), client.outbox.data(), client.outbox.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+  if (sent < 0) return errno == EAGAIN || errno == EINTR;
+  client.outbox.erase(0, static_cast<std::size_t>(sent));
+  return true;
+}
+
+// The queue's lock is never held while waiting: events keep being queued meanwhile.
+void QmpServer::flush(Client& client) {
+  for (;;) {
+    if (!write_pending(client)) return;
+    {
+      std::lock_guard lock(client.mutex);
+      if (client.outbox.empty()) return;
+    }
     pollfd pfd{client.fd.get(), POLLOUT, 0};
     if (::poll(&pfd, 1, 1000) <= 0) return;
-    const ssize_t sent = ::send(client.fd.get(), client.outbox.data(), client.outbox.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
-    if (sent < 0 && errno != EAGAIN && errno != EINTR) return;
-    if (sent > 0) client.outbox.erase(0, static_cast<std::size_t>(sent));
   }
 }
 

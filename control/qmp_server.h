@@ -41,6 +41,7 @@ class QmpServer {
   void accept_clients();
   void serve(Client& client);
   void handle_message(Client& client, const std::string& text);
+  bool write_pending(Client& client);
   void flush(Client& client);  // writes what is queued now, waiting up to a second at a time
   // The reply to one request; sets `quit` when the domain should shut down once it is sent.
   nlohmann::json respond(Client& client, const nlohmann::json& request, bool& quit);

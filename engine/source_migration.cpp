@@ -224,7 +224,7 @@ void SourceMigration::set_up() {
   s.verify = s.options.verify && (ack.capabilities & wire::kCapVerify);
   s.same_host = !hello.host_boot_id.empty() && ack.host_boot_id == hello.host_boot_id;
   s.shared = offer_sharing && (ack.capabilities & wire::kCapSharedMemory);
-  if (s.shared) hand_over_memory();
+  if (s.shared) hand_over_memory(memory_fds);
   s.channels = s.shared ? 1 : ack.channels;
   if (s.channels < 1 || s.channels > hello.channels) throw wire::ProtocolError("receiver accepted an impossible channel count");
   open_channels();
@@ -234,9 +234,8 @@ void SourceMigration::set_up() {
 
 // Same host: the receiver maps this very memory. Its acknowledgement says the destination
 // VM is built on it, so building that stays out of the downtime. The hand-over is round 0.
-void SourceMigration::hand_over_memory() {
+void SourceMigration::hand_over_memory(const std::vector<int>& fds) {
   State& s = *s_;
-  const auto fds = s.vm.shareable_memory_fds();
   send_counted(s.stream, *control_, wire::SharedMemory{static_cast<std::uint32_t>(fds.size())}, false);
   s.stream.send_fds(fds);
   send_counted(s.stream, *control_, wire::RoundEnd{0}, false);

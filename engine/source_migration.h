@@ -87,7 +87,7 @@ class SourceMigration {
  private:
   struct State;
   void set_up();
-  void hand_over_memory();
+  void hand_over_memory(const std::vector<int>& fds);
   void open_channels();
   void start_tracking();
   void plan_round_zero();
