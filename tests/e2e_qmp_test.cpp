@@ -25,6 +25,16 @@ std::unique_ptr<Child> start_vm(const std::string& socket, const std::string& ap
   return vm;
 }
 
+// Until the guest's workload loop runs (it fills its working set first): its dirty rate
+// shows it.
+void wait_dirtying(const std::string& socket) {
+  for (int i = 0; i < 50; ++i) {
+    const auto r = ctl(socket, {"dirty-rate", "0.2"});
+    if (r.exit_code == 0 && r.out.find("dirty rate: 0 ") == std::string::npos) return;
+  }
+  FAIL("the guest never started dirtying memory");
+}
+
 nlohmann::json info_json(const std::string& socket) {
   const auto r = ctl(socket, {"info", "--json"});
   REQUIRE(r.exit_code == 0);
@@ -84,8 +94,8 @@ TEST_CASE("mig-ctl cancels one migration and completes the next - the events say
   require_kvm();
   const auto a = socket_path("cancel-a");
   auto vm = start_vm(a, "mode=random rate=50 wss=64M hb=2");
+  wait_dirtying(a);
   Child events({kTools + "mig-ctl", "unix:" + a, "events"});
-  std::this_thread::sleep_for(1s);  // the guest has filled its working set
   REQUIRE(ctl(a, {"set", "bandwidth", "10M"}).exit_code == 0);  // round 0 then takes seconds
   auto [doomed, doomed_endpoint] = start_receiver({});
   REQUIRE(ctl(a, {"migrate", doomed_endpoint}).exit_code == 0);
@@ -142,10 +152,12 @@ TEST_CASE("SIGTERM ends a waiting mig-recv and a migrating mig-send cleanly") {
   CHECK_THAT(receiver->stderr_text(), Contains("stopped waiting for a connection"));
 
   auto [slow, slow_endpoint] = start_receiver({});
+  const auto socket = socket_path("term");
   auto args = send_args(slow_endpoint, temp_path("term.json"), "mode=random rate=50 wss=64M hb=2");
-  args.insert(args.end(), {"--bandwidth", "5M"});
+  args.insert(args.end(), {"--bandwidth", "5M", "--qmp", "unix:" + socket});
   Child sender(args);
-  std::this_thread::sleep_for(1500ms);  // booted, and in round 0
+  // Round 0 of 64 MiB at 5 MB/s takes 13 s: signal once it is under way.
+  for (int i = 0; i < 500 && ctl(socket, {"info"}).out.find("status: active") == std::string::npos; ++i) ::usleep(20000);
   sender.signal(SIGTERM);
   CHECK(sender.wait() == 2);
   CHECK_THAT(sender.stderr_text(), Contains("migration cancelled"));
