@@ -10,7 +10,10 @@
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
 
+#include <functional>
 #include <thread>
+#include <tuple>
+#include <vector>
 
 #include "control/qmp_client.h"
 #include "control/qmp_server.h"
@@ -51,6 +54,20 @@ double measure_dirty_rate(control::QmpClient& client, double seconds) {
   }
 }
 
+void follow_events(control::QmpClient& client) {
+  try {
+    while (auto event = client.next_event(std::nullopt)) {
+      fmt::print("{}\n", event->dump());
+      std::fflush(stdout);
+    }
+  } catch (const std::runtime_error&) {
+    // The guest's process ended: so does its event stream.
+  }
+}
+
+// What a subcommand does once its arguments are parsed and the socket is connected.
+using Action = std::function<void(control::QmpClient&)>;
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -58,61 +75,46 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   std::string socket;
   app.add_option("socket", socket, "the guest's control socket, unix:PATH")->required();
+  std::vector<std::pair<CLI::App*, Action>> commands;
+  auto command = [&](const char* name, const char* help, Action action) {
+    return commands.emplace_back(app.add_subcommand(name, help), std::move(action)).first;
+  };
+
   bool json = false;
-  auto* info = app.add_subcommand("info", "the migration's progress or result, like `info migrate`");
-  info->add_flag("--json", json, "print query-migrate's reply as it is");
+  command("info", "the migration's progress or result, like `info migrate`", [&json](control::QmpClient& client) {
+    const auto reply = client.execute("query-migrate");
+    json ? fmt::print("{}\n", reply.dump(2)) : print_info(reply);
+  })->add_flag("--json", json, "print query-migrate's reply as it is");
   std::string endpoint;
   tools::MigrateFlags flags;
-  auto* migrate = app.add_subcommand("migrate", "start migrating the guest to ENDPOINT (returns at once; follow with info)");
+  auto* migrate = command("migrate", "start migrating the guest to ENDPOINT (returns at once; follow with info)",
+                          [&](control::QmpClient& client) { client.execute("migrate", flags.arguments(endpoint)); });
   migrate->add_option("endpoint", endpoint, "tcp:HOST:PORT or unix:PATH of a waiting mig-recv")->required();
   flags.add_to(*migrate);
-  auto* cancel = app.add_subcommand("cancel", "cancel the migration in progress; the guest runs on here");
   std::string parameter, value;
-  auto* set = app.add_subcommand("set", "change a migration parameter, also of the migration in progress");
+  auto* set = command("set", "change a migration parameter, also of the migration in progress", [&](control::QmpClient& client) {
+    client.execute("migrate-set-parameters", {{parameter == "bandwidth" ? "max-bandwidth" : "downtime-limit", std::stoull(value)}});
+  });
   set->add_option("parameter", parameter, "downtime-ms or bandwidth")->required()->check(CLI::IsMember({"downtime-ms", "bandwidth"}));
   tools::size_option(set->add_option("value", value, "milliseconds, or bytes per second (K/M/G suffixes)")->required());
   double seconds = 1;
-  auto* dirty = app.add_subcommand("dirty-rate", "measure how fast the guest dirties memory");
-  dirty->add_option("seconds", seconds, "measuring time")->check(CLI::Range(0.1, 60.0));
-  auto* status = app.add_subcommand("status", "the guest's run state");
-  auto* stop = app.add_subcommand("stop", "pause the guest");
-  auto* cont = app.add_subcommand("cont", "resume the guest");
-  auto* quit = app.add_subcommand("quit", "stop the guest and end its process");
-  auto* events = app.add_subcommand("events", "print events as they come, one JSON object a line");
+  command("dirty-rate", "measure how fast the guest dirties memory", [&seconds](control::QmpClient& client) {
+    fmt::print("dirty rate: {:.0f} MB/s over {:.2f} s\n", measure_dirty_rate(client, seconds), seconds);
+  })->add_option("seconds", seconds, "measuring time")->check(CLI::Range(0.1, 60.0));
+  command("status", "the guest's run state", [](control::QmpClient& client) {
+    fmt::print("{}\n", client.execute("query-status")["status"].get<std::string>());
+  });
+  for (const auto& [name, qmp, help] : {std::tuple{"cancel", "migrate_cancel", "cancel the migration in progress; the guest runs on here"},
+                                         std::tuple{"stop", "stop", "pause the guest"}, std::tuple{"cont", "cont", "resume the guest"},
+                                         std::tuple{"quit", "quit", "stop the guest and end its process"}})
+    command(name, help, [qmp = std::string(qmp)](control::QmpClient& client) { client.execute(qmp); });
+  command("events", "print events as they come, one JSON object a line", follow_events);
   CLI11_PARSE(app, argc, argv);
 
   try {
     control::QmpClient client(control::qmp_socket_path(socket));
-    if (*info) {
-      const auto reply = client.execute("query-migrate");
-      json ? fmt::print("{}\n", reply.dump(2)) : print_info(reply);
-    } else if (*migrate) {
-      client.execute("migrate", flags.arguments(endpoint));
-    } else if (*cancel) {
-      client.execute("migrate_cancel");
-    } else if (*set) {
-      client.execute("migrate-set-parameters",
-                     {{parameter == "bandwidth" ? "max-bandwidth" : "downtime-limit", std::stoull(value)}});
-    } else if (*dirty) {
-      fmt::print("dirty rate: {:.0f} MB/s over {:.2f} s\n", measure_dirty_rate(client, seconds), seconds);
-    } else if (*status) {
-      fmt::print("{}\n", client.execute("query-status")["status"].get<std::string>());
-    } else if (*stop) {
-      client.execute("stop");
-    } else if (*cont) {
-      client.execute("cont");
-    } else if (*quit) {
-      client.execute("quit");
-    } else if (*events) {
-      try {
-        while (auto event = client.next_event(std::nullopt)) {
-          fmt::print("{}\n", event->dump());
-          std::fflush(stdout);
-        }
-      } catch (const std::runtime_error&) {
-        // The guest's process ended: so does its event stream.
-      }
-    }
+    for (const auto& [subcommand, action] : commands)
+      if (subcommand->parsed()) action(client);
     return 0;
   } catch (const control::QmpError& e) {
     fmt::print(stderr, "mig-ctl: {}\n", e.what());
