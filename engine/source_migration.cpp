@@ -334,8 +334,7 @@ void SourceMigration::plan_round_zero() {
 
 void SourceMigration::precopy() {
   State& s = *s_;
-  s.phase = Phase::precopy;
-  control_->set_phase(s.phase);
+  enter_phase(Phase::precopy);
   apply_tunables();
   while (precopy_round(s.round)) ++s.round;
   ++s.round;  // the final round follows, paused
@@ -407,8 +406,7 @@ void SourceMigration::apply_tunables() {
 // channel 0; the extra channels are then done and closed.
 void SourceMigration::stop_and_copy() {
   State& s = *s_;
-  s.phase = Phase::stop_and_copy;
-  control_->set_phase(s.phase);
+  enter_phase(Phase::stop_and_copy);
   if (!s.rollback.is_paused()) {
     pause_guest(s.vm, *control_, s.rollback, s.pause_start, s.paused_at);
     fetch_dirty(s.vm, s.regions, s.scratch, s.pending);
@@ -425,8 +423,7 @@ void SourceMigration::stop_and_copy() {
 
 void SourceMigration::send_device_state() {
   State& s = *s_;
-  s.phase = Phase::device_state;
-  control_->set_phase(s.phase);
+  enter_phase(Phase::device_state);
   for (const auto& section : s.vm.save_state())
     send_counted(s.stream, *control_, wire::StateSection{section.name, section.version, section.data}, true);
   s.state_done = Clock::now();
@@ -435,8 +432,7 @@ void SourceMigration::send_device_state() {
 // The receiver checks the page-hash digest and restores the state before it says Ready.
 void SourceMigration::await_ready() {
   State& s = *s_;
-  s.phase = Phase::awaiting_ready;
-  control_->set_phase(s.phase);
+  enter_phase(Phase::awaiting_ready);
   for (const auto& sender : s.senders) {
     s.stats.pages_delta += sender->pages_delta();
     s.stats.batches_compressed += sender->batches_compressed();
@@ -450,8 +446,7 @@ void SourceMigration::await_ready() {
 // guest: the source must never run it again, whatever happens to the connection.
 void SourceMigration::commit() {
   State& s = *s_;
-  s.phase = Phase::commit;
-  control_->set_phase(s.phase);
+  enter_phase(Phase::commit);
   if (!control_->begin_commit()) throw MigrationCancelled();
   s.committed = true;
   s.rollback.committed();
@@ -499,6 +494,11 @@ void SourceMigration::report_guest_handover() {
                                   handover.last_source_seq, handover.first_destination_seq};
   } catch (const std::exception&) {
   }
+}
+
+void SourceMigration::enter_phase(Phase phase) {
+  s_->phase = phase;
+  control_->set_phase(phase);
 }
 
 void SourceMigration::fail(const std::exception& error) {

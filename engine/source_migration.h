@@ -86,6 +86,7 @@ class SourceMigration {
 
  private:
   struct State;
+  void enter_phase(Phase phase);  // for failures to name, and progress() to show
   void set_up();
   void hand_over_memory(const std::vector<int>& fds);
   void open_channels();
