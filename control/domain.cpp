@@ -18,6 +18,16 @@ const char* to_string(RunState state) {
   return "unknown";
 }
 
+const char* to_string(DirtyRateStatus status) {
+  switch (status) {
+    case DirtyRateStatus::unstarted: return "unstarted";
+    case DirtyRateStatus::measuring: return "measuring";
+    case DirtyRateStatus::measured: return "measured";
+    case DirtyRateStatus::failed: return "failed";
+  }
+  return "unknown";
+}
+
 transport::Stream open_migration_stream(const transport::Endpoint& endpoint, ZeroCopyMode mode) {
   auto stream = transport::connect(endpoint);
   using transport::Stream;
@@ -86,7 +96,7 @@ engine::MigratableVm* Domain::vm() const {
 void Domain::require_guest_idle(const char* command) const {
   if (!vm_) throw CommandError(std::string(command) + ": no guest here yet (" + to_string(run_state_) + ")");
   if (outgoing_active_) throw CommandError(std::string(command) + ": a migration is in progress");
-  if (dirty_status_ == "measuring") throw CommandError(std::string(command) + ": a dirty-rate measurement is in progress");
+  if (dirty_status_ == DirtyRateStatus::measuring) throw CommandError(std::string(command) + ": a dirty-rate measurement is in progress");
   if (run_state_ == RunState::postmigrate)
     throw CommandError(std::string(command) + ": the guest has migrated away and must not run here again");
   if (quit_) throw CommandError(std::string(command) + ": the domain is shutting down");
@@ -284,17 +294,17 @@ void Domain::calc_dirty_rate(double seconds) {
   std::lock_guard lock(mutex_);
   require_guest_idle("calc-dirty-rate");
   if (dirty_thread_.joinable()) dirty_thread_.join();
-  dirty_status_ = "measuring";
+  dirty_status_ = DirtyRateStatus::measuring;
   dirty_calc_time_ = seconds;
   dirty_start_time_ = std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
   dirty_thread_ = std::thread([this, seconds] { measure_dirty_rate(seconds); });
 }
 
 // Like virsh domdirtyrate-calc: the distinct pages written during the window, under dirty
-// logging, per second.
+// logging, per second. Logging is off again afterwards, whatever happened.
 void Domain::measure_dirty_rate(double seconds) {
   engine::MigratableVm& vm = *vm_;
-  double rate = 0;
+  std::optional<double> rate;
   try {
     const auto regions = vm.memory_regions();
     vm.start_dirty_log();
@@ -309,24 +319,27 @@ void Domain::measure_dirty_rate(double seconds) {
       vm.fetch_dirty_log(r, bitmap);
       pages += engine::count_pages(bitmap, regions[r].size / engine::kPageSize);
     }
-    vm.stop_dirty_log();
     const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     rate = static_cast<double>(pages * engine::kPageSize) / 1e6 / elapsed;
   } catch (const std::exception&) {
-    rate = -1;
+  }
+  try {
+    vm.stop_dirty_log();
+  } catch (const std::exception&) {
+    rate.reset();
   }
   std::lock_guard lock(mutex_);
-  dirty_status_ = rate < 0 ? "failed" : "measured";
-  dirty_rate_MBps_ = std::max(rate, 0.0);
+  dirty_status_ = rate ? DirtyRateStatus::measured : DirtyRateStatus::failed;
+  dirty_rate_MBps_ = rate.value_or(0);
 }
 
 nlohmann::json Domain::query_dirty_rate() const {
   std::lock_guard lock(mutex_);
-  nlohmann::json info = {{"status", dirty_status_}, {"mode", "dirty-bitmap"}};
-  if (dirty_status_ == "unstarted") return info;
+  nlohmann::json info = {{"status", to_string(dirty_status_)}, {"mode", "dirty-bitmap"}};
+  if (dirty_status_ == DirtyRateStatus::unstarted) return info;
   info["start-time"] = dirty_start_time_;
   info["calc-time"] = dirty_calc_time_;
-  if (dirty_status_ == "measured") info["dirty-rate"] = static_cast<std::int64_t>(dirty_rate_MBps_ + 0.5);
+  if (dirty_status_ == DirtyRateStatus::measured) info["dirty-rate"] = static_cast<std::int64_t>(dirty_rate_MBps_ + 0.5);
   return info;
 }
 

@@ -33,6 +33,10 @@ namespace mig::control {
 enum class RunState { prelaunch, inmigrate, running, paused, finish_migrate, postmigrate, shutdown };
 const char* to_string(RunState state);
 
+// QEMU's DirtyRateStatus, for calc-dirty-rate.
+enum class DirtyRateStatus { unstarted, measuring, measured, failed };
+const char* to_string(DirtyRateStatus status);
+
 // An asynchronous event, as QMP sends it: MIGRATION, MIGRATION_PASS, STOP, RESUME, SHUTDOWN.
 struct Event {
   std::string name;
@@ -131,7 +135,7 @@ class Domain {
   std::thread incoming_thread_;
 
   // Dirty rate.
-  std::string dirty_status_ = "unstarted";
+  DirtyRateStatus dirty_status_ = DirtyRateStatus::unstarted;
   double dirty_rate_MBps_ = 0, dirty_calc_time_ = 0;
   std::int64_t dirty_start_time_ = 0;
   std::thread dirty_thread_;

@@ -96,7 +96,7 @@ nlohmann::json to_json(const engine::IncomingStats& s) {
 
 nlohmann::json migration_info(const engine::MigrationProgress& p) {
   const double seconds = std::max(p.elapsed_ms / 1000, 1e-9);
-  const double last_dirty_rate = p.rounds.empty() ? 0 : p.rounds.back().dirty_rate_Bps;
+  const engine::RoundStats last = p.rounds.empty() ? engine::RoundStats{} : p.rounds.back();
   nlohmann::json ram = {
       {"transferred", p.bytes_sent},
       {"remaining", p.pages_remaining * engine::kPageSize},
@@ -105,7 +105,7 @@ nlohmann::json migration_info(const engine::MigrationProgress& p) {
       {"skipped", p.pages_skipped},
       {"normal", p.pages_sent - p.pages_zero},
       {"normal-bytes", (p.pages_sent - p.pages_zero) * engine::kPageSize},
-      {"dirty-pages-rate", static_cast<std::uint64_t>(last_dirty_rate / engine::kPageSize)},
+      {"dirty-pages-rate", static_cast<std::uint64_t>(last.dirty_rate_Bps / engine::kPageSize)},
       {"mbps", static_cast<double>(p.bytes_sent) * 8 / 1e6 / seconds},
       {"dirty-sync-count", p.dirty_syncs},
       {"page-size", engine::kPageSize},
@@ -118,9 +118,9 @@ nlohmann::json migration_info(const engine::MigrationProgress& p) {
       {"status", engine::to_string(p.status)},
       {"total-time", static_cast<std::int64_t>(p.elapsed_ms)},
       {"setup-time", static_cast<std::int64_t>(p.setup_ms)},
-      {"expected-downtime", static_cast<std::int64_t>(p.expected_downtime_ms)},
+      {"expected-downtime", static_cast<std::int64_t>(last.expected_downtime_ms)},
       {"ram", ram},
-      {"cpu-throttle-percentage", p.throttle_pct},
+      {"cpu-throttle-percentage", last.throttle_pct},
   };
   nlohmann::json own = {{"phase", engine::to_string(p.phase)}, {"rounds", round_table(p.rounds)}};
   if (p.result) {

@@ -203,19 +203,23 @@ nlohmann::json QmpServer::respond(Client& client, const nlohmann::json& request,
     const auto command = request["execute"].get<std::string>();
     const auto arguments = request.value("arguments", nlohmann::json::object());
     if (!arguments.is_object()) throw CommandError("Invalid parameter type for 'arguments', expected: object");
+    // qmp_capabilities comes first and once; quit concerns the client too (its reply must go
+    // out before the process ends). Everything else only looks at the domain.
+    const bool negotiating = command == "qmp_capabilities";
     {
       std::lock_guard lock(client.mutex);
-      const bool negotiating = command == "qmp_capabilities";
-      if (negotiating == client.negotiated)
-        throw CommandError(negotiating ? "Capabilities negotiation is already complete, command ignored"
-                                       : "Expecting capabilities negotiation with 'qmp_capabilities'",
-                           "CommandNotFound");
-      no_arguments(negotiating || command == "quit" ? arguments : nlohmann::json::object());
-      client.negotiated = true;
+      if (negotiating && client.negotiated)
+        throw CommandError("Capabilities negotiation is already complete, command ignored", "CommandNotFound");
+      if (!negotiating && !client.negotiated)
+        throw CommandError("Expecting capabilities negotiation with 'qmp_capabilities'", "CommandNotFound");
     }
-    if (command == "qmp_capabilities") return {{"return", nlohmann::json::object()}};
-    quit = command == "quit";
-    if (quit) return {{"return", nlohmann::json::object()}};
+    if (negotiating || command == "quit") {
+      no_arguments(arguments);
+      std::lock_guard lock(client.mutex);
+      client.negotiated = true;
+      quit = command == "quit";
+      return {{"return", nlohmann::json::object()}};
+    }
     const auto& table = domain_commands();
     const auto found = table.find(command);
     if (found == table.end()) throw CommandError("The command " + command + " has not been found", "CommandNotFound");

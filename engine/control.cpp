@@ -21,11 +21,7 @@ void MigrationControl::set_downtime_target(double ms) {
   tunables_.downtime_target_ms = ms;
 }
 
-void MigrationControl::set_bandwidth(double bytes_per_second) {
-  std::lock_guard lock(mutex_);
-  tunables_.bandwidth_limit = bytes_per_second;
-  bandwidth_limit_ = bytes_per_second;
-}
+void MigrationControl::set_bandwidth(double bytes_per_second) { bandwidth_limit_ = bytes_per_second; }
 
 void MigrationControl::set_tunables(const Tunables& tunables) {
   std::lock_guard lock(mutex_);
@@ -35,7 +31,9 @@ void MigrationControl::set_tunables(const Tunables& tunables) {
 
 Tunables MigrationControl::tunables() const {
   std::lock_guard lock(mutex_);
-  return tunables_;
+  Tunables t = tunables_;
+  t.bandwidth_limit = bandwidth_limit_;
+  return t;
 }
 
 void MigrationControl::force_switchover() { switchover_forced_ = true; }
@@ -120,12 +118,10 @@ void MigrationControl::count_batch(std::uint64_t bytes, std::uint64_t pages_sent
 
 void MigrationControl::round_started(std::uint64_t pages_pending) { pages_remaining_ = pages_pending; }
 
-void MigrationControl::round_finished(const RoundStats& round, unsigned throttle_pct) {
+void MigrationControl::round_finished(const RoundStats& round) {
   {
     std::lock_guard lock(mutex_);
     progress_.rounds.push_back(round);
-    progress_.expected_downtime_ms = round.expected_downtime_ms;
-    progress_.throttle_pct = throttle_pct;
   }
   pages_remaining_ = round.dirty_pages;
   if (observer_.round_finished) observer_.round_finished(round);

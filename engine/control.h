@@ -58,9 +58,7 @@ struct MigrationProgress {
   std::uint64_t pages_skipped = 0;  // unchanged since their last send
   std::uint64_t pages_remaining = 0;  // still to go in this round, plus dirtied since
   std::uint32_t dirty_syncs = 0;    // dirty-log fetches so far
-  unsigned throttle_pct = 0;
-  std::vector<RoundStats> rounds;   // finished pre-copy rounds
-  double expected_downtime_ms = 0;  // by the last round
+  std::vector<RoundStats> rounds;   // finished pre-copy rounds: the last says the expected downtime and throttle
   std::optional<MigrationStats> result;  // once finished
 };
 
@@ -115,7 +113,7 @@ class MigrationControl {
   void count_batch(std::uint64_t bytes, std::uint64_t pages_sent, std::uint64_t pages_zero, std::uint64_t pages_skipped,
                    bool guest_paused);
   void round_started(std::uint64_t pages_pending);
-  void round_finished(const RoundStats& round, unsigned throttle_pct);
+  void round_finished(const RoundStats& round);
   void count_dirty_sync() { ++dirty_syncs_; }
   // The outcome; called again to add what was learnt after it (the guest's downtime).
   void finish(const MigrationStats& stats);
@@ -127,7 +125,7 @@ class MigrationControl {
   mutable std::condition_variable finished_;
   MigrationStatus status_ = MigrationStatus::none;
   bool committed_ = false;
-  Tunables tunables_;
+  Tunables tunables_;  // but for the bandwidth limit, which lives in bandwidth_limit_
   MigrationProgress progress_;  // the parts that change only at phase and round boundaries
   std::chrono::steady_clock::time_point started_at_{};
   std::atomic<bool> cancel_requested_{false}, switchover_forced_{false};

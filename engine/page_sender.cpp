@@ -38,7 +38,7 @@ RoundCounts PageSender::send_round(std::uint32_t round, const Bitmaps& pending, 
   round_ = round;
   guest_paused_ = guest_paused;
   counts_ = {};
-  unreported_ = {};
+  reported_ = {};
   const std::uint64_t before = stream_.counters().bytes_sent;
   for (std::size_t r = 0; r < regions_.size(); ++r) {
     const std::uint64_t region_first = regions_[r].guest_addr / kPageSize;
@@ -47,8 +47,8 @@ RoundCounts PageSender::send_round(std::uint32_t round, const Bitmaps& pending, 
         if (channels_ == 1 || (region_first + page) / wire::kChannelChunkPages % channels_ == channel_) add_page(r, page);
   }
   flush();
-  // Pages skipped after the last batch were not reported with it.
-  control_.count_batch(0, 0, 0, unreported_.pages_skipped, guest_paused_);
+  report(0);  // pages skipped after the last batch
+
   counts_.bytes = stream_.counters().bytes_sent - before;
   pages_delta_total_ += counts_.pages_delta;
   return counts_;
@@ -71,7 +71,6 @@ void PageSender::add_page(std::size_t region, std::uint64_t page) {
   // receiver never got are such pages too (both tables start at the zero hash).
   if (hash == last_sent && (zero ? skip_zero_ : dedup_)) {
     ++counts_.pages_skipped;
-    ++unreported_.pages_skipped;
     return;
   }
   hashes_.set(channel_, region, page, hash);
@@ -84,7 +83,6 @@ void PageSender::add_page(std::size_t region, std::uint64_t page) {
     if (through_cache)
       if (std::byte* slot = delta_->find(region, page)) std::memset(slot, 0, kPageSize);
     ++counts_.pages_zero;
-    ++unreported_.pages_zero;
   } else if (through_cache) {
     add_through_cache(region, page, host, d);
   } else if (!pages_.empty() && static_cast<const std::byte*>(pages_.back().iov_base) + pages_.back().iov_len == host) {
@@ -94,7 +92,6 @@ void PageSender::add_page(std::size_t region, std::uint64_t page) {
   }
   descriptors_.push_back(d);
   ++counts_.pages_sent;
-  ++unreported_.pages_sent;
   if (descriptors_.size() == kBatchPages) flush();
 }
 
@@ -140,13 +137,17 @@ void PageSender::flush() {
   stream_.set_rate_limit(guest_paused_ ? 0 : control_.bandwidth_limit() / channels_);
   const std::uint64_t before = stream_.counters().bytes_sent;
   stream_.send_gathered(wire::MessageType::page_batch, head_, pages_, memory_);
-  control_.count_batch(stream_.counters().bytes_sent - before, unreported_.pages_sent, unreported_.pages_zero,
-                       unreported_.pages_skipped, guest_paused_);
-  unreported_ = {};
+  report(stream_.counters().bytes_sent - before);
   descriptors_.clear();
   pages_.clear();
   delta_bytes_.clear();
   memory_ = transport::PageMemory::guest;
+}
+
+void PageSender::report(std::uint64_t bytes) {
+  control_.count_batch(bytes, counts_.pages_sent - reported_.pages_sent, counts_.pages_zero - reported_.pages_zero,
+                       counts_.pages_skipped - reported_.pages_skipped, guest_paused_);
+  reported_ = counts_;
 }
 
 }  // namespace mig::engine

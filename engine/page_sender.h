@@ -53,6 +53,7 @@ class PageSender {
   void add_page(std::size_t region, std::uint64_t page);
   void add_through_cache(std::size_t region, std::uint64_t page, const std::byte* snapshot, wire::PageDescriptor& d);
   void flush();
+  void report(std::uint64_t bytes);  // tells control_ what this round did since the last report
 
   std::span<const MemoryRegion> regions_;
   transport::Stream& stream_;
@@ -62,8 +63,8 @@ class PageSender {
   unsigned channel_, channels_;
   std::uint32_t round_ = 0;
   bool guest_paused_ = false;
-  RoundCounts counts_;
-  RoundCounts unreported_;  // of counts_, not yet told to control_
+  RoundCounts counts_;    // this round so far
+  RoundCounts reported_;  // of counts_, what control_ was told
   std::uint64_t pages_delta_total_ = 0;
   std::optional<BatchCompressor> compressor_;
   std::optional<DeltaCache> delta_;

@@ -38,6 +38,7 @@ class SourceRollback {
   }
   void committed() { committed_ = true; }
   bool is_paused() const { return paused_; }
+  bool is_committed() const { return committed_; }
 
   // Stops dirty logging now, off the downtime path; a failure here changes nothing about the
   // migration's outcome (a memslot update that fails leaves only a slower paused VM).
@@ -122,7 +123,6 @@ struct SourceMigration::State {
   SourceRollback rollback;
   MigrationStats stats;
   Phase phase = Phase::setup;
-  bool committed = false;
 
   // Agreed at the handshake.
   std::uint64_t session = 0;
@@ -135,6 +135,7 @@ struct SourceMigration::State {
 
   // The rounds.
   Bitmaps pending, scratch;
+  std::uint64_t pending_pages = 0;  // set in `pending`, as the plan or the last fetch counted them
   std::uint32_t round = 0;  // the round being sent, in the end the final one
   unsigned throttle_pct = 0;
   RoundCounts totals;
@@ -329,6 +330,7 @@ void SourceMigration::plan_round_zero() {
     else
       std::fill(s.pending[r].begin(), s.pending[r].end(), ~std::uint64_t{0});  // bits past the end are ignored
   }
+  s.pending_pages = count_pending(s.regions, s.pending);
   if (s.options.page_plan) send_counted(s.stream, *control_, wire::PagePlan{s.pending}, false);
 }
 
@@ -344,11 +346,11 @@ void SourceMigration::precopy() {
 bool SourceMigration::precopy_round(std::uint32_t round) {
   State& s = *s_;
   const auto round_start = Clock::now();
-  control_->round_started(count_pending(s.regions, s.pending));
+  control_->round_started(s.pending_pages);
   const auto counts = send_on_all_channels(s.senders, s.streams, *control_, round, s.pending, true, false);
   for (auto& bitmap : s.pending) std::fill(bitmap.begin(), bitmap.end(), 0);
   s.totals += counts;
-  const std::uint64_t dirty = fetch_dirty(s.vm, s.regions, s.scratch, s.pending);
+  const std::uint64_t dirty = s.pending_pages = fetch_dirty(s.vm, s.regions, s.scratch, s.pending);
   control_->count_dirty_sync();
   RoundStats rs;
   rs.round = round;
@@ -362,7 +364,7 @@ bool SourceMigration::precopy_round(std::uint32_t round) {
   rs.throttle_pct = s.throttle_pct;
   s.stats.round_table.push_back(rs);
   s.stats.round_table.back().expected_downtime_ms = expected_downtime_ms(s.stats.round_table, s.policy);
-  control_->round_finished(s.stats.round_table.back(), s.throttle_pct);
+  control_->round_finished(s.stats.round_table.back());
 
   // The round boundary: whatever the operator changed meanwhile counts from here.
   apply_tunables();
@@ -409,11 +411,11 @@ void SourceMigration::stop_and_copy() {
   enter_phase(Phase::stop_and_copy);
   if (!s.rollback.is_paused()) {
     pause_guest(s.vm, *control_, s.rollback, s.pause_start, s.paused_at);
-    fetch_dirty(s.vm, s.regions, s.scratch, s.pending);
+    s.pending_pages = fetch_dirty(s.vm, s.regions, s.scratch, s.pending);
     control_->count_dirty_sync();
   }
   s.synced = Clock::now();
-  control_->round_started(count_pending(s.regions, s.pending));
+  control_->round_started(s.pending_pages);
   s.totals += send_on_all_channels(s.senders, s.streams, *control_, s.round, s.pending, s.channels > 1, true);
   for (const auto& e : s.extra) s.stats.extra_channel_bytes += e.counters().bytes_sent;
   s.extra.clear();
@@ -448,7 +450,6 @@ void SourceMigration::commit() {
   State& s = *s_;
   enter_phase(Phase::commit);
   if (!control_->begin_commit()) throw MigrationCancelled();
-  s.committed = true;
   s.rollback.committed();
   send_counted(s.stream, *control_, wire::Commit{}, true);
   s.running = s.stream.receive<wire::Running>();
@@ -505,16 +506,17 @@ void SourceMigration::fail(const std::exception& error) {
   State& s = *s_;
   auto& stats = s.stats;
   stats.failed_phase = s.phase;
-  const bool cancelled = !s.committed && (control_->cancel_requested() || dynamic_cast<const MigrationCancelled*>(&error) ||
+  const bool committed = s.rollback.is_committed();
+  const bool cancelled = !committed && (control_->cancel_requested() || dynamic_cast<const MigrationCancelled*>(&error) ||
                                           dynamic_cast<const transport::Interrupted*>(&error));
   if (cancelled) {
     stats.status = MigrationStatus::cancelled;
     stats.error = std::string("cancelled during ") + to_string(s.phase);
   } else {
-    stats.status = s.committed ? MigrationStatus::handoff_unknown : MigrationStatus::failed;
+    stats.status = committed ? MigrationStatus::handoff_unknown : MigrationStatus::failed;
     stats.error = std::string(to_string(s.phase)) + ": " + explain_failure(s.stream, error);
   }
-  if (s.committed) return;
+  if (committed) return;
   // Tell the receiver, so it discards what it has instead of waiting out its timeout.
   try {
     s.stream.set_interrupt(nullptr);
