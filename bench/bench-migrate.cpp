@@ -95,7 +95,7 @@ int main(int argc, char** argv) {
   std::uint64_t mem = 2ull << 30, wss = 1ull << 30;
   std::vector<int> link_percents = {0, 25, 50, 75};
   double downtime_ms = 30;
-  bool zerocopy = false, prepare = false, no_plan = false;
+  bool zerocopy = false, prepare = false, no_plan = false, spin = false;
   unsigned parallel = 1;
   app.add_option("--kernel", image);
   app.add_option("--mem", mem)->transform(CLI::AsSizeValue(false));
@@ -104,6 +104,7 @@ int main(int argc, char** argv) {
   app.add_option("--rates", link_percents, "guest dirty rates as percent of the measured link rate; 0 = idle")->delimiter(',');
   app.add_option("--downtime-ms", downtime_ms);
   app.add_flag("--zerocopy", zerocopy);
+  app.add_flag("--spin", spin, "the idle guest busy-waits between heartbeats instead of halting (as a busy host's guest does)");
   app.add_flag("--prepare", prepare, "populate the destination's memory while it waits (mig-recv --expect-mem)");
   app.add_flag("--no-page-plan", no_plan, "do not announce round 0's pages to the receiver");
   app.add_option("--parallel", parallel, "page channels");
@@ -117,11 +118,11 @@ int main(int argc, char** argv) {
     if (!json_path.empty()) json.open(json_path, std::ios::app);
     for (int percent : link_percents) {
       const auto rate_mbps = static_cast<std::uint64_t>(link / 1e6 * percent / 100);
-      const std::string cmdline = percent == 0 ? fmt::format("mode=idle wss={}M fill={} hb=1", wss >> 20, fill)
+      const std::string cmdline = percent == 0 ? fmt::format("mode={} wss={}M fill={} hb=1", spin ? "spin" : "idle", wss >> 20, fill)
                                                : fmt::format("mode=random rate={} wss={}M fill={} hb=1", rate_mbps, wss >> 20, fill);
       // The destination is built first, so that a prepared one is populated while it waits.
       const auto make_destination = vmm::KvmVm::factory(
-          "", kvm::MemoryBacking::anonymous, prepare ? std::optional(vmm::KvmVm::pc_shape(mem, 1)) : std::nullopt);
+          "", vmm::KvmVm::incoming_memory({}, prepare).options, prepare ? std::optional(vmm::KvmVm::pc_shape(mem, 1)) : std::nullopt);
       kvm::MachineConfig config;
       config.layout = kvm::pc_memory_layout(mem);
       auto machine = kvm::Machine::create(config);

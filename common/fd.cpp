@@ -1,6 +1,7 @@
 #include "common/fd.h"
 
 #include <fcntl.h>
+#include <cstdint>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -36,6 +37,23 @@ Mapping::~Mapping() {
 Mapping Mapping::map(std::size_t size, int prot, int flags, int fd, long offset, const char* what) {
   void* addr = ::mmap(nullptr, size, prot, flags, fd, offset);
   if (addr == MAP_FAILED) throw_errno(what);
+  Mapping m;
+  m.addr_ = addr;
+  m.size_ = size;
+  return m;
+}
+
+Mapping Mapping::map_aligned(std::size_t size, std::size_t alignment, int prot, int flags, int fd, const char* what) {
+  // Reserve room for any alignment, place the mapping inside it, and give back the rest.
+  Mapping reserved = map(size + alignment, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0, what);
+  const auto start = reinterpret_cast<std::uintptr_t>(reserved.data());
+  const std::uintptr_t aligned = (start + alignment - 1) & ~(alignment - 1);
+  void* addr = ::mmap(reinterpret_cast<void*>(aligned), size, prot, flags | MAP_FIXED, fd, 0);
+  if (addr == MAP_FAILED) throw_errno(what);
+  reserved.addr_ = nullptr;  // from here on the pieces are released one by one
+  if (aligned > start) ::munmap(reinterpret_cast<void*>(start), aligned - start);
+  if (const std::uintptr_t end = start + size + alignment; end > aligned + size)
+    ::munmap(reinterpret_cast<void*>(aligned + size), end - aligned - size);
   Mapping m;
   m.addr_ = addr;
   m.size_ = size;

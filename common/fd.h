@@ -60,6 +60,9 @@ class Mapping {
   ~Mapping();
 
   static Mapping map(std::size_t size, int prot, int flags, int fd, long offset, const char* what);
+  // The same at an address that is a multiple of `alignment` (a power of two), which mmap
+  // does not promise: huge pages need it to back a mapping from its first byte.
+  static Mapping map_aligned(std::size_t size, std::size_t alignment, int prot, int flags, int fd, const char* what);
 
   std::byte* data() const { return static_cast<std::byte*>(addr_); }
   std::size_t size() const { return size_; }

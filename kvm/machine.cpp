@@ -39,7 +39,7 @@ void validate(const MachineConfig& config) {
 std::unique_ptr<Machine> Machine::create(const MachineConfig& config) {
   validate(config);
   KvmSystem sys = KvmSystem::open(config.kvm_path);
-  GuestMemory memory = config.shared_memory_fds.empty() ? GuestMemory::create(config.layout, config.backing)
+  GuestMemory memory = config.shared_memory_fds.empty() ? GuestMemory::create(config.layout, config.memory)
                                                        : GuestMemory::adopt(config.layout, config.shared_memory_fds);
   Vm vm = Vm::create(sys);
   vm.map_memory(memory);

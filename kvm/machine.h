@@ -29,7 +29,7 @@ struct MachineConfig {
   std::vector<RegionLayout> layout;  // guest RAM; see pc_memory_layout()
   unsigned vcpus = 1;
   std::string serial_path;  // see Serial16550
-  MemoryBacking backing = MemoryBacking::anonymous;
+  MemoryOptions memory;
   std::string kvm_path = "/dev/kvm";
   // Non-empty: map these memory files (one per region) instead of allocating memory, for a
   // same-host hand-over. Borrowed during create(); the machine keeps duplicates.

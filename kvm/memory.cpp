@@ -4,10 +4,14 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <unistd.h>
 
 #include <algorithm>
-
+#include <filesystem>
+#include <fstream>
+#include <system_error>
+#include <utility>
 #include <stdexcept>
 #include <string>
 
@@ -58,17 +62,102 @@ bool scan_populated(int pagemap, const std::byte* base, std::uint64_t pages, std
   }
 }
 
+constexpr std::uint64_t kHugePageSize = 2ull << 20;
+constexpr long kHugetlbfsMagic = 0x958458f6;  // HUGETLBFS_MAGIC from <linux/magic.h>
+
+// The selected word of a sysfs setting such as "always within_size advise [never] deny force";
+// empty where the file is missing (a kernel without THP).
+std::string selected_setting(const char* path) {
+  std::ifstream file(path);
+  std::string word;
+  while (file >> word)
+    if (word.size() > 2 && word.front() == '[' && word.back() == ']') return word.substr(1, word.size() - 2);
+  return {};
+}
+
+std::string read_line(const std::string& path) {
+  std::ifstream file(path);
+  std::string line;
+  std::getline(file, line);
+  return line;
+}
+
+// An unlinked file in the hugetlbfs mount at `dir`, sized for one region.
+UniqueFd hugetlbfs_file(const std::string& dir, std::uint64_t size) {
+  struct statfs fs {};
+  if (dir.empty() || ::statfs(dir.c_str(), &fs) != 0 || fs.f_type != kHugetlbfsMagic)
+    throw std::invalid_argument("--mem-path " + dir + " is not a hugetlbfs mount (mount -t hugetlbfs none DIR)");
+  const auto huge_page = static_cast<std::uint64_t>(fs.f_bsize);
+  if (size % huge_page)
+    throw std::invalid_argument("guest memory region of " + std::to_string(size) + " bytes is not a multiple of " +
+                                dir + "'s " + std::to_string(huge_page >> 10) + " KiB pages");
+  UniqueFd file(::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600));
+  if (!file.valid()) throw_errno("create a file in " + dir);
+  check_syscall("ftruncate hugetlbfs file", [&] { return ::ftruncate(file.get(), static_cast<off_t>(size)); });
+  return file;
+}
+
+// Maps a hugetlbfs file without MAP_NORESERVE: the kernel then reserves every huge page at
+// mmap time, so a host without enough of them fails here, clearly, and not with a SIGBUS
+// inside the guest later.
+Mapping map_hugetlbfs(int fd, std::uint64_t size, const std::string& dir) {
+  struct statfs fs {};
+  check_syscall("statfs", [&] { return ::fstatfs(fd, &fs); });
+  const auto huge_page_kib = static_cast<std::uint64_t>(fs.f_bsize) >> 10;
+  try {
+    return Mapping::map(size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0, "mmap hugetlbfs file");
+  } catch (const std::system_error& e) {
+    if (e.code().value() != ENOMEM) throw;
+    const std::string free_pages =
+        read_line("/sys/kernel/mm/hugepages/hugepages-" + std::to_string(huge_page_kib) + "kB/free_hugepages");
+    throw std::invalid_argument("--mem-path " + dir + ": " + std::to_string((size >> 10) / huge_page_kib) + " huge pages of " +
+                                std::to_string(huge_page_kib) + " KiB needed, " + (free_pages.empty() ? "none" : free_pages) +
+                                " free (reserve them in /proc/sys/vm/nr_hugepages)");
+  }
+}
+
+bool use_huge_pages_now(const MemoryOptions& options) {
+  return options.transparent_huge_pages && !options.huge_pages_after_fill;
+}
+
 std::uint64_t host_memory_bytes() {
   return static_cast<std::uint64_t>(::sysconf(_SC_PHYS_PAGES)) * static_cast<std::uint64_t>(::sysconf(_SC_PAGE_SIZE));
 }
 }  // namespace
+
+bool free_huge_blocks_reported_to_hypervisor() {
+  constexpr std::size_t kVirtioBalloonReporting = 5;  // VIRTIO_BALLOON_F_REPORTING
+  constexpr int kHugePageOrder = 9;
+  const std::string order = read_line("/sys/module/page_reporting/parameters/page_reporting_order");
+  if (!order.empty() && std::stoi(order) > kHugePageOrder) return false;
+  std::error_code ignored;
+  for (const auto& device : std::filesystem::directory_iterator("/sys/bus/virtio/drivers/virtio_balloon", ignored)) {
+    const std::string features = read_line((device.path() / "features").string());
+    if (features.size() > kVirtioBalloonReporting && features[kVirtioBalloonReporting] == '1') return true;
+  }
+  return false;
+}
+
+std::string describe_page_size(const MemoryOptions& options) {
+  if (options.backing == MemoryBacking::hugetlbfs) return "hugetlbfs pages from " + options.hugetlbfs_dir;
+  if (!options.transparent_huge_pages) return "4 KiB pages (transparent huge pages not asked for)";
+  if (options.backing == MemoryBacking::anonymous) {
+    const std::string thp = selected_setting("/sys/kernel/mm/transparent_hugepage/enabled");
+    if (thp == "always" || thp == "madvise") return "transparent huge pages";
+    return "4 KiB pages: transparent huge pages are [" + thp + "] on this host";
+  }
+  const std::string shmem = selected_setting("/sys/kernel/mm/transparent_hugepage/shmem_enabled");
+  if (shmem == "always" || shmem == "within_size" || shmem == "advise" || shmem == "force")
+    return "transparent huge pages (shmem)";
+  return "4 KiB pages: this host's shmem_enabled is [" + shmem + "], so memfd memory gets no huge pages";
+}
 
 std::vector<RegionLayout> pc_memory_layout(std::uint64_t mem_bytes) {
   if (mem_bytes <= kLowMemoryEnd) return {{0, mem_bytes}};
   return {{0, kLowMemoryEnd}, {kHighMemoryStart, mem_bytes - kLowMemoryEnd}};
 }
 
-GuestMemory GuestMemory::create(std::span<const RegionLayout> layout, MemoryBacking backing) {
+GuestMemory GuestMemory::create(std::span<const RegionLayout> layout, const MemoryOptions& options) {
   if (layout.empty()) throw std::invalid_argument("guest memory layout is empty");
   std::uint64_t total = 0;
   for (const auto& region : layout) {
@@ -81,20 +170,26 @@ GuestMemory GuestMemory::create(std::span<const RegionLayout> layout, MemoryBack
     throw std::invalid_argument("guest memory of " + std::to_string(total >> 20) + " MiB exceeds the host's " +
                                 std::to_string(host_memory_bytes() >> 20) + " MiB");
   GuestMemory memory;
-  memory.backing_ = backing;
+  memory.backing_ = options.backing;
+  memory.huge_pages_after_fill_ = options.transparent_huge_pages && options.huge_pages_after_fill;
   for (const auto& region : layout) {
     Region r{region, {}, {}};
-    // MAP_NORESERVE: a guest rarely touches all of its memory, and we want untouched pages to
-    // stay unbacked (and free to skip when migrating).
-    if (backing == MemoryBacking::memfd) {
-      r.memfd = UniqueFd(check_syscall("memfd_create", [] { return ::memfd_create("mig-guest", MFD_CLOEXEC); }));
-      check_syscall("ftruncate guest memfd",
-                    [&] { return ::ftruncate(r.memfd.get(), static_cast<off_t>(region.size)); });
-      r.mapping = Mapping::map(region.size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, r.memfd.get(), 0,
-                               "mmap guest memfd");
+    if (options.backing == MemoryBacking::hugetlbfs) {
+      r.memfd = hugetlbfs_file(options.hugetlbfs_dir, region.size);
+      r.mapping = map_hugetlbfs(r.memfd.get(), region.size, options.hugetlbfs_dir);
     } else {
-      r.mapping = Mapping::map(region.size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                               -1, 0, "mmap guest memory");
+      if (options.backing == MemoryBacking::memfd) {
+        r.memfd = UniqueFd(check_syscall("memfd_create", [] { return ::memfd_create("mig-guest", MFD_CLOEXEC); }));
+        check_syscall("ftruncate guest memfd",
+                      [&] { return ::ftruncate(r.memfd.get(), static_cast<off_t>(region.size)); });
+      }
+      // MAP_NORESERVE: a guest rarely touches all of its memory, and we want untouched pages
+      // to stay unbacked (and free to skip when migrating).
+      const int flags = r.memfd.valid() ? MAP_SHARED | MAP_NORESERVE : MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
+      r.mapping = Mapping::map_aligned(region.size, kHugePageSize, PROT_READ | PROT_WRITE, flags,
+                                       r.memfd.valid() ? r.memfd.get() : -1, "mmap guest memory");
+      // Advice, not a demand: where the kernel offers no huge pages the memory works as before.
+      ::madvise(r.host(), region.size, use_huge_pages_now(options) ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
     }
     memory.regions_.push_back(std::move(r));
   }
@@ -148,6 +243,16 @@ namespace mig::kvm {
 #define MADV_POPULATE_WRITE 23  // Linux 5.14; older libc headers lack the name
 #endif
 
+namespace {
+void populate_range(std::byte* start, std::uint64_t bytes) {
+  if (::madvise(start, bytes, MADV_POPULATE_WRITE) == 0) return;
+  if (errno != EINVAL) throw_errno("madvise(MADV_POPULATE_WRITE)");
+  // Kernels before 5.14: touch each page instead. Adding zero keeps concurrent writes intact.
+  for (std::uint64_t offset = 0; offset < bytes; offset += kPageSize)
+    __atomic_fetch_add(reinterpret_cast<unsigned char*>(start + offset), 0, __ATOMIC_RELAXED);
+}
+}  // namespace
+
 void GuestMemory::populate() {
   for (std::size_t i = 0; i < regions_.size(); ++i) populate(i, 0, regions_[i].layout.size / kPageSize);
   fully_populated_ = true;
@@ -158,12 +263,12 @@ void GuestMemory::populate(std::size_t index, std::uint64_t first, std::uint64_t
   if (first > r.layout.size / kPageSize || count > r.layout.size / kPageSize - first)
     throw std::out_of_range("populate: pages outside the region");
   if (fully_populated_) return;
-  std::byte* start = r.host() + first * kPageSize;
-  if (::madvise(start, count * kPageSize, MADV_POPULATE_WRITE) == 0) return;
-  if (errno != EINVAL) throw_errno("madvise(MADV_POPULATE_WRITE)");
-  // Kernels before 5.14: touch each page instead. Adding zero keeps concurrent writes intact.
-  for (std::uint64_t page = 0; page < count; ++page)
-    __atomic_fetch_add(reinterpret_cast<unsigned char*>(start + page * kPageSize), 0, __ATOMIC_RELAXED);
+  populate_range(r.host() + first * kPageSize, count * kPageSize);
+}
+
+void GuestMemory::advise_huge_pages() {
+  if (!std::exchange(huge_pages_after_fill_, false)) return;
+  for (const auto& r : regions_) ::madvise(r.host(), r.layout.size, MADV_HUGEPAGE);
 }
 
 void GuestMemory::populated_pages(std::size_t index, std::span<std::uint64_t> bitmap, PageScan scan) const {
@@ -173,7 +278,7 @@ void GuestMemory::populated_pages(std::size_t index, std::span<std::uint64_t> bi
   std::fill(bitmap.begin(), bitmap.end(), 0);
   constexpr std::uint64_t kChunk = 16384;
   auto set = [&](std::uint64_t page) { bitmap[page / 64] |= std::uint64_t{1} << (page % 64); };
-  if (backing_ == MemoryBacking::memfd) {
+  if (shareable()) {
     // Page-cache residency: also right for pages another process wrote into the memfd.
     std::vector<unsigned char> resident(kChunk);
     for (std::uint64_t first = 0; first < pages; first += kChunk) {

@@ -30,7 +30,7 @@ Migrated migrate_over(const std::string& endpoint, vmm::KvmVm& source, const eng
     auto stream = listener.accept();
     engine::ReceiverOptions receiver_options;
     receiver_options.accept_channel = [&](std::chrono::milliseconds timeout) { return listener.accept(timeout); };
-    return engine::IncomingMigration(stream, vmm::KvmVm::factory("", kvm::MemoryBacking::anonymous), receiver_options).run();
+    return engine::IncomingMigration(stream, vmm::KvmVm::factory("", {}), receiver_options).run();
   });
   auto open = [&] { return transport::connect(transport::Endpoint::parse(listener.endpoint())); };
   auto stream = open();
@@ -47,7 +47,7 @@ Migrated migrate_over_tcp(vmm::KvmVm& source, const engine::SenderOptions& optio
 std::unique_ptr<vmm::KvmVm> boot(const std::string& cmdline, std::uint64_t mem = 128ull << 20, unsigned vcpus = 1,
                                    kvm::MemoryBacking backing = kvm::MemoryBacking::anonymous) {
   auto config = test::small_config(mem, vcpus);
-  config.backing = backing;
+  config.memory.backing = backing;
   return std::make_unique<vmm::KvmVm>(test::boot_guest(cmdline, config));
 }
 

@@ -105,14 +105,14 @@ TEST_CASE("bad images are rejected with a reason") {
 TEST_CASE("an image that does not fit in guest RAM is refused") {
   auto image = kvm::parse_multiboot(aout_kludge_image());
   image.segments[0].guest_addr = 0xfff00000;
-  auto memory = kvm::GuestMemory::create(kvm::pc_memory_layout(8 << 20), kvm::MemoryBacking::anonymous);
+  auto memory = kvm::GuestMemory::create(kvm::pc_memory_layout(8 << 20));
   CHECK_THROWS_WITH(kvm::load_multiboot(image, memory, ""), Contains("does not fit in guest RAM"));
 }
 
 TEST_CASE("absurd memory sizes and vCPU counts are refused") {
-  CHECK_THROWS_WITH(kvm::GuestMemory::create(kvm::pc_memory_layout(0), kvm::MemoryBacking::anonymous),
+  CHECK_THROWS_WITH(kvm::GuestMemory::create(kvm::pc_memory_layout(0)),
                     Contains("empty or not page-aligned"));
-  CHECK_THROWS_WITH(kvm::GuestMemory::create(kvm::pc_memory_layout(1ull << 50), kvm::MemoryBacking::anonymous),
+  CHECK_THROWS_WITH(kvm::GuestMemory::create(kvm::pc_memory_layout(1ull << 50)),
                     Contains("exceeds the host"));
   auto config = test::small_config();
   config.vcpus = 0;
@@ -126,7 +126,7 @@ TEST_CASE("a missing /dev/kvm gets one line that says what to do") {
 }
 
 TEST_CASE("guest addresses are translated only inside a region") {
-  auto memory = kvm::GuestMemory::create(kvm::pc_memory_layout(8 << 20), kvm::MemoryBacking::anonymous);
+  auto memory = kvm::GuestMemory::create(kvm::pc_memory_layout(8 << 20));
   CHECK(memory.translate(0, 8 << 20) != nullptr);
   CHECK(memory.translate((8 << 20) - 4096, 4096) != nullptr);
   CHECK(memory.translate((8 << 20) - 4096, 4097) == nullptr);

@@ -53,13 +53,13 @@ int main(int argc, char** argv) {
   double run_for = -1;
   std::uint64_t expect_mem = 0;
   unsigned expect_vcpus = 1;
-  bool memfd = false;
+  tools::MemoryFlags memory;
   app.add_option("--listen", listen, "where to wait for the source: tcp:HOST:PORT (port 0 picks a free one), unix:PATH (same host; with a memfd-backed source, memory is handed over instead of copied), or defer (wait for QMP's migrate-incoming)")->required();
   app.add_option("--qmp", qmp, "a QMP control socket at unix:PATH (mode 0600) for the guest that arrives");
   app.add_option("--serial", serial, "where the guest's COM1 output goes: a file, a FIFO, or - for stdout");
   app.add_option("--run-for", run_for, "run the received guest this many seconds, then exit; default: until quit (QMP) or SIGINT/SIGTERM");
   app.add_option("--stats-json", stats_json, "write the incoming migration's statistics here");
-  app.add_flag("--memfd", memfd, "back guest memory with memfd");
+  memory.add_to(app);
   tools::size_option(app.add_option("--expect-mem", expect_mem,
                                     "build the VM for a guest of this size while waiting, with its memory populated, so receiving "
                                     "pays no page faults (like QEMU's -incoming with -m); a different incoming shape is still accepted"));
@@ -69,9 +69,10 @@ int main(int argc, char** argv) {
   engine::VmFactory factory;
   try {
     if (listen == "defer" && qmp.empty()) throw std::invalid_argument("--listen defer needs --qmp, to receive migrate-incoming");
-    const auto backing = memfd ? kvm::MemoryBacking::memfd : kvm::MemoryBacking::anonymous;
+    const auto incoming_memory = vmm::KvmVm::incoming_memory(memory.options(), expect_mem > 0);
+    fmt::print(stderr, "mig-recv: guest memory: {}\n", incoming_memory.description);
     // Built (and with --expect-mem, populated) now, while nobody has connected yet.
-    factory = vmm::KvmVm::factory(serial, backing,
+    factory = vmm::KvmVm::factory(serial, incoming_memory.options,
                                   expect_mem > 0 ? std::optional(vmm::KvmVm::pc_shape(expect_mem, expect_vcpus)) : std::nullopt);
   } catch (const std::exception& e) {
     fmt::print(stderr, "mig-recv: {}\n", e.what());

@@ -15,7 +15,30 @@ void VmOptions::add_to(CLI::App& app, bool kernel_required) {
   app.add_option("--vcpus", vcpus, "number of vCPUs")->default_val(1);
   app.add_option("--append", append, "kernel command line");
   app.add_option("--serial", serial, "where COM1 output goes: a file, a FIFO, or - for stdout");
-  app.add_flag("--memfd", memfd, "back guest memory with memfd instead of anonymous memory");
+  memory.add_to(app);
+}
+
+void MemoryFlags::add_to(CLI::App& app) {
+  auto* with_memfd = app.add_flag("--memfd", memfd,
+                                  "back guest memory with memfd instead of anonymous memory, so a same-host migration can "
+                                  "hand it over instead of copying it");
+  app.add_option("--mem-path", mem_path,
+                 "back guest memory with files in this hugetlbfs mount, like QEMU's -mem-path (needs huge pages reserved "
+                 "in /proc/sys/vm/nr_hugepages)")
+      ->excludes(with_memfd);
+  app.add_flag("--small-pages", small_pages,
+               "do not ask for transparent huge pages (they are asked for by default: faults on fresh memory cost "
+               "several times less with them)");
+}
+
+kvm::MemoryOptions MemoryFlags::options() const {
+  kvm::MemoryOptions options;
+  options.backing = !mem_path.empty() ? kvm::MemoryBacking::hugetlbfs
+                    : memfd           ? kvm::MemoryBacking::memfd
+                                      : kvm::MemoryBacking::anonymous;
+  options.hugetlbfs_dir = mem_path;
+  options.transparent_huge_pages = !small_pages;
+  return options;
 }
 
 kvm::MachineConfig VmOptions::machine_config() const {
@@ -24,7 +47,7 @@ kvm::MachineConfig VmOptions::machine_config() const {
   config.layout = kvm::pc_memory_layout(mem_bytes);
   config.vcpus = vcpus;
   config.serial_path = serial;
-  config.backing = memfd ? kvm::MemoryBacking::memfd : kvm::MemoryBacking::anonymous;
+  config.memory = memory.options();
   return config;
 }
 

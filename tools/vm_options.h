@@ -11,13 +11,23 @@
 
 namespace mig::tools {
 
+// How guest memory is backed, on either side of a migration.
+struct MemoryFlags {
+  bool memfd = false;
+  bool small_pages = false;
+  std::string mem_path;
+
+  void add_to(CLI::App& app);
+  kvm::MemoryOptions options() const;
+};
+
 struct VmOptions {
   std::string kernel;
   std::uint64_t mem_bytes = 256ull << 20;
   unsigned vcpus = 1;
   std::string append;
   std::string serial;
-  bool memfd = false;
+  MemoryFlags memory;
 
   // --kernel is required unless the tool can also work without booting a guest.
   void add_to(CLI::App& app, bool kernel_required = true);

@@ -90,6 +90,18 @@ kvm::MachineState decode_state(const std::vector<engine::StateSection>& sections
   return state;
 }
 
+KvmVm::IncomingMemory KvmVm::incoming_memory(kvm::MemoryOptions wanted, bool prepared) {
+  IncomingMemory chosen{wanted, kvm::describe_page_size(wanted)};
+  if (prepared || !wanted.transparent_huge_pages || wanted.backing == kvm::MemoryBacking::hugetlbfs) return chosen;
+  if (kvm::free_huge_blocks_reported_to_hypervisor()) {
+    chosen.options.huge_pages_after_fill = true;
+    chosen.description +=
+        ", asked for once the guest runs: incoming pages are filled in 4 KiB pages, because this host reports its free "
+        "2 MiB blocks to its hypervisor, which makes a fresh huge page several times dearer to fill";
+  }
+  return chosen;
+}
+
 engine::VmShape KvmVm::pc_shape(std::uint64_t mem_bytes, unsigned vcpus) {
   engine::VmShape shape;
   shape.vcpus = vcpus;
@@ -97,13 +109,13 @@ engine::VmShape KvmVm::pc_shape(std::uint64_t mem_bytes, unsigned vcpus) {
   return shape;
 }
 
-engine::VmFactory KvmVm::factory(std::string serial_path, kvm::MemoryBacking backing,
+engine::VmFactory KvmVm::factory(std::string serial_path, kvm::MemoryOptions memory,
                                  std::optional<engine::VmShape> expected) {
-  auto config_for = [serial_path, backing](const engine::VmShape& shape) {
+  auto config_for = [serial_path, memory](const engine::VmShape& shape) {
     kvm::MachineConfig config;
     config.vcpus = shape.vcpus;
     config.serial_path = serial_path;
-    config.backing = backing;
+    config.memory = memory;
     for (const auto& r : shape.regions) config.layout.push_back({r.guest_addr, r.size});
     config.shared_memory_fds = shape.shared_memory_fds;
     return config;
@@ -150,6 +162,11 @@ bool KvmVm::set_throttle(double share) {
   return true;
 }
 
+void KvmVm::resume() {
+  machine_->resume();
+  machine_->memory().advise_huge_pages();  // once the guest runs here, not while it arrives
+}
+
 void KvmVm::pause() {
   throttler_ = std::jthread();
   machine_->pause();
@@ -163,7 +180,7 @@ std::vector<engine::MemoryRegion> KvmVm::memory_regions() const {
 
 std::vector<int> KvmVm::shareable_memory_fds() const {
   std::vector<int> fds;
-  if (machine_->memory().backing() != kvm::MemoryBacking::memfd) return fds;
+  if (!machine_->memory().shareable()) return fds;
   for (const auto& r : machine_->memory().regions()) fds.push_back(r.memfd.get());
   return fds;
 }

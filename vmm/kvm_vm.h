@@ -19,8 +19,17 @@ class KvmVm final : public engine::MigratableVm {
   // With `expected`, a machine of that shape is built now, its memory populated, so that a
   // receiver pays for it while it waits; it is used if the sender's shape matches, and
   // discarded otherwise.
-  static engine::VmFactory factory(std::string serial_path, kvm::MemoryBacking backing,
+  static engine::VmFactory factory(std::string serial_path, kvm::MemoryOptions memory,
                                    std::optional<engine::VmShape> expected = std::nullopt);
+  // The receiver's memory: what `wanted` asks for, except that where huge pages fill fresh
+  // memory slower than small ones on this host (kvm::free_huge_blocks_reported_to_hypervisor), incoming
+  // pages are faulted in 4 KiB pages and huge pages are asked for once the guest runs. A
+  // prepared receiver fills its memory while it waits, off the clock, and keeps huge pages.
+  struct IncomingMemory {
+    kvm::MemoryOptions options;
+    std::string description;  // one line for operators: the page sizes and why
+  };
+  static IncomingMemory incoming_memory(kvm::MemoryOptions wanted, bool prepared);
   // The shape of a guest of `mem_bytes` on the PC memory layout, as mig-send builds it.
   static engine::VmShape pc_shape(std::uint64_t mem_bytes, unsigned vcpus);
 
@@ -43,7 +52,7 @@ class KvmVm final : public engine::MigratableVm {
   // Holds the vCPUs for `share` of every 10 ms from a helper thread (auto-converge).
   bool set_throttle(double share) override;
   void pause() override;
-  void resume() override { machine_->resume(); }
+  void resume() override;
   std::vector<engine::StateSection> save_state() override;
   void restore_state(const std::vector<engine::StateSection>& sections) override;
   std::optional<engine::GuestHandover> wait_guest_handover(std::chrono::milliseconds timeout) override;
