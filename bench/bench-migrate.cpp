@@ -1,11 +1,11 @@
 // bench-migrate: live migration of a large guest over loopback, against the raw link.
 //
-// Measures in one run: (1) a plain TCP transfer between populated buffers (the link's
-// limit), (2) migrations of a guest with a random-filled working set, idle and dirtying at
-// fractions of the link rate. Prints one line per migration and, with --json, one JSON object
-// per line with every --stats-json field plus the baseline.
-#include <sys/mman.h>
-#include <sys/socket.h>
+// Measures in one run: (1) the raw link (bench/link.h: the best of a few send sizes between
+// populated buffers, over as many streams as the migration uses, under the same load), (2)
+// migrations of a guest with a random-filled working set, idle and dirtying at fractions of
+// the link rate. Prints one line per migration and, with --json, one JSON object per line
+// with every --stats-json field of both sides plus the baseline.
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "bench/link.h"
 #include "control/json.h"
 #include "engine/incoming_migration.h"
 #include "engine/source_migration.h"
@@ -26,38 +27,6 @@ using namespace mig;
 using namespace std::chrono;
 
 namespace {
-
-// Bytes per second of one TCP stream over loopback, from populated memory into populated
-// memory: no page faults, no hashing, nothing but the link.
-double raw_link_Bps(std::uint64_t bytes) {
-  const std::size_t chunk = 1 << 20;
-  auto buffer = [&] {
-    auto m = Mapping::map(chunk * 64, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0, "mmap");
-    std::memset(m.data(), 0x5a, m.size());
-    return m;
-  };
-  auto source = buffer(), sink = buffer();
-  transport::Listener listener(transport::Endpoint::parse("tcp:127.0.0.1:0"));
-  auto receiver = std::async(std::launch::async, [&] {
-    auto s = listener.accept();
-    std::uint64_t got = 0;
-    while (got < bytes) {
-      const auto n = std::min<std::uint64_t>(chunk * 64, bytes - got);
-      s.read_exact({sink.data(), n});
-      got += n;
-    }
-  });
-  auto s = transport::connect(transport::Endpoint::parse(listener.endpoint()));
-  const auto start = steady_clock::now();
-  std::uint64_t sent = 0;
-  while (sent < bytes) {
-    const auto n = std::min<std::uint64_t>(chunk * 64, bytes - sent);
-    ::send(s.fd(), source.data(), n, MSG_NOSIGNAL | MSG_WAITALL);
-    sent += n;
-  }
-  receiver.get();
-  return static_cast<double>(bytes) / duration<double>(steady_clock::now() - start).count();
-}
 
 struct Run {
   engine::MigrationStats sent;
@@ -97,6 +66,7 @@ int main(int argc, char** argv) {
   double downtime_ms = 30;
   bool zerocopy = false, prepare = false, no_plan = false, spin = false;
   unsigned parallel = 1;
+  bool big = false;
   app.add_option("--kernel", image);
   app.add_option("--mem", mem)->transform(CLI::AsSizeValue(false));
   app.add_option("--wss", wss)->transform(CLI::AsSizeValue(false));
@@ -109,11 +79,26 @@ int main(int argc, char** argv) {
   app.add_flag("--no-page-plan", no_plan, "do not announce round 0's pages to the receiver");
   app.add_option("--parallel", parallel, "page channels");
   app.add_option("--json", json_path, "append one JSON object per migration");
+  app.add_flag("--big", big, "the big-guest point: a 64 GiB guest with a 32 GiB working set (needs about 70 GiB of host memory)");
   CLI11_PARSE(app, argc, argv);
+  if (big) {
+    mem = 64ull << 30;
+    wss = 32ull << 30;
+  }
 
   try {
-    const double link = raw_link_Bps(wss);
-    fmt::print("raw loopback TCP, {} MiB populated->populated: {:.0f} MB/s\n", wss >> 20, link / 1e6);
+    // Source and destination each hold the working set, plus room for everything else.
+    if (const auto host = static_cast<std::uint64_t>(::sysconf(_SC_PHYS_PAGES)) * 4096; 2 * wss + (4ull << 30) > host)
+      throw std::runtime_error(fmt::format("a {} GiB working set needs about {} GiB of host memory; this host has {} GiB",
+                                           wss >> 30, (2 * wss >> 30) + 4, host >> 30));
+    std::optional<bench::Spinner> load;  // the spinning guest's counterpart while the raw link is measured
+    if (spin) load.emplace();
+    const auto samples = bench::measure_link(std::min<std::uint64_t>(wss, 1ull << 30), {parallel});
+    load.reset();
+    const auto baseline = bench::best(samples, parallel);
+    const double link = baseline.Bps;
+    fmt::print("raw loopback TCP, {} stream(s) between populated buffers{}: {:.0f} MB/s (best of {} KiB sends)\n", parallel,
+               spin ? ", one core kept busy" : "", link / 1e6, baseline.send_bytes >> 10);
     std::ofstream json;
     if (!json_path.empty()) json.open(json_path, std::ios::app);
     for (int percent : link_percents) {
@@ -144,23 +129,28 @@ int main(int argc, char** argv) {
         dirtied += static_cast<double>(s.round_table[i].dirty_pages * engine::kPageSize);
         seconds += s.round_table[i].duration_s;
       }
+      const double source_cpu = engine::per_GiB(s.cpu_s, s.bytes_sent);
+      const double destination_cpu = engine::per_GiB(run.received.cpu_s, run.received.bytes_received);
       fmt::print("{:>3}% of link ({:>4} MB/s asked, {:>4.0f} MB/s dirtied): {} total {:7.1f} ms  sent {:6.1f} MB  {:6.0f} MB/s = {:.2f} of raw link "
-                 "(raw transfer of the same bytes: {:.1f} ms)  rounds {:2} ({})  downtime {:6.2f} ms  guest saw {} ms  verified {}\n",
+                 "(raw transfer of the same bytes: {:.1f} ms = {:.2f}x)  rounds {:2} ({})  downtime {:6.2f} ms  guest saw {} ms  "
+                 "CPU s/GiB source {:.2f} destination {:.2f}  verified {}\n",
                  percent, rate_mbps, seconds > 0 ? dirtied / seconds / 1e6 : 0.0, engine::to_string(s.status), s.total_ms, static_cast<double>(s.bytes_sent) / 1e6, s.throughput_MBps,
-                 raw_ms / s.total_ms, raw_ms, s.rounds, engine::to_string(s.stop_reason), s.downtime_ms,
-                 s.guest ? fmt::format("{:6.2f}", s.guest->gap_ms) : "n/a", s.verified);
+                 raw_ms / s.total_ms, raw_ms, s.total_ms / raw_ms, s.rounds, engine::to_string(s.stop_reason), s.downtime_ms,
+                 s.guest ? fmt::format("{:6.2f}", s.guest->gap_ms) : "n/a", source_cpu, destination_cpu, s.verified);
       if (s.status != engine::MigrationStatus::completed) fmt::print("  error: {}\n", s.error);
       if (json.is_open()) {
         auto j = control::to_json(s);
         j["link_percent"] = percent;
         j["guest_cmdline"] = cmdline;
+        j["destination"] = control::to_json(run.received);
         j["raw_link_MBps"] = link / 1e6;
+        j["raw_link_streams"] = parallel;
+        j["raw_link_send_bytes"] = baseline.send_bytes;
         j["raw_same_bytes_ms"] = raw_ms;
         j["ratio_to_raw_link"] = raw_ms / s.total_ms;
         json << j.dump() << "\n";
       }
     }
-    fmt::print("raw loopback TCP again: {:.0f} MB/s\n", raw_link_Bps(wss) / 1e6);
   } catch (const std::exception& e) {
     fmt::print(stderr, "bench-migrate: {}\n", e.what());
     return 1;

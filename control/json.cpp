@@ -70,6 +70,8 @@ nlohmann::json to_json(const engine::MigrationStats& s) {
       {"zerocopy_copied", s.zerocopy_copied},
       {"batches_compressed", s.batches_compressed},
       {"channels", s.channels},
+      {"cpu_s", s.cpu_s},
+      {"cpu_s_per_GiB", engine::per_GiB(s.cpu_s, s.bytes_sent)},
       {"round_table", round_table(s.round_table)},
   };
 }
@@ -91,6 +93,8 @@ nlohmann::json to_json(const engine::IncomingStats& s) {
       {"resume_ms", s.resume_ms},
       {"guest_downtime_ms", guest_downtime(s.guest)},
       {"heartbeat_sequence_continued", s.guest ? nlohmann::json(s.guest->sequence_continued) : nlohmann::json(nullptr)},
+      {"cpu_s", s.cpu_s},
+      {"cpu_s_per_GiB", engine::per_GiB(s.cpu_s, s.bytes_received)},
   };
 }
 

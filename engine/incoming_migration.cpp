@@ -43,6 +43,8 @@ std::vector<transport::Stream> accept_channels(const ReceiverOptions& options, s
 // reverse: the helper threads stop before the hashes and the VM they use go.
 struct IncomingMigration::Session {
   Clock::time_point start = Clock::now();
+  CpuTime cpu;  // the helper threads; the receiving thread counts from cpu_start
+  std::uint64_t cpu_start = thread_cpu_ns();
   wire::Hello hello;
   VmShape shape;
   std::vector<UniqueFd> memory_fds;  // same host: the source's memory
@@ -104,6 +106,8 @@ IncomingResult IncomingMigration::run() {
     }
   }
   s.stats.bytes_received = stream_.counters().bytes_received + s.extra.bytes();
+  s.preparing = std::jthread();  // stopped and joined, so its CPU time is counted
+  s.stats.cpu_s = s.cpu.seconds(s.cpu_start);
   result.stats = s.stats;
   return result;
 }
@@ -154,7 +158,7 @@ IncomingMigration::State IncomingMigration::on_hello(const wire::FrameHeader& fr
   stream_.send(wire::HelloAck{s.hello.capabilities & wire::kCapVerify, transport::host_boot_id(), s.channels});
   s.hashes = std::make_unique<PageHashes>(s.regions, s.channels);
   s.pages = std::make_unique<PageReceiver>(s.regions, stream_, *s.hashes, 0, s.channels);
-  if (s.channels > 1) s.extra.start(accept_channels(options_, s.hello.session, s.channels), s.regions, *s.hashes, stream_);
+  if (s.channels > 1) s.extra.start(accept_channels(options_, s.hello.session, s.channels), s.regions, *s.hashes, stream_, s.cpu);
   return State::receiving_pages;
 }
 
@@ -187,7 +191,7 @@ void IncomingMigration::build_vm() {
 IncomingMigration::State IncomingMigration::on_page_plan(const wire::FrameHeader& frame) {
   Session& s = *s_;
   if (s.preparing.joinable()) throw wire::ProtocolError("a second PagePlan");
-  s.preparing = start_preparing(*s.vm, s.regions, wire::decode<wire::PagePlan>(stream_.read_payload(frame)));
+  s.preparing = start_preparing(*s.vm, s.regions, wire::decode<wire::PagePlan>(stream_.read_payload(frame)), s.cpu);
   return State::receiving_pages;
 }
 

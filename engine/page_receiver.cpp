@@ -122,12 +122,14 @@ PageReceiver::Target PageReceiver::locate(std::uint64_t guest_addr) const {
   throw wire::ProtocolError("page at guest address " + std::to_string(guest_addr) + " lies outside guest memory");
 }
 
-std::jthread start_preparing(MigratableVm& vm, const std::vector<MemoryRegion>& regions, wire::PagePlan plan) {
+std::jthread start_preparing(MigratableVm& vm, const std::vector<MemoryRegion>& regions, wire::PagePlan plan,
+                             CpuTime& cpu) {
   if (plan.bitmaps.size() != regions.size()) throw wire::ProtocolError("PagePlan does not match the memory layout");
   for (std::size_t r = 0; r < regions.size(); ++r)
     if (plan.bitmaps[r].size() != bitmap_words(regions[r].size / kPageSize))
       throw wire::ProtocolError("PagePlan bitmap does not match its region");
-  return std::jthread([&vm, plan = std::move(plan), regions](std::stop_token stop) {
+  return std::jthread([&vm, plan = std::move(plan), regions, &cpu](std::stop_token stop) {
+    CpuTime::Scope counted(cpu);
     constexpr std::uint64_t kChunkPages = 512;  // 2 MiB
     try {
       for (std::size_t r = 0; r < regions.size(); ++r) {
@@ -146,12 +148,13 @@ std::jthread start_preparing(MigratableVm& vm, const std::vector<MemoryRegion>& 
 }
 
 void ExtraChannels::start(std::vector<transport::Stream> streams, const std::vector<MemoryRegion>& regions,
-                          PageHashes& hashes, transport::Stream& main) {
+                          PageHashes& hashes, transport::Stream& main, CpuTime& cpu) {
   streams_ = std::move(streams);
   const auto channels = static_cast<unsigned>(streams_.size() + 1);
   for (unsigned i = 0; i < streams_.size(); ++i) {
     receivers_.push_back(std::make_unique<PageReceiver>(regions, streams_[i], hashes, i + 1, channels));
-    threads_.emplace_back([this, i, &main] {
+    threads_.emplace_back([this, i, &main, &cpu] {
+      CpuTime::Scope counted(cpu);
       auto& stream = streams_[i];
       try {
         for (;;) {

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "engine/compression.h"
+#include "engine/cpu_time.h"
 #include "engine/page_hashes.h"
 #include "engine/vm.h"
 #include "transport/stream.h"
@@ -61,7 +62,8 @@ class PageReceiver {
 // chunks, so the receiving thread finds them ready instead of faulting on each. Stops early
 // when asked (round 0 is over: whatever is left has arrived already). Throws ProtocolError
 // for a plan that does not fit the memory layout.
-std::jthread start_preparing(MigratableVm& vm, const std::vector<MemoryRegion>& regions, wire::PagePlan plan);
+std::jthread start_preparing(MigratableVm& vm, const std::vector<MemoryRegion>& regions, wire::PagePlan plan,
+                             CpuTime& cpu);
 
 // Channels 1..n-1: a thread each, applying its batches and acknowledging its rounds. The
 // sender closes them after the final round; a failure shuts channel 0 down too, so the main
@@ -71,7 +73,7 @@ class ExtraChannels {
   ~ExtraChannels() { stop(); }
 
   void start(std::vector<transport::Stream> streams, const std::vector<MemoryRegion>& regions, PageHashes& hashes,
-             transport::Stream& main);
+             transport::Stream& main, CpuTime& cpu);
   // Stops and joins every channel thread; returns the first channel's error, if any.
   std::optional<std::string> stop();
   std::uint64_t pages() const;

@@ -5,6 +5,7 @@
 #include <optional>
 #include <random>
 
+#include "engine/cpu_time.h"
 #include "engine/page_hashes.h"
 #include "engine/page_sender.h"
 #include "engine/pages.h"
@@ -141,6 +142,8 @@ struct SourceMigration::State {
   RoundCounts totals;
 
   // The switchover's clock.
+  CpuTime cpu;                  // the helper threads; the driving thread counts from cpu_start
+  std::uint64_t cpu_start = 0;
   Clock::time_point start, pause_start, paused_at, synced, pages_done, state_done, ready_at, running_at;
   wire::Ready ready;
   wire::Running running;
@@ -174,6 +177,7 @@ void enter(MigrationControl& control, MigrationStatus from, MigrationStatus to) 
 MigrationStats SourceMigration::run() {
   State& s = *s_;
   s.start = Clock::now();
+  s.cpu_start = thread_cpu_ns();
   for (const auto& r : s.regions) s.stats.guest_bytes += r.size;
   s.stats.offline = s.options.offline;
   control_->started(s.stats.guest_bytes);
@@ -279,7 +283,8 @@ void pause_guest(MigratableVm& vm, MigrationControl& control, SourceRollback& ro
 // waiting for its RoundAck when `acknowledged`.
 RoundCounts send_on_all_channels(std::vector<std::unique_ptr<PageSender>>& senders,
                                  const std::vector<transport::Stream*>& streams, MigrationControl& control,
-                                 std::uint32_t round, const Bitmaps& pending, bool acknowledged, bool guest_paused) {
+                                 std::uint32_t round, const Bitmaps& pending, bool acknowledged, bool guest_paused,
+                                 CpuTime& cpu) {
   auto one = [&](std::size_t i) {
     auto counts = senders[i]->send_round(round, pending, guest_paused);
     if (acknowledged) {
@@ -290,7 +295,11 @@ RoundCounts send_on_all_channels(std::vector<std::unique_ptr<PageSender>>& sende
   };
   if (senders.size() == 1) return one(0);
   std::vector<std::future<RoundCounts>> running;
-  for (std::size_t i = 0; i < senders.size(); ++i) running.push_back(std::async(std::launch::async, one, i));
+  for (std::size_t i = 0; i < senders.size(); ++i)
+    running.push_back(std::async(std::launch::async, [&one, &cpu, i] {
+      CpuTime::Scope counted(cpu);
+      return one(i);
+    }));
   RoundCounts total;
   std::exception_ptr failure;
   for (auto& f : running) {
@@ -347,7 +356,7 @@ bool SourceMigration::precopy_round(std::uint32_t round) {
   State& s = *s_;
   const auto round_start = Clock::now();
   control_->round_started(s.pending_pages);
-  const auto counts = send_on_all_channels(s.senders, s.streams, *control_, round, s.pending, true, false);
+  const auto counts = send_on_all_channels(s.senders, s.streams, *control_, round, s.pending, true, false, s.cpu);
   for (auto& bitmap : s.pending) std::fill(bitmap.begin(), bitmap.end(), 0);
   s.totals += counts;
   const std::uint64_t dirty = s.pending_pages = fetch_dirty(s.vm, s.regions, s.scratch, s.pending);
@@ -416,7 +425,7 @@ void SourceMigration::stop_and_copy() {
   }
   s.synced = Clock::now();
   control_->round_started(s.pending_pages);
-  s.totals += send_on_all_channels(s.senders, s.streams, *control_, s.round, s.pending, s.channels > 1, true);
+  s.totals += send_on_all_channels(s.senders, s.streams, *control_, s.round, s.pending, s.channels > 1, true, s.cpu);
   for (const auto& e : s.extra) s.stats.extra_channel_bytes += e.counters().bytes_sent;
   s.extra.clear();
   s.streams.resize(1);
@@ -530,6 +539,7 @@ void SourceMigration::finish_statistics() {
   State& s = *s_;
   auto& stats = s.stats;
   if (stats.total_ms == 0) stats.total_ms = ms_between(s.start, Clock::now());
+  stats.cpu_s = s.cpu.seconds(s.cpu_start);
   for (const auto& e : s.extra) stats.extra_channel_bytes += e.counters().bytes_sent;
   const auto& c = s.stream.counters();
   stats.bytes_sent = c.bytes_sent + stats.extra_channel_bytes;

@@ -67,6 +67,7 @@ struct MigrationStats {
   unsigned channels = 1;                 // connections that carried pages
   std::uint64_t extra_channel_bytes = 0; // of bytes_sent, what channels 1..n-1 carried
   std::vector<RoundStats> round_table;  // pre-copy rounds; the final round is in downtime
+  double cpu_s = 0;  // user + system CPU time of the migration's threads (engine/cpu_time.h)
 };
 
 // The destination's view of one incoming migration.
@@ -84,6 +85,12 @@ struct IncomingStats {
   double restore_ms = 0;
   double resume_ms = 0;
   std::optional<GuestHandover> guest;
+  double cpu_s = 0;  // user + system CPU time of the receiving threads (engine/cpu_time.h)
 };
+
+// CPU seconds per GiB moved; 0 when nothing moved.
+inline double per_GiB(double cpu_s, std::uint64_t bytes) {
+  return bytes ? cpu_s / (static_cast<double>(bytes) / static_cast<double>(1ull << 30)) : 0;
+}
 
 }  // namespace mig::engine
