@@ -231,11 +231,13 @@ mb_info_ptr: .long 0
 cpus_started: .long 1 /* the BSP */
 
 /* Identity map of the first 4 GiB with 2 MiB pages, user-accessible, built by the assembler
- * so that CPL0 spends no instructions on it. */
+ * so that CPL0 spends no instructions on it. Memory above 4 GiB is mapped at CPL3 (workload.c)
+ * into high_pds, since only the guest knows how much there is. */
   .balign 4096
 pml4:
   .quad pdpt + 0x7
   .fill 511, 8, 0
+  .globl pdpt
 pdpt:
   .quad pd + 0x7, pd + 0x1007, pd + 0x2007, pd + 0x3007
   .fill 508, 8, 0
@@ -247,6 +249,10 @@ pd:
   .endr
 
   .bss
+  .balign 4096
+  .globl high_pds
+high_pds:
+  .skip HIGH_PD_PAGES * 4096
   .balign KSTACK_SIZE
   .globl kstacks, ustacks
 kstacks:

@@ -8,6 +8,8 @@
 #define TIMER_VECTOR 0x40
 #define SPURIOUS_VECTOR 0xff
 #define LAPIC_BASE 0xfee00000
+#define MAX_MEMORY_GIB 128 /* guest physical addresses the workload can map */
+#define HIGH_PD_PAGES (MAX_MEMORY_GIB - 4) /* one page directory per GiB above 4 GiB */
 
 #ifndef __ASSEMBLER__
 #include <stdint.h>
@@ -24,6 +26,8 @@ extern uint8_t ustacks[MAX_CPUS][USTACK_SIZE];
 extern uint32_t mb_info_ptr;
 extern volatile uint32_t cpus_started;
 extern char _end[];
+extern uint64_t pdpt[512];
+extern uint64_t high_pds[HIGH_PD_PAGES][512];
 
 static inline struct percpu *percpu_of(unsigned cpu) { return (struct percpu *)kstacks[cpu]; }
 

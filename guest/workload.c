@@ -39,7 +39,8 @@ static struct {
 
 static volatile uint64_t tsc_per_ms;
 static volatile uint32_t ncpus;  /* published by the BSP once all APs have arrived */
-static uint64_t wss_base, mem_end;
+/* The working set: low_pages pages from wss_base up to the PCI hole, the rest from 4 GiB. */
+static uint64_t wss_base, low_pages;
 
 extern const uint8_t ap_trampoline[], ap_trampoline_end[];
 
@@ -190,12 +191,48 @@ static void start_aps(void) {
   }
 }
 
+static uint8_t *ws_page(uint64_t index) {
+  return (uint8_t *)(index < low_pages ? wss_base + index * 4096 : (4ul << 30) + (index - low_pages) * 4096);
+}
+
+/* The ends of the RAM below the PCI hole and of the RAM from 4 GiB (0 if none), from the
+ * multiboot memory map where there is one. */
+static void find_memory(const uint32_t *mbi, uint64_t *low_end, uint64_t *high_end) {
+  *low_end = 0x100000 + (uint64_t)mbi[2] * 1024;
+  *high_end = 0;
+  if (!(mbi[0] & 0x40)) return;
+  const uint8_t *entry = (const uint8_t *)(uint64_t)mbi[12], *end = entry + mbi[11];
+  for (; entry < end; entry += *(const uint32_t *)entry + 4) {
+    uint64_t base = *(const uint64_t *)(entry + 4), length = *(const uint64_t *)(entry + 12);
+    if (*(const uint32_t *)(entry + 20) != 1) continue; /* not RAM */
+    if (base <= 0x100000 && base + length > *low_end) *low_end = base + length;
+    if (base >= (4ul << 30) && base + length > *high_end) *high_end = base + length;
+  }
+  if (*high_end > (uint64_t)MAX_MEMORY_GIB << 30) *high_end = (uint64_t)MAX_MEMORY_GIB << 30;
+}
+
+/* boot.S maps the first 4 GiB; the rest is mapped here, at CPL3 (all guest memory is
+ * user-accessible, page tables included), where loops run natively. */
+static void map_high_memory(uint64_t high_end) {
+  for (uint64_t gib = 4; gib < (high_end + (1ul << 30) - 1) >> 30; gib++) {
+    uint64_t *pd = high_pds[gib - 4];
+    for (uint64_t i = 0; i < 512; i++) pd[i] = (gib << 30) | (i << 21) | 0x87; /* present, writable, user, 2 MiB */
+    /* Linked only once filled: a host that shadows page tables then traps one write per GiB,
+     * not one per entry. A not-present entry is never cached, so no TLB flush is needed. */
+    pdpt[gib] = (uint64_t)pd | 0x7;
+  }
+}
+
 static void bsp_setup(void) {
   const uint32_t *mbi = (const uint32_t *)(uint64_t)mb_info_ptr;
   if (mbi[0] & 0x4) parse_cmdline((const char *)(uint64_t)mbi[4]);
-  mem_end = 0x100000 + (uint64_t)mbi[2] * 1024;
+  uint64_t low_end, high_end;
+  find_memory(mbi, &low_end, &high_end);
+  map_high_memory(high_end);
   wss_base = ((uint64_t)_end + (2ul << 20) - 1) & ~((2ul << 20) - 1);
-  if (cfg.wss > mem_end - wss_base) cfg.wss = (mem_end - wss_base) & ~4095ul;
+  low_pages = (low_end - wss_base) / 4096;
+  const uint64_t available = low_pages * 4096 + (high_end ? high_end - (4ul << 30) : 0);
+  if (cfg.wss > available) cfg.wss = available & ~4095ul;
   if (cfg.hb_ms == 0) cfg.hb_ms = 1;
   tsc_per_ms = calibrate_tsc_per_ms();
   start_aps();
@@ -217,7 +254,7 @@ static void bsp_setup(void) {
 
 struct worker {
   unsigned cpu;
-  uint8_t *base;        /* this CPU's slice of the working set */
+  uint64_t first;       /* this CPU's slice of the working set: pages first.. of ws_page() */
   uint64_t pages;
   uint64_t hot_pages;
   uint64_t rng;
@@ -255,7 +292,7 @@ static void write_random(struct worker *w, uint64_t n) {
       page = (r & 0xffffffff) % w->hot_pages;
     else
       page = (r & 0xffffffff) % w->pages;
-    *(volatile uint64_t *)(w->base + page * 4096 + ((r >> 32) & 0x1ff) * 8) = ++w->counter;
+    *(volatile uint64_t *)(ws_page(w->first + page) + ((r >> 32) & 0x1ff) * 8) = ++w->counter;
   }
 }
 
@@ -263,7 +300,7 @@ static void write_random(struct worker *w, uint64_t n) {
  * previous pass left: a page that lost a write during migration shows up here. */
 static void write_sweep(struct worker *w, uint64_t n) {
   for (uint64_t i = 0; i < n; i++) {
-    volatile uint8_t *p = w->base + w->sweep_pos * 4096;
+    volatile uint8_t *p = ws_page(w->first + w->sweep_pos);
     if (*p != (uint8_t)w->sweep_pass) report_failure(MIG_CHECK_FAIL_SWEEP);
     *p = (uint8_t)(w->sweep_pass + 1);
     if (++w->sweep_pos == w->pages) {
@@ -297,7 +334,7 @@ static void run_worker(unsigned cpu) {
   struct worker w = {0};
   w.cpu = cpu;
   uint64_t slice = (cfg.wss / ncpus) & ~4095ul;
-  w.base = (uint8_t *)(wss_base + slice * cpu);
+  w.first = slice / 4096 * cpu;
   w.pages = slice / 4096;
   w.hot_pages = w.pages * cfg.hot_pct / 100;
   w.rng = cfg.seed * 0x9e3779b97f4a7c15ul + cpu + 1;
@@ -307,7 +344,7 @@ static void run_worker(unsigned cpu) {
 
   if (cfg.mode != MODE_SWEEP && cfg.fill != FILL_ZERO)
     for (uint64_t p = 0; p < w.pages; p++)
-      fill_page(w.base + p * 4096, cfg.fill == FILL_MIX ? (enum fill)(p % 3 + FILL_ZERO) : cfg.fill, &w.rng);
+      fill_page(ws_page(w.first + p), cfg.fill == FILL_MIX ? (enum fill)(p % 3 + FILL_ZERO) : cfg.fill, &w.rng);
 
   /* An idle vCPU halts, so something must wake it for each heartbeat: the LAPIC timer, at
    * the heartbeat rate unless a timer rate was asked for. The register check needs a
