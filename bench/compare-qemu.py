@@ -5,18 +5,20 @@ Every row is one migration of the workload guest (build/guest/mig-guest.elf), bo
 way by mig's VMM and by `qemu-system-x86_64 -kernel`. For each row it records total time,
 the downtime the migrator reports, the downtime the guest saw (the gap in its heartbeats:
 the probe port under mig, one serial byte per heartbeat under QEMU), bytes sent, and the
-raw link (iperf3, same byte count, measured in this run) so every row has a ratio to the
+raw link (bench-link's best send size between populated buffers, one stream, the same byte
+count, measured next to each row; iperf3 beside it, and alone over --shaped) so every row has a ratio to the
 limit. Writes JSON lines and CSV, and PNG plots when gnuplot is installed.
 
     bench/compare-qemu.py [--mem 2G[,...]] [--wss 1G] [--fill random[,text,mix,zero]]
                           [--workload random[,hotcold,sweep]] [--rates 0,25,50,75]
-                          [--configs mig,mig:prepared,qemu,qemu:multifd4] [--repeat N]
+                          [--configs mig,mig:prepared,qemu,qemu:prealloc,qemu:multifd4] [--spin] [--repeat N]
                           [--shaped "tbf rate 1gbit burst 512kb latency 50ms"] [--out DIR]
 
 The matrix is every combination of guest size, fill, workload, rate and configuration.
 A configuration is `mig` or `qemu`, optionally with `:` and `+`-joined options:
   mig:  prepared (mig-recv --expect-mem), compress (zstd), delta, parallel2, parallel4, attarget, noautoconverge, nozeroskip, nodedup, noverify, noplan, offline, zerocopy
-  qemu: multifdN (N channels), xbzrle, autoconverge, compress (multifd zstd, needs multifdN)
+  qemu: multifdN (N channels), xbzrle, autoconverge, compress (multifd zstd, needs multifdN),
+        prealloc (-mem-prealloc on the destination: QEMU's counterpart of mig:prepared)
 Rate 0 runs the idle workload; rate `max` writes as fast as the guest can (a CPU-bound
 dirtier, the case auto-converge is for). --shaped puts every receiver (mig-recv, the destination QEMU,
 the iperf3 server of the raw-link baseline) in a network namespace of its own, reached over a
@@ -42,6 +44,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.environ.get("MIG_BUILD", os.path.join(ROOT, "build"))
 IMAGE = os.path.join(BUILD, "guest", "mig-guest.elf")
+BENCH_LINK = os.path.join(BUILD, "bench", "bench-link")
 QEMU = "qemu-system-x86_64"
 DOWNTIME_MS = 30
 QEMU_TIMEOUT_S = 60
@@ -86,7 +89,20 @@ def shaped_link(qdisc):
         subprocess.run(["ip", "netns", "delete", ns])
 
 
-def raw_link_mbps(link, nbytes):
+def raw_link_mbps(link, nbytes, spin=False):
+    """The raw link for `nbytes`, one stream, and iperf3's figure beside it. Over loopback the
+    baseline is bench-link's best send size between populated buffers (with a core kept busy
+    when the guest spins, as the migration has it); iperf3 understates it by a third here. A
+    shaped link spans two network namespaces, which only iperf3 crosses."""
+    iperf = iperf3_mbps(link, nbytes)
+    if link.label != "loopback":
+        return iperf, iperf
+    out = subprocess.run([BENCH_LINK, "--json", "--bytes", str(nbytes), "--streams", "1"] + (["--spin"] if spin else []),
+                         capture_output=True, text=True, check=True).stdout
+    return max(r["MBps"] for r in map(json.loads, out.splitlines()) if "MBps" in r), iperf
+
+
+def iperf3_mbps(link, nbytes):
     """iperf3, one stream over the link, the same byte count a migration moves."""
     port = free_port()
     server = subprocess.Popen(link.receiver_prefix + ["iperf3", "-s", "-1", "-B", link.host, "-p", str(port)],
@@ -156,7 +172,7 @@ class Qmp:
 class Qemu:
     instances = 0
 
-    def __init__(self, tmp, tag, mem, append, incoming=None, prefix=()):
+    def __init__(self, tmp, tag, mem, append, incoming=None, prefix=(), extra=()):
         Qemu.instances += 1  # fresh socket paths: a killed QEMU leaves its files behind
         self.serial_path = os.path.join(tmp, f"{tag}{Qemu.instances}.serial")
         qmp_path = os.path.join(tmp, f"{tag}{Qemu.instances}.qmp")
@@ -166,6 +182,7 @@ class Qemu:
                "-qmp", f"unix:{qmp_path},server=on,wait=off"]
         if incoming:
             cmd += ["-incoming", incoming]
+        cmd += list(extra)
         self.proc = subprocess.Popen(list(prefix) + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.tap = SerialTap(self.serial_path)
         self.qmp = Qmp(qmp_path)
@@ -178,7 +195,9 @@ class Qemu:
 def qemu_row(link, tmp, mem, append, options):
     channels = next((int(o[len("multifd"):]) for o in options if o.startswith("multifd")), 0)
     port = free_port()
-    dst = Qemu(tmp, "dst", mem, append, incoming="defer", prefix=link.receiver_prefix)
+    # -mem-prealloc is QEMU's counterpart of mig-recv --expect-mem: memory populated while waiting.
+    dst = Qemu(tmp, "dst", mem, append, incoming="defer", prefix=link.receiver_prefix,
+               extra=["-mem-prealloc"] if "prealloc" in options else [])
     src = Qemu(tmp, "src", mem, append)
     try:
         if not src.tap.ready.wait(300):
@@ -311,23 +330,24 @@ def plot(out_dir, rows):
         print(f"plot: {png}")
 
 
-def run_row(link, tmp, wss, mem_text, fill, workload, percent, rate, config):
+def run_row(link, tmp, wss, mem_text, fill, workload, percent, rate, config, spin):
     """One migration, with the raw link measured just before it: loopback moves by +-30 % within
     minutes here, so a ratio is only meaningful against a baseline taken next to it."""
     mem = size_bytes(mem_text)
-    mode = "mode=idle" if percent == 0 else f"mode={workload}" + (f" rate={rate}" if rate is not None else "")
+    mode = ("mode=spin" if spin else "mode=idle") if percent == 0 else f"mode={workload}" + (f" rate={rate}" if rate is not None else "")
     if workload == "hotcold" and percent:
         mode += " hot=5 hotfrac=95"
     append = f"{mode} wss={wss >> 20}M fill={fill} hb=1 hbserial=1"
     kind, _, option_text = config.partition(":")
     options = [o for o in option_text.split("+") if o]
-    row_link = raw_link_mbps(link, wss)
+    row_link, row_iperf3 = raw_link_mbps(link, wss, spin)
     try:
         row = (qemu_row if kind == "qemu" else mig_row)(link, tmp, mem, append, options)
     except Exception as e:  # one failed row must not lose the others
         row = {"status": f"error: {e}", "total_ms": None, "downtime_ms": None, "guest_downtime_ms": None,
                "bytes_sent": None, "rounds": None, "verified": None}
-    row.update(config=config, link_percent=percent, dirty_MBps=rate, raw_link_MBps=round(row_link), link=link.label,
+    row.update(config=config, link_percent=percent, dirty_MBps=rate, raw_link_MBps=round(row_link),
+               iperf3_MBps=round(row_iperf3), spinning=spin, link=link.label,
                mem=mem_text, wss=f"{wss >> 20}M", fill=fill, workload=workload, guest_cmdline=append)
     if row["bytes_sent"] and row["total_ms"]:
         row["ratio_to_raw_link"] = round(row["bytes_sent"] / 1e6 / row_link * 1000 / row["total_ms"], 3)
@@ -346,8 +366,9 @@ def run_matrix(link, args):
     wss = size_bytes(args.wss)
     # Dirty rates are percentages of one baseline taken at the start, so that every
     # configuration at a given percentage runs the very same guest.
-    base = raw_link_mbps(link, wss)
-    print(f"raw link (iperf3, {wss >> 20} MiB over {link.label}): {base:.0f} MB/s", flush=True)
+    base, iperf = raw_link_mbps(link, wss, args.spin)
+    print(f"raw link ({wss >> 20} MiB over {link.label}{', one core kept busy' if args.spin else ''}): {base:.0f} MB/s; "
+          f"iperf3: {iperf:.0f} MB/s", flush=True)
     matrix = [(m, fill, workload, percent if percent == "max" else int(percent), config)
               for m in args.mem.split(",") for fill in args.fill.split(",")
               for workload in args.workload.split(",") for percent in args.rates.split(",")
@@ -357,7 +378,7 @@ def run_matrix(link, args):
         for repeat in range(args.repeat):
             for mem_text, fill, workload, percent, config in matrix:
                 rate = None if percent == "max" else int(base * percent / 100)
-                row = run_row(link, tmp, wss, mem_text, fill, workload, percent, rate, config)
+                row = run_row(link, tmp, wss, mem_text, fill, workload, percent, rate, config, args.spin)
                 row["repeat"] = repeat
                 rows.append(row)
                 print_row(row)
@@ -372,7 +393,10 @@ def main():
     p.add_argument("--workload", default="random", help="dirtying workloads for non-zero rates: random, hotcold, sweep")
     p.add_argument("--rates", default="0,25,50,75",
                    help="guest dirty rates, percent of the raw link; 0 = idle, max = as fast as the guest can")
-    p.add_argument("--configs", default="mig,mig:prepared,qemu,qemu:multifd4")
+    p.add_argument("--configs", default="mig,mig:prepared,qemu,qemu:prealloc,qemu:multifd4")
+    p.add_argument("--spin", action="store_true",
+                   help="the idle guest busy-waits between heartbeats instead of halting, as a busy host's guest does "
+                        "(the dirtying workloads always spin)")
     p.add_argument("--repeat", type=int, default=1, help="run the whole matrix this many times (rows carry `repeat`)")
     p.add_argument("--shaped", help='a qdisc for both ends of a veth link, e.g. "tbf rate 1gbit burst 512kb latency 50ms"')
     p.add_argument("--out", default=os.path.join(BUILD, "compare-qemu"))
