@@ -16,20 +16,7 @@ std::uint64_t masked_word(std::span<const std::uint64_t> bitmap, std::size_t ind
 
 std::vector<PageRun> runs_of(std::span<const std::uint64_t> bitmap, std::uint64_t pages) {
   std::vector<PageRun> runs;
-  const std::size_t words = std::min(bitmap.size(), bitmap_words(pages));
-  for (std::size_t i = 0; i < words; ++i) {
-    std::uint64_t word = masked_word(bitmap, i, pages);
-    while (word) {
-      const auto start = static_cast<unsigned>(std::countr_zero(word));
-      const auto length = static_cast<unsigned>(std::countr_one(word >> start));
-      const std::uint64_t first = std::uint64_t{i} * 64 + start;
-      if (!runs.empty() && runs.back().first + runs.back().count == first)
-        runs.back().count += length;  // continues a run from the previous word
-      else
-        runs.push_back({first, length});
-      word = length + start >= 64 ? 0 : word & ~(((std::uint64_t{1} << length) - 1) << start);
-    }
-  }
+  for_each_run(bitmap, 0, pages, [&runs](const PageRun& run) { runs.push_back(run); });
   return runs;
 }
 

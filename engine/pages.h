@@ -1,6 +1,8 @@
 // Dirty pages as values: a bitmap per region, turned into runs of consecutive pages.
 #pragma once
 
+#include <algorithm>
+#include <bit>
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -17,8 +19,37 @@ struct PageRun {
 // or past `pages` are ignored.
 std::vector<PageRun> runs_of(std::span<const std::uint64_t> bitmap, std::uint64_t pages);
 
+// Calls visit(PageRun) for each run of set bits among bits [begin, end) of `bitmap`, in
+// ascending order, reading only the words that hold them: a channel walks its own chunks of
+// a bitmap, not the whole of it.
+template <typename Visit>
+void for_each_run(std::span<const std::uint64_t> bitmap, std::uint64_t begin, std::uint64_t end, Visit&& visit);
+
 std::uint64_t count_pages(std::span<const std::uint64_t> bitmap, std::uint64_t pages);
 
 inline std::size_t bitmap_words(std::uint64_t pages) { return static_cast<std::size_t>((pages + 63) / 64); }
+
+template <typename Visit>
+void for_each_run(std::span<const std::uint64_t> bitmap, std::uint64_t begin, std::uint64_t end, Visit&& visit) {
+  end = std::min<std::uint64_t>(end, std::uint64_t{bitmap.size()} * 64);
+  PageRun open;  // the run being extended across word boundaries; count 0 when none
+  for (std::uint64_t word_first = begin / 64 * 64; word_first < end; word_first += 64) {
+    std::uint64_t word = bitmap[static_cast<std::size_t>(word_first / 64)];
+    if (begin > word_first) word &= ~std::uint64_t{0} << (begin - word_first);
+    if (end - word_first < 64) word &= (std::uint64_t{1} << (end - word_first)) - 1;
+    while (word) {
+      const auto start = static_cast<unsigned>(std::countr_zero(word));
+      const auto length = static_cast<unsigned>(std::countr_one(word >> start));
+      if (open.count && open.first + open.count == word_first + start) {
+        open.count += length;
+      } else {
+        if (open.count) visit(open);
+        open = {word_first + start, length};
+      }
+      word = length + start >= 64 ? 0 : word & ~(((std::uint64_t{1} << length) - 1) << start);
+    }
+  }
+  if (open.count) visit(open);
+}
 
 }  // namespace mig::engine

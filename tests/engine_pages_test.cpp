@@ -48,3 +48,22 @@ TEST_CASE("runs_of handles the edges") {
   CHECK(runs_of(std::vector<std::uint64_t>{~0ull, ~0ull}, 100) == std::vector<PageRun>{{0, 100}});  // bits past the end ignored
   CHECK(runs_of(std::vector<std::uint64_t>{1ull << 63, 1}, 128) == std::vector<PageRun>{{63, 2}});  // joined across words
 }
+
+TEST_CASE("for_each_run over a range sees exactly the runs inside it, clipped to its ends") {
+  std::mt19937_64 rng(777);
+  for (int trial = 0; trial < 500; ++trial) {
+    const std::uint64_t pages = rng() % 2000 + 1;
+    std::vector<std::uint64_t> bitmap(bitmap_words(pages));
+    for (auto& w : bitmap) w = trial % 2 ? rng() : (rng() % 3 == 0 ? ~0ull : 0);
+    const std::uint64_t begin = rng() % pages, end = begin + rng() % (pages - begin + 1);
+    std::vector<PageRun> expected;
+    for (const auto& r : naive_runs(bitmap, pages)) {
+      const std::uint64_t first = std::max(r.first, begin), last = std::min(r.first + r.count, end);
+      if (first < last) expected.push_back({first, last - first});
+    }
+    std::vector<PageRun> seen;
+    for_each_run(bitmap, begin, end, [&](const PageRun& run) { seen.push_back(run); });
+    INFO("trial " << trial << " range " << begin << ".." << end);
+    REQUIRE(seen == expected);
+  }
+}
