@@ -1,10 +1,18 @@
 // Guest memory without a VM: which pages count as populated, and populating ahead.
+#include <sys/mount.h>
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
 #include <vector>
 
 #include "kvm/memory.h"
 
 using namespace mig;
+using Catch::Matchers::Contains;
 
 namespace {
 constexpr std::uint64_t kPages = 16384;  // 64 MiB
@@ -13,6 +21,19 @@ std::vector<std::uint64_t> populated(const kvm::GuestMemory& memory, kvm::GuestM
   std::vector<std::uint64_t> bitmap(kPages / 64, ~std::uint64_t{0});  // stale bits must be cleared
   memory.populated_pages(0, bitmap, scan);
   return bitmap;
+}
+// The VmFlags line of /proc/self/smaps for the mapping that starts at `start`: "hg" is
+// MADV_HUGEPAGE, "nh" MADV_NOHUGEPAGE.
+std::string vm_flags(const std::byte* start) {
+  std::ifstream smaps("/proc/self/smaps");
+  std::ostringstream wanted;
+  wanted << std::hex << reinterpret_cast<std::uintptr_t>(start) << "-";
+  bool inside = false;
+  for (std::string line; std::getline(smaps, line);) {
+    if (line.rfind(wanted.str(), 0) == 0) inside = true;
+    if (inside && line.rfind("VmFlags:", 0) == 0) return line + " ";
+  }
+  return "";
 }
 }  // namespace
 
@@ -38,4 +59,57 @@ TEST_CASE("populated pages are exactly the touched ones - by either kernel inter
     memory.populate();
     CHECK(populated(memory, kvm::GuestMemory::PageScan::best) == std::vector<std::uint64_t>(kPages / 64, ~std::uint64_t{0}));
   }
+}
+
+TEST_CASE("guest memory asks for huge pages by default, on 2 MiB boundaries, and not when told not to") {
+  const std::vector<kvm::RegionLayout> layout = {{0, 64ull << 20}};
+  for (auto backing : {kvm::MemoryBacking::anonymous, kvm::MemoryBacking::memfd}) {
+    kvm::MemoryOptions options;
+    options.backing = backing;
+    auto memory = kvm::GuestMemory::create(layout, options);
+    const std::byte* host = memory.regions()[0].host();
+    CHECK(reinterpret_cast<std::uintptr_t>(host) % (2 << 20) == 0);
+    CHECK_THAT(vm_flags(host), Contains(" hg "));
+
+    options.transparent_huge_pages = false;
+    CHECK_THAT(vm_flags(kvm::GuestMemory::create(layout, options).regions()[0].host()), Contains(" nh "));
+  }
+}
+
+TEST_CASE("a receiver's memory can fill in small pages first and ask for huge pages once its guest runs") {
+  kvm::MemoryOptions options;
+  options.huge_pages_after_fill = true;
+  auto memory = kvm::GuestMemory::create({{{0, 64ull << 20}}}, options);
+  const std::byte* host = memory.regions()[0].host();
+  CHECK_THAT(vm_flags(host), Contains(" nh "));
+  memory.advise_huge_pages();
+  CHECK_THAT(vm_flags(host), Contains(" hg "));
+}
+
+TEST_CASE("--mem-path refuses what is not a hugetlbfs mount, and a mount without enough huge pages, clearly") {
+  kvm::MemoryOptions options;
+  options.backing = kvm::MemoryBacking::hugetlbfs;
+  options.hugetlbfs_dir = "/tmp";
+  const std::vector<kvm::RegionLayout> layout = {{0, 64ull << 20}};
+  CHECK_THROWS_WITH(kvm::GuestMemory::create(layout, options), Contains("/tmp is not a hugetlbfs mount"));
+
+  // A mount of our own, so what it holds does not depend on the host's mounts.
+  const auto dir = std::filesystem::temp_directory_path() / ("mig-hugetlbfs-" + std::to_string(::getpid()));
+  std::filesystem::create_directory(dir);
+  REQUIRE(::mount("none", dir.c_str(), "hugetlbfs", 0, "pagesize=2M") == 0);
+  options.hugetlbfs_dir = dir.string();
+  std::ifstream free_file("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages");
+  unsigned free_pages = 0;
+  free_file >> free_pages;
+  if (free_pages < 32) {
+    CHECK_THROWS_WITH(kvm::GuestMemory::create(layout, options),
+                      Contains("32 huge pages of 2048 KiB needed") && Contains("/proc/sys/vm/nr_hugepages"));
+  } else {
+    auto memory = kvm::GuestMemory::create(layout, options);
+    memory.regions()[0].host()[0] = std::byte{1};
+    CHECK(memory.shareable());
+  }
+  CHECK_THROWS_WITH(kvm::GuestMemory::create({{{0, 3ull << 20}}}, options), Contains("not a multiple of"));
+  ::umount(dir.c_str());
+  std::filesystem::remove(dir);
 }
