@@ -86,18 +86,25 @@ TEST_CASE("a receiver's memory can fill in small pages first and ask for huge pa
   CHECK_THAT(vm_flags(host), Contains(" hg "));
 }
 
-TEST_CASE("--mem-path refuses what is not a hugetlbfs mount, and a mount without enough huge pages, clearly") {
+TEST_CASE("hugetlbfs backing refuses what is not a hugetlbfs mount, and a mount without enough huge pages, clearly") {
   kvm::MemoryOptions options;
   options.backing = kvm::MemoryBacking::hugetlbfs;
   options.hugetlbfs_dir = "/tmp";
   const std::vector<kvm::RegionLayout> layout = {{0, 64ull << 20}};
   CHECK_THROWS_WITH(kvm::GuestMemory::create(layout, options), Contains("/tmp is not a hugetlbfs mount"));
 
-  // A mount of our own, so what it holds does not depend on the host's mounts.
-  const auto dir = std::filesystem::temp_directory_path() / ("mig-hugetlbfs-" + std::to_string(::getpid()));
-  std::filesystem::create_directory(dir);
-  REQUIRE(::mount("none", dir.c_str(), "hugetlbfs", 0, "pagesize=2M") == 0);
-  options.hugetlbfs_dir = dir.string();
+  // A mount of our own, so what it holds does not depend on the host's mounts; gone afterwards
+  // whatever the checks do.
+  struct Mount {
+    std::filesystem::path dir = std::filesystem::temp_directory_path() / ("mig-hugetlbfs-" + std::to_string(::getpid()));
+    Mount() { std::filesystem::create_directory(dir); }
+    ~Mount() {
+      ::umount(dir.c_str());
+      std::filesystem::remove(dir);
+    }
+  } mount;
+  REQUIRE(::mount("none", mount.dir.c_str(), "hugetlbfs", 0, "pagesize=2M") == 0);
+  options.hugetlbfs_dir = mount.dir.string();
   std::ifstream free_file("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages");
   unsigned free_pages = 0;
   free_file >> free_pages;
@@ -110,6 +117,4 @@ TEST_CASE("--mem-path refuses what is not a hugetlbfs mount, and a mount without
     CHECK(memory.shareable());
   }
   CHECK_THROWS_WITH(kvm::GuestMemory::create({{{0, 3ull << 20}}}, options), Contains("not a multiple of"));
-  ::umount(dir.c_str());
-  std::filesystem::remove(dir);
 }

@@ -66,11 +66,12 @@ int main(int argc, char** argv) {
   app.add_option("--expect-vcpus", expect_vcpus, "with --expect-mem: the vCPU count to prepare for")->default_val(1);
   CLI11_PARSE(app, argc, argv);
 
+  std::string memory_description;
   engine::VmFactory factory;
   try {
     if (listen == "defer" && qmp.empty()) throw std::invalid_argument("--listen defer needs --qmp, to receive migrate-incoming");
     const auto incoming_memory = vmm::KvmVm::incoming_memory(memory.options(), expect_mem > 0);
-    fmt::print(stderr, "mig-recv: guest memory: {}\n", incoming_memory.description);
+    memory_description = incoming_memory.description;
     // Built (and with --expect-mem, populated) now, while nobody has connected yet.
     factory = vmm::KvmVm::factory(serial, incoming_memory.options,
                                   expect_mem > 0 ? std::optional(vmm::KvmVm::pc_shape(expect_mem, expect_vcpus)) : std::nullopt);
@@ -89,6 +90,7 @@ int main(int argc, char** argv) {
       fmt::print("mig-recv: waiting for migrate-incoming on {}\n", qmp);
     else
       fmt::print("mig-recv: listening on {}\n", domain.migrate_incoming(listen));
+    fmt::print("mig-recv: guest memory: {}\n", memory_description);
     std::fflush(stdout);
   } catch (const std::exception& e) {
     fmt::print(stderr, "mig-recv: {}\n", e.what());
