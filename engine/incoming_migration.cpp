@@ -54,7 +54,7 @@ struct IncomingMigration::Session {
   std::unique_ptr<PageHashes> hashes;
   std::unique_ptr<PageReceiver> pages;
   ExtraChannels extra;
-  std::jthread preparing;
+  std::vector<std::jthread> preparing;
   std::vector<StateSection> sections;
   std::uint64_t state_bytes = 0;
   IncomingStats stats;
@@ -106,7 +106,7 @@ IncomingResult IncomingMigration::run() {
     }
   }
   s.stats.bytes_received = stream_.counters().bytes_received + s.extra.bytes();
-  s.preparing = std::jthread();  // stopped and joined, so its CPU time is counted
+  s.preparing.clear();  // stopped and joined, so their CPU time is counted
   s.stats.cpu_s = s.cpu.seconds(s.cpu_start);
   result.stats = s.stats;
   return result;
@@ -122,8 +122,10 @@ IncomingMigration::State IncomingMigration::step(State state, const wire::FrameH
       break;
     case State::receiving_pages:
       // Round 0 is over at the first round end (or at Complete, offline): whatever pages the
-      // plan still lists have arrived already.
-      if (is(frame, MessageType::round_end) || is(frame, MessageType::complete)) s_->preparing.request_stop();
+      // plan still lists have arrived already. Channels interleave 2 MiB chunks, so channel
+      // 0's round end is every channel's, give or take a batch.
+      if (is(frame, MessageType::round_end) || is(frame, MessageType::complete))
+        for (auto& helper : s_->preparing) helper.request_stop();
       if (s_->pages->handle(frame)) return state;
       if (is(frame, MessageType::page_plan)) return on_page_plan(frame);
       [[fallthrough]];
@@ -190,8 +192,9 @@ void IncomingMigration::build_vm() {
 
 IncomingMigration::State IncomingMigration::on_page_plan(const wire::FrameHeader& frame) {
   Session& s = *s_;
-  if (s.preparing.joinable()) throw wire::ProtocolError("a second PagePlan");
-  s.preparing = start_preparing(*s.vm, s.regions, wire::decode<wire::PagePlan>(stream_.read_payload(frame)), s.cpu);
+  if (!s.preparing.empty()) throw wire::ProtocolError("a second PagePlan");
+  s.preparing =
+      start_preparing(*s.vm, s.regions, wire::decode<wire::PagePlan>(stream_.read_payload(frame)), s.channels, s.cpu);
   return State::receiving_pages;
 }
 

@@ -114,7 +114,7 @@ PageReceiver::Target PageReceiver::locate(std::uint64_t guest_addr) const {
     const auto& region = regions_[r];
     if (guest_addr >= region.guest_addr && guest_addr - region.guest_addr < region.size) {
       const std::uint64_t offset = guest_addr - region.guest_addr;
-      if (channels_ > 1 && guest_addr / kPageSize / wire::kChannelChunkPages % channels_ != channel_)
+      if (channels_ > 1 && wire::channel_of(guest_addr / kPageSize, channels_) != channel_)
         throw wire::ProtocolError("page at guest address " + std::to_string(guest_addr) + " arrived on the wrong channel");
       return {r, offset / kPageSize, region.host + offset};
     }
@@ -122,29 +122,36 @@ PageReceiver::Target PageReceiver::locate(std::uint64_t guest_addr) const {
   throw wire::ProtocolError("page at guest address " + std::to_string(guest_addr) + " lies outside guest memory");
 }
 
-std::jthread start_preparing(MigratableVm& vm, const std::vector<MemoryRegion>& regions, wire::PagePlan plan,
-                             CpuTime& cpu) {
+std::vector<std::jthread> start_preparing(MigratableVm& vm, const std::vector<MemoryRegion>& regions,
+                                          wire::PagePlan plan, unsigned channels, CpuTime& cpu) {
   if (plan.bitmaps.size() != regions.size()) throw wire::ProtocolError("PagePlan does not match the memory layout");
   for (std::size_t r = 0; r < regions.size(); ++r)
     if (plan.bitmaps[r].size() != bitmap_words(regions[r].size / kPageSize))
       throw wire::ProtocolError("PagePlan bitmap does not match its region");
-  return std::jthread([&vm, plan = std::move(plan), regions, &cpu](std::stop_token stop) {
-    CpuTime::Scope counted(cpu);
-    constexpr std::uint64_t kChunkPages = 512;  // 2 MiB
-    try {
-      for (std::size_t r = 0; r < regions.size(); ++r) {
-        for (const auto& run : runs_of(plan.bitmaps[r], regions[r].size / kPageSize)) {
-          for (std::uint64_t first = run.first; first < run.first + run.count; first += kChunkPages) {
-            if (stop.stop_requested()) return;
-            vm.prepare_pages(r, first, std::min(kChunkPages, run.first + run.count - first));
-          }
-        }
+  auto shared_plan = std::make_shared<const wire::PagePlan>(std::move(plan));
+  std::vector<std::jthread> helpers;
+  for (unsigned channel = 0; channel < channels; ++channel) {
+    helpers.emplace_back([&vm, plan = shared_plan, regions, channel, channels, &cpu](std::stop_token stop) {
+      CpuTime::Scope counted(cpu);
+      constexpr std::uint64_t kChunkPages = 512;  // 2 MiB
+      // The stop request ends the walk between chunks: a region's runs are visited in one go.
+      auto prepare = [&](std::size_t r, const PageRun& run) {
+        for (std::uint64_t first = run.first; first < run.first + run.count && !stop.stop_requested(); first += kChunkPages)
+          vm.prepare_pages(r, first, std::min(kChunkPages, run.first + run.count - first));
+      };
+      try {
+        for (std::size_t r = 0; r < regions.size(); ++r)
+          for_each_channel_range(regions[r].guest_addr / kPageSize, regions[r].size / kPageSize, channel, channels,
+                                 [&](std::uint64_t begin, std::uint64_t end) {
+                                   for_each_run(plan->bitmaps[r], begin, end, [&](const PageRun& run) { prepare(r, run); });
+                                 });
+      } catch (const std::exception&) {
+        // Preparing is only a head start: the receiving thread faults the pages in itself, and
+        // meets whatever went wrong with this memory there, where it can be reported.
       }
-    } catch (const std::exception&) {
-      // Preparing is only a head start: the receiving thread faults the pages in itself, and
-      // meets whatever went wrong with this memory there, where it can be reported.
-    }
-  });
+    });
+  }
+  return helpers;
 }
 
 void ExtraChannels::start(std::vector<transport::Stream> streams, const std::vector<MemoryRegion>& regions,

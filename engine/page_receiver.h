@@ -58,12 +58,13 @@ class PageReceiver {
   std::vector<std::byte> blob_, staging_, deltas_;
 };
 
-// Backs the pages of a PagePlan with memory on a helper thread, in stream order and in
-// chunks, so the receiving thread finds them ready instead of faulting on each. Stops early
-// when asked (round 0 is over: whatever is left has arrived already). Throws ProtocolError
-// for a plan that does not fit the memory layout.
-std::jthread start_preparing(MigratableVm& vm, const std::vector<MemoryRegion>& regions, wire::PagePlan plan,
-                             CpuTime& cpu);
+// Backs the pages of a PagePlan with memory on helper threads, one per channel, each in its
+// channel's stream order and in chunks, so the receiving threads find them ready instead of
+// faulting on each, and no one helper paces them all. They stop early when asked (round 0 is
+// over: whatever is left has arrived already). Throws ProtocolError for a plan that does not
+// fit the memory layout.
+std::vector<std::jthread> start_preparing(MigratableVm& vm, const std::vector<MemoryRegion>& regions,
+                                          wire::PagePlan plan, unsigned channels, CpuTime& cpu);
 
 // Channels 1..n-1: a thread each, applying its batches and acknowledging its rounds. The
 // sender closes them after the final round; a failure shuts channel 0 down too, so the main

@@ -44,20 +44,9 @@ RoundCounts PageSender::send_round(std::uint32_t round, const Bitmaps& pending, 
     auto add_run = [this, r](const PageRun& run) {
       for (std::uint64_t page = run.first; page < run.first + run.count; ++page) add_page(r, page);
     };
-    const std::uint64_t pages = regions_[r].size / kPageSize;
-    if (channels_ == 1) {
-      for_each_run(pending[r], 0, pages, add_run);
-      continue;
-    }
-    // This channel's chunks: those whose guest page number / kChannelChunkPages is channel_
-    // modulo channels_. Each channel reads only its own share of the bitmap.
-    const std::uint64_t region_first = regions_[r].guest_addr / kPageSize, chunk = wire::kChannelChunkPages;
-    const std::uint64_t first_chunk = region_first / chunk;
-    const std::uint64_t mine = first_chunk + (channel_ + channels_ - first_chunk % channels_) % channels_;
-    for (std::uint64_t c = mine; c * chunk < region_first + pages; c += channels_) {
-      const std::uint64_t begin = std::max(c * chunk, region_first) - region_first;
-      for_each_run(pending[r], begin, std::min((c + 1) * chunk - region_first, pages), add_run);
-    }
+    // Each channel reads only its own share of the bitmap.
+    for_each_channel_range(regions_[r].guest_addr / kPageSize, regions_[r].size / kPageSize, channel_, channels_,
+                           [&](std::uint64_t begin, std::uint64_t end) { for_each_run(pending[r], begin, end, add_run); });
   }
   flush();
   report(0);  // pages skipped after the last batch

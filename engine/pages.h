@@ -7,6 +7,8 @@
 #include <span>
 #include <vector>
 
+#include "transport/protocol.h"
+
 namespace mig::engine {
 
 struct PageRun {
@@ -28,6 +30,22 @@ void for_each_run(std::span<const std::uint64_t> bitmap, std::uint64_t begin, st
 std::uint64_t count_pages(std::span<const std::uint64_t> bitmap, std::uint64_t pages);
 
 inline std::size_t bitmap_words(std::uint64_t pages) { return static_cast<std::size_t>((pages + 63) / 64); }
+
+// Calls visit(begin, end) for each range [begin, end) of a region's pages that travels on
+// `channel` of `channels` (wire::channel_of), in ascending order; `region_first` is the
+// region's first guest page number. One channel gets the whole region.
+template <typename Visit>
+void for_each_channel_range(std::uint64_t region_first, std::uint64_t pages, unsigned channel, unsigned channels,
+                            Visit&& visit) {
+  if (channels <= 1) {
+    visit(std::uint64_t{0}, pages);
+    return;
+  }
+  const std::uint64_t chunk = wire::kChannelChunkPages, first_chunk = region_first / chunk;
+  for (std::uint64_t c = first_chunk + (channel + channels - first_chunk % channels) % channels;
+       c * chunk < region_first + pages; c += channels)
+    visit(std::max(c * chunk, region_first) - region_first, std::min((c + 1) * chunk - region_first, pages));
+}
 
 template <typename Visit>
 void for_each_run(std::span<const std::uint64_t> bitmap, std::uint64_t begin, std::uint64_t end, Visit&& visit) {

@@ -67,3 +67,29 @@ TEST_CASE("for_each_run over a range sees exactly the runs inside it, clipped to
     REQUIRE(seen == expected);
   }
 }
+
+TEST_CASE("channel ranges deal every page of a region to exactly the channel that carries it") {
+  for (std::uint64_t region_first : {0ull, 1ull << 20, 300ull, 511ull}) {
+    for (std::uint64_t pages : {1ull, 511ull, 512ull, 5000ull}) {
+      for (unsigned channels : {1u, 2u, 3u, 8u}) {
+        std::vector<int> owner(pages, -1);
+        for (unsigned channel = 0; channel < channels; ++channel) {
+          std::uint64_t last_end = 0;
+          for_each_channel_range(region_first, pages, channel, channels, [&](std::uint64_t begin, std::uint64_t end) {
+            REQUIRE(begin >= last_end);  // ascending, not overlapping
+            REQUIRE(begin < end);
+            REQUIRE(end <= pages);
+            last_end = end;
+            for (std::uint64_t p = begin; p < end; ++p) {
+              REQUIRE(owner[p] == -1);
+              owner[p] = static_cast<int>(channel);
+            }
+          });
+        }
+        INFO("first " << region_first << " pages " << pages << " channels " << channels);
+        for (std::uint64_t p = 0; p < pages; ++p)
+          REQUIRE(owner[p] == static_cast<int>(channels == 1 ? 0 : mig::wire::channel_of(region_first + p, channels)));
+      }
+    }
+  }
+}

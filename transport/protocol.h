@@ -62,6 +62,9 @@ inline constexpr std::uint32_t kMaxChannels = 16;
 // With parallel channels, the page at guest page number P travels on channel
 // (P / kChannelChunkPages) % channels, always, so its copies arrive in round order.
 inline constexpr std::uint64_t kChannelChunkPages = 512;
+inline unsigned channel_of(std::uint64_t guest_page, unsigned channels) {
+  return static_cast<unsigned>(guest_page / kChannelChunkPages % channels);
+}
 
 enum class MessageType : std::uint16_t {
   invalid = 0,
