@@ -64,7 +64,7 @@ int main(int argc, char** argv) {
   std::uint64_t mem = 2ull << 30, wss = 1ull << 30;
   std::vector<int> link_percents = {0, 25, 50, 75};
   double downtime_ms = 30;
-  bool zerocopy = false, prepare = false, no_plan = false, spin = false;
+  bool zerocopy = false, prepare = false, no_plan = false, spin = false, small_pages = false;
   unsigned parallel = 1;
   bool big = false;
   app.add_option("--kernel", image);
@@ -74,6 +74,7 @@ int main(int argc, char** argv) {
   app.add_option("--rates", link_percents, "guest dirty rates as percent of the measured link rate; 0 = idle")->delimiter(',');
   app.add_option("--downtime-ms", downtime_ms);
   app.add_flag("--zerocopy", zerocopy);
+  app.add_flag("--small-pages", small_pages, "4 KiB pages on both sides, no transparent huge pages");
   app.add_flag("--spin", spin, "the idle guest busy-waits between heartbeats instead of halting (as a busy host's guest does)");
   app.add_flag("--prepare", prepare, "populate the destination's memory while it waits (mig-recv --expect-mem)");
   app.add_flag("--no-page-plan", no_plan, "do not announce round 0's pages to the receiver");
@@ -97,6 +98,8 @@ int main(int argc, char** argv) {
     load.reset();
     const auto baseline = bench::best(samples, parallel);
     const double link = baseline.Bps;
+    kvm::MemoryOptions memory;
+    memory.transparent_huge_pages = !small_pages;
     fmt::print("raw loopback TCP, {} stream(s) between populated buffers{}: {:.0f} MB/s (best of {} KiB sends)\n", parallel,
                spin ? ", one core kept busy" : "", link / 1e6, baseline.send_bytes >> 10);
     std::ofstream json;
@@ -107,9 +110,10 @@ int main(int argc, char** argv) {
                                                : fmt::format("mode=random rate={} wss={}M fill={} hb=1", rate_mbps, wss >> 20, fill);
       // The destination is built first, so that a prepared one is populated while it waits.
       const auto make_destination = vmm::KvmVm::factory(
-          "", vmm::KvmVm::incoming_memory({}, prepare).options, prepare ? std::optional(vmm::KvmVm::pc_shape(mem, 1)) : std::nullopt);
+          "", vmm::KvmVm::incoming_memory(memory, prepare).options, prepare ? std::optional(vmm::KvmVm::pc_shape(mem, 1)) : std::nullopt);
       kvm::MachineConfig config;
       config.layout = kvm::pc_memory_layout(mem);
+      config.memory = memory;
       auto machine = kvm::Machine::create(config);
       machine->boot(kvm::read_multiboot_file(image), cmdline);
       machine->start();
