@@ -132,6 +132,7 @@ std::vector<std::jthread> start_preparing(MigratableVm& vm, const std::vector<Me
   std::vector<std::jthread> helpers;
   for (unsigned channel = 0; channel < channels; ++channel) {
     helpers.emplace_back([&vm, plan = shared_plan, regions, channel, channels, &cpu](std::stop_token stop) {
+      name_this_thread("mig-prep-ch" + std::to_string(channel));
       CpuTime::Scope counted(cpu);
       constexpr std::uint64_t kChunkPages = 512;  // 2 MiB
       // The stop request ends the walk between chunks: a region's runs are visited in one go.
@@ -161,6 +162,7 @@ void ExtraChannels::start(std::vector<transport::Stream> streams, const std::vec
   for (unsigned i = 0; i < streams_.size(); ++i) {
     receivers_.push_back(std::make_unique<PageReceiver>(regions, streams_[i], hashes, i + 1, channels));
     threads_.emplace_back([this, i, &main, &cpu] {
+      name_this_thread("mig-recv-ch" + std::to_string(i + 1));
       CpuTime::Scope counted(cpu);
       auto& stream = streams_[i];
       try {

@@ -297,6 +297,7 @@ RoundCounts send_on_all_channels(std::vector<std::unique_ptr<PageSender>>& sende
   std::vector<std::future<RoundCounts>> running;
   for (std::size_t i = 0; i < senders.size(); ++i)
     running.push_back(std::async(std::launch::async, [&one, &cpu, i] {
+      name_this_thread("mig-send-ch" + std::to_string(i));
       CpuTime::Scope counted(cpu);
       return one(i);
     }));

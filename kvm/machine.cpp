@@ -121,6 +121,7 @@ void Machine::park(Vcpu& vcpu) {
 
 void Machine::vcpu_loop(unsigned index) {
   Vcpu& vcpu = vcpus_[index];
+  ::pthread_setname_np(::pthread_self(), ("vcpu" + std::to_string(index)).c_str());  // for top -H and perf
   try {
     for (;;) {
       if (pause_requested_.load()) {
