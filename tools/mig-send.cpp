@@ -116,6 +116,7 @@ int boot_and_migrate(const BootedGuest& options, const nlohmann::json& arguments
   try {
     if (!options.qmp.empty()) qmp_path = control::qmp_socket_path(options.qmp);
     vm = std::make_unique<vmm::KvmVm>(tools::boot_machine(options.vm));
+    fmt::print("mig-send: guest memory: {}\n", kvm::describe_page_size(options.vm.memory.options()));
   } catch (const std::exception& e) {
     fmt::print(stderr, "mig-send: {}\n", e.what());
     return tools::kExitSetupError;

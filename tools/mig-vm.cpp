@@ -47,6 +47,7 @@ int main(int argc, char** argv) {
     const std::string qmp_path = qmp.empty() ? "" : control::qmp_socket_path(qmp);
     if (run_for < 0 && qmp.empty()) run_for = 5;
     auto vm = std::make_unique<vmm::KvmVm>(tools::boot_machine(vm_options));
+    fmt::print("mig-vm: guest memory: {}\n", kvm::describe_page_size(vm_options.memory.options()));
     kvm::Machine& machine = vm->machine();
     control::Domain domain(std::move(vm));
     const auto quit_on_signal = signals.on_terminate([&domain] { domain.quit(); });
