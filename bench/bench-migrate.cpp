@@ -110,7 +110,7 @@ int main(int argc, char** argv) {
                                                : fmt::format("mode=random rate={} wss={}M fill={} hb=1", rate_mbps, wss >> 20, fill);
       // The destination is built first, so that a prepared one is populated while it waits.
       const auto make_destination = vmm::KvmVm::factory(
-          "", vmm::KvmVm::incoming_memory(memory, prepare).options, prepare ? std::optional(vmm::KvmVm::pc_shape(mem, 1)) : std::nullopt);
+          "", vmm::KvmVm::incoming_memory(memory).options, prepare ? std::optional(vmm::KvmVm::pc_shape(mem, 1)) : std::nullopt);
       kvm::MachineConfig config;
       config.layout = kvm::pc_memory_layout(mem);
       config.memory = memory;

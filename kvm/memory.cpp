@@ -8,12 +8,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <system_error>
-#include <utility>
 #include <stdexcept>
 #include <string>
+#include <system_error>
+#include <utility>
 
 namespace mig::kvm {
 
@@ -129,7 +130,7 @@ bool free_huge_blocks_reported_to_hypervisor() {
   constexpr std::size_t kVirtioBalloonReporting = 5;  // VIRTIO_BALLOON_F_REPORTING
   constexpr int kHugePageOrder = 9;
   const std::string order = read_line("/sys/module/page_reporting/parameters/page_reporting_order");
-  if (!order.empty() && std::stoi(order) > kHugePageOrder) return false;
+  if (!order.empty() && std::strtol(order.c_str(), nullptr, 10) > kHugePageOrder) return false;
   std::error_code ignored;
   for (const auto& device : std::filesystem::directory_iterator("/sys/bus/virtio/drivers/virtio_balloon", ignored)) {
     const std::string features = read_line((device.path() / "features").string());
@@ -172,28 +173,29 @@ GuestMemory GuestMemory::create(std::span<const RegionLayout> layout, const Memo
   GuestMemory memory;
   memory.backing_ = options.backing;
   memory.huge_pages_after_fill_ = options.transparent_huge_pages && options.huge_pages_after_fill;
-  for (const auto& region : layout) {
-    Region r{region, {}, {}};
-    if (options.backing == MemoryBacking::hugetlbfs) {
-      r.memfd = hugetlbfs_file(options.hugetlbfs_dir, region.size);
-      r.mapping = map_hugetlbfs(r.memfd.get(), region.size, options.hugetlbfs_dir);
-    } else {
-      if (options.backing == MemoryBacking::memfd) {
-        r.memfd = UniqueFd(check_syscall("memfd_create", [] { return ::memfd_create("mig-guest", MFD_CLOEXEC); }));
-        check_syscall("ftruncate guest memfd",
-                      [&] { return ::ftruncate(r.memfd.get(), static_cast<off_t>(region.size)); });
-      }
-      // MAP_NORESERVE: a guest rarely touches all of its memory, and we want untouched pages
-      // to stay unbacked (and free to skip when migrating).
-      const int flags = r.memfd.valid() ? MAP_SHARED | MAP_NORESERVE : MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
-      r.mapping = Mapping::map_aligned(region.size, kHugePageSize, PROT_READ | PROT_WRITE, flags,
-                                       r.memfd.valid() ? r.memfd.get() : -1, "mmap guest memory");
-      // Advice, not a demand: where the kernel offers no huge pages the memory works as before.
-      ::madvise(r.host(), region.size, use_huge_pages_now(options) ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
-    }
-    memory.regions_.push_back(std::move(r));
-  }
+  for (const auto& region : layout) memory.regions_.push_back(create_region(region, options));
   return memory;
+}
+
+GuestMemory::Region GuestMemory::create_region(const RegionLayout& layout, const MemoryOptions& options) {
+  Region r{layout, {}, {}};
+  if (options.backing == MemoryBacking::hugetlbfs) {
+    r.memfd = hugetlbfs_file(options.hugetlbfs_dir, layout.size);
+    r.mapping = map_hugetlbfs(r.memfd.get(), layout.size, options.hugetlbfs_dir);
+    return r;
+  }
+  if (options.backing == MemoryBacking::memfd) {
+    r.memfd = UniqueFd(check_syscall("memfd_create", [] { return ::memfd_create("mig-guest", MFD_CLOEXEC); }));
+    check_syscall("ftruncate guest memfd", [&] { return ::ftruncate(r.memfd.get(), static_cast<off_t>(layout.size)); });
+  }
+  // MAP_NORESERVE: a guest rarely touches all of its memory, and we want untouched pages to
+  // stay unbacked (and free to skip when migrating).
+  const int flags = r.memfd.valid() ? MAP_SHARED | MAP_NORESERVE : MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
+  r.mapping = Mapping::map_aligned(layout.size, kHugePageSize, PROT_READ | PROT_WRITE, flags,
+                                   r.memfd.valid() ? r.memfd.get() : -1, "mmap guest memory");
+  // Advice, not a demand: where the kernel offers no huge pages the memory works as before.
+  ::madvise(r.host(), layout.size, use_huge_pages_now(options) ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+  return r;
 }
 
 GuestMemory GuestMemory::adopt(std::span<const RegionLayout> layout, std::span<const int> fds) {

@@ -103,6 +103,8 @@ class GuestMemory {
   void populate(std::size_t index, std::uint64_t first, std::uint64_t count) const;
 
  private:
+  static Region create_region(const RegionLayout& layout, const MemoryOptions& options);
+
   std::vector<Region> regions_;
   MemoryBacking backing_ = MemoryBacking::anonymous;
   bool fully_populated_ = false;

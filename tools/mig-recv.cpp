@@ -70,7 +70,7 @@ int main(int argc, char** argv) {
   engine::VmFactory factory;
   try {
     if (listen == "defer" && qmp.empty()) throw std::invalid_argument("--listen defer needs --qmp, to receive migrate-incoming");
-    const auto incoming_memory = vmm::KvmVm::incoming_memory(memory.options(), expect_mem > 0);
+    const auto incoming_memory = vmm::KvmVm::incoming_memory(memory.options());
     memory_description = incoming_memory.description;
     // Built (and with --expect-mem, populated) now, while nobody has connected yet.
     factory = vmm::KvmVm::factory(serial, incoming_memory.options,

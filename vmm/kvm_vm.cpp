@@ -90,14 +90,15 @@ kvm::MachineState decode_state(const std::vector<engine::StateSection>& sections
   return state;
 }
 
-KvmVm::IncomingMemory KvmVm::incoming_memory(kvm::MemoryOptions wanted, bool prepared) {
+KvmVm::IncomingMemory KvmVm::incoming_memory(kvm::MemoryOptions wanted) {
   IncomingMemory chosen{wanted, kvm::describe_page_size(wanted)};
-  if (prepared || !wanted.transparent_huge_pages || wanted.backing == kvm::MemoryBacking::hugetlbfs) return chosen;
+  if (!wanted.transparent_huge_pages || wanted.backing == kvm::MemoryBacking::hugetlbfs) return chosen;
   if (kvm::free_huge_blocks_reported_to_hypervisor()) {
     chosen.options.huge_pages_after_fill = true;
     chosen.description +=
-        ", asked for once the guest runs: incoming pages are filled in 4 KiB pages, because this host reports its free "
-        "2 MiB blocks to its hypervisor, which makes a fresh huge page several times dearer to fill";
+        "; a VM that was not prepared ahead fills incoming pages in 4 KiB pages and asks for huge ones once its guest "
+        "runs, because this host reports its free 2 MiB blocks to its hypervisor, which makes a fresh huge page several "
+        "times dearer to fill";
   }
   return chosen;
 }
@@ -111,11 +112,14 @@ engine::VmShape KvmVm::pc_shape(std::uint64_t mem_bytes, unsigned vcpus) {
 
 engine::VmFactory KvmVm::factory(std::string serial_path, kvm::MemoryOptions memory,
                                  std::optional<engine::VmShape> expected) {
-  auto config_for = [serial_path, memory](const engine::VmShape& shape) {
+  // A machine built ahead fills its memory while the receiver waits, off the clock: it takes
+  // huge pages from the start, whatever they cost to fill here.
+  auto config_for = [serial_path, memory](const engine::VmShape& shape, bool built_ahead) {
     kvm::MachineConfig config;
     config.vcpus = shape.vcpus;
     config.serial_path = serial_path;
     config.memory = memory;
+    config.memory.huge_pages_after_fill = memory.huge_pages_after_fill && !built_ahead;
     for (const auto& r : shape.regions) config.layout.push_back({r.guest_addr, r.size});
     config.shared_memory_fds = shape.shared_memory_fds;
     return config;
@@ -123,11 +127,11 @@ engine::VmFactory KvmVm::factory(std::string serial_path, kvm::MemoryOptions mem
   // Shared so the factory stays copyable, as std::function wants; taken by the first use.
   auto prepared = std::make_shared<std::unique_ptr<kvm::Machine>>();
   if (expected) {
-    *prepared = kvm::Machine::create(config_for(*expected));
+    *prepared = kvm::Machine::create(config_for(*expected, true));
     (*prepared)->memory().populate();
   }
   return [config_for, prepared](const engine::VmShape& shape) -> std::unique_ptr<engine::MigratableVm> {
-    const kvm::MachineConfig config = config_for(shape);
+    const kvm::MachineConfig config = config_for(shape, false);
     if (auto machine = std::move(*prepared); machine && config.shared_memory_fds.empty() &&
                                              machine->config().vcpus == config.vcpus &&
                                              machine->memory().layout() == config.layout)

@@ -22,14 +22,15 @@ class KvmVm final : public engine::MigratableVm {
   static engine::VmFactory factory(std::string serial_path, kvm::MemoryOptions memory,
                                    std::optional<engine::VmShape> expected = std::nullopt);
   // The receiver's memory: what `wanted` asks for, except that where huge pages fill fresh
-  // memory slower than small ones on this host (kvm::free_huge_blocks_reported_to_hypervisor), incoming
-  // pages are faulted in 4 KiB pages and huge pages are asked for once the guest runs. A
-  // prepared receiver fills its memory while it waits, off the clock, and keeps huge pages.
+  // memory slower than small ones on this host (kvm::free_huge_blocks_reported_to_hypervisor),
+  // incoming pages are faulted in 4 KiB pages and huge pages are asked for once the guest
+  // runs. The machine factory() builds ahead fills while it waits, off the clock, and keeps
+  // huge pages from the start.
   struct IncomingMemory {
     kvm::MemoryOptions options;
     std::string description;  // one line for operators: the page sizes and why
   };
-  static IncomingMemory incoming_memory(kvm::MemoryOptions wanted, bool prepared);
+  static IncomingMemory incoming_memory(kvm::MemoryOptions wanted);
   // The shape of a guest of `mem_bytes` on the PC memory layout, as mig-send builds it.
   static engine::VmShape pc_shape(std::uint64_t mem_bytes, unsigned vcpus);
 
