@@ -1,6 +1,5 @@
 #include "engine/cpu_time.h"
 
-#include <pthread.h>
 #include <sys/resource.h>
 
 namespace mig::engine {
@@ -13,7 +12,5 @@ std::uint64_t thread_cpu_ns() {
   };
   return ns(usage.ru_utime) + ns(usage.ru_stime);
 }
-
-void name_this_thread(const std::string& name) { ::pthread_setname_np(::pthread_self(), name.substr(0, 15).c_str()); }
 
 }  // namespace mig::engine

@@ -5,16 +5,11 @@
 
 #include <atomic>
 #include <cstdint>
-#include <string>
 
 namespace mig::engine {
 
 // The calling thread's CPU time so far, in nanoseconds.
 std::uint64_t thread_cpu_ns();
-
-// Names the calling thread (at most 15 characters are kept), so that top -H and perf tell a
-// migration's threads apart from each other and from the vCPUs.
-void name_this_thread(const std::string& name);
 
 class CpuTime {
  public:

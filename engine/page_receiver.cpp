@@ -4,6 +4,7 @@
 
 #include <cstring>
 
+#include "common/thread_name.h"
 #include "engine/delta.h"
 #include "engine/pages.h"
 
@@ -135,7 +136,7 @@ std::vector<std::jthread> start_preparing(MigratableVm& vm, const std::vector<Me
       name_this_thread("mig-prep-ch" + std::to_string(channel));
       CpuTime::Scope counted(cpu);
       constexpr std::uint64_t kChunkPages = 512;  // 2 MiB
-      // The stop request ends the walk between chunks: a region's runs are visited in one go.
+      // Once stopped, what is left of the walk goes by without reading the plan or preparing.
       auto prepare = [&](std::size_t r, const PageRun& run) {
         for (std::uint64_t first = run.first; first < run.first + run.count && !stop.stop_requested(); first += kChunkPages)
           vm.prepare_pages(r, first, std::min(kChunkPages, run.first + run.count - first));
@@ -144,6 +145,7 @@ std::vector<std::jthread> start_preparing(MigratableVm& vm, const std::vector<Me
         for (std::size_t r = 0; r < regions.size(); ++r)
           for_each_channel_range(regions[r].guest_addr / kPageSize, regions[r].size / kPageSize, channel, channels,
                                  [&](std::uint64_t begin, std::uint64_t end) {
+                                   if (stop.stop_requested()) return;
                                    for_each_run(plan->bitmaps[r], begin, end, [&](const PageRun& run) { prepare(r, run); });
                                  });
       } catch (const std::exception&) {

@@ -5,6 +5,7 @@
 #include <optional>
 #include <random>
 
+#include "common/thread_name.h"
 #include "engine/cpu_time.h"
 #include "engine/page_hashes.h"
 #include "engine/page_sender.h"

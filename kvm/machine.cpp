@@ -1,11 +1,12 @@
 #include "kvm/machine.h"
 
-#include <pthread.h>
 #include <signal.h>
 
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
+
+#include "common/thread_name.h"
 
 namespace mig::kvm {
 
@@ -121,7 +122,7 @@ void Machine::park(Vcpu& vcpu) {
 
 void Machine::vcpu_loop(unsigned index) {
   Vcpu& vcpu = vcpus_[index];
-  ::pthread_setname_np(::pthread_self(), ("vcpu" + std::to_string(index)).c_str());  // for top -H and perf
+  name_this_thread("vcpu" + std::to_string(index));
   try {
     for (;;) {
       if (pause_requested_.load()) {
