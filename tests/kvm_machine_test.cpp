@@ -96,20 +96,24 @@ TEST_CASE("the dirty log reports exactly the working-set pages the guest wrote")
   // The guest's working set starts at the first 2 MiB boundary after its image; every write
   // there stores a fresh counter, so a page is dirty exactly when its contents changed.
   const std::uint64_t wss_first = (4ull << 20) / kvm::kPageSize, wss_pages = (16ull << 20) / kvm::kPageSize;
-  std::uint64_t dirty_in_wss = 0, changed_outside = 0, changed_but_clean_outside = 0;
+  std::uint64_t dirty_in_wss = 0, dirty_unchanged_in_wss = 0, changed_outside = 0, changed_but_clean_outside = 0;
   for (std::uint64_t page = 0; page < vm.slot_pages(0); ++page) {
     const bool dirty = (bitmap[page / 64] >> (page % 64)) & 1;
     const bool changed = std::memcmp(host + page * kvm::kPageSize, snapshot.data() + page * kvm::kPageSize, kvm::kPageSize) != 0;
     if (page >= wss_first && page < wss_first + wss_pages) {
       INFO("working-set page " << page);
-      REQUIRE(dirty == changed);
+      if (changed) REQUIRE(dirty);  // a missed write would be a lost page
       dirty_in_wss += dirty;
+      dirty_unchanged_in_wss += dirty && !changed;
     } else {
       changed_outside += changed;
       changed_but_clean_outside += changed && !dirty;
     }
   }
   CHECK(dirty_in_wss > 100);             // 20 MB/s for 100 ms is about 480 writes
+  // A page is logged when its store faults, before the store retires: the pause can land in
+  // between, once per vCPU. Seen here about once in 30 runs on a loaded host.
+  CHECK(dirty_unchanged_in_wss <= 1);
   CHECK(changed_outside > 0);            // the guest's own stack and counters
   CHECK(changed_but_clean_outside == 0);  // and none of those escaped the log
 
