@@ -45,36 +45,51 @@ int run_received_guest(control::Domain& domain, const engine::IncomingStats& inc
   return tools::kExitMigrated;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  CLI::App app{"mig-recv: wait for a migrating guest, restore it and run it"};
+struct Options {
   std::string listen, serial, stats_json, qmp;
   double run_for = -1;
   std::uint64_t expect_mem = 0;
   unsigned expect_vcpus = 1;
   tools::MemoryFlags memory;
-  app.add_option("--listen", listen, "where to wait for the source: tcp:HOST:PORT (port 0 picks a free one), unix:PATH (same host; with a memfd-backed source, memory is handed over instead of copied), or defer (wait for QMP's migrate-incoming)")->required();
-  app.add_option("--qmp", qmp, "a QMP control socket at unix:PATH (mode 0600) for the guest that arrives");
-  app.add_option("--serial", serial, "where the guest's COM1 output goes: a file, a FIFO, or - for stdout");
-  app.add_option("--run-for", run_for, "run the received guest this many seconds, then exit; default: until quit (QMP) or SIGINT/SIGTERM");
-  app.add_option("--stats-json", stats_json, "write the incoming migration's statistics here");
-  memory.add_to(app);
-  tools::size_option(app.add_option("--expect-mem", expect_mem,
-                                    "build the VM for a guest of this size while waiting, with its memory populated, so receiving "
-                                    "pays no page faults (like QEMU's -incoming with -m); a different incoming shape is still accepted"));
-  app.add_option("--expect-vcpus", expect_vcpus, "with --expect-mem: the vCPU count to prepare for")->default_val(1);
+
+  void add_to(CLI::App& app) {
+    app.add_option("--listen", listen, "where to wait for the source: tcp:HOST:PORT (port 0 picks a free one), unix:PATH (same host; with a memfd-backed source, memory is handed over instead of copied), or defer (wait for QMP's migrate-incoming)")->required();
+    app.add_option("--qmp", qmp, "a QMP control socket at unix:PATH (mode 0600) for the guest that arrives");
+    app.add_option("--serial", serial, "where the guest's COM1 output goes: a file, a FIFO, or - for stdout");
+    app.add_option("--run-for", run_for, "run the received guest this many seconds, then exit; default: until quit (QMP) or SIGINT/SIGTERM");
+    app.add_option("--stats-json", stats_json, "write the incoming migration's statistics here");
+    memory.add_to(app);
+    tools::size_option(app.add_option("--expect-mem", expect_mem,
+                                      "build the VM for a guest of this size while waiting, with its memory populated, so receiving "
+                                      "pays no page faults (like QEMU's -incoming with -m); a different incoming shape is still accepted"));
+    app.add_option("--expect-vcpus", expect_vcpus, "with --expect-mem: the vCPU count to prepare for")->default_val(1);
+  }
+};
+
+// The factory for the arriving VM, built (and with --expect-mem, populated) now, while nobody
+// has connected yet. `memory_description` says which page sizes it gets.
+engine::VmFactory incoming_factory(const Options& options, std::string& memory_description) {
+  if (options.listen == "defer" && options.qmp.empty())
+    throw std::invalid_argument("--listen defer needs --qmp, to receive migrate-incoming");
+  const auto memory = vmm::KvmVm::incoming_memory(options.memory.options());
+  memory_description = memory.description;
+  return vmm::KvmVm::factory(options.serial, memory.options,
+                             options.expect_mem > 0 ? std::optional(vmm::KvmVm::pc_shape(options.expect_mem, options.expect_vcpus))
+                                                    : std::nullopt);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"mig-recv: wait for a migrating guest, restore it and run it"};
+  Options options;
+  options.add_to(app);
   CLI11_PARSE(app, argc, argv);
 
   std::string memory_description;
   engine::VmFactory factory;
   try {
-    if (listen == "defer" && qmp.empty()) throw std::invalid_argument("--listen defer needs --qmp, to receive migrate-incoming");
-    const auto incoming_memory = vmm::KvmVm::incoming_memory(memory.options());
-    memory_description = incoming_memory.description;
-    // Built (and with --expect-mem, populated) now, while nobody has connected yet.
-    factory = vmm::KvmVm::factory(serial, incoming_memory.options,
-                                  expect_mem > 0 ? std::optional(vmm::KvmVm::pc_shape(expect_mem, expect_vcpus)) : std::nullopt);
+    factory = incoming_factory(options, memory_description);
   } catch (const std::exception& e) {
     fmt::print(stderr, "mig-recv: {}\n", e.what());
     return tools::kExitSetupError;
@@ -84,12 +99,12 @@ int main(int argc, char** argv) {
   tools::ControlSignals signals;  // before any thread starts
   const auto quit_on_signal = signals.on_terminate([&domain] { domain.quit(); });
   try {
-    if (!qmp.empty()) server.emplace(domain, control::qmp_socket_path(qmp));
+    if (!options.qmp.empty()) server.emplace(domain, control::qmp_socket_path(options.qmp));
     // Tests and scripts read the actual port from this line (it matters with port 0).
-    if (listen == "defer")
-      fmt::print("mig-recv: waiting for migrate-incoming on {}\n", qmp);
+    if (options.listen == "defer")
+      fmt::print("mig-recv: waiting for migrate-incoming on {}\n", options.qmp);
     else
-      fmt::print("mig-recv: listening on {}\n", domain.migrate_incoming(listen));
+      fmt::print("mig-recv: listening on {}\n", domain.migrate_incoming(options.listen));
     fmt::print("mig-recv: guest memory: {}\n", memory_description);
     std::fflush(stdout);
   } catch (const std::exception& e) {
@@ -100,11 +115,11 @@ int main(int argc, char** argv) {
   const auto incoming = domain.wait_incoming();
   if (!incoming || incoming->status != engine::MigrationStatus::completed) {
     fmt::print(stderr, "mig-recv: migration failed: {}\n", incoming ? incoming->error : "stopped before a guest arrived");
-    if (incoming) tools::write_stats_json(stats_json, control::to_json(*incoming));
+    if (incoming) tools::write_stats_json(options.stats_json, control::to_json(*incoming));
     return tools::kExitMigrationFailed;
   }
   fmt::print(stderr, "mig-recv: {}\n", receive_summary_line(*incoming));
-  tools::write_stats_json(stats_json, control::to_json(*incoming));
+  tools::write_stats_json(options.stats_json, control::to_json(*incoming));
 
-  return run_received_guest(domain, *incoming, run_for, stats_json);
+  return run_received_guest(domain, *incoming, options.run_for, options.stats_json);
 }
