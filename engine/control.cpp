@@ -1,5 +1,7 @@
 #include "engine/control.h"
 
+#include <utility>
+
 namespace mig::engine {
 
 MigrationControl::MigrationControl(Tunables tunables, MigrationObserver observer)
@@ -37,6 +39,38 @@ Tunables MigrationControl::tunables() const {
 }
 
 void MigrationControl::force_switchover() { switchover_forced_ = true; }
+
+bool MigrationControl::start_postcopy() {
+  std::lock_guard lock(mutex_);
+  if (!postcopy_enabled_ || committed_ || is_finished(status_) || status_ == MigrationStatus::cancelling) return false;
+  postcopy_requested_ = true;
+  return true;
+}
+
+bool MigrationControl::resume_postcopy(std::function<transport::Stream()> connect) {
+  {
+    std::lock_guard lock(mutex_);
+    if (status_ != MigrationStatus::postcopy_paused || recovery_) return false;
+    recovery_ = std::move(connect);
+  }
+  finished_.notify_all();
+  return true;
+}
+
+void MigrationControl::abandon() {
+  {
+    std::lock_guard lock(mutex_);
+    abandoned_ = true;
+  }
+  finished_.notify_all();
+}
+
+std::function<transport::Stream()> MigrationControl::wait_for_recovery() {
+  std::unique_lock lock(mutex_);
+  finished_.wait(lock, [&] { return recovery_ || abandoned_; });
+  if (abandoned_) return {};
+  return std::exchange(recovery_, nullptr);
+}
 
 MigrationStatus MigrationControl::status() const {
   std::lock_guard lock(mutex_);
@@ -77,6 +111,11 @@ bool MigrationControl::advance(MigrationStatus expected, MigrationStatus desired
   if (is_finished(desired)) finished_.notify_all();
   if (observer_.status_changed) observer_.status_changed(desired);
   return true;
+}
+
+void MigrationControl::update_postcopy(const PostcopyStats& stats) {
+  std::lock_guard lock(mutex_);
+  progress_.postcopy = stats;
 }
 
 bool MigrationControl::begin_commit() {

@@ -7,12 +7,17 @@
 //
 //   setup ──▶ active ──▶ device ──▶ completed
 //     │         │          │   └──▶ handoff-unknown   (the link broke after Commit)
+//     │         │          └──▶ postcopy-active ──▶ completed
+//     │         │                  ▲        └──▶ postcopy-paused ──▶ failed (given up)
+//     │         │                  └─ postcopy-recover ◀─┘
 //     └─────────┴──────────┴──▶ failed
 //     └─────────┴──────────┴──▶ cancelling ──▶ cancelled
 //
 // `device` is the stop-and-copy: the guest is paused and its last pages and state travel.
 // A cancel is honoured until the source sends Commit; after that the destination may run the
-// guest, and cancel() says no.
+// guest, and cancel() says no. After a post-copy switchover neither side holds the whole
+// guest: a broken link pauses the migration (postcopy-paused) until resume_postcopy() gives
+// it a new way to the destination, or abandon() gives the guest up.
 #pragma once
 
 #include <atomic>
@@ -28,6 +33,7 @@
 
 #include "engine/convergence.h"
 #include "engine/stats.h"
+#include "transport/stream.h"
 
 namespace mig::engine {
 
@@ -59,6 +65,7 @@ struct MigrationProgress {
   std::uint64_t pages_remaining = 0;  // still to go in this round, plus dirtied since
   std::uint32_t dirty_syncs = 0;    // dirty-log fetches so far
   std::vector<RoundStats> rounds;   // finished pre-copy rounds: the last says the expected downtime and throttle
+  std::optional<PostcopyStats> postcopy;  // since a switchover to post-copy
   std::optional<MigrationStats> result;  // once finished
 };
 
@@ -91,6 +98,15 @@ class MigrationControl {
   Tunables tunables() const;
   // Stop pre-copying at the next round boundary, whatever the policy says.
   void force_switchover();
+  // Switch to post-copy as soon as round 0 is done (migrate-start-postcopy). False when the
+  // migration does not have post-copy enabled, or is past the point where it could switch.
+  bool start_postcopy();
+  // Post-copy recovery: reconnects a postcopy-paused migration through `connect` (each call
+  // opens one connection to the destination's recovery address). False unless paused.
+  bool resume_postcopy(std::function<transport::Stream()> connect);
+  // Gives up a postcopy-paused migration (the owner quits): it ends as failed, and the guest
+  // is lost unless the destination holds every page.
+  void abandon();
   MigrationProgress progress() const;
   MigrationStatus status() const;
   // Blocks until the migration has ended (or `timeout`); returns its final status.
@@ -104,6 +120,11 @@ class MigrationControl {
   // The bandwidth limit as of now, read before every page batch.
   double bandwidth_limit() const { return bandwidth_limit_.load(std::memory_order_relaxed); }
   bool switchover_forced() const { return switchover_forced_.load(std::memory_order_relaxed); }
+  void enable_postcopy() { postcopy_enabled_ = true; }
+  bool postcopy_requested() const { return postcopy_requested_.load(std::memory_order_relaxed); }
+  // Blocks while postcopy-paused until resume_postcopy() (returns its connect) or abandon()
+  // (returns an empty function).
+  std::function<transport::Stream()> wait_for_recovery();
   // The point of no return: after this, cancel() refuses. False when a cancel came first.
   bool begin_commit();
   void set_phase(Phase phase);
@@ -115,6 +136,7 @@ class MigrationControl {
   void round_started(std::uint64_t pages_pending);
   void round_finished(const RoundStats& round);
   void count_dirty_sync() { ++dirty_syncs_; }
+  void update_postcopy(const PostcopyStats& stats);
   // The outcome; called again to add what was learnt after it (the guest's downtime).
   void finish(const MigrationStats& stats);
   const MigrationObserver& observer() const { return observer_; }
@@ -129,6 +151,9 @@ class MigrationControl {
   MigrationProgress progress_;  // the parts that change only at phase and round boundaries
   std::chrono::steady_clock::time_point started_at_{};
   std::atomic<bool> cancel_requested_{false}, switchover_forced_{false};
+  std::atomic<bool> postcopy_enabled_{false}, postcopy_requested_{false};
+  std::function<transport::Stream()> recovery_;
+  bool abandoned_ = false;
   std::atomic<double> bandwidth_limit_{0};
   std::atomic<std::uint64_t> bytes_sent_{0}, precopy_bytes_{0}, downtime_bytes_{0};
   std::atomic<std::uint64_t> pages_sent_{0}, pages_zero_{0}, pages_skipped_{0}, pages_remaining_{0};

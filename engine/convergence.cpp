@@ -11,6 +11,7 @@ std::string to_string(Decision d) {
     case Decision::stop_max_rounds: return "max-rounds";
     case Decision::stop_no_progress: return "no-progress";
     case Decision::abort_no_progress: return "aborted-no-progress";
+    case Decision::start_postcopy: return "start-postcopy";
   }
   return "unknown";
 }
@@ -69,8 +70,13 @@ Decision decide(std::span<const RoundStats> rounds, const ConvergencePolicy& pol
     bool stuck = true;
     for (std::size_t i = rounds.size() - policy.no_progress_rounds; i < rounds.size(); ++i)
       stuck = stuck && rounds[i].dirty_pages >= rounds[i].pages_sent + rounds[i].pages_skipped;
-    if (stuck)
-      return policy.on_no_convergence == NoConvergence::stop ? Decision::stop_no_progress : Decision::abort_no_progress;
+    if (stuck) {
+      switch (policy.on_no_convergence) {
+        case NoConvergence::stop: return Decision::stop_no_progress;
+        case NoConvergence::abort: return Decision::abort_no_progress;
+        case NoConvergence::postcopy: return Decision::start_postcopy;
+      }
+    }
   }
   return Decision::next_round;
 }

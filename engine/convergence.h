@@ -21,7 +21,9 @@ struct RoundStats {
   unsigned throttle_pct = 0;        // percent of the time the guest's vCPUs were held during the round
 };
 
-enum class NoConvergence { stop, abort };
+// What pre-copy does when it stops making progress: stop and copy the rest (a long pause),
+// abort (the guest runs on here), or switch to post-copy (needs post-copy enabled).
+enum class NoConvergence { stop, abort, postcopy };
 
 struct ConvergencePolicy {
   double downtime_target_ms = 30;
@@ -64,6 +66,7 @@ enum class Decision {
   stop_max_rounds,
   stop_no_progress,  // on_no_convergence = stop
   abort_no_progress, // on_no_convergence = abort
+  start_postcopy,    // on_no_convergence = postcopy
 };
 std::string to_string(Decision d);
 inline bool stops(Decision d) { return d != Decision::next_round && d != Decision::abort_no_progress; }

@@ -7,6 +7,7 @@
 
 #include "engine/page_hashes.h"
 #include "engine/page_receiver.h"
+#include "engine/postcopy_destination.h"
 
 namespace mig::engine {
 
@@ -21,19 +22,29 @@ std::uint64_t ns_since(Clock::time_point t) {
 
 bool is(const wire::FrameHeader& frame, MessageType type) { return frame.type == static_cast<std::uint16_t>(type); }
 
-// Accepts the sender's extra channels, in whatever order they connect.
-std::vector<transport::Stream> accept_channels(const ReceiverOptions& options, std::uint64_t session, unsigned channels) {
+struct AcceptedChannels {
+  std::vector<transport::Stream> pages;      // channels 1..n-1, in index order
+  std::optional<transport::Stream> postcopy;
+};
+
+// Accepts the sender's extra channels, and its post-copy channel, in whatever order they connect.
+AcceptedChannels accept_channels(const ReceiverOptions::Accept& accept, std::chrono::milliseconds timeout,
+                                 std::uint64_t session, unsigned channels, bool postcopy) {
   std::vector<std::optional<transport::Stream>> slots(channels - 1);
-  for (unsigned n = 1; n < channels; ++n) {
-    auto stream = options.accept_channel(options.peer_timeout);
-    stream.set_timeout(options.peer_timeout);
+  AcceptedChannels out;
+  for (unsigned n = 1; n < channels + (postcopy ? 1 : 0); ++n) {
+    auto stream = accept(timeout);
+    stream.set_timeout(timeout);
     const auto h = stream.receive<wire::ChannelHello>();
     if (h.session != session) throw wire::ProtocolError("a channel of another migration session connected");
+    if (postcopy && h.index == wire::kPostcopyChannel && !out.postcopy) {
+      out.postcopy = std::move(stream);
+      continue;
+    }
     if (h.index == 0 || h.index >= channels || slots[h.index - 1]) throw wire::ProtocolError("bad or repeated channel index");
     slots[h.index - 1] = std::move(stream);
   }
-  std::vector<transport::Stream> out;
-  for (auto& s : slots) out.push_back(std::move(*s));
+  for (auto& s : slots) out.pages.push_back(std::move(*s));
   return out;
 }
 
@@ -55,13 +66,20 @@ struct IncomingMigration::Session {
   std::unique_ptr<PageReceiver> pages;
   ExtraChannels extra;
   std::vector<std::jthread> preparing;
+  // Post-copy.
+  bool postcopy = false;  // agreed at the handshake
+  std::optional<transport::Stream> urgent, reconnected;
+  std::unique_ptr<PostcopyDestination> postcopy_memory;
+  Clock::time_point resumed_at;
+  std::uint32_t recoveries = 0;
+  std::optional<std::string> postcopy_error;  // why the link broke last
   std::vector<StateSection> sections;
   std::uint64_t state_bytes = 0;
   IncomingStats stats;
 };
 
 IncomingMigration::IncomingMigration(transport::Stream& stream, VmFactory make_vm, ReceiverOptions options)
-    : stream_(stream), make_vm_(std::move(make_vm)), options_(std::move(options)), s_(std::make_unique<Session>()) {}
+    : stream_(&stream), make_vm_(std::move(make_vm)), options_(std::move(options)), s_(std::make_unique<Session>()) {}
 
 IncomingMigration::~IncomingMigration() = default;
 
@@ -72,6 +90,7 @@ const char* IncomingMigration::to_string(State state) {
     case State::receiving_pages: return "receiving pages";
     case State::receiving_state: return "receiving state";
     case State::awaiting_commit: return "awaiting Commit";
+    case State::postcopy: return "post-copy";
     case State::running: return "running";
   }
   return "unknown";
@@ -79,17 +98,23 @@ const char* IncomingMigration::to_string(State state) {
 
 void IncomingMigration::abort() {
   aborted_ = true;
-  ::shutdown(stream_.fd(), SHUT_RDWR);
+  ::shutdown(stream_->fd(), SHUT_RDWR);
 }
 
 IncomingResult IncomingMigration::run() {
   Session& s = *s_;
   IncomingResult result;
   try {
-    stream_.set_timeout(options_.peer_timeout);
+    stream_->set_timeout(options_.peer_timeout);
     for (State state = State::awaiting_hello; state != State::running;) {
-      state = step(state, stream_.read_header());
-      bytes_received_ = stream_.counters().bytes_received;
+      try {
+        state = step(state, stream_->read_header());
+      } catch (const std::exception& e) {
+        // After the switchover the guest runs here: a broken link pauses, it does not fail.
+        if (state != State::postcopy || aborted_) throw;
+        recover_postcopy(e);
+      }
+      bytes_received_ = stream_->counters().bytes_received;
     }
     result.vm = std::move(s.vm);
   } catch (const std::exception& e) {
@@ -99,13 +124,13 @@ IncomingResult IncomingMigration::run() {
     s.stats.error = aborted_ ? "the receiver was told to stop" : channel_error ? *channel_error : e.what();
     if (!dynamic_cast<const transport::RemoteError*>(&e)) {
       try {
-        stream_.set_timeout(std::chrono::milliseconds(200));
-        stream_.send(wire::Error{s.stats.error});
+        stream_->set_timeout(std::chrono::milliseconds(200));
+        stream_->send(wire::Error{s.stats.error});
       } catch (...) {
       }
     }
   }
-  s.stats.bytes_received = stream_.counters().bytes_received + s.extra.bytes();
+  s.stats.bytes_received = stream_->counters().bytes_received + s.extra.bytes();
   s.preparing.clear();  // stopped and joined, so their CPU time is counted
   s.stats.cpu_s = s.cpu.seconds(s.cpu_start);
   result.stats = s.stats;
@@ -132,9 +157,14 @@ IncomingMigration::State IncomingMigration::step(State state, const wire::FrameH
     case State::receiving_state:
       if (is(frame, MessageType::state_section)) return on_state_section(frame);
       if (is(frame, MessageType::complete)) return on_complete(frame);
+      if (is(frame, MessageType::postcopy_start) && s_->postcopy) return on_postcopy_start(frame);
       break;
     case State::awaiting_commit:
       if (is(frame, MessageType::commit)) return on_commit(frame);
+      break;
+    case State::postcopy:
+      if (s_->pages->handle(frame)) return state;
+      if (is(frame, MessageType::complete)) return on_postcopy_complete(frame);
       break;
     case State::running:
       break;
@@ -145,36 +175,43 @@ IncomingMigration::State IncomingMigration::step(State state, const wire::FrameH
 
 IncomingMigration::State IncomingMigration::on_hello(const wire::FrameHeader& frame) {
   Session& s = *s_;
-  s.hello = wire::decode<wire::Hello>(stream_.read_payload(frame));
+  s.hello = wire::decode<wire::Hello>(stream_->read_payload(frame));
   s.shape.vcpus = s.hello.vcpus;
   for (const auto& r : s.hello.regions) s.shape.regions.push_back({r.guest_addr, r.size});
-  if ((s.hello.capabilities & wire::kCapSharedMemory) && stream_.can_pass_fds()) {
+  if ((s.hello.capabilities & wire::kCapSharedMemory) && stream_->can_pass_fds()) {
     // The VM is built on the source's memory, which arrives only after the acknowledgement.
-    stream_.send(wire::HelloAck{wire::kCapSharedMemory, transport::host_boot_id()});
+    stream_->send(wire::HelloAck{wire::kCapSharedMemory, transport::host_boot_id()});
     s.stats.shared_memory = true;
     return State::awaiting_shared_memory;
   }
   build_vm();
   s.channels = options_.accept_channel ? s.hello.channels : 1;
   s.stats.channels = s.channels;
-  stream_.send(wire::HelloAck{s.hello.capabilities & wire::kCapVerify, transport::host_boot_id(), s.channels});
-  s.hashes = std::make_unique<PageHashes>(s.regions, s.channels);
-  s.pages = std::make_unique<PageReceiver>(s.regions, stream_, *s.hashes, 0, s.channels);
-  if (s.channels > 1) s.extra.start(accept_channels(options_, s.hello.session, s.channels), s.regions, *s.hashes, stream_, s.cpu);
+  s.postcopy = (s.hello.capabilities & wire::kCapPostcopy) && options_.accept_channel && s.vm->postcopy_unsupported().empty();
+  const std::uint32_t accepted = (s.hello.capabilities & wire::kCapVerify) | (s.postcopy ? wire::kCapPostcopy : 0);
+  stream_->send(wire::HelloAck{accepted, transport::host_boot_id(), s.channels});
+  // Post-copy answers record their hashes as one more channel (postcopy_source.h).
+  s.hashes = std::make_unique<PageHashes>(s.regions, s.channels + (s.postcopy ? 1 : 0));
+  s.pages = std::make_unique<PageReceiver>(s.regions, *stream_, *s.hashes, 0, s.channels);
+  if (s.channels > 1 || s.postcopy) {
+    auto channels = accept_channels(options_.accept_channel, options_.peer_timeout, s.hello.session, s.channels, s.postcopy);
+    if (s.channels > 1) s.extra.start(std::move(channels.pages), s.regions, *s.hashes, *stream_, s.cpu);
+    s.urgent = std::move(channels.postcopy);
+  }
   return State::receiving_pages;
 }
 
 IncomingMigration::State IncomingMigration::on_shared_memory(const wire::FrameHeader& frame) {
   Session& s = *s_;
-  const auto announced = wire::decode<wire::SharedMemory>(stream_.read_payload(frame));
+  const auto announced = wire::decode<wire::SharedMemory>(stream_->read_payload(frame));
   if (announced.regions != s.hello.regions.size())
     throw wire::ProtocolError("SharedMemory announces " + std::to_string(announced.regions) + " regions, Hello had " +
                               std::to_string(s.hello.regions.size()));
-  s.memory_fds = stream_.receive_fds(announced.regions);
+  s.memory_fds = stream_->receive_fds(announced.regions);
   for (const auto& fd : s.memory_fds) s.shape.shared_memory_fds.push_back(fd.get());
   build_vm();
   s.hashes = std::make_unique<PageHashes>(s.regions, 1);
-  s.pages = std::make_unique<PageReceiver>(s.regions, stream_, *s.hashes, 0, 1);
+  s.pages = std::make_unique<PageReceiver>(s.regions, *stream_, *s.hashes, 0, 1);
   return State::receiving_pages;
 }
 
@@ -194,7 +231,7 @@ IncomingMigration::State IncomingMigration::on_page_plan(const wire::FrameHeader
   Session& s = *s_;
   if (!s.preparing.empty()) throw wire::ProtocolError("a second PagePlan");
   s.preparing =
-      start_preparing(*s.vm, s.regions, wire::decode<wire::PagePlan>(stream_.read_payload(frame)), s.channels, s.cpu);
+      start_preparing(*s.vm, s.regions, wire::decode<wire::PagePlan>(stream_->read_payload(frame)), s.channels, s.cpu);
   return State::receiving_pages;
 }
 
@@ -202,7 +239,7 @@ IncomingMigration::State IncomingMigration::on_page_plan(const wire::FrameHeader
 // able to make the receiver hold more than a guest's state could ever need.
 IncomingMigration::State IncomingMigration::on_state_section(const wire::FrameHeader& frame) {
   Session& s = *s_;
-  auto section = wire::decode<wire::StateSection>(stream_.read_payload(frame));
+  auto section = wire::decode<wire::StateSection>(stream_->read_payload(frame));
   s.state_bytes += section.data.size();
   if (s.sections.size() >= wire::kMaxStateSections || s.state_bytes > wire::kMaxStateTotal)
     throw wire::ProtocolError("state sections exceed " + std::to_string(wire::kMaxStateSections) + " sections or " +
@@ -215,7 +252,7 @@ IncomingMigration::State IncomingMigration::on_state_section(const wire::FrameHe
 // is here: verify it, then restore the state.
 IncomingMigration::State IncomingMigration::on_complete(const wire::FrameHeader& frame) {
   Session& s = *s_;
-  const auto complete = wire::decode<wire::Complete>(stream_.read_payload(frame));
+  const auto complete = wire::decode<wire::Complete>(stream_->read_payload(frame));
   if (auto error = s.extra.stop()) throw std::runtime_error(*error);
   if (s.hello.capabilities & wire::kCapVerify) {
     if (s.hashes->digest() != complete.page_digest)
@@ -226,39 +263,122 @@ IncomingMigration::State IncomingMigration::on_complete(const wire::FrameHeader&
   s.vm->restore_state(s.sections);
   const std::uint64_t restore_ns = ns_since(restore_start);
   s.stats.restore_ms = static_cast<double>(restore_ns) / 1e6;
-  stream_.send(wire::Ready{restore_ns});
+  stream_->send(wire::Ready{restore_ns});
   return State::awaiting_commit;
 }
 
 IncomingMigration::State IncomingMigration::on_commit(const wire::FrameHeader& frame) {
   Session& s = *s_;
-  wire::decode<wire::Commit>(stream_.read_payload(frame));
+  wire::decode<wire::Commit>(stream_->read_payload(frame));
   const auto resume_start = Clock::now();
   s.vm->resume();
-  const auto resumed_at = Clock::now();
+  s.resumed_at = Clock::now();
   // The guest runs here now: from this line on, nothing may take it away, so what follows
-  // only reports.
-  auto& stats = s.stats;
-  stats.status = MigrationStatus::completed;
-  stats.resume_ms = std::chrono::duration<double, std::milli>(resumed_at - resume_start).count();
-  stats.pages_received = s.pages->pages() + s.extra.pages();
-  stats.rounds = s.pages->rounds();
-  stats.total_ms = std::chrono::duration<double, std::milli>(resumed_at - s.start).count();
+  // only reports - or, in post-copy, brings the rest of its memory.
+  s.stats.resume_ms = std::chrono::duration<double, std::milli>(s.resumed_at - resume_start).count();
   try {
-    stream_.send(wire::Running{std::chrono::duration_cast<std::chrono::nanoseconds>(resumed_at.time_since_epoch()).count(),
-                               ns_since(resume_start)});
-    report_guest_handover();
+    stream_->send(wire::Running{std::chrono::duration_cast<std::chrono::nanoseconds>(s.resumed_at.time_since_epoch()).count(),
+                                ns_since(resume_start)});
   } catch (const std::exception&) {
     // The source may be gone already (it then reports handoff-unknown); the guest runs here.
+    if (s.postcopy_memory) throw;  // ... and waits for its missing pages
   }
+  if (s.postcopy_memory) return State::postcopy;
+  finish_completed(s.resumed_at);
   return State::running;
+}
+
+void IncomingMigration::finish_completed(Clock::time_point done_at) {
+  Session& s = *s_;
+  auto& stats = s.stats;
+  stats.status = MigrationStatus::completed;
+  stats.pages_received = s.pages->pages() + s.extra.pages();
+  stats.rounds = s.pages->rounds();
+  stats.total_ms = std::chrono::duration<double, std::milli>(done_at - s.start).count();
+  try {
+    report_guest_handover();
+  } catch (const std::exception&) {
+  }
+}
+
+// The switchover to post-copy. The page channels are done (each acknowledged its last
+// round); the pages the source still holds are dropped here and trapped, and only then is
+// the state restored, since restoring may touch guest memory.
+IncomingMigration::State IncomingMigration::on_postcopy_start(const wire::FrameHeader& frame) {
+  Session& s = *s_;
+  auto start = wire::decode<wire::PostcopyStart>(stream_->read_payload(frame));
+  if (auto error = s.extra.stop()) throw std::runtime_error(*error);
+  s.preparing.clear();  // nothing may fault pages in behind the trap's back
+  s.postcopy_memory = std::make_unique<PostcopyDestination>(*s.vm, s.regions, *s.hashes, std::move(start.bitmaps));
+  s.postcopy_memory->connect(*s.urgent, s.channels);
+  s.pages->install_through(*s.postcopy_memory);
+  const auto restore_start = Clock::now();
+  s.vm->restore_state(s.sections);
+  const std::uint64_t restore_ns = ns_since(restore_start);
+  s.stats.restore_ms = static_cast<double>(restore_ns) / 1e6;
+  stream_->send(wire::Ready{restore_ns});
+  return State::awaiting_commit;
+}
+
+// The source has sent every page. Those answering requests may still be landing on the
+// post-copy channel; once all are here, memory stops trapping and is verified like pre-copy's.
+IncomingMigration::State IncomingMigration::on_postcopy_complete(const wire::FrameHeader& frame) {
+  Session& s = *s_;
+  const auto complete = wire::decode<wire::Complete>(stream_->read_payload(frame));
+  if (!s.postcopy_memory->wait_installed(options_.peer_timeout))
+    throw wire::ProtocolError("the source said post-copy was complete, but pages are still missing");
+  s.postcopy_memory->finish();
+  if (s.hello.capabilities & wire::kCapVerify) {
+    if (s.hashes->digest() != complete.page_digest)
+      throw std::runtime_error("verification failed after post-copy: destination memory differs from the source's");
+    s.stats.verified = true;
+  }
+  stream_->send(wire::PostcopyDone{s.postcopy_memory->stats().pages_needed});
+  auto postcopy = s.postcopy_memory->stats();
+  postcopy.recoveries = s.recoveries;
+  postcopy.postcopy_ms = std::chrono::duration<double, std::milli>(Clock::now() - s.resumed_at).count();
+  s.stats.postcopy = postcopy;
+  finish_completed(Clock::now());
+  return State::running;
+}
+
+// The link broke after the switchover. The guest stays here, its vCPUs waiting on whatever
+// page they miss, until the source reconnects where the operator says; the source learns
+// which pages are still missing, and they come again.
+void IncomingMigration::recover_postcopy(const std::exception& broken) {
+  Session& s = *s_;
+  const auto channel_error = s.postcopy_memory->disconnect();
+  s.postcopy_error = channel_error ? *channel_error : broken.what();
+  if (!options_.await_recovery) throw std::runtime_error("post-copy link broke and recovery is not possible here: " + *s.postcopy_error);
+  for (;;) {
+    const auto accept = options_.await_recovery();
+    if (!accept) throw std::runtime_error("post-copy was given up after the link broke (" + *s.postcopy_error + "); the guest is lost");
+    try {
+      auto main = accept(options_.peer_timeout);
+      main.set_timeout(options_.peer_timeout);
+      if (main.receive<wire::PostcopyResume>().session != s.hello.session)
+        throw wire::ProtocolError("a source of another migration tried to resume this post-copy");
+      main.send(wire::PostcopyResumeAck{s.postcopy_memory->missing()});
+      auto channels = accept_channels(accept, options_.peer_timeout, s.hello.session, 1, true);
+      s.reconnected = std::move(main);
+      s.urgent = std::move(channels.postcopy);
+      stream_ = &*s.reconnected;
+      s.pages = std::make_unique<PageReceiver>(s.regions, *stream_, *s.hashes, 0, 1);
+      s.pages->install_through(*s.postcopy_memory);
+      s.postcopy_memory->connect(*s.urgent, s.channels);
+      ++s.recoveries;
+      return;
+    } catch (const std::exception& e) {
+      s.postcopy_error = std::string("recovery failed: ") + e.what();
+    }
+  }
 }
 
 void IncomingMigration::report_guest_handover() {
   Session& s = *s_;
   s.stats.guest = s.vm->wait_guest_handover(options_.handover_wait);
   if (!s.stats.guest) return;
-  stream_.send(wire::Handover{static_cast<std::int64_t>(s.stats.guest->gap_ms * 1e6), s.stats.guest->sequence_continued,
+  stream_->send(wire::Handover{static_cast<std::int64_t>(s.stats.guest->gap_ms * 1e6), s.stats.guest->sequence_continued,
                               s.stats.guest->last_source_seq, s.stats.guest->first_destination_seq});
 }
 

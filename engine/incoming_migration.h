@@ -9,6 +9,14 @@
 //                                 │ Complete: verify, restore, Ready
 //                                 ▼
 //                          awaiting-commit ──Commit: resume, Running──▶ running
+//                                 ▲                      │ (post-copy)
+//   receiving-state ─PostcopyStart: drop stale pages,    ▼
+//     trap the rest, restore, Ready ─┘                postcopy ◀─PageBatch
+//                                                        │ Complete: every page here, verify,
+//                                                        ▼ PostcopyDone
+//                                                     running
+// In post-copy a broken link pauses instead of failing: the guest waits on its missing pages
+// while the receiver waits for the source to reconnect (ReceiverOptions::await_recovery).
 //
 // A frame that arrives anywhere else is refused with "unexpected X while Y". Once the guest
 // is resumed here, the destination owns it, whatever then happens to the connection.
@@ -32,6 +40,13 @@ struct ReceiverOptions {
   // up (throw) after `peer_timeout`. Without it the receiver accepts one channel and the
   // sender falls back to it.
   std::function<transport::Stream(std::chrono::milliseconds timeout)> accept_channel;
+  // Post-copy is accepted only with accept_channel (it needs a connection of its own). When
+  // the link breaks after the switchover, this is called to wait for the operator to say
+  // where the source will reconnect (migrate-recover); it returns a way to accept those
+  // connections, or an empty function when the guest is given up. Without it, a broken
+  // post-copy link fails at once.
+  using Accept = std::function<transport::Stream(std::chrono::milliseconds timeout)>;
+  std::function<Accept()> await_recovery;
 };
 
 struct IncomingResult {
@@ -58,7 +73,7 @@ class IncomingMigration {
   std::uint64_t bytes_received() const { return bytes_received_.load(std::memory_order_relaxed); }
 
  private:
-  enum class State { awaiting_hello, awaiting_shared_memory, receiving_pages, receiving_state, awaiting_commit, running };
+  enum class State { awaiting_hello, awaiting_shared_memory, receiving_pages, receiving_state, awaiting_commit, postcopy, running };
   static const char* to_string(State state);
   struct Session;
 
@@ -70,9 +85,13 @@ class IncomingMigration {
   State on_state_section(const wire::FrameHeader& frame);
   State on_complete(const wire::FrameHeader& frame);
   State on_commit(const wire::FrameHeader& frame);
+  State on_postcopy_start(const wire::FrameHeader& frame);
+  State on_postcopy_complete(const wire::FrameHeader& frame);
+  void recover_postcopy(const std::exception& broken);
+  void finish_completed(std::chrono::steady_clock::time_point resumed_at);
   void report_guest_handover();
 
-  transport::Stream& stream_;
+  transport::Stream* stream_;  // the main connection: the one given, until a post-copy recovery
   const VmFactory make_vm_;
   const ReceiverOptions options_;
   std::unique_ptr<Session> s_;

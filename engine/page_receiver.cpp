@@ -50,7 +50,7 @@ void PageReceiver::apply(const wire::FrameHeader& frame) {
     read_compressed(header.compressed_bytes, data_bytes);
   else
     stream_.read_scatter(iovecs_);
-  record_hashes();
+  settle_pages();
   pages_ += descriptors_.size();
 }
 
@@ -62,10 +62,13 @@ std::uint64_t PageReceiver::locate_all() {
     wire::validate(d);
     if (d.encoding == wire::PageEncoding::delta) delta_bytes += d.length;
   }
+  if (installer_ && delta_bytes) throw wire::ProtocolError("a delta-encoded page after the post-copy switchover");
   deltas_.resize(delta_bytes);  // sized once per batch: the iovecs below point into it
   delta_bytes = 0;
+  if (installer_) landing_.resize(descriptors_.size() * kPageSize);
   for (const auto& d : descriptors_) {
-    const auto target = locate(d.guest_addr);
+    auto target = locate(d.guest_addr);
+    if (installer_) target.host = landing_.data() + targets_.size() * kPageSize;
     targets_.push_back(target);
     data_bytes += d.length;
     if (d.encoding == wire::PageEncoding::raw) iovecs_.push_back({target.host, kPageSize});
@@ -91,7 +94,16 @@ void PageReceiver::read_compressed(std::uint32_t compressed_bytes, std::uint64_t
   }
 }
 
-void PageReceiver::record_hashes() {
+// The pages have their bytes: record their hashes, apply deltas and zero pages - or, past the
+// post-copy switchover, hand each to the installer.
+void PageReceiver::settle_pages() {
+  if (installer_) {
+    for (std::size_t i = 0; i < descriptors_.size(); ++i) {
+      const bool raw = descriptors_[i].encoding == wire::PageEncoding::raw;
+      installer_->install(channel_, targets_[i].region, targets_[i].page, raw ? targets_[i].host : nullptr);
+    }
+    return;
+  }
   std::uint64_t delta_bytes = 0;
   for (std::size_t i = 0; i < descriptors_.size(); ++i) {
     const auto& t = targets_[i];

@@ -18,6 +18,17 @@
 
 namespace mig::engine {
 
+// Post-copy: once absent pages trap, a page cannot simply be written into guest memory (the
+// write would trap too). It lands beside it, and install() puts it in place atomically,
+// waking whatever waits on it.
+class PageInstaller {
+ public:
+  virtual ~PageInstaller() = default;
+  // `data` is one page, or null for a zero page. `hash_slot` is the caller's PageHashes
+  // channel. Throws ProtocolError for a page that was not expected, or not expected again.
+  virtual void install(unsigned hash_slot, std::size_t region, std::uint64_t page, const std::byte* data) = 0;
+};
+
 // Applies the page batches of one channel to guest memory. Everything in a batch is checked
 // before a single byte of page data is read into guest memory, including that each page
 // belongs to this channel: the round-ordering invariant rests on it.
@@ -29,6 +40,12 @@ class PageReceiver {
   // Handles the frames every channel carries: page batches, and round ends (acknowledged once
   // the round's batches before them are applied). Returns false for any other frame.
   bool handle(const wire::FrameHeader& frame);
+
+  // From now on pages go through `installer` (post-copy), on whichever channel they come.
+  void install_through(PageInstaller& installer) {
+    installer_ = &installer;
+    channels_ = 1;
+  }
 
   std::uint64_t pages() const { return pages_; }
   std::uint32_t rounds() const { return last_round_ + 1; }
@@ -42,7 +59,7 @@ class PageReceiver {
   void apply(const wire::FrameHeader& frame);
   std::uint64_t locate_all();  // fills targets_ and iovecs_; returns the page bytes the batch carries
   void read_compressed(std::uint32_t compressed_bytes, std::uint64_t data_bytes);
-  void record_hashes();
+  void settle_pages();
   Target locate(std::uint64_t guest_addr) const;
 
   std::vector<MemoryRegion> regions_;
@@ -56,6 +73,8 @@ class PageReceiver {
   std::vector<iovec> iovecs_;
   BatchDecompressor decompressor_;
   std::vector<std::byte> blob_, staging_, deltas_;
+  PageInstaller* installer_ = nullptr;
+  std::vector<std::byte> landing_;  // with an installer: where raw pages land first
 };
 
 // Backs the pages of a PagePlan with memory on helper threads, one per channel, each in its

@@ -34,26 +34,49 @@ PageSender::PageSender(std::span<const MemoryRegion> regions, transport::Stream&
   }
 }
 
-RoundCounts PageSender::send_round(std::uint32_t round, const Bitmaps& pending, bool guest_paused) {
+void PageSender::begin(std::uint32_t round, bool guest_paused) {
   round_ = round;
   guest_paused_ = guest_paused;
   counts_ = {};
   reported_ = {};
+}
+
+RoundCounts PageSender::end(std::uint64_t bytes_before) {
+  flush();
+  report(0);  // pages skipped after the last batch
+  counts_.bytes = stream_.counters().bytes_sent - bytes_before;
+  pages_delta_total_ += counts_.pages_delta;
+  return counts_;
+}
+
+RoundCounts PageSender::send_round(std::uint32_t round, Bitmaps& pending, bool guest_paused,
+                                   const std::function<bool()>& stop_early) {
+  begin(round, guest_paused);
   const std::uint64_t before = stream_.counters().bytes_sent;
-  for (std::size_t r = 0; r < regions_.size(); ++r) {
-    auto add_run = [this, r](const PageRun& run) {
-      for (std::uint64_t page = run.first; page < run.first + run.count; ++page) add_page(r, page);
+  bool stopped = false;
+  for (std::size_t r = 0; r < regions_.size() && !stopped; ++r) {
+    auto add_run = [&](const PageRun& run) {
+      for (std::uint64_t page = run.first; page < run.first + run.count && !stopped; ++page) {
+        if (descriptors_.empty() && stop_early && stop_early()) {
+          stopped = true;
+          break;
+        }
+        add_page(r, page);
+        claim_page(pending[r], page);
+      }
     };
     // Each channel reads only its own share of the bitmap.
     for_each_channel_range(regions_[r].guest_addr / kPageSize, regions_[r].size / kPageSize, channel_, channels_,
                            [&](std::uint64_t begin, std::uint64_t end) { for_each_run(pending[r], begin, end, add_run); });
   }
-  flush();
-  report(0);  // pages skipped after the last batch
+  return end(before);
+}
 
-  counts_.bytes = stream_.counters().bytes_sent - before;
-  pages_delta_total_ += counts_.pages_delta;
-  return counts_;
+RoundCounts PageSender::send_pages(std::uint32_t round, std::size_t region, std::uint64_t first, std::uint64_t count) {
+  begin(round, false);
+  const std::uint64_t before = stream_.counters().bytes_sent;
+  for (std::uint64_t page = first; page < first + count; ++page) add_page(region, page);
+  return end(before);
 }
 
 void PageSender::add_page(std::size_t region, std::uint64_t page) {
@@ -136,7 +159,7 @@ void PageSender::flush() {
   std::memcpy(head_.data(), &header, sizeof header);
   std::memcpy(head_.data() + sizeof header, descriptors_.data(), descriptors_.size() * sizeof(wire::PageDescriptor));
   // Pre-copy data is paced by the limit of this moment; the paused final round is not.
-  stream_.set_rate_limit(guest_paused_ ? 0 : control_.bandwidth_limit() / channels_);
+  stream_.set_rate_limit(guest_paused_ || unpaced_ ? 0 : control_.bandwidth_limit() / channels_);
   const std::uint64_t before = stream_.counters().bytes_sent;
   stream_.send_gathered(wire::MessageType::page_batch, head_, pages_, memory_);
   report(stream_.counters().bytes_sent - before);

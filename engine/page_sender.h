@@ -4,6 +4,7 @@
 
 #include <sys/uio.h>
 
+#include <functional>
 #include <optional>
 #include <span>
 #include <vector>
@@ -45,11 +46,22 @@ class PageSender {
   std::uint64_t batches_compressed() const { return compressor_ ? compressor_->batches_compressed() : 0; }
   std::uint64_t pages_delta() const { return pages_delta_total_; }
 
-  // Sends this channel's pages among those set in `pending`, which it only reads: other
-  // channels read it at the same time. `guest_paused` only sorts the bytes for statistics.
-  RoundCounts send_round(std::uint32_t round, const Bitmaps& pending, bool guest_paused);
+  // Sends this channel's pages among those set in `pending`, clearing each one's bit as it
+  // goes (other channels clear theirs at the same time, atomically). `guest_paused` lifts
+  // the bandwidth limit and sorts the bytes for statistics. Stops at a batch boundary when
+  // `stop_early` says so: the pages not sent keep their bits.
+  RoundCounts send_round(std::uint32_t round, Bitmaps& pending, bool guest_paused,
+                         const std::function<bool()>& stop_early = {});
+
+  // Post-copy: sends pages [first, first + count) of `region` now and flushes. Configure the
+  // sender without dedup and zero skipping: the receiver has dropped these pages.
+  RoundCounts send_pages(std::uint32_t round, std::size_t region, std::uint64_t first, std::uint64_t count);
+  // Pages answering a vCPU that waits go unpaced, whatever the bandwidth limit.
+  void set_unpaced() { unpaced_ = true; }
 
  private:
+  void begin(std::uint32_t round, bool guest_paused);
+  RoundCounts end(std::uint64_t bytes_before);
   void add_page(std::size_t region, std::uint64_t page);
   void add_through_cache(std::size_t region, std::uint64_t page, const std::byte* snapshot, wire::PageDescriptor& d);
   void flush();
@@ -62,7 +74,7 @@ class PageSender {
   bool dedup_, skip_zero_;
   unsigned channel_, channels_;
   std::uint32_t round_ = 0;
-  bool guest_paused_ = false;
+  bool guest_paused_ = false, unpaced_ = false;
   RoundCounts counts_;    // this round so far
   RoundCounts reported_;  // of counts_, what control_ was told
   std::uint64_t pages_delta_total_ = 0;

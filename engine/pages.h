@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cstdint>
 #include <span>
@@ -30,6 +31,22 @@ void for_each_run(std::span<const std::uint64_t> bitmap, std::uint64_t begin, st
 std::uint64_t count_pages(std::span<const std::uint64_t> bitmap, std::uint64_t pages);
 
 inline std::size_t bitmap_words(std::uint64_t pages) { return static_cast<std::size_t>((pages + 63) / 64); }
+
+// One page's bit in a bitmap that other threads change at the same time.
+inline bool test_page(std::span<std::uint64_t> bitmap, std::uint64_t page) {
+  return std::atomic_ref(bitmap[page / 64]).load(std::memory_order_acquire) >> (page % 64) & 1;
+}
+// Sets the bit; returns whether it was set already.
+inline bool set_page(std::span<std::uint64_t> bitmap, std::uint64_t page) {
+  const std::uint64_t bit = std::uint64_t{1} << (page % 64);
+  return std::atomic_ref(bitmap[page / 64]).fetch_or(bit, std::memory_order_acq_rel) & bit;
+}
+// Clears the bit; returns whether it was set: exactly one of several threads clearing the same
+// bit gets true.
+inline bool claim_page(std::span<std::uint64_t> bitmap, std::uint64_t page) {
+  const std::uint64_t bit = std::uint64_t{1} << (page % 64);
+  return std::atomic_ref(bitmap[page / 64]).fetch_and(~bit, std::memory_order_acq_rel) & bit;
+}
 
 // Calls visit(begin, end) for each range [begin, end) of a region's pages that travels on
 // `channel` of `channels` (wire::channel_of), in ascending order; `region_first` is the

@@ -10,6 +10,7 @@
 #include "engine/page_hashes.h"
 #include "engine/page_sender.h"
 #include "engine/pages.h"
+#include "engine/postcopy_source.h"
 
 namespace mig::engine {
 
@@ -134,6 +135,15 @@ struct SourceMigration::State {
   std::vector<transport::Stream*> streams;
   std::unique_ptr<PageHashes> hashes;
   std::vector<std::unique_ptr<PageSender>> senders;
+  transport::Stream* main = nullptr;  // channel 0: `stream`, until a post-copy recovery replaces it
+
+  // Post-copy.
+  bool postcopy = false;  // agreed at the handshake
+  bool switching_to_postcopy = false;
+  std::optional<transport::Stream> urgent, reconnected;
+  std::unique_ptr<PostcopySource> postcopy_source;
+  PostcopyStats postcopy_stats;
+  std::uint64_t postcopy_bytes_closed = 0;  // sent on connections a post-copy recovery replaced
 
   // The rounds.
   Bitmaps pending, scratch;
@@ -190,10 +200,18 @@ MigrationStats SourceMigration::run() {
     start_tracking();
     plan_round_zero();
     if (!s.rollback.is_paused()) precopy();
-    stop_and_copy();
-    send_device_state();
-    await_ready();
-    commit();
+    if (s.switching_to_postcopy) {
+      switch_to_postcopy();
+      send_device_state();
+      await_ready();
+      commit();
+      postcopy();
+    } else {
+      stop_and_copy();
+      send_device_state();
+      await_ready();
+      commit();
+    }
     // Completed from here: the guest runs at the destination. What the guest saw of the
     // switchover is reported once it has shown a heartbeat there.
     finish_statistics();
@@ -218,6 +236,11 @@ void SourceMigration::set_up() {
   const bool offer_sharing = s.options.share_memory && !memory_fds.empty() && s.stream.can_pass_fds();
   // Shared memory needs no verification: there is only one copy.
   hello.capabilities = offer_sharing ? wire::kCapSharedMemory : s.options.verify ? wire::kCapVerify : 0;
+  if (s.options.postcopy && !offer_sharing) {
+    if (!s.options.open_channel) throw std::invalid_argument("post-copy needs a way to open its channel");
+    hello.capabilities |= wire::kCapPostcopy;
+    control_->enable_postcopy();
+  }
   hello.vcpus = s.vm.vcpu_count();
   hello.host_boot_id = transport::host_boot_id();
   hello.channels = std::clamp(s.options.channels, 1u, wire::kMaxChannels);
@@ -228,6 +251,10 @@ void SourceMigration::set_up() {
   send_counted(s.stream, *control_, hello, false);
   const auto ack = s.stream.receive<wire::HelloAck>();
   s.verify = s.options.verify && (ack.capabilities & wire::kCapVerify);
+  s.postcopy = (hello.capabilities & wire::kCapPostcopy) && (ack.capabilities & wire::kCapPostcopy);
+  if ((hello.capabilities & wire::kCapPostcopy) && !s.postcopy)
+    throw std::runtime_error("the destination cannot take post-copy (its guest memory cannot trap missing pages, or it "
+                             "takes no extra connections)");
   s.same_host = !hello.host_boot_id.empty() && ack.host_boot_id == hello.host_boot_id;
   s.shared = offer_sharing && (ack.capabilities & wire::kCapSharedMemory);
   if (s.shared) hand_over_memory(memory_fds);
@@ -256,9 +283,15 @@ void SourceMigration::open_channels() {
     s.extra.back().set_interrupt([control = control_.get()] { return control->cancel_requested(); });
     send_counted(s.extra.back(), *control_, wire::ChannelHello{s.session, i}, false);
   }
+  if (s.postcopy) {
+    s.urgent = s.options.open_channel();
+    send_counted(*s.urgent, *control_, wire::ChannelHello{s.session, wire::kPostcopyChannel}, false);
+  }
+  s.main = &s.stream;
   s.streams = {&s.stream};
   for (auto& e : s.extra) s.streams.push_back(&e);
-  s.hashes = std::make_unique<PageHashes>(s.regions, s.channels);
+  // With post-copy, one more PageHashes channel: the answers to requests.
+  s.hashes = std::make_unique<PageHashes>(s.regions, s.channels + (s.postcopy ? 1 : 0));
   const PageSenderConfig config{s.options.dedup, s.options.skip_zero_pages, s.options.compress_level,
                                 s.options.delta_cache_pages};
   for (unsigned i = 0; i < s.channels; ++i)
@@ -284,10 +317,10 @@ void pause_guest(MigratableVm& vm, MigrationControl& control, SourceRollback& ro
 // waiting for its RoundAck when `acknowledged`.
 RoundCounts send_on_all_channels(std::vector<std::unique_ptr<PageSender>>& senders,
                                  const std::vector<transport::Stream*>& streams, MigrationControl& control,
-                                 std::uint32_t round, const Bitmaps& pending, bool acknowledged, bool guest_paused,
-                                 CpuTime& cpu) {
+                                 std::uint32_t round, Bitmaps& pending, bool acknowledged, bool guest_paused,
+                                 CpuTime& cpu, const std::function<bool()>& stop_early = {}) {
   auto one = [&](std::size_t i) {
-    auto counts = senders[i]->send_round(round, pending, guest_paused);
+    auto counts = senders[i]->send_round(round, pending, guest_paused, stop_early);
     if (acknowledged) {
       send_counted(*streams[i], control, wire::RoundEnd{round}, guest_paused);
       if (streams[i]->receive<wire::RoundAck>().round != round) throw wire::ProtocolError("RoundAck for the wrong round");
@@ -358,8 +391,10 @@ bool SourceMigration::precopy_round(std::uint32_t round) {
   State& s = *s_;
   const auto round_start = Clock::now();
   control_->round_started(s.pending_pages);
-  const auto counts = send_on_all_channels(s.senders, s.streams, *control_, round, s.pending, true, false, s.cpu);
-  for (auto& bitmap : s.pending) std::fill(bitmap.begin(), bitmap.end(), 0);
+  // A round after round 0 is cut short for a switch to post-copy: its pages would only be
+  // dirtied again.
+  const auto counts = send_on_all_channels(s.senders, s.streams, *control_, round, s.pending, true, false, s.cpu,
+                                           [this, round] { return round > 0 && postcopy_wanted(); });
   s.totals += counts;
   const std::uint64_t dirty = s.pending_pages = fetch_dirty(s.vm, s.regions, s.scratch, s.pending);
   control_->count_dirty_sync();
@@ -385,6 +420,16 @@ bool SourceMigration::precopy_round(std::uint32_t round) {
     return false;
   }
   const Decision decision = decide(s.stats.round_table, s.policy);
+  // With post-copy on, a pre-copy that cannot converge switches instead of pausing long.
+  const bool unconverged = decision == Decision::stop_max_rounds || decision == Decision::stop_no_progress ||
+                           decision == Decision::start_postcopy;
+  if (postcopy_wanted() || (s.postcopy && unconverged)) {
+    s.stats.stop_reason = StopReason::postcopy;
+    s.switching_to_postcopy = true;
+    return false;
+  }
+  if (decision == Decision::start_postcopy)
+    throw std::runtime_error("pre-copy made no progress and post-copy is not enabled");
   if (decision == Decision::abort_no_progress)
     throw std::runtime_error("pre-copy made no progress for " + std::to_string(s.policy.no_progress_rounds) +
                              " rounds (dirty rate at or above bandwidth); aborted as --on-no-convergence=abort asks");
@@ -450,7 +495,10 @@ void SourceMigration::await_ready() {
     s.stats.pages_delta += sender->pages_delta();
     s.stats.batches_compressed += sender->batches_compressed();
   }
-  send_counted(s.stream, *control_, wire::Complete{s.verify ? s.hashes->digest() : 0, s.totals.pages_sent}, true);
+  if (s.postcopy_source)
+    send_counted(s.stream, *control_, wire::PostcopyStart{s.pending}, true);
+  else
+    send_counted(s.stream, *control_, wire::Complete{s.verify ? s.hashes->digest() : 0, s.totals.pages_sent}, true);
   s.ready = s.stream.receive<wire::Ready>();
   s.ready_at = Clock::now();
 }
@@ -468,7 +516,7 @@ void SourceMigration::commit() {
   s.rollback.stop_logging();  // off the downtime path: a memslot update costs milliseconds
 
   auto& stats = s.stats;
-  stats.status = MigrationStatus::completed;
+  stats.status = s.postcopy_source ? MigrationStatus::postcopy_active : MigrationStatus::completed;
   stats.rounds = s.round + 1;
   stats.pages_sent = s.totals.pages_sent;
   stats.pages_zero = s.totals.pages_zero;
@@ -495,6 +543,112 @@ void SourceMigration::commit() {
   }
 }
 
+bool SourceMigration::postcopy_wanted() const {
+  const State& s = *s_;
+  if (!s.postcopy) return false;
+  if (control_->postcopy_requested()) return true;
+  return s.options.postcopy_after_s &&
+         std::chrono::duration<double>(Clock::now() - s.start).count() >= *s.options.postcopy_after_s;
+}
+
+// Instead of the final round: the guest pauses, and what it dirtied since its last send
+// (plus what a cut-short round did not send) is what the destination lacks. It goes after
+// the switch, first answering the requests that may come even before Commit: restoring
+// state at the destination can touch guest memory.
+void SourceMigration::switch_to_postcopy() {
+  State& s = *s_;
+  enter_phase(Phase::stop_and_copy);
+  pause_guest(s.vm, *control_, s.rollback, s.pause_start, s.paused_at);
+  s.pending_pages = fetch_dirty(s.vm, s.regions, s.scratch, s.pending);
+  control_->count_dirty_sync();
+  s.synced = s.pages_done = Clock::now();
+  for (const auto& e : s.extra) s.stats.extra_channel_bytes += e.counters().bytes_sent;
+  s.extra.clear();  // each acknowledged its last round: all it carried has landed
+  s.streams.resize(1);
+  s.postcopy_stats.switchover_ms = ms_between(s.start, s.pause_start);
+  s.postcopy_stats.bytes_before = total_bytes_sent();
+  s.postcopy_source = std::make_unique<PostcopySource>(s.regions, s.pending, *s.hashes, *control_, s.round, s.channels);
+  s.postcopy_source->serve(*s.urgent);
+}
+
+// The destination runs the guest; every page it lacks goes to it. A broken link does not end
+// the migration: neither side holds the whole guest now, so the source waits, paused, for
+// the operator to reconnect it (or to give the guest up).
+void SourceMigration::postcopy() {
+  State& s = *s_;
+  enter_phase(Phase::postcopy);
+  control_->advance(MigrationStatus::device, MigrationStatus::postcopy_active);
+  for (;;) {
+    try {
+      finish_postcopy();
+      break;
+    } catch (const std::exception& e) {
+      const auto serving = s.postcopy_source->stop_serving();
+      s.stats.error = "post-copy link broke: " + (serving ? *serving : explain_failure(*s.main, e)) +
+                      "; the destination runs the guest and only this side holds its missing pages. Recover with "
+                      "migrate-recover there and migrate {resume: true} here; the guest must not run here again";
+      control_->advance(MigrationStatus::postcopy_active, MigrationStatus::postcopy_paused);
+      control_->update_postcopy(s.postcopy_stats);
+      reconnect_postcopy();
+    }
+  }
+  s.stats.error.clear();
+  s.stats.status = MigrationStatus::completed;
+}
+
+void SourceMigration::finish_postcopy() {
+  State& s = *s_;
+  const auto started = Clock::now();
+  s.main->set_timeout(s.options.peer_timeout);
+  s.postcopy_source->push_rest(*s.main);
+  if (auto error = s.postcopy_source->stop_serving()) throw std::runtime_error(*error);
+  send_counted(*s.main, *control_, wire::Complete{s.verify ? s.hashes->digest() : 0, s.totals.pages_sent}, false);
+  s.main->receive<wire::PostcopyDone>();
+  auto& p = s.postcopy_stats;
+  p.postcopy_ms += ms_between(started, Clock::now());
+  p.pages_needed = s.postcopy_source->pages_needed();
+  p.requests = s.postcopy_source->requests();
+  p.pages_urgent = s.postcopy_source->pages_urgent();
+  p.pages_background = s.postcopy_source->pages_background();
+  p.bytes_after = total_bytes_sent() - p.bytes_before;
+  s.stats.postcopy = p;
+  s.stats.total_ms = ms_between(s.start, Clock::now());
+}
+
+// Waits for the operator's resume, then reconnects both channels; the destination says which
+// pages it still lacks, and they go again. A failed attempt waits for the next resume.
+void SourceMigration::reconnect_postcopy() {
+  State& s = *s_;
+  for (;;) {
+    auto connect = control_->wait_for_recovery();
+    if (!connect) throw std::runtime_error("post-copy was given up while paused: " + s.stats.error);
+    control_->advance(MigrationStatus::postcopy_paused, MigrationStatus::postcopy_recover);
+    try {
+      if (s.reconnected) s.postcopy_bytes_closed += s.reconnected->counters().bytes_sent;
+      s.postcopy_bytes_closed += s.urgent->counters().bytes_sent;
+      s.urgent.reset();
+      s.reconnected = connect();
+      s.main = &*s.reconnected;
+      s.main->set_timeout(s.options.peer_timeout);
+      s.main->send(wire::PostcopyResume{s.session});
+      const auto ack = s.main->receive<wire::PostcopyResumeAck>();
+      if (ack.bitmaps.size() != s.regions.size()) throw wire::ProtocolError("PostcopyResumeAck does not match the memory layout");
+      for (std::size_t r = 0; r < s.regions.size(); ++r)
+        if (ack.bitmaps[r].size() != s.pending[r].size()) throw wire::ProtocolError("PostcopyResumeAck bitmap does not match its region");
+      s.urgent = connect();
+      s.urgent->send(wire::ChannelHello{s.session, wire::kPostcopyChannel});
+      s.postcopy_source->resend(ack.bitmaps);
+      s.postcopy_source->serve(*s.urgent);
+      ++s.postcopy_stats.recoveries;
+      control_->advance(MigrationStatus::postcopy_recover, MigrationStatus::postcopy_active);
+      return;
+    } catch (const std::exception& e) {
+      s.stats.error = std::string("post-copy recovery failed: ") + e.what();
+      control_->advance(MigrationStatus::postcopy_recover, MigrationStatus::postcopy_paused);
+    }
+  }
+}
+
 // The destination reports the gap its guest saw, once the guest showed a heartbeat there. A
 // guest without heartbeats, or a slow one, leaves the migration standing all the same.
 void SourceMigration::report_guest_handover() {
@@ -518,6 +672,11 @@ void SourceMigration::fail(const std::exception& error) {
   auto& stats = s.stats;
   stats.failed_phase = s.phase;
   const bool committed = s.rollback.is_committed();
+  if (s.phase == Phase::postcopy) {
+    stats.status = MigrationStatus::failed;
+    stats.error = error.what();
+    return;
+  }
   const bool cancelled = !committed && (control_->cancel_requested() || dynamic_cast<const MigrationCancelled*>(&error) ||
                                           dynamic_cast<const transport::Interrupted*>(&error));
   if (cancelled) {
@@ -537,6 +696,14 @@ void SourceMigration::fail(const std::exception& error) {
   }
 }
 
+std::uint64_t SourceMigration::total_bytes_sent() const {
+  const State& s = *s_;
+  std::uint64_t total = s.stream.counters().bytes_sent + s.stats.extra_channel_bytes + s.postcopy_bytes_closed;
+  for (const auto* stream : {s.urgent ? &*s.urgent : nullptr, s.reconnected ? &*s.reconnected : nullptr})
+    if (stream) total += stream->counters().bytes_sent;
+  return total;
+}
+
 void SourceMigration::finish_statistics() {
   State& s = *s_;
   auto& stats = s.stats;
@@ -544,7 +711,7 @@ void SourceMigration::finish_statistics() {
   stats.cpu_s = s.cpu.seconds(s.cpu_start);
   for (const auto& e : s.extra) stats.extra_channel_bytes += e.counters().bytes_sent;
   const auto& c = s.stream.counters();
-  stats.bytes_sent = c.bytes_sent + stats.extra_channel_bytes;
+  stats.bytes_sent = total_bytes_sent();
   stats.downtime_bytes = control_->progress().downtime_bytes;
   stats.zerocopy = s.stream.zerocopy();
   stats.zerocopy_sends = c.zerocopy_sends;

@@ -9,6 +9,10 @@
 //     send_device_state() vCPU, VM and device state
 //     await_ready()       the receiver verifies and restores
 //     commit()            the point of no return: the destination resumes the guest
+//   or, switching to post-copy instead of the final round:
+//     switch_to_postcopy() pause, and note the pages the destination lacks
+//     send_device_state(), await_ready() (with the list of those pages), commit()
+//     postcopy()          serve the destination's faults, push the rest; recover a broken link
 //   and one outcome: completed, failed, cancelled or handoff-unknown (see MigrationStats).
 //
 // Whatever the source set up (dirty logging, throttling, the pause) is undone by one
@@ -18,6 +22,7 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <optional>
 
 #include "engine/control.h"
 #include "engine/convergence.h"
@@ -56,6 +61,13 @@ struct SenderOptions {
   // more to the same receiver; needed when channels > 1.
   unsigned channels = 1;
   std::function<transport::Stream()> open_channel;
+  // Post-copy: offered to the receiver, and a connection of its own opened for urgent pages
+  // (open_channel is needed). The switch comes when `postcopy_after_s` seconds of pre-copy
+  // have passed (0: as soon as round 0 is done), when the operator asks
+  // (MigrationControl::start_postcopy), or when pre-copy stops making progress. Round 0 is
+  // always finished first; a later round is cut short at the next batch.
+  bool postcopy = false;
+  std::optional<double> postcopy_after_s;
   std::chrono::milliseconds peer_timeout{10000};
   std::chrono::milliseconds handover_wait{2000};  // for the guest-observed downtime report
 
@@ -99,9 +111,15 @@ class SourceMigration {
   void send_device_state();
   void await_ready();
   void commit();
+  bool postcopy_wanted() const;
+  void switch_to_postcopy();
+  void postcopy();
+  void finish_postcopy();
+  void reconnect_postcopy();
   void report_guest_handover();
   void fail(const std::exception& error);
   void finish_statistics();
+  std::uint64_t total_bytes_sent() const;  // every connection, closed ones included
 
   std::unique_ptr<State> s_;
   std::shared_ptr<MigrationControl> control_;

@@ -13,16 +13,19 @@
 namespace mig::engine {
 
 // QEMU's MigrationStatus names where they exist; handoff-unknown is mig's own.
-enum class MigrationStatus { none, setup, active, device, completed, failed, cancelling, cancelled, handoff_unknown };
+enum class MigrationStatus {
+  none, setup, active, device, postcopy_active, postcopy_paused, postcopy_recover, completed, failed, cancelling, cancelled,
+  handoff_unknown
+};
 const char* to_string(MigrationStatus status);
 bool is_finished(MigrationStatus status);
 
 // The source's phases, in order. A failure names the phase it happened in.
-enum class Phase { setup, precopy, stop_and_copy, device_state, awaiting_ready, commit, finished };
+enum class Phase { setup, precopy, stop_and_copy, device_state, awaiting_ready, commit, postcopy, finished };
 const char* to_string(Phase phase);
 
 // Why pre-copy ended.
-enum class StopReason { none, converged, max_rounds, no_progress, forced, offline, shared_memory };
+enum class StopReason { none, converged, max_rounds, no_progress, forced, offline, shared_memory, postcopy };
 const char* to_string(StopReason reason);
 StopReason stop_reason_of(Decision decision);
 
@@ -35,6 +38,33 @@ struct DowntimeBreakdown {
   double restore_ms = 0;      // of which restoring, as the receiver measured it
   double commit_resume_ms = 0;   // Commit sent until Running received
   double resume_ms = 0;       // of which resuming, as the receiver measured it
+};
+
+// A latency distribution: percentiles, and counts in log2 buckets of microseconds (bucket i
+// holds latencies in [2^(i-1), 2^i) us; bucket 0 those under 1 us).
+struct LatencySummary {
+  std::uint64_t count = 0;
+  double p50_ms = 0, p99_ms = 0, max_ms = 0;
+  std::vector<std::uint64_t> log2_us;
+};
+LatencySummary summarize_latencies(std::vector<double> latencies_ms);
+
+// Post-copy, as each side saw it. A side fills in what it can measure.
+struct PostcopyStats {
+  double switchover_ms = 0;        // from the start of the migration to the source's pause
+  std::uint64_t pages_needed = 0;  // not valid at the destination at the switchover
+  std::uint64_t requests = 0;      // pages a vCPU (or the VMM) waited for and asked the source for
+  std::uint32_t recoveries = 0;    // reconnections after a broken link
+  // The source.
+  std::uint64_t pages_urgent = 0;      // sent in answer to a request
+  std::uint64_t pages_background = 0;  // pushed on the main channel
+  std::uint64_t bytes_before = 0, bytes_after = 0;  // wire bytes before and after the switchover
+  double postcopy_ms = 0;  // the destination running the guest until it had every page
+  // The destination.
+  std::uint64_t pages_zero_filled = 0;  // faults on pages never sent, filled with zeros there
+  LatencySummary fault_latency;         // fault to install, for pages that were waited on
+  double blocktime_ms = 0;              // time vCPUs (and VMM threads) waited on missing pages, summed
+  std::vector<double> vcpu_blocktime_ms;  // per vCPU, where the VM names its vCPU threads
 };
 
 // The source's view of one migration.
@@ -68,6 +98,7 @@ struct MigrationStats {
   std::uint64_t extra_channel_bytes = 0; // of bytes_sent, what channels 1..n-1 carried
   std::vector<RoundStats> round_table;  // pre-copy rounds; the final round is in downtime
   double cpu_s = 0;  // user + system CPU time of the migration's threads (engine/cpu_time.h)
+  std::optional<PostcopyStats> postcopy;  // when the switchover was to post-copy
 };
 
 // The destination's view of one incoming migration.
@@ -86,6 +117,7 @@ struct IncomingStats {
   double resume_ms = 0;
   std::optional<GuestHandover> guest;
   double cpu_s = 0;  // user + system CPU time of the receiving threads (engine/cpu_time.h)
+  std::optional<PostcopyStats> postcopy;
 };
 
 // CPU seconds per GiB moved; 0 when nothing moved.

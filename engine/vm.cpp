@@ -1,6 +1,10 @@
 #include "engine/vm.h"
 
+#include <sys/mman.h>
+
 #include <algorithm>
+
+#include "common/fd.h"
 
 namespace mig::engine {
 
@@ -9,6 +13,11 @@ void MigratableVm::populated_pages(std::size_t, std::span<std::uint64_t> bitmap)
 }
 
 void MigratableVm::prepare_pages(std::size_t, std::uint64_t, std::uint64_t) {}
+
+void MigratableVm::discard_pages(std::size_t region, std::uint64_t first_page, std::uint64_t count) {
+  std::byte* host = memory_regions().at(region).host + first_page * kPageSize;
+  check_syscall("madvise(MADV_DONTNEED) of stale guest pages", [&] { return ::madvise(host, count * kPageSize, MADV_DONTNEED); });
+}
 
 std::optional<GuestHandover> MigratableVm::wait_guest_handover(std::chrono::milliseconds) { return std::nullopt; }
 

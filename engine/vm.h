@@ -64,6 +64,15 @@ class MigratableVm {
   // Called from a helper thread while pages are being received; the default does nothing.
   virtual void prepare_pages(std::size_t region, std::uint64_t first_page, std::uint64_t count);
 
+  // Destination, post-copy: drops the contents of these pages (stale here), so that the
+  // next touch of each finds it absent and traps. The default (MADV_DONTNEED) suits private
+  // anonymous memory; memory in a shared file must punch holes instead.
+  virtual void discard_pages(std::size_t region, std::uint64_t first_page, std::uint64_t count);
+  // Why this VM's memory cannot take post-copy, or empty when it can.
+  virtual std::string postcopy_unsupported() const { return {}; }
+  // The vCPUs' thread ids, in vCPU order, for per-vCPU post-copy blocktime; empty when unknown.
+  virtual std::vector<int> vcpu_threads() const { return {}; }
+
   // Source, auto-converge: hold the vCPUs for `share` (0 to 1) of the time from now on, so a
   // guest that dirties memory faster than the link drains it slows down; 0 lets it run
   // freely again. pause() ends any throttling first. Returns false when this VM cannot

@@ -26,7 +26,7 @@ std::pair<engine::MigrationStats, engine::IncomingResult> run_migration(test::Fa
   auto [send_end, relay_in] = test::stream_pair();
   auto [relay_out, recv_end] = test::stream_pair();
   auto receiver = std::async(std::launch::async, [&, s = std::move(recv_end)]() mutable {
-    return engine::IncomingMigration(s, test::fake_factory(destination), engine::ReceiverOptions{2000ms, 100ms, {}}).run();
+    return engine::IncomingMigration(s, test::fake_factory(destination), engine::ReceiverOptions{2000ms, 100ms, {}, {}}).run();
   });
   auto relay_thread = std::async(std::launch::async, [&, in = std::move(relay_in), out = std::move(relay_out)]() mutable {
     relay(in, out);
@@ -276,7 +276,7 @@ TEST_CASE("the receiver refuses malformed streams with a reason") {
     auto [sender_end, receiver_end] = test::stream_pair();
     test::FakeVm* destination = nullptr;
     auto receiver = std::async(std::launch::async, [&, s = std::move(receiver_end)]() mutable {
-      return engine::IncomingMigration(s, test::fake_factory(&destination), engine::ReceiverOptions{1000ms, 100ms, {}}).run();
+      return engine::IncomingMigration(s, test::fake_factory(&destination), engine::ReceiverOptions{1000ms, 100ms, {}, {}}).run();
     });
     try {
       send_bad_stream(sender_end);
@@ -481,7 +481,7 @@ TEST_CASE("parallel channels deliver every page - in round order - with deltas a
   auto [send_end, recv_end] = test::stream_pair();
   test::FakeVm* destination = nullptr;
   auto receiver = std::async(std::launch::async, [&, s = std::move(recv_end)]() mutable {
-    engine::ReceiverOptions receiver_options{2000ms, 100ms, {}};
+    engine::ReceiverOptions receiver_options{2000ms, 100ms, {}, {}};
     receiver_options.accept_channel = [&](std::chrono::milliseconds) {
       std::unique_lock lock(mutex);
       ready.wait(lock, [&] { return !connecting.empty(); });
@@ -540,7 +540,7 @@ TEST_CASE("a receiver whose extra channels never connect gives up within its tim
   transport::Listener listener(transport::Endpoint::parse("tcp:127.0.0.1:0"));
   auto receiver = std::async(std::launch::async, [&] {
     auto stream = listener.accept(2000ms);
-    engine::ReceiverOptions options{300ms, 100ms, {}};
+    engine::ReceiverOptions options{300ms, 100ms, {}, {}};
     options.accept_channel = [&](std::chrono::milliseconds timeout) { return listener.accept(timeout); };
     test::FakeVm* made = nullptr;
     return engine::IncomingMigration(stream, test::fake_factory(&made), options).run();

@@ -2,6 +2,7 @@
 // pages while a migration runs; pause() stops it the way stopping vCPUs would.
 #pragma once
 
+#include <sys/mman.h>
 #include <sys/socket.h>
 
 #include <atomic>
@@ -19,6 +20,24 @@
 #include "transport/stream.h"
 
 namespace mig::test {
+
+// Page-aligned private anonymous memory, as guest memory is: userfaultfd and MADV_DONTNEED
+// work on it, which post-copy needs.
+template <typename T>
+struct PageAllocator {
+  using value_type = T;
+  PageAllocator() = default;
+  template <typename U>
+  PageAllocator(const PageAllocator<U>&) {}
+  T* allocate(std::size_t n) {
+    void* p = ::mmap(nullptr, n * sizeof(T), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, std::size_t n) { ::munmap(p, n * sizeof(T)); }
+  friend bool operator==(const PageAllocator&, const PageAllocator&) { return true; }
+};
+using GuestBytes = std::vector<std::byte, PageAllocator<std::byte>>;
 
 class FakeVm final : public engine::MigratableVm {
  public:
@@ -39,8 +58,8 @@ class FakeVm final : public engine::MigratableVm {
     if (logging_) set(dirty_[region], page);
     return true;
   }
-  const std::vector<std::byte>& region_memory(std::size_t r) const { return memory_[r]; }
-  std::vector<std::byte>& region_memory(std::size_t r) { return memory_[r]; }
+  const GuestBytes& region_memory(std::size_t r) const { return memory_[r]; }
+  GuestBytes& region_memory(std::size_t r) { return memory_[r]; }
 
   unsigned vcpu_count() const override { return 2; }
   std::vector<engine::MemoryRegion> memory_regions() const override {
@@ -86,9 +105,12 @@ class FakeVm final : public engine::MigratableVm {
     ++pauses;
   }
   void resume() override {
-    std::lock_guard lock(mutex_);
-    paused_ = false;
-    ++resumes;
+    {
+      std::lock_guard lock(mutex_);
+      paused_ = false;
+      ++resumes;
+    }
+    if (after_resume) after_resume(*this);
   }
   bool paused() {
     std::lock_guard lock(mutex_);
@@ -105,13 +127,14 @@ class FakeVm final : public engine::MigratableVm {
   std::optional<double> throttle_calms_at;
   std::vector<double> throttles;  // every set_throttle() call
   std::function<void(FakeVm&)> before_fetch;
+  std::function<void(FakeVm&)> after_resume;  // on the thread that resumed it
   std::vector<engine::StateSection> restored;
 
  private:
   static void set(std::vector<std::uint64_t>& bits, std::uint64_t page) { bits[page / 64] |= 1ull << (page % 64); }
   std::mutex mutex_;
   bool paused_ = false, logging_ = false;
-  std::vector<std::vector<std::byte>> memory_;
+  std::vector<GuestBytes> memory_;
   std::vector<std::vector<std::uint64_t>> dirty_, touched_;
 };
 
@@ -167,7 +190,7 @@ inline FakeMigration migrate_fake(FakeVm& source, const engine::SenderOptions& o
   auto [send_end, recv_end] = stream_pair();
   FakeMigration m;
   auto receiver = std::async(std::launch::async, [&, s = std::move(recv_end)]() mutable {
-    return engine::IncomingMigration(s, fake_factory(&m.destination), engine::ReceiverOptions{2000ms, 100ms, {}}).run();
+    return engine::IncomingMigration(s, fake_factory(&m.destination), engine::ReceiverOptions{2000ms, 100ms, {}, {}}).run();
   });
   m.sent = engine::SourceMigration(source, send_end, options, std::move(control)).run();
   send_end = transport::Stream(UniqueFd());  // closed, as a process that is done would

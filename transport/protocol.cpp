@@ -20,6 +20,11 @@ const char* to_string(MessageType type) {
     case MessageType::shared_memory: return "SharedMemory";
     case MessageType::page_plan: return "PagePlan";
     case MessageType::channel_hello: return "ChannelHello";
+    case MessageType::postcopy_start: return "PostcopyStart";
+    case MessageType::page_request: return "PageRequest";
+    case MessageType::postcopy_done: return "PostcopyDone";
+    case MessageType::postcopy_resume: return "PostcopyResume";
+    case MessageType::postcopy_resume_ack: return "PostcopyResumeAck";
   }
   return "unknown";
 }
@@ -33,11 +38,14 @@ void validate(const FrameHeader& header) {
       limit = sizeof(BatchHeader) + std::uint64_t{kMaxBatchPages} * (sizeof(PageDescriptor) + kPageSize);
       break;
     case MessageType::state_section: limit = kMaxStateSection + 1024; break;
-    case MessageType::page_plan: limit = kMaxPlanBytes; break;
+    case MessageType::page_plan: case MessageType::postcopy_start: case MessageType::postcopy_resume_ack:
+      limit = kMaxPlanBytes;
+      break;
     case MessageType::hello: case MessageType::hello_ack: case MessageType::complete: case MessageType::ready:
     case MessageType::commit: case MessageType::running: case MessageType::handover: case MessageType::error:
     case MessageType::round_end: case MessageType::round_ack: case MessageType::shared_memory:
-    case MessageType::channel_hello:
+    case MessageType::channel_hello: case MessageType::page_request: case MessageType::postcopy_done:
+    case MessageType::postcopy_resume:
       break;
     default: throw ProtocolError("unknown frame type " + std::to_string(header.type));
   }
@@ -248,23 +256,63 @@ RoundAck decode<RoundAck>(std::span<const std::byte> payload) {
 }
 
 std::vector<std::byte> encode(const SharedMemory& m) { return encode_field(m, &SharedMemory::regions); }
-template <>
-PagePlan decode<PagePlan>(std::span<const std::byte> payload) {
+namespace {
+
+// PagePlan, PostcopyStart and PostcopyResumeAck all carry one page bitmap per region.
+template <typename M>
+M decode_bitmaps(std::span<const std::byte> payload, const char* name) {
   ByteReader r(payload);
-  PagePlan m;
-  const auto regions = r.get<std::uint32_t>("PagePlan.regions");
-  if (regions == 0 || regions > kMaxRegions) throw ProtocolError("PagePlan has " + std::to_string(regions) + " regions");
-  for (std::uint32_t i = 0; i < regions; ++i)
-    m.bitmaps.push_back(r.get_vector<std::uint64_t>(kMaxPlanBytes / 8, "PagePlan.bitmap"));
-  r.expect_end("PagePlan");
+  M m;
+  const auto regions = r.get<std::uint32_t>(name);
+  if (regions == 0 || regions > kMaxRegions) throw ProtocolError(std::string(name) + " has " + std::to_string(regions) + " regions");
+  for (std::uint32_t i = 0; i < regions; ++i) m.bitmaps.push_back(r.get_vector<std::uint64_t>(kMaxPlanBytes / 8, name));
+  r.expect_end(name);
   return m;
 }
 
-std::vector<std::byte> encode(const PagePlan& m) {
+std::vector<std::byte> encode_bitmaps(const std::vector<std::vector<std::uint64_t>>& bitmaps) {
   ByteWriter w;
-  w.put(static_cast<std::uint32_t>(m.bitmaps.size()));
-  for (const auto& b : m.bitmaps) w.put_vector(b);
+  w.put(static_cast<std::uint32_t>(bitmaps.size()));
+  for (const auto& b : bitmaps) w.put_vector(b);
   return w.take();
+}
+
+}  // namespace
+
+template <>
+PagePlan decode<PagePlan>(std::span<const std::byte> payload) {
+  return decode_bitmaps<PagePlan>(payload, "PagePlan");
+}
+std::vector<std::byte> encode(const PagePlan& m) { return encode_bitmaps(m.bitmaps); }
+
+template <>
+PostcopyStart decode<PostcopyStart>(std::span<const std::byte> payload) {
+  return decode_bitmaps<PostcopyStart>(payload, "PostcopyStart");
+}
+std::vector<std::byte> encode(const PostcopyStart& m) { return encode_bitmaps(m.bitmaps); }
+
+template <>
+PostcopyResumeAck decode<PostcopyResumeAck>(std::span<const std::byte> payload) {
+  return decode_bitmaps<PostcopyResumeAck>(payload, "PostcopyResumeAck");
+}
+std::vector<std::byte> encode(const PostcopyResumeAck& m) { return encode_bitmaps(m.bitmaps); }
+
+std::vector<std::byte> encode(const PageRequest& m) { return encode_field(m, &PageRequest::guest_addr); }
+template <>
+PageRequest decode<PageRequest>(std::span<const std::byte> payload) {
+  return decode_field(payload, &PageRequest::guest_addr, "PageRequest");
+}
+
+std::vector<std::byte> encode(const PostcopyDone& m) { return encode_field(m, &PostcopyDone::pages_installed); }
+template <>
+PostcopyDone decode<PostcopyDone>(std::span<const std::byte> payload) {
+  return decode_field(payload, &PostcopyDone::pages_installed, "PostcopyDone");
+}
+
+std::vector<std::byte> encode(const PostcopyResume& m) { return encode_field(m, &PostcopyResume::session); }
+template <>
+PostcopyResume decode<PostcopyResume>(std::span<const std::byte> payload) {
+  return decode_field(payload, &PostcopyResume::session, "PostcopyResume");
 }
 
 std::vector<std::byte> encode(const ChannelHello& m) {

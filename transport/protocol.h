@@ -23,6 +23,21 @@
 //                                                 ◀── Handover {guest-observed gap}  (after the
 //                                                      guest's first heartbeat there, if any)
 //
+// Post-copy (both offered kCapPostcopy; the source opened one more connection at set-up,
+// ChannelHello {session, kPostcopyChannel}, for urgent pages): instead of the final round,
+//   StateSection × n, PostcopyStart {pages not valid at the destination}
+//                                                 ──▶  drops those pages, traps their faults
+//                                                 ◀── Ready        ... Commit ──▶  ◀── Running
+//   post-copy channel:                            ◀── PageRequest {guest address}  on a fault
+//                      PageBatch {the page}       ──▶  installed at once, the vCPU goes on
+//   main channel:      PageBatch {the rest, nearest the last fault first}  ──▶
+//                      Complete {digest}          ──▶  once every page is there: verifies
+//                                                 ◀── PostcopyDone
+// If the link breaks after Commit, the source reconnects when told to (recovery):
+//   PostcopyResume {session}                      ──▶
+//                                                 ◀── PostcopyResumeAck {pages still missing}
+//   ChannelHello {session, kPostcopyChannel} on a new post-copy channel, and on as before.
+//
 // Every frame is a FrameHeader followed by `length` payload bytes. Integers are
 // little-endian. Type 0 is invalid, so an all-zero frame is never accepted. The version is
 // checked at Hello; a receiver refuses any other. Every length, count and guest address a
@@ -62,6 +77,8 @@ inline constexpr std::uint32_t kMaxChannels = 16;
 // With parallel channels, the page at guest page number P travels on channel
 // (P / kChannelChunkPages) % channels, always, so its copies arrive in round order.
 inline constexpr std::uint64_t kChannelChunkPages = 512;
+// The index in ChannelHello of the post-copy channel (urgent pages and their requests).
+inline constexpr std::uint32_t kPostcopyChannel = kMaxChannels;
 inline unsigned channel_of(std::uint64_t guest_page, unsigned channels) {
   return static_cast<unsigned>(guest_page / kChannelChunkPages % channels);
 }
@@ -83,6 +100,11 @@ enum class MessageType : std::uint16_t {
   shared_memory = 13,
   page_plan = 14,
   channel_hello = 15,
+  postcopy_start = 16,
+  page_request = 17,
+  postcopy_done = 18,
+  postcopy_resume = 19,
+  postcopy_resume_ack = 20,
 };
 const char* to_string(MessageType type);
 
@@ -100,6 +122,7 @@ void validate(const FrameHeader& header);
 // Capability bits, offered in Hello and accepted in HelloAck.
 inline constexpr std::uint32_t kCapVerify = 1u << 0;        // page-hash verification at Complete
 inline constexpr std::uint32_t kCapSharedMemory = 1u << 1;  // same host: guest memory handed over as memfds
+inline constexpr std::uint32_t kCapPostcopy = 1u << 2;      // the switchover may be to post-copy
 
 struct Region {
   std::uint64_t guest_addr = 0;
@@ -180,6 +203,36 @@ struct PagePlan {
 };
 inline constexpr std::uint64_t kMaxPlanBytes = kMaxGuestBytes / kPageSize / 8 + 4096;
 
+// Post-copy: the pages the destination does not hold valid at the switchover (one bitmap per
+// region). Every other page is valid there as it stands; a never-sent one reads as zero.
+struct PostcopyStart {
+  std::vector<std::vector<std::uint64_t>> bitmaps;
+  friend bool operator==(const PostcopyStart&, const PostcopyStart&) = default;
+};
+
+// Post-copy: the destination needs the page at `guest_addr` now (a vCPU waits on it).
+struct PageRequest {
+  std::uint64_t guest_addr = 0;
+  friend bool operator==(const PageRequest&, const PageRequest&) = default;
+};
+
+// Post-copy is over: every page is here and the digest matched. The source may free the guest.
+struct PostcopyDone {
+  std::uint64_t pages_installed = 0;
+  friend bool operator==(const PostcopyDone&, const PostcopyDone&) = default;
+};
+
+// Recovery after a broken link: the source reconnects to the same post-copy session ...
+struct PostcopyResume {
+  std::uint64_t session = 0;
+  friend bool operator==(const PostcopyResume&, const PostcopyResume&) = default;
+};
+// ... and learns which pages the destination still lacks: they go again, whatever was in flight.
+struct PostcopyResumeAck {
+  std::vector<std::vector<std::uint64_t>> bitmaps;
+  friend bool operator==(const PostcopyResumeAck&, const PostcopyResumeAck&) = default;
+};
+
 // The first frame on an extra channel's connection.
 struct ChannelHello {
   std::uint64_t session = 0;
@@ -250,6 +303,11 @@ std::vector<std::byte> encode(const RoundAck& m);
 std::vector<std::byte> encode(const SharedMemory& m);
 std::vector<std::byte> encode(const PagePlan& m);
 std::vector<std::byte> encode(const ChannelHello& m);
+std::vector<std::byte> encode(const PostcopyStart& m);
+std::vector<std::byte> encode(const PageRequest& m);
+std::vector<std::byte> encode(const PostcopyDone& m);
+std::vector<std::byte> encode(const PostcopyResume& m);
+std::vector<std::byte> encode(const PostcopyResumeAck& m);
 
 template <typename T>
 T decode(std::span<const std::byte> payload);
@@ -271,5 +329,10 @@ template <> constexpr MessageType type_of<RoundAck>() { return MessageType::roun
 template <> constexpr MessageType type_of<SharedMemory>() { return MessageType::shared_memory; }
 template <> constexpr MessageType type_of<PagePlan>() { return MessageType::page_plan; }
 template <> constexpr MessageType type_of<ChannelHello>() { return MessageType::channel_hello; }
+template <> constexpr MessageType type_of<PostcopyStart>() { return MessageType::postcopy_start; }
+template <> constexpr MessageType type_of<PageRequest>() { return MessageType::page_request; }
+template <> constexpr MessageType type_of<PostcopyDone>() { return MessageType::postcopy_done; }
+template <> constexpr MessageType type_of<PostcopyResume>() { return MessageType::postcopy_resume; }
+template <> constexpr MessageType type_of<PostcopyResumeAck>() { return MessageType::postcopy_resume_ack; }
 
 }  // namespace mig::wire
