@@ -130,8 +130,16 @@ MigrateRequest parse_migrate_arguments(const nlohmann::json& arguments, const Mi
   auto& policy = o.policy;
   policy.downtime_target_ms = f.number("downtime-ms", parameters.downtime_limit_ms, 0, 2'000'000);
   policy.max_rounds = static_cast<std::uint32_t>(f.integer("max-iterations", policy.max_rounds, 1, 1000));
-  policy.on_no_convergence = f.text("on-no-convergence", "stop", {"stop", "abort"}) == "abort" ? engine::NoConvergence::abort
-                                                                                               : engine::NoConvergence::stop;
+  o.postcopy = f.flag("postcopy-ram", false);
+  if (f.flag("postcopy", false)) o.postcopy_after_s = 0;
+  if (f.has("postcopy-after")) o.postcopy_after_s = f.number("postcopy-after", 0, 0, 1e6);
+  o.postcopy = o.postcopy || o.postcopy_after_s.has_value();
+  const auto no_convergence = f.text("on-no-convergence", o.postcopy ? "postcopy" : "stop", {"stop", "abort", "postcopy"});
+  if (no_convergence == "postcopy" && !o.postcopy)
+    throw CommandError("Parameter 'on-no-convergence': postcopy needs post-copy enabled (postcopy-ram, postcopy or postcopy-after)");
+  policy.on_no_convergence = no_convergence == "abort"      ? engine::NoConvergence::abort
+                             : no_convergence == "postcopy" ? engine::NoConvergence::postcopy
+                                                            : engine::NoConvergence::stop;
   policy.improve_within_target = !f.flag("stop-at-target", false);
   policy.auto_converge = f.flag("auto-converge", true);
   policy.throttle_initial_pct = parameters.throttle_initial_pct;

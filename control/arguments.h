@@ -49,7 +49,9 @@ struct MigrateRequest {
 //   offline, verify, dedup, zero-skip, page-plan, delta, stop-at-target, auto-converge: booleans
 //   compress: "none", "zstd" or "zstd:LEVEL"      delta-cache: bytes      parallel: 1..16
 //   bandwidth: bytes/s      downtime-ms: ms      max-iterations: 1..1000
-//   on-no-convergence: "stop" | "abort"      zerocopy: "auto" | "on" | "off"
+//   on-no-convergence: "stop" | "abort" | "postcopy"      zerocopy: "auto" | "on" | "off"
+//   postcopy-ram: enable post-copy (switch on migrate-start-postcopy, or when pre-copy is stuck)
+//   postcopy: enable it and switch once round 0 is done      postcopy-after: seconds of pre-copy, then switch
 // QEMU's "detach" is accepted (a migration always runs in the background).
 MigrateRequest parse_migrate_arguments(const nlohmann::json& arguments, const MigrationParameters& parameters);
 

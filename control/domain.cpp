@@ -136,7 +136,10 @@ void Domain::quit() {
   }
   changed_.notify_all();
   // A cancelled migration resumes the guest before it ends; only then is it stopped here.
-  if (control) control->cancel();
+  if (control) {
+    control->cancel();
+    control->abandon();  // a post-copy waiting for recovery gives the guest up
+  }
   {
     std::unique_lock lock(mutex_);
     changed_.wait(lock, [&] { return !outgoing_active_ && !incoming_active_; });
@@ -171,7 +174,9 @@ engine::MigrationObserver Domain::migration_observer() {
   engine::MigrationObserver observer;
   observer.status_changed = [this](engine::MigrationStatus status) {
     // The run state follows first, so that whoever reacts to the event sees it.
-    if (status == engine::MigrationStatus::completed) set_run_state(RunState::postmigrate);
+    // After a post-copy switchover the guest runs at the destination, whatever follows.
+    if (status == engine::MigrationStatus::completed || status == engine::MigrationStatus::postcopy_active)
+      set_run_state(RunState::postmigrate);
     if (status == engine::MigrationStatus::handoff_unknown) set_run_state(RunState::paused);
     emit("MIGRATION", {{"status", engine::to_string(status)}});
   };
@@ -230,6 +235,12 @@ void Domain::run_outgoing(MigrateRequest request, std::shared_ptr<engine::Migrat
 bool Domain::cancel_migration() {
   const auto control = migration_control();
   return control && control->cancel();
+}
+
+void Domain::start_postcopy() {
+  const auto control = migration_control();
+  if (!control || !control->start_postcopy())
+    throw CommandError("migrate-start-postcopy: no migration with post-copy enabled (postcopy-ram) is in pre-copy");
 }
 
 std::shared_ptr<engine::MigrationControl> Domain::migration_control() const {

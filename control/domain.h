@@ -84,6 +84,9 @@ class Domain {
   // start (no running guest, a migration or measurement in progress).
   void migrate(MigrateRequest request);
   bool cancel_migration();
+  // migrate-start-postcopy: throws CommandError unless a migration with post-copy enabled runs
+  // and has not switched yet.
+  void start_postcopy();
   nlohmann::json query_migrate() const;
   // Blocks until the outgoing migration in progress (if any) ends; the last one's result.
   std::optional<engine::MigrationStats> wait_migration() const;

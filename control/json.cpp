@@ -31,6 +31,31 @@ nlohmann::json to_json(const engine::RoundStats& r) {
           {"throttle_pct", r.throttle_pct}};
 }
 
+nlohmann::json to_json(const engine::LatencySummary& l) {
+  return {{"count", l.count}, {"p50_ms", l.p50_ms}, {"p99_ms", l.p99_ms}, {"max_ms", l.max_ms}, {"log2_us", l.log2_us}};
+}
+
+// QEMU's names where it has them (postcopy-requests, postcopy-blocktime), mig's otherwise.
+nlohmann::json to_json(const engine::PostcopyStats& p) {
+  return {{"switchover_ms", p.switchover_ms},
+          {"pages_needed", p.pages_needed},
+          {"postcopy-requests", p.requests},
+          {"recoveries", p.recoveries},
+          {"pages_urgent", p.pages_urgent},
+          {"pages_background", p.pages_background},
+          {"bytes_before_switchover", p.bytes_before},
+          {"bytes_after_switchover", p.bytes_after},
+          {"postcopy_ms", p.postcopy_ms},
+          {"pages_zero_filled", p.pages_zero_filled},
+          {"fault_latency", to_json(p.fault_latency)},
+          {"postcopy-blocktime", p.blocktime_ms},
+          {"postcopy-vcpu-blocktime", p.vcpu_blocktime_ms}};
+}
+
+namespace {
+nlohmann::json postcopy_json(const std::optional<engine::PostcopyStats>& p) { return p ? to_json(*p) : nlohmann::json(nullptr); }
+}  // namespace
+
 nlohmann::json to_json(const engine::MigrationStats& s) {
   return {
       {"role", "source"},
@@ -73,6 +98,7 @@ nlohmann::json to_json(const engine::MigrationStats& s) {
       {"cpu_s", s.cpu_s},
       {"cpu_s_per_GiB", engine::per_GiB(s.cpu_s, s.bytes_sent)},
       {"round_table", round_table(s.round_table)},
+      {"postcopy", postcopy_json(s.postcopy)},
   };
 }
 
@@ -95,6 +121,7 @@ nlohmann::json to_json(const engine::IncomingStats& s) {
       {"heartbeat_sequence_continued", s.guest ? nlohmann::json(s.guest->sequence_continued) : nlohmann::json(nullptr)},
       {"cpu_s", s.cpu_s},
       {"cpu_s_per_GiB", engine::per_GiB(s.cpu_s, s.bytes_received)},
+      {"postcopy", postcopy_json(s.postcopy)},
   };
 }
 
@@ -116,7 +143,7 @@ nlohmann::json migration_info(const engine::MigrationProgress& p) {
       {"pages-per-second", static_cast<std::uint64_t>(static_cast<double>(p.pages_sent) / seconds)},
       {"precopy-bytes", p.precopy_bytes},
       {"downtime-bytes", p.downtime_bytes},
-      {"postcopy-bytes", 0},
+      {"postcopy-bytes", p.postcopy ? p.postcopy->bytes_after : 0},
   };
   nlohmann::json info = {
       {"status", engine::to_string(p.status)},
@@ -127,6 +154,10 @@ nlohmann::json migration_info(const engine::MigrationProgress& p) {
       {"cpu-throttle-percentage", last.throttle_pct},
   };
   nlohmann::json own = {{"phase", engine::to_string(p.phase)}, {"rounds", round_table(p.rounds)}};
+  if (p.postcopy) {
+    info["postcopy-requests"] = p.postcopy->requests;
+    own["postcopy"] = to_json(*p.postcopy);
+  }
   if (p.result) {
     const auto& r = *p.result;
     info["total-time"] = static_cast<std::int64_t>(r.total_ms);

@@ -13,6 +13,8 @@ namespace mig::control {
 nlohmann::json to_json(const engine::MigrationStats& stats);
 nlohmann::json to_json(const engine::IncomingStats& stats);
 nlohmann::json to_json(const engine::RoundStats& round);
+nlohmann::json to_json(const engine::PostcopyStats& postcopy);
+nlohmann::json to_json(const engine::LatencySummary& latency);
 
 // QEMU's MigrationInfo (query-migrate) for a migration in any state, with mig's own fields
 // under "mig".

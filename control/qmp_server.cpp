@@ -19,7 +19,7 @@ constexpr std::size_t kMaxQueuedOutput = 4u << 20;  // a client this far behind 
 
 const char* const kCommands[] = {
     "qmp_capabilities", "query-commands", "query-version", "query-status", "stop", "cont", "quit",
-    "migrate", "migrate_cancel", "query-migrate", "migrate-set-parameters", "query-migrate-parameters",
+    "migrate", "migrate_cancel", "migrate-start-postcopy", "query-migrate", "migrate-set-parameters", "query-migrate-parameters",
     "calc-dirty-rate", "query-dirty-rate", "migrate-incoming",
 };
 
@@ -273,6 +273,12 @@ const QmpServer::CommandTable& QmpServer::domain_commands() {
        [](Domain& domain, const nlohmann::json& arguments) {
          no_arguments(arguments);
          domain.cancel_migration();
+         return nlohmann::json::object();
+       }},
+      {"migrate-start-postcopy",
+       [](Domain& domain, const nlohmann::json& arguments) {
+         no_arguments(arguments);
+         domain.start_postcopy();
          return nlohmann::json::object();
        }},
       {"query-migrate",

@@ -280,8 +280,8 @@ IncomingMigration::State IncomingMigration::on_commit(const wire::FrameHeader& f
     stream_->send(wire::Running{std::chrono::duration_cast<std::chrono::nanoseconds>(s.resumed_at.time_since_epoch()).count(),
                                 ns_since(resume_start)});
   } catch (const std::exception&) {
-    // The source may be gone already (it then reports handoff-unknown); the guest runs here.
-    if (s.postcopy_memory) throw;  // ... and waits for its missing pages
+    // The source may be gone already (it then reports handoff-unknown, or in post-copy waits
+    // for a recovery); the guest runs here.
   }
   if (s.postcopy_memory) return State::postcopy;
   finish_completed(s.resumed_at);

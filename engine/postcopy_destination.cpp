@@ -32,8 +32,7 @@ PostcopyDestination::PostcopyDestination(MigratableVm& vm, std::vector<MemoryReg
     pages_needed_ += count_pages(needed_[r], pages);
   }
   if (const auto why = vm_.postcopy_unsupported(); !why.empty()) throw std::runtime_error("post-copy: " + why);
-  vcpu_threads_ = vm_.vcpu_threads();
-  vcpu_blocktime_ms_.resize(vcpu_threads_.size());
+  vcpu_blocktime_ms_.resize(vm_.vcpu_threads().size());
   // Faults are served from here on: whatever touches guest memory from now (the VMM restoring
   // state, then the vCPUs) may meet a missing page.
   fault_thread_ = std::thread([this] { handle_faults(); });
@@ -160,11 +159,12 @@ void PostcopyDestination::install(unsigned hash_slot, std::size_t region, std::u
   const auto waited = waiting_.find(key(region, page));
   if (waited == waiting_.end()) return;
   latencies_ms_.push_back(ms_since(waited->second.since));
+  const auto vcpu_threads = vm_.vcpu_threads();  // they start with the guest, after the switch
   for (const auto& [thread, since] : waited->second.threads) {
     const double ms = ms_since(since);
     blocktime_ms_ += ms;
-    for (std::size_t v = 0; v < vcpu_threads_.size(); ++v)
-      if (vcpu_threads_[v] == thread) vcpu_blocktime_ms_[v] += ms;
+    for (std::size_t v = 0; v < vcpu_threads.size() && v < vcpu_blocktime_ms_.size(); ++v)
+      if (vcpu_threads[v] == thread) vcpu_blocktime_ms_[v] += ms;
   }
   waiting_.erase(waited);
 }

@@ -78,7 +78,6 @@ class PostcopyDestination final : public PageInstaller {
   std::optional<std::string> link_error_;
   std::uint64_t requests_ = 0, zero_filled_ = 0;
   std::vector<double> latencies_ms_;
-  std::vector<int> vcpu_threads_;
   std::vector<double> vcpu_blocktime_ms_;
   double blocktime_ms_ = 0;
 

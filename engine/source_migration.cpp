@@ -510,8 +510,14 @@ void SourceMigration::commit() {
   enter_phase(Phase::commit);
   if (!control_->begin_commit()) throw MigrationCancelled();
   s.rollback.committed();
-  send_counted(s.stream, *control_, wire::Commit{}, true);
-  s.running = s.stream.receive<wire::Running>();
+  try {
+    send_counted(s.stream, *control_, wire::Commit{}, true);
+    s.running = s.stream.receive<wire::Running>();
+  } catch (const std::exception&) {
+    // In post-copy the destination may run the guest now and lack pages only this side
+    // holds: postcopy() meets the broken link and waits for a recovery, never resumes here.
+    if (!s.postcopy_source) throw;
+  }
   s.running_at = Clock::now();
   s.rollback.stop_logging();  // off the downtime path: a memslot update costs milliseconds
 

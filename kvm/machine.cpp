@@ -49,7 +49,7 @@ std::unique_ptr<Machine> Machine::create(const MachineConfig& config) {
 
 Machine::Machine(const MachineConfig& config, KvmSystem sys, GuestMemory memory, Vm vm)
     : config_(config), sys_(std::move(sys)), memory_(std::move(memory)), vm_(std::move(vm)),
-      serial_(config.serial_path), probe_(config.vcpus) {
+      serial_(config.serial_path), probe_(config.vcpus), thread_ids_(config.vcpus) {
   install_kick_handler();
   for (unsigned i = 0; i < config.vcpus; ++i) vcpus_.push_back(Vcpu::create(sys_, vm_, i));
   // Sorted so that IA32_TSC (0x10) is restored before IA32_TSC_DEADLINE (0x6e0).
@@ -120,9 +120,16 @@ void Machine::park(Vcpu& vcpu) {
   --parked_;
 }
 
+std::vector<int> Machine::vcpu_thread_ids() const {
+  std::vector<int> ids;
+  for (const auto& id : thread_ids_) ids.push_back(id.load());
+  return ids;
+}
+
 void Machine::vcpu_loop(unsigned index) {
   Vcpu& vcpu = vcpus_[index];
   name_this_thread("vcpu" + std::to_string(index));
+  thread_ids_[index] = static_cast<int>(::gettid());
   try {
     for (;;) {
       if (pause_requested_.load()) {

@@ -58,6 +58,8 @@ class Machine {
 
   // Starts the vCPU threads. Call once, after boot() or restore_state().
   void start();
+  // The vCPU threads' kernel ids, in vCPU order (0 for one not started yet).
+  std::vector<int> vcpu_thread_ids() const;
   // Takes every vCPU out of KVM_RUN (even one spinning in guest user mode) and returns once
   // all are parked with their pending I/O completed, so their state is consistent.
   void pause();
@@ -95,6 +97,7 @@ class Machine {
   std::vector<Vcpu> vcpus_;
   Serial16550 serial_;
   Probe probe_;
+  std::vector<std::atomic<int>> thread_ids_;  // each vCPU thread's id once it runs; sized at construction
 
   std::vector<std::thread> threads_;
   mutable std::mutex mutex_;

@@ -268,6 +268,22 @@ void GuestMemory::populate(std::size_t index, std::uint64_t first, std::uint64_t
   populate_range(r.host() + first * kPageSize, count * kPageSize);
 }
 
+void GuestMemory::discard(std::size_t index, std::uint64_t first, std::uint64_t count) const {
+  const Region& r = regions_.at(index);
+  if (first > r.layout.size / kPageSize || count > r.layout.size / kPageSize - first)
+    throw std::out_of_range("discard: pages outside the region");
+  const auto offset = static_cast<off_t>(first * kPageSize), bytes = static_cast<off_t>(count * kPageSize);
+  switch (backing_) {
+    case MemoryBacking::anonymous:
+      check_syscall("madvise(MADV_DONTNEED)", [&] { return ::madvise(r.host() + first * kPageSize, count * kPageSize, MADV_DONTNEED); });
+      break;
+    case MemoryBacking::memfd:
+      check_syscall("fallocate(PUNCH_HOLE)", [&] { return ::fallocate(r.memfd.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, bytes); });
+      break;
+    case MemoryBacking::hugetlbfs: throw std::invalid_argument("4 KiB pages of hugetlbfs memory cannot be dropped");
+  }
+}
+
 void GuestMemory::advise_huge_pages() {
   if (!std::exchange(huge_pages_after_fill_, false)) return;
   for (const auto& r : regions_) ::madvise(r.host(), r.layout.size, MADV_HUGEPAGE);

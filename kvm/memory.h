@@ -102,6 +102,12 @@ class GuestMemory {
   // populate(): walking populated pages again still costs 40-90 ms per GiB here.
   void populate(std::size_t index, std::uint64_t first, std::uint64_t count) const;
 
+  // Drops the contents of `count` pages of region `index` from page `first`: afterwards they
+  // are absent (and read as zero, or trap under userfaultfd). Anonymous memory unmaps them;
+  // a memfd punches a hole, since unmapping alone would leave the page cache holding them.
+  // Throws for hugetlbfs, whose pages are 2 MiB.
+  void discard(std::size_t index, std::uint64_t first, std::uint64_t count) const;
+
  private:
   static Region create_region(const RegionLayout& layout, const MemoryOptions& options);
 

@@ -28,13 +28,25 @@ void MigrateFlags::add_to(CLI::App& app) {
   given(app.add_option("--max-iterations", max_iterations_, "at most this many pre-copy rounds, round 0 included (default 30)")
             ->check(CLI::Range(1u, 1000u)),
         [this](nlohmann::json& a) { a["max-iterations"] = max_iterations_; });
-  given(app.add_option("--on-no-convergence", on_no_convergence_, "when rounds stop making progress: stop (and copy) or abort")
-            ->check(CLI::IsMember({"stop", "abort"})),
+  given(app.add_option("--on-no-convergence", on_no_convergence_,
+                       "when rounds stop making progress: stop (and copy), abort, or postcopy (the default with post-copy on)")
+            ->check(CLI::IsMember({"stop", "abort", "postcopy"})),
         [this](nlohmann::json& a) { a["on-no-convergence"] = on_no_convergence_; });
   given(app.add_flag("--no-auto-converge", no_auto_converge_,
                      "never slow the guest: by default, while the expected downtime is above 5 ms, a round that did not cut the "
                      "pages left by a tenth holds the vCPUs for 20 % of the time, then 10 % more per such round, up to 99 %"),
         [](nlohmann::json& a) { a["auto-converge"] = false; });
+  given(app.add_flag("--postcopy", postcopy_,
+                     "switch to post-copy once round 0 is done: the guest resumes at the destination at once and fetches "
+                     "the pages it still lacks on demand (needs userfaultfd there)"),
+        [](nlohmann::json& a) { a["postcopy"] = true; });
+  given(app.add_option("--postcopy-after", postcopy_after_, "hybrid: pre-copy first, switch to post-copy after this many seconds")
+            ->check(CLI::Range(0.0, 1e6)),
+        [this](nlohmann::json& a) { a["postcopy-after"] = postcopy_after_; });
+  given(app.add_flag("--postcopy-ram", postcopy_ram_,
+                     "enable post-copy without a timer: the switch comes on migrate-start-postcopy (mig-ctl postcopy), "
+                     "or when pre-copy stops making progress"),
+        [](nlohmann::json& a) { a["postcopy-ram"] = true; });
   given(app.add_flag("--offline", offline_, "pause first and copy everything once, no pre-copy"),
         [](nlohmann::json& a) { a["offline"] = true; });
   given(app.add_flag("--stop-at-target", stop_at_target_,

@@ -105,6 +105,7 @@ int main(int argc, char** argv) {
     fmt::print("{}\n", client.execute("query-status")["status"].get<std::string>());
   });
   for (const auto& [name, qmp, help] : {std::tuple{"cancel", "migrate_cancel", "cancel the migration in progress; the guest runs on here"},
+                                         std::tuple{"postcopy", "migrate-start-postcopy", "switch the migration in progress to post-copy"},
                                          std::tuple{"stop", "stop", "pause the guest"}, std::tuple{"cont", "cont", "resume the guest"},
                                          std::tuple{"quit", "quit", "stop the guest and end its process"}})
     command(name, help, [qmp = std::string(qmp)](control::QmpClient& client) { client.execute(qmp); });

@@ -189,6 +189,12 @@ std::vector<int> KvmVm::shareable_memory_fds() const {
   return fds;
 }
 
+std::string KvmVm::postcopy_unsupported() const {
+  if (machine_->memory().backing() == kvm::MemoryBacking::hugetlbfs)
+    return "hugetlbfs guest memory (--mem-path) traps and fills in 2 MiB pages, and mig's post-copy moves 4 KiB ones";
+  return {};
+}
+
 std::vector<engine::StateSection> KvmVm::save_state() { return encode_state(machine_->save_state()); }
 
 void KvmVm::restore_state(const std::vector<engine::StateSection>& sections) {

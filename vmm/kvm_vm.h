@@ -50,6 +50,11 @@ class KvmVm final : public engine::MigratableVm {
   void prepare_pages(std::size_t region, std::uint64_t first_page, std::uint64_t count) override {
     machine_->memory().populate(region, first_page, count);
   }
+  void discard_pages(std::size_t region, std::uint64_t first_page, std::uint64_t count) override {
+    machine_->memory().discard(region, first_page, count);
+  }
+  std::string postcopy_unsupported() const override;
+  std::vector<int> vcpu_threads() const override { return machine_->vcpu_thread_ids(); }
   // Holds the vCPUs for `share` of every 10 ms from a helper thread (auto-converge).
   bool set_throttle(double share) override;
   void pause() override;
