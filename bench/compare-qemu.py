@@ -16,8 +16,9 @@ limit. Writes JSON lines and CSV, and PNG plots when gnuplot is installed.
 
 The matrix is every combination of guest size, fill, workload, rate and configuration.
 A configuration is `mig` or `qemu`, optionally with `:` and `+`-joined options:
-  mig:  prepared (mig-recv --expect-mem), compress (zstd), delta, parallel2, parallel4, attarget, noautoconverge, nozeroskip, nodedup, noverify, noplan, offline, zerocopy
-  qemu: multifdN (N channels), xbzrle, autoconverge, compress (multifd zstd, needs multifdN),
+  mig:  prepared (mig-recv --expect-mem), postcopy (--postcopy-after 2), compress (zstd), delta, parallel2, parallel4, attarget, noautoconverge, nozeroskip, nodedup, noverify, noplan, offline, zerocopy
+  qemu: multifdN (N channels), xbzrle, autoconverge, postcopy (postcopy-ram, migrate-start-postcopy after 2 s),
+        compress (multifd zstd, needs multifdN),
         prealloc (-mem-prealloc on the destination: QEMU's counterpart of mig:prepared)
 Rate 0 runs the idle workload; rate `max` writes as fast as the guest can (a CPU-bound
 dirtier, the case auto-converge is for). --shaped puts every receiver (mig-recv, the destination QEMU,
@@ -211,6 +212,8 @@ def qemu_row(link, tmp, mem, append, options):
                 capabilities.append({"capability": "xbzrle", "state": True})
             if "autoconverge" in options:
                 capabilities.append({"capability": "auto-converge", "state": True})
+            if "postcopy" in options:
+                capabilities.append({"capability": "postcopy-ram", "state": True})
             if capabilities:
                 side.qmp.execute("migrate-set-capabilities", capabilities=capabilities)
             if channels:
@@ -222,9 +225,15 @@ def qemu_row(link, tmp, mem, append, options):
         src.qmp.execute("migrate", uri=f"tcp:{link.host}:{port}")
         # QEMU pre-copies until the rest fits its downtime limit, however long that takes: a
         # guest that never converges would hold up the whole matrix.
-        deadline = time.monotonic() + QEMU_TIMEOUT_S
+        started = time.monotonic()
+        deadline = started + QEMU_TIMEOUT_S
+        switched = False
         while True:
             info = src.qmp.execute("query-migrate")
+            if "postcopy" in options and not switched and time.monotonic() - started >= POSTCOPY_AFTER_S \
+                    and info.get("status") == "active":
+                src.qmp.execute("migrate-start-postcopy")
+                switched = True
             if info.get("status") in ("completed", "failed", "cancelled"):
                 break
             if time.monotonic() > deadline:
@@ -244,10 +253,14 @@ def qemu_row(link, tmp, mem, append, options):
         dst.close()
 
 
+# Hybrid post-copy, for both: pre-copy first, switch when this much time has passed.
+POSTCOPY_AFTER_S = 2
+
 MIG_SEND_FLAGS = {"compress": ["--compress", "zstd"], "nodedup": ["--no-dedup"], "noverify": ["--no-verify"],
                   "noplan": ["--no-page-plan"], "delta": ["--delta"], "parallel4": ["--parallel", "4"], "parallel2": ["--parallel", "2"],
                   "attarget": ["--stop-at-target"], "noautoconverge": ["--no-auto-converge"], "nozeroskip": ["--no-zero-skip"],
-                  "offline": ["--offline"], "zerocopy": ["--zerocopy", "on"]}
+                  "offline": ["--offline"], "zerocopy": ["--zerocopy", "on"],
+                  "postcopy": ["--postcopy-after", str(POSTCOPY_AFTER_S)]}
 
 
 def mig_row(link, tmp, mem, append, options):
@@ -269,6 +282,12 @@ def mig_row(link, tmp, mem, append, options):
         s = json.load(f)
     row = {k: s[k] for k in ("status", "total_ms", "downtime_ms", "guest_downtime_ms", "bytes_sent", "rounds", "verified")}
     row["mig_stats"] = s  # every --stats-json field
+    with open(recv_stats) as f:
+        r = json.load(f)
+    row["mig_recv_stats"] = r
+    # After a post-copy switch the guest stalls on missing pages: its longest heartbeat gap.
+    beats = r.get("local_guest_heartbeats") or [{}]
+    row["longest_gap_ms"] = beats[0].get("longest_gap_ms")
     return row
 
 

@@ -132,6 +132,7 @@ void Domain::quit() {
     quit_ = true;
     control = control_;
     if (listener_) listener_->interrupt();
+    if (recovery_listener_) recovery_listener_->interrupt();
     if (receiving_) receiving_->abort();
   }
   changed_.notify_all();
@@ -375,6 +376,14 @@ void Domain::run_incoming() {
     auto stream = listener_->accept();
     engine::ReceiverOptions options = incoming_->options;
     options.accept_channel = [this](std::chrono::milliseconds timeout) { return listener_->accept(timeout); };
+    options.await_recovery = [this]() -> engine::ReceiverOptions::Accept {
+      std::unique_lock lock(mutex_);
+      awaiting_recovery_ = true;
+      changed_.wait(lock, [&] { return recovery_listener_ || quit_; });
+      awaiting_recovery_ = false;
+      if (quit_) return {};
+      return [this](std::chrono::milliseconds timeout) { return recovery_listener_->accept(timeout); };
+    };
     engine::IncomingMigration migration(stream, incoming_->make_vm, options);
     {
       std::lock_guard lock(mutex_);
@@ -402,6 +411,34 @@ void Domain::run_incoming() {
   changed_.notify_all();
   if (stats.status == engine::MigrationStatus::completed) emit("RESUME");
   emit("MIGRATION", {{"status", engine::to_string(stats.status)}});
+}
+
+std::string Domain::migrate_recover(const std::string& uri) {
+  std::string endpoint;
+  {
+    std::lock_guard lock(mutex_);
+    if (!awaiting_recovery_) throw CommandError("migrate-recover: no incoming post-copy is waiting for recovery");
+    try {
+      recovery_listener_.emplace(transport::Endpoint::parse(uri));
+    } catch (const std::exception& e) {
+      throw CommandError(std::string("migrate-recover: ") + e.what());
+    }
+    endpoint = recovery_listener_->endpoint();
+  }
+  changed_.notify_all();
+  return endpoint;
+}
+
+void Domain::resume_postcopy(const std::string& uri) {
+  transport::Endpoint endpoint;
+  try {
+    endpoint = transport::Endpoint::parse(uri);
+  } catch (const std::exception& e) {
+    throw CommandError(std::string("migrate: ") + e.what());
+  }
+  const auto control = migration_control();
+  if (!control || !control->resume_postcopy([endpoint] { return transport::connect(endpoint); }))
+    throw CommandError("migrate: resume asks for a post-copy migration in postcopy-paused, and there is none");
 }
 
 std::optional<engine::IncomingStats> Domain::wait_incoming() const {

@@ -104,6 +104,13 @@ class Domain {
   // Waits on `uri` for the incoming guest, in the background; returns where to send it
   // (the real port for tcp:HOST:0). Throws CommandError unless waiting for a guest.
   std::string migrate_incoming(const std::string& uri);
+  // migrate-recover: a post-copy whose link broke waits for its source to reconnect on
+  // `uri`; returns the address to give the source (migrate with resume). Throws CommandError
+  // unless an incoming post-copy waits for recovery.
+  std::string migrate_recover(const std::string& uri);
+  // migrate {"resume": true, "uri"}: reconnects a postcopy-paused outgoing migration there.
+  void resume_postcopy(const std::string& uri);
+
   // Blocks until an incoming migration has ended, or the domain quit; the last result.
   std::optional<engine::IncomingStats> wait_incoming() const;
 
@@ -133,6 +140,8 @@ class Domain {
   std::optional<Incoming> incoming_;
   std::optional<transport::Listener> listener_;
   engine::IncomingMigration* receiving_ = nullptr;  // while one runs, for quit()
+  bool awaiting_recovery_ = false;                  // an incoming post-copy lost its link
+  std::optional<transport::Listener> recovery_listener_;
   bool incoming_active_ = false;
   std::optional<engine::IncomingStats> incoming_result_;
   std::thread incoming_thread_;

@@ -19,7 +19,7 @@ constexpr std::size_t kMaxQueuedOutput = 4u << 20;  // a client this far behind 
 
 const char* const kCommands[] = {
     "qmp_capabilities", "query-commands", "query-version", "query-status", "stop", "cont", "quit",
-    "migrate", "migrate_cancel", "migrate-start-postcopy", "query-migrate", "migrate-set-parameters", "query-migrate-parameters",
+    "migrate", "migrate_cancel", "migrate-start-postcopy", "migrate-recover", "query-migrate", "migrate-set-parameters", "query-migrate-parameters",
     "calc-dirty-rate", "query-dirty-rate", "migrate-incoming",
 };
 
@@ -266,8 +266,20 @@ const QmpServer::CommandTable& QmpServer::domain_commands() {
        }},
       {"migrate",
        [](Domain& domain, const nlohmann::json& arguments) {
-         domain.migrate(parse_migrate_arguments(arguments, domain.parameters()));
+         if (arguments.is_object() && arguments.value("resume", false)) {
+           if (!arguments.contains("uri") || !arguments["uri"].is_string() || arguments.size() != 2)
+             throw CommandError("migrate with resume takes only 'uri' (the destination's migrate-recover address)");
+           domain.resume_postcopy(arguments["uri"].get<std::string>());
+         } else {
+           domain.migrate(parse_migrate_arguments(arguments, domain.parameters()));
+         }
          return nlohmann::json::object();
+       }},
+      {"migrate-recover",
+       [](Domain& domain, const nlohmann::json& arguments) {
+         if (!arguments.is_object() || !arguments.contains("uri") || !arguments["uri"].is_string() || arguments.size() != 1)
+           throw CommandError("migrate-recover takes 'uri'");
+         return nlohmann::json{{"uri", domain.migrate_recover(arguments["uri"].get<std::string>())}};
        }},
       {"migrate_cancel",
        [](Domain& domain, const nlohmann::json& arguments) {
