@@ -154,6 +154,7 @@ nlohmann::json migration_info(const engine::MigrationProgress& p) {
       {"cpu-throttle-percentage", last.throttle_pct},
   };
   nlohmann::json own = {{"phase", engine::to_string(p.phase)}, {"rounds", round_table(p.rounds)}};
+  if (!p.error.empty()) info["error-desc"] = p.error;
   if (p.postcopy) {
     info["postcopy-requests"] = p.postcopy->requests;
     own["postcopy"] = to_json(*p.postcopy);

@@ -113,9 +113,10 @@ bool MigrationControl::advance(MigrationStatus expected, MigrationStatus desired
   return true;
 }
 
-void MigrationControl::update_postcopy(const PostcopyStats& stats) {
+void MigrationControl::update_postcopy(const PostcopyStats& stats, std::string error) {
   std::lock_guard lock(mutex_);
   progress_.postcopy = stats;
+  progress_.error = std::move(error);
 }
 
 bool MigrationControl::begin_commit() {

@@ -593,8 +593,8 @@ void SourceMigration::postcopy() {
       s.stats.error = "post-copy link broke: " + (serving ? *serving : explain_failure(*s.main, e)) +
                       "; the destination runs the guest and only this side holds its missing pages. Recover with "
                       "migrate-recover there and migrate {resume: true} here; the guest must not run here again";
+      control_->update_postcopy(s.postcopy_stats, s.stats.error);
       control_->advance(MigrationStatus::postcopy_active, MigrationStatus::postcopy_paused);
-      control_->update_postcopy(s.postcopy_stats);
       reconnect_postcopy();
     }
   }

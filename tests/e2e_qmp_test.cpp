@@ -164,3 +164,32 @@ TEST_CASE("SIGTERM ends a waiting mig-recv and a migrating mig-send cleanly") {
   CHECK(slow->wait() == 2);
   std::remove(temp_path("term.json").c_str());
 }
+
+TEST_CASE("a destination that dies during post-copy: the source pauses, says why, and never runs the guest again") {
+  require_kvm();
+  const auto a = socket_path("pc");
+  auto vm = start_vm(a, "mode=random rate=100 wss=64M hb=2");
+  wait_dirtying(a);
+  auto [receiver, endpoint] = start_receiver({});
+  // Slow enough that post-copy is still going when the destination dies.
+  REQUIRE(ctl(a, {"migrate", endpoint, "--postcopy", "--bandwidth", "20M"}).exit_code == 0);
+  std::string status;
+  for (int i = 0; i < 2000 && status != "postcopy-active"; ++i, ::usleep(10000)) status = info_json(a).value("status", "");
+  REQUIRE(status == "postcopy-active");
+  receiver->signal(SIGKILL);
+  receiver->wait();
+  nlohmann::json info;
+  for (int i = 0; i < 500 && status != "postcopy-paused"; ++i, ::usleep(10000)) {
+    info = info_json(a);
+    status = info.value("status", "");
+  }
+  REQUIRE(status == "postcopy-paused");
+  CHECK_THAT(info.value("error-desc", ""), Contains("post-copy link broke"));
+  CHECK_THAT(info.value("error-desc", ""), Contains("must not run here again"));
+  CHECK_THAT(ctl(a, {"status"}).out, Contains("postmigrate"));
+  CHECK(ctl(a, {"cont"}).exit_code != 0);  // the guest ran at the destination: never here again
+  CHECK(ctl(a, {"cancel"}).exit_code == 0);  // answered, and refused inside: still paused
+  CHECK(info_json(a).value("status", "") == "postcopy-paused");
+  ctl(a, {"quit"});
+  vm->wait();
+}

@@ -102,6 +102,12 @@ std::optional<int> migrate_once(control::Domain& domain, const nlohmann::json& a
     fmt::print(stderr, "mig-send: the destination may be running the guest; the source was not resumed\n");
     return tools::kExitHandoffUnknown;
   }
+  if (!stats["postcopy"].is_null()) {
+    // Failed after a post-copy switchover: the guest ran at the destination.
+    tools::write_stats_json(stats_json, stats);
+    fmt::print(stderr, "mig-send: post-copy did not finish; the guest must not run here again\n");
+    return tools::kExitHandoffUnknown;
+  }
   fmt::print(stderr, "mig-send: the guest keeps running here; send SIGUSR1 to retry\n");
   return std::nullopt;
 }
@@ -126,6 +132,11 @@ int boot_and_migrate(const BootedGuest& options, const nlohmann::json& arguments
   const auto quit_on_signal = signals.on_terminate([&domain] { domain.quit(); });
   std::optional<control::QmpServer> server;
   if (qmp_path) server.emplace(domain, *qmp_path);
+  // A post-copy whose link broke waits for the operator: say so, and how to go on.
+  domain.subscribe([&domain](const control::Event& event) {
+    if (event.name == "MIGRATION" && event.data.value("status", "") == "postcopy-paused")
+      fmt::print(stderr, "mig-send: {}\n", domain.query_migrate().value("error-desc", "post-copy paused"));
+  });
   if (::isatty(STDOUT_FILENO))
     domain.subscribe([&domain](const control::Event& event) {
       if (event.name == "MIGRATION_PASS") fmt::print("\r{}", tools::progress_line(domain.query_migrate()));
