@@ -378,7 +378,8 @@ def print_row(row):
     print(f"{row['mem']:>4} {row['fill']:<6} {row['workload']:<7} {row['link_percent']:>3}% {row['config']:<24} "
           f"{row['status']:<10} total {fmt(row['total_ms'], '8.1f')} ms  downtime {fmt(row['downtime_ms'], '7.2f')} ms  "
           f"guest saw {fmt(row['guest_downtime_ms'], '7.2f')} ms  sent {fmt(row['bytes_sent'] and row['bytes_sent'] / 1e6, '7.1f')} MB  "
-          f"link {row['raw_link_MBps']:5d} MB/s  ratio {fmt(row.get('ratio_to_raw_link'), '.2f')}", flush=True)
+          f"link {row['raw_link_MBps']:5d} MB/s  ratio {fmt(row.get('ratio_to_raw_link'), '.2f')}"
+          f"{'  longest guest gap ' + fmt(row['longest_gap_ms'], '.1f') + ' ms' if row.get('longest_gap_ms') else ''}", flush=True)
 
 
 def run_matrix(link, args):
