@@ -254,11 +254,20 @@ IncomingMigration::State IncomingMigration::on_complete(const wire::FrameHeader&
   Session& s = *s_;
   const auto complete = wire::decode<wire::Complete>(stream_->read_payload(frame));
   if (auto error = s.extra.stop()) throw std::runtime_error(*error);
-  if (s.hello.capabilities & wire::kCapVerify) {
-    if (s.hashes->digest() != complete.page_digest)
-      throw std::runtime_error("verification failed: destination memory differs from the source's");
-    s.stats.verified = true;
-  }
+  verify(complete.page_digest, "");
+  return restore_and_report_ready();
+}
+
+void IncomingMigration::verify(std::uint64_t source_digest, const char* when) {
+  Session& s = *s_;
+  if (!(s.hello.capabilities & wire::kCapVerify)) return;
+  if (s.hashes->digest() != source_digest)
+    throw std::runtime_error(std::string("verification failed") + when + ": destination memory differs from the source's");
+  s.stats.verified = true;
+}
+
+IncomingMigration::State IncomingMigration::restore_and_report_ready() {
+  Session& s = *s_;
   const auto restore_start = Clock::now();
   s.vm->restore_state(s.sections);
   const std::uint64_t restore_ns = ns_since(restore_start);
@@ -312,12 +321,7 @@ IncomingMigration::State IncomingMigration::on_postcopy_start(const wire::FrameH
   s.postcopy_memory = std::make_unique<PostcopyDestination>(*s.vm, s.regions, *s.hashes, std::move(start.bitmaps));
   s.postcopy_memory->connect(*s.urgent, s.channels);
   s.pages->install_through(*s.postcopy_memory);
-  const auto restore_start = Clock::now();
-  s.vm->restore_state(s.sections);
-  const std::uint64_t restore_ns = ns_since(restore_start);
-  s.stats.restore_ms = static_cast<double>(restore_ns) / 1e6;
-  stream_->send(wire::Ready{restore_ns});
-  return State::awaiting_commit;
+  return restore_and_report_ready();
 }
 
 // The source has sent every page. Those answering requests may still be landing on the
@@ -328,11 +332,7 @@ IncomingMigration::State IncomingMigration::on_postcopy_complete(const wire::Fra
   if (!s.postcopy_memory->wait_installed(options_.peer_timeout))
     throw wire::ProtocolError("the source said post-copy was complete, but pages are still missing");
   s.postcopy_memory->finish();
-  if (s.hello.capabilities & wire::kCapVerify) {
-    if (s.hashes->digest() != complete.page_digest)
-      throw std::runtime_error("verification failed after post-copy: destination memory differs from the source's");
-    s.stats.verified = true;
-  }
+  verify(complete.page_digest, " after post-copy");
   stream_->send(wire::PostcopyDone{s.postcopy_memory->stats().pages_needed});
   auto postcopy = s.postcopy_memory->stats();
   postcopy.recoveries = s.recoveries;

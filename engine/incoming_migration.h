@@ -85,6 +85,8 @@ class IncomingMigration {
   State on_state_section(const wire::FrameHeader& frame);
   State on_complete(const wire::FrameHeader& frame);
   State on_commit(const wire::FrameHeader& frame);
+  void verify(std::uint64_t source_digest, const char* when);
+  State restore_and_report_ready();
   State on_postcopy_start(const wire::FrameHeader& frame);
   State on_postcopy_complete(const wire::FrameHeader& frame);
   void recover_postcopy(const std::exception& broken);
