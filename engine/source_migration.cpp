@@ -610,14 +610,7 @@ void SourceMigration::finish_postcopy() {
   if (auto error = s.postcopy_source->stop_serving()) throw std::runtime_error(*error);
   send_counted(*s.main, *control_, wire::Complete{s.verify ? s.hashes->digest() : 0, s.totals.pages_sent}, false);
   s.main->receive<wire::PostcopyDone>();
-  auto& p = s.postcopy_stats;
-  p.postcopy_ms += ms_between(started, Clock::now());
-  p.pages_needed = s.postcopy_source->pages_needed();
-  p.requests = s.postcopy_source->requests();
-  p.pages_urgent = s.postcopy_source->pages_urgent();
-  p.pages_background = s.postcopy_source->pages_background();
-  p.bytes_after = total_bytes_sent() - p.bytes_before;
-  s.stats.postcopy = p;
+  s.postcopy_stats.postcopy_ms += ms_between(started, Clock::now());
   s.stats.total_ms = ms_between(s.start, Clock::now());
 }
 
@@ -715,6 +708,16 @@ void SourceMigration::finish_statistics() {
   auto& stats = s.stats;
   if (stats.total_ms == 0) stats.total_ms = ms_between(s.start, Clock::now());
   stats.cpu_s = s.cpu.seconds(s.cpu_start);
+  if (s.postcopy_source) {
+    // Also for a post-copy that was given up: it says the guest left.
+    auto& p = s.postcopy_stats;
+    p.pages_needed = s.postcopy_source->pages_needed();
+    p.requests = s.postcopy_source->requests();
+    p.pages_urgent = s.postcopy_source->pages_urgent();
+    p.pages_background = s.postcopy_source->pages_background();
+    p.bytes_after = total_bytes_sent() - p.bytes_before;
+    stats.postcopy = p;
+  }
   for (const auto& e : s.extra) stats.extra_channel_bytes += e.counters().bytes_sent;
   const auto& c = s.stream.counters();
   stats.bytes_sent = total_bytes_sent();
