@@ -396,21 +396,9 @@ bool SourceMigration::precopy_round(std::uint32_t round) {
   const auto counts = send_on_all_channels(s.senders, s.streams, *control_, round, s.pending, true, false, s.cpu,
                                            [this, round] { return round > 0 && postcopy_wanted(); });
   s.totals += counts;
-  const std::uint64_t dirty = s.pending_pages = fetch_dirty(s.vm, s.regions, s.scratch, s.pending);
+  s.pending_pages = fetch_dirty(s.vm, s.regions, s.scratch, s.pending);
   control_->count_dirty_sync();
-  RoundStats rs;
-  rs.round = round;
-  rs.pages_sent = counts.pages_sent;
-  rs.pages_skipped = counts.pages_skipped;
-  rs.bytes_sent = counts.bytes;
-  rs.duration_s = std::chrono::duration<double>(Clock::now() - round_start).count();
-  rs.dirty_pages = dirty;
-  rs.dirty_rate_Bps = static_cast<double>(dirty * kPageSize) / std::max(rs.duration_s, 1e-9);
-  rs.bandwidth_Bps = static_cast<double>(counts.bytes) / std::max(rs.duration_s, 1e-9);
-  rs.throttle_pct = s.throttle_pct;
-  s.stats.round_table.push_back(rs);
-  s.stats.round_table.back().expected_downtime_ms = expected_downtime_ms(s.stats.round_table, s.policy);
-  control_->round_finished(s.stats.round_table.back());
+  record_round(round, counts, std::chrono::duration<double>(Clock::now() - round_start).count());
 
   // The round boundary: whatever the operator changed meanwhile counts from here.
   apply_tunables();
@@ -437,16 +425,39 @@ bool SourceMigration::precopy_round(std::uint32_t round) {
     s.stats.stop_reason = stop_reason_of(decision);
     return false;
   }
-  const unsigned wanted = next_throttle_pct(s.stats.round_table, s.policy);
-  if (wanted != s.throttle_pct) {
-    if (s.vm.set_throttle(wanted / 100.0)) {
-      s.throttle_pct = wanted;
-      s.rollback.throttled(wanted > 0);
-    } else {
-      s.policy.auto_converge = false;  // stuck rounds now count as no progress at once
-    }
-  }
+  adjust_throttle();
   return true;
+}
+
+// The round's line in the round table, with what stopping now would cost.
+void SourceMigration::record_round(std::uint32_t round, const RoundCounts& counts, double seconds) {
+  State& s = *s_;
+  RoundStats rs;
+  rs.round = round;
+  rs.pages_sent = counts.pages_sent;
+  rs.pages_skipped = counts.pages_skipped;
+  rs.bytes_sent = counts.bytes;
+  rs.duration_s = seconds;
+  rs.dirty_pages = s.pending_pages;
+  rs.dirty_rate_Bps = static_cast<double>(s.pending_pages * kPageSize) / std::max(seconds, 1e-9);
+  rs.bandwidth_Bps = static_cast<double>(counts.bytes) / std::max(seconds, 1e-9);
+  rs.throttle_pct = s.throttle_pct;
+  s.stats.round_table.push_back(rs);
+  s.stats.round_table.back().expected_downtime_ms = expected_downtime_ms(s.stats.round_table, s.policy);
+  control_->round_finished(s.stats.round_table.back());
+}
+
+// Auto-converge: the throttle the policy wants for the next round.
+void SourceMigration::adjust_throttle() {
+  State& s = *s_;
+  const unsigned wanted = next_throttle_pct(s.stats.round_table, s.policy);
+  if (wanted == s.throttle_pct) return;
+  if (s.vm.set_throttle(wanted / 100.0)) {
+    s.throttle_pct = wanted;
+    s.rollback.throttled(wanted > 0);
+  } else {
+    s.policy.auto_converge = false;  // stuck rounds now count as no progress at once
+  }
 }
 
 void SourceMigration::apply_tunables() {

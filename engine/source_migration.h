@@ -26,6 +26,7 @@
 
 #include "engine/control.h"
 #include "engine/convergence.h"
+#include "engine/page_sender.h"
 #include "engine/stats.h"
 #include "engine/vm.h"
 #include "transport/stream.h"
@@ -106,6 +107,8 @@ class SourceMigration {
   void plan_round_zero();
   void precopy();
   bool precopy_round(std::uint32_t round);
+  void record_round(std::uint32_t round, const RoundCounts& counts, double seconds);
+  void adjust_throttle();
   void apply_tunables();
   void stop_and_copy();
   void send_device_state();
