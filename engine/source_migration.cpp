@@ -253,8 +253,8 @@ void SourceMigration::set_up() {
   s.verify = s.options.verify && (ack.capabilities & wire::kCapVerify);
   s.postcopy = (hello.capabilities & wire::kCapPostcopy) && (ack.capabilities & wire::kCapPostcopy);
   if ((hello.capabilities & wire::kCapPostcopy) && !s.postcopy)
-    throw std::runtime_error("the destination cannot take post-copy (its guest memory cannot trap missing pages, or it "
-                             "takes no extra connections)");
+    throw std::runtime_error("the destination cannot take post-copy: its guest memory cannot trap missing pages "
+                             "(hugetlbfs), or it takes no extra connections");
   s.same_host = !hello.host_boot_id.empty() && ack.host_boot_id == hello.host_boot_id;
   s.shared = offer_sharing && (ack.capabilities & wire::kCapSharedMemory);
   if (s.shared) hand_over_memory(memory_fds);
