@@ -4,6 +4,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "engine/pages.h"
 #include "transport/bytes.h"
 
 namespace mig::engine {
@@ -71,7 +72,7 @@ DeltaCache::DeltaCache(std::size_t capacity_pages)
 }
 
 std::byte* DeltaCache::find(std::size_t region, std::uint64_t page) {
-  const auto it = slots_.find(key(region, page));
+  const auto it = slots_.find(page_key(region, page));
   return it == slots_.end() ? nullptr : storage_.data() + it->second * kPageSize;
 }
 
@@ -80,7 +81,7 @@ std::byte* DeltaCache::slot_for(std::size_t region, std::uint64_t page) {
   const std::size_t slot = next_;
   next_ = (next_ + 1) % capacity_;
   if (owner_[slot] != ~std::uint64_t{0}) slots_.erase(owner_[slot]);
-  owner_[slot] = key(region, page);
+  owner_[slot] = page_key(region, page);
   slots_[owner_[slot]] = slot;
   return storage_.data() + slot * kPageSize;
 }

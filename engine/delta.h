@@ -35,7 +35,6 @@ class DeltaCache {
   std::size_t capacity() const { return capacity_; }
 
  private:
-  static std::uint64_t key(std::size_t region, std::uint64_t page) { return (std::uint64_t{region} << 48) | page; }
   std::size_t capacity_;
   std::vector<std::byte> storage_;
   std::vector<std::uint64_t> owner_;  // key held by each slot

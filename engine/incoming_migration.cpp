@@ -333,8 +333,8 @@ IncomingMigration::State IncomingMigration::on_postcopy_complete(const wire::Fra
     throw wire::ProtocolError("the source said post-copy was complete, but pages are still missing");
   s.postcopy_memory->finish();
   verify(complete.page_digest, " after post-copy");
-  stream_->send(wire::PostcopyDone{s.postcopy_memory->stats().pages_needed});
   auto postcopy = s.postcopy_memory->stats();
+  stream_->send(wire::PostcopyDone{postcopy.pages_needed});
   postcopy.recoveries = s.recoveries;
   postcopy.postcopy_ms = std::chrono::duration<double, std::milli>(Clock::now() - s.resumed_at).count();
   s.stats.postcopy = postcopy;

@@ -123,16 +123,11 @@ void PageReceiver::settle_pages() {
 }
 
 PageReceiver::Target PageReceiver::locate(std::uint64_t guest_addr) const {
-  for (std::size_t r = 0; r < regions_.size(); ++r) {
-    const auto& region = regions_[r];
-    if (guest_addr >= region.guest_addr && guest_addr - region.guest_addr < region.size) {
-      const std::uint64_t offset = guest_addr - region.guest_addr;
-      if (channels_ > 1 && wire::channel_of(guest_addr / kPageSize, channels_) != channel_)
-        throw wire::ProtocolError("page at guest address " + std::to_string(guest_addr) + " arrived on the wrong channel");
-      return {r, offset / kPageSize, region.host + offset};
-    }
-  }
-  throw wire::ProtocolError("page at guest address " + std::to_string(guest_addr) + " lies outside guest memory");
+  const auto at = find_page(regions_, guest_addr);
+  if (!at) throw wire::ProtocolError("page at guest address " + std::to_string(guest_addr) + " lies outside guest memory");
+  if (channels_ > 1 && wire::channel_of(guest_addr / kPageSize, channels_) != channel_)
+    throw wire::ProtocolError("page at guest address " + std::to_string(guest_addr) + " arrived on the wrong channel");
+  return {at->region, at->page, regions_[at->region].host + at->page * kPageSize};
 }
 
 std::vector<std::jthread> start_preparing(MigratableVm& vm, const std::vector<MemoryRegion>& regions,

@@ -12,6 +12,12 @@ Bitmaps empty_bitmaps(std::span<const MemoryRegion> regions) {
   return b;
 }
 
+std::uint64_t count_pages(std::span<const MemoryRegion> regions, const Bitmaps& bitmaps) {
+  std::uint64_t n = 0;
+  for (std::size_t r = 0; r < regions.size(); ++r) n += count_pages(bitmaps[r], regions[r].size / kPageSize);
+  return n;
+}
+
 RoundCounts& RoundCounts::operator+=(const RoundCounts& o) {
   pages_sent += o.pages_sent;
   pages_zero += o.pages_zero;
@@ -39,12 +45,13 @@ void PageSender::begin(std::uint32_t round, bool guest_paused) {
   guest_paused_ = guest_paused;
   counts_ = {};
   reported_ = {};
+  bytes_before_ = stream_.counters().bytes_sent;
 }
 
-RoundCounts PageSender::end(std::uint64_t bytes_before) {
+RoundCounts PageSender::end() {
   flush();
   report(0);  // pages skipped after the last batch
-  counts_.bytes = stream_.counters().bytes_sent - bytes_before;
+  counts_.bytes = stream_.counters().bytes_sent - bytes_before_;
   pages_delta_total_ += counts_.pages_delta;
   return counts_;
 }
@@ -52,7 +59,6 @@ RoundCounts PageSender::end(std::uint64_t bytes_before) {
 RoundCounts PageSender::send_round(std::uint32_t round, Bitmaps& pending, bool guest_paused,
                                    const std::function<bool()>& stop_early) {
   begin(round, guest_paused);
-  const std::uint64_t before = stream_.counters().bytes_sent;
   bool stopped = false;
   for (std::size_t r = 0; r < regions_.size() && !stopped; ++r) {
     auto add_run = [&](const PageRun& run) {
@@ -69,14 +75,13 @@ RoundCounts PageSender::send_round(std::uint32_t round, Bitmaps& pending, bool g
     for_each_channel_range(regions_[r].guest_addr / kPageSize, regions_[r].size / kPageSize, channel_, channels_,
                            [&](std::uint64_t begin, std::uint64_t end) { for_each_run(pending[r], begin, end, add_run); });
   }
-  return end(before);
+  return end();
 }
 
 RoundCounts PageSender::send_pages(std::uint32_t round, std::size_t region, std::uint64_t first, std::uint64_t count) {
   begin(round, false);
-  const std::uint64_t before = stream_.counters().bytes_sent;
   for (std::uint64_t page = first; page < first + count; ++page) add_page(region, page);
-  return end(before);
+  return end();
 }
 
 void PageSender::add_page(std::size_t region, std::uint64_t page) {

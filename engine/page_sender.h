@@ -20,6 +20,8 @@ namespace mig::engine {
 
 using Bitmaps = std::vector<std::vector<std::uint64_t>>;
 Bitmaps empty_bitmaps(std::span<const MemoryRegion> regions);
+// The pages set in `bitmaps`, over every region.
+std::uint64_t count_pages(std::span<const MemoryRegion> regions, const Bitmaps& bitmaps);
 
 struct RoundCounts {
   std::uint64_t pages_sent = 0, pages_zero = 0, pages_skipped = 0, pages_delta = 0, bytes = 0;
@@ -61,7 +63,7 @@ class PageSender {
 
  private:
   void begin(std::uint32_t round, bool guest_paused);
-  RoundCounts end(std::uint64_t bytes_before);
+  RoundCounts end();
   void add_page(std::size_t region, std::uint64_t page);
   void add_through_cache(std::size_t region, std::uint64_t page, const std::byte* snapshot, wire::PageDescriptor& d);
   void flush();
@@ -77,6 +79,7 @@ class PageSender {
   bool guest_paused_ = false, unpaced_ = false;
   RoundCounts counts_;    // this round so far
   RoundCounts reported_;  // of counts_, what control_ was told
+  std::uint64_t bytes_before_ = 0;  // the stream's count when this round began
   std::uint64_t pages_delta_total_ = 0;
   std::optional<BatchCompressor> compressor_;
   std::optional<DeltaCache> delta_;

@@ -32,6 +32,12 @@ std::uint64_t count_pages(std::span<const std::uint64_t> bitmap, std::uint64_t p
 
 inline std::size_t bitmap_words(std::uint64_t pages) { return static_cast<std::size_t>((pages + 63) / 64); }
 
+// One number per page of guest memory, for maps and atomics: the region in the top 16 bits,
+// the page within it below.
+inline std::uint64_t page_key(std::size_t region, std::uint64_t page) { return std::uint64_t{region} << 48 | page; }
+inline std::size_t key_region(std::uint64_t key) { return static_cast<std::size_t>(key >> 48); }
+inline std::uint64_t key_page(std::uint64_t key) { return key & ((std::uint64_t{1} << 48) - 1); }
+
 // One page's bit in a bitmap that other threads change at the same time.
 inline bool test_page(std::span<std::uint64_t> bitmap, std::uint64_t page) {
   return std::atomic_ref(bitmap[page / 64]).load(std::memory_order_acquire) >> (page % 64) & 1;

@@ -11,7 +11,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-std::uint64_t key(std::size_t region, std::uint64_t page) { return std::uint64_t{region} << 48 | page; }
 double ms_since(Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); }
 
 std::string address_of(const MemoryRegion& region, std::uint64_t page) {
@@ -84,7 +83,7 @@ void PostcopyDestination::on_fault(const Fault& fault) {
     }
     std::lock_guard lock(mutex_);
     if (test_page(installed_[r], page)) return;  // installed since; the install woke it
-    auto [entry, first] = waiting_.try_emplace(key(r, page));
+    auto [entry, first] = waiting_.try_emplace(page_key(r, page));
     const auto now = Clock::now();
     if (first) entry->second.since = now;
     entry->second.threads.emplace_back(fault.thread, now);
@@ -111,7 +110,7 @@ void PostcopyDestination::connect(transport::Stream& urgent, unsigned urgent_slo
     std::lock_guard lock(mutex_);
     link_error_.reset();
     urgent_ = &urgent;
-    for (const auto& [k, entry] : waiting_) request(static_cast<std::size_t>(k >> 48), k & ((std::uint64_t{1} << 48) - 1));
+    for (const auto& [key, entry] : waiting_) request(key_region(key), key_page(key));
   }
   answer_thread_ = std::thread([this, &urgent, urgent_slot] { receive_answers(urgent, urgent_slot); });
 }
@@ -156,7 +155,7 @@ void PostcopyDestination::install(unsigned hash_slot, std::size_t region, std::u
   std::lock_guard lock(mutex_);
   set_page(installed_[region], page);
   if (++installed_count_ == pages_needed_) all_installed_.notify_all();
-  const auto waited = waiting_.find(key(region, page));
+  const auto waited = waiting_.find(page_key(region, page));
   if (waited == waiting_.end()) return;
   latencies_ms_.push_back(ms_since(waited->second.since));
   const auto vcpu_threads = vm_.vcpu_threads();  // they start with the guest, after the switch

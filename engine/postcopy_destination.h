@@ -73,7 +73,7 @@ class PostcopyDestination final : public PageInstaller {
   mutable std::mutex mutex_;
   std::condition_variable all_installed_;
   std::uint64_t installed_count_ = 0;
-  std::unordered_map<std::uint64_t, Waiting> waiting_;  // by region << 48 | page
+  std::unordered_map<std::uint64_t, Waiting> waiting_;  // by page_key
   transport::Stream* urgent_ = nullptr;  // null while disconnected
   std::optional<std::string> link_error_;
   std::uint64_t requests_ = 0, zero_filled_ = 0;

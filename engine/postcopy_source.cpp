@@ -13,20 +13,12 @@ namespace {
 // to skip against or to delta-encode from.
 const PageSenderConfig kWholePages{false, false, 0, 0};
 
-std::uint64_t count_all(std::span<const MemoryRegion> regions, const Bitmaps& bitmaps) {
-  std::uint64_t n = 0;
-  for (std::size_t r = 0; r < regions.size(); ++r) n += count_pages(bitmaps[r], regions[r].size / kPageSize);
-  return n;
-}
-
-std::uint64_t position(std::size_t region, std::uint64_t page) { return std::uint64_t{region} << 48 | page; }
-
 }  // namespace
 
 PostcopySource::PostcopySource(std::span<const MemoryRegion> regions, Bitmaps unsent, PageHashes& hashes,
                                MigrationControl& control, std::uint32_t round, unsigned urgent_slot)
     : regions_(regions), needed_(unsent), unsent_(std::move(unsent)), requested_(empty_bitmaps(regions)), hashes_(hashes),
-      control_(control), round_(round), urgent_slot_(urgent_slot), pages_needed_(count_all(regions, unsent_)) {}
+      control_(control), round_(round), urgent_slot_(urgent_slot), pages_needed_(count_pages(regions, unsent_)) {}
 
 void PostcopySource::serve(transport::Stream& urgent) {
   stop_serving();
@@ -62,10 +54,7 @@ void PostcopySource::answer_requests(transport::Stream& urgent) {
   urgent.set_timeout(std::chrono::milliseconds(0));  // requests come when the guest faults, or never
   for (;;) {
     const auto request = urgent.receive<wire::PageRequest>();
-    std::optional<std::pair<std::size_t, std::uint64_t>> target;
-    for (std::size_t r = 0; r < regions_.size() && !target; ++r)
-      if (request.guest_addr >= regions_[r].guest_addr && request.guest_addr - regions_[r].guest_addr < regions_[r].size)
-        target = {r, (request.guest_addr - regions_[r].guest_addr) / kPageSize};
+    const auto target = find_page(regions_, request.guest_addr);
     if (!target) throw wire::ProtocolError("page request for guest address " + std::to_string(request.guest_addr) + " outside guest memory");
     const auto [region, page] = *target;
     if (!test_page(needed_[region], page))
@@ -74,7 +63,7 @@ void PostcopySource::answer_requests(transport::Stream& urgent) {
     if (set_page(requested_[region], page))
       throw wire::ProtocolError("page at guest address " + std::to_string(request.guest_addr) + " requested twice");
     ++requests_;
-    push_from_ = position(region, page + 1);
+    push_from_ = page_key(region, page + 1);
     request_moved_push_ = true;
     std::lock_guard lock(answering_);
     if (claim_page(unsent_[region], page)) {
@@ -116,8 +105,8 @@ void PostcopySource::push_rest(transport::Stream& bulk) {
     pages_background_ += count;
     if (request_moved_push_.exchange(false)) {
       const std::uint64_t from = push_from_;
-      region = static_cast<std::size_t>(from >> 48);
-      page = from & ((std::uint64_t{1} << 48) - 1);
+      region = key_region(from);
+      page = key_page(from);
     }
   }
   // Every page is claimed; wait for an answer that may still be on its way out.

@@ -63,7 +63,7 @@ class PostcopySource {
   std::mutex answering_;  // held while a request's page is claimed and sent
   std::optional<std::string> serving_error_;
   std::atomic<bool> stopping_{false};
-  // The page after the last one requested, as region << 48 | page: where pushing goes on.
+  // The page after the last one requested (page_key): where pushing goes on.
   std::atomic<std::uint64_t> push_from_{0};
   std::atomic<bool> request_moved_push_{false};
   std::atomic<std::uint64_t> requests_{0}, pages_urgent_{0}, pages_background_{0};

@@ -87,12 +87,6 @@ std::uint64_t fetch_dirty(MigratableVm& vm, std::span<const MemoryRegion> region
   return total;
 }
 
-std::uint64_t count_pending(std::span<const MemoryRegion> regions, const Bitmaps& pending) {
-  std::uint64_t total = 0;
-  for (std::size_t r = 0; r < regions.size(); ++r) total += count_pages(pending[r], regions[r].size / kPageSize);
-  return total;
-}
-
 // A send failed: the receiver may have said why before closing. Prefer its words.
 std::string explain_failure(transport::Stream& stream, const std::exception& e) {
   if (!dynamic_cast<const transport::PeerError*>(&e)) return e.what();
@@ -374,7 +368,7 @@ void SourceMigration::plan_round_zero() {
     else
       std::fill(s.pending[r].begin(), s.pending[r].end(), ~std::uint64_t{0});  // bits past the end are ignored
   }
-  s.pending_pages = count_pending(s.regions, s.pending);
+  s.pending_pages = count_pages(s.regions, s.pending);
   if (s.options.page_plan) send_counted(s.stream, *control_, wire::PagePlan{s.pending}, false);
 }
 

@@ -8,6 +8,13 @@
 
 namespace mig::engine {
 
+std::optional<PageAddress> find_page(std::span<const MemoryRegion> regions, std::uint64_t guest_addr) {
+  for (std::size_t r = 0; r < regions.size(); ++r)
+    if (guest_addr >= regions[r].guest_addr && guest_addr - regions[r].guest_addr < regions[r].size)
+      return PageAddress{r, (guest_addr - regions[r].guest_addr) / kPageSize};
+  return std::nullopt;
+}
+
 void MigratableVm::populated_pages(std::size_t, std::span<std::uint64_t> bitmap) {
   std::fill(bitmap.begin(), bitmap.end(), ~std::uint64_t{0});
 }

@@ -94,6 +94,14 @@ class MigratableVm {
   virtual std::optional<GuestHandover> wait_guest_handover(std::chrono::milliseconds timeout);
 };
 
+// The page holding guest address `guest_addr`: its region and index there, or nullopt when
+// the address lies outside every region. Every guest address a peer sends goes through here.
+struct PageAddress {
+  std::size_t region = 0;
+  std::uint64_t page = 0;
+};
+std::optional<PageAddress> find_page(std::span<const MemoryRegion> regions, std::uint64_t guest_addr);
+
 struct VmShape {
   unsigned vcpus = 0;
   struct Region {
