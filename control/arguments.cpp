@@ -146,6 +146,7 @@ MigrateRequest parse_migrate_arguments(const nlohmann::json& arguments, const Mi
   policy.throttle_step_pct = parameters.throttle_increment_pct;
   policy.throttle_max_pct = parameters.throttle_max_pct;
   o.offline = f.flag("offline", false);
+  o.copy_storage = f.flag("blk", false);  // QEMU's name for block migration
   o.verify = f.flag("verify", true);
   o.dedup = f.flag("dedup", true);
   o.skip_zero_pages = f.flag("zero-skip", true);

@@ -397,7 +397,7 @@ void Domain::run_incoming() {
     stats = result.stats;
     if (result.vm) {
       vm_ = std::move(result.vm);
-      run_state_ = RunState::running;
+      run_state_ = options.autostart ? RunState::running : RunState::paused;
     }
   } catch (const std::exception& e) {
     stats.error = e.what();
@@ -409,7 +409,7 @@ void Domain::run_incoming() {
     if (!vm_ && run_state_ == RunState::inmigrate) run_state_ = RunState::prelaunch;  // migrate-incoming may try again
   }
   changed_.notify_all();
-  if (stats.status == engine::MigrationStatus::completed) emit("RESUME");
+  if (stats.status == engine::MigrationStatus::completed && incoming_->options.autostart) emit("RESUME");
   emit("MIGRATION", {{"status", engine::to_string(stats.status)}});
 }
 

@@ -28,7 +28,8 @@ nlohmann::json to_json(const engine::RoundStats& r) {
           {"dirty_rate_MBps", r.dirty_rate_Bps / 1e6},
           {"bandwidth_MBps", r.bandwidth_Bps / 1e6},
           {"expected_downtime_ms", r.expected_downtime_ms},
-          {"throttle_pct", r.throttle_pct}};
+          {"throttle_pct", r.throttle_pct},
+          {"dirty_disk_bytes", r.dirty_disk_bytes}};
 }
 
 nlohmann::json to_json(const engine::LatencySummary& l) {
@@ -52,7 +53,22 @@ nlohmann::json to_json(const engine::PostcopyStats& p) {
           {"postcopy-vcpu-blocktime", p.vcpu_blocktime_ms}};
 }
 
+// virsh domjobinfo's disk fields (total, processed, remaining, bps), and mig's own.
+nlohmann::json to_json(const engine::DiskStats& d) {
+  return {{"disks", d.disks},
+          {"copied", d.copied},
+          {"size", d.size_bytes},
+          {"total", d.total_bytes},
+          {"processed", d.processed_bytes},
+          {"remaining", d.remaining_bytes},
+          {"bps", d.bps},
+          {"zero_bytes", d.zero_bytes},
+          {"wire_bytes", d.wire_bytes},
+          {"verified", d.verified}};
+}
+
 namespace {
+nlohmann::json disk_json(const std::optional<engine::DiskStats>& d) { return d ? to_json(*d) : nlohmann::json(nullptr); }
 nlohmann::json postcopy_json(const std::optional<engine::PostcopyStats>& p) { return p ? to_json(*p) : nlohmann::json(nullptr); }
 }  // namespace
 
@@ -99,6 +115,7 @@ nlohmann::json to_json(const engine::MigrationStats& s) {
       {"cpu_s_per_GiB", engine::per_GiB(s.cpu_s, s.bytes_sent)},
       {"round_table", round_table(s.round_table)},
       {"postcopy", postcopy_json(s.postcopy)},
+      {"disk", disk_json(s.disk)},
   };
 }
 
@@ -122,6 +139,7 @@ nlohmann::json to_json(const engine::IncomingStats& s) {
       {"cpu_s", s.cpu_s},
       {"cpu_s_per_GiB", engine::per_GiB(s.cpu_s, s.bytes_received)},
       {"postcopy", postcopy_json(s.postcopy)},
+      {"disk", disk_json(s.disk)},
   };
 }
 
@@ -155,6 +173,12 @@ nlohmann::json migration_info(const engine::MigrationProgress& p) {
   };
   nlohmann::json own = {{"phase", engine::to_string(p.phase)}, {"rounds", round_table(p.rounds)}};
   if (!p.error.empty()) info["error-desc"] = p.error;
+  // QEMU's block-migration "disk" object, from the last round's figures or the outcome's.
+  if (const auto& disk = p.result && p.result->disk ? p.result->disk : p.disk; disk && disk->copied)
+    info["disk"] = {{"transferred", disk->processed_bytes},
+                    {"remaining", disk->remaining_bytes},
+                    {"total", disk->total_bytes},
+                    {"mbps", disk->bps * 8 / 1e6}};
   if (p.postcopy) {
     info["postcopy-requests"] = p.postcopy->requests;
     own["postcopy"] = to_json(*p.postcopy);

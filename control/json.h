@@ -14,6 +14,7 @@ nlohmann::json to_json(const engine::MigrationStats& stats);
 nlohmann::json to_json(const engine::IncomingStats& stats);
 nlohmann::json to_json(const engine::RoundStats& round);
 nlohmann::json to_json(const engine::PostcopyStats& postcopy);
+nlohmann::json to_json(const engine::DiskStats& disk);
 nlohmann::json to_json(const engine::LatencySummary& latency);
 
 // QEMU's MigrationInfo (query-migrate) for a migration in any state, with mig's own fields

@@ -119,6 +119,11 @@ void MigrationControl::update_postcopy(const PostcopyStats& stats, std::string e
   progress_.error = std::move(error);
 }
 
+void MigrationControl::update_disk(const DiskStats& stats) {
+  std::lock_guard lock(mutex_);
+  progress_.disk = stats;
+}
+
 bool MigrationControl::begin_commit() {
   std::lock_guard lock(mutex_);
   if (status_ == MigrationStatus::cancelling) return false;

@@ -66,6 +66,7 @@ struct MigrationProgress {
   std::uint32_t dirty_syncs = 0;    // dirty-log fetches so far
   std::vector<RoundStats> rounds;   // finished pre-copy rounds: the last says the expected downtime and throttle
   std::optional<PostcopyStats> postcopy;  // since a switchover to post-copy
+  std::optional<DiskStats> disk;          // when the guest has disks
   std::string error;  // while postcopy-paused: why the link broke, and what to do
   std::optional<MigrationStats> result;  // once finished
 };
@@ -138,6 +139,7 @@ class MigrationControl {
   void round_finished(const RoundStats& round);
   void count_dirty_sync() { ++dirty_syncs_; }
   void update_postcopy(const PostcopyStats& stats, std::string error = {});
+  void update_disk(const DiskStats& stats);
   // The outcome; called again to add what was learnt after it (the guest's downtime).
   void finish(const MigrationStats& stats);
   const MigrationObserver& observer() const { return observer_; }

@@ -28,7 +28,7 @@ double window_bandwidth(std::span<const RoundStats> rounds, const ConvergencePol
 
 double expected_downtime_ms(std::span<const RoundStats> rounds, const ConvergencePolicy& policy, std::uint64_t page_size) {
   if (rounds.empty()) return 0;
-  const double remaining = static_cast<double>(rounds.back().dirty_pages * page_size);
+  const double remaining = static_cast<double>(rounds.back().dirty_pages * page_size + rounds.back().dirty_disk_bytes);
   if (remaining == 0) return 0;
   const double bandwidth = window_bandwidth(rounds, policy);
   return bandwidth > 0 ? remaining / bandwidth * 1000 : 1e12;

@@ -15,6 +15,7 @@ struct RoundStats {
   std::uint64_t bytes_sent = 0;     // wire bytes, headers included
   double duration_s = 0;            // first page sent until the receiver acknowledged the round
   std::uint64_t dirty_pages = 0;    // found by the fetch after the round: the next round's work
+  std::uint64_t dirty_disk_bytes = 0;  // disk chunks written meanwhile (--copy-storage-all), also next round's work
   double dirty_rate_Bps = 0;        // dirty_pages * page size / duration_s
   double bandwidth_Bps = 0;         // bytes_sent / duration_s
   double expected_downtime_ms = 0;  // what stopping now would cost, by the windowed bandwidth

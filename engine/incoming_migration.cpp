@@ -5,6 +5,7 @@
 #include <optional>
 #include <thread>
 
+#include "engine/disk_migration.h"
 #include "engine/page_hashes.h"
 #include "engine/page_receiver.h"
 #include "engine/postcopy_destination.h"
@@ -64,6 +65,7 @@ struct IncomingMigration::Session {
   unsigned channels = 1;
   std::unique_ptr<PageHashes> hashes;
   std::unique_ptr<PageReceiver> pages;
+  std::unique_ptr<DiskReceiver> disks;
   ExtraChannels extra;
   std::vector<std::jthread> preparing;
   // Post-copy.
@@ -151,7 +153,7 @@ IncomingMigration::State IncomingMigration::step(State state, const wire::FrameH
       // 0's round end is every channel's, give or take a batch.
       if (is(frame, MessageType::round_end) || is(frame, MessageType::complete))
         for (auto& helper : s_->preparing) helper.request_stop();
-      if (s_->pages->handle(frame)) return state;
+      if (s_->pages->handle(frame) || s_->disks->handle(*stream_, frame)) return state;
       if (is(frame, MessageType::page_plan)) return on_page_plan(frame);
       [[fallthrough]];
     case State::receiving_state:
@@ -178,6 +180,7 @@ IncomingMigration::State IncomingMigration::on_hello(const wire::FrameHeader& fr
   s.hello = wire::decode<wire::Hello>(stream_->read_payload(frame));
   s.shape.vcpus = s.hello.vcpus;
   for (const auto& r : s.hello.regions) s.shape.regions.push_back({r.guest_addr, r.size});
+  for (const auto& d : s.hello.disks) s.shape.disks.push_back({d.size, d.chunk_bytes, (d.flags & wire::kDiskCopy) != 0, d.path});
   if ((s.hello.capabilities & wire::kCapSharedMemory) && stream_->can_pass_fds()) {
     // The VM is built on the source's memory, which arrives only after the acknowledgement.
     stream_->send(wire::HelloAck{wire::kCapSharedMemory, transport::host_boot_id()});
@@ -187,7 +190,8 @@ IncomingMigration::State IncomingMigration::on_hello(const wire::FrameHeader& fr
   build_vm();
   s.channels = options_.accept_channel ? s.hello.channels : 1;
   s.stats.channels = s.channels;
-  s.postcopy = (s.hello.capabilities & wire::kCapPostcopy) && options_.accept_channel && s.vm->postcopy_unsupported().empty();
+  s.postcopy = (s.hello.capabilities & wire::kCapPostcopy) && options_.accept_channel && options_.autostart &&
+               s.vm->postcopy_unsupported().empty();
   const std::uint32_t accepted = (s.hello.capabilities & wire::kCapVerify) | (s.postcopy ? wire::kCapPostcopy : 0);
   stream_->send(wire::HelloAck{accepted, transport::host_boot_id(), s.channels});
   // Post-copy answers record their hashes as one more channel (postcopy_source.h).
@@ -225,6 +229,7 @@ void IncomingMigration::build_vm() {
       throw std::runtime_error("the VM built here does not have the sender's memory layout");
     s.stats.guest_bytes += s.regions[i].size;
   }
+  s.disks = std::make_unique<DiskReceiver>(s.vm->disks(), s.hello.disks);
 }
 
 IncomingMigration::State IncomingMigration::on_page_plan(const wire::FrameHeader& frame) {
@@ -255,6 +260,7 @@ IncomingMigration::State IncomingMigration::on_complete(const wire::FrameHeader&
   const auto complete = wire::decode<wire::Complete>(stream_->read_payload(frame));
   if (auto error = s.extra.stop()) throw std::runtime_error(*error);
   verify(complete.page_digest, "");
+  verify_disks(complete.disk_digest);
   return restore_and_report_ready();
 }
 
@@ -266,8 +272,19 @@ void IncomingMigration::verify(std::uint64_t source_digest, const char* when) {
   s.stats.verified = true;
 }
 
+// Every disk chunk came before Complete on this one connection, so the digest is final.
+void IncomingMigration::verify_disks(std::uint64_t source_digest) {
+  Session& s = *s_;
+  if (!(s.hello.capabilities & wire::kCapVerify)) return;
+  if (s.disks->digest() != source_digest)
+    throw std::runtime_error("verification failed: destination disk contents differ from the source's");
+}
+
+// Shared disks become this side's before anything here may write them: a lock that cannot be
+// had fails the migration while the source can still take its guest back.
 IncomingMigration::State IncomingMigration::restore_and_report_ready() {
   Session& s = *s_;
+  s.disks->take_over_shared();
   const auto restore_start = Clock::now();
   s.vm->restore_state(s.sections);
   const std::uint64_t restore_ns = ns_since(restore_start);
@@ -280,7 +297,7 @@ IncomingMigration::State IncomingMigration::on_commit(const wire::FrameHeader& f
   Session& s = *s_;
   wire::decode<wire::Commit>(stream_->read_payload(frame));
   const auto resume_start = Clock::now();
-  s.vm->resume();
+  if (options_.autostart) s.vm->resume();
   s.resumed_at = Clock::now();
   // The guest runs here now: from this line on, nothing may take it away, so what follows
   // only reports - or, in post-copy, brings the rest of its memory.
@@ -304,6 +321,11 @@ void IncomingMigration::finish_completed(Clock::time_point done_at) {
   stats.pages_received = s.pages->pages() + s.extra.pages();
   stats.rounds = s.pages->rounds();
   stats.total_ms = std::chrono::duration<double, std::milli>(done_at - s.start).count();
+  if (s.shape.disks.size() > 0) {
+    stats.disk = s.disks->stats();
+    stats.disk->verified = (s.hello.capabilities & wire::kCapVerify) && stats.disk->copied;
+  }
+  if (!options_.autostart) return;  // no guest running here yet to report on
   try {
     report_guest_handover();
   } catch (const std::exception&) {
@@ -333,6 +355,7 @@ IncomingMigration::State IncomingMigration::on_postcopy_complete(const wire::Fra
     throw wire::ProtocolError("the source said post-copy was complete, but pages are still missing");
   s.postcopy_memory->finish();
   verify(complete.page_digest, " after post-copy");
+  verify_disks(complete.disk_digest);
   auto postcopy = s.postcopy_memory->stats();
   stream_->send(wire::PostcopyDone{postcopy.pages_needed});
   postcopy.recoveries = s.recoveries;

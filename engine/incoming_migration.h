@@ -47,6 +47,9 @@ struct ReceiverOptions {
   // post-copy link fails at once.
   using Accept = std::function<transport::Stream(std::chrono::milliseconds timeout)>;
   std::function<Accept()> await_recovery;
+  // False leaves the guest paused once it is here (QEMU's -S): the migration completes, and
+  // whoever owns the VM resumes it. Post-copy is then not offered: its guest must run.
+  bool autostart = true;
 };
 
 struct IncomingResult {
@@ -86,6 +89,7 @@ class IncomingMigration {
   State on_complete(const wire::FrameHeader& frame);
   State on_commit(const wire::FrameHeader& frame);
   void verify(std::uint64_t source_digest, const char* when);
+  void verify_disks(std::uint64_t source_digest);
   State restore_and_report_ready();
   State on_postcopy_start(const wire::FrameHeader& frame);
   State on_postcopy_complete(const wire::FrameHeader& frame);

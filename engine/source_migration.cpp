@@ -7,6 +7,7 @@
 
 #include "common/thread_name.h"
 #include "engine/cpu_time.h"
+#include "engine/disk_migration.h"
 #include "engine/page_hashes.h"
 #include "engine/page_sender.h"
 #include "engine/pages.h"
@@ -28,7 +29,8 @@ std::int64_t monotonic_ns(Clock::time_point t) {
 // destination, so the pause is never undone then.
 class SourceRollback {
  public:
-  SourceRollback(MigratableVm& vm, const MigrationObserver& observer) : vm_(vm), observer_(observer) {}
+  SourceRollback(MigratableVm& vm, DiskSender& disks, const MigrationObserver& observer)
+      : vm_(vm), disks_(disks), observer_(observer) {}
   ~SourceRollback() { undo(); }
   SourceRollback(const SourceRollback&) = delete;
   SourceRollback& operator=(const SourceRollback&) = delete;
@@ -46,6 +48,7 @@ class SourceRollback {
   // Stops dirty logging now, off the downtime path; a failure here changes nothing about the
   // migration's outcome (a memslot update that fails leaves only a slower paused VM).
   void stop_logging() noexcept {
+    disks_.stop_tracking();
     if (!logging_) return;
     logging_ = false;
     try {
@@ -60,6 +63,7 @@ class SourceRollback {
     try {
       if (throttled_) vm_.set_throttle(0);
       throttled_ = false;
+      disks_.reacquire_all();  // before the guest may write its disks again
       if (paused_) {
         vm_.resume();
         paused_ = false;
@@ -72,6 +76,7 @@ class SourceRollback {
 
  private:
   MigratableVm& vm_;
+  DiskSender& disks_;
   const MigrationObserver& observer_;
   bool logging_ = false, throttled_ = false, paused_ = false, committed_ = false;
 };
@@ -110,13 +115,14 @@ Tunables SenderOptions::tunables() const {
 struct SourceMigration::State {
   State(MigratableVm& vm_, transport::Stream& stream_, SenderOptions options_, MigrationControl& control)
       : vm(vm_), stream(stream_), options(std::move(options_)), policy(options.policy), regions(vm.memory_regions()),
-        rollback(vm, control.observer()) {}
+        disks(vm.disks(), options.copy_storage), rollback(vm, disks, control.observer()) {}
 
   MigratableVm& vm;
   transport::Stream& stream;
   const SenderOptions options;
   ConvergencePolicy policy;  // options.policy with the live tunables applied
   const std::vector<MemoryRegion> regions;
+  DiskSender disks;
   SourceRollback rollback;
   MigrationStats stats;
   Phase phase = Phase::setup;
@@ -241,6 +247,7 @@ void SourceMigration::set_up() {
   if (hello.channels > 1 && !s.options.open_channel) throw std::invalid_argument("parallel channels need a way to open them");
   hello.session = std::random_device{}() | (std::uint64_t{std::random_device{}()} << 32);
   for (const auto& r : s.regions) hello.regions.push_back({r.guest_addr, r.size});
+  hello.disks = s.disks.describe();
   s.session = hello.session;
   send_counted(s.stream, *control_, hello, false);
   const auto ack = s.stream.receive<wire::HelloAck>();
@@ -355,12 +362,14 @@ void SourceMigration::start_tracking() {
   }
   s.vm.start_dirty_log();
   s.rollback.logging_started();
+  s.disks.start_tracking();
 }
 
 // Round 0: every page that may be non-zero; untouched pages are known zero for free. Shared
 // memory leaves it empty: the destination already maps this very memory.
 void SourceMigration::plan_round_zero() {
   State& s = *s_;
+  s.disks.plan_round_zero();
   if (s.shared) return;
   for (std::size_t r = 0; r < s.regions.size(); ++r) {
     if (s.options.skip_zero_pages)
@@ -385,12 +394,17 @@ bool SourceMigration::precopy_round(std::uint32_t round) {
   State& s = *s_;
   const auto round_start = Clock::now();
   control_->round_started(s.pending_pages);
+  // Disk chunks go first on channel 0, so its RoundAck covers them too.
+  const std::uint64_t disk_bytes_before = s.disks.wire_bytes();
+  s.disks.send_pending(*s.main, *control_, false);
   // A round after round 0 is cut short for a switch to post-copy: its pages would only be
   // dirtied again.
-  const auto counts = send_on_all_channels(s.senders, s.streams, *control_, round, s.pending, true, false, s.cpu,
-                                           [this, round] { return round > 0 && postcopy_wanted(); });
+  auto counts = send_on_all_channels(s.senders, s.streams, *control_, round, s.pending, true, false, s.cpu,
+                                     [this, round] { return round > 0 && postcopy_wanted(); });
   s.totals += counts;
+  counts.bytes += s.disks.wire_bytes() - disk_bytes_before;
   s.pending_pages = fetch_dirty(s.vm, s.regions, s.scratch, s.pending);
+  s.disks.fetch_written();
   control_->count_dirty_sync();
   record_round(round, counts, std::chrono::duration<double>(Clock::now() - round_start).count());
 
@@ -433,12 +447,14 @@ void SourceMigration::record_round(std::uint32_t round, const RoundCounts& count
   rs.bytes_sent = counts.bytes;
   rs.duration_s = seconds;
   rs.dirty_pages = s.pending_pages;
+  rs.dirty_disk_bytes = s.disks.pending_bytes();
   rs.dirty_rate_Bps = static_cast<double>(s.pending_pages * kPageSize) / std::max(seconds, 1e-9);
   rs.bandwidth_Bps = static_cast<double>(counts.bytes) / std::max(seconds, 1e-9);
   rs.throttle_pct = s.throttle_pct;
   s.stats.round_table.push_back(rs);
   s.stats.round_table.back().expected_downtime_ms = expected_downtime_ms(s.stats.round_table, s.policy);
   control_->round_finished(s.stats.round_table.back());
+  if (s.disks.copying()) control_->update_disk(s.disks.stats(std::chrono::duration<double>(Clock::now() - s.start).count()));
 }
 
 // Auto-converge: the throttle the policy wants for the next round.
@@ -475,13 +491,23 @@ void SourceMigration::stop_and_copy() {
     s.pending_pages = fetch_dirty(s.vm, s.regions, s.scratch, s.pending);
     control_->count_dirty_sync();
   }
+  s.disks.fetch_written();
   s.synced = Clock::now();
   control_->round_started(s.pending_pages);
+  s.disks.send_pending(*s.main, *control_, true);
+  hand_over_disks();
   s.totals += send_on_all_channels(s.senders, s.streams, *control_, s.round, s.pending, s.channels > 1, true, s.cpu);
   for (const auto& e : s.extra) s.stats.extra_channel_bytes += e.counters().bytes_sent;
   s.extra.clear();
   s.streams.resize(1);
   s.pages_done = Clock::now();
+}
+
+// Shared storage: the image is flushed and its lock given up, for the destination to take
+// before it says Ready. Until the commit, the rollback takes it back.
+void SourceMigration::hand_over_disks() {
+  State& s = *s_;
+  s.disks.release_all();
 }
 
 void SourceMigration::send_device_state() {
@@ -503,7 +529,9 @@ void SourceMigration::await_ready() {
   if (s.postcopy_source)
     send_counted(s.stream, *control_, wire::PostcopyStart{s.pending}, true);
   else
-    send_counted(s.stream, *control_, wire::Complete{s.verify ? s.hashes->digest() : 0, s.totals.pages_sent}, true);
+    send_counted(s.stream, *control_,
+                 wire::Complete{s.verify ? s.hashes->digest() : 0, s.totals.pages_sent, s.verify ? s.disks.digest() : 0},
+                 true);
   s.ready = s.stream.receive<wire::Ready>();
   s.ready_at = Clock::now();
 }
@@ -572,6 +600,10 @@ void SourceMigration::switch_to_postcopy() {
   pause_guest(s.vm, *control_, s.rollback, s.pause_start, s.paused_at);
   s.pending_pages = fetch_dirty(s.vm, s.regions, s.scratch, s.pending);
   control_->count_dirty_sync();
+  // Disks do not take post-copy: their last chunks go now, while the guest is paused.
+  s.disks.fetch_written();
+  s.disks.send_pending(*s.main, *control_, true);
+  hand_over_disks();
   s.synced = s.pages_done = Clock::now();
   for (const auto& e : s.extra) s.stats.extra_channel_bytes += e.counters().bytes_sent;
   s.extra.clear();  // each acknowledged its last round: all it carried has landed
@@ -613,7 +645,8 @@ void SourceMigration::finish_postcopy() {
   s.main->set_timeout(s.options.peer_timeout);
   s.postcopy_source->push_rest(*s.main);
   if (auto error = s.postcopy_source->stop_serving()) throw std::runtime_error(*error);
-  send_counted(*s.main, *control_, wire::Complete{s.verify ? s.hashes->digest() : 0, s.totals.pages_sent}, false);
+  send_counted(*s.main, *control_,
+               wire::Complete{s.verify ? s.hashes->digest() : 0, s.totals.pages_sent, s.verify ? s.disks.digest() : 0}, false);
   s.main->receive<wire::PostcopyDone>();
   s.postcopy_stats.postcopy_ms += ms_between(started, Clock::now());
   s.stats.total_ms = ms_between(s.start, Clock::now());
@@ -731,6 +764,9 @@ void SourceMigration::finish_statistics() {
   stats.zerocopy_sends = c.zerocopy_sends;
   stats.zerocopy_copied = c.zerocopy_copied;
   stats.throughput_MBps = static_cast<double>(stats.bytes_sent) / 1e3 / std::max(stats.total_ms, 1e-9);
+  if (s.disks.describe().empty()) return;
+  stats.disk = s.disks.stats(stats.total_ms / 1e3);
+  stats.disk->verified = s.verify && s.disks.copying() && stats.status == MigrationStatus::completed;
 }
 
 }  // namespace mig::engine

@@ -5,7 +5,7 @@
 //     start_tracking()    dirty logging on (or, offline, pause now)
 //     plan_round_zero()   which pages may hold data; tell the receiver
 //     precopy()           rounds while the guest runs, until the policy (or the operator) stops them
-//     stop_and_copy()     pause, last dirty pages
+//     stop_and_copy()     pause, last dirty disk chunks and pages; shared disks handed over
 //     send_device_state() vCPU, VM and device state
 //     await_ready()       the receiver verifies and restores
 //     commit()            the point of no return: the destination resumes the guest
@@ -69,6 +69,9 @@ struct SenderOptions {
   // always finished first; a later round is cut short at the next batch.
   bool postcopy = false;
   std::optional<double> postcopy_after_s;
+  // --copy-storage-all: the VM's disks travel with it (engine/disk_migration.h); otherwise
+  // they are shared storage and change owner at the switchover.
+  bool copy_storage = false;
   std::chrono::milliseconds peer_timeout{10000};
   std::chrono::milliseconds handover_wait{2000};  // for the guest-observed downtime report
 
@@ -111,6 +114,7 @@ class SourceMigration {
   void adjust_throttle();
   void apply_tunables();
   void stop_and_copy();
+  void hand_over_disks();
   void send_device_state();
   void await_ready();
   void commit();

@@ -67,6 +67,21 @@ struct PostcopyStats {
   std::vector<double> vcpu_blocktime_ms;  // per vCPU, where the VM names its vCPU threads
 };
 
+// The disks of a migration: with --copy-storage-all what their data took (the fields virsh
+// domjobinfo reports: total, processed, remaining, bps); with shared storage only the hand-over.
+struct DiskStats {
+  unsigned disks = 0;
+  bool copied = false;                // data moved; otherwise shared images changed owner
+  std::uint64_t size_bytes = 0;       // the disks' virtual sizes, together
+  std::uint64_t total_bytes = 0;      // to move: round 0's data chunks plus every chunk rewritten since
+  std::uint64_t processed_bytes = 0;  // of which sent
+  std::uint64_t remaining_bytes = 0;  // of which still pending
+  std::uint64_t zero_bytes = 0;       // of processed, sent as holes (no data on the wire)
+  std::uint64_t wire_bytes = 0;       // what the disk frames took on the wire
+  double bps = 0;                     // processed bytes per second of migration so far
+  bool verified = false;              // the chunk-hash digest matched
+};
+
 // The source's view of one migration.
 struct MigrationStats {
   MigrationStatus status = MigrationStatus::failed;  // completed, failed, cancelled or handoff_unknown
@@ -99,6 +114,7 @@ struct MigrationStats {
   std::vector<RoundStats> round_table;  // pre-copy rounds; the final round is in downtime
   double cpu_s = 0;  // user + system CPU time of the migration's threads (engine/cpu_time.h)
   std::optional<PostcopyStats> postcopy;  // when the switchover was to post-copy
+  std::optional<DiskStats> disk;          // when the guest has disks
 };
 
 // The destination's view of one incoming migration.
@@ -118,6 +134,7 @@ struct IncomingStats {
   std::optional<GuestHandover> guest;
   double cpu_s = 0;  // user + system CPU time of the receiving threads (engine/cpu_time.h)
   std::optional<PostcopyStats> postcopy;
+  std::optional<DiskStats> disk;
 };
 
 // CPU seconds per GiB moved; 0 when nothing moved.

@@ -38,6 +38,40 @@ struct GuestHandover {
   std::uint32_t last_source_seq = 0, first_destination_seq = 0;
 };
 
+struct DiskExtent {
+  std::uint64_t offset = 0, length = 0;
+};
+
+// A guest disk, for storage migration. Offsets and lengths in bytes.
+class MigratableDisk {
+ public:
+  virtual ~MigratableDisk() = default;
+  virtual std::uint64_t size() const = 0;  // a multiple of 512
+  virtual std::string path() const = 0;    // the image, for operators
+  // The unit of write tracking: a power of two between 4 KiB and 1 MiB.
+  virtual std::uint64_t chunk_bytes() const = 0;
+
+  // Source. The ranges that may hold data (everything else reads as zero), found without
+  // reading the disk. Tracking: once on, fetch_written() ORs into `bitmap` (a bit per chunk)
+  // every chunk a completed guest write touched since the previous fetch. While the VM is
+  // paused no write completes.
+  virtual std::vector<DiskExtent> data_extents() = 0;
+  virtual void track_writes(bool on) = 0;
+  virtual void fetch_written(std::span<std::uint64_t> bitmap) = 0;
+  virtual void read(std::uint64_t offset, std::span<std::byte> out) = 0;
+
+  // Destination.
+  virtual void write(std::uint64_t offset, std::span<const std::byte> data) = 0;
+  virtual void write_zeroes(std::uint64_t offset, std::uint64_t length) = 0;  // leaves a hole
+
+  // Shared storage, which only one host may write at a time. Source, paused: release()
+  // flushes and gives the image's write lock up; reacquire() takes it back after a failure.
+  // Destination: reacquire() takes it before the guest may run here. Both throw when another
+  // holder has the lock.
+  virtual void release() = 0;
+  virtual void reacquire() = 0;
+};
+
 class MigratableVm {
  public:
   virtual ~MigratableVm() = default;
@@ -89,6 +123,9 @@ class MigratableVm {
   virtual std::vector<StateSection> save_state() = 0;
   virtual void restore_state(const std::vector<StateSection>& sections) = 0;
 
+  // The VM's disks, in a fixed order; empty when it has none (the default).
+  virtual std::vector<MigratableDisk*> disks() { return {}; }
+
   // Destination only: blocks until the guest proves it runs again, up to `timeout`. VMs
   // without a heartbeat return nullopt.
   virtual std::optional<GuestHandover> wait_guest_handover(std::chrono::milliseconds timeout);
@@ -111,6 +148,15 @@ struct VmShape {
   // With a same-host hand-over: the source's memory fds, one per region, to be mapped
   // instead of allocating. Borrowed for the duration of the factory call (dup to keep).
   std::vector<int> shared_memory_fds;
+  // The source's disks. `copy`: their data comes over the wire into images made here;
+  // otherwise the images are shared and only change owner.
+  struct Disk {
+    std::uint64_t size = 0;
+    std::uint64_t chunk_bytes = 0;
+    bool copy = false;
+    std::string source_path;
+  };
+  std::vector<Disk> disks;
 };
 
 // Builds an empty VM of the sender's shape on the receiving side.

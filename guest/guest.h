@@ -32,6 +32,17 @@ extern uint64_t high_pds[HIGH_PD_PAGES][512];
 static inline struct percpu *percpu_of(unsigned cpu) { return (struct percpu *)kstacks[cpu]; }
 
 static inline void outl(uint16_t port, uint32_t v) { __asm__ volatile("outl %0, %1" ::"a"(v), "Nd"(port)); }
+static inline void outw(uint16_t port, uint16_t v) { __asm__ volatile("outw %0, %1" ::"a"(v), "Nd"(port)); }
+static inline uint32_t inl(uint16_t port) {
+  uint32_t v;
+  __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
+  return v;
+}
+static inline uint16_t inw(uint16_t port) {
+  uint16_t v;
+  __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port));
+  return v;
+}
 static inline void outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
 static inline uint8_t inb(uint16_t port) {
   uint8_t v;

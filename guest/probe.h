@@ -9,6 +9,7 @@
 #define MIG_PROBE_CHECK_FAIL 0x518  /* value: a self-check failure code (below) */
 #define MIG_PROBE_READY 0x51c       /* value: workload mode; sent once the working set is filled */
 #define MIG_PROBE_SWEEP_PASS 0x520  /* value: completed sweep passes */
+#define MIG_PROBE_DISK_CHECKS 0x524 /* value: disk blocks read back and found as last written */
 
 #define MIG_CHECK_FAIL_GPR 1    /* a general-purpose register changed under the guest */
 #define MIG_CHECK_FAIL_VEC 2    /* an SSE/AVX register changed */
@@ -16,5 +17,7 @@
 #define MIG_CHECK_FAIL_TICKS 4  /* the timer stopped ticking */
 #define MIG_CHECK_FAIL_TSC 5    /* the TSC went backwards */
 #define MIG_CHECK_FAIL_EXCEPTION 6 /* the guest took an unexpected exception */
+#define MIG_CHECK_FAIL_DISK_IO 7    /* the disk failed a request (or has no virtio-blk device) */
+#define MIG_CHECK_FAIL_DISK_DATA 8  /* a disk block read back did not hold what was last written */
 
 #endif

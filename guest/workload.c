@@ -16,6 +16,11 @@
  *   hbserial=1      also write one '.' to COM1 per heartbeat of vCPU 0, so a host that does
  *                   not implement the probe (QEMU) can timestamp heartbeats from the serial line
  *   seed=N
+ *   disk=1          drive the first virtio-blk disk (legacy virtio-pci, found by PCI scan) from
+ *                   vCPU 0: write 64 KiB blocks holding their number and a generation counter,
+ *                   read each back after writing another, check it, and count the checks
+ *   diskrate=MBPS   disk writes per second, in MB/s of blocks (1); each is followed by a read
+ *   diskspan=SIZE   the part of the disk from offset 0 that is written     (64M)
  */
 #include "guest.h"
 #include "probe.h"
@@ -35,7 +40,8 @@ static struct {
   uint64_t cpus;
   uint64_t seed;
   uint64_t hbserial;
-} cfg = {MODE_IDLE, 64ul << 20, 0, FILL_RANDOM, 10, 90, 0, 10, 0, 0, 1, 0};
+  uint64_t disk, disk_rate_mbps, disk_span;
+} cfg = {MODE_IDLE, 64ul << 20, 0, FILL_RANDOM, 10, 90, 0, 10, 0, 0, 1, 0, 0, 1, 64ul << 20};
 
 static volatile uint64_t tsc_per_ms;
 static volatile uint32_t ncpus;  /* published by the BSP once all APs have arrived */
@@ -110,6 +116,9 @@ static void parse_arg(const char *key, unsigned klen, const char *val, unsigned 
   else if (streq(key, "cpus", klen)) cfg.cpus = parse_u64(val, vlen);
   else if (streq(key, "seed", klen)) cfg.seed = parse_u64(val, vlen);
   else if (streq(key, "hbserial", klen)) cfg.hbserial = parse_u64(val, vlen);
+  else if (streq(key, "disk", klen)) cfg.disk = parse_u64(val, vlen);
+  else if (streq(key, "diskrate", klen)) cfg.disk_rate_mbps = parse_u64(val, vlen);
+  else if (streq(key, "diskspan", klen)) cfg.disk_span = parse_u64(val, vlen);
   else put("mig-guest: unknown argument ignored\n");
 }
 
@@ -139,6 +148,9 @@ static uint64_t calibrate_tsc_per_ms(void) {
   }
   return (rdtsc() - t0) / 10;
 }
+
+static void report_failure(uint32_t code) { outl(MIG_PROBE_CHECK_FAIL, code); }
+static void report_failure_disk_data(void) { report_failure(MIG_CHECK_FAIL_DISK_DATA); }
 
 static uint64_t xorshift(uint64_t *s) {
   uint64_t x = *s;
@@ -252,6 +264,138 @@ static void bsp_setup(void) {
   put("\n");
 }
 
+/* ---- The disk: a legacy virtio-pci block device, driven by polling from CPL3. ---- */
+
+#define DISK_BLOCK 65536
+#define DISK_MAX_BLOCKS (1u << 18) /* 16 GiB of span */
+#define VQ_MAX 1024
+
+struct vq_desc {
+  uint64_t addr;
+  uint32_t len;
+  uint16_t flags, next;
+};
+struct blk_header {
+  uint32_t type, reserved;
+  uint64_t sector;
+};
+
+static struct {
+  uint16_t io, qsize;
+  struct vq_desc *desc;
+  volatile uint16_t *avail; /* flags, idx, ring[] */
+  volatile uint16_t *used;  /* flags, idx, then {u32 id, u32 len}[] */
+  uint16_t next_avail, used_seen;
+  uint64_t blocks;          /* in the span */
+  int busy, writing;
+  uint64_t block, last_written;
+  uint32_t gen, checks;
+  uint64_t credit, credit_per_ms, last_tsc; /* writes, in 2^-20 units: a loop pass earns a fraction */
+  struct blk_header header;
+  volatile uint8_t status;
+} dk;
+static uint32_t disk_gen[DISK_MAX_BLOCKS];                 /* generation last written; 0 = never */
+static uint8_t disk_ring[4 * 4096 + VQ_MAX * 24] __attribute__((aligned(4096)));
+static uint8_t disk_buf[DISK_BLOCK] __attribute__((aligned(4096)));
+
+static uint32_t pci_read(uint32_t slot, uint32_t offset) {
+  outl(0xcf8, 0x80000000u | slot << 11 | offset);
+  return inl(0xcfc);
+}
+
+/* Reset, acknowledge, no features needed, one queue that never interrupts, driver ready. */
+static int disk_init(void) {
+  uint32_t slot = 0;
+  for (; slot < 32 && pci_read(slot, 0) != 0x10011af4u; slot++) {
+  }
+  if (slot == 32) return 0;
+  outl(0xcf8, 0x80000000u | slot << 11 | 4);
+  outl(0xcfc, 0x5); /* I/O space and bus mastering */
+  dk.io = (uint16_t)(pci_read(slot, 0x10) & ~3u);
+  outb((uint16_t)(dk.io + 0x12), 0);
+  outb((uint16_t)(dk.io + 0x12), 1);
+  outb((uint16_t)(dk.io + 0x12), 3);
+  outl((uint16_t)(dk.io + 0x04), 0);
+  outw((uint16_t)(dk.io + 0x0e), 0);
+  dk.qsize = inw((uint16_t)(dk.io + 0x0c));
+  if (dk.qsize == 0 || dk.qsize > VQ_MAX) return 0;
+  memset(disk_ring, 0, sizeof disk_ring);
+  dk.desc = (struct vq_desc *)disk_ring;
+  dk.avail = (volatile uint16_t *)(disk_ring + 16ul * dk.qsize);
+  dk.used = (volatile uint16_t *)(disk_ring + ((16ul * dk.qsize + 6 + 2ul * dk.qsize + 4095) & ~4095ul));
+  dk.avail[0] = 1; /* VRING_AVAIL_F_NO_INTERRUPT: this driver polls */
+  outl((uint16_t)(dk.io + 0x08), (uint32_t)((uint64_t)disk_ring >> 12));
+  outb((uint16_t)(dk.io + 0x12), 7);
+  uint64_t sectors = inl((uint16_t)(dk.io + 0x14)) | (uint64_t)inl((uint16_t)(dk.io + 0x18)) << 32;
+  uint64_t span = cfg.disk_span < sectors * 512 ? cfg.disk_span : sectors * 512;
+  dk.blocks = span / DISK_BLOCK < DISK_MAX_BLOCKS ? span / DISK_BLOCK : DISK_MAX_BLOCKS;
+  dk.credit_per_ms = cfg.disk_rate_mbps * 1000000ul * 16 / 1000; /* (MB/s / 64 KiB) << 20 */
+  dk.last_tsc = rdtsc();
+  return dk.blocks > 0;
+}
+
+/* A block's contents follow from its number and generation alone. */
+static void disk_pattern(uint64_t *words, uint64_t block, uint32_t gen, int check) {
+  uint64_t rng = block * 0x9e3779b97f4a7c15ul + gen + 1, bad = 0;
+  for (unsigned i = 0; i < DISK_BLOCK / 8; i++) {
+    uint64_t v = i == 0 ? 0x4b53494447494dul /* "MIGDISK" */ : i == 1 ? block : i == 2 ? gen : xorshift(&rng);
+    if (check) bad |= words[i] ^ v;
+    else words[i] = v;
+  }
+  if (check && bad) report_failure_disk_data();
+}
+
+static void disk_submit(int write, uint64_t block) {
+  dk.header.type = write ? 1 : 0;
+  dk.header.sector = block * (DISK_BLOCK / 512);
+  dk.status = 0xff;
+  dk.desc[0] = (struct vq_desc){(uint64_t)&dk.header, sizeof dk.header, 1, 1};
+  dk.desc[1] = (struct vq_desc){(uint64_t)disk_buf, DISK_BLOCK, (uint16_t)(write ? 1 : 3), 2};
+  dk.desc[2] = (struct vq_desc){(uint64_t)&dk.status, 1, 2, 0};
+  dk.avail[2 + dk.next_avail % dk.qsize] = 0;
+  __asm__ volatile("" ::: "memory"); /* x86 keeps stores in order; the compiler must too */
+  dk.avail[1] = ++dk.next_avail;
+  outw((uint16_t)(dk.io + 0x10), 0);
+  dk.busy = 1;
+  dk.writing = write;
+  dk.block = block;
+}
+
+/* One step: finish the request in flight, if done; then a paced write, or a read-back of
+ * the block written before the last one (so a check always crosses at least one write). */
+static void disk_step(uint64_t now) {
+  if (dk.busy) {
+    if (dk.used[1] == dk.used_seen) return;
+    dk.used_seen++;
+    dk.busy = 0;
+    if (dk.status != 0) {
+      report_failure(MIG_CHECK_FAIL_DISK_IO);
+      return;
+    }
+    if (dk.writing) {
+      disk_gen[dk.block] = dk.gen;
+      uint64_t previous = dk.last_written;
+      dk.last_written = dk.block;
+      if (disk_gen[previous]) disk_submit(0, previous);
+      return;
+    }
+    disk_pattern((uint64_t *)disk_buf, dk.block, disk_gen[dk.block], 1);
+    outl(MIG_PROBE_DISK_CHECKS, ++dk.checks);
+  }
+  uint64_t elapsed = now - dk.last_tsc;
+  dk.last_tsc = now;
+  if (elapsed > 10 * tsc_per_ms) elapsed = 10 * tsc_per_ms;
+  dk.credit += elapsed * dk.credit_per_ms / tsc_per_ms;
+  if (dk.credit > 10 * dk.credit_per_ms + (1u << 20)) dk.credit = 10 * dk.credit_per_ms + (1u << 20);
+  if (dk.credit < 1u << 20) return;
+  dk.credit -= 1u << 20;
+  static uint64_t rng = 0x2545f4914f6cdd1dul;
+  uint64_t block = xorshift(&rng) % dk.blocks;
+  dk.gen = disk_gen[block] + 1;
+  disk_pattern((uint64_t *)disk_buf, block, dk.gen, 0);
+  disk_submit(1, block);
+}
+
 struct worker {
   unsigned cpu;
   uint64_t first;       /* this CPU's slice of the working set: pages first.. of ws_page() */
@@ -267,7 +411,6 @@ struct worker {
   uint64_t pattern[38], dump[38];
 };
 
-static void report_failure(uint32_t code) { outl(MIG_PROBE_CHECK_FAIL, code); }
 
 /* Pacing by TSC with bounded catch-up: a slow moment (a host preemption, a migration pause)
  * earns at most 10 ms of extra writes, never a long burst that starves heartbeats. */
@@ -349,7 +492,12 @@ static void run_worker(unsigned cpu) {
   /* An idle vCPU halts, so something must wake it for each heartbeat: the LAPIC timer, at
    * the heartbeat rate unless a timer rate was asked for. The register check needs a
    * running vCPU, so it keeps the vCPU spinning instead. */
-  const int halts = cfg.mode == MODE_IDLE && !cfg.regcheck;
+  const int disk = cpu == 0 && cfg.disk;
+  if (disk && !disk_init()) {
+    report_failure(MIG_CHECK_FAIL_DISK_IO);
+    put("mig-guest: no usable virtio-blk disk\n");
+  }
+  const int halts = cfg.mode == MODE_IDLE && !cfg.regcheck && !disk;
   /* A halted vCPU wakes at least twice per heartbeat, so a beat is at most half a period late. */
   const uint64_t wake_hz = halts ? 2000 / cfg.hb_ms + 1 : 0;
   const uint64_t timer_hz = cfg.timer_hz > wake_hz ? cfg.timer_hz : wake_hz;
@@ -393,6 +541,7 @@ static void run_worker(unsigned cpu) {
         timer_reported = 1;
       }
     }
+    if (disk && dk.blocks) disk_step(now);
     uint64_t n = cfg.mode == MODE_IDLE || cfg.mode == MODE_SPIN ? 0 : writes_allowed(&w, now);
     if (cfg.mode == MODE_SWEEP) write_sweep(&w, n);
     else if (n) write_random(&w, n);

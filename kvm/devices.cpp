@@ -92,6 +92,7 @@ void Probe::io(unsigned vcpu, std::uint16_t port, bool is_write, std::uint8_t* d
       break;
     case MIG_PROBE_READY: hb.ready = true; break;
     case MIG_PROBE_SWEEP_PASS: hb.sweep_passes = value; break;
+    case MIG_PROBE_DISK_CHECKS: hb.disk_checks = value; break;
     default: return;
   }
   changed_.notify_all();

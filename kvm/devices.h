@@ -50,6 +50,7 @@ struct HeartbeatState {
   std::uint64_t seq_breaks = 0;   // heartbeats whose sequence number was not last + 1
   std::uint32_t ticks = 0;        // last reported LAPIC timer tick count
   std::uint32_t sweep_passes = 0;
+  std::uint32_t disk_checks = 0;  // disk blocks the guest read back and found right
   std::uint32_t check_failures = 0;
   std::uint32_t last_failure_code = 0;
   bool ready = false;
@@ -66,7 +67,7 @@ struct Handover {
 class Probe {
  public:
   explicit Probe(unsigned vcpus) : vcpus_(vcpus) {}
-  bool handles(std::uint16_t port) const { return port >= 0x510 && port < 0x524; }
+  bool handles(std::uint16_t port) const { return port >= 0x510 && port < 0x528; }
   void io(unsigned vcpu, std::uint16_t port, bool is_write, std::uint8_t* data, std::uint32_t size);
 
   std::vector<HeartbeatState> snapshot() const;

@@ -77,9 +77,25 @@ void Machine::boot(const MultibootImage& image, const std::string& cmdline) {
   vcpus_[0].set_multiboot_entry(info.entry, info.info_addr);
 }
 
+void Machine::attach_disk(std::unique_ptr<DiskImage> image) {
+  if (!threads_.empty()) throw std::logic_error("Machine::attach_disk after start");
+  // I/O ports from 0xc000, as SeaBIOS assigns them on QEMU's pc machine; INTA# on GSI 10/11.
+  const auto index = static_cast<std::uint16_t>(disks_.size());
+  disks_.push_back(std::make_unique<VirtioBlk>(vm_, memory_, std::move(image),
+                                               static_cast<std::uint16_t>(0xc000 + index * VirtioBlk::kBarSize),
+                                               static_cast<std::uint8_t>(10 + index % 2)));
+  pci_.attach(*disks_.back());
+}
+
+void Machine::fetch_and_clear_dirty_log(std::size_t slot, std::span<std::uint64_t> bitmap) {
+  vm_.fetch_and_clear_dirty_log(slot, bitmap);
+  memory_.take_vmm_writes(slot, bitmap);
+}
+
 void Machine::start() {
   if (!threads_.empty()) throw std::logic_error("Machine::start called twice");
   pause_requested_ = false;
+  for (auto& disk : disks_) disk->resume();
   for (auto& vcpu : vcpus_) vcpu.run()->immediate_exit = 0;
   for (unsigned i = 0; i < vcpus_.size(); ++i) threads_.emplace_back([this, i] { vcpu_loop(i); });
 }
@@ -95,12 +111,16 @@ void Machine::pause() {
     __atomic_store_n(&vcpus_[i].run()->immediate_exit, 1, __ATOMIC_SEQ_CST);
     ::pthread_kill(threads_[i].native_handle(), kick_signal());
   }
-  std::unique_lock lock(mutex_);
-  state_changed_.wait(lock, [&] { return parked_ + stopped_ == threads_.size(); });
+  {
+    std::unique_lock lock(mutex_);
+    state_changed_.wait(lock, [&] { return parked_ + stopped_ == threads_.size(); });
+  }
+  for (auto& disk : disks_) disk->quiesce();
 }
 
 void Machine::resume() {
   if (threads_.empty()) return start();
+  for (auto& disk : disks_) disk->resume();
   std::lock_guard lock(mutex_);
   for (auto& vcpu : vcpus_) vcpu.run()->immediate_exit = 0;
   pause_requested_ = false;
@@ -160,6 +180,10 @@ bool Machine::dispatch_exit(Vcpu& vcpu) {
           serial_.io(run->io.port, is_write, data);
         else if (probe_.handles(run->io.port))
           probe_.io(vcpu.index(), run->io.port, is_write, data, run->io.size);
+        else if (pci_.handles(run->io.port))
+          pci_.io(run->io.port, is_write, data, run->io.size);
+        else if (VirtioBlk* disk = disk_at(run->io.port))
+          disk->io(run->io.port, is_write, data, run->io.size);
         else if (!is_write)
           std::memset(data, 0xff, run->io.size);  // nothing there: the bus floats high
       }
@@ -207,6 +231,7 @@ MachineState Machine::save_state() const {
   state.vm = vm_.save_state();
   state.serial = serial_.save();
   state.probe = probe_.save();
+  for (const auto& disk : disks_) state.disks.push_back(disk->save());
   return state;
 }
 
@@ -221,6 +246,16 @@ void Machine::restore_state(const MachineState& state) {
   vm_.restore_state(state.vm);
   serial_.restore(state.serial);
   probe_.restore(state.probe);
+  if (state.disks.size() != disks_.size())
+    throw std::runtime_error("saved state has " + std::to_string(state.disks.size()) + " disks, this machine " +
+                             std::to_string(disks_.size()));
+  for (std::size_t i = 0; i < disks_.size(); ++i) disks_[i]->restore(state.disks[i]);
+}
+
+VirtioBlk* Machine::disk_at(std::uint16_t port) const {
+  for (const auto& disk : disks_)
+    if (disk->handles(port)) return disk.get();
+  return nullptr;
 }
 
 }  // namespace mig::kvm

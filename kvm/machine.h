@@ -14,11 +14,14 @@
 #include <vector>
 
 #include "kvm/devices.h"
+#include "kvm/disk_image.h"
 #include "kvm/memory.h"
 #include "kvm/multiboot.h"
+#include "kvm/pci.h"
 #include "kvm/state.h"
 #include "kvm/system.h"
 #include "kvm/vcpu.h"
+#include "kvm/virtio_blk.h"
 #include "kvm/vm.h"
 
 namespace mig::kvm {
@@ -41,6 +44,7 @@ struct MachineState {
   std::vector<VcpuState> vcpus;
   SerialState serial;
   std::vector<HeartbeatState> probe;
+  std::vector<VirtioBlkState> disks;
 };
 
 class Machine {
@@ -56,12 +60,22 @@ class Machine {
   // application processors do on real hardware.
   void boot(const MultibootImage& image, const std::string& cmdline);
 
+  // Attaches a virtio-blk disk on `image`, in the next PCI slot; before start() or
+  // restore_state(). Disks appear in the order attached.
+  void attach_disk(std::unique_ptr<DiskImage> image);
+  std::size_t disk_count() const { return disks_.size(); }
+  VirtioBlk& disk(std::size_t index) { return *disks_.at(index); }
+
+  // KVM's dirty log of `slot`, with the pages the VMM's devices wrote ORed in.
+  void fetch_and_clear_dirty_log(std::size_t slot, std::span<std::uint64_t> bitmap);
+
   // Starts the vCPU threads. Call once, after boot() or restore_state().
   void start();
   // The vCPU threads' kernel ids, in vCPU order (0 for one not started yet).
   std::vector<int> vcpu_thread_ids() const;
   // Takes every vCPU out of KVM_RUN (even one spinning in guest user mode) and returns once
-  // all are parked with their pending I/O completed, so their state is consistent.
+  // all are parked with their pending I/O completed, and every disk request in flight has
+  // completed, so the state is consistent.
   void pause();
   // Lets parked vCPUs run again; on a machine that never ran (restored, not started) it
   // starts the vCPU threads.
@@ -88,6 +102,7 @@ class Machine {
   // Handles one exit; returns false when the vCPU cannot go on.
   bool dispatch_exit(Vcpu& vcpu);
   void park(Vcpu& vcpu);
+  VirtioBlk* disk_at(std::uint16_t port) const;
   void fail(std::string reason);
 
   MachineConfig config_;
@@ -97,6 +112,8 @@ class Machine {
   std::vector<Vcpu> vcpus_;
   Serial16550 serial_;
   Probe probe_;
+  PciBus pci_;
+  std::vector<std::unique_ptr<VirtioBlk>> disks_;  // after memory_ and vm_: they go first
   std::vector<std::atomic<int>> thread_ids_;  // each vCPU thread's id once it runs; sized at construction
 
   std::vector<std::thread> threads_;

@@ -174,6 +174,7 @@ GuestMemory GuestMemory::create(std::span<const RegionLayout> layout, const Memo
   memory.backing_ = options.backing;
   memory.huge_pages_after_fill_ = options.transparent_huge_pages && options.huge_pages_after_fill;
   for (const auto& region : layout) memory.regions_.push_back(create_region(region, options));
+  memory.init_vmm_write_log();
   return memory;
 }
 
@@ -212,6 +213,7 @@ GuestMemory GuestMemory::adopt(std::span<const RegionLayout> layout, std::span<c
                              "mmap shared guest memory");
     memory.regions_.push_back(std::move(r));
   }
+  memory.init_vmm_write_log();
   return memory;
 }
 
@@ -225,6 +227,28 @@ std::vector<RegionLayout> GuestMemory::layout() const {
   std::vector<RegionLayout> out;
   for (const auto& r : regions_) out.push_back(r.layout);
   return out;
+}
+
+void GuestMemory::init_vmm_write_log() {
+  for (const auto& r : regions_)
+    vmm_writes_.push_back(std::make_unique<std::atomic<std::uint64_t>[]>((r.layout.size / kPageSize + 63) / 64));
+}
+
+void GuestMemory::note_vmm_write(std::uint64_t guest_addr, std::uint64_t len) {
+  if (len == 0 || !translate(guest_addr, len)) return;
+  for (std::size_t i = 0; i < regions_.size(); ++i) {
+    const auto& l = regions_[i].layout;
+    if (guest_addr < l.guest_addr || guest_addr - l.guest_addr >= l.size) continue;
+    const std::uint64_t first = (guest_addr - l.guest_addr) / kPageSize, last = (guest_addr - l.guest_addr + len - 1) / kPageSize;
+    for (std::uint64_t page = first; page <= last; ++page)
+      vmm_writes_[i][page / 64].fetch_or(1ull << (page % 64), std::memory_order_acq_rel);
+    return;
+  }
+}
+
+void GuestMemory::take_vmm_writes(std::size_t index, std::span<std::uint64_t> bitmap) {
+  const std::size_t words = std::min<std::size_t>(bitmap.size(), (regions_.at(index).layout.size / kPageSize + 63) / 64);
+  for (std::size_t w = 0; w < words; ++w) bitmap[w] |= vmm_writes_[index][w].exchange(0, std::memory_order_acq_rel);
 }
 
 std::byte* GuestMemory::translate(std::uint64_t guest_addr, std::uint64_t len) const {

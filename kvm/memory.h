@@ -2,7 +2,9 @@
 // KVM as one slot. Pointers handed out stay valid for the lifetime of the GuestMemory.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
+#include <memory>
 #include <cstdint>
 #include <span>
 #include <string>
@@ -102,6 +104,11 @@ class GuestMemory {
   // populate(): walking populated pages again still costs 40-90 ms per GiB here.
   void populate(std::size_t index, std::uint64_t first, std::uint64_t count) const;
 
+  // Pages the VMM itself wrote (a device's DMA), which KVM's dirty log never sees: noted
+  // here, and ORed into a bitmap and cleared by take_vmm_writes(), with the dirty log.
+  void note_vmm_write(std::uint64_t guest_addr, std::uint64_t len);
+  void take_vmm_writes(std::size_t index, std::span<std::uint64_t> bitmap);
+
   // Drops the contents of `count` pages of region `index` from page `first`: afterwards they
   // are absent (and read as zero, or trap under userfaultfd). Anonymous memory unmaps them;
   // a memfd punches a hole, since unmapping alone would leave the page cache holding them.
@@ -111,7 +118,10 @@ class GuestMemory {
  private:
   static Region create_region(const RegionLayout& layout, const MemoryOptions& options);
 
+  void init_vmm_write_log();
+
   std::vector<Region> regions_;
+  std::vector<std::unique_ptr<std::atomic<std::uint64_t>[]>> vmm_writes_;  // a bit per page, per region
   MemoryBacking backing_ = MemoryBacking::anonymous;
   bool fully_populated_ = false;
   bool huge_pages_after_fill_ = false;

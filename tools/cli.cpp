@@ -47,6 +47,10 @@ void MigrateFlags::add_to(CLI::App& app) {
                      "enable post-copy without a timer: the switch comes on migrate-start-postcopy (mig-ctl postcopy), "
                      "or when pre-copy stops making progress"),
         [](nlohmann::json& a) { a["postcopy-ram"] = true; });
+  given(app.add_flag("--copy-storage-all", copy_storage_,
+                     "copy the guest's disks too (virsh's name): their data moves with the rounds, into images the "
+                     "destination creates (mig-recv --disk); without it, disks are shared storage that changes owner"),
+        [](nlohmann::json& a) { a["blk"] = true; });
   given(app.add_flag("--offline", offline_, "pause first and copy everything once, no pre-copy"),
         [](nlohmann::json& a) { a["offline"] = true; });
   given(app.add_flag("--stop-at-target", stop_at_target_,

@@ -42,7 +42,7 @@ class MigrateFlags {
   std::string on_no_convergence_ = "stop", zerocopy_ = "auto", compress_;
   std::uint64_t bandwidth_ = 0, delta_cache_ = 64ull << 20;
   bool offline_ = false, no_verify_ = false, no_dedup_ = false, no_page_plan_ = false, no_zero_skip_ = false;
-  bool delta_ = false, stop_at_target_ = false, no_auto_converge_ = false, postcopy_ = false, postcopy_ram_ = false;
+  bool copy_storage_ = false, delta_ = false, stop_at_target_ = false, no_auto_converge_ = false, postcopy_ = false, postcopy_ram_ = false;
   double postcopy_after_ = 0;
   // Each flag, and how it becomes a migrate argument when given.
   std::vector<std::pair<CLI::Option*, std::function<void(nlohmann::json&)>>> given_;

@@ -50,6 +50,8 @@ struct Options {
   double run_for = -1;
   std::uint64_t expect_mem = 0;
   unsigned expect_vcpus = 1;
+  std::vector<std::string> disks;
+  bool paused = false;
   tools::MemoryFlags memory;
 
   void add_to(CLI::App& app) {
@@ -63,6 +65,11 @@ struct Options {
                                       "build the VM for a guest of this size while waiting, with its memory populated, so receiving "
                                       "pays no page faults (like QEMU's -incoming with -m); a different incoming shape is still accepted"));
     app.add_option("--expect-vcpus", expect_vcpus, "with --expect-mem: the vCPU count to prepare for")->default_val(1);
+    app.add_flag("--paused", paused, "leave the guest paused once it has arrived (QEMU's -S); QMP cont resumes it");
+    tools::add_disk_option(app, disks,
+                           "the image for the source's next disk: with --copy-storage-all it is created (or an existing one, "
+                           "large enough, is written over); for shared storage it is the same image, by default the "
+                           "source's path");
   }
 };
 
@@ -75,7 +82,8 @@ engine::VmFactory incoming_factory(const Options& options, std::string& memory_d
   memory_description = memory.description;
   return vmm::KvmVm::factory(options.serial, memory.options,
                              options.expect_mem > 0 ? std::optional(vmm::KvmVm::pc_shape(options.expect_mem, options.expect_vcpus))
-                                                    : std::nullopt);
+                                                    : std::nullopt,
+                             tools::disk_configs(options.disks));
 }
 
 }  // namespace
@@ -94,7 +102,9 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "mig-recv: {}\n", e.what());
     return tools::kExitSetupError;
   }
-  control::Domain domain(control::Domain::Incoming{std::move(factory), {}});
+  engine::ReceiverOptions receiver;
+  receiver.autostart = !options.paused;
+  control::Domain domain(control::Domain::Incoming{std::move(factory), receiver});
   std::optional<control::QmpServer> server;
   tools::ControlSignals signals;  // before any thread starts
   const auto quit_on_signal = signals.on_terminate([&domain] { domain.quit(); });

@@ -16,6 +16,26 @@ void VmOptions::add_to(CLI::App& app, bool kernel_required) {
   app.add_option("--append", append, "kernel command line");
   app.add_option("--serial", serial, "where COM1 output goes: a file, a FIFO, or - for stdout");
   memory.add_to(app);
+  add_disk_option(app, disks, "a virtio-blk disk on this image (legacy virtio-pci, as QEMU's virtio-blk-pci); repeatable");
+}
+
+void add_disk_option(CLI::App& app, std::vector<std::string>& disks, const std::string& what) {
+  app.add_option("--disk", disks, what + ". PATH[,format=raw|qcow2][,cache=none|writeback]; raw and cache=none by default, "
+                                  "qcow2 through qemu-nbd")
+      ->check([](const std::string& value) {
+        try {
+          kvm::parse_disk_config(value);
+          return std::string();
+        } catch (const std::exception& e) {
+          return std::string(e.what());
+        }
+      });
+}
+
+std::vector<kvm::DiskConfig> disk_configs(const std::vector<std::string>& disks) {
+  std::vector<kvm::DiskConfig> out;
+  for (const auto& d : disks) out.push_back(kvm::parse_disk_config(d));
+  return out;
 }
 
 void MemoryFlags::add_to(CLI::App& app) {
@@ -54,6 +74,7 @@ kvm::MachineConfig VmOptions::machine_config() const {
 std::unique_ptr<kvm::Machine> boot_machine(const VmOptions& options) {
   auto image = kvm::read_multiboot_file(options.kernel);
   auto machine = kvm::Machine::create(options.machine_config());
+  for (const auto& disk : disk_configs(options.disks)) machine->attach_disk(kvm::DiskImage::open(disk));
   machine->boot(image, options.append);
   machine->start();
   return machine;
@@ -72,9 +93,9 @@ void print_heartbeat_stats(const kvm::Probe& probe, std::FILE* out) {
     const auto& hb = vcpus[i];
     fmt::print(out,
                "vcpu {}: heartbeats {} (seq {}..{}), sequence breaks {}, longest gap {:.3f} ms, timer ticks {}, "
-               "sweep passes {}, self-check failures {}{}\n",
+               "sweep passes {}, disk checks {}, self-check failures {}{}\n",
                i, hb.count, hb.first_seq, hb.last_seq, hb.seq_breaks, static_cast<double>(hb.max_gap_ns) / 1e6,
-               hb.ticks, hb.sweep_passes, hb.check_failures,
+               hb.ticks, hb.sweep_passes, hb.disk_checks, hb.check_failures,
                hb.check_failures ? fmt::format(" (last code {:#x})", hb.last_failure_code) : "");
   }
 }
@@ -88,7 +109,9 @@ nlohmann::json guest_report(const kvm::Machine& machine) {
                      {"sequence_breaks", hb.seq_breaks},
                      {"longest_gap_ms", static_cast<double>(hb.max_gap_ns) / 1e6},
                      {"timer_ticks", hb.ticks},
-                     {"self_check_failures", hb.check_failures}});
+                     {"disk_checks", hb.disk_checks},
+                     {"self_check_failures", hb.check_failures},
+                     {"last_failure_code", hb.last_failure_code}});
   return {{"local_guest_heartbeats", beats}, {"local_guest_failure", machine.failure().value_or("")}};
 }
 

@@ -28,13 +28,19 @@ struct VmOptions {
   std::string append;
   std::string serial;
   MemoryFlags memory;
+  std::vector<std::string> disks;  // PATH[,format=raw|qcow2][,cache=none|writeback]
 
   // --kernel is required unless the tool can also work without booting a guest.
   void add_to(CLI::App& app, bool kernel_required = true);
   kvm::MachineConfig machine_config() const;
 };
 
-// Creates the machine, loads the image, starts the vCPUs. Errors carry a one-line reason.
+// --disk PATH[,format=raw|qcow2][,cache=none|writeback], repeatable, for mig-vm, mig-send and mig-recv.
+void add_disk_option(CLI::App& app, std::vector<std::string>& disks, const std::string& what);
+std::vector<kvm::DiskConfig> disk_configs(const std::vector<std::string>& disks);
+
+// Creates the machine, attaches its disks, loads the image, starts the vCPUs. Errors carry a
+// one-line reason.
 std::unique_ptr<kvm::Machine> boot_machine(const VmOptions& options);
 
 // Lets the guest run until `run_for` seconds have passed (forever if negative), the domain

@@ -25,6 +25,8 @@ const char* to_string(MessageType type) {
     case MessageType::postcopy_done: return "PostcopyDone";
     case MessageType::postcopy_resume: return "PostcopyResume";
     case MessageType::postcopy_resume_ack: return "PostcopyResumeAck";
+    case MessageType::disk_data: return "DiskData";
+    case MessageType::disk_zero: return "DiskZero";
   }
   return "unknown";
 }
@@ -38,6 +40,7 @@ void validate(const FrameHeader& header) {
       limit = sizeof(BatchHeader) + std::uint64_t{kMaxBatchPages} * (sizeof(PageDescriptor) + kPageSize);
       break;
     case MessageType::state_section: limit = kMaxStateSection + 1024; break;
+    case MessageType::disk_data: limit = kMaxDiskData + 64; break;
     case MessageType::page_plan: case MessageType::postcopy_start: case MessageType::postcopy_resume_ack:
       limit = kMaxPlanBytes;
       break;
@@ -45,7 +48,7 @@ void validate(const FrameHeader& header) {
     case MessageType::commit: case MessageType::running: case MessageType::handover: case MessageType::error:
     case MessageType::round_end: case MessageType::round_ack: case MessageType::shared_memory:
     case MessageType::channel_hello: case MessageType::page_request: case MessageType::postcopy_done:
-    case MessageType::postcopy_resume:
+    case MessageType::postcopy_resume: case MessageType::disk_zero:
       break;
     default: throw ProtocolError("unknown frame type " + std::to_string(header.type));
   }
@@ -94,6 +97,13 @@ std::vector<std::byte> encode(const Hello& m) {
   w.put_vector(m.regions);
   w.put(m.channels);
   w.put(m.session);
+  w.put(static_cast<std::uint32_t>(m.disks.size()));
+  for (const auto& d : m.disks) {
+    w.put(d.size);
+    w.put(d.chunk_bytes);
+    w.put(d.flags);
+    w.put_string(d.path);
+  }
   return w.take();
 }
 template <>
@@ -124,6 +134,19 @@ Hello decode<Hello>(std::span<const std::byte> payload) {
   m.channels = r.get<std::uint32_t>("Hello.channels");
   if (m.channels == 0 || m.channels > kMaxChannels) throw ProtocolError("Hello asks for " + std::to_string(m.channels) + " channels");
   m.session = r.get<std::uint64_t>("Hello.session");
+  const auto disks = r.get<std::uint32_t>("Hello.disks");
+  if (disks > kMaxDisks) throw ProtocolError("Hello has " + std::to_string(disks) + " disks");
+  for (std::uint32_t i = 0; i < disks; ++i) {
+    Disk d;
+    d.size = r.get<std::uint64_t>("Hello.disk.size");
+    d.chunk_bytes = r.get<std::uint32_t>("Hello.disk.chunk_bytes");
+    d.flags = r.get<std::uint32_t>("Hello.disk.flags");
+    d.path = r.get_string(kMaxPathBytes, "Hello.disk.path");
+    if (d.size == 0 || d.size % 512 || d.size > kMaxDiskBytes || d.chunk_bytes < kMinDiskChunk ||
+        d.chunk_bytes > kMaxDiskChunk || (d.chunk_bytes & (d.chunk_bytes - 1)) || (d.flags & ~kDiskCopy))
+      throw ProtocolError("Hello has a malformed disk");
+    m.disks.push_back(std::move(d));
+  }
   r.expect_end("Hello");
   return m;
 }
@@ -169,6 +192,7 @@ std::vector<std::byte> encode(const Complete& m) {
   ByteWriter w;
   w.put(m.page_digest);
   w.put(m.pages_sent);
+  w.put(m.disk_digest);
   return w.take();
 }
 template <>
@@ -177,6 +201,7 @@ Complete decode<Complete>(std::span<const std::byte> payload) {
   Complete m;
   m.page_digest = r.get<std::uint64_t>("Complete.page_digest");
   m.pages_sent = r.get<std::uint64_t>("Complete.pages_sent");
+  m.disk_digest = r.get<std::uint64_t>("Complete.disk_digest");
   r.expect_end("Complete");
   return m;
 }
@@ -335,6 +360,45 @@ template <>
 SharedMemory decode<SharedMemory>(std::span<const std::byte> payload) {
   const auto m = decode_field(payload, &SharedMemory::regions, "SharedMemory");
   if (m.regions == 0 || m.regions > kMaxRegions) throw ProtocolError("SharedMemory announces " + std::to_string(m.regions) + " regions");
+  return m;
+}
+
+std::vector<std::byte> encode(const DiskData& m) {
+  ByteWriter w;
+  w.put(m.disk);
+  w.put(m.offset);
+  w.put_bytes(m.data);
+  return w.take();
+}
+template <>
+DiskData decode<DiskData>(std::span<const std::byte> payload) {
+  ByteReader r(payload);
+  DiskData m;
+  m.disk = r.get<std::uint32_t>("DiskData.disk");
+  m.offset = r.get<std::uint64_t>("DiskData.offset");
+  auto data = r.get_bytes(kMaxDiskData, "DiskData.data");
+  if (data.empty()) throw ProtocolError("DiskData with no data");
+  m.data.assign(data.begin(), data.end());
+  r.expect_end("DiskData");
+  return m;
+}
+
+std::vector<std::byte> encode(const DiskZero& m) {
+  ByteWriter w;
+  w.put(m.disk);
+  w.put(m.offset);
+  w.put(m.length);
+  return w.take();
+}
+template <>
+DiskZero decode<DiskZero>(std::span<const std::byte> payload) {
+  ByteReader r(payload);
+  DiskZero m;
+  m.disk = r.get<std::uint32_t>("DiskZero.disk");
+  m.offset = r.get<std::uint64_t>("DiskZero.offset");
+  m.length = r.get<std::uint64_t>("DiskZero.length");
+  if (m.length == 0) throw ProtocolError("DiskZero of no bytes");
+  r.expect_end("DiskZero");
   return m;
 }
 

@@ -1,4 +1,4 @@
-// The mig migration protocol, whole. Version 1.
+// The mig migration protocol, whole. Version 2 (disks).
 //
 //   sender (source)                                   receiver (destination, incoming mode)
 //   Hello {version, capabilities, vcpus, regions, channels, session}
@@ -10,13 +10,16 @@
 //    the VM is built on the source's own memory and no page is sent]
 //   PagePlan {which pages round 0 carries}        ──▶  starts populating those pages, ahead
 //   PageBatch {round 0, descriptors, pages}       ──▶  pages land straight in guest memory
+//   DiskData {disk, offset, bytes}, DiskZero {disk, offset, length}   (--copy-storage-all:
+//                                                      channel 0, before each round's pages)
 //   RoundEnd {round 0}                            ──▶
 //                                                 ◀── RoundAck {round 0}   once all of it landed
 //   PageBatch, RoundEnd {round k ...} (pre-copy)  ──▶  ◀── RoundAck {round k}
 //       ... source pauses the guest ...
 //   PageBatch {final round}                       ──▶
 //   StateSection {name, version, bytes} × n       ──▶
-//   Complete {page-hash digest}                   ──▶  verifies, restores all state
+//   Complete {page-hash digest, disk digest}      ──▶  verifies, takes shared disks' locks,
+//                                                      restores all state
 //                                                 ◀── Ready {restore time}   or Error {message}
 //   Commit                                        ──▶  resumes the guest
 //                                                 ◀── Running {resumed at}
@@ -59,7 +62,7 @@
 namespace mig::wire {
 
 inline constexpr std::uint32_t kMagic = 0x3147494d;  // "MIG1"
-inline constexpr std::uint32_t kVersion = 1;
+inline constexpr std::uint32_t kVersion = 2;
 inline constexpr std::uint32_t kPageSize = 4096;
 
 // Bounds on what a receiver accepts.
@@ -74,6 +77,11 @@ inline constexpr std::uint64_t kMaxGuestBytes = 1ull << 40;
 inline constexpr std::size_t kMaxNameBytes = 64;
 inline constexpr std::size_t kMaxMessageBytes = 4096;
 inline constexpr std::uint32_t kMaxChannels = 16;
+inline constexpr std::uint32_t kMaxDisks = 16;
+inline constexpr std::uint64_t kMaxDiskBytes = 1ull << 44;      // 16 TiB
+inline constexpr std::uint32_t kMaxDiskData = 1u << 20;         // bytes in one DiskData
+inline constexpr std::uint32_t kMinDiskChunk = 4096, kMaxDiskChunk = 1u << 20;
+inline constexpr std::size_t kMaxPathBytes = 4096;
 // With parallel channels, the page at guest page number P travels on channel
 // (P / kChannelChunkPages) % channels, always, so its copies arrive in round order.
 inline constexpr std::uint64_t kChannelChunkPages = 512;
@@ -105,6 +113,8 @@ enum class MessageType : std::uint16_t {
   postcopy_done = 18,
   postcopy_resume = 19,
   postcopy_resume_ack = 20,
+  disk_data = 21,
+  disk_zero = 22,
 };
 const char* to_string(MessageType type);
 
@@ -130,6 +140,17 @@ struct Region {
   friend bool operator==(const Region&, const Region&) = default;
 };
 
+// A guest disk. Shared storage (the default) moves no data: the destination opens the same
+// image (by this path unless told otherwise) and takes its lock at the switchover. With
+// kDiskCopy the data travels: the destination writes it into an image of its own.
+inline constexpr std::uint32_t kDiskCopy = 1u << 0;
+struct Disk {
+  std::uint64_t size = 0;         // bytes, a multiple of 512
+  std::uint32_t chunk_bytes = 0;  // the unit of write tracking, hashing and sending; a power of two
+  std::uint32_t flags = 0;
+  std::string path;               // the source's image, for operators and the shared-storage default
+  friend bool operator==(const Disk&, const Disk&) = default;
+};
 struct Hello {
   std::uint32_t version = kVersion;
   std::uint32_t capabilities = 0;
@@ -139,6 +160,7 @@ struct Hello {
   std::vector<Region> regions;
   std::uint32_t channels = 1;  // connections the sender would like to use for pages
   std::uint64_t session = 0;   // ties the extra channels' connections to this one
+  std::vector<Disk> disks;
   friend bool operator==(const Hello&, const Hello&) = default;
 };
 
@@ -253,9 +275,24 @@ struct StateSection {
   friend bool operator==(const StateSection&, const StateSection&) = default;
 };
 
+// Disk contents from `offset` (a multiple of the disk's chunk): whole chunks, the last one
+// possibly cut short by the end of the disk.
+struct DiskData {
+  std::uint32_t disk = 0;
+  std::uint64_t offset = 0;
+  std::vector<std::byte> data;
+  friend bool operator==(const DiskData&, const DiskData&) = default;
+};
+// Whole chunks that read as zero: a hole at the destination, never written zeros.
+struct DiskZero {
+  std::uint32_t disk = 0;
+  std::uint64_t offset = 0, length = 0;
+  friend bool operator==(const DiskZero&, const DiskZero&) = default;
+};
 struct Complete {
   std::uint64_t page_digest = 0;  // XXH3 over the per-page hashes of every page, in order
   std::uint64_t pages_sent = 0;
+  std::uint64_t disk_digest = 0;  // over the per-chunk hashes of every disk chunk sent (engine/disk_migration.h)
   friend bool operator==(const Complete&, const Complete&) = default;
 };
 
@@ -308,6 +345,8 @@ std::vector<std::byte> encode(const PageRequest& m);
 std::vector<std::byte> encode(const PostcopyDone& m);
 std::vector<std::byte> encode(const PostcopyResume& m);
 std::vector<std::byte> encode(const PostcopyResumeAck& m);
+std::vector<std::byte> encode(const DiskData& m);
+std::vector<std::byte> encode(const DiskZero& m);
 
 template <typename T>
 T decode(std::span<const std::byte> payload);
@@ -334,5 +373,7 @@ template <> constexpr MessageType type_of<PageRequest>() { return MessageType::p
 template <> constexpr MessageType type_of<PostcopyDone>() { return MessageType::postcopy_done; }
 template <> constexpr MessageType type_of<PostcopyResume>() { return MessageType::postcopy_resume; }
 template <> constexpr MessageType type_of<PostcopyResumeAck>() { return MessageType::postcopy_resume_ack; }
+template <> constexpr MessageType type_of<DiskData>() { return MessageType::disk_data; }
+template <> constexpr MessageType type_of<DiskZero>() { return MessageType::disk_zero; }
 
 }  // namespace mig::wire

@@ -1,5 +1,7 @@
 #include "vmm/kvm_vm.h"
 
+#include <sys/stat.h>
+
 #include <condition_variable>
 #include <mutex>
 
@@ -58,6 +60,8 @@ std::vector<engine::StateSection> encode_state(const kvm::MachineState& state) {
   wire::ByteWriter probe;
   probe.put_vector(state.probe);
   sections.push_back({"probe", kSectionVersion, probe.take()});
+  for (std::size_t i = 0; i < state.disks.size(); ++i)
+    sections.push_back({"virtio-blk." + std::to_string(i), kSectionVersion, wire::encode_value(state.disks[i])});
   return sections;
 }
 
@@ -81,6 +85,8 @@ kvm::MachineState decode_state(const std::vector<engine::StateSection>& sections
       have_probe = true;
     } else if (s.name == "vcpu." + std::to_string(state.vcpus.size())) {
       state.vcpus.push_back(decode_vcpu(s.data));
+    } else if (s.name == "virtio-blk." + std::to_string(state.disks.size())) {
+      state.disks.push_back(wire::decode_value<kvm::VirtioBlkState>(s.data, "virtio-blk section"));
     } else {
       throw wire::ProtocolError("unknown or out-of-order state section '" + s.name + "'");
     }
@@ -110,8 +116,43 @@ engine::VmShape KvmVm::pc_shape(std::uint64_t mem_bytes, unsigned vcpus) {
   return shape;
 }
 
+namespace {
+
+// The destination's image for the source's disk `index` (see KvmVm::factory).
+std::unique_ptr<kvm::DiskImage> open_incoming_disk(const engine::VmShape::Disk& disk, std::size_t index,
+                                                   const std::vector<kvm::DiskConfig>& given) {
+  if (disk.copy && index >= given.size())
+    throw std::runtime_error("the source copies disk " + std::to_string(index) + " (" + disk.source_path +
+                             "): give mig-recv --disk PATH for the image to write it into");
+  const kvm::DiskConfig config = index < given.size() ? given[index] : kvm::DiskConfig{disk.source_path};
+  if (!disk.copy) return kvm::DiskImage::open(config, kvm::DiskImage::Open::existing_unlocked);
+  struct stat ours {}, theirs {};
+  if (::stat(config.path.c_str(), &ours) == 0 && ::stat(disk.source_path.c_str(), &theirs) == 0 &&
+      ours.st_dev == theirs.st_dev && ours.st_ino == theirs.st_ino)
+    throw std::runtime_error("disk image " + config.path + " is the source's own image: --copy-storage-all needs another");
+  return kvm::DiskImage::open(config, kvm::DiskImage::Open::create, disk.size);
+}
+
+}  // namespace
+
+KvmVm::KvmVm(std::unique_ptr<kvm::Machine> machine) : machine_(std::move(machine)) {
+  for (std::size_t i = 0; i < machine_->disk_count(); ++i) disks_.push_back(std::make_unique<KvmDisk>(machine_->disk(i)));
+}
+
+std::vector<engine::MigratableDisk*> KvmVm::disks() {
+  std::vector<engine::MigratableDisk*> out;
+  for (auto& d : disks_) out.push_back(d.get());
+  return out;
+}
+
+std::vector<engine::DiskExtent> KvmDisk::data_extents() {
+  std::vector<engine::DiskExtent> out;
+  for (const auto& e : device_.image().data_extents()) out.push_back({e.offset, e.length});
+  return out;
+}
+
 engine::VmFactory KvmVm::factory(std::string serial_path, kvm::MemoryOptions memory,
-                                 std::optional<engine::VmShape> expected) {
+                                 std::optional<engine::VmShape> expected, std::vector<kvm::DiskConfig> disks) {
   // A machine built ahead fills its memory while the receiver waits, off the clock: it takes
   // huge pages from the start, whatever they cost to fill here.
   auto config_for = [serial_path, memory](const engine::VmShape& shape, bool built_ahead) {
@@ -130,13 +171,17 @@ engine::VmFactory KvmVm::factory(std::string serial_path, kvm::MemoryOptions mem
     *prepared = kvm::Machine::create(config_for(*expected, true));
     (*prepared)->memory().populate();
   }
-  return [config_for, prepared](const engine::VmShape& shape) -> std::unique_ptr<engine::MigratableVm> {
+  return [config_for, prepared, disks](const engine::VmShape& shape) -> std::unique_ptr<engine::MigratableVm> {
+    if (shape.disks.size() < disks.size())
+      throw std::runtime_error("mig-recv was given " + std::to_string(disks.size()) + " disks, the source has " +
+                               std::to_string(shape.disks.size()));
     const kvm::MachineConfig config = config_for(shape, false);
-    if (auto machine = std::move(*prepared); machine && config.shared_memory_fds.empty() &&
-                                             machine->config().vcpus == config.vcpus &&
-                                             machine->memory().layout() == config.layout)
-      return std::make_unique<KvmVm>(std::move(machine));
-    return std::make_unique<KvmVm>(kvm::Machine::create(config));
+    auto machine = std::move(*prepared);
+    if (!machine || !config.shared_memory_fds.empty() || machine->config().vcpus != config.vcpus ||
+        machine->memory().layout() != config.layout)
+      machine = kvm::Machine::create(config);
+    for (std::size_t i = 0; i < shape.disks.size(); ++i) machine->attach_disk(open_incoming_disk(shape.disks[i], i, disks));
+    return std::make_unique<KvmVm>(std::move(machine));
   };
 }
 

@@ -11,16 +11,42 @@
 
 namespace mig::vmm {
 
+// A virtio-blk disk of the machine, as the engine sees it.
+class KvmDisk final : public engine::MigratableDisk {
+ public:
+  explicit KvmDisk(kvm::VirtioBlk& device) : device_(device) {}
+  std::uint64_t size() const override { return device_.image().size(); }
+  std::string path() const override { return device_.image().config().path; }
+  std::uint64_t chunk_bytes() const override { return kvm::VirtioBlk::kWriteChunk; }
+  std::vector<engine::DiskExtent> data_extents() override;
+  void track_writes(bool on) override { device_.track_writes(on); }
+  void fetch_written(std::span<std::uint64_t> bitmap) override { device_.fetch_written(bitmap); }
+  void read(std::uint64_t offset, std::span<std::byte> out) override { device_.image().read(offset, out); }
+  void write(std::uint64_t offset, std::span<const std::byte> data) override { device_.image().write(offset, data); }
+  void write_zeroes(std::uint64_t offset, std::uint64_t length) override { device_.image().write_zeroes(offset, length); }
+  void release() override { device_.image().release(); }
+  void reacquire() override { device_.image().reacquire(); }
+
+ private:
+  kvm::VirtioBlk& device_;
+};
+
 class KvmVm final : public engine::MigratableVm {
  public:
-  explicit KvmVm(std::unique_ptr<kvm::Machine> machine) : machine_(std::move(machine)) {}
+  // Disks are those the machine has now.
+  explicit KvmVm(std::unique_ptr<kvm::Machine> machine);
 
   // The receiver's factory: an empty, not yet started machine of the sender's shape.
   // With `expected`, a machine of that shape is built now, its memory populated, so that a
   // receiver pays for it while it waits; it is used if the sender's shape matches, and
   // discarded otherwise.
+  //
+  // Disks: `disks[i]` is the image for the source's disk i. With --copy-storage-all it is
+  // created (or an existing one, large enough, is written over); shared storage opens the
+  // image named, by default the source's own path, and takes its lock at the switchover.
   static engine::VmFactory factory(std::string serial_path, kvm::MemoryOptions memory,
-                                   std::optional<engine::VmShape> expected = std::nullopt);
+                                   std::optional<engine::VmShape> expected = std::nullopt,
+                                   std::vector<kvm::DiskConfig> disks = {});
   // The receiver's memory: what `wanted` asks for, except that where huge pages fill fresh
   // memory slower than small ones on this host (kvm::free_huge_blocks_reported_to_hypervisor),
   // incoming pages are faulted in 4 KiB pages and huge pages are asked for once the guest
@@ -41,7 +67,7 @@ class KvmVm final : public engine::MigratableVm {
   void start_dirty_log() override { machine_->vm().set_dirty_logging(true); }
   void stop_dirty_log() override { machine_->vm().set_dirty_logging(false); }
   void fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) override {
-    machine_->vm().fetch_and_clear_dirty_log(region, bitmap);
+    machine_->fetch_and_clear_dirty_log(region, bitmap);
   }
   std::vector<int> shareable_memory_fds() const override;
   void populated_pages(std::size_t region, std::span<std::uint64_t> bitmap) override {
@@ -62,9 +88,11 @@ class KvmVm final : public engine::MigratableVm {
   std::vector<engine::StateSection> save_state() override;
   void restore_state(const std::vector<engine::StateSection>& sections) override;
   std::optional<engine::GuestHandover> wait_guest_handover(std::chrono::milliseconds timeout) override;
+  std::vector<engine::MigratableDisk*> disks() override;
 
  private:
   std::unique_ptr<kvm::Machine> machine_;
+  std::vector<std::unique_ptr<KvmDisk>> disks_;
   std::jthread throttler_;  // declared after machine_: stopped before the machine goes
 };
 
