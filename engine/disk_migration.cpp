@@ -188,6 +188,7 @@ void DiskSender::send_run(transport::Stream& stream, std::size_t d, std::uint64_
 }
 
 void DiskSender::release_all() {
+  if (copy_) return;  // copied disks stay this side's: the destination writes its own images
   for (auto* disk : disks_) {
     disk->release();
     released_ = true;

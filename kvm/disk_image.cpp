@@ -279,7 +279,7 @@ std::unique_ptr<DiskImage> open_qcow2(const DiskConfig& config, DiskImage::Open 
   if (::nbd_add_meta_context(nbd, "base:allocation") < 0 ||
       ::nbd_connect_systemd_socket_activation(nbd, const_cast<char**>(argv)) < 0) {
     std::string why = ::nbd_get_error();
-    if (why.find("lock") != std::string::npos || why.find("closed") != std::string::npos)
+    if (why.find("lock") != std::string::npos || why.find("closed") != std::string::npos || why.find("reset") != std::string::npos)
       why = "qemu-nbd could not open it (not qcow2, or locked by another process): " + why;
     throw image_error(config.path, why);
   }

@@ -248,6 +248,7 @@ void VirtioBlk::kick() {
 void VirtioBlk::quiesce() {
   std::unique_lock lock(mutex_);
   paused_ = true;
+  drained_at_pause_ += in_flight_;
   drained_.wait(lock, [&] { return in_flight_ == 0; });
 }
 

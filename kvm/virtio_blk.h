@@ -82,8 +82,9 @@ class VirtioBlk final : public PciFunction {
   void track_writes(bool on) { tracking_writes_ = on; }
   void fetch_written(std::span<std::uint64_t> bitmap);
 
-  // Requests completed, for tests.
+  // Requests completed, and of them those a pause had to wait for (in flight when it came).
   std::uint64_t completed() const { return completed_.load(); }
+  std::uint64_t drained_at_pause() const { return drained_at_pause_.load(); }
 
  private:
   struct Request;
@@ -125,7 +126,7 @@ class VirtioBlk final : public PciFunction {
 
   std::atomic<bool> tracking_writes_{false};
   std::vector<std::atomic<std::uint64_t>> written_;  // a bit per kWriteChunk
-  std::atomic<std::uint64_t> completed_{0};
+  std::atomic<std::uint64_t> completed_{0}, drained_at_pause_{0};
 
   struct Uring;
   std::unique_ptr<Uring> uring_;

@@ -2,6 +2,7 @@
 #include <catch2/catch.hpp>
 #include <condition_variable>
 #include <deque>
+#include <fstream>
 #include <future>
 #include <mutex>
 
@@ -22,11 +23,13 @@ constexpr std::uint64_t kPages = 4096;  // 16 MiB
 // Runs the receiver on a thread and the sender here, joined by `relay` (which may tamper).
 template <typename Relay>
 std::pair<engine::MigrationStats, engine::IncomingResult> run_migration(test::FakeVm& source, test::FakeVm** destination,
-                                                                       const engine::SenderOptions& options, Relay relay) {
+                                                                       const engine::SenderOptions& options, Relay relay,
+                                                                       test::DiskOpener open_disk = {}) {
   auto [send_end, relay_in] = test::stream_pair();
   auto [relay_out, recv_end] = test::stream_pair();
   auto receiver = std::async(std::launch::async, [&, s = std::move(recv_end)]() mutable {
-    return engine::IncomingMigration(s, test::fake_factory(destination), engine::ReceiverOptions{2000ms, 100ms, {}, {}}).run();
+    return engine::IncomingMigration(s, test::fake_factory(destination, open_disk), engine::ReceiverOptions{2000ms, 100ms, {}, {}})
+        .run();
   });
   auto relay_thread = std::async(std::launch::async, [&, in = std::move(relay_in), out = std::move(relay_out)]() mutable {
     relay(in, out);
@@ -557,4 +560,151 @@ TEST_CASE("a receiver whose extra channels never connect gives up within its tim
   CHECK(result.stats.status == engine::MigrationStatus::failed);
   CHECK_THAT(result.stats.error, Contains("nobody connected"));
   CHECK(std::chrono::steady_clock::now() - started < 2s);
+}
+
+namespace {
+
+// A sparse raw image of `size` with `data` bytes of pattern at `offset` (cache=writeback: the
+// test's buffers are not aligned for direct I/O).
+std::string make_image(const std::string& name, std::uint64_t size, std::uint64_t offset = 0, std::uint64_t data = 0) {
+  const std::string path = "/tmp/mig-engine-test-" + std::to_string(::getpid()) + "-" + name;
+  std::remove(path.c_str());
+  auto image = kvm::DiskImage::open({path, kvm::ImageFormat::raw, kvm::CacheMode::writeback}, kvm::DiskImage::Open::create, size);
+  std::vector<std::byte> bytes(data);
+  for (std::size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<std::byte>(i * 7 + 1);
+  if (data) image->write(offset, bytes);
+  return path;
+}
+
+kvm::DiskConfig writeback(const std::string& path) { return {path, kvm::ImageFormat::raw, kvm::CacheMode::writeback}; }
+
+std::vector<std::byte> file_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::vector<char> chars((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return {reinterpret_cast<const std::byte*>(chars.data()), reinterpret_cast<const std::byte*>(chars.data()) + chars.size()};
+}
+
+}  // namespace
+
+TEST_CASE("shared storage: the image's lock changes hands at the switchover - or stays with a source that fails") {
+  using T = wire::MessageType;
+  const auto path = make_image("shared.img", 4 << 20, 1 << 20, 64 << 10);
+  // Whoever opens the image while the source holds it can open it, but not lock it.
+  auto destination_image = [&](const engine::VmShape::Disk& d) {
+    CHECK(d.source_path == path);
+    CHECK_FALSE(d.copy);
+    return kvm::DiskImage::open(writeback(d.source_path), kvm::DiskImage::Open::existing_unlocked);
+  };
+  SECTION("completed: the destination holds it, the source does not") {
+    test::FakeVm source({kPages});
+    source.disk_list.push_back(std::make_unique<test::ImageDisk>(kvm::DiskImage::open(writeback(path))));
+    test::FakeVm* destination = nullptr;
+    auto [sent, received] = run_migration(source, &destination, engine::SenderOptions{}, pass_through(), destination_image);
+    REQUIRE(sent.status == engine::MigrationStatus::completed);
+    REQUIRE(received.vm);
+    CHECK_THROWS_WITH(source.disk_list[0]->reacquire(), Contains("locked by another process"));
+    received.vm.reset();  // the destination goes: so does its lock
+    CHECK_FALSE(kvm::DiskImage::locked_elsewhere(path));
+    REQUIRE(sent.disk);
+    CHECK_FALSE(sent.disk->copied);
+  }
+  SECTION("failed at any stage before the commit: the source has it back, the destination never kept it") {
+    for (auto [type, nth] : std::vector<std::pair<T, int>>{{T::hello, 0}, {T::page_batch, 0}, {T::state_section, 0},
+                                                            {T::complete, 0}, {T::commit, 0}}) {
+      test::FakeVm source({kPages});
+      fill(source, kPages);
+      source.disk_list.push_back(std::make_unique<test::ImageDisk>(kvm::DiskImage::open(writeback(path))));
+      test::FakeVm* destination = nullptr;
+      int seen = 0;
+      auto relay = frame_relay([&, type = type, nth = nth](int, wire::FrameHeader& h, std::vector<std::byte>&) {
+        return !(h.type == static_cast<std::uint16_t>(type) && seen++ == nth);
+      });
+      auto [sent, received] = run_migration(source, &destination, engine::SenderOptions{}, relay, destination_image);
+      INFO("cut at " << wire::to_string(type) << ": " << sent.error);
+      CHECK(received.vm == nullptr);
+      if (type == T::commit) {
+        // The source cannot know whether the destination runs the guest: it stays paused and
+        // keeps its hands off the image.
+        CHECK(sent.status == engine::MigrationStatus::handoff_unknown);
+        CHECK_FALSE(kvm::DiskImage::locked_elsewhere(path));
+        continue;
+      }
+      CHECK(sent.status == engine::MigrationStatus::failed);
+      CHECK_FALSE(source.paused());
+      // The source holds the lock again: a third party cannot take it.
+      CHECK_THROWS_WITH(kvm::DiskImage::open(writeback(path)), Contains("locked by another process"));
+    }
+  }
+  std::remove(path.c_str());
+}
+
+TEST_CASE("copy-storage: chunks the guest writes during the rounds arrive - holes stay holes - and the digest verifies") {
+  const std::uint64_t size = 64ull << 20;
+  const auto source_path = make_image("copy-src.img", size, 8 << 20, 4 << 20);
+  const auto destination_path = "/tmp/mig-engine-test-" + std::to_string(::getpid()) + "-copy-dst.img";
+  std::remove(destination_path.c_str());
+  test::FakeVm source({kPages});
+  fill(source, kPages);
+  source.disk_list.push_back(std::make_unique<test::ImageDisk>(kvm::DiskImage::open(writeback(source_path))));
+  auto& disk = *source.disk_list[0];
+  // Each fetch of the dirty log is a round boundary: the guest writes a few blocks, one of
+  // them into a hole, one all zeros over data.
+  int round = 0;
+  source.before_fetch = [&](test::FakeVm&) {
+    std::vector<std::byte> block(16 << 10, static_cast<std::byte>(0x40 + round));
+    disk.guest_write((20ull << 20) + static_cast<std::uint64_t>(round) * (1 << 20), block);
+    disk.guest_write((8ull << 20) + static_cast<std::uint64_t>(round % 3) * (64 << 10), std::vector<std::byte>(64 << 10));
+    ++round;
+  };
+  test::FakeVm* destination = nullptr;
+  engine::SenderOptions options;
+  options.copy_storage = true;
+  options.policy.max_rounds = 4;
+  auto [sent, received] = run_migration(source, &destination, options, pass_through(), [&](const engine::VmShape::Disk& d) {
+    CHECK(d.copy);
+    return kvm::DiskImage::open(writeback(destination_path), kvm::DiskImage::Open::create, d.size);
+  });
+  REQUIRE(sent.status == engine::MigrationStatus::completed);
+  REQUIRE(received.stats.status == engine::MigrationStatus::completed);
+  REQUIRE(sent.disk);
+  CHECK(sent.disk->verified);
+  CHECK(sent.disk->remaining_bytes == 0);
+  CHECK(sent.disk->zero_bytes > 0);
+  CHECK(round >= 2);
+  // Round 0 moved the 4 MiB of data, not the 64 MiB disk; later rounds the written chunks.
+  CHECK(sent.disk->processed_bytes < (4u << 20) + static_cast<std::uint64_t>(round) * (256 << 10));
+  received.vm.reset();
+  CHECK(file_bytes(destination_path) == file_bytes(source_path));
+  auto copy = kvm::DiskImage::open(writeback(destination_path));
+  CHECK(copy->allocated_bytes() <= disk.image().allocated_bytes() * 105 / 100);
+  std::remove(source_path.c_str());
+  std::remove(destination_path.c_str());
+}
+
+TEST_CASE("copy-storage: a disk chunk corrupted in flight fails verification - and a chunk outside the disk is refused") {
+  const auto source_path = make_image("bad-src.img", 4 << 20, 0, 1 << 20);
+  const auto destination_path = "/tmp/mig-engine-test-" + std::to_string(::getpid()) + "-bad-dst.img";
+  for (const bool outside : {false, true}) {
+    std::remove(destination_path.c_str());
+    test::FakeVm source({kPages});
+    source.disk_list.push_back(std::make_unique<test::ImageDisk>(kvm::DiskImage::open(writeback(source_path))));
+    test::FakeVm* destination = nullptr;
+    engine::SenderOptions options;
+    options.copy_storage = true;
+    auto relay = frame_relay([outside](int, wire::FrameHeader& h, std::vector<std::byte>& payload) {
+      if (h.type == static_cast<std::uint16_t>(wire::MessageType::disk_data)) {
+        if (outside) payload[4] = std::byte{0x7f};  // the offset's low byte: no longer a chunk boundary
+        else payload.back() ^= std::byte{1};
+      }
+      return true;
+    });
+    auto [sent, received] = run_migration(source, &destination, options, relay, [&](const engine::VmShape::Disk& d) {
+      return kvm::DiskImage::open(writeback(destination_path), kvm::DiskImage::Open::create, d.size);
+    });
+    CHECK(sent.status == engine::MigrationStatus::failed);
+    CHECK_FALSE(source.paused());
+    CHECK_THAT(received.stats.error, Contains(outside ? "not in whole chunks" : "disk contents differ"));
+  }
+  std::remove(source_path.c_str());
+  std::remove(destination_path.c_str());
 }

@@ -13,10 +13,12 @@
 #include <optional>
 #include <random>
 #include <thread>
+#include <utility>
 
 #include "engine/incoming_migration.h"
 #include "engine/source_migration.h"
 #include "engine/vm.h"
+#include "kvm/disk_image.h"
 #include "transport/stream.h"
 
 namespace mig::test {
@@ -38,6 +40,49 @@ struct PageAllocator {
   friend bool operator==(const PageAllocator&, const PageAllocator&) { return true; }
 };
 using GuestBytes = std::vector<std::byte, PageAllocator<std::byte>>;
+
+// A disk on a real image file (real OFD locks, real holes), written by the test as a guest
+// would write it.
+class ImageDisk final : public engine::MigratableDisk {
+ public:
+  static constexpr std::uint64_t kChunk = 64 * 1024;
+  explicit ImageDisk(std::unique_ptr<kvm::DiskImage> image)
+      : image_(std::move(image)), written_((image_->size() / kChunk + 64) / 64) {}
+  kvm::DiskImage& image() { return *image_; }
+  void guest_write(std::uint64_t offset, std::span<const std::byte> data) {
+    std::lock_guard lock(mutex_);
+    image_->write(offset, data);
+    if (!tracking_) return;
+    for (std::uint64_t c = offset / kChunk; c <= (offset + data.size() - 1) / kChunk; ++c) written_[c / 64] |= 1ull << (c % 64);
+  }
+  std::uint64_t size() const override { return image_->size(); }
+  std::string path() const override { return image_->config().path; }
+  std::uint64_t chunk_bytes() const override { return kChunk; }
+  std::vector<engine::DiskExtent> data_extents() override {
+    std::vector<engine::DiskExtent> out;
+    for (const auto& e : image_->data_extents()) out.push_back({e.offset, e.length});
+    return out;
+  }
+  void track_writes(bool on) override {
+    std::lock_guard lock(mutex_);
+    tracking_ = on;
+  }
+  void fetch_written(std::span<std::uint64_t> bitmap) override {
+    std::lock_guard lock(mutex_);
+    for (std::size_t i = 0; i < std::min(bitmap.size(), written_.size()); ++i) bitmap[i] |= std::exchange(written_[i], 0);
+  }
+  void read(std::uint64_t offset, std::span<std::byte> out) override { image_->read(offset, out); }
+  void write(std::uint64_t offset, std::span<const std::byte> data) override { image_->write(offset, data); }
+  void write_zeroes(std::uint64_t offset, std::uint64_t length) override { image_->write_zeroes(offset, length); }
+  void release() override { image_->release(); }
+  void reacquire() override { image_->reacquire(); }
+
+ private:
+  std::unique_ptr<kvm::DiskImage> image_;
+  std::mutex mutex_;
+  bool tracking_ = false;
+  std::vector<std::uint64_t> written_;
+};
 
 class FakeVm final : public engine::MigratableVm {
  public:
@@ -120,6 +165,12 @@ class FakeVm final : public engine::MigratableVm {
     return {{"fake.cpu", 3, {std::byte{0xab}, std::byte{0xcd}}}, {"fake.dev", 1, {}}};
   }
   void restore_state(const std::vector<engine::StateSection>& sections) override { restored = sections; }
+  std::vector<engine::MigratableDisk*> disks() override {
+    std::vector<engine::MigratableDisk*> out;
+    for (auto& d : disk_list) out.push_back(d.get());
+    return out;
+  }
+  std::vector<std::unique_ptr<ImageDisk>> disk_list;
 
   std::atomic<int> pauses{0}, resumes{0};
   bool thrash = false;
@@ -166,12 +217,15 @@ inline std::pair<transport::Stream, transport::Stream> stream_pair() {
   return {transport::Stream(UniqueFd(fds[0])), transport::Stream(UniqueFd(fds[1]))};
 }
 
-// Builds FakeVms of the sender's shape; the last one built is left in *made.
-inline engine::VmFactory fake_factory(FakeVm** made) {
-  return [made](const engine::VmShape& shape) -> std::unique_ptr<engine::MigratableVm> {
+// Builds FakeVms of the sender's shape; the last one built is left in *made. `open_disk`
+// gives the image for each of the sender's disks.
+using DiskOpener = std::function<std::unique_ptr<kvm::DiskImage>(const engine::VmShape::Disk&)>;
+inline engine::VmFactory fake_factory(FakeVm** made, DiskOpener open_disk = {}) {
+  return [made, open_disk](const engine::VmShape& shape) -> std::unique_ptr<engine::MigratableVm> {
     std::vector<std::uint64_t> pages;
     for (const auto& r : shape.regions) pages.push_back(r.size / engine::kPageSize);
     auto vm = std::make_unique<FakeVm>(pages);
+    for (const auto& d : shape.disks) vm->disk_list.push_back(std::make_unique<ImageDisk>(open_disk(d)));
     *made = vm.get();
     return vm;
   };

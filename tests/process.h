@@ -98,9 +98,10 @@ inline nlohmann::json read_json(const std::string& path) {
   return nlohmann::json::parse(in);
 }
 
-inline std::vector<std::string> send_args(const std::string& to, const std::string& stats, const std::string& append) {
+inline std::vector<std::string> send_args(const std::string& to, const std::string& stats, const std::string& append,
+                                          const std::string& after = "0.3") {
   return {kTools + "mig-send", "--kernel", test::kGuestImage, "--mem", "128M", "--append", append,
-          "--to", to, "--after", "0.3", "--stats-json", stats};
+          "--to", to, "--after", after, "--stats-json", stats};
 }
 
 

@@ -109,6 +109,9 @@ sigset_t control_signal_set() {
 }  // namespace
 
 ControlSignals::ControlSignals() {
+  // A peer that went away must be an error on the write, not the end of the process: our
+  // own sockets say MSG_NOSIGNAL, but libnbd's connection to qemu-nbd may not.
+  ::signal(SIGPIPE, SIG_IGN);
   const sigset_t set = control_signal_set();
   ::pthread_sigmask(SIG_BLOCK, &set, nullptr);
   watcher_ = std::thread([this] { watch(); });

@@ -1,0 +1,133 @@
+// Disks that move with the guest, through the tools as operators run them.
+#include <sys/stat.h>
+
+#include <catch2/catch.hpp>
+#include <fstream>
+
+#include "kvm/disk_image.h"
+#include "tests/process.h"
+
+using namespace mig;
+using namespace mig::test;
+using Catch::Matchers::Contains;
+
+namespace {
+
+std::vector<char> file_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+std::uint64_t allocated(const std::string& path) {
+  struct stat st {};
+  REQUIRE(::stat(path.c_str(), &st) == 0);
+  return static_cast<std::uint64_t>(st.st_blocks) * 512;
+}
+
+// A sparse image with `data` bytes of pattern written at `offset`.
+void make_image(const kvm::DiskConfig& config, std::uint64_t size, std::uint64_t offset, std::uint64_t data) {
+  std::remove(config.path.c_str());
+  auto image = kvm::DiskImage::open({config.path, config.format, kvm::CacheMode::writeback}, kvm::DiskImage::Open::create, size);
+  std::vector<std::byte> block(1 << 20);
+  for (std::uint64_t at = 0; at < data; at += block.size()) {
+    for (std::size_t i = 0; i < block.size(); i += 8) block[i] = static_cast<std::byte>((at + i) >> 12);
+    image->write(offset + at, block);
+  }
+}
+
+std::vector<std::string> with(std::vector<std::string> args, std::vector<std::string> more) {
+  args.insert(args.end(), more.begin(), more.end());
+  return args;
+}
+
+}  // namespace
+
+TEST_CASE("copy-storage-all moves a disk the guest writes - byte for byte, holes kept - and the guest's checks pass on both sides") {
+  test::require_kvm();
+  const auto source = temp_path("copy-src.img"), destination = temp_path("copy-dst.img"), qmp = temp_path("copy.qmp");
+  const auto send_stats = temp_path("copy-send.json"), recv_stats = temp_path("copy-recv.json");
+  make_image({source}, 256ull << 20, 32ull << 20, 16ull << 20);
+  std::remove(destination.c_str());
+  auto [receiver, endpoint] = start_receiver({"--disk", destination, "--paused", "--qmp", "unix:" + qmp, "--run-for", "1.5",
+                                              "--stats-json", recv_stats});
+  Child sender(with(send_args(endpoint, send_stats, "mode=random rate=50 wss=16M disk=1 diskrate=20 diskspan=64M", "1"),
+                    {"--disk", source, "--copy-storage-all"}));
+  INFO(sender.stderr_text() << receiver->stderr_text());
+  REQUIRE(sender.wait() == 0);
+  // The destination holds the guest paused: its image is what arrived.
+  CHECK(file_bytes(destination) == file_bytes(source));
+  CHECK(allocated(destination) <= allocated(source) * 105 / 100);
+  const auto s = read_json(send_stats);
+  CHECK(s["disk"]["copied"] == true);
+  CHECK(s["disk"]["verified"] == true);
+  CHECK(s["disk"]["remaining"] == 0);
+  CHECK(s["disk"]["processed"].get<std::uint64_t>() >= 16ull << 20);
+  REQUIRE(ctl(qmp, {"cont"}).exit_code == 0);
+  REQUIRE(receiver->wait() == 0);
+  // The guest's counters travel with it: these cover its time on both sides. At 20 MB/s it
+  // checks about 300 blocks a second; the source ran it for about a second, the destination
+  // for 1.5 more.
+  const auto r = read_json(recv_stats);
+  CHECK(r["disk"]["verified"] == true);
+  CHECK(r["local_guest_heartbeats"][0]["self_check_failures"] == 0);
+  CHECK(r["local_guest_heartbeats"][0]["disk_checks"].get<std::uint64_t>() > 500);
+  for (const auto& p : {source, destination, send_stats, recv_stats}) std::remove(p.c_str());
+}
+
+TEST_CASE("qcow2: a 4 GiB image holding 256 MiB moves only its data") {
+  test::require_kvm();
+  const auto source = temp_path("src.qcow2"), destination = temp_path("dst.qcow2");
+  const auto send_stats = temp_path("qcow2-send.json");
+  make_image({source, kvm::ImageFormat::qcow2}, 4ull << 30, 1ull << 30, 256ull << 20);
+  std::remove(destination.c_str());
+  auto [receiver, endpoint] = start_receiver({"--disk", destination + ",format=qcow2", "--run-for", "0.2"});
+  Child sender(with(send_args(endpoint, send_stats, "mode=idle wss=8M"),
+                    {"--disk", source + ",format=qcow2,cache=writeback", "--copy-storage-all"}));
+  INFO(sender.stderr_text() << receiver->stderr_text());
+  REQUIRE(sender.wait() == 0);
+  REQUIRE(receiver->wait() == 0);
+  const auto s = read_json(send_stats);
+  CHECK(s["disk"]["processed"] == 256ull << 20);
+  CHECK(s["disk"]["size"] == 4ull << 30);
+  CHECK(s["bytes_sent"].get<std::uint64_t>() < (256ull << 20) + (64ull << 20));
+  CHECK(run_tool({"/usr/bin/qemu-img", "compare", "-q", source, destination}).exit_code == 0);
+  CHECK(allocated(destination) < (256ull + 32) << 20);
+  for (const auto& p : {source, destination, send_stats}) std::remove(p.c_str());
+}
+
+TEST_CASE("disk troubles are refused before the guest pauses - and the source keeps running") {
+  test::require_kvm();
+  const auto source = temp_path("bad-src.img"), small = temp_path("bad-small.img");
+  make_image({source}, 64ull << 20, 0, 1 << 20);
+  make_image({small}, 16ull << 20, 0, 0);
+  SECTION("a destination image too small") {
+    auto [receiver, endpoint] = start_receiver({"--disk", small});
+    Child sender(with(send_args(endpoint, temp_path("bad.json"), "mode=idle wss=8M"),
+                      {"--disk", source, "--copy-storage-all", "--run-for", "1"}));
+    CHECK(sender.wait() == 2);
+    CHECK_THAT(sender.stderr_text(), Contains("the disk needs 67108864"));
+    CHECK_THAT(sender.stderr_text(), Contains("keeps running"));
+  }
+  SECTION("no image named for a disk to copy") {
+    auto [receiver, endpoint] = start_receiver({});
+    Child sender(with(send_args(endpoint, temp_path("bad.json"), "mode=idle wss=8M"),
+                      {"--disk", source, "--copy-storage-all", "--run-for", "1"}));
+    CHECK(sender.wait() == 2);
+    CHECK_THAT(sender.stderr_text(), Contains("give mig-recv --disk PATH"));
+  }
+  SECTION("an image another process has locked") {
+    auto held = kvm::DiskImage::open({source});
+    const auto ran = run_tool({kTools + "mig-vm", "--kernel", kGuestImage, "--disk", source, "--run-for", "0.1"});
+    CHECK(ran.exit_code == 1);
+    CHECK_THAT(ran.err, Contains("locked by another process"));
+  }
+  SECTION("qcow2 without qemu-nbd") {
+    const auto ran = run_tool({"/usr/bin/env", "PATH=/nonexistent", kTools + "mig-vm", "--kernel", kGuestImage, "--disk",
+                               source + ",format=qcow2", "--run-for", "0.1"});
+    CHECK(ran.exit_code == 1);
+    CHECK_THAT(ran.err, Contains("needs qemu-nbd"));
+  }
+  std::remove(source.c_str());
+  std::remove(small.c_str());
+  std::remove(temp_path("bad.json").c_str());
+}
