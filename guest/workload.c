@@ -48,6 +48,14 @@ static volatile uint32_t ncpus;  /* published by the BSP once all APs have arriv
 /* The working set: low_pages pages from wss_base up to the PCI hole, the rest from 4 GiB. */
 static uint64_t wss_base, low_pages;
 
+/* 2 MiB carved off the start of the working set when disk=1, so that without a disk the
+ * guest's memory layout stays as it was: */
+#define DISK_AREA (2ul << 20)
+static uint32_t *disk_gen;  /* 1 MiB: generation last written per block; 0 = never */
+static uint8_t *disk_ring;  /* the virtqueue, at 1 MiB */
+static uint8_t *disk_buf;   /* one block, at 1 MiB + 64 KiB */
+#define DISK_RING_BYTES (4 * 4096 + 1024 * 24) /* room for the largest legacy queue */
+
 extern const uint8_t ap_trampoline[], ap_trampoline_end[];
 
 void *memset(void *d, int c, unsigned long n) {
@@ -242,6 +250,12 @@ static void bsp_setup(void) {
   find_memory(mbi, &low_end, &high_end);
   map_high_memory(high_end);
   wss_base = ((uint64_t)_end + (2ul << 20) - 1) & ~((2ul << 20) - 1);
+  if (cfg.disk) {
+    disk_gen = (uint32_t *)wss_base;  /* RAM the loader never wrote: zero */
+    disk_ring = (uint8_t *)(wss_base + (1ul << 20));
+    disk_buf = disk_ring + (64ul << 10);
+    wss_base += DISK_AREA;
+  }
   low_pages = (low_end - wss_base) / 4096;
   const uint64_t available = low_pages * 4096 + (high_end ? high_end - (4ul << 30) : 0);
   if (cfg.wss > available) cfg.wss = available & ~4095ul;
@@ -294,9 +308,6 @@ static struct {
   struct blk_header header;
   volatile uint8_t status;
 } dk;
-static uint32_t disk_gen[DISK_MAX_BLOCKS];                 /* generation last written; 0 = never */
-static uint8_t disk_ring[4 * 4096 + VQ_MAX * 24] __attribute__((aligned(4096)));
-static uint8_t disk_buf[DISK_BLOCK] __attribute__((aligned(4096)));
 
 static uint32_t pci_read(uint32_t slot, uint32_t offset) {
   outl(0xcf8, 0x80000000u | slot << 11 | offset);
@@ -319,7 +330,7 @@ static int disk_init(void) {
   outw((uint16_t)(dk.io + 0x0e), 0);
   dk.qsize = inw((uint16_t)(dk.io + 0x0c));
   if (dk.qsize == 0 || dk.qsize > VQ_MAX) return 0;
-  memset(disk_ring, 0, sizeof disk_ring);
+  memset(disk_ring, 0, DISK_RING_BYTES);
   dk.desc = (struct vq_desc *)disk_ring;
   dk.avail = (volatile uint16_t *)(disk_ring + 16ul * dk.qsize);
   dk.used = (volatile uint16_t *)(disk_ring + ((16ul * dk.qsize + 6 + 2ul * dk.qsize + 4095) & ~4095ul));

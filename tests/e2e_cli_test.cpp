@@ -127,10 +127,10 @@ TEST_CASE("mig-recv refuses bad streams with one line and exit code 2") {
       {"wrong version",
        [&](transport::Stream& s) {
          auto h = hello;
-         h.version = 2;
+         h.version = 3;
          s.send(h);
        },
-       "version 2"},
+       "version 3"},
       {"truncated",
        [&](transport::Stream& s) {
          s.send(hello);
