@@ -3,6 +3,7 @@
 
 #include <catch2/catch.hpp>
 #include <fstream>
+#include <thread>
 
 #include "kvm/disk_image.h"
 #include "tests/process.h"
@@ -48,7 +49,7 @@ TEST_CASE("copy-storage-all moves a disk the guest writes - byte for byte, holes
   const auto send_stats = temp_path("copy-send.json"), recv_stats = temp_path("copy-recv.json");
   make_image({source}, 256ull << 20, 32ull << 20, 16ull << 20);
   std::remove(destination.c_str());
-  auto [receiver, endpoint] = start_receiver({"--disk", destination, "--paused", "--qmp", "unix:" + qmp, "--run-for", "4",
+  auto [receiver, endpoint] = start_receiver({"--disk", destination, "--paused", "--qmp", "unix:" + qmp,
                                               "--stats-json", recv_stats});
   Child sender(with(send_args(endpoint, send_stats, "mode=random rate=50 wss=16M disk=1 diskrate=20 diskspan=64M", "1"),
                     {"--disk", source, "--copy-storage-all"}));
@@ -65,10 +66,12 @@ TEST_CASE("copy-storage-all moves a disk the guest writes - byte for byte, holes
   const auto cont = ctl(qmp, {"cont"});
   INFO(cont.out << cont.err);
   REQUIRE(cont.exit_code == 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  REQUIRE(ctl(qmp, {"quit"}).exit_code == 0);
   REQUIRE(receiver->wait() == 0);
   // The guest's counters travel with it: these cover its time on both sides. At 20 MB/s it
   // checks about 300 blocks a second; the source ran it for about a second, the destination
-  // for a second or two more.
+  // for 1.5 s more.
   const auto r = read_json(recv_stats);
   CHECK(r["disk"]["verified"] == true);
   CHECK(r["local_guest_heartbeats"][0]["self_check_failures"] == 0);
