@@ -58,6 +58,7 @@ nlohmann::json to_json(const engine::DiskStats& d) {
   return {{"disks", d.disks},
           {"copied", d.copied},
           {"size", d.size_bytes},
+          {"round0", d.round0_bytes},
           {"total", d.total_bytes},
           {"processed", d.processed_bytes},
           {"remaining", d.remaining_bytes},

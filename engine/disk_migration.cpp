@@ -101,7 +101,7 @@ void DiskSender::plan_round_zero() {
       for (std::uint64_t c = extent.offset / chunk; c <= (end - 1) / chunk; ++c) pending_[d][c / 64] |= 1ull << (c % 64);
     }
   }
-  stats_.total_bytes = pending_bytes();
+  stats_.total_bytes = stats_.round0_bytes = pending_bytes();
 }
 
 std::uint64_t DiskSender::chunk_length(std::size_t disk, std::uint64_t chunk) const {

@@ -73,6 +73,7 @@ struct DiskStats {
   unsigned disks = 0;
   bool copied = false;                // data moved; otherwise shared images changed owner
   std::uint64_t size_bytes = 0;       // the disks' virtual sizes, together
+  std::uint64_t round0_bytes = 0;     // the data chunks found at the start (SEEK_DATA / block status)
   std::uint64_t total_bytes = 0;      // to move: round 0's data chunks plus every chunk rewritten since
   std::uint64_t processed_bytes = 0;  // of which sent
   std::uint64_t remaining_bytes = 0;  // of which still pending
