@@ -124,7 +124,16 @@ VirtioBlk::VirtioBlk(Vm& vm, GuestMemory& memory, std::unique_ptr<DiskImage> ima
   ioeventfd_ = ::ioctl(vm_.fd(), KVM_IOEVENTFD, &notify) == 0;
   thread_ = std::jthread([this] {
     name_this_thread("virtio-blk");
-    serve();
+    try {
+      serve();
+    } catch (const std::exception&) {
+      // io_uring itself failed: the queue stops, as a device needing reset, and the VMM
+      // goes on. A pause still finds nothing in flight.
+      std::lock_guard lock(mutex_);
+      state_.broken = 1;
+      in_flight_ = 0;
+      drained_.notify_all();
+    }
   });
 }
 
