@@ -40,7 +40,8 @@ class DiskSender {
   DiskSender(std::vector<MigratableDisk*> disks, bool copy);
   // The disks as Hello announces them.
   std::vector<wire::Disk> describe() const;
-  bool copying() const { return copy_ && !disks_.empty(); }
+  bool has_disks() const { return !disks_.empty(); }
+  bool copying() const { return copy_ && has_disks(); }
 
   void start_tracking();
   void stop_tracking() noexcept;

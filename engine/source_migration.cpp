@@ -764,7 +764,7 @@ void SourceMigration::finish_statistics() {
   stats.zerocopy_sends = c.zerocopy_sends;
   stats.zerocopy_copied = c.zerocopy_copied;
   stats.throughput_MBps = static_cast<double>(stats.bytes_sent) / 1e3 / std::max(stats.total_ms, 1e-9);
-  if (s.disks.describe().empty()) return;
+  if (!s.disks.has_disks()) return;
   stats.disk = s.disks.stats(stats.total_ms / 1e3);
   stats.disk->verified = s.verify && s.disks.copying() && stats.status == MigrationStatus::completed;
 }

@@ -228,8 +228,10 @@ class NbdImage final : public DiskImage {
     return extents;
   }
 
+  // Shared storage is refused for qcow2 at open (existing_unlocked), so these never run for
+  // a migration; qemu-nbd would have to be restarted to hand QEMU's locks over.
   void release() override { throw image_error(config_.path, "shared storage needs a raw image"); }
-  void reacquire() override { release(); }
+  void reacquire() override { throw image_error(config_.path, "shared storage needs a raw image"); }
 
  private:
   struct Collector {

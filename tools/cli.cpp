@@ -69,14 +69,7 @@ void MigrateFlags::add_to(CLI::App& app) {
   given(size_option(app.add_option("--bandwidth", bandwidth_, "limit pre-copy page data to RATE bytes per second, e.g. 100M (the final, paused round is not limited)")),
         [this](nlohmann::json& a) { a["bandwidth"] = bandwidth_; });
   given(app.add_option("--compress", compress_, "compress page batches: zstd or zstd:LEVEL (1-19, default 1); backs off by itself on incompressible memory")
-            ->check([](const std::string& v) {
-              try {
-                control::parse_compress_level(v);
-                return std::string();
-              } catch (const std::exception& e) {
-                return std::string(e.what());
-              }
-            }),
+            ->check(parses_with(control::parse_compress_level)),
         [this](nlohmann::json& a) { a["compress"] = compress_; });
   given(app.add_flag("--delta", delta_, "send pages that changed a little as deltas against their last-sent version (XBZRLE-style)"),
         [](nlohmann::json& a) { a["delta"] = true; });

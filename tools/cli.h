@@ -28,6 +28,19 @@ enum ExitCode : int {
 // would wrap it around into an absurd size.
 CLI::Option* size_option(CLI::Option* option);
 
+// A CLI11 check from a parser that throws: the parser's message is the option's error.
+template <typename Parse>
+std::function<std::string(const std::string&)> parses_with(Parse parse) {
+  return [parse](const std::string& value) {
+    try {
+      parse(value);
+      return std::string();
+    } catch (const std::exception& e) {
+      return std::string(e.what());
+    }
+  };
+}
+
 // mig's migrate options as command-line flags (mig-send, mig-ctl migrate). Only the flags
 // given become arguments, so a domain's migration parameters stay the defaults.
 class MigrateFlags {

@@ -22,14 +22,7 @@ void VmOptions::add_to(CLI::App& app, bool kernel_required) {
 void add_disk_option(CLI::App& app, std::vector<std::string>& disks, const std::string& what) {
   app.add_option("--disk", disks, what + ". PATH[,format=raw|qcow2][,cache=none|writeback]; raw and cache=none by default, "
                                   "qcow2 through qemu-nbd")
-      ->check([](const std::string& value) {
-        try {
-          kvm::parse_disk_config(value);
-          return std::string();
-        } catch (const std::exception& e) {
-          return std::string(e.what());
-        }
-      });
+      ->check(parses_with(kvm::parse_disk_config));
 }
 
 std::vector<kvm::DiskConfig> disk_configs(const std::vector<std::string>& disks) {
