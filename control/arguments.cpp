@@ -163,7 +163,17 @@ MigrateRequest parse_migrate_arguments(const nlohmann::json& arguments, const Mi
   o.channels = static_cast<unsigned>(f.integer("parallel", parameters.channels, 1, wire::kMaxChannels));
   const auto zerocopy = f.text("zerocopy", "auto", {"auto", "on", "off"});
   request.zerocopy = zerocopy == "on" ? ZeroCopyMode::on : zerocopy == "off" ? ZeroCopyMode::off : ZeroCopyMode::automatic;
+  transport::TlsCredentials tls;
+  tls.x509_dir = f.text("tls-creds", "");
+  tls.psk_file = f.text("tls-psk", "");
+  tls.hostname = f.text("tls-hostname", "");
+  if (!tls.hostname.empty() && tls.x509_dir.empty()) throw CommandError("Parameter 'tls-hostname' needs 'tls-creds'");
   f.reject_unknown();
+  try {
+    if (tls.enabled()) request.tls = transport::TlsContext::load(tls, transport::TlsRole::client);
+  } catch (const std::exception& e) {
+    throw CommandError(e.what());
+  }
   return request;
 }
 

@@ -43,6 +43,7 @@ struct MigrateRequest {
   transport::Endpoint endpoint;
   engine::SenderOptions options;  // everything but open_channel, which needs the endpoint
   ZeroCopyMode zerocopy = ZeroCopyMode::automatic;
+  std::shared_ptr<const transport::TlsContext> tls;  // every connection of the migration, when set
 };
 // migrate's arguments: "uri" (tcp:HOST:PORT or unix:PATH) and mig's options, each overriding
 // the parameter it corresponds to for this migration:
@@ -52,6 +53,10 @@ struct MigrateRequest {
 //   on-no-convergence: "stop" | "abort" | "postcopy"      zerocopy: "auto" | "on" | "off"
 //   postcopy-ram: enable post-copy (switch on migrate-start-postcopy, or when pre-copy is stuck)
 //   postcopy: enable it and switch once round 0 is done      postcopy-after: seconds of pre-copy, then switch
+//   tls-creds: an x509 directory (QEMU's layout: ca-cert.pem, client-cert.pem, client-key.pem)
+//   tls-psk: a key file of IDENTITY:HEXKEY lines      tls-hostname: the name the destination's
+//   certificate must carry (default: the host in uri). The credentials are loaded here, so a bad
+//   file fails the command, not the migration.
 // QEMU's "detach" is accepted (a migration always runs in the background).
 MigrateRequest parse_migrate_arguments(const nlohmann::json& arguments, const MigrationParameters& parameters);
 

@@ -28,11 +28,13 @@ const char* to_string(DirtyRateStatus status) {
   return "unknown";
 }
 
-transport::Stream open_migration_stream(const transport::Endpoint& endpoint, ZeroCopyMode mode) {
-  auto stream = transport::connect(endpoint);
+transport::Stream open_migration_stream(const transport::Endpoint& endpoint, ZeroCopyMode mode, const transport::TlsContext* tls) {
+  auto stream = transport::connect(endpoint, tls);
   using transport::Stream;
   if (mode == ZeroCopyMode::on && !stream.enable_zerocopy(Stream::ZeroCopy::always))
-    throw std::runtime_error("zerocopy on was asked for, but the socket refuses SO_ZEROCOPY");
+    throw std::runtime_error(stream.security() == transport::StreamSecurity::tls_user_space
+                                 ? "zerocopy on was asked for, but TLS is encrypted in user space here (no kTLS)"
+                                 : "zerocopy on was asked for, but the socket refuses SO_ZEROCOPY");
   if (mode == ZeroCopyMode::automatic) stream.enable_zerocopy(Stream::ZeroCopy::unless_copied);
   return stream;
 }
@@ -202,6 +204,7 @@ void Domain::migrate(MigrateRequest request) {
     if (outgoing_thread_.joinable()) outgoing_thread_.join();  // the previous one, finished
     control = std::make_shared<engine::MigrationControl>(request.options.tunables(), migration_observer());
     control_ = control;
+    outgoing_tls_ = request.tls;
     outgoing_active_ = true;
     outgoing_result_.reset();
   }
@@ -215,7 +218,9 @@ void Domain::migrate(MigrateRequest request) {
 void Domain::run_outgoing(MigrateRequest request, std::shared_ptr<engine::MigrationControl> control) {
   engine::MigrationStats stats;
   try {
-    auto open = [endpoint = request.endpoint, mode = request.zerocopy] { return open_migration_stream(endpoint, mode); };
+    auto open = [endpoint = request.endpoint, mode = request.zerocopy, tls = request.tls] {
+      return open_migration_stream(endpoint, mode, tls.get());
+    };
     auto stream = open();
     request.options.open_channel = open;
     stats = engine::SourceMigration(*vm_, stream, request.options, control).run();
@@ -360,7 +365,7 @@ std::string Domain::migrate_incoming(const std::string& uri) {
   if (!incoming_ || vm_) throw CommandError("migrate-incoming: this domain already has a guest");
   if (run_state_ != RunState::prelaunch) throw CommandError("migrate-incoming: already waiting for an incoming migration");
   try {
-    listener_.emplace(transport::Endpoint::parse(uri));
+    listener_.emplace(transport::Endpoint::parse(uri), incoming_->accept);
   } catch (const std::exception& e) {
     throw CommandError(std::string("migrate-incoming: ") + e.what());
   }
@@ -419,7 +424,7 @@ std::string Domain::migrate_recover(const std::string& uri) {
     std::lock_guard lock(mutex_);
     if (!awaiting_recovery_) throw CommandError("migrate-recover: no incoming post-copy is waiting for recovery");
     try {
-      recovery_listener_.emplace(transport::Endpoint::parse(uri));
+      recovery_listener_.emplace(transport::Endpoint::parse(uri), incoming_->accept);
     } catch (const std::exception& e) {
       throw CommandError(std::string("migrate-recover: ") + e.what());
     }
@@ -437,7 +442,12 @@ void Domain::resume_postcopy(const std::string& uri) {
     throw CommandError(std::string("migrate: ") + e.what());
   }
   const auto control = migration_control();
-  if (!control || !control->resume_postcopy([endpoint] { return transport::connect(endpoint); }))
+  std::shared_ptr<const transport::TlsContext> tls;
+  {
+    std::lock_guard lock(mutex_);
+    tls = outgoing_tls_;
+  }
+  if (!control || !control->resume_postcopy([endpoint, tls] { return transport::connect(endpoint, tls.get()); }))
     throw CommandError("migrate: resume asks for a post-copy migration in postcopy-paused, and there is none");
 }
 

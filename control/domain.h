@@ -44,8 +44,9 @@ struct Event {
   std::chrono::system_clock::time_point time;
 };
 
-// Connects to `endpoint` for a migration, with MSG_ZEROCOPY as `mode` asks.
-transport::Stream open_migration_stream(const transport::Endpoint& endpoint, ZeroCopyMode mode);
+// Connects to `endpoint` for a migration, through `tls` when given, with MSG_ZEROCOPY as
+// `mode` asks (under TLS encrypted in user space, there is none to ask for).
+transport::Stream open_migration_stream(const transport::Endpoint& endpoint, ZeroCopyMode mode, const transport::TlsContext* tls);
 
 class Domain {
  public:
@@ -53,6 +54,7 @@ class Domain {
   struct Incoming {
     engine::VmFactory make_vm;
     engine::ReceiverOptions options;  // accept_channel is the domain's own
+    transport::AcceptPolicy accept;   // who may connect to migrate_incoming's and migrate_recover's listeners
   };
 
   // A domain whose guest runs now.
@@ -132,6 +134,7 @@ class Domain {
 
   // Outgoing.
   std::shared_ptr<engine::MigrationControl> control_;
+  std::shared_ptr<const transport::TlsContext> outgoing_tls_;  // the migration's, for a post-copy recovery
   bool outgoing_active_ = false;
   std::optional<engine::MigrationStats> outgoing_result_;
   std::thread outgoing_thread_;

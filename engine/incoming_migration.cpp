@@ -133,6 +133,7 @@ IncomingResult IncomingMigration::run() {
     }
   }
   s.stats.bytes_received = stream_->counters().bytes_received + s.extra.bytes();
+  s.stats.security = stream_->security();
   s.preparing.clear();  // stopped and joined, so their CPU time is counted
   s.stats.cpu_s = s.cpu.seconds(s.cpu_start);
   result.stats = s.stats;

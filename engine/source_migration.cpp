@@ -760,6 +760,7 @@ void SourceMigration::finish_statistics() {
   const auto& c = s.stream.counters();
   stats.bytes_sent = total_bytes_sent();
   stats.downtime_bytes = control_->progress().downtime_bytes;
+  stats.security = s.stream.security();
   stats.zerocopy = s.stream.zerocopy();
   stats.zerocopy_sends = c.zerocopy_sends;
   stats.zerocopy_copied = c.zerocopy_copied;

@@ -9,6 +9,7 @@
 
 #include "engine/convergence.h"
 #include "engine/vm.h"
+#include "transport/tls.h"
 
 namespace mig::engine {
 
@@ -107,6 +108,7 @@ struct MigrationStats {
   DowntimeBreakdown downtime;
   std::optional<GuestHandover> guest;  // the downtime the guest saw, from its heartbeats
   double throughput_MBps = 0;     // bytes_sent / total time
+  transport::StreamSecurity security = transport::StreamSecurity::plaintext;  // of the main connection; every channel has the same
   bool zerocopy = false;          // MSG_ZEROCOPY still on at the end (auto drops it where the kernel copies)
   std::uint64_t zerocopy_sends = 0, zerocopy_copied = 0;
   std::uint64_t batches_compressed = 0;
@@ -128,6 +130,7 @@ struct IncomingStats {
   std::uint64_t pages_received = 0;
   std::uint32_t rounds = 0;
   unsigned channels = 1;
+  transport::StreamSecurity security = transport::StreamSecurity::plaintext;
   bool verified = false;
   bool shared_memory = false;
   double restore_ms = 0;

@@ -12,6 +12,7 @@
 #include "control/qmp_client.h"
 #include "control/qmp_server.h"
 #include "tests/fake_vm.h"
+#include "tests/tls_creds.h"
 
 using namespace mig;
 using namespace std::chrono_literals;
@@ -43,8 +44,9 @@ struct SourceHost {
 
 // A receiver waiting on loopback, as mig-recv runs one.
 struct DestinationHost {
-  DestinationHost()
-      : domain(control::Domain::Incoming{test::fake_factory(&vm), {}}), endpoint(domain.migrate_incoming("tcp:127.0.0.1:0")) {}
+  explicit DestinationHost(transport::AcceptPolicy accept = {})
+      : domain(control::Domain::Incoming{test::fake_factory(&vm), {}, std::move(accept)}),
+        endpoint(domain.migrate_incoming("tcp:127.0.0.1:0")) {}
   test::FakeVm* vm = nullptr;
   control::Domain domain;
   std::string endpoint;
@@ -73,7 +75,7 @@ json wait_for_status(control::QmpClient& client, const std::set<std::string>& st
     if (statuses.count(info.value("status", ""))) return info;
     std::this_thread::sleep_for(10ms);
   }
-  FAIL("query-migrate never reached the expected status");
+  FAIL("query-migrate never reached the expected status: " << client.execute("query-migrate").dump());
   return {};
 }
 
@@ -329,7 +331,7 @@ TEST_CASE("QMP: stop, cont, calc-dirty-rate and quit") {
 
 TEST_CASE("QMP: a receiver started deferred listens when migrate-incoming says where") {
   test::FakeVm* made = nullptr;
-  control::Domain destination(control::Domain::Incoming{test::fake_factory(&made), {}});
+  control::Domain destination(control::Domain::Incoming{test::fake_factory(&made), {}, {}});
   control::QmpServer server(destination, socket_path("deferred"));
   control::QmpClient client(server.path());
   CHECK(client.execute("query-status")["status"] == "prelaunch");
@@ -348,4 +350,40 @@ TEST_CASE("QMP: a receiver started deferred listens when migrate-incoming says w
   CHECK(client.execute("query-migrate")["status"] == "completed");
   REQUIRE(made != nullptr);
   CHECK(made->region_memory(0) == source.vm->region_memory(0));
+}
+
+TEST_CASE("QMP: migrate over mutual TLS - a source without credentials is refused and the destination waits on") {
+  std::atomic<int> refused{0};
+  transport::AcceptPolicy accept;
+  accept.tls = transport::TlsContext::load(test::x509(test::trusted_creds()), transport::TlsRole::server);
+  accept.refused = [&](const std::string&) { ++refused; };
+  DestinationHost destination(accept);
+  SourceHost source("tls");
+  control::QmpClient client(source.path);
+
+  CHECK_THROWS_WITH(client.execute("migrate", {{"uri", destination.endpoint}, {"tls-creds", "/nonexistent"}}),
+                    Contains("--tls-creds /nonexistent: cannot read ca-cert.pem"));
+  client.execute("migrate", {{"uri", destination.endpoint}});
+  auto info = wait_for_status(client, {"completed", "failed"});
+  CHECK(info["status"] == "failed");
+  CHECK(client.execute("query-status")["status"] == "running");
+  CHECK(refused == 1);
+  CHECK(destination.vm == nullptr);  // nothing was built, let alone written
+
+  SECTION("parallel channels") {
+    client.execute("migrate", {{"uri", destination.endpoint}, {"tls-creds", test::trusted_creds()}, {"parallel", 2}});
+  }
+  SECTION("post-copy, whose channel is read and written from two threads") {
+    client.execute("migrate", {{"uri", destination.endpoint}, {"tls-creds", test::trusted_creds()}, {"postcopy", true}});
+  }
+  info = wait_for_status(client, {"completed", "failed"});
+  INFO(info.dump());
+  REQUIRE(info["status"] == "completed");
+  CHECK(info["mig"]["stats"]["security"] != "plaintext");
+  CHECK(info["mig"]["stats"]["verified"] == true);
+  REQUIRE(destination.domain.wait_incoming());
+  CHECK(destination.domain.wait_incoming()->security != transport::StreamSecurity::plaintext);
+  REQUIRE(destination.vm);
+  CHECK(destination.vm->region_memory(0) == source.vm->region_memory(0));
+  CHECK(refused == 1);
 }

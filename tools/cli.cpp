@@ -81,6 +81,15 @@ void MigrateFlags::add_to(CLI::App& app) {
   given(app.add_option("--zerocopy", zerocopy_, "MSG_ZEROCOPY for page data: auto (on until the kernel reports it copied anyway, as over loopback), on, off")
             ->check(CLI::IsMember({"auto", "on", "off"})),
         [this](nlohmann::json& a) { a["zerocopy"] = zerocopy_; });
+  given(app.add_option("--tls-creds", tls_creds_,
+                       "mutual TLS 1.3 on every connection, with the x509 credentials in DIR (QEMU's layout: ca-cert.pem, "
+                       "client-cert.pem, client-key.pem); the destination needs --tls-creds too"),
+        [this](nlohmann::json& a) { a["tls-creds"] = tls_creds_; });
+  given(app.add_option("--tls-psk", tls_psk_, "TLS 1.3 with a pre-shared key instead: FILE holds IDENTITY:HEXKEY lines, the first one is used"),
+        [this](nlohmann::json& a) { a["tls-psk"] = tls_psk_; });
+  given(app.add_option("--tls-hostname", tls_hostname_,
+                       "with --tls-creds: the name the destination's certificate must carry (default: the host in --to)"),
+        [this](nlohmann::json& a) { a["tls-hostname"] = tls_hostname_; });
 }
 
 nlohmann::json MigrateFlags::arguments(const std::string& uri) const {

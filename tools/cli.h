@@ -52,7 +52,7 @@ class MigrateFlags {
  private:
   double downtime_ms_ = 30;
   unsigned max_iterations_ = 30, parallel_ = 1;
-  std::string on_no_convergence_ = "stop", zerocopy_ = "auto", compress_;
+  std::string on_no_convergence_ = "stop", zerocopy_ = "auto", compress_, tls_creds_, tls_psk_, tls_hostname_;
   std::uint64_t bandwidth_ = 0, delta_cache_ = 64ull << 20;
   bool offline_ = false, no_verify_ = false, no_dedup_ = false, no_page_plan_ = false, no_zero_skip_ = false;
   bool copy_storage_ = false, delta_ = false, stop_at_target_ = false, no_auto_converge_ = false, postcopy_ = false, postcopy_ram_ = false;

@@ -51,6 +51,7 @@ struct Options {
   std::uint64_t expect_mem = 0;
   unsigned expect_vcpus = 1;
   std::vector<std::string> disks;
+  transport::TlsCredentials tls;
   bool paused = false;
   tools::MemoryFlags memory;
 
@@ -65,6 +66,13 @@ struct Options {
                                       "build the VM for a guest of this size while waiting, with its memory populated, so receiving "
                                       "pays no page faults (like QEMU's -incoming with -m); a different incoming shape is still accepted"));
     app.add_option("--expect-vcpus", expect_vcpus, "with --expect-mem: the vCPU count to prepare for")->default_val(1);
+    app.add_option("--tls-creds", tls.x509_dir,
+                   "accept only mutual TLS 1.3 connections, with the x509 credentials in DIR (QEMU's layout: ca-cert.pem, "
+                   "server-cert.pem, server-key.pem); a source must present a certificate this CA signed");
+    app.add_option("--tls-psk", tls.psk_file, "accept only TLS 1.3 with a pre-shared key listed in FILE (IDENTITY:HEXKEY lines)");
+    app.add_option("--tls-authz", tls.authz,
+                   "with --tls-creds: admit only this client certificate subject, as `openssl x509 -noout -subject -nameopt "
+                   "RFC2253` prints it (repeatable)");
     app.add_flag("--paused", paused, "leave the guest paused once it has arrived (QEMU's -S); QMP cont resumes it");
     tools::add_disk_option(app, disks,
                            "the image for the source's next disk: with --copy-storage-all it is created (or an existing one, "
@@ -104,7 +112,17 @@ int main(int argc, char** argv) {
   }
   engine::ReceiverOptions receiver;
   receiver.autostart = !options.paused;
-  control::Domain domain(control::Domain::Incoming{std::move(factory), receiver});
+  // Who may connect: a refused peer is reported and the wait goes on.
+  transport::AcceptPolicy accept;
+  accept.refused = [](const std::string& why) { fmt::print(stderr, "mig-recv: {}\n", why); };
+  try {
+    if (!options.tls.authz.empty() && options.tls.x509_dir.empty()) throw std::invalid_argument("--tls-authz needs --tls-creds");
+    if (options.tls.enabled()) accept.tls = transport::TlsContext::load(options.tls, transport::TlsRole::server);
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "mig-recv: {}\n", e.what());
+    return tools::kExitSetupError;
+  }
+  control::Domain domain(control::Domain::Incoming{std::move(factory), receiver, std::move(accept)});
   std::optional<control::QmpServer> server;
   tools::ControlSignals signals;  // before any thread starts
   const auto quit_on_signal = signals.on_terminate([&domain] { domain.quit(); });

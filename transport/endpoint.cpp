@@ -1,5 +1,6 @@
 #include "transport/endpoint.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
@@ -9,6 +10,7 @@
 #include <unistd.h>
 
 #include <boost/asio.hpp>
+#include <algorithm>
 #include <cstring>
 
 namespace mig::transport {
@@ -58,6 +60,21 @@ bool someone_listens(const sockaddr_un& addr) {
   return probe.valid() && ::connect(probe.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0;
 }
 
+std::string peer_name(const sockaddr_storage& peer) {
+  char host[INET6_ADDRSTRLEN] = "?";
+  if (peer.ss_family == AF_INET) {
+    const auto& in = reinterpret_cast<const sockaddr_in&>(peer);
+    ::inet_ntop(AF_INET, &in.sin_addr, host, sizeof host);
+    return std::string(host) + ":" + std::to_string(ntohs(in.sin_port));
+  }
+  if (peer.ss_family == AF_INET6) {
+    const auto& in6 = reinterpret_cast<const sockaddr_in6&>(peer);
+    ::inet_ntop(AF_INET6, &in6.sin6_addr, host, sizeof host);
+    return "[" + std::string(host) + "]:" + std::to_string(ntohs(in6.sin6_port));
+  }
+  return "a local process";
+}
+
 }  // namespace
 
 UniqueFd listen_unix(const std::string& path, int backlog) {
@@ -73,14 +90,25 @@ UniqueFd listen_unix(const std::string& path, int backlog) {
   return fd;
 }
 
-Stream connect(const Endpoint& endpoint) {
+void check_peer_credentials(int fd) {
+  ucred peer{};
+  socklen_t len = sizeof peer;
+  check_syscall("getsockopt(SO_PEERCRED)", [&] { return ::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &peer, &len); });
+  if (peer.uid != ::geteuid() && peer.uid != 0)
+    throw PeerError("refused a unix-socket peer running as uid " + std::to_string(peer.uid) + " (pid " + std::to_string(peer.pid) +
+                    "): only this user or root may migrate through it");
+}
+
+Stream connect(const Endpoint& endpoint, const TlsContext* tls) {
   boost::asio::io_context io;
   if (!endpoint.unix_path.empty()) {
     boost::asio::local::stream_protocol::socket socket(io);
     boost::system::error_code ec;
     socket.connect(boost::asio::local::stream_protocol::endpoint(endpoint.unix_path), ec);
     if (ec) throw PeerError("cannot connect to " + endpoint.to_string() + ": " + ec.message());
-    return Stream(take_fd(socket));
+    Stream stream(take_fd(socket));
+    check_peer_credentials(stream.fd());
+    return stream;
   }
   boost::asio::ip::tcp::resolver resolver(io);
   boost::asio::ip::tcp::socket socket(io);
@@ -88,11 +116,20 @@ Stream connect(const Endpoint& endpoint) {
   auto results = resolver.resolve(endpoint.host, std::to_string(endpoint.port), ec);
   if (!ec) boost::asio::connect(socket, results, ec);
   if (ec) throw PeerError("cannot connect to " + endpoint.to_string() + ": " + ec.message());
-  return Stream(take_fd(socket));
+  Stream stream(take_fd(socket));
+  if (tls) {
+    try {
+      stream.secure(tls->handshake(stream.fd(), endpoint.host, kHandshakeTimeout));
+    } catch (const PeerError& e) {
+      throw PeerError(endpoint.to_string() + ": " + e.what());
+    }
+  }
+  return stream;
 }
 
 struct Listener::Impl {
   Endpoint endpoint;
+  AcceptPolicy policy;
   UniqueFd fd;
   UniqueFd wake = UniqueFd(check_syscall("eventfd", [] { return ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); }));
   std::uint16_t port = 0;
@@ -101,8 +138,9 @@ struct Listener::Impl {
   }
 };
 
-Listener::Listener(const Endpoint& endpoint) : impl_(std::make_unique<Impl>()) {
+Listener::Listener(const Endpoint& endpoint, AcceptPolicy policy) : impl_(std::make_unique<Impl>()) {
   impl_->endpoint = endpoint;
+  impl_->policy = std::move(policy);
   if (!endpoint.unix_path.empty()) {
     impl_->fd = listen_unix(endpoint.unix_path, 16);
     return;
@@ -133,12 +171,34 @@ std::string Listener::endpoint() const {
 }
 
 Stream Listener::accept(std::optional<std::chrono::milliseconds> timeout) {
-  pollfd fds[2] = {{impl_->fd.get(), POLLIN, 0}, {impl_->wake.get(), POLLIN, 0}};
-  const int ms = timeout ? static_cast<int>(std::min<std::int64_t>(timeout->count(), INT32_MAX)) : -1;
-  const int ready = check_syscall("poll", [&] { return ::poll(fds, 2, ms); });
-  if (fds[1].revents) throw Interrupted("stopped waiting for a connection on " + endpoint());
-  if (ready == 0) throw PeerError("nobody connected to " + endpoint() + " within " + std::to_string(ms) + " ms");
-  return Stream(UniqueFd(check_syscall("accept", [&] { return ::accept4(impl_->fd.get(), nullptr, nullptr, SOCK_CLOEXEC); })));
+  using Clock = std::chrono::steady_clock;
+  const auto deadline = timeout ? Clock::now() + *timeout : Clock::time_point::max();
+  for (;;) {
+    pollfd fds[2] = {{impl_->fd.get(), POLLIN, 0}, {impl_->wake.get(), POLLIN, 0}};
+    const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
+    const int ms = timeout ? static_cast<int>(std::clamp<std::int64_t>(left.count(), 0, INT32_MAX)) : -1;
+    const int ready = check_syscall("poll", [&] { return ::poll(fds, 2, ms); });
+    if (fds[1].revents) throw Interrupted("stopped waiting for a connection on " + endpoint());
+    if (ready == 0)
+      throw PeerError("nobody connected to " + endpoint() + " within " + std::to_string(timeout ? timeout->count() : 0) + " ms");
+    sockaddr_storage peer{};
+    socklen_t peer_len = sizeof peer;
+    Stream stream(UniqueFd(check_syscall(
+        "accept", [&] { return ::accept4(impl_->fd.get(), reinterpret_cast<sockaddr*>(&peer), &peer_len, SOCK_CLOEXEC); })));
+    try {
+      vet(stream);
+      return stream;
+    } catch (const PeerError& e) {
+      if (impl_->policy.refused) impl_->policy.refused("refused a connection from " + peer_name(peer) + ": " + e.what());
+    }
+  }
+}
+
+// Before a connection counts as accepted: a unix: peer must be this user (or root); a tcp:
+// one must complete the TLS handshake the policy asks for.
+void Listener::vet(Stream& stream) const {
+  if (!impl_->endpoint.unix_path.empty()) return check_peer_credentials(stream.fd());
+  if (impl_->policy.tls) stream.secure(impl_->policy.tls->handshake(stream.fd(), "", impl_->policy.handshake_timeout));
 }
 
 void Listener::interrupt() {

@@ -3,6 +3,7 @@
 #include <linux/errqueue.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <sys/socket.h>
 
 #include <fcntl.h>
@@ -36,6 +37,15 @@ void consume(std::span<iovec> parts, std::size_t& index, std::size_t bytes) {
   while (index < parts.size() && parts[index].iov_len == 0) ++index;
 }
 
+bool wait_writable(int fd, std::chrono::milliseconds timeout) {
+  pollfd p{fd, POLLOUT, 0};
+  const int ms = timeout.count() > 0 ? static_cast<int>(std::min<std::int64_t>(timeout.count(), INT32_MAX)) : -1;
+  for (;;) {
+    const int n = ::poll(&p, 1, ms);
+    if (n >= 0 || errno != EINTR) return n > 0;
+  }
+}
+
 }  // namespace
 
 Stream::Stream(UniqueFd fd) : fd_(std::move(fd)) {
@@ -45,7 +55,13 @@ Stream::Stream(UniqueFd fd) : fd_(std::move(fd)) {
   ::setsockopt(fd_.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 }
 
+void Stream::secure(std::unique_ptr<TlsSession> tls) {
+  tls_ = std::move(tls);
+  zerocopy_ = zerocopy_probing_ = false;
+}
+
 void Stream::set_timeout(std::chrono::milliseconds timeout) {
+  timeout_ = timeout;
   timeval tv{};
   tv.tv_sec = static_cast<time_t>(timeout.count() / 1000);
   tv.tv_usec = static_cast<suseconds_t>((timeout.count() % 1000) * 1000);
@@ -54,6 +70,7 @@ void Stream::set_timeout(std::chrono::milliseconds timeout) {
 }
 
 bool Stream::enable_zerocopy(ZeroCopy mode) {
+  if (tls_ && !tls_->kernel_sends()) return false;
   const int one = 1;
   zerocopy_ = ::setsockopt(fd_.get(), SOL_SOCKET, SO_ZEROCOPY, &one, sizeof one) == 0;
   zerocopy_probing_ = zerocopy_ && mode == ZeroCopy::unless_copied;
@@ -68,6 +85,7 @@ void Stream::set_rate_limit(double bytes_per_second) {
 }
 
 void Stream::write_all(std::span<iovec> parts, int flags) {
+  if (tls_ && !tls_->kernel_sends()) return write_encrypted(parts);
   std::size_t index = 0;
   while (index < parts.size()) {
     msghdr msg{};
@@ -76,6 +94,11 @@ void Stream::write_all(std::span<iovec> parts, int flags) {
     const ssize_t n = ::sendmsg(fd_.get(), &msg, flags | MSG_NOSIGNAL);
     if (n < 0) {
       if (errno == EINTR) continue;
+      // A TLS socket is non-blocking (tls.h): kTLS sends wait here for room instead.
+      if (tls_ && errno == EAGAIN) {
+        if (wait_writable(fd_.get(), timeout_)) continue;
+        errno = EAGAIN;
+      }
       if (errno == ENOBUFS && (flags & MSG_ZEROCOPY)) {  // out of option memory: reap, retry
         reap_zerocopy_completions();
         flags &= ~MSG_ZEROCOPY;
@@ -93,6 +116,39 @@ void Stream::write_all(std::span<iovec> parts, int flags) {
   // While probing, look after every send: a copying path is then left after a send or two
   // rather than after 64.
   if (zerocopy_outstanding_ >= 64 || (zerocopy_probing_ && zerocopy_outstanding_ > 0)) reap_zerocopy_completions();
+}
+
+// OpenSSL encrypts one buffer at a time: the parts are coalesced into writes of up to 256 KiB,
+// which keeps the records full (16 KiB) and the calls few.
+void Stream::write_encrypted(std::span<const iovec> parts) {
+  constexpr std::size_t kCoalesceBytes = 256 * 1024;
+  tls_buffer_.reserve(kCoalesceBytes);
+  const auto flush = [&] {
+    tls_->write_all(tls_buffer_.data(), tls_buffer_.size(), timeout_);
+    counters_.bytes_sent += tls_buffer_.size();
+    tls_buffer_.clear();
+  };
+  for (const auto& part : parts) {
+    const auto* bytes = static_cast<const std::byte*>(part.iov_base);
+    for (std::size_t done = 0; done < part.iov_len;) {
+      const std::size_t n = std::min(part.iov_len - done, kCoalesceBytes - tls_buffer_.size());
+      tls_buffer_.insert(tls_buffer_.end(), bytes + done, bytes + done + n);
+      done += n;
+      if (tls_buffer_.size() == kCoalesceBytes) flush();
+    }
+  }
+  if (!tls_buffer_.empty()) flush();
+}
+
+void Stream::read_decrypted(std::span<iovec> parts) {
+  for (auto& part : parts) {
+    auto* out = static_cast<std::byte*>(part.iov_base);
+    for (std::size_t done = 0; done < part.iov_len;) {
+      const std::size_t n = tls_->read_some(out + done, part.iov_len - done, timeout_);
+      done += n;
+      counters_.bytes_received += n;
+    }
+  }
 }
 
 // Zero-copy completions arrive on the socket's error queue. Guest memory outlives the
@@ -178,6 +234,7 @@ void Stream::read_exact(std::span<std::byte> out) {
 }
 
 void Stream::read_scatter(std::span<iovec> parts) {
+  if (tls_) return read_decrypted(parts);
   std::size_t index = 0;
   while (index < parts.size() && parts[index].iov_len == 0) ++index;
   while (index < parts.size()) {

@@ -17,6 +17,7 @@
 #include "common/fd.h"
 #include "transport/protocol.h"
 #include "transport/rate_limit.h"
+#include "transport/tls.h"
 
 namespace mig::transport {
 
@@ -50,14 +51,18 @@ class Stream {
  public:
   explicit Stream(UniqueFd fd);
   int fd() const { return fd_.get(); }
+  // From here on, every byte goes through `tls` (the handshake on this socket is done).
+  void secure(std::unique_ptr<TlsSession> tls);
+  StreamSecurity security() const { return tls_ ? tls_->security() : StreamSecurity::plaintext; }
 
   // Every blocking read and write gives up after `timeout` of silence with a PeerError, so a
-  // vanished peer can never hang a paused source.
+  // vanished peer can never hang a paused source. Zero waits for ever.
   void set_timeout(std::chrono::milliseconds timeout);
   // Turns on MSG_ZEROCOPY for page data. Returns false when the socket cannot do it. With
   // `unless_copied`, it turns itself off again at the first send the kernel reports it
   // completed by copying (loopback, a veth into a local namespace, a NIC without
   // scatter-gather): there the completions cost more than the copy they did not save.
+  // Under TLS encrypted in user space there is nothing to send zero-copy: false.
   enum class ZeroCopy { always, unless_copied };
   bool enable_zerocopy(ZeroCopy mode);
   bool zerocopy() const { return zerocopy_; }
@@ -103,10 +108,15 @@ class Stream {
 
  private:
   void write_all(std::span<iovec> parts, int flags);
+  void write_encrypted(std::span<const iovec> parts);
+  void read_decrypted(std::span<iovec> parts);
   void write_paced(std::span<iovec> parts);
   void reap_zerocopy_completions();
 
   UniqueFd fd_;
+  std::unique_ptr<TlsSession> tls_;  // after fd_: it says goodbye on the socket before it closes
+  std::vector<std::byte> tls_buffer_;  // gathered parts, coalesced for SSL_write
+  std::chrono::milliseconds timeout_{0};  // 0: none, as for SO_RCVTIMEO
   bool zerocopy_ = false;
   // ZeroCopy::unless_copied until the first completion says whether the kernel copies.
   bool zerocopy_probing_ = false;
