@@ -179,6 +179,7 @@ IncomingMigration::State IncomingMigration::step(State state, const wire::FrameH
 IncomingMigration::State IncomingMigration::on_hello(const wire::FrameHeader& frame) {
   Session& s = *s_;
   s.hello = wire::decode<wire::Hello>(stream_->read_payload(frame));
+  check_limits(s.hello);
   s.shape.vcpus = s.hello.vcpus;
   for (const auto& r : s.hello.regions) s.shape.regions.push_back({r.guest_addr, r.size});
   for (const auto& d : s.hello.disks) s.shape.disks.push_back({d.size, d.chunk_bytes, (d.flags & wire::kDiskCopy) != 0, d.path});
@@ -204,6 +205,17 @@ IncomingMigration::State IncomingMigration::on_hello(const wire::FrameHeader& fr
     s.urgent = std::move(channels.postcopy);
   }
   return State::receiving_pages;
+}
+
+void IncomingMigration::check_limits(const wire::Hello& hello) const {
+  std::uint64_t guest_bytes = 0;
+  for (const auto& r : hello.regions) guest_bytes += r.size;
+  if (options_.max_guest_bytes && guest_bytes > options_.max_guest_bytes)
+    throw std::runtime_error("the guest has " + std::to_string(guest_bytes >> 20) + " MiB of memory, more than the " +
+                             std::to_string(options_.max_guest_bytes >> 20) + " MiB this receiver accepts (--max-mem)");
+  if (options_.max_vcpus && hello.vcpus > options_.max_vcpus)
+    throw std::runtime_error("the guest has " + std::to_string(hello.vcpus) + " vCPUs, more than the " +
+                             std::to_string(options_.max_vcpus) + " this receiver accepts (--max-vcpus)");
 }
 
 IncomingMigration::State IncomingMigration::on_shared_memory(const wire::FrameHeader& frame) {

@@ -50,6 +50,10 @@ struct ReceiverOptions {
   // False leaves the guest paused once it is here (QEMU's -S): the migration completes, and
   // whoever owns the VM resumes it. Post-copy is then not offered: its guest must run.
   bool autostart = true;
+  // The largest guest accepted (memory bytes, vCPUs); 0 takes the protocol's bounds. Checked
+  // at Hello, before the VM is built.
+  std::uint64_t max_guest_bytes = 0;
+  std::uint32_t max_vcpus = 0;
 };
 
 struct IncomingResult {
@@ -82,6 +86,7 @@ class IncomingMigration {
 
   State step(State state, const wire::FrameHeader& frame);
   State on_hello(const wire::FrameHeader& frame);
+  void check_limits(const wire::Hello& hello) const;
   State on_shared_memory(const wire::FrameHeader& frame);
   void build_vm();
   State on_page_plan(const wire::FrameHeader& frame);

@@ -186,8 +186,12 @@ GuestMemory::Region GuestMemory::create_region(const RegionLayout& layout, const
     return r;
   }
   if (options.backing == MemoryBacking::memfd) {
-    r.memfd = UniqueFd(check_syscall("memfd_create", [] { return ::memfd_create("mig-guest", MFD_CLOEXEC); }));
+    r.memfd = UniqueFd(check_syscall("memfd_create", [] { return ::memfd_create("mig-guest", MFD_CLOEXEC | MFD_ALLOW_SEALING); }));
     check_syscall("ftruncate guest memfd", [&] { return ::ftruncate(r.memfd.get(), static_cast<off_t>(layout.size)); });
+    // Sealed at its size for good: a process it is handed to can trust that the file will
+    // not shrink under its mapping (a SIGBUS on the next access), and refuses one that could.
+    check_syscall("seal guest memfd",
+                  [&] { return ::fcntl(r.memfd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL); });
   }
   // MAP_NORESERVE: a guest rarely touches all of its memory, and we want untouched pages to
   // stay unbacked (and free to skip when migrating).
@@ -208,6 +212,12 @@ GuestMemory GuestMemory::adopt(std::span<const RegionLayout> layout, std::span<c
     check_syscall("fstat memory fd", [&] { return ::fstat(fds[i], &st); });
     if (static_cast<std::uint64_t>(st.st_size) < layout[i].size || layout[i].size % kPageSize)
       throw std::invalid_argument("shared memory file " + std::to_string(i) + " is smaller than its region");
+    // A memfd the peer could still shrink would turn our next access into a SIGBUS. Files
+    // that cannot carry seals (hugetlbfs) are not memfds; they are taken as they are.
+    const int seals = ::fcntl(fds[i], F_GET_SEALS);
+    if (seals >= 0 && !(seals & F_SEAL_SHRINK))
+      throw std::invalid_argument("shared memory file " + std::to_string(i) +
+                                  " is a memfd not sealed against shrinking (F_SEAL_SHRINK): the peer could truncate it under the guest");
     Region r{layout[i], {}, UniqueFd(check_syscall("dup memory fd", [&] { return ::fcntl(fds[i], F_DUPFD_CLOEXEC, 0); }))};
     r.mapping = Mapping::map(layout[i].size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, r.memfd.get(), 0,
                              "mmap shared guest memory");

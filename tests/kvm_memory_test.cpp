@@ -1,4 +1,5 @@
 // Guest memory without a VM: which pages count as populated, and populating ahead.
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <cerrno>
 #include <unistd.h>
@@ -122,4 +123,19 @@ TEST_CASE("hugetlbfs backing refuses what is not a hugetlbfs mount, and a mount 
     CHECK(memory.shareable());
   }
   CHECK_THROWS_WITH(kvm::GuestMemory::create({{{0, 3ull << 20}}}, options), Contains("not a multiple of"));
+}
+
+TEST_CASE("memfd guest memory is sealed at its size - and adopting a memfd that could shrink is refused") {
+  const std::vector<kvm::RegionLayout> layout = {{0, 4ull << 20}};
+  kvm::MemoryOptions options;
+  options.backing = kvm::MemoryBacking::memfd;
+  auto memory = kvm::GuestMemory::create(layout, options);
+  const int fd = memory.regions()[0].memfd.get();
+  CHECK(::ftruncate(fd, 4096) == -1);
+  CHECK(errno == EPERM);
+  CHECK_NOTHROW(kvm::GuestMemory::adopt(layout, std::vector<int>{fd}));
+
+  UniqueFd unsealed(::memfd_create("unsealed", MFD_CLOEXEC));
+  REQUIRE(::ftruncate(unsealed.get(), 4ull << 20) == 0);
+  CHECK_THROWS_WITH(kvm::GuestMemory::adopt(layout, std::vector<int>{unsealed.get()}), Contains("not sealed against shrinking"));
 }

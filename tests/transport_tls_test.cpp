@@ -139,7 +139,7 @@ TEST_CASE("a client without TLS, one the CA did not sign, and one the server can
   CHECK_THAT(refused[1], Contains("certificate"));
 }
 
-TEST_CASE("the client checks the server's name: the endpoint's host by default, or --tls-hostname") {
+TEST_CASE("the client checks the server name - the host connected to by default, or the one it was given") {
   SecureListener l(server(test::trusted_creds()));
   auto accepted = accept_one(l);
   CHECK_THROWS_WITH(transport::connect(l.endpoint(), client(test::trusted_creds(), "db.example.org").get()), Contains("hostname mismatch"));
@@ -148,7 +148,7 @@ TEST_CASE("the client checks the server's name: the endpoint's host by default, 
   accepted.get();
 }
 
-TEST_CASE("--tls-authz admits only the client subjects listed") {
+TEST_CASE("the authz list admits only the client subjects listed") {
   SECTION("not listed") {
     SecureListener l(server(test::trusted_creds(), {"CN=someone-else,O=mig test"}));
     auto accepted = std::async(std::launch::async, [&] { return l.listener.accept(1500ms); });
@@ -167,7 +167,7 @@ TEST_CASE("--tls-authz admits only the client subjects listed") {
   }
 }
 
-TEST_CASE("a pre-shared key authenticates both ends; a wrong key or identity is refused") {
+TEST_CASE("a pre-shared key authenticates both ends - a wrong key or identity is refused") {
   const auto server_file = test::make_psk_file("server", "# identity:key\nmig-a:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n");
   transport::TlsCredentials server_psk;
   server_psk.psk_file = server_file;

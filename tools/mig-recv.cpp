@@ -48,8 +48,8 @@ int run_received_guest(control::Domain& domain, const engine::IncomingStats& inc
 struct Options {
   std::string listen, serial, stats_json, qmp;
   double run_for = -1;
-  std::uint64_t expect_mem = 0;
-  unsigned expect_vcpus = 1;
+  std::uint64_t expect_mem = 0, max_mem = 0;
+  unsigned expect_vcpus = 1, max_vcpus = 0;
   std::vector<std::string> disks;
   transport::TlsCredentials tls;
   bool paused = false;
@@ -73,6 +73,10 @@ struct Options {
     app.add_option("--tls-authz", tls.authz,
                    "with --tls-creds: admit only this client certificate subject, as `openssl x509 -noout -subject -nameopt "
                    "RFC2253` prints it (repeatable)");
+    tools::size_option(app.add_option("--max-mem", max_mem,
+                                      "refuse a guest with more memory than this, at its Hello, before anything is built "
+                                      "(a guest larger than the host's available memory is refused in any case)"));
+    app.add_option("--max-vcpus", max_vcpus, "refuse a guest with more vCPUs than this")->check(CLI::Range(1u, 256u));
     app.add_flag("--paused", paused, "leave the guest paused once it has arrived (QEMU's -S); QMP cont resumes it");
     tools::add_disk_option(app, disks,
                            "the image for the source's next disk: with --copy-storage-all it is created (or an existing one, "
@@ -112,6 +116,8 @@ int main(int argc, char** argv) {
   }
   engine::ReceiverOptions receiver;
   receiver.autostart = !options.paused;
+  receiver.max_guest_bytes = options.max_mem;
+  receiver.max_vcpus = options.max_vcpus;
   // Who may connect: a refused peer is reported and the wait goes on.
   transport::AcceptPolicy accept;
   accept.refused = [](const std::string& why) { fmt::print(stderr, "mig-recv: {}\n", why); };

@@ -93,8 +93,12 @@ bool wait_for_socket(int fd, int ssl_error, milliseconds timeout) {
 std::string read_text_file(const std::string& path, const char* option) {
   std::ifstream in(path);
   if (!in) throw std::runtime_error(std::string(option) + ": cannot read " + path + ": " + std::strerror(errno));
-  std::string text((std::istreambuf_iterator<char>(in)), {});
-  if (text.size() > (1u << 20)) throw std::runtime_error(std::string(option) + ": " + path + " is larger than 1 MiB");
+  // Read no more than the bound: the path may be a device that never ends.
+  constexpr std::size_t kMaxBytes = 1u << 20;
+  std::string text(kMaxBytes + 1, '\0');
+  in.read(text.data(), static_cast<std::streamsize>(text.size()));
+  text.resize(static_cast<std::size_t>(in.gcount()));
+  if (text.size() > kMaxBytes) throw std::runtime_error(std::string(option) + ": " + path + " is larger than 1 MiB");
   return text;
 }
 

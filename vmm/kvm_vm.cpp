@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 
 #include <condition_variable>
+#include <fstream>
 #include <mutex>
 
 #include "transport/bytes.h"
@@ -96,6 +97,27 @@ kvm::MachineState decode_state(const std::vector<engine::StateSection>& sections
   return state;
 }
 
+namespace {
+
+// A guest larger than what this host has available would be accepted, filled by the stream
+// and then killed by the OOM killer, or take the host down with it: refused before any of
+// its memory exists. (A VM built ahead with --expect-mem holds its memory already.)
+void require_host_memory(const engine::VmShape& shape) {
+  std::uint64_t guest = 0;
+  for (const auto& r : shape.regions) guest += r.size;
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  std::uint64_t kib = 0;
+  while (meminfo >> key >> kib && key != "MemAvailable:") meminfo.ignore(64, '\n');
+  if (key != "MemAvailable:") return;  // no figure to go by
+  const std::uint64_t available = kib * 1024;
+  if (guest > available)
+    throw std::runtime_error("the guest has " + std::to_string(guest >> 20) + " MiB of memory, and this host has only " +
+                             std::to_string(available >> 20) + " MiB available");
+}
+
+}  // namespace
+
 KvmVm::IncomingMemory KvmVm::incoming_memory(kvm::MemoryOptions wanted) {
   IncomingMemory chosen{wanted, kvm::describe_page_size(wanted)};
   if (!wanted.transparent_huge_pages || wanted.backing == kvm::MemoryBacking::hugetlbfs) return chosen;
@@ -178,8 +200,10 @@ engine::VmFactory KvmVm::factory(std::string serial_path, kvm::MemoryOptions mem
     const kvm::MachineConfig config = config_for(shape, false);
     auto machine = std::move(*prepared);
     if (!machine || !config.shared_memory_fds.empty() || machine->config().vcpus != config.vcpus ||
-        machine->memory().layout() != config.layout)
+        machine->memory().layout() != config.layout) {
+      if (config.shared_memory_fds.empty()) require_host_memory(shape);
       machine = kvm::Machine::create(config);
+    }
     for (std::size_t i = 0; i < shape.disks.size(); ++i) machine->attach_disk(open_incoming_disk(shape.disks[i], i, disks));
     return std::make_unique<KvmVm>(std::move(machine));
   };
