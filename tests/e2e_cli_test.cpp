@@ -158,7 +158,7 @@ TEST_CASE("mig-recv refuses bad streams with one line and exit code 2") {
   }
 }
 
-TEST_CASE("mig-vm rejects bad input with a clear error") {
+TEST_CASE("mig-vm rejects bad input with a clear error - before it needs /dev/kvm") {
   struct Case {
     std::vector<std::string> args;
     const char* expected;
@@ -167,7 +167,6 @@ TEST_CASE("mig-vm rejects bad input with a clear error") {
       {{"--kernel", "/nonexistent"}, "File does not exist"},
       {{"--kernel", kTools + "mig-vm"}, "no multiboot v1 header"},
       {{"--kernel", test::kGuestImage, "--mem", "0"}, "at least 4 MiB"},
-      {{"--kernel", test::kGuestImage, "--mem", "100T"}, "exceeds the host"},
       {{"--kernel", test::kGuestImage, "--vcpus", "99"}, "vCPU count"},
       {{"--kernel", "/dev/zero"}, "not a regular file"},
       {{"--kernel", test::kGuestImage, "--mem", "-5"}, "cannot be negative"},
@@ -181,6 +180,13 @@ TEST_CASE("mig-vm rejects bad input with a clear error") {
     CHECK(vm.wait() != 0);
     CHECK_THAT(vm.stderr_text(), Contains(c.expected));
   }
+}
+
+TEST_CASE("mig-vm refuses more memory than the host has, once it opens /dev/kvm") {
+  test::require_kvm();
+  Child vm({kTools + "mig-vm", "--run-for", "0.1", "--kernel", test::kGuestImage, "--mem", "100T"});
+  CHECK(vm.wait() != 0);
+  CHECK_THAT(vm.stderr_text(), Contains("exceeds the host"));
 }
 
 TEST_CASE("mig-send refuses bad migrate options before it boots anything") {

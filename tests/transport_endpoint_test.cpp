@@ -61,3 +61,27 @@ TEST_CASE("accept gives up after its timeout - and interrupt() ends a wait at on
   listener.interrupt();
   CHECK_THROWS_AS(waiting.get(), mig::transport::Interrupted);
 }
+
+TEST_CASE("a peer trickling a frame a byte at a time is given up at the frame's deadline - not kept alive by each byte") {
+  int fds[2];
+  REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) == 0);
+  mig::transport::Stream receiver{mig::UniqueFd(fds[0])};
+  mig::UniqueFd peer(fds[1]);
+  receiver.set_timeout(500ms);
+  // Each byte comes well within the silence timeout; the 16-byte header takes 3.2 s in all.
+  auto trickle = std::async(std::launch::async, [&] {
+    mig::wire::FrameHeader header;
+    header.type = static_cast<std::uint16_t>(mig::wire::MessageType::round_end);
+    header.length = 4;
+    const auto* bytes = reinterpret_cast<const char*>(&header);
+    for (std::size_t i = 0; i < sizeof header; ++i) {
+      if (::send(peer.get(), bytes + i, 1, MSG_NOSIGNAL) != 1) return;
+      std::this_thread::sleep_for(200ms);
+    }
+  });
+  const auto start = std::chrono::steady_clock::now();
+  CHECK_THROWS_WITH(receiver.read_header(), Contains("too slowly"));
+  CHECK(std::chrono::steady_clock::now() - start < 1500ms);
+  ::shutdown(peer.get(), SHUT_RDWR);
+  trickle.get();
+}

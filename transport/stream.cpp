@@ -60,13 +60,29 @@ void Stream::secure(std::unique_ptr<TlsSession> tls) {
   zerocopy_ = zerocopy_probing_ = false;
 }
 
+namespace {
+timeval to_timeval(std::chrono::milliseconds t) {
+  return {static_cast<time_t>(t.count() / 1000), static_cast<suseconds_t>((t.count() % 1000) * 1000)};
+}
+}  // namespace
+
 void Stream::set_timeout(std::chrono::milliseconds timeout) {
   timeout_ = timeout;
-  timeval tv{};
-  tv.tv_sec = static_cast<time_t>(timeout.count() / 1000);
-  tv.tv_usec = static_cast<suseconds_t>((timeout.count() % 1000) * 1000);
-  check_syscall("setsockopt SO_RCVTIMEO", [&] { return ::setsockopt(fd_.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv); });
+  set_receive_timeout(timeout);
+  const timeval tv = to_timeval(timeout);
   check_syscall("setsockopt SO_SNDTIMEO", [&] { return ::setsockopt(fd_.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv); });
+}
+
+void Stream::set_receive_timeout(std::chrono::milliseconds timeout) {
+  const timeval tv = to_timeval(timeout);
+  check_syscall("setsockopt SO_RCVTIMEO", [&] { return ::setsockopt(fd_.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv); });
+}
+
+std::chrono::milliseconds Stream::read_wait() const {
+  if (timeout_.count() <= 0 || frame_deadline_ == std::chrono::steady_clock::time_point::max()) return timeout_;
+  const auto left = std::chrono::ceil<std::chrono::milliseconds>(frame_deadline_ - std::chrono::steady_clock::now());
+  if (left.count() <= 0) throw PeerError("receive: the peer is sending too slowly (a frame took longer than its deadline)");
+  return std::min(timeout_, left);
 }
 
 bool Stream::enable_zerocopy(ZeroCopy mode) {
@@ -144,7 +160,7 @@ void Stream::read_decrypted(std::span<iovec> parts) {
   for (auto& part : parts) {
     auto* out = static_cast<std::byte*>(part.iov_base);
     for (std::size_t done = 0; done < part.iov_len;) {
-      const std::size_t n = tls_->read_some(out + done, part.iov_len - done, timeout_);
+      const std::size_t n = tls_->read_some(out + done, part.iov_len - done, read_wait());
       done += n;
       counters_.bytes_received += n;
     }
@@ -237,7 +253,15 @@ void Stream::read_scatter(std::span<iovec> parts) {
   if (tls_) return read_decrypted(parts);
   std::size_t index = 0;
   while (index < parts.size() && parts[index].iov_len == 0) ++index;
-  while (index < parts.size()) {
+  // A read that comes back short waits on with the socket's timeout cut to the frame's
+  // deadline; that costs a system call, so only where it happens.
+  bool shortened = false;
+  for (bool first = true; index < parts.size(); first = false) {
+    if (!first) {
+      const auto wait = read_wait();
+      shortened = shortened || wait != timeout_;
+      if (wait != timeout_) set_receive_timeout(wait);
+    }
     msghdr msg{};
     msg.msg_iov = parts.data() + index;
     msg.msg_iovlen = std::min<std::size_t>(parts.size() - index, IOV_MAX);
@@ -250,12 +274,18 @@ void Stream::read_scatter(std::span<iovec> parts) {
     counters_.bytes_received += static_cast<std::uint64_t>(n);
     consume(parts, index, static_cast<std::size_t>(n));
   }
+  if (shortened) set_receive_timeout(timeout_);
 }
 
 wire::FrameHeader Stream::read_header() {
+  using Clock = std::chrono::steady_clock;
+  const auto start = Clock::now();
+  frame_deadline_ = timeout_.count() > 0 ? start + timeout_ : Clock::time_point::max();
   wire::FrameHeader header;
   read_exact(std::as_writable_bytes(std::span(&header, 1)));
   wire::validate(header);
+  if (frame_deadline_ != Clock::time_point::max())
+    frame_deadline_ += std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(static_cast<double>(header.length) / kMinFrameRate));
   if (header.type == static_cast<std::uint16_t>(wire::MessageType::error))
     throw RemoteError("peer reported: " + wire::decode<wire::Error>(read_payload(header)).message);
   return header;

@@ -56,7 +56,9 @@ class Stream {
   StreamSecurity security() const { return tls_ ? tls_->security() : StreamSecurity::plaintext; }
 
   // Every blocking read and write gives up after `timeout` of silence with a PeerError, so a
-  // vanished peer can never hang a paused source. Zero waits for ever.
+  // vanished peer can never hang a paused source. Zero waits for ever. Trickling bytes does
+  // not keep a frame alive: a frame must arrive whole within `timeout` plus its length at
+  // kMinFrameRate, counted from the start of its header.
   void set_timeout(std::chrono::milliseconds timeout);
   // Turns on MSG_ZEROCOPY for page data. Returns false when the socket cannot do it. With
   // `unless_copied`, it turns itself off again at the first send the kernel reports it
@@ -83,7 +85,10 @@ class Stream {
   void send_gathered(wire::MessageType type, std::span<const std::byte> head, std::span<const iovec> pages,
                      PageMemory memory);
 
-  // The next frame's header, validated. An Error frame is turned into RemoteError here.
+  static constexpr double kMinFrameRate = 16 * 1024;  // bytes per second
+
+  // The next frame's header, validated. An Error frame is turned into RemoteError here. The
+  // reads that follow (its payload) share the frame's deadline.
   wire::FrameHeader read_header();
   template <typename T>
   T receive() {
@@ -110,6 +115,10 @@ class Stream {
   void write_all(std::span<iovec> parts, int flags);
   void write_encrypted(std::span<const iovec> parts);
   void read_decrypted(std::span<iovec> parts);
+  // How long the next read may wait: the silence timeout, cut to what is left of the
+  // frame's deadline. Throws PeerError once that has passed.
+  std::chrono::milliseconds read_wait() const;
+  void set_receive_timeout(std::chrono::milliseconds timeout);
   void write_paced(std::span<iovec> parts);
   void reap_zerocopy_completions();
 
@@ -117,6 +126,7 @@ class Stream {
   std::unique_ptr<TlsSession> tls_;  // after fd_: it says goodbye on the socket before it closes
   std::vector<std::byte> tls_buffer_;  // gathered parts, coalesced for SSL_write
   std::chrono::milliseconds timeout_{0};  // 0: none, as for SO_RCVTIMEO
+  std::chrono::steady_clock::time_point frame_deadline_ = std::chrono::steady_clock::time_point::max();
   bool zerocopy_ = false;
   // ZeroCopy::unless_copied until the first completion says whether the kernel copies.
   bool zerocopy_probing_ = false;
