@@ -28,16 +28,36 @@ struct AcceptedChannels {
   std::optional<transport::Stream> postcopy;
 };
 
+// A channel says who it is as soon as it connects; whoever does not within this is dropped.
+constexpr std::chrono::milliseconds kChannelHelloWait{2000};
+
+// The next connection that opens with a ChannelHello of this session. Anything else that
+// connects meanwhile (another source, a scanner, a second migration) is closed, and this
+// migration goes on; all within `deadline`.
+std::pair<transport::Stream, wire::ChannelHello> accept_own_channel(const ReceiverOptions::Accept& accept, Clock::time_point deadline,
+                                                                    std::uint64_t session) {
+  for (;;) {
+    const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
+    if (left.count() <= 0) throw transport::PeerError("the sender's channels did not all connect in time");
+    auto stream = accept(left);
+    stream.set_timeout(std::min(left, kChannelHelloWait));
+    try {
+      const auto hello = stream.receive<wire::ChannelHello>();
+      if (hello.session == session) return {std::move(stream), hello};
+    } catch (const std::exception&) {  // not a channel of ours: dropped
+    }
+  }
+}
+
 // Accepts the sender's extra channels, and its post-copy channel, in whatever order they connect.
 AcceptedChannels accept_channels(const ReceiverOptions::Accept& accept, std::chrono::milliseconds timeout,
                                  std::uint64_t session, unsigned channels, bool postcopy) {
   std::vector<std::optional<transport::Stream>> slots(channels - 1);
   AcceptedChannels out;
+  const auto deadline = Clock::now() + timeout;
   for (unsigned n = 1; n < channels + (postcopy ? 1 : 0); ++n) {
-    auto stream = accept(timeout);
+    auto [stream, h] = accept_own_channel(accept, deadline, session);
     stream.set_timeout(timeout);
-    const auto h = stream.receive<wire::ChannelHello>();
-    if (h.session != session) throw wire::ProtocolError("a channel of another migration session connected");
     if (postcopy && h.index == wire::kPostcopyChannel && !out.postcopy) {
       out.postcopy = std::move(stream);
       continue;

@@ -708,3 +708,60 @@ TEST_CASE("copy-storage: a disk chunk corrupted in flight fails verification - a
   std::remove(source_path.c_str());
   std::remove(destination_path.c_str());
 }
+
+TEST_CASE("strangers that connect while a receiver accepts its channels are turned away - the migration goes on") {
+  transport::Listener listener(transport::Endpoint::parse("tcp:127.0.0.1:0"));
+  const auto endpoint = transport::Endpoint::parse(listener.endpoint());
+  test::FakeVm source({kPages});
+  fill(source, kPages);
+  std::vector<transport::Stream> strangers;
+  engine::SenderOptions options;
+  options.channels = 3;
+  // Ahead of the first real channel: another migration's channel, and a source that thinks
+  // the port is free for a migration of its own.
+  options.open_channel = [&] {
+    if (strangers.empty()) {
+      strangers.push_back(transport::connect(endpoint));
+      strangers.back().send(wire::ChannelHello{0x5eed, 1});
+      strangers.push_back(transport::connect(endpoint));
+      strangers.back().send(wire::Hello{});
+    }
+    return transport::connect(endpoint);
+  };
+  test::FakeVm* destination = nullptr;
+  auto receiver = std::async(std::launch::async, [&] {
+    auto stream = listener.accept(2000ms);
+    engine::ReceiverOptions receiver_options{2000ms, 100ms, {}, {}};
+    receiver_options.accept_channel = [&](std::chrono::milliseconds timeout) { return listener.accept(timeout); };
+    return engine::IncomingMigration(stream, test::fake_factory(&destination), receiver_options).run();
+  });
+  auto main = transport::connect(endpoint);
+  const auto sent = engine::SourceMigration(source, main, options).run();
+  const auto received = receiver.get();
+  INFO(sent.error << " / " << received.stats.error);
+  REQUIRE(sent.status == engine::MigrationStatus::completed);
+  CHECK(received.stats.channels == 3);
+  CHECK(destination->region_memory(0) == source.region_memory(0));
+  CHECK(strangers.size() == 2);
+}
+
+TEST_CASE("a guest larger than the receiver's limits is refused at its Hello - before anything is built") {
+  for (const auto& [vcpus, pages, expected] : {std::tuple{1u, kPages * 2, "--max-mem"}, std::tuple{9u, kPages, "--max-vcpus"}}) {
+    auto [send_end, recv_end] = test::stream_pair();
+    test::FakeVm* made = nullptr;
+    auto receiver = std::async(std::launch::async, [&, s = std::move(recv_end)]() mutable {
+      engine::ReceiverOptions options{2000ms, 100ms, {}, {}};
+      options.max_guest_bytes = kPages * engine::kPageSize;
+      options.max_vcpus = 8;
+      return engine::IncomingMigration(s, test::fake_factory(&made), options).run();
+    });
+    wire::Hello hello;
+    hello.vcpus = vcpus;
+    hello.regions = {{0, pages * engine::kPageSize}};
+    send_end.send(hello);
+    CHECK_THROWS_WITH(send_end.receive<wire::HelloAck>(), Contains(expected));
+    const auto result = receiver.get();
+    CHECK(result.stats.status == engine::MigrationStatus::failed);
+    CHECK(made == nullptr);
+  }
+}
