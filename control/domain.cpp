@@ -376,7 +376,6 @@ std::string Domain::migrate_incoming(const std::string& uri) {
 }
 
 void Domain::run_incoming() {
-  engine::IncomingStats stats;
   try {
     auto stream = listener_->accept();
     engine::ReceiverOptions options = incoming_->options;
@@ -397,18 +396,28 @@ void Domain::run_incoming() {
     }
     emit("MIGRATION", {{"status", "active"}});
     auto result = migration.run();
-    std::lock_guard lock(mutex_);
-    receiving_ = nullptr;
-    stats = result.stats;
-    if (result.vm) {
-      vm_ = std::move(result.vm);
-      run_state_ = options.autostart ? RunState::running : RunState::paused;
+    {
+      std::lock_guard lock(mutex_);
+      receiving_ = nullptr;
+      if (result.vm) {
+        vm_ = std::move(result.vm);
+        run_state_ = options.autostart ? RunState::running : RunState::paused;
+      }
     }
+    finish_incoming(result.stats);
+    // The source may not have heard that the guest runs here: it asks again for a while.
+    migration.answer_commit_retries();
   } catch (const std::exception& e) {
-    stats.error = e.what();
+    engine::IncomingStats failed;
+    failed.error = e.what();
+    finish_incoming(failed);
   }
+}
+
+void Domain::finish_incoming(const engine::IncomingStats& stats) {
   {
     std::lock_guard lock(mutex_);
+    receiving_ = nullptr;
     incoming_result_ = stats;
     incoming_active_ = false;
     if (!vm_ && run_state_ == RunState::inmigrate) run_state_ = RunState::prelaunch;  // migrate-incoming may try again

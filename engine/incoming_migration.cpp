@@ -31,20 +31,21 @@ struct AcceptedChannels {
 // A channel says who it is as soon as it connects; whoever does not within this is dropped.
 constexpr std::chrono::milliseconds kChannelHelloWait{2000};
 
-// The next connection that opens with a ChannelHello of this session. Anything else that
-// connects meanwhile (another source, a scanner, a second migration) is closed, and this
-// migration goes on; all within `deadline`.
-std::pair<transport::Stream, wire::ChannelHello> accept_own_channel(const ReceiverOptions::Accept& accept, Clock::time_point deadline,
-                                                                    std::uint64_t session) {
+// The next connection that opens with `Opening` (ChannelHello, CommitRetry) of this session.
+// Anything else that connects meanwhile (another source, a scanner, a second migration) is
+// closed, and this migration goes on; all within `deadline`.
+template <typename Opening>
+std::pair<transport::Stream, Opening> accept_own(const ReceiverOptions::Accept& accept, Clock::time_point deadline,
+                                                 std::uint64_t session, const char* waiting_for) {
   for (;;) {
     const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
-    if (left.count() <= 0) throw transport::PeerError("the sender's channels did not all connect in time");
+    if (left.count() <= 0) throw transport::PeerError(std::string(waiting_for) + " did not come in time");
     auto stream = accept(left);
     stream.set_timeout(std::min(left, kChannelHelloWait));
     try {
-      const auto hello = stream.receive<wire::ChannelHello>();
-      if (hello.session == session) return {std::move(stream), hello};
-    } catch (const std::exception&) {  // not a channel of ours: dropped
+      const auto opening = stream.receive<Opening>();
+      if (opening.session == session) return {std::move(stream), opening};
+    } catch (const std::exception&) {  // not one of ours: dropped
     }
   }
 }
@@ -56,7 +57,7 @@ AcceptedChannels accept_channels(const ReceiverOptions::Accept& accept, std::chr
   AcceptedChannels out;
   const auto deadline = Clock::now() + timeout;
   for (unsigned n = 1; n < channels + (postcopy ? 1 : 0); ++n) {
-    auto [stream, h] = accept_own_channel(accept, deadline, session);
+    auto [stream, h] = accept_own<wire::ChannelHello>(accept, deadline, session, "the sender's channels");
     stream.set_timeout(timeout);
     if (postcopy && h.index == wire::kPostcopyChannel && !out.postcopy) {
       out.postcopy = std::move(stream);
@@ -93,6 +94,7 @@ struct IncomingMigration::Session {
   std::optional<transport::Stream> urgent, reconnected;
   std::unique_ptr<PostcopyDestination> postcopy_memory;
   Clock::time_point resumed_at;
+  wire::Running running;  // as sent, and as sent again to a source asking after it
   std::uint32_t recoveries = 0;
   std::optional<std::string> postcopy_error;  // why the link broke last
   std::vector<StateSection> sections;
@@ -132,9 +134,14 @@ IncomingResult IncomingMigration::run() {
       try {
         state = step(state, stream_->read_header());
       } catch (const std::exception& e) {
+        if (aborted_ || dynamic_cast<const transport::RemoteError*>(&e)) throw;
         // After the switchover the guest runs here: a broken link pauses, it does not fail.
-        if (state != State::postcopy || aborted_) throw;
-        recover_postcopy(e);
+        if (state == State::postcopy)
+          recover_postcopy(e);
+        else if (state == State::awaiting_commit)
+          state = await_commit_retry(e);  // the source may have committed: ask it
+        else
+          throw;
       }
       bytes_received_ = stream_->counters().bytes_received;
     }
@@ -327,17 +334,56 @@ IncomingMigration::State IncomingMigration::restore_and_report_ready() {
 }
 
 IncomingMigration::State IncomingMigration::on_commit(const wire::FrameHeader& frame) {
-  Session& s = *s_;
   wire::decode<wire::Commit>(stream_->read_payload(frame));
+  return resume_and_report_running();
+}
+
+// The connection broke while the restored guest waited for Commit. The source either failed
+// before committing (and runs the guest again), or committed and lost the connection; only
+// it knows, and it asks again on a new connection if it committed. Until then the guest stays
+// here paused; after handoff_grace it is discarded, as the source holds it either way.
+IncomingMigration::State IncomingMigration::await_commit_retry(const std::exception& broken) {
+  Session& s = *s_;
+  if (!options_.accept_channel) throw;
+  try {
+    auto [stream, retry] = accept_own<wire::CommitRetry>(options_.accept_channel, Clock::now() + options_.handoff_grace,
+                                                         s.hello.session, "the source's word on the commit");
+    s.reconnected = std::move(stream);
+    stream_ = &*s.reconnected;
+    stream_->set_timeout(options_.peer_timeout);
+  } catch (const transport::PeerError&) {
+    throw std::runtime_error(std::string("the connection broke before Commit (") + broken.what() +
+                             "), and the source did not say it committed; the guest was discarded here, the source holds it");
+  }
+  s.stats.commit_retried = true;
+  return resume_and_report_running();
+}
+
+void IncomingMigration::answer_commit_retries() {
+  Session& s = *s_;
+  if (!options_.accept_channel || s.stats.status != MigrationStatus::completed) return;
+  const auto until = s.resumed_at + options_.handoff_grace;
+  try {
+    for (;;) {
+      auto [stream, retry] = accept_own<wire::CommitRetry>(options_.accept_channel, until, s.hello.session, "CommitRetry");
+      stream.send(s.running);
+    }
+  } catch (const std::exception&) {  // the grace period is over, or the receiver quits
+  }
+}
+
+IncomingMigration::State IncomingMigration::resume_and_report_running() {
+  Session& s = *s_;
   const auto resume_start = Clock::now();
   if (options_.autostart) s.vm->resume();
   s.resumed_at = Clock::now();
   // The guest runs here now: from this line on, nothing may take it away, so what follows
   // only reports - or, in post-copy, brings the rest of its memory.
   s.stats.resume_ms = std::chrono::duration<double, std::milli>(s.resumed_at - resume_start).count();
+  s.running = {std::chrono::duration_cast<std::chrono::nanoseconds>(s.resumed_at.time_since_epoch()).count(),
+               ns_since(resume_start)};
   try {
-    stream_->send(wire::Running{std::chrono::duration_cast<std::chrono::nanoseconds>(s.resumed_at.time_since_epoch()).count(),
-                                ns_since(resume_start)});
+    stream_->send(s.running);
   } catch (const std::exception&) {
     // The source may be gone already (it then reports handoff-unknown, or in post-copy waits
     // for a recovery); the guest runs here.

@@ -54,6 +54,11 @@ struct ReceiverOptions {
   // at Hello, before the VM is built.
   std::uint64_t max_guest_bytes = 0;
   std::uint32_t max_vcpus = 0;
+  // The switchover's recovery (protocol.h): a guest restored here is kept paused this long
+  // after the connection broke before Commit, for the source to say on a new connection
+  // (through accept_channel) that it did commit; and once resumed here, the source's asking
+  // again is answered this long (answer_commit_retries). Longer than the source asks.
+  std::chrono::milliseconds handoff_grace{30000};
 };
 
 struct IncomingResult {
@@ -74,6 +79,11 @@ class IncomingMigration {
   // still allows it.
   IncomingResult run();
 
+  // After run() completed: answers a source that lost Running and asks again (CommitRetry)
+  // on a new connection through accept_channel, until handoff_grace has passed since the
+  // resume or accepting throws (the receiver quits). Connections of anyone else are closed.
+  void answer_commit_retries();
+
   // From another thread: ends the migration before the guest runs here (a quitting
   // receiver). The source sees the connection close and keeps its guest.
   void abort();
@@ -93,6 +103,8 @@ class IncomingMigration {
   State on_state_section(const wire::FrameHeader& frame);
   State on_complete(const wire::FrameHeader& frame);
   State on_commit(const wire::FrameHeader& frame);
+  State resume_and_report_running();
+  State await_commit_retry(const std::exception& broken);
   void verify(std::uint64_t source_digest, const char* when);
   void verify_disks(std::uint64_t source_digest);
   State restore_and_report_ready();

@@ -546,10 +546,10 @@ void SourceMigration::commit() {
   try {
     send_counted(s.stream, *control_, wire::Commit{}, true);
     s.running = s.stream.receive<wire::Running>();
-  } catch (const std::exception&) {
+  } catch (const std::exception& lost) {
     // In post-copy the destination may run the guest now and lack pages only this side
     // holds: postcopy() meets the broken link and waits for a recovery, never resumes here.
-    if (!s.postcopy_source) throw;
+    if (!s.postcopy_source) s.running = ask_again_after_commit(lost);
   }
   s.running_at = Clock::now();
   s.rollback.stop_logging();  // off the downtime path: a memslot update costs milliseconds
@@ -697,6 +697,30 @@ void SourceMigration::report_guest_handover() {
                                   handover.last_source_seq, handover.first_destination_seq};
   } catch (const std::exception&) {
   }
+}
+
+// Commit may or may not have reached the destination, and only it knows whether it resumed
+// the guest: ask it on a new connection until it answers or handoff_retry runs out (then the
+// outcome stays unknown, and the guest stays paused here).
+wire::Running SourceMigration::ask_again_after_commit(const std::exception& lost) {
+  State& s = *s_;
+  if (!s.options.open_channel) throw;
+  const auto deadline = Clock::now() + s.options.handoff_retry;
+  std::string last = lost.what();
+  while (Clock::now() < deadline) {
+    try {
+      auto stream = s.options.open_channel();
+      stream.set_timeout(s.options.peer_timeout);
+      stream.send(wire::CommitRetry{s.session});
+      const auto running = stream.receive<wire::Running>();
+      s.stats.commit_retried = true;
+      return running;
+    } catch (const std::exception& e) {
+      last = e.what();
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  throw transport::PeerError(std::string(lost.what()) + "; asking the destination again failed too (" + last + ")");
 }
 
 void SourceMigration::enter_phase(Phase phase) {

@@ -74,6 +74,10 @@ struct SenderOptions {
   bool copy_storage = false;
   std::chrono::milliseconds peer_timeout{10000};
   std::chrono::milliseconds handover_wait{2000};  // for the guest-observed downtime report
+  // When the connection breaks after Commit and before Running, the source asks the
+  // destination again (CommitRetry, through open_channel) for this long before it reports
+  // handoff-unknown. Keep it below the receiver's handoff_grace.
+  std::chrono::milliseconds handoff_retry{10000};
 
   // The tunables these options start from.
   Tunables tunables() const;
@@ -118,6 +122,7 @@ class SourceMigration {
   void send_device_state();
   void await_ready();
   void commit();
+  wire::Running ask_again_after_commit(const std::exception& lost);
   bool postcopy_wanted() const;
   void switch_to_postcopy();
   void postcopy();

@@ -118,6 +118,7 @@ struct MigrationStats {
   double cpu_s = 0;  // user + system CPU time of the migration's threads (engine/cpu_time.h)
   std::optional<PostcopyStats> postcopy;  // when the switchover was to post-copy
   std::optional<DiskStats> disk;          // when the guest has disks
+  bool commit_retried = false;  // the connection broke after Commit; a new one settled the handoff
 };
 
 // The destination's view of one incoming migration.
@@ -139,6 +140,7 @@ struct IncomingStats {
   double cpu_s = 0;  // user + system CPU time of the receiving threads (engine/cpu_time.h)
   std::optional<PostcopyStats> postcopy;
   std::optional<DiskStats> disk;
+  bool commit_retried = false;  // Commit came on a new connection, after the first broke
 };
 
 // CPU seconds per GiB moved; 0 when nothing moved.

@@ -765,3 +765,89 @@ TEST_CASE("a guest larger than the receiver's limits is refused at its Hello - b
     CHECK(made == nullptr);
   }
 }
+
+namespace {
+
+// A migration whose main connection goes through `relay`, with reconnections (a source asking
+// again after Commit) over socketpairs; the receiver then answers such questions as the
+// control plane has it do.
+template <typename Relay>
+std::pair<engine::MigrationStats, engine::IncomingResult> run_reconnectable(test::FakeVm& source, test::FakeVm** destination,
+                                                                           Relay relay, bool source_asks_again = true) {
+  test::Connections connections;
+  engine::SenderOptions options;
+  options.peer_timeout = 500ms;
+  options.handoff_retry = 3000ms;
+  if (source_asks_again) options.open_channel = [&] { return connections.open(); };
+  auto [send_end, relay_in] = test::stream_pair();
+  auto [relay_out, recv_end] = test::stream_pair();
+  auto receiver = std::async(std::launch::async, [&, s = std::move(recv_end)]() mutable {
+    engine::ReceiverOptions receiver_options{500ms, 100ms, {}, {}};
+    receiver_options.handoff_grace = 5000ms;
+    receiver_options.accept_channel = [&](std::chrono::milliseconds timeout) { return connections.accept(timeout); };
+    engine::IncomingMigration migration(s, test::fake_factory(destination), receiver_options);
+    auto result = migration.run();
+    migration.answer_commit_retries();
+    return result;
+  });
+  auto relay_thread = std::async(std::launch::async, [&, in = std::move(relay_in), out = std::move(relay_out)]() mutable {
+    relay(in, out);
+  });
+  auto stats = engine::SourceMigration(source, send_end, options).run();
+  send_end = transport::Stream(UniqueFd());
+  relay_thread.get();
+  return {stats, receiver.get()};
+}
+
+auto drop(wire::MessageType type) {
+  return frame_relay([type](int, wire::FrameHeader& h, std::vector<std::byte>&) { return h.type != static_cast<std::uint16_t>(type); });
+}
+
+}  // namespace
+
+TEST_CASE("Commit lost: the destination keeps the guest paused, the source asks again, and the guest runs at the destination") {
+  test::FakeVm source({kPages});
+  fill(source, kPages);
+  test::FakeVm* destination = nullptr;
+  auto [sent, received] = run_reconnectable(source, &destination, drop(wire::MessageType::commit));
+  INFO(sent.error << " / " << received.stats.error);
+  CHECK(sent.status == engine::MigrationStatus::completed);
+  CHECK(sent.commit_retried);
+  CHECK(source.paused());  // for good: the guest left
+  REQUIRE(received.stats.status == engine::MigrationStatus::completed);
+  CHECK(received.stats.commit_retried);
+  REQUIRE(received.vm != nullptr);
+  CHECK_FALSE(destination->paused());
+  CHECK(destination->region_memory(0) == source.region_memory(0));
+}
+
+TEST_CASE("Running lost: the source asks again and hears from the destination that the guest runs there") {
+  test::FakeVm source({kPages});
+  fill(source, kPages);
+  test::FakeVm* destination = nullptr;
+  auto relay = frame_relay([](int, wire::FrameHeader& h, std::vector<std::byte>&) {
+    return h.type == static_cast<std::uint16_t>(wire::MessageType::commit) ? Relay::forward_then_deafen : Relay::forward;
+  });
+  auto [sent, received] = run_reconnectable(source, &destination, relay);
+  INFO(sent.error << " / " << received.stats.error);
+  CHECK(sent.status == engine::MigrationStatus::completed);
+  CHECK(sent.commit_retried);
+  CHECK(source.paused());
+  REQUIRE(received.stats.status == engine::MigrationStatus::completed);
+  CHECK_FALSE(received.stats.commit_retried);  // Commit itself arrived
+  CHECK_FALSE(destination->paused());
+}
+
+TEST_CASE("Commit lost and the source never asks again: the destination discards after its grace period - the source holds the guest") {
+  test::FakeVm source({kPages});
+  fill(source, kPages);
+  test::FakeVm* destination = nullptr;
+  const auto start = std::chrono::steady_clock::now();
+  auto [sent, received] = run_reconnectable(source, &destination, drop(wire::MessageType::commit), false);
+  CHECK(sent.status == engine::MigrationStatus::handoff_unknown);
+  CHECK(source.paused());
+  CHECK(received.stats.status == engine::MigrationStatus::failed);
+  CHECK_THAT(received.stats.error, Contains("the source holds it"));
+  CHECK(received.vm == nullptr);
+  CHECK(std::chrono::steady_clock::now() - start >= 5000ms);  // it waited out its grace period first
+}

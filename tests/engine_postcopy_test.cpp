@@ -23,29 +23,7 @@ namespace {
 
 constexpr std::uint64_t kPages = 1024;  // 4 MiB
 
-// Socketpairs stand in for connections: what the sender opens, the receiver accepts.
-class Connections {
- public:
-  transport::Stream open() {
-    auto [near, far] = test::stream_pair();
-    std::lock_guard lock(mutex_);
-    waiting_.push_back(std::move(far));
-    ready_.notify_all();
-    return std::move(near);
-  }
-  transport::Stream accept(std::chrono::milliseconds timeout) {
-    std::unique_lock lock(mutex_);
-    if (!ready_.wait_for(lock, timeout, [&] { return !waiting_.empty(); })) throw transport::PeerError("nobody connected");
-    auto stream = std::move(waiting_.front());
-    waiting_.pop_front();
-    return stream;
-  }
-
- private:
-  std::mutex mutex_;
-  std::condition_variable ready_;
-  std::deque<transport::Stream> waiting_;
-};
+using test::Connections;
 
 void fill(test::FakeVm& vm, std::uint64_t pages) {
   for (std::uint64_t p = 0; p < pages; ++p) vm.write(0, p, p * 7 + 1);

@@ -6,6 +6,8 @@
 #include <sys/socket.h>
 
 #include <atomic>
+#include <condition_variable>
+#include <deque>
 #include <future>
 #include <functional>
 #include <cstring>
@@ -216,6 +218,30 @@ inline std::pair<transport::Stream, transport::Stream> stream_pair() {
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) throw std::runtime_error("socketpair failed");
   return {transport::Stream(UniqueFd(fds[0])), transport::Stream(UniqueFd(fds[1]))};
 }
+
+// Socketpairs stand in for connections: what the sender opens, the receiver accepts.
+class Connections {
+ public:
+  transport::Stream open() {
+    auto [near, far] = test::stream_pair();
+    std::lock_guard lock(mutex_);
+    waiting_.push_back(std::move(far));
+    ready_.notify_all();
+    return std::move(near);
+  }
+  transport::Stream accept(std::chrono::milliseconds timeout) {
+    std::unique_lock lock(mutex_);
+    if (!ready_.wait_for(lock, timeout, [&] { return !waiting_.empty(); })) throw transport::PeerError("nobody connected");
+    auto stream = std::move(waiting_.front());
+    waiting_.pop_front();
+    return stream;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  std::deque<transport::Stream> waiting_;
+};
 
 // Builds FakeVms of the sender's shape; the last one built is left in *made. `open_disk`
 // gives the image for each of the sender's disks.

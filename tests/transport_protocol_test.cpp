@@ -46,6 +46,7 @@ TEST_CASE("every protocol message round-trips and refuses truncation") {
   check_round_trip(RoundAck{7});
   check_round_trip(SharedMemory{2});
   check_round_trip(PagePlan{{{1, 2, 3}, {0xffff}}});
+  check_round_trip(CommitRetry{0xabcdef12345});
   CHECK(decode<Commit>(encode(Commit{})) == Commit{});
 }
 

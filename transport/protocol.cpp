@@ -27,6 +27,7 @@ const char* to_string(MessageType type) {
     case MessageType::postcopy_resume_ack: return "PostcopyResumeAck";
     case MessageType::disk_data: return "DiskData";
     case MessageType::disk_zero: return "DiskZero";
+    case MessageType::commit_retry: return "CommitRetry";
   }
   return "unknown";
 }
@@ -48,7 +49,7 @@ void validate(const FrameHeader& header) {
     case MessageType::commit: case MessageType::running: case MessageType::handover: case MessageType::error:
     case MessageType::round_end: case MessageType::round_ack: case MessageType::shared_memory:
     case MessageType::channel_hello: case MessageType::page_request: case MessageType::postcopy_done:
-    case MessageType::postcopy_resume: case MessageType::disk_zero:
+    case MessageType::postcopy_resume: case MessageType::disk_zero: case MessageType::commit_retry:
       break;
     default: throw ProtocolError("unknown frame type " + std::to_string(header.type));
   }
@@ -334,6 +335,11 @@ PostcopyDone decode<PostcopyDone>(std::span<const std::byte> payload) {
   return decode_field(payload, &PostcopyDone::pages_installed, "PostcopyDone");
 }
 
+std::vector<std::byte> encode(const CommitRetry& m) { return encode_field(m, &CommitRetry::session); }
+template <>
+CommitRetry decode<CommitRetry>(std::span<const std::byte> payload) {
+  return decode_field(payload, &CommitRetry::session, "CommitRetry");
+}
 std::vector<std::byte> encode(const PostcopyResume& m) { return encode_field(m, &PostcopyResume::session); }
 template <>
 PostcopyResume decode<PostcopyResume>(std::span<const std::byte> payload) {

@@ -25,6 +25,14 @@
 //                                                 ◀── Running {resumed at}
 //                                                 ◀── Handover {guest-observed gap}  (after the
 //                                                      guest's first heartbeat there, if any)
+// If the connection breaks after Commit was sent and before Running was read, the source cannot
+// tell whether the destination resumed. It reconnects (a new connection, as for a channel):
+//   CommitRetry {session}                         ──▶  resumes the guest if it holds it paused
+//                                                 ◀── Running          it runs there (resumed
+//                                                      now, or already before)
+// No answer leaves the source in handoff-unknown, its guest paused: the destination may run it.
+// The destination keeps a restored guest paused, and answers CommitRetry after it resumed one,
+// for ReceiverOptions::handoff_grace; the source retries for less than that.
 //
 // Post-copy (both offered kCapPostcopy; the source opened one more connection at set-up,
 // ChannelHello {session, kPostcopyChannel}, for urgent pages): instead of the final round,
@@ -115,6 +123,7 @@ enum class MessageType : std::uint16_t {
   postcopy_resume_ack = 20,
   disk_data = 21,
   disk_zero = 22,
+  commit_retry = 23,
 };
 const char* to_string(MessageType type);
 
@@ -319,6 +328,13 @@ struct Handover {
   friend bool operator==(const Handover&, const Handover&) = default;
 };
 
+// The switchover's recovery (see the diagram): the source committed, lost the connection, and
+// asks again on a new one.
+struct CommitRetry {
+  std::uint64_t session = 0;
+  friend bool operator==(const CommitRetry&, const CommitRetry&) = default;
+};
+
 struct Error {
   std::string message;
   friend bool operator==(const Error&, const Error&) = default;
@@ -347,6 +363,7 @@ std::vector<std::byte> encode(const PostcopyResume& m);
 std::vector<std::byte> encode(const PostcopyResumeAck& m);
 std::vector<std::byte> encode(const DiskData& m);
 std::vector<std::byte> encode(const DiskZero& m);
+std::vector<std::byte> encode(const CommitRetry& m);
 
 template <typename T>
 T decode(std::span<const std::byte> payload);
@@ -375,5 +392,6 @@ template <> constexpr MessageType type_of<PostcopyResume>() { return MessageType
 template <> constexpr MessageType type_of<PostcopyResumeAck>() { return MessageType::postcopy_resume_ack; }
 template <> constexpr MessageType type_of<DiskData>() { return MessageType::disk_data; }
 template <> constexpr MessageType type_of<DiskZero>() { return MessageType::disk_zero; }
+template <> constexpr MessageType type_of<CommitRetry>() { return MessageType::commit_retry; }
 
 }  // namespace mig::wire

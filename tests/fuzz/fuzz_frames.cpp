@@ -39,6 +39,7 @@ void decode_frame(MessageType type, std::span<const std::byte> payload) {
     case MessageType::postcopy_resume_ack: return decode_as<PostcopyResumeAck>(payload);
     case MessageType::disk_data: return decode_as<DiskData>(payload);
     case MessageType::disk_zero: return decode_as<DiskZero>(payload);
+    case MessageType::commit_retry: return decode_as<CommitRetry>(payload);
     case MessageType::page_batch: case MessageType::invalid: return;  // page batches: fuzz_page_batch
   }
 }

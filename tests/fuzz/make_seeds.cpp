@@ -59,6 +59,7 @@ void frame_seeds(const fs::path& dir) {
   append(switchover, wire::Commit{});
   append(switchover, wire::Running{6, 7});
   append(switchover, wire::Handover{8, 1, 2, 3});
+  append(switchover, wire::CommitRetry{7});
   write(dir / "switchover", switchover);
   std::vector<std::byte> postcopy;
   append(postcopy, wire::PostcopyStart{{{0b1010}, {}}});
