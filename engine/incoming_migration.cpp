@@ -362,6 +362,9 @@ IncomingMigration::State IncomingMigration::await_commit_retry(const std::except
 void IncomingMigration::answer_commit_retries() {
   Session& s = *s_;
   if (!options_.accept_channel || s.stats.status != MigrationStatus::completed) return;
+  // The main connection has carried all it will: closed now, as it would be without this
+  // wait, so that the source does not wait out its time for a Handover report.
+  ::shutdown(stream_->fd(), SHUT_RDWR);
   const auto until = s.resumed_at + options_.handoff_grace;
   try {
     for (;;) {

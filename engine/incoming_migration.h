@@ -17,6 +17,9 @@
 //                                                     running
 // In post-copy a broken link pauses instead of failing: the guest waits on its missing pages
 // while the receiver waits for the source to reconnect (ReceiverOptions::await_recovery).
+// In awaiting-commit a broken link does not fail at once either: the restored guest waits,
+// paused, for the source to say on a new connection that it committed (CommitRetry), for
+// ReceiverOptions::handoff_grace; only then is it discarded.
 //
 // A frame that arrives anywhere else is refused with "unexpected X while Y". Once the guest
 // is resumed here, the destination owns it, whatever then happens to the connection.

@@ -777,13 +777,13 @@ std::pair<engine::MigrationStats, engine::IncomingResult> run_reconnectable(test
   test::Connections connections;
   engine::SenderOptions options;
   options.peer_timeout = 500ms;
-  options.handoff_retry = 3000ms;
+  options.handoff_retry = 1500ms;
   if (source_asks_again) options.open_channel = [&] { return connections.open(); };
   auto [send_end, relay_in] = test::stream_pair();
   auto [relay_out, recv_end] = test::stream_pair();
   auto receiver = std::async(std::launch::async, [&, s = std::move(recv_end)]() mutable {
     engine::ReceiverOptions receiver_options{500ms, 100ms, {}, {}};
-    receiver_options.handoff_grace = 5000ms;
+    receiver_options.handoff_grace = 2000ms;
     receiver_options.accept_channel = [&](std::chrono::milliseconds timeout) { return connections.accept(timeout); };
     engine::IncomingMigration migration(s, test::fake_factory(destination), receiver_options);
     auto result = migration.run();
@@ -849,5 +849,5 @@ TEST_CASE("Commit lost and the source never asks again: the destination discards
   CHECK(received.stats.status == engine::MigrationStatus::failed);
   CHECK_THAT(received.stats.error, Contains("the source holds it"));
   CHECK(received.vm == nullptr);
-  CHECK(std::chrono::steady_clock::now() - start >= 5000ms);  // it waited out its grace period first
+  CHECK(std::chrono::steady_clock::now() - start >= 2000ms);  // it waited out its grace period first
 }
