@@ -243,6 +243,13 @@ void IncomingMigration::check_limits(const wire::Hello& hello) const {
   if (options_.max_vcpus && hello.vcpus > options_.max_vcpus)
     throw std::runtime_error("the guest has " + std::to_string(hello.vcpus) + " vCPUs, more than the " +
                              std::to_string(options_.max_vcpus) + " this receiver accepts (--max-vcpus)");
+  if (options_.missing_cpu_features && !hello.cpuid.empty()) {
+    const auto missing = options_.missing_cpu_features(hello.cpuid);
+    if (missing.empty()) return;
+    std::string names;
+    for (const auto& m : missing) names += (names.empty() ? "" : ", ") + m;
+    throw std::runtime_error("destination CPU lacks " + names + ", which the guest was given");
+  }
 }
 
 IncomingMigration::State IncomingMigration::on_shared_memory(const wire::FrameHeader& frame) {

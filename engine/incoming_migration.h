@@ -57,6 +57,9 @@ struct ReceiverOptions {
   // at Hello, before the VM is built.
   std::uint64_t max_guest_bytes = 0;
   std::uint32_t max_vcpus = 0;
+  // The pre-flight check of the guest's CPU (Hello's CPUID) against what this host can give:
+  // returns what is missing, for a refusal that names it; empty to accept. Unset: unchecked.
+  std::function<std::vector<std::string>(const std::vector<wire::CpuidLeaf>&)> missing_cpu_features = {};
   // The switchover's recovery (protocol.h): a guest restored here is kept paused this long
   // after the connection broke before Commit, for the source to say on a new connection
   // (through accept_channel) that it did commit; and once resumed here, the source's asking

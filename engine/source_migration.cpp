@@ -246,6 +246,7 @@ void SourceMigration::set_up() {
   hello.channels = std::clamp(s.options.channels, 1u, wire::kMaxChannels);
   if (hello.channels > 1 && !s.options.open_channel) throw std::invalid_argument("parallel channels need a way to open them");
   hello.session = std::random_device{}() | (std::uint64_t{std::random_device{}()} << 32);
+  hello.cpuid = s.vm.guest_cpuid();
   for (const auto& r : s.regions) hello.regions.push_back({r.guest_addr, r.size});
   hello.disks = s.disks.describe();
   s.session = hello.session;

@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "transport/protocol.h"
+
 namespace mig::engine {
 
 inline constexpr std::uint64_t kPageSize = 4096;
@@ -104,6 +106,9 @@ class MigratableVm {
   virtual void discard_pages(std::size_t region, std::uint64_t first_page, std::uint64_t count);
   // Why this VM's memory cannot take post-copy, or empty when it can.
   virtual std::string postcopy_unsupported() const { return {}; }
+  // The CPUID the guest was given, for the destination's pre-flight check at Hello; empty
+  // says nothing (and nothing is checked).
+  virtual std::vector<wire::CpuidLeaf> guest_cpuid() const { return {}; }
   // The vCPUs' thread ids, in vCPU order, for per-vCPU post-copy blocktime; empty when unknown.
   virtual std::vector<int> vcpu_threads() const { return {}; }
 

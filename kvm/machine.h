@@ -93,6 +93,8 @@ class Machine {
   const MachineConfig& config() const { return config_; }
   GuestMemory& memory() { return memory_; }
   Vm& vm() { return vm_; }
+  // The CPUID every vCPU was given (all alike but for their APIC IDs): what KVM supports here.
+  const CpuidEntries& guest_cpuid() const { return sys_.supported_cpuid(); }
   Probe& probe() { return probe_; }
   const Probe& probe() const { return probe_; }
 

@@ -851,3 +851,29 @@ TEST_CASE("Commit lost and the source never asks again: the destination discards
   CHECK(received.vm == nullptr);
   CHECK(std::chrono::steady_clock::now() - start >= 2000ms);  // it waited out its grace period first
 }
+
+TEST_CASE("a destination that cannot give the guest its CPU refuses at Hello, naming what it lacks - before any page") {
+  test::FakeVm source({kPages});
+  fill(source, kPages);
+  source.cpuid = {{7, 0, 0, 1u << 16, 0, 0}};
+  auto [send_end, recv_end] = test::stream_pair();
+  test::FakeVm* made = nullptr;
+  std::vector<wire::CpuidLeaf> asked;
+  auto receiver = std::async(std::launch::async, [&, s = std::move(recv_end)]() mutable {
+    engine::ReceiverOptions options{2000ms, 100ms, {}, {}};
+    options.missing_cpu_features = [&](const std::vector<wire::CpuidLeaf>& guest) {
+      asked = guest;
+      return std::vector<std::string>{"AVX-512F", "XSAVE state AVX-512 opmask"};
+    };
+    return engine::IncomingMigration(s, test::fake_factory(&made), options).run();
+  });
+  const auto sent = engine::SourceMigration(source, send_end, engine::SenderOptions{}).run();
+  const auto received = receiver.get();
+  CHECK(asked == source.cpuid);
+  CHECK(sent.status == engine::MigrationStatus::failed);
+  CHECK_THAT(sent.error, Contains("destination CPU lacks AVX-512F, XSAVE state AVX-512 opmask, which the guest was given"));
+  CHECK(sent.pages_sent == 0);
+  CHECK_FALSE(source.paused());
+  CHECK(made == nullptr);
+  CHECK(received.stats.status == engine::MigrationStatus::failed);
+}

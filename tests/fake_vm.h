@@ -96,6 +96,9 @@ class FakeVm final : public engine::MigratableVm {
     }
   }
 
+  std::vector<wire::CpuidLeaf> cpuid;  // what guest_cpuid() says
+  std::vector<wire::CpuidLeaf> guest_cpuid() const override { return cpuid; }
+
   // Writes `value` at the start of a page, as a vCPU would: refused while paused.
   bool write(std::size_t region, std::uint64_t page, std::uint64_t value) {
     std::lock_guard lock(mutex_);

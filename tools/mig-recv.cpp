@@ -118,6 +118,7 @@ int main(int argc, char** argv) {
   receiver.autostart = !options.paused;
   receiver.max_guest_bytes = options.max_mem;
   receiver.max_vcpus = options.max_vcpus;
+  receiver.missing_cpu_features = vmm::KvmVm::missing_cpu_features;
   // Who may connect: a refused peer is reported and the wait goes on.
   transport::AcceptPolicy accept;
   accept.refused = [](const std::string& why) { fmt::print(stderr, "mig-recv: {}\n", why); };

@@ -105,6 +105,7 @@ std::vector<std::byte> encode(const Hello& m) {
     w.put(d.flags);
     w.put_string(d.path);
   }
+  w.put_vector(m.cpuid);
   return w.take();
 }
 template <>
@@ -148,6 +149,7 @@ Hello decode<Hello>(std::span<const std::byte> payload) {
       throw ProtocolError("Hello has a malformed disk");
     m.disks.push_back(std::move(d));
   }
+  m.cpuid = r.get_vector<CpuidLeaf>(kMaxCpuidLeaves, "Hello.cpuid");
   r.expect_end("Hello");
   return m;
 }

@@ -1,8 +1,10 @@
-// The mig migration protocol, whole. Version 2 (disks).
+// The mig migration protocol, whole. Version 3 (the guest's CPUID in Hello).
 //
 //   sender (source)                                   receiver (destination, incoming mode)
-//   Hello {version, capabilities, vcpus, regions, channels, session}
-//                                                 ──▶  creates a VM of that shape
+//   Hello {version, capabilities, vcpus, regions, channels, session, disks, the guest's CPUID}
+//                                                 ──▶  checks it can give the guest that CPU
+//                                                      (else Error naming what it lacks), then
+//                                                      creates a VM of that shape
 //                                                 ◀── HelloAck {capabilities, boot id, channels}
 //   [channels 1..n-1: a connection each, opening with ChannelHello {session, index}; each
 //    carries the pages of its share of guest memory and its own RoundEnd/RoundAck]
@@ -70,7 +72,7 @@
 namespace mig::wire {
 
 inline constexpr std::uint32_t kMagic = 0x3147494d;  // "MIG1"
-inline constexpr std::uint32_t kVersion = 2;
+inline constexpr std::uint32_t kVersion = 3;
 inline constexpr std::uint32_t kPageSize = 4096;
 
 // Bounds on what a receiver accepts.
@@ -90,6 +92,7 @@ inline constexpr std::uint64_t kMaxDiskBytes = 1ull << 44;      // 16 TiB
 inline constexpr std::uint32_t kMaxDiskData = 1u << 20;         // bytes in one DiskData
 inline constexpr std::uint32_t kMinDiskChunk = 4096, kMaxDiskChunk = 1u << 20;
 inline constexpr std::size_t kMaxPathBytes = 4096;
+inline constexpr std::uint32_t kMaxCpuidLeaves = 256;
 // With parallel channels, the page at guest page number P travels on channel
 // (P / kChannelChunkPages) % channels, always, so its copies arrive in round order.
 inline constexpr std::uint64_t kChannelChunkPages = 512;
@@ -160,6 +163,14 @@ struct Disk {
   std::string path;               // the source's image, for operators and the shared-storage default
   friend bool operator==(const Disk&, const Disk&) = default;
 };
+// A CPUID leaf as the guest was given it (KVM's kvm_cpuid_entry2 without its flags).
+struct CpuidLeaf {
+  std::uint32_t function = 0, index = 0;
+  std::uint32_t eax = 0, ebx = 0, ecx = 0, edx = 0;
+  friend bool operator==(const CpuidLeaf&, const CpuidLeaf&) = default;
+};
+static_assert(sizeof(CpuidLeaf) == 24);
+
 struct Hello {
   std::uint32_t version = kVersion;
   std::uint32_t capabilities = 0;
@@ -170,6 +181,7 @@ struct Hello {
   std::uint32_t channels = 1;  // connections the sender would like to use for pages
   std::uint64_t session = 0;   // ties the extra channels' connections to this one
   std::vector<Disk> disks;
+  std::vector<CpuidLeaf> cpuid;  // what the guest's CPU says it is; empty: nothing said
   friend bool operator==(const Hello&, const Hello&) = default;
 };
 

@@ -6,6 +6,7 @@
 #include <fstream>
 #include <mutex>
 
+#include "kvm/cpu_features.h"
 #include "transport/bytes.h"
 
 namespace mig::vmm {
@@ -256,6 +257,27 @@ std::vector<int> KvmVm::shareable_memory_fds() const {
   if (!machine_->memory().shareable()) return fds;
   for (const auto& r : machine_->memory().regions()) fds.push_back(r.memfd.get());
   return fds;
+}
+
+std::vector<wire::CpuidLeaf> KvmVm::guest_cpuid() const {
+  std::vector<wire::CpuidLeaf> leaves;
+  for (const auto& e : machine_->guest_cpuid()) leaves.push_back({e.function, e.index, e.eax, e.ebx, e.ecx, e.edx});
+  return leaves;
+}
+
+std::vector<std::string> KvmVm::missing_cpu_features(const std::vector<wire::CpuidLeaf>& guest) {
+  std::vector<kvm_cpuid_entry2> wanted;
+  for (const auto& l : guest) {
+    kvm_cpuid_entry2 e{};
+    e.function = l.function;
+    e.index = l.index;
+    e.eax = l.eax;
+    e.ebx = l.ebx;
+    e.ecx = l.ecx;
+    e.edx = l.edx;
+    wanted.push_back(e);
+  }
+  return kvm::missing_cpu_features(wanted, kvm::KvmSystem::open().supported_cpuid());
 }
 
 std::string KvmVm::postcopy_unsupported() const {

@@ -57,6 +57,9 @@ class KvmVm final : public engine::MigratableVm {
     std::string description;  // one line for operators: the page sizes and why
   };
   static IncomingMemory incoming_memory(kvm::MemoryOptions wanted);
+  // The receiver's pre-flight check (ReceiverOptions::missing_cpu_features): what a guest's
+  // CPUID asks that this host's KVM cannot give. Opens /dev/kvm when called.
+  static std::vector<std::string> missing_cpu_features(const std::vector<wire::CpuidLeaf>& guest);
   // The shape of a guest of `mem_bytes` on the PC memory layout, as mig-send builds it.
   static engine::VmShape pc_shape(std::uint64_t mem_bytes, unsigned vcpus);
 
@@ -80,6 +83,7 @@ class KvmVm final : public engine::MigratableVm {
     machine_->memory().discard(region, first_page, count);
   }
   std::string postcopy_unsupported() const override;
+  std::vector<wire::CpuidLeaf> guest_cpuid() const override;
   std::vector<int> vcpu_threads() const override { return machine_->vcpu_thread_ids(); }
   // Holds the vCPUs for `share` of every 10 ms from a helper thread (auto-converge).
   bool set_throttle(double share) override;

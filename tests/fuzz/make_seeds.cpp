@@ -43,6 +43,7 @@ void frame_seeds(const fs::path& dir) {
   hello.regions = {{0, 1u << 20}, {1u << 32, 1u << 20}};
   hello.channels = 2;
   hello.disks = {{1u << 20, 65536, wire::kDiskCopy, "/images/a.raw"}};
+  hello.cpuid = {{0, 0, 0xd, 0x756e6547, 0x6c65746e, 0x49656e69}, {7, 0, 0, 1u << 16, 0, 0}};
   append(handshake, hello);
   append(handshake, wire::HelloAck{wire::kCapVerify, "boot", 2});
   append(handshake, wire::ChannelHello{7, 1});
