@@ -72,6 +72,16 @@ class Fields {
   std::set<std::string> known_;
 };
 
+// migrate's tls-creds, tls-psk and tls-hostname; loaded only once every argument is known good.
+transport::TlsCredentials tls_credentials(Fields& f) {
+  transport::TlsCredentials tls;
+  tls.x509_dir = f.text("tls-creds", "");
+  tls.psk_file = f.text("tls-psk", "");
+  tls.hostname = f.text("tls-hostname", "");
+  if (!tls.hostname.empty() && tls.x509_dir.empty()) throw CommandError("Parameter 'tls-hostname' needs 'tls-creds'");
+  return tls;
+}
+
 }  // namespace
 
 engine::Tunables MigrationParameters::tunables() const {
@@ -163,11 +173,7 @@ MigrateRequest parse_migrate_arguments(const nlohmann::json& arguments, const Mi
   o.channels = static_cast<unsigned>(f.integer("parallel", parameters.channels, 1, wire::kMaxChannels));
   const auto zerocopy = f.text("zerocopy", "auto", {"auto", "on", "off"});
   request.zerocopy = zerocopy == "on" ? ZeroCopyMode::on : zerocopy == "off" ? ZeroCopyMode::off : ZeroCopyMode::automatic;
-  transport::TlsCredentials tls;
-  tls.x509_dir = f.text("tls-creds", "");
-  tls.psk_file = f.text("tls-psk", "");
-  tls.hostname = f.text("tls-hostname", "");
-  if (!tls.hostname.empty() && tls.x509_dir.empty()) throw CommandError("Parameter 'tls-hostname' needs 'tls-creds'");
+  const auto tls = tls_credentials(f);
   f.reject_unknown();
   try {
     if (tls.enabled()) request.tls = transport::TlsContext::load(tls, transport::TlsRole::client);

@@ -260,3 +260,21 @@ TEST_CASE("post-copy moves a busy guest - its faults are served on demand - and 
   std::remove(send_stats.c_str());
   std::remove(recv_stats.c_str());
 }
+
+TEST_CASE("mig-recv refuses bad TLS options in one line, before it listens") {
+  const std::pair<std::vector<std::string>, const char*> cases[] = {
+      {{"--tls-creds", "/nonexistent"}, "--tls-creds /nonexistent: cannot read ca-cert.pem"},
+      {{"--tls-authz", "CN=x"}, "--tls-authz needs --tls-creds"},
+      {{"--tls-psk", "/dev/null"}, "no IDENTITY:HEXKEY line"},
+      {{"--tls-psk", "/nonexistent", "--tls-creds", "/tmp"}, "not both"},
+  };
+  for (const auto& [extra, expected] : cases) {
+    std::vector<std::string> args = {kTools + "mig-recv", "--listen", "tcp:127.0.0.1:0"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    const auto ran = run_tool(args);
+    INFO(extra[0] << ": " << ran.err);
+    CHECK(ran.exit_code == 1);
+    CHECK_THAT(ran.err, Contains(expected));
+    CHECK(std::count(ran.err.begin(), ran.err.end(), '\n') == 1);
+  }
+}

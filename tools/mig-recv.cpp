@@ -98,6 +98,15 @@ engine::VmFactory incoming_factory(const Options& options, std::string& memory_d
                              tools::disk_configs(options.disks));
 }
 
+// Who may connect: TLS where asked for; a refused peer is reported and the wait goes on.
+transport::AcceptPolicy accept_policy(const transport::TlsCredentials& tls) {
+  transport::AcceptPolicy accept;
+  accept.refused = [](const std::string& why) { fmt::print(stderr, "mig-recv: {}\n", why); };
+  if (!tls.authz.empty() && tls.x509_dir.empty()) throw std::invalid_argument("--tls-authz needs --tls-creds");
+  if (tls.enabled()) accept.tls = transport::TlsContext::load(tls, transport::TlsRole::server);
+  return accept;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -119,12 +128,9 @@ int main(int argc, char** argv) {
   receiver.max_guest_bytes = options.max_mem;
   receiver.max_vcpus = options.max_vcpus;
   receiver.missing_cpu_features = vmm::KvmVm::missing_cpu_features;
-  // Who may connect: a refused peer is reported and the wait goes on.
   transport::AcceptPolicy accept;
-  accept.refused = [](const std::string& why) { fmt::print(stderr, "mig-recv: {}\n", why); };
   try {
-    if (!options.tls.authz.empty() && options.tls.x509_dir.empty()) throw std::invalid_argument("--tls-authz needs --tls-creds");
-    if (options.tls.enabled()) accept.tls = transport::TlsContext::load(options.tls, transport::TlsRole::server);
+    accept = accept_policy(options.tls);
   } catch (const std::exception& e) {
     fmt::print(stderr, "mig-recv: {}\n", e.what());
     return tools::kExitSetupError;
