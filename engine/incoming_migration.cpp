@@ -206,7 +206,7 @@ IncomingMigration::State IncomingMigration::step(State state, const wire::FrameH
 IncomingMigration::State IncomingMigration::on_hello(const wire::FrameHeader& frame) {
   Session& s = *s_;
   s.hello = wire::decode<wire::Hello>(stream_->read_payload(frame));
-  check_limits(s.hello);
+  check_guest_fits(s.hello);
   s.shape.vcpus = s.hello.vcpus;
   for (const auto& r : s.hello.regions) s.shape.regions.push_back({r.guest_addr, r.size});
   for (const auto& d : s.hello.disks) s.shape.disks.push_back({d.size, d.chunk_bytes, (d.flags & wire::kDiskCopy) != 0, d.path});
@@ -234,7 +234,9 @@ IncomingMigration::State IncomingMigration::on_hello(const wire::FrameHeader& fr
   return State::receiving_pages;
 }
 
-void IncomingMigration::check_limits(const wire::Hello& hello) const {
+// Before anything is built for it: the guest must be within this receiver's limits, and this
+// host must be able to give it the CPU it was given.
+void IncomingMigration::check_guest_fits(const wire::Hello& hello) const {
   std::uint64_t guest_bytes = 0;
   for (const auto& r : hello.regions) guest_bytes += r.size;
   if (options_.max_guest_bytes && guest_bytes > options_.max_guest_bytes)

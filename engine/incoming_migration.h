@@ -102,7 +102,7 @@ class IncomingMigration {
 
   State step(State state, const wire::FrameHeader& frame);
   State on_hello(const wire::FrameHeader& frame);
-  void check_limits(const wire::Hello& hello) const;
+  void check_guest_fits(const wire::Hello& hello) const;
   State on_shared_memory(const wire::FrameHeader& frame);
   void build_vm();
   State on_page_plan(const wire::FrameHeader& frame);
