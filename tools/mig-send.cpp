@@ -75,7 +75,9 @@ double migration_time(const BootedGuest& options, const kvm::Machine& machine, c
                       steady_clock::time_point started) {
   if (options.after < 0) return -1;
   bool ready = false;
-  for (int i = 0; i < 600 && !ready && !signals.terminating(); ++i) ready = machine.probe().wait_ready(milliseconds(100));
+  // A guest without mig's probe never reports: the wait ends at 60 s, or earlier at --run-for.
+  const auto run_out = [&] { return options.run_for >= 0 && duration<double>(steady_clock::now() - started).count() >= options.run_for; };
+  for (int i = 0; i < 600 && !ready && !signals.terminating() && !run_out(); ++i) ready = machine.probe().wait_ready(milliseconds(100));
   if (!ready) fmt::print(stderr, "mig-send: the guest did not report ready; --after counts from boot\n");
   return options.after + duration<double>(steady_clock::now() - started).count();
 }
