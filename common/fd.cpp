@@ -1,6 +1,8 @@
 #include "common/fd.h"
 
 #include <fcntl.h>
+#include <poll.h>
+#include <algorithm>
 #include <cstdint>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -9,6 +11,15 @@ namespace mig {
 
 void throw_errno(const std::string& what, int err) {
   throw std::system_error(err, std::generic_category(), what);
+}
+
+bool wait_for_fd(int fd, short events, std::chrono::milliseconds timeout) {
+  pollfd p{fd, events, 0};
+  const int ms = timeout.count() > 0 ? static_cast<int>(std::min<std::int64_t>(timeout.count(), INT32_MAX)) : -1;
+  for (;;) {
+    const int n = ::poll(&p, 1, ms);
+    if (n >= 0 || errno != EINTR) return n > 0;
+  }
 }
 
 UniqueFd UniqueFd::open(const std::string& path, int flags, unsigned mode) {

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cerrno>
+#include <chrono>
 #include <cstddef>
 #include <string>
 #include <system_error>
@@ -21,6 +22,10 @@ auto check_syscall(const char* what, Fn&& fn) {
     if (errno != EINTR) throw_errno(what);
   }
 }
+
+// Waits until `fd` is ready for `events` (POLLIN, POLLOUT); false when `timeout` passed first.
+// A zero timeout waits for ever, as SO_RCVTIMEO's does.
+bool wait_for_fd(int fd, short events, std::chrono::milliseconds timeout);
 
 class UniqueFd {
  public:

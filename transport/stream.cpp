@@ -37,13 +37,8 @@ void consume(std::span<iovec> parts, std::size_t& index, std::size_t bytes) {
   while (index < parts.size() && parts[index].iov_len == 0) ++index;
 }
 
-bool wait_writable(int fd, std::chrono::milliseconds timeout) {
-  pollfd p{fd, POLLOUT, 0};
-  const int ms = timeout.count() > 0 ? static_cast<int>(std::min<std::int64_t>(timeout.count(), INT32_MAX)) : -1;
-  for (;;) {
-    const int n = ::poll(&p, 1, ms);
-    if (n >= 0 || errno != EINTR) return n > 0;
-  }
+timeval to_timeval(std::chrono::milliseconds t) {
+  return {static_cast<time_t>(t.count() / 1000), static_cast<suseconds_t>((t.count() % 1000) * 1000)};
 }
 
 }  // namespace
@@ -59,12 +54,6 @@ void Stream::secure(std::unique_ptr<TlsSession> tls) {
   tls_ = std::move(tls);
   zerocopy_ = zerocopy_probing_ = false;
 }
-
-namespace {
-timeval to_timeval(std::chrono::milliseconds t) {
-  return {static_cast<time_t>(t.count() / 1000), static_cast<suseconds_t>((t.count() % 1000) * 1000)};
-}
-}  // namespace
 
 void Stream::set_timeout(std::chrono::milliseconds timeout) {
   timeout_ = timeout;
@@ -112,7 +101,7 @@ void Stream::write_all(std::span<iovec> parts, int flags) {
       if (errno == EINTR) continue;
       // A TLS socket is non-blocking (tls.h): kTLS sends wait here for room instead.
       if (tls_ && errno == EAGAIN) {
-        if (wait_writable(fd_.get(), timeout_)) continue;
+        if (wait_for_fd(fd_.get(), POLLOUT, timeout_)) continue;
         errno = EAGAIN;
       }
       if (errno == ENOBUFS && (flags & MSG_ZEROCOPY)) {  // out of option memory: reap, retry

@@ -78,16 +78,9 @@ class SigpipeBlocked {
   sigset_t old_, pending_before_;
 };
 
-// Waits for the socket to be ready as OpenSSL asked; false when `timeout` passed first. A zero
-// timeout waits for ever, as SO_RCVTIMEO's does.
+// Waits for the socket to be ready as OpenSSL asked; false when `timeout` passed first.
 bool wait_for_socket(int fd, int ssl_error, milliseconds timeout) {
-  pollfd p{fd, static_cast<short>(ssl_error == SSL_ERROR_WANT_WRITE ? POLLOUT : POLLIN), 0};
-  const int ms = timeout.count() > 0 ? static_cast<int>(std::min<std::int64_t>(timeout.count(), INT32_MAX)) : -1;
-  for (;;) {
-    const int n = ::poll(&p, 1, ms);
-    if (n >= 0) return n > 0;
-    if (errno != EINTR) return false;
-  }
+  return wait_for_fd(fd, ssl_error == SSL_ERROR_WANT_WRITE ? POLLOUT : POLLIN, timeout);
 }
 
 std::string read_text_file(const std::string& path, const char* option) {
