@@ -398,7 +398,6 @@ void Domain::run_incoming() {
     auto result = migration.run();
     {
       std::lock_guard lock(mutex_);
-      receiving_ = nullptr;
       if (result.vm) {
         vm_ = std::move(result.vm);
         run_state_ = options.autostart ? RunState::running : RunState::paused;

@@ -86,6 +86,18 @@ auto frame_relay(Tamper tamper) {
   };
 }
 
+// Forwards every frame but those of `type`, which are lost.
+auto drop(wire::MessageType type) {
+  return frame_relay([type](int, wire::FrameHeader& h, std::vector<std::byte>&) { return h.type != static_cast<std::uint16_t>(type); });
+}
+
+// Forwards every frame, but after one of `type` no reply of the receiver's gets back.
+auto deafen_after(wire::MessageType type) {
+  return frame_relay([type](int, wire::FrameHeader& h, std::vector<std::byte>&) {
+    return h.type == static_cast<std::uint16_t>(type) ? Relay::forward_then_deafen : Relay::forward;
+  });
+}
+
 auto pass_through() {
   return frame_relay([](int, wire::FrameHeader&, std::vector<std::byte>&) { return true; });
 }
@@ -191,10 +203,7 @@ TEST_CASE("a connection lost after Commit leaves the guest in at most one place"
   test::FakeVm source({kPages});
   fill(source, kPages);
   test::FakeVm* destination = nullptr;
-  auto relay = frame_relay([](int, wire::FrameHeader& h, std::vector<std::byte>&) {
-    return h.type != static_cast<std::uint16_t>(wire::MessageType::commit);
-  });
-  auto [sent, received] = run_migration(source, &destination, engine::SenderOptions{}, relay);
+  auto [sent, received] = run_migration(source, &destination, engine::SenderOptions{}, drop(wire::MessageType::commit));
   // The source cannot know whether Commit arrived, so it must not resume; here it did not
   // arrive, so the destination must not run either.
   CHECK(sent.status == engine::MigrationStatus::handoff_unknown);
@@ -207,9 +216,7 @@ TEST_CASE("a destination that resumed keeps the guest even when Running cannot b
   test::FakeVm source({kPages});
   fill(source, kPages);
   test::FakeVm* destination = nullptr;
-  auto relay = frame_relay([](int, wire::FrameHeader& h, std::vector<std::byte>&) {
-    return h.type == static_cast<std::uint16_t>(wire::MessageType::commit) ? Relay::forward_then_deafen : Relay::forward;
-  });
+  auto relay = deafen_after(wire::MessageType::commit);
   auto [sent, received] = run_migration(source, &destination, engine::SenderOptions{}, relay);
   // The source cannot tell; the destination resumed, and owns the guest from then on.
   CHECK(sent.status == engine::MigrationStatus::handoff_unknown);
@@ -799,10 +806,6 @@ std::pair<engine::MigrationStats, engine::IncomingResult> run_reconnectable(test
   return {stats, receiver.get()};
 }
 
-auto drop(wire::MessageType type) {
-  return frame_relay([type](int, wire::FrameHeader& h, std::vector<std::byte>&) { return h.type != static_cast<std::uint16_t>(type); });
-}
-
 }  // namespace
 
 TEST_CASE("Commit lost: the destination keeps the guest paused, the source asks again, and the guest runs at the destination") {
@@ -825,10 +828,7 @@ TEST_CASE("Running lost: the source asks again and hears from the destination th
   test::FakeVm source({kPages});
   fill(source, kPages);
   test::FakeVm* destination = nullptr;
-  auto relay = frame_relay([](int, wire::FrameHeader& h, std::vector<std::byte>&) {
-    return h.type == static_cast<std::uint16_t>(wire::MessageType::commit) ? Relay::forward_then_deafen : Relay::forward;
-  });
-  auto [sent, received] = run_reconnectable(source, &destination, relay);
+  auto [sent, received] = run_reconnectable(source, &destination, deafen_after(wire::MessageType::commit));
   INFO(sent.error << " / " << received.stats.error);
   CHECK(sent.status == engine::MigrationStatus::completed);
   CHECK(sent.commit_retried);

@@ -18,10 +18,23 @@ CLI::Option* size_option(CLI::Option* option) {
 }
 
 void MigrateFlags::add_to(CLI::App& app) {
-  // Each flag with the migrate argument it becomes when given.
-  auto given = [this](CLI::Option* option, std::function<void(nlohmann::json&)> argument) {
-    given_.emplace_back(option, std::move(argument));
-  };
+  add_switchover_flags(app);
+  add_content_flags(app);
+  add_connection_flags(app);
+}
+
+void MigrateFlags::given(CLI::Option* option, std::function<void(nlohmann::json&)> argument) {
+  given_.emplace_back(option, std::move(argument));
+}
+
+// When the migration stops pre-copy, and how it switches over.
+void MigrateFlags::add_switchover_flags(CLI::App& app) {
+  given(app.add_flag("--offline", offline_, "pause first and copy everything once, no pre-copy"),
+        [](nlohmann::json& a) { a["offline"] = true; });
+  given(app.add_flag("--stop-at-target", stop_at_target_,
+                     "stop pre-copy as soon as the expected downtime is within the target (by default rounds go on while "
+                     "each still cuts the pages left by a tenth)"),
+        [](nlohmann::json& a) { a["stop-at-target"] = true; });
   given(app.add_option("--downtime-ms", downtime_ms_, "downtime target for the convergence check, in ms (default 30)")
             ->check(CLI::Range(0.0, 2'000'000.0)),
         [this](nlohmann::json& a) { a["downtime-ms"] = downtime_ms_; });
@@ -47,16 +60,14 @@ void MigrateFlags::add_to(CLI::App& app) {
                      "enable post-copy without a timer: the switch comes on migrate-start-postcopy (mig-ctl postcopy), "
                      "or when pre-copy stops making progress"),
         [](nlohmann::json& a) { a["postcopy-ram"] = true; });
+}
+
+// What travels, and in which form.
+void MigrateFlags::add_content_flags(CLI::App& app) {
   given(app.add_flag("--copy-storage-all", copy_storage_,
                      "copy the guest's disks too (virsh's name): their data moves with the rounds, into images the "
                      "destination creates (mig-recv --disk); without it, disks are shared storage that changes owner"),
         [](nlohmann::json& a) { a["blk"] = true; });
-  given(app.add_flag("--offline", offline_, "pause first and copy everything once, no pre-copy"),
-        [](nlohmann::json& a) { a["offline"] = true; });
-  given(app.add_flag("--stop-at-target", stop_at_target_,
-                     "stop pre-copy as soon as the expected downtime is within the target (by default rounds go on while "
-                     "each still cuts the pages left by a tenth)"),
-        [](nlohmann::json& a) { a["stop-at-target"] = true; });
   given(app.add_flag("--no-verify", no_verify_, "skip the page-hash proof that destination memory equals the source's"),
         [](nlohmann::json& a) { a["verify"] = false; });
   given(app.add_flag("--no-dedup", no_dedup_, "resend dirty pages even when their contents did not change"),
@@ -75,6 +86,10 @@ void MigrateFlags::add_to(CLI::App& app) {
         [](nlohmann::json& a) { a["delta"] = true; });
   given(size_option(app.add_option("--delta-cache", delta_cache_, "with --delta: how much last-sent page data to keep (default 64M)")),
         [this](nlohmann::json& a) { a["delta-cache"] = delta_cache_; });
+}
+
+// The connections: how many, zero-copy, and TLS.
+void MigrateFlags::add_connection_flags(CLI::App& app) {
   given(app.add_option("--parallel", parallel_, "TCP connections for page data, each carrying its share of guest memory")
             ->check(CLI::Range(1u, 16u)),
         [this](nlohmann::json& a) { a["parallel"] = parallel_; });

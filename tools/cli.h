@@ -57,6 +57,12 @@ class MigrateFlags {
   bool offline_ = false, no_verify_ = false, no_dedup_ = false, no_page_plan_ = false, no_zero_skip_ = false;
   bool copy_storage_ = false, delta_ = false, stop_at_target_ = false, no_auto_converge_ = false, postcopy_ = false, postcopy_ram_ = false;
   double postcopy_after_ = 0;
+  void add_switchover_flags(CLI::App& app);
+  void add_content_flags(CLI::App& app);
+  void add_connection_flags(CLI::App& app);
+  // Records a flag with the migrate argument it becomes when given.
+  void given(CLI::Option* option, std::function<void(nlohmann::json&)> argument);
+
   // Each flag, and how it becomes a migrate argument when given.
   std::vector<std::pair<CLI::Option*, std::function<void(nlohmann::json&)>>> given_;
 };
