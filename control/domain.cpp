@@ -97,10 +97,12 @@ engine::MigratableVm* Domain::vm() const {
 // it: the engine assumes the guest runs while it migrates, and dirty logging has one user.
 void Domain::require_guest_idle(const char* command) const {
   if (!vm_) throw CommandError(std::string(command) + ": no guest here yet (" + to_string(run_state_) + ")");
-  if (outgoing_active_) throw CommandError(std::string(command) + ": a migration is in progress");
-  if (dirty_status_ == DirtyRateStatus::measuring) throw CommandError(std::string(command) + ": a dirty-rate measurement is in progress");
+  // Before "in progress": a completed migration's thread may still be waiting for the
+  // destination's heartbeat report, but the guest has left for good.
   if (run_state_ == RunState::postmigrate)
     throw CommandError(std::string(command) + ": the guest has migrated away and must not run here again");
+  if (outgoing_active_) throw CommandError(std::string(command) + ": a migration is in progress");
+  if (dirty_status_ == DirtyRateStatus::measuring) throw CommandError(std::string(command) + ": a dirty-rate measurement is in progress");
   if (quit_) throw CommandError(std::string(command) + ": the domain is shutting down");
 }
 
