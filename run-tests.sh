@@ -8,7 +8,8 @@ build=build
 flags=(-DCMAKE_BUILD_TYPE=RelWithDebInfo)
 if [ "${1:-}" = "--sanitize" ]; then
   build=build-asan
-  flags=(-DCMAKE_BUILD_TYPE=Debug -DMIG_SANITIZE=ON)
+  # Shared libraries here, so that this build also proves they link and run.
+  flags=(-DCMAKE_BUILD_TYPE=Debug -DMIG_SANITIZE=ON -DBUILD_SHARED_LIBS=ON)
 fi
 # --fuzz: the libFuzzer targets, each run for MIG_FUZZ_SECONDS (default 20) over its seeds.
 if [ "${1:-}" = "--fuzz" ]; then

@@ -31,9 +31,9 @@
 #include <string>
 #include <vector>
 
-#include "engine/convergence.h"
-#include "engine/stats.h"
-#include "transport/stream.h"
+#include "../engine/convergence.h"
+#include "../engine/stats.h"
+#include "../transport/stream.h"
 
 namespace mig::engine {
 

@@ -30,9 +30,9 @@
 #include <functional>
 #include <memory>
 
-#include "engine/stats.h"
-#include "engine/vm.h"
-#include "transport/stream.h"
+#include "../engine/stats.h"
+#include "../engine/vm.h"
+#include "../transport/stream.h"
 
 namespace mig::engine {
 

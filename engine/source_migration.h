@@ -24,14 +24,15 @@
 #include <memory>
 #include <optional>
 
-#include "engine/control.h"
-#include "engine/convergence.h"
-#include "engine/page_sender.h"
-#include "engine/stats.h"
-#include "engine/vm.h"
-#include "transport/stream.h"
+#include "../engine/control.h"
+#include "../engine/convergence.h"
+#include "../engine/stats.h"
+#include "../engine/vm.h"
+#include "../transport/stream.h"
 
 namespace mig::engine {
+
+struct RoundCounts;  // engine/page_sender.h
 
 struct SenderOptions {
   // The starting point; the downtime target and throttle steps can change while the

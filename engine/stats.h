@@ -7,9 +7,9 @@
 #include <string>
 #include <vector>
 
-#include "engine/convergence.h"
-#include "engine/vm.h"
-#include "transport/tls.h"
+#include "../engine/convergence.h"
+#include "../engine/vm.h"
+#include "../transport/tls.h"
 
 namespace mig::engine {
 

@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "transport/protocol.h"
+#include "../transport/protocol.h"
 
 namespace mig::engine {
 

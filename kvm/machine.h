@@ -13,16 +13,16 @@
 #include <thread>
 #include <vector>
 
-#include "kvm/devices.h"
-#include "kvm/disk_image.h"
-#include "kvm/memory.h"
-#include "kvm/multiboot.h"
-#include "kvm/pci.h"
-#include "kvm/state.h"
-#include "kvm/system.h"
-#include "kvm/vcpu.h"
-#include "kvm/virtio_blk.h"
-#include "kvm/vm.h"
+#include "../kvm/devices.h"
+#include "../kvm/disk_image.h"
+#include "../kvm/memory.h"
+#include "../kvm/multiboot.h"
+#include "../kvm/pci.h"
+#include "../kvm/state.h"
+#include "../kvm/system.h"
+#include "../kvm/vcpu.h"
+#include "../kvm/virtio_blk.h"
+#include "../kvm/vm.h"
 
 namespace mig::kvm {
 

@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "common/fd.h"
+#include "../common/fd.h"
 
 namespace mig::kvm {
 

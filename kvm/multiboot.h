@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "kvm/memory.h"
+#include "../kvm/memory.h"
 
 namespace mig::kvm {
 

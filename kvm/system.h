@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "common/fd.h"
+#include "../common/fd.h"
 
 namespace mig::kvm {
 

@@ -4,10 +4,10 @@
 #include <cstdint>
 #include <vector>
 
-#include "common/fd.h"
-#include "kvm/state.h"
-#include "kvm/system.h"
-#include "kvm/vm.h"
+#include "../common/fd.h"
+#include "../kvm/state.h"
+#include "../kvm/system.h"
+#include "../kvm/vm.h"
 
 namespace mig::kvm {
 

@@ -28,10 +28,10 @@
 #include <thread>
 #include <vector>
 
-#include "common/fd.h"
-#include "kvm/disk_image.h"
-#include "kvm/memory.h"
-#include "kvm/pci.h"
+#include "../common/fd.h"
+#include "../kvm/disk_image.h"
+#include "../kvm/memory.h"
+#include "../kvm/pci.h"
 
 namespace mig::kvm {
 

@@ -4,10 +4,10 @@
 #include <cstdint>
 #include <span>
 
-#include "common/fd.h"
-#include "kvm/memory.h"
-#include "kvm/state.h"
-#include "kvm/system.h"
+#include "../common/fd.h"
+#include "../kvm/memory.h"
+#include "../kvm/state.h"
+#include "../kvm/system.h"
 
 namespace mig::kvm {
 

@@ -6,6 +6,7 @@
 #include <fstream>
 
 #include "control/arguments.h"
+#include "mig/version.h"
 
 namespace mig::tools {
 
@@ -15,6 +16,10 @@ CLI::Option* size_option(CLI::Option* option) {
         return value.find('-') == std::string::npos ? std::string() : std::string("a size cannot be negative");
       })
       ->transform(CLI::AsSizeValue(false));
+}
+
+void add_version_flag(CLI::App& app, const char* tool) {
+  app.set_version_flag("--version", std::string(tool) + " " + MIG_VERSION_STRING, "print the version and exit");
 }
 
 void MigrateFlags::add_to(CLI::App& app) {

@@ -24,6 +24,9 @@ enum ExitCode : int {
   kExitGuestFailed = 4,      // the guest itself crashed (triple fault, internal error)
 };
 
+// --version, as "TOOL VERSION" (what help2man reads for the man pages).
+void add_version_flag(CLI::App& app, const char* tool);
+
 // A size in bytes with K/M/G suffixes (binary). A negative one is refused, where CLI11 alone
 // would wrap it around into an absurd size.
 CLI::Option* size_option(CLI::Option* option);

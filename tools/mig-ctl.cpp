@@ -72,6 +72,7 @@ using Action = std::function<void(control::QmpClient&)>;
 
 int main(int argc, char** argv) {
   CLI::App app{"mig-ctl: control a running mig guest through its QMP socket"};
+  tools::add_version_flag(app, "mig-ctl");
   app.require_subcommand(1);
   std::string socket;
   app.add_option("socket", socket, "the guest's control socket, unix:PATH")->required();

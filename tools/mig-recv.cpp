@@ -111,6 +111,7 @@ transport::AcceptPolicy accept_policy(const transport::TlsCredentials& tls) {
 
 int main(int argc, char** argv) {
   CLI::App app{"mig-recv: wait for a migrating guest, restore it and run it"};
+  tools::add_version_flag(app, "mig-recv");
   Options options;
   options.add_to(app);
   CLI11_PARSE(app, argc, argv);

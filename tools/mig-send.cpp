@@ -169,6 +169,7 @@ int boot_and_migrate(const BootedGuest& options, const nlohmann::json& arguments
 
 int main(int argc, char** argv) {
   CLI::App app{"mig-send: live-migrate a guest to a waiting mig-recv - one that runs already (--vm), or one it boots"};
+  tools::add_version_flag(app, "mig-send");
   BootedGuest booted;
   booted.vm.add_to(app, false);
   std::string to, vm_socket, stats_json;

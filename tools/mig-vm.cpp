@@ -32,6 +32,7 @@ double measure_dirty_rate_mbps(control::Domain& domain, double seconds) {
 
 int main(int argc, char** argv) {
   CLI::App app{"mig-vm: run a multiboot guest under mig's VMM and report its heartbeats"};
+  tools::add_version_flag(app, "mig-vm");
   tools::VmOptions vm_options;
   vm_options.add_to(app);
   double run_for = -1, dirty_rate_window = 0;

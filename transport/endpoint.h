@@ -8,7 +8,7 @@
 #include <optional>
 #include <string>
 
-#include "transport/stream.h"
+#include "../transport/stream.h"
 
 namespace mig::transport {
 

@@ -67,7 +67,7 @@
 #include <string>
 #include <vector>
 
-#include "transport/bytes.h"
+#include "../transport/bytes.h"
 
 namespace mig::wire {
 

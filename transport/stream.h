@@ -14,10 +14,10 @@
 #include <string>
 #include <vector>
 
-#include "common/fd.h"
-#include "transport/protocol.h"
-#include "transport/rate_limit.h"
-#include "transport/tls.h"
+#include "../common/fd.h"
+#include "../transport/protocol.h"
+#include "../transport/rate_limit.h"
+#include "../transport/tls.h"
 
 namespace mig::transport {
 

@@ -6,8 +6,8 @@
 #include <optional>
 #include <thread>
 
-#include "engine/vm.h"
-#include "kvm/machine.h"
+#include "../engine/vm.h"
+#include "../kvm/machine.h"
 
 namespace mig::vmm {
 

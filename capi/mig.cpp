@@ -1,0 +1,516 @@
+// The C API (mig/mig.h) over the C++ engine: a VM of callbacks becomes an
+// engine::MigratableVm, a migration is a SourceMigration or IncomingMigration on a thread of
+// its own, and exceptions become result codes plus a thread-local message. No exception
+// crosses into C.
+#include "mig/mig.h"
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
+#include <new>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <thread>
+
+#include "engine/incoming_migration.h"
+#include "engine/source_migration.h"
+#include "transport/endpoint.h"
+
+namespace {
+
+using namespace mig;
+
+static_assert(MIG_PAGE_SIZE == engine::kPageSize);
+static_assert(MIG_STATUS_HANDOFF_UNKNOWN == static_cast<int>(engine::MigrationStatus::handoff_unknown),
+              "mig_status mirrors engine::MigrationStatus, value for value");
+
+thread_local std::string last_error;
+
+// A failure the caller caused or must handle, with the code it is reported as.
+struct Failure : std::runtime_error {
+  mig_result code;
+  Failure(mig_result code_, const std::string& message) : std::runtime_error(message), code(code_) {}
+};
+
+void require(bool condition, const char* what) {
+  if (!condition) throw Failure(MIG_ERR_INVALID, what);
+}
+
+// Runs `body`, turning whatever it throws into a code and last_error.
+template <typename Body>
+mig_result guarded(Body body) {
+  try {
+    last_error.clear();
+    return body();
+  } catch (const Failure& e) {
+    last_error = e.what();
+    return e.code;
+  } catch (const std::invalid_argument& e) {
+    last_error = e.what();
+    return MIG_ERR_INVALID;
+  } catch (const transport::PeerError& e) {
+    last_error = e.what();
+    return MIG_ERR_CONNECT;
+  } catch (const std::bad_alloc&) {
+    last_error = "out of memory";
+    return MIG_ERR_INTERNAL;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return MIG_ERR_INTERNAL;
+  }
+}
+
+mig_result result_of(engine::MigrationStatus status) {
+  switch (status) {
+    case engine::MigrationStatus::completed: return MIG_OK;
+    case engine::MigrationStatus::cancelled: return MIG_ERR_CANCELLED;
+    case engine::MigrationStatus::handoff_unknown: return MIG_ERR_HANDOFF_UNKNOWN;
+    default: return MIG_ERR_FAILED;
+  }
+}
+
+mig_status to_c(engine::MigrationStatus status) { return static_cast<mig_status>(status); }
+
+mig_round to_c(const engine::RoundStats& r) {
+  return {r.round,        r.pages_sent,     r.pages_skipped, r.bytes_sent,           r.dirty_pages, r.duration_s * 1000,
+          r.dirty_rate_Bps, r.bandwidth_Bps, r.expected_downtime_ms, r.throttle_pct};
+}
+
+void copy_error(const std::string& error, mig_outcome& out) {
+  const std::size_t n = std::min(error.size(), sizeof out.error - 1);
+  std::memcpy(out.error, error.data(), n);
+  out.error[n] = '\0';
+}
+
+mig_outcome to_c(const engine::MigrationStats& s) {
+  mig_outcome out{};
+  out.status = to_c(s.status);
+  copy_error(s.error, out);
+  out.total_ms = s.total_ms;
+  out.downtime_ms = s.downtime_ms;
+  out.rounds = s.rounds;
+  out.guest_bytes = s.guest_bytes;
+  out.bytes = s.bytes_sent;
+  out.verified = s.verified;
+  return out;
+}
+
+mig_outcome to_c(const engine::IncomingStats& s) {
+  mig_outcome out{};
+  out.status = to_c(s.status);
+  copy_error(s.error, out);
+  out.total_ms = s.total_ms;
+  out.rounds = s.rounds;
+  out.guest_bytes = s.guest_bytes;
+  out.bytes = s.bytes_received;
+  out.verified = s.verified;
+  return out;
+}
+
+std::shared_ptr<const transport::TlsContext> load_tls(const char* x509_dir, const char* psk_file,
+                                                      transport::TlsCredentials credentials, transport::TlsRole role) {
+  credentials.x509_dir = x509_dir ? x509_dir : "";
+  credentials.psk_file = psk_file ? psk_file : "";
+  if (!credentials.enabled()) return nullptr;
+  require(!x509_dir || !psk_file, "TLS takes x509 credentials or a PSK file, not both");
+  try {
+    return transport::TlsContext::load(credentials, role);
+  } catch (const std::runtime_error& e) {
+    throw Failure(MIG_ERR_INVALID, e.what());  // a missing or bad credentials file
+  }
+}
+
+// Waits until `result` is set (by the migration's thread, under `mutex`) or `timeout_ms` has
+// passed (negative: for ever); then the outcome, and the code that goes with it.
+template <typename Stats>
+mig_result wait_outcome(std::mutex& mutex, std::condition_variable& finished, const std::optional<Stats>& result,
+                        std::int64_t timeout_ms, mig_outcome* out, const char* still_running) {
+  std::unique_lock lock(mutex);
+  const auto done = [&] { return result.has_value(); };
+  if (timeout_ms < 0) finished.wait(lock, done);
+  else if (!finished.wait_for(lock, std::chrono::milliseconds(timeout_ms), done)) throw Failure(MIG_ERR_TIMEOUT, still_running);
+  if (out) *out = to_c(*result);
+  const mig_result code = result_of(result->status);
+  if (code != MIG_OK) last_error = result->error;
+  return code;
+}
+
+}  // namespace
+
+// ---- a VM of callbacks -------------------------------------------------------------------
+
+struct mig_state_writer {
+  std::vector<engine::StateSection>* sections;
+};
+
+struct mig_vm final : engine::MigratableVm {
+  mig_vm(const mig_vm_ops& ops_, void* opaque_, unsigned vcpus_, std::vector<engine::MemoryRegion> regions_)
+      : ops(ops_), opaque(opaque_), vcpus(vcpus_), regions(std::move(regions_)) {}
+
+  unsigned vcpu_count() const override { return vcpus; }
+  std::vector<engine::MemoryRegion> memory_regions() const override { return regions; }
+  void start_dirty_log() override { check("start_dirty_log", ops.start_dirty_log(opaque)); }
+  void stop_dirty_log() override { check("stop_dirty_log", ops.stop_dirty_log(opaque)); }
+  void fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) override {
+    std::fill(bitmap.begin(), bitmap.end(), 0);
+    check("fetch_dirty_log", ops.fetch_dirty_log(opaque, region, bitmap.data(), bitmap.size()));
+  }
+  bool set_throttle(double share) override { return ops.set_throttle && ops.set_throttle(opaque, share) == 0; }
+  void pause() override { check("pause", ops.pause(opaque)); }
+  void resume() override { check("resume", ops.resume(opaque)); }
+
+  std::vector<engine::StateSection> save_state() override {
+    std::vector<engine::StateSection> sections;
+    mig_state_writer writer{&sections};
+    check("save_state", ops.save_state(opaque, &writer));
+    return sections;
+  }
+
+  void restore_state(const std::vector<engine::StateSection>& sections) override {
+    std::vector<mig_state_section> views;
+    for (const auto& s : sections) views.push_back({s.name.c_str(), s.version, s.data.data(), s.data.size()});
+    check("restore_state", ops.restore_state(opaque, views.data(), views.size()));
+  }
+
+  // A callback's negative errno becomes the migration's error, naming the callback.
+  static void check(const char* callback, int rc) {
+    if (rc < 0) throw std::runtime_error(std::string("VM callback ") + callback + " failed: " + std::strerror(-rc));
+    if (rc > 0) throw std::runtime_error(std::string("VM callback ") + callback + " failed with " + std::to_string(rc));
+  }
+
+  const mig_vm_ops ops;
+  void* const opaque;
+  const unsigned vcpus;
+  const std::vector<engine::MemoryRegion> regions;
+};
+
+// ---- the source ------------------------------------------------------------------------
+
+struct mig_migration {
+  std::shared_ptr<engine::MigrationControl> control;
+  std::thread thread;
+  std::mutex mutex;
+  std::condition_variable finished;
+  std::optional<engine::MigrationStats> result;
+
+  void run(mig_vm& vm, transport::Stream stream, engine::SenderOptions options) {
+    auto stats = engine::SourceMigration(vm, stream, std::move(options), control).run();
+    {
+      std::lock_guard lock(mutex);
+      result = std::move(stats);
+    }
+    finished.notify_all();
+  }
+};
+
+namespace {
+
+engine::SenderOptions sender_options(const mig_send_options& o) {
+  require(o.downtime_ms > 0, "downtime_ms must be positive");
+  require(o.bandwidth >= 0, "bandwidth must not be negative");
+  require(o.max_rounds >= 1, "max_rounds must be at least 1");
+  require(o.compress_level >= 0 && o.compress_level <= 19, "compress_level must be 0 (off) to 19");
+  require(o.peer_timeout_ms > 0, "peer_timeout_ms must be positive");
+  engine::SenderOptions options;
+  options.policy.downtime_target_ms = o.downtime_ms;
+  options.policy.max_rounds = o.max_rounds;
+  options.policy.auto_converge = o.auto_converge != 0;
+  options.bandwidth_limit = o.bandwidth;
+  options.compress_level = o.compress_level;
+  options.verify = o.verify != 0;
+  options.peer_timeout = std::chrono::milliseconds(o.peer_timeout_ms);
+  return options;
+}
+
+engine::MigrationObserver observer_of(const mig_send_options& o) {
+  if (!o.on_event) return {};
+  auto emit = [callback = o.on_event, opaque = o.event_opaque](mig_event event) { callback(opaque, &event); };
+  return {
+      [emit](engine::MigrationStatus status) { emit({MIG_EVENT_STATUS, to_c(status), {}}); },
+      [emit](const engine::RoundStats& round) { emit({MIG_EVENT_ROUND, MIG_STATUS_ACTIVE, to_c(round)}); },
+      [emit] { emit({MIG_EVENT_GUEST_PAUSED, MIG_STATUS_DEVICE, {}}); },
+      [emit] { emit({MIG_EVENT_GUEST_RESUMED, MIG_STATUS_ACTIVE, {}}); },
+  };
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* mig_version(void) { return MIG_VERSION_STRING; }
+int mig_api_version(void) { return MIG_API_VERSION; }
+
+const char* mig_result_name(mig_result result) {
+  switch (result) {
+    case MIG_OK: return "ok";
+    case MIG_ERR_INVALID: return "invalid";
+    case MIG_ERR_STATE: return "state";
+    case MIG_ERR_CONNECT: return "connect";
+    case MIG_ERR_TIMEOUT: return "timeout";
+    case MIG_ERR_FAILED: return "failed";
+    case MIG_ERR_CANCELLED: return "cancelled";
+    case MIG_ERR_HANDOFF_UNKNOWN: return "handoff-unknown";
+    case MIG_ERR_INTERNAL: return "internal";
+  }
+  return "unknown";
+}
+
+const char* mig_last_error(void) { return last_error.c_str(); }
+
+const char* mig_status_name(mig_status status) {
+  if (status < MIG_STATUS_NONE || status > MIG_STATUS_HANDOFF_UNKNOWN) return "unknown";
+  return engine::to_string(static_cast<engine::MigrationStatus>(status));
+}
+
+mig_result mig_state_add(mig_state_writer* writer, const char* name, uint32_t version, const void* data, size_t size) {
+  return guarded([&] {
+    require(writer && name && *name, "mig_state_add needs a writer and a name");
+    require(data || size == 0, "mig_state_add: data is NULL");
+    const auto* bytes = static_cast<const std::byte*>(data);
+    writer->sections->push_back({name, version, std::vector<std::byte>(bytes, bytes + size)});
+    return MIG_OK;
+  });
+}
+
+mig_result mig_vm_new(const mig_vm_ops* ops, void* opaque, unsigned vcpus, const mig_memory_region* regions,
+                      size_t region_count, mig_vm** out) {
+  return guarded([&] {
+    require(ops && out, "mig_vm_new needs ops and out");
+    require(ops->start_dirty_log && ops->stop_dirty_log && ops->fetch_dirty_log && ops->pause && ops->resume &&
+                ops->save_state && ops->restore_state,
+            "mig_vm_new: every callback but set_throttle is required");
+    require(vcpus >= 1, "mig_vm_new: a VM has at least one vCPU");
+    require(regions && region_count >= 1, "mig_vm_new: a VM has at least one memory region");
+    std::vector<engine::MemoryRegion> described;
+    for (size_t i = 0; i < region_count; ++i) {
+      const auto& r = regions[i];
+      require(r.host && r.size && r.size % MIG_PAGE_SIZE == 0 && r.guest_addr % MIG_PAGE_SIZE == 0,
+              "mig_vm_new: a region needs a mapping, and page-aligned, non-empty guest_addr and size");
+      described.push_back({r.guest_addr, r.size, static_cast<std::byte*>(r.host)});
+    }
+    *out = new mig_vm(*ops, opaque, vcpus, std::move(described));
+    return MIG_OK;
+  });
+}
+
+void mig_vm_free(mig_vm* vm) { delete vm; }
+
+void mig_send_options_init(mig_send_options* options) {
+  if (!options) return;
+  *options = {};
+  const engine::SenderOptions defaults;
+  options->downtime_ms = defaults.policy.downtime_target_ms;
+  options->max_rounds = defaults.policy.max_rounds;
+  options->verify = defaults.verify;
+  options->auto_converge = defaults.policy.auto_converge;
+  options->peer_timeout_ms = static_cast<unsigned>(defaults.peer_timeout.count());
+}
+
+mig_result mig_migration_start(mig_vm* vm, const char* uri, const mig_send_options* options, mig_migration** out) {
+  return guarded([&] {
+    require(vm && uri && options && out, "mig_migration_start needs a vm, a uri, options and out");
+    auto sender = sender_options(*options);
+    const auto endpoint = transport::Endpoint::parse(uri);
+    transport::TlsCredentials credentials;
+    credentials.hostname = options->tls_hostname ? options->tls_hostname : "";
+    const auto tls = load_tls(options->tls_creds_dir, options->tls_psk_file, credentials, transport::TlsRole::client);
+    // Also how the source asks again after a connection lost at the commit.
+    sender.open_channel = [endpoint, tls] { return transport::connect(endpoint, tls.get()); };
+    auto stream = sender.open_channel();
+
+    auto migration = std::make_unique<mig_migration>();
+    migration->control = std::make_shared<engine::MigrationControl>(sender.tunables(), observer_of(*options));
+    migration->control->advance(engine::MigrationStatus::none, engine::MigrationStatus::setup);
+    migration->thread = std::thread(&mig_migration::run, migration.get(), std::ref(*vm), std::move(stream), std::move(sender));
+    *out = migration.release();
+    return MIG_OK;
+  });
+}
+
+mig_result mig_migration_progress(mig_migration* migration, mig_progress* out) {
+  return guarded([&] {
+    require(migration && out, "mig_migration_progress needs a migration and out");
+    const auto p = migration->control->progress();
+    *out = {to_c(p.status), p.elapsed_ms,   p.guest_bytes,     p.bytes_sent, p.pages_sent, p.pages_zero,
+            p.pages_skipped, p.pages_remaining, static_cast<uint32_t>(p.rounds.size()), {}};
+    if (!p.rounds.empty()) out->last_round = to_c(p.rounds.back());
+    return MIG_OK;
+  });
+}
+
+mig_result mig_migration_set_downtime(mig_migration* migration, double downtime_ms) {
+  return guarded([&] {
+    require(migration && downtime_ms > 0, "mig_migration_set_downtime needs a migration and a positive downtime");
+    migration->control->set_downtime_target(downtime_ms);
+    return MIG_OK;
+  });
+}
+
+mig_result mig_migration_set_bandwidth(mig_migration* migration, double bytes_per_second) {
+  return guarded([&] {
+    require(migration && bytes_per_second >= 0, "mig_migration_set_bandwidth needs a migration and a rate >= 0");
+    migration->control->set_bandwidth(bytes_per_second);
+    return MIG_OK;
+  });
+}
+
+mig_result mig_migration_force_switchover(mig_migration* migration) {
+  return guarded([&] {
+    require(migration, "mig_migration_force_switchover needs a migration");
+    migration->control->force_switchover();
+    return MIG_OK;
+  });
+}
+
+mig_result mig_migration_cancel(mig_migration* migration) {
+  return guarded([&] {
+    require(migration, "mig_migration_cancel needs a migration");
+    if (!migration->control->cancel())
+      throw Failure(MIG_ERR_STATE, "too late to cancel: the migration has ended or committed");
+    return MIG_OK;
+  });
+}
+
+mig_result mig_migration_wait(mig_migration* migration, int64_t timeout_ms, mig_outcome* out) {
+  return guarded([&] {
+    require(migration, "mig_migration_wait needs a migration");
+    return wait_outcome(migration->mutex, migration->finished, migration->result, timeout_ms, out,
+                        "the migration is still running");
+  });
+}
+
+void mig_migration_free(mig_migration* migration) {
+  if (!migration) return;
+  migration->control->cancel();
+  if (migration->thread.joinable()) migration->thread.join();
+  delete migration;
+}
+
+}  // extern "C"
+
+// ---- the destination ---------------------------------------------------------------------
+
+struct mig_incoming {
+  mig_incoming(transport::Listener listener_, mig_vm_factory factory_, void* factory_opaque_, engine::ReceiverOptions options_)
+      : listener(std::move(listener_)), address(listener.endpoint()), factory(factory_), factory_opaque(factory_opaque_),
+        options(std::move(options_)) {}
+
+  transport::Listener listener;
+  const std::string address;
+  const mig_vm_factory factory;
+  void* const factory_opaque;
+  engine::ReceiverOptions options;
+  std::thread thread;
+  std::mutex mutex;
+  std::condition_variable finished;
+  engine::IncomingMigration* receiving = nullptr;  // while run() runs, for abort
+  bool quitting = false;
+  std::optional<engine::IncomingStats> result;
+  std::unique_ptr<engine::MigratableVm> vm;  // the guest, once here
+
+  std::unique_ptr<engine::MigratableVm> make_vm(const engine::VmShape& shape) {
+    if (!shape.disks.empty()) throw std::runtime_error("this receiver takes no disks (the C API has no storage migration)");
+    if (!shape.shared_memory_fds.empty()) throw std::runtime_error("this receiver cannot adopt shared memory");
+    std::vector<mig_region_shape> regions;
+    for (const auto& r : shape.regions) regions.push_back({r.guest_addr, r.size});
+    const mig_vm_shape c_shape{shape.vcpus, regions.size(), regions.data()};
+    last_error.clear();
+    mig_vm* made = factory(factory_opaque, &c_shape);
+    if (!made) throw std::runtime_error("the VMM refused the guest" + (last_error.empty() ? "" : ": " + last_error));
+    std::unique_ptr<engine::MigratableVm> owned(made);
+    if (made->regions.size() != regions.size()) throw std::runtime_error("the VMM built a VM of another shape");
+    for (std::size_t i = 0; i < regions.size(); ++i)
+      if (made->regions[i].guest_addr != regions[i].guest_addr || made->regions[i].size != regions[i].size)
+        throw std::runtime_error("the VMM built a VM of another shape");
+    return owned;
+  }
+
+  void run() {
+    try {
+      auto stream = listener.accept();
+      options.accept_channel = [this](std::chrono::milliseconds timeout) { return listener.accept(timeout); };
+      engine::IncomingMigration migration(stream, [this](const engine::VmShape& shape) { return make_vm(shape); }, options);
+      {
+        std::lock_guard lock(mutex);
+        if (quitting) return;
+        receiving = &migration;
+      }
+      auto received = migration.run();
+      {
+        std::lock_guard lock(mutex);
+        receiving = nullptr;
+        vm = std::move(received.vm);
+        result = std::move(received.stats);
+      }
+      finished.notify_all();
+      // A source that lost our Running asks again for a while; free() interrupts this.
+      migration.answer_commit_retries();
+    } catch (const std::exception& e) {
+      std::lock_guard lock(mutex);
+      receiving = nullptr;
+      if (!result) {
+        result.emplace();
+        result->error = e.what();
+      }
+    }
+    finished.notify_all();
+  }
+};
+
+extern "C" {
+
+void mig_recv_options_init(mig_recv_options* options) {
+  if (!options) return;
+  *options = {};
+  const engine::ReceiverOptions defaults;
+  options->peer_timeout_ms = static_cast<unsigned>(defaults.peer_timeout.count());
+  options->autostart = defaults.autostart;
+}
+
+mig_result mig_incoming_listen(const char* uri, const mig_recv_options* options, mig_vm_factory factory,
+                               void* factory_opaque, mig_incoming** out) {
+  return guarded([&] {
+    require(uri && options && factory && out, "mig_incoming_listen needs a uri, options, a factory and out");
+    require(options->peer_timeout_ms > 0, "peer_timeout_ms must be positive");
+    engine::ReceiverOptions receiver;
+    receiver.peer_timeout = std::chrono::milliseconds(options->peer_timeout_ms);
+    receiver.autostart = options->autostart != 0;
+    receiver.max_guest_bytes = options->max_guest_bytes;
+    receiver.max_vcpus = options->max_vcpus;
+    transport::TlsCredentials credentials;
+    if (options->tls_authz) credentials.authz.push_back(options->tls_authz);
+    transport::AcceptPolicy policy;
+    policy.tls = load_tls(options->tls_creds_dir, options->tls_psk_file, credentials, transport::TlsRole::server);
+    transport::Listener listener(transport::Endpoint::parse(uri), std::move(policy));
+    auto incoming = std::make_unique<mig_incoming>(std::move(listener), factory, factory_opaque, std::move(receiver));
+    incoming->thread = std::thread(&mig_incoming::run, incoming.get());
+    *out = incoming.release();
+    return MIG_OK;
+  });
+}
+
+const char* mig_incoming_address(const mig_incoming* incoming) { return incoming ? incoming->address.c_str() : ""; }
+
+mig_result mig_incoming_wait(mig_incoming* incoming, int64_t timeout_ms, mig_outcome* out) {
+  return guarded([&] {
+    require(incoming, "mig_incoming_wait needs an incoming migration");
+    return wait_outcome(incoming->mutex, incoming->finished, incoming->result, timeout_ms, out,
+                        "no migration has arrived and finished yet");
+  });
+}
+
+void mig_incoming_free(mig_incoming* incoming) {
+  if (!incoming) return;
+  {
+    std::lock_guard lock(incoming->mutex);
+    incoming->quitting = true;
+    if (incoming->receiving) incoming->receiving->abort();
+  }
+  incoming->listener.interrupt();
+  if (incoming->thread.joinable()) incoming->thread.join();
+  delete incoming;
+}
+
+}  // extern "C"

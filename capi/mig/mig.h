@@ -1,0 +1,303 @@
+/* mig's C API: live migration for VMMs written in C, Rust, or anything else with a C FFI.
+ *
+ * A VM is a table of callbacks (mig_vm_ops) over memory the VMM has mapped; the engine
+ * tracks dirty pages through them, pauses and resumes the VM, and moves its state as
+ * opaque named sections. A migration is started on one side (mig_migration_start) towards
+ * a receiver waiting on the other (mig_incoming_listen, or mig-recv for mig's own VMM),
+ * observed (mig_migration_progress, events), steered (downtime, bandwidth, switchover,
+ * cancel) and finished (mig_migration_wait).
+ *
+ * Conventions, for every function below unless it says otherwise:
+ *  - Functions that can fail return a mig_result: MIG_OK, or a negative code; then
+ *    mig_last_error() holds a one-line message for the calling thread.
+ *  - Pointers given to mig are borrowed for the call only; strings are NUL-terminated UTF-8.
+ *  - Handles (mig_vm, mig_migration, mig_incoming) are owned by the caller and freed with
+ *    their _free function, which accepts NULL.
+ *  - Sizes are bytes, times milliseconds and rates bytes per second.
+ *  - Any thread may call; one handle may be used from several threads at once where the
+ *    function says "thread-safe".
+ *
+ * This is C99 and uses no C++ type. Post-copy, storage migration, parallel channels and
+ * same-host memory hand-over are not in this version of the API (the C++ engine has them).
+ */
+#ifndef MIG_MIG_H
+#define MIG_MIG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "mig/version.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- versions and errors ------------------------------------------------------------- */
+
+/* The library's version, "MAJOR.MINOR.PATCH": the one actually linked, which may be newer
+ * than the MIG_VERSION_STRING this program was compiled with. */
+const char* mig_version(void);
+/* MIG_API_VERSION of the linked library: compatible when it is >= the compiled one. */
+int mig_api_version(void);
+
+typedef enum mig_result {
+  MIG_OK = 0,
+  MIG_ERR_INVALID = -1,          /* a bad argument: NULL, an absurd value, a malformed URI */
+  MIG_ERR_STATE = -2,            /* not now: e.g. cancel after the commit */
+  MIG_ERR_CONNECT = -3,          /* the peer could not be reached, or refused us (TLS, credentials) */
+  MIG_ERR_TIMEOUT = -4,          /* a wait ended before the migration did */
+  MIG_ERR_FAILED = -5,           /* the migration failed; the source VM was resumed and runs on */
+  MIG_ERR_CANCELLED = -6,        /* as FAILED, because mig_migration_cancel() asked */
+  MIG_ERR_HANDOFF_UNKNOWN = -7,  /* the link broke after the commit: the destination may run the
+                                    guest, so the source VM stays paused; never resume it blindly */
+  MIG_ERR_INTERNAL = -8          /* out of memory, or a bug in mig: the message says which */
+} mig_result;
+
+/* "ok", "invalid", ... : the code's name. Never NULL. */
+const char* mig_result_name(mig_result result);
+/* The message of the calling thread's last failed call; "" when there was none. Valid until
+ * this thread's next call into mig. */
+const char* mig_last_error(void);
+
+/* ---- a VM, as the engine sees it --------------------------------------------------------- */
+
+typedef struct mig_memory_region {
+  uint64_t guest_addr; /* guest-physical start, a multiple of MIG_PAGE_SIZE */
+  uint64_t size;       /* a multiple of MIG_PAGE_SIZE */
+  void* host;          /* the VMM's mapping of the whole region; valid while the mig_vm lives */
+} mig_memory_region;
+
+#define MIG_PAGE_SIZE 4096u
+
+/* State the engine moves without looking into it. Names are unique within a VM; the version
+ * lets an older source's sections be recognised by a newer destination. */
+typedef struct mig_state_section {
+  const char* name;
+  uint32_t version;
+  const void* data;
+  size_t size;
+} mig_state_section;
+
+/* Where save_state puts its sections; valid only during that callback. mig copies `data`. */
+typedef struct mig_state_writer mig_state_writer;
+mig_result mig_state_add(mig_state_writer* writer, const char* name, uint32_t version, const void* data, size_t size);
+
+/* The callbacks: mig's C++ engine::MigratableVm, as functions of the VMM's `opaque`. Each
+ * returns 0 on success or a negative errno value, which fails the migration with a message
+ * naming the callback; before the commit the source VM is then resumed. Callbacks run on
+ * mig's threads (never two of one migration at once) and must not call back into the
+ * migration they serve. */
+typedef struct mig_vm_ops {
+  /* Dirty tracking. After start, fetch_dirty_log sets bit p (word p / 64, bit p % 64) for
+   * every page p of memory region `region` written since the previous fetch (or since start),
+   * by the guest or by the VMM itself, and re-arms tracking for those pages. mig clears the
+   * bitmap (`words` 64-bit words) before each call. */
+  int (*start_dirty_log)(void* opaque);
+  int (*stop_dirty_log)(void* opaque);
+  int (*fetch_dirty_log)(void* opaque, size_t region, uint64_t* bitmap, size_t words);
+
+  /* Source: pause returns once every vCPU has stopped; no guest write happens until resume.
+   * Destination: resume also starts vCPUs that never ran. */
+  int (*pause)(void* opaque);
+  int (*resume)(void* opaque);
+
+  /* With the VM paused. restore_state gets exactly the sections save_state added on the
+   * source, in the same order; the pointers are valid during the call. */
+  int (*save_state)(void* opaque, mig_state_writer* out);
+  int (*restore_state)(void* opaque, const mig_state_section* sections, size_t count);
+
+  /* Optional (NULL: not supported). Auto-converge: hold the vCPUs for `share` (0 to 1) of
+   * the time from now on; 0 lets them run freely again. */
+  int (*set_throttle)(void* opaque, double share);
+} mig_vm_ops;
+
+typedef struct mig_vm mig_vm;
+
+/* Describes a VM to mig. `ops` and `regions` are copied; `opaque` is the VMM's and is
+ * never freed by mig. The regions must stay mapped until mig_vm_free. */
+mig_result mig_vm_new(const mig_vm_ops* ops, void* opaque, unsigned vcpus, const mig_memory_region* regions,
+                      size_t region_count, mig_vm** out);
+/* Frees the description (not the VMM's VM). Not while a migration uses it. */
+void mig_vm_free(mig_vm* vm);
+
+/* ---- statuses, progress and events --------------------------------------------------- */
+
+/* QEMU's migration statuses, in mig's order. */
+typedef enum mig_status {
+  MIG_STATUS_NONE,
+  MIG_STATUS_SETUP,
+  MIG_STATUS_ACTIVE,          /* pre-copy rounds, the guest running */
+  MIG_STATUS_DEVICE,          /* stop-and-copy: the guest paused, its last pages and state travel */
+  MIG_STATUS_POSTCOPY_ACTIVE, /* reserved for post-copy */
+  MIG_STATUS_POSTCOPY_PAUSED,
+  MIG_STATUS_POSTCOPY_RECOVER,
+  MIG_STATUS_COMPLETED,
+  MIG_STATUS_FAILED,
+  MIG_STATUS_CANCELLING,
+  MIG_STATUS_CANCELLED,
+  MIG_STATUS_HANDOFF_UNKNOWN
+} mig_status;
+/* "setup", "active", ... as query-migrate names them. Never NULL. */
+const char* mig_status_name(mig_status status);
+
+/* One finished pre-copy round. */
+typedef struct mig_round {
+  uint32_t round;                /* round 0 sends all memory */
+  uint64_t pages_sent;
+  uint64_t pages_skipped;        /* dirty, but unchanged since their last send */
+  uint64_t bytes_sent;
+  uint64_t dirty_pages;          /* found after the round: the next round's work */
+  double duration_ms;
+  double dirty_rate;             /* bytes per second the guest dirtied */
+  double bandwidth;              /* bytes per second the round moved */
+  double expected_downtime_ms;   /* what stopping after this round would cost */
+  unsigned throttle_pct;         /* share of time the vCPUs were held (auto-converge) */
+} mig_round;
+
+typedef struct mig_progress {
+  mig_status status;
+  double elapsed_ms;
+  uint64_t guest_bytes;
+  uint64_t bytes_sent;           /* every wire byte so far; never decreases */
+  uint64_t pages_sent;
+  uint64_t pages_zero;           /* of pages_sent, sent as zero pages */
+  uint64_t pages_skipped;
+  uint64_t pages_remaining;      /* still to go in this round, plus dirtied since */
+  uint32_t rounds;               /* finished pre-copy rounds */
+  mig_round last_round;          /* the latest of them; zero before the first */
+} mig_progress;
+
+typedef enum mig_event_kind {
+  MIG_EVENT_STATUS,              /* `status` is the new status */
+  MIG_EVENT_ROUND,               /* `round` just finished */
+  MIG_EVENT_GUEST_PAUSED,        /* the source paused the guest for the switchover */
+  MIG_EVENT_GUEST_RESUMED        /* ... and resumed it again (a failure or a cancel) */
+} mig_event_kind;
+
+typedef struct mig_event {
+  mig_event_kind kind;
+  mig_status status;
+  mig_round round;
+} mig_event;
+
+/* How a migration ended, seen from the side that asks. */
+typedef struct mig_outcome {
+  mig_status status;             /* COMPLETED, FAILED, CANCELLED or HANDOFF_UNKNOWN */
+  char error[256];               /* why, when not COMPLETED; truncated to fit */
+  double total_ms;
+  double downtime_ms;            /* the source's pause to the destination's resume (source only) */
+  uint32_t rounds;               /* including the final, paused round */
+  uint64_t guest_bytes;
+  uint64_t bytes;                /* sent (source) or received (destination), every wire byte */
+  int verified;                  /* 1: the page hashes of both sides matched */
+} mig_outcome;
+
+/* ---- the source ---------------------------------------------------------------------- */
+
+typedef struct mig_send_options {
+  double downtime_ms;       /* the pause the convergence check aims under (default 30) */
+  double bandwidth;         /* pre-copy's limit, bytes per second; 0 = none (default) */
+  unsigned max_rounds;      /* pre-copy rounds, round 0 included (default 30) */
+  int compress_level;       /* zstd level for page data; 0 = off (default) */
+  int verify;               /* compare page hashes before the commit (default 1) */
+  int auto_converge;        /* throttle a guest that dirties faster than the link (default 1;
+                               needs set_throttle) */
+  unsigned peer_timeout_ms; /* how long the receiver may stay silent (default 10000) */
+  /* TLS 1.3, both ends authenticated. At most one of the two credentials; both NULL
+   * (default): plaintext. See mig-send(1) --tls-creds and --tls-psk for the files. */
+  const char* tls_creds_dir;
+  const char* tls_psk_file;
+  const char* tls_hostname; /* the name the receiver's certificate must carry; NULL: the URI's host */
+  /* Called on the migration's thread for each event; must return quickly and must not call
+   * mig_migration_wait or mig_migration_free. NULL: no events. */
+  void (*on_event)(void* event_opaque, const mig_event* event);
+  void* event_opaque;
+} mig_send_options;
+
+/* Fills in the defaults above. Call it first, then change what you need. */
+void mig_send_options_init(mig_send_options* options);
+
+typedef struct mig_migration mig_migration;
+
+/* Connects to `uri` ("tcp:HOST:PORT" or "unix:PATH"), with the TLS handshake where asked,
+ * and starts migrating `vm` on a thread of its own; returns once connected. MIG_ERR_CONNECT:
+ * nothing was touched and the VM runs on. `vm` must outlive the migration handle. */
+mig_result mig_migration_start(mig_vm* vm, const char* uri, const mig_send_options* options, mig_migration** out);
+
+/* Thread-safe. A consistent snapshot. */
+mig_result mig_migration_progress(mig_migration* migration, mig_progress* out);
+/* Thread-safe. Taken at the next round boundary (bandwidth: the next page batch). */
+mig_result mig_migration_set_downtime(mig_migration* migration, double downtime_ms);
+mig_result mig_migration_set_bandwidth(mig_migration* migration, double bytes_per_second);
+/* Thread-safe. Stop pre-copying at the next round boundary, whatever the convergence says. */
+mig_result mig_migration_force_switchover(mig_migration* migration);
+/* Thread-safe. Asks the migration to stop and resume the source VM. MIG_ERR_STATE when it is
+ * too late (the commit was sent) or the migration already ended. The outcome then comes
+ * from mig_migration_wait. */
+mig_result mig_migration_cancel(mig_migration* migration);
+
+/* Blocks until the migration has ended or `timeout_ms` passed (negative: no limit), and
+ * fills `out` (may be NULL) with the outcome. Returns MIG_OK when it completed: the
+ * destination runs the guest and the source VM must never run again. Otherwise
+ * MIG_ERR_TIMEOUT (still running), MIG_ERR_FAILED, MIG_ERR_CANCELLED or
+ * MIG_ERR_HANDOFF_UNKNOWN, as mig_result says. Thread-safe. */
+mig_result mig_migration_wait(mig_migration* migration, int64_t timeout_ms, mig_outcome* out);
+
+/* Cancels a migration that is still running, waits for its end, and frees the handle. */
+void mig_migration_free(mig_migration* migration);
+
+/* ---- the destination ----------------------------------------------------------------- */
+
+typedef struct mig_region_shape {
+  uint64_t guest_addr;
+  uint64_t size;
+} mig_region_shape;
+
+/* The sender's VM, for the destination to build an empty one like it. */
+typedef struct mig_vm_shape {
+  unsigned vcpus;
+  size_t region_count;
+  const mig_region_shape* regions;
+} mig_vm_shape;
+
+/* Builds an empty, paused VM of `shape` (same regions, zero-filled memory) and describes it
+ * with mig_vm_new; ownership of the mig_vm passes to mig. Returns NULL to refuse the guest
+ * (the migration fails; mig_last_error on that thread, if set, says why). Runs on the
+ * receiver's thread, once per incoming migration. */
+typedef mig_vm* (*mig_vm_factory)(void* factory_opaque, const mig_vm_shape* shape);
+
+typedef struct mig_recv_options {
+  unsigned peer_timeout_ms;  /* how long the source may stay silent (default 10000) */
+  int autostart;             /* resume the guest once here (default 1); 0 leaves it paused */
+  uint64_t max_guest_bytes;  /* refuse larger guests at the handshake; 0 = no limit of ours */
+  unsigned max_vcpus;        /* likewise; 0 = no limit of ours */
+  /* TLS, as for the source; tls_authz: one client certificate subject (RFC 2253) allowed,
+   * NULL allows any the CA signed. */
+  const char* tls_creds_dir;
+  const char* tls_psk_file;
+  const char* tls_authz;
+} mig_recv_options;
+
+void mig_recv_options_init(mig_recv_options* options);
+
+typedef struct mig_incoming mig_incoming;
+
+/* Listens on `uri` ("tcp:HOST:PORT", port 0 picks one, or "unix:PATH") and waits, on a
+ * thread of its own, for one migration; a peer that fails the TLS handshake is refused and
+ * the wait goes on. */
+mig_result mig_incoming_listen(const char* uri, const mig_recv_options* options, mig_vm_factory factory,
+                               void* factory_opaque, mig_incoming** out);
+/* What the source connects to, with the actual port. Valid while the handle lives. */
+const char* mig_incoming_address(const mig_incoming* incoming);
+/* As mig_migration_wait; on MIG_OK the guest runs here (or waits, with autostart 0) in the
+ * VM the factory built. */
+mig_result mig_incoming_wait(mig_incoming* incoming, int64_t timeout_ms, mig_outcome* out);
+/* Stops listening, abandons a migration still arriving (its source keeps the guest), and
+ * frees the handle and the mig_vm the factory made; the VMM's own VM is left alone. */
+void mig_incoming_free(mig_incoming* incoming);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MIG_MIG_H */
