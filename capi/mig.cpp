@@ -211,11 +211,13 @@ engine::SenderOptions sender_options(const mig_send_options& o) {
   require(o.downtime_ms > 0, "downtime_ms must be positive");
   require(o.bandwidth >= 0, "bandwidth must not be negative");
   require(o.max_rounds >= 1, "max_rounds must be at least 1");
+  require(o.channels >= 1 && o.channels <= wire::kMaxChannels, "channels must be 1 to 16");
   require(o.compress_level >= 0 && o.compress_level <= 19, "compress_level must be 0 (off) to 19");
   require(o.peer_timeout_ms > 0, "peer_timeout_ms must be positive");
   engine::SenderOptions options;
   options.policy.downtime_target_ms = o.downtime_ms;
   options.policy.max_rounds = o.max_rounds;
+  options.channels = o.channels;
   options.policy.auto_converge = o.auto_converge != 0;
   options.bandwidth_limit = o.bandwidth;
   options.compress_level = o.compress_level;
@@ -229,9 +231,9 @@ engine::MigrationObserver observer_of(const mig_send_options& o) {
   auto emit = [callback = o.on_event, opaque = o.event_opaque](mig_event event) { callback(opaque, &event); };
   return {
       [emit](engine::MigrationStatus status) { emit({MIG_EVENT_STATUS, to_c(status), {}}); },
-      [emit](const engine::RoundStats& round) { emit({MIG_EVENT_ROUND, MIG_STATUS_ACTIVE, to_c(round)}); },
-      [emit] { emit({MIG_EVENT_GUEST_PAUSED, MIG_STATUS_DEVICE, {}}); },
-      [emit] { emit({MIG_EVENT_GUEST_RESUMED, MIG_STATUS_ACTIVE, {}}); },
+      [emit](const engine::RoundStats& round) { emit({MIG_EVENT_ROUND, MIG_STATUS_NONE, to_c(round)}); },
+      [emit] { emit({MIG_EVENT_GUEST_PAUSED, MIG_STATUS_NONE, {}}); },
+      [emit] { emit({MIG_EVENT_GUEST_RESUMED, MIG_STATUS_NONE, {}}); },
   };
 }
 
@@ -303,6 +305,7 @@ void mig_send_options_init(mig_send_options* options) {
   const engine::SenderOptions defaults;
   options->downtime_ms = defaults.policy.downtime_target_ms;
   options->max_rounds = defaults.policy.max_rounds;
+  options->channels = defaults.channels;
   options->verify = defaults.verify;
   options->auto_converge = defaults.policy.auto_converge;
   options->peer_timeout_ms = static_cast<unsigned>(defaults.peer_timeout.count());
@@ -316,7 +319,8 @@ mig_result mig_migration_start(mig_vm* vm, const char* uri, const mig_send_optio
     transport::TlsCredentials credentials;
     credentials.hostname = options->tls_hostname ? options->tls_hostname : "";
     const auto tls = load_tls(options->tls_creds_dir, options->tls_psk_file, credentials, transport::TlsRole::client);
-    // Also how the source asks again after a connection lost at the commit.
+    // Opens the extra channels, and is how the source asks again after a connection lost at
+    // the commit.
     sender.open_channel = [endpoint, tls] { return transport::connect(endpoint, tls.get()); };
     auto stream = sender.open_channel();
 

@@ -5,13 +5,13 @@
 #               (component development)
 include(CMakePackageConfigHelpers)
 
-install(TARGETS mig-vm mig-send mig-recv mig-ctl RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR} COMPONENT runtime)
+install(TARGETS mig-vm mig-send mig-recv mig-ctl mig-sim RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR} COMPONENT runtime)
 install(FILES ${MIG_GUEST_IMAGE} DESTINATION ${CMAKE_INSTALL_DATADIR}/mig COMPONENT runtime)
 
 # Man pages, made from each tool's --help and --version by help2man, so they cannot drift
 # from the options; tools/man/TOOL.h2m adds what --help does not say.
 find_program(HELP2MAN help2man REQUIRED)
-foreach(tool mig-vm mig-send mig-recv mig-ctl)
+foreach(tool mig-vm mig-send mig-recv mig-ctl mig-sim)
   set(page ${PROJECT_BINARY_DIR}/man/${tool}.1)
   set(extra ${PROJECT_SOURCE_DIR}/tools/man/${tool}.h2m)
   add_custom_command(OUTPUT ${page}

@@ -155,6 +155,13 @@ MigrateRequest parse_migrate_arguments(const nlohmann::json& arguments, const Mi
   policy.throttle_initial_pct = parameters.throttle_initial_pct;
   policy.throttle_step_pct = parameters.throttle_increment_pct;
   policy.throttle_max_pct = parameters.throttle_max_pct;
+  if (f.has("policy")) {
+    try {
+      o.policy_plugin = engine::PolicyRegistry::global().make(f.text("policy", ""), policy);
+    } catch (const std::invalid_argument& e) {
+      throw CommandError(std::string("Parameter 'policy': ") + e.what());
+    }
+  }
   o.offline = f.flag("offline", false);
   o.copy_storage = f.flag("blk", false);  // QEMU's name for block migration
   o.verify = f.flag("verify", true);

@@ -80,6 +80,8 @@ nlohmann::json to_json(const engine::MigrationStats& s) {
       {"error", s.error},
       {"failed_phase", s.status == engine::MigrationStatus::completed ? "" : engine::to_string(s.failed_phase)},
       {"stop_reason", engine::to_string(s.stop_reason)},
+      {"policy", s.policy},
+      {"stop_rule", s.stop_rule},
       {"offline", s.offline},
       {"total_ms", s.total_ms},
       {"setup_ms", s.setup_ms},

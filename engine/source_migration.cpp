@@ -114,13 +114,17 @@ Tunables SenderOptions::tunables() const {
 
 struct SourceMigration::State {
   State(MigratableVm& vm_, transport::Stream& stream_, SenderOptions options_, MigrationControl& control)
-      : vm(vm_), stream(stream_), options(std::move(options_)), policy(options.policy), regions(vm.memory_regions()),
+      : vm(vm_), stream(stream_), options(std::move(options_)), policy(options.policy),
+        decider(options.policy_plugin ? options.policy_plugin : PolicyRegistry::global().make("mig", options.policy)),
+        regions(vm.memory_regions()),
         disks(vm.disks(), options.copy_storage), rollback(vm, disks, control.observer()) {}
 
   MigratableVm& vm;
   transport::Stream& stream;
   const SenderOptions options;
   ConvergencePolicy policy;  // options.policy with the live tunables applied
+  std::shared_ptr<const MigrationPolicy> decider;  // options.policy_plugin, or mig's
+  bool can_throttle = true;                         // until the VM refuses a throttle
   const std::vector<MemoryRegion> regions;
   DiskSender disks;
   SourceRollback rollback;
@@ -191,6 +195,7 @@ MigrationStats SourceMigration::run() {
   s.cpu_start = thread_cpu_ns();
   for (const auto& r : s.regions) s.stats.guest_bytes += r.size;
   s.stats.offline = s.options.offline;
+  s.stats.policy = s.decider->name();
   control_->started(s.stats.guest_bytes);
   try {
     // Whoever steers the migration may have announced set-up already, while connecting.
@@ -416,7 +421,13 @@ bool SourceMigration::precopy_round(std::uint32_t round) {
     s.stats.stop_reason = StopReason::forced;
     return false;
   }
-  const Decision decision = decide(s.stats.round_table, s.policy);
+  const PolicyAnswer answer = s.decider->decide(policy_view());
+  s.stats.stop_rule = answer.rule;
+  Decision decision = answer.decision;
+  if (decision == Decision::next_round && s.stats.round_table.size() >= s.policy.max_rounds) {
+    decision = Decision::stop_max_rounds;
+    s.stats.stop_rule = "the round limit (" + std::to_string(s.policy.max_rounds) + ")";
+  }
   // With post-copy on, a pre-copy that cannot converge switches instead of pausing long.
   const bool unconverged = decision == Decision::stop_max_rounds || decision == Decision::stop_no_progress ||
                            decision == Decision::start_postcopy;
@@ -428,14 +439,20 @@ bool SourceMigration::precopy_round(std::uint32_t round) {
   if (decision == Decision::start_postcopy)
     throw std::runtime_error("pre-copy made no progress and post-copy is not enabled");
   if (decision == Decision::abort_no_progress)
-    throw std::runtime_error("pre-copy made no progress for " + std::to_string(s.policy.no_progress_rounds) +
-                             " rounds (dirty rate at or above bandwidth); aborted as --on-no-convergence=abort asks");
+    throw std::runtime_error("pre-copy made no progress (" + answer.rule + "); aborted as the policy asks (" +
+                             s.decider->name() + ", --on-no-convergence=abort with mig's)");
   if (decision != Decision::next_round) {
     s.stats.stop_reason = stop_reason_of(decision);
     return false;
   }
-  adjust_throttle();
+  adjust_throttle(answer.throttle_pct);
   return true;
+}
+
+PolicyView SourceMigration::policy_view() const {
+  const State& s = *s_;
+  return {s.stats.round_table, control_->tunables(), s.policy.max_rounds, s.stats.guest_bytes / kPageSize,
+          s.can_throttle, s.postcopy};
 }
 
 // The round's line in the round table, with what stopping now would cost.
@@ -459,15 +476,14 @@ void SourceMigration::record_round(std::uint32_t round, const RoundCounts& count
 }
 
 // Auto-converge: the throttle the policy wants for the next round.
-void SourceMigration::adjust_throttle() {
+void SourceMigration::adjust_throttle(unsigned wanted_pct) {
   State& s = *s_;
-  const unsigned wanted = next_throttle_pct(s.stats.round_table, s.policy);
-  if (wanted == s.throttle_pct) return;
-  if (s.vm.set_throttle(wanted / 100.0)) {
-    s.throttle_pct = wanted;
-    s.rollback.throttled(wanted > 0);
+  if (wanted_pct == s.throttle_pct || !s.can_throttle) return;
+  if (s.vm.set_throttle(wanted_pct / 100.0)) {
+    s.throttle_pct = wanted_pct;
+    s.rollback.throttled(wanted_pct > 0);
   } else {
-    s.policy.auto_converge = false;  // stuck rounds now count as no progress at once
+    s.can_throttle = false;  // policies now judge stuck rounds without a throttle to come
   }
 }
 

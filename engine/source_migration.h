@@ -26,6 +26,7 @@
 
 #include "../engine/control.h"
 #include "../engine/convergence.h"
+#include "../engine/policy.h"
 #include "../engine/stats.h"
 #include "../engine/vm.h"
 #include "../transport/stream.h"
@@ -38,6 +39,9 @@ struct SenderOptions {
   // The starting point; the downtime target and throttle steps can change while the
   // migration runs (MigrationControl::set_tunables).
   ConvergencePolicy policy;
+  // What decides at each round boundary (engine/policy.h); null: "mig" with `policy`.
+  // Whatever it says, pre-copy stops after policy.max_rounds.
+  std::shared_ptr<const MigrationPolicy> policy_plugin;
   bool offline = false;  // pause first and copy everything once: a cold migration
   bool verify = true;    // page-hash verification at completion
   bool dedup = true;     // skip a dirty page whose contents equal its last-sent version
@@ -116,7 +120,8 @@ class SourceMigration {
   void precopy();
   bool precopy_round(std::uint32_t round);
   void record_round(std::uint32_t round, const RoundCounts& counts, double seconds);
-  void adjust_throttle();
+  PolicyView policy_view() const;
+  void adjust_throttle(unsigned wanted_pct);
   void apply_tunables();
   void stop_and_copy();
   void hand_over_disks();

@@ -90,6 +90,8 @@ struct MigrationStats {
   std::string error;              // why, for failed, cancelled and handoff_unknown
   Phase failed_phase = Phase::setup;  // where it failed or was cancelled
   StopReason stop_reason = StopReason::none;
+  std::string policy;             // the convergence policy that decided (engine/policy.h)
+  std::string stop_rule;          // which of its rules ended pre-copy, in its words
   bool offline = false;
   double total_ms = 0;            // connect to Running
   double setup_ms = 0;            // connect until the first page could go

@@ -207,7 +207,7 @@ static mig_incoming* listen_for(destination* d) {
   return incoming;
 }
 
-static void test_live_migration(void) {
+static void test_live_migration(unsigned channels) {
   fake_vm* source = fake_vm_new(1);
   mig_vm* source_vm = describe(source);
   destination d = {NULL, 0};
@@ -221,6 +221,7 @@ static void test_live_migration(void) {
 
   sleep_us(20000); /* let the guest write for a while first */
   mig_send_options_init(&options);
+  options.channels = channels;
   options.on_event = count_event;
   options.event_opaque = &seen;
   CHECK(mig_migration_start(source_vm, mig_incoming_address(incoming), &options, &migration) == MIG_OK);
@@ -354,6 +355,10 @@ static void test_bad_arguments(void) {
   mig_send_options_init(&options);
   options.downtime_ms = 0;
   CHECK(mig_migration_start(source_vm, "tcp:127.0.0.1:1", &options, &migration) == MIG_ERR_INVALID);
+  mig_send_options_init(&options);
+  options.channels = 17;
+  CHECK(mig_migration_start(source_vm, "tcp:127.0.0.1:1", &options, &migration) == MIG_ERR_INVALID);
+  CHECK(strstr(mig_last_error(), "channels") != NULL);
   CHECK(mig_migration_start(NULL, "tcp:127.0.0.1:1", &options, &migration) == MIG_ERR_INVALID);
 
   mig_migration_free(NULL);
@@ -364,7 +369,8 @@ static void test_bad_arguments(void) {
 
 int main(void) {
   test_bad_arguments();
-  test_live_migration();
+  test_live_migration(1);
+  test_live_migration(4);
   test_cancel();
   test_failures_resume_the_source(1, 0, "refused the guest");
   test_failures_resume_the_source(0, 1, "save_state failed: Input/output error");

@@ -48,6 +48,14 @@ TEST_CASE("migrate arguments become sender options - parameters are the defaults
   CHECK_FALSE(own.options.policy.auto_converge);
 }
 
+TEST_CASE("migrate's policy argument chooses the convergence policy, the flags stay mig's") {
+  auto plain = control::parse_migrate_arguments({{"uri", "tcp:h:1"}}, {});
+  CHECK(plain.options.policy_plugin == nullptr);  // mig's, with the flags
+  auto xen = control::parse_migrate_arguments({{"uri", "tcp:h:1"}, {"policy", "xen:min_dirty=10"}}, {});
+  REQUIRE(xen.options.policy_plugin != nullptr);
+  CHECK(xen.options.policy_plugin->name() == "xen");
+}
+
 TEST_CASE("bad migrate arguments are refused with one line naming the argument") {
   const std::pair<json, const char*> cases[] = {
       {json::object(), "'uri' is missing"},
@@ -63,6 +71,9 @@ TEST_CASE("bad migrate arguments are refused with one line naming the argument")
       {{{"uri", "tcp:h:1"}, {"compress", "lz4"}}, "LEVEL from 1 to 19"},
       {{{"uri", "tcp:h:1"}, {"zerocopy", "maybe"}}, "does not accept value 'maybe'"},
       {{{"uri", "tcp:h:1"}, {"frobnicate", true}}, "Parameter 'frobnicate' is unexpected"},
+      {{{"uri", "tcp:h:1"}, {"policy", "zen"}}, "Parameter 'policy': no policy 'zen' (there are: "},
+      {{{"uri", "tcp:h:1"}, {"policy", "xen:max_rounds=0"}}, "Parameter 'policy': policy parameter max_rounds=0"},
+      {{{"uri", "tcp:h:1"}, {"policy", 3}}, "Invalid parameter type for 'policy', expected: string"},
   };
   for (const auto& [arguments, expected] : cases) {
     INFO(arguments.dump());

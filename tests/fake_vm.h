@@ -267,7 +267,7 @@ struct FakeMigration {
 };
 
 // Migrates `source` to a receiver on another thread, over a socketpair.
-inline FakeMigration migrate_fake(FakeVm& source, const engine::SenderOptions& options,
+inline FakeMigration migrate_fake(engine::MigratableVm& source, const engine::SenderOptions& options,
                                   std::shared_ptr<engine::MigrationControl> control = nullptr) {
   using namespace std::chrono_literals;
   auto [send_end, recv_end] = stream_pair();

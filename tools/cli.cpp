@@ -32,6 +32,14 @@ void MigrateFlags::given(CLI::Option* option, std::function<void(nlohmann::json&
   given_.emplace_back(option, std::move(argument));
 }
 
+namespace {
+std::string policy_names() {
+  std::string names;
+  for (const auto& [name, summary] : engine::PolicyRegistry::global().list()) names += (names.empty() ? "" : ", ") + name;
+  return names;
+}
+}  // namespace
+
 // When the migration stops pre-copy, and how it switches over.
 void MigrateFlags::add_switchover_flags(CLI::App& app) {
   given(app.add_flag("--offline", offline_, "pause first and copy everything once, no pre-copy"),
@@ -50,6 +58,11 @@ void MigrateFlags::add_switchover_flags(CLI::App& app) {
                        "when rounds stop making progress: stop (and copy), abort, or postcopy (the default with post-copy on)")
             ->check(CLI::IsMember({"stop", "abort", "postcopy"})),
         [this](nlohmann::json& a) { a["on-no-convergence"] = on_no_convergence_; });
+  given(app.add_option("--policy", policy_,
+                       "what decides when pre-copy stops: NAME[:key=value,...], one of " + policy_names() +
+                           " (default mig, which the flags above tune; see README \"Convergence policies\")")
+            ->check(parses_with([](const std::string& spec) { engine::PolicyRegistry::global().make(spec); })),
+        [this](nlohmann::json& a) { a["policy"] = policy_; });
   given(app.add_flag("--no-auto-converge", no_auto_converge_,
                      "never slow the guest: by default, while the expected downtime is above 5 ms, a round that did not cut the "
                      "pages left by a tenth holds the vCPUs for 20 % of the time, then 10 % more per such round, up to 99 %"),
@@ -231,6 +244,17 @@ int exit_code_for(const std::string& status) {
   if (status == "completed") return kExitMigrated;
   if (status == "handoff-unknown") return kExitHandoffUnknown;
   return kExitMigrationFailed;
+}
+
+std::string round_table_text(const nlohmann::json& rounds) {
+  std::string text = fmt::format("{:>5} {:>9} {:>10} {:>9} {:>9} {:>10} {:>10} {:>11} {:>8}\n", "round", "pages", "MB", "ms",
+                                 "dirty", "dirty MB/s", "link MB/s", "expected ms", "throttle");
+  for (const auto& r : rounds)
+    text += fmt::format("{:>5} {:>9} {:>10.1f} {:>9.1f} {:>9} {:>10.1f} {:>10.1f} {:>11.2f} {:>7}%\n", r.value("round", 0),
+                        r.value("pages", 0), r.value("bytes", 0.0) / 1e6, r.value("duration_ms", 0.0), r.value("dirty_pages", 0),
+                        r.value("dirty_rate_MBps", 0.0), r.value("bandwidth_MBps", 0.0), r.value("expected_downtime_ms", 0.0),
+                        r.value("throttle_pct", 0));
+  return text;
 }
 
 }  // namespace mig::tools

@@ -55,7 +55,7 @@ class MigrateFlags {
  private:
   double downtime_ms_ = 30;
   unsigned max_iterations_ = 30, parallel_ = 1;
-  std::string on_no_convergence_ = "stop", zerocopy_ = "auto", compress_, tls_creds_, tls_psk_, tls_hostname_;
+  std::string on_no_convergence_ = "stop", policy_, zerocopy_ = "auto", compress_, tls_creds_, tls_psk_, tls_hostname_;
   std::uint64_t bandwidth_ = 0, delta_cache_ = 64ull << 20;
   bool offline_ = false, no_verify_ = false, no_dedup_ = false, no_page_plan_ = false, no_zero_skip_ = false;
   bool copy_storage_ = false, delta_ = false, stop_at_target_ = false, no_auto_converge_ = false, postcopy_ = false, postcopy_ram_ = false;
@@ -112,6 +112,8 @@ class ControlSignals {
 std::string progress_line(const nlohmann::json& info);
 // One line for stderr summarising a finished migration, from query-migrate's reply.
 std::string summary_line(const nlohmann::json& info);
+// The pre-copy rounds of a stats JSON's round_table (a real run's or mig-sim's), one line each.
+std::string round_table_text(const nlohmann::json& rounds);
 // Writes `json` to `path` (nothing for an empty path). A path that cannot be written is
 // reported on stderr and returns false: a statistics file never costs a guest.
 bool write_stats_json(const std::string& path, const nlohmann::json& json);

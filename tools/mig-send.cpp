@@ -49,6 +49,7 @@ int migrate_running_vm(const std::string& socket, const nlohmann::json& argument
   }
   if (tty) fmt::print("\n");
   fmt::print(stderr, "mig-send: {}\n", tools::summary_line(info));
+  if (verbose) fmt::print("{}", tools::round_table_text(info["mig"].value("stats", nlohmann::json::object()).value("round_table", nlohmann::json::array())));
   tools::write_stats_json(stats_json, info["mig"].value("stats", info));
   const auto status = info.value("status", "");
   if (status == "completed") {
@@ -130,7 +131,7 @@ int boot_and_migrate(const BootedGuest& options, const nlohmann::json& arguments
     return tools::kExitSetupError;
   }
   kvm::Machine& machine = vm->machine();
-  control::Domain domain(std::move(vm));
+  control::Domain domain(tools::migratable(std::move(vm), options.vm));
   const auto quit_on_signal = signals.on_terminate([&domain] { domain.quit(); });
   std::optional<control::QmpServer> server;
   if (qmp_path) server.emplace(domain, *qmp_path);

@@ -50,7 +50,7 @@ int main(int argc, char** argv) {
     auto vm = std::make_unique<vmm::KvmVm>(tools::boot_machine(vm_options));
     fmt::print("mig-vm: guest memory: {}\n", kvm::describe_page_size(vm_options.memory.options()));
     kvm::Machine& machine = vm->machine();
-    control::Domain domain(std::move(vm));
+    control::Domain domain(tools::migratable(std::move(vm), vm_options));
     const auto quit_on_signal = signals.on_terminate([&domain] { domain.quit(); });
     std::optional<control::QmpServer> server;
     if (!qmp_path.empty()) server.emplace(domain, qmp_path);

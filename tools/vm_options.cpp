@@ -17,6 +17,17 @@ void VmOptions::add_to(CLI::App& app, bool kernel_required) {
   app.add_option("--serial", serial, "where COM1 output goes: a file, a FIFO, or - for stdout");
   memory.add_to(app);
   add_disk_option(app, disks, "a virtio-blk disk on this image (legacy virtio-pci, as QEMU's virtio-blk-pci); repeatable");
+  app.add_option("--record-trace", record_trace,
+                 "record the guest's dirty pages into this trace file, one bitmap per interval, while it runs (for mig-sim)");
+  app.add_option("--trace-interval-ms", trace_interval_ms, "--record-trace's interval (default 10)")->check(CLI::Range(0.1, 10000.0));
+}
+
+std::unique_ptr<engine::MigratableVm> migratable(std::unique_ptr<vmm::KvmVm> vm, const VmOptions& options) {
+  if (options.record_trace.empty()) return vm;
+  const auto interval = std::chrono::microseconds(static_cast<std::int64_t>(options.trace_interval_ms * 1000));
+  fmt::print("recording dirty pages every {} ms into {}\n", options.trace_interval_ms, options.record_trace);
+  return std::make_unique<engine::RecordingVm>(std::move(vm), options.record_trace,
+                                               options.append.empty() ? "(no command line)" : options.append, interval);
 }
 
 void add_disk_option(CLI::App& app, std::vector<std::string>& disks, const std::string& what) {

@@ -7,7 +7,9 @@
 #include <string>
 
 #include "control/domain.h"
+#include "engine/dirty_trace.h"
 #include "kvm/machine.h"
+#include "vmm/kvm_vm.h"
 
 namespace mig::tools {
 
@@ -29,11 +31,16 @@ struct VmOptions {
   std::string serial;
   MemoryFlags memory;
   std::vector<std::string> disks;  // PATH[,format=raw|qcow2][,cache=none|writeback]
+  std::string record_trace;        // a dirty trace file to record into while the guest runs
+  double trace_interval_ms = 10;
 
   // --kernel is required unless the tool can also work without booting a guest.
   void add_to(CLI::App& app, bool kernel_required = true);
   kvm::MachineConfig machine_config() const;
 };
+
+// The guest as the engine sees it; with --record-trace, one recording its dirty pages.
+std::unique_ptr<engine::MigratableVm> migratable(std::unique_ptr<vmm::KvmVm> vm, const VmOptions& options);
 
 // --disk PATH[,format=raw|qcow2][,cache=none|writeback], repeatable, for mig-vm, mig-send and mig-recv.
 void add_disk_option(CLI::App& app, std::vector<std::string>& disks, const std::string& what);

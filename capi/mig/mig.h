@@ -17,8 +17,8 @@
  *  - Any thread may call; one handle may be used from several threads at once where the
  *    function says "thread-safe".
  *
- * This is C99 and uses no C++ type. Post-copy, storage migration, parallel channels and
- * same-host memory hand-over are not in this version of the API (the C++ engine has them).
+ * This is C99 and uses no C++ type. Post-copy, storage migration and same-host memory
+ * hand-over are not in this version of the API (the C++ engine has them).
  */
 #ifndef MIG_MIG_H
 #define MIG_MIG_H
@@ -176,8 +176,8 @@ typedef enum mig_event_kind {
 
 typedef struct mig_event {
   mig_event_kind kind;
-  mig_status status;
-  mig_round round;
+  mig_status status;             /* MIG_EVENT_STATUS only; MIG_STATUS_NONE otherwise */
+  mig_round round;               /* MIG_EVENT_ROUND only; zero otherwise */
 } mig_event;
 
 /* How a migration ended, seen from the side that asks. */
@@ -198,6 +198,8 @@ typedef struct mig_send_options {
   double downtime_ms;       /* the pause the convergence check aims under (default 30) */
   double bandwidth;         /* pre-copy's limit, bytes per second; 0 = none (default) */
   unsigned max_rounds;      /* pre-copy rounds, round 0 included (default 30) */
+  unsigned channels;        /* connections for page data, 1 to 16 (default 1); each carries
+                               its share of guest memory on a thread of its own */
   int compress_level;       /* zstd level for page data; 0 = off (default) */
   int verify;               /* compare page hashes before the commit (default 1) */
   int auto_converge;        /* throttle a guest that dirties faster than the link (default 1;

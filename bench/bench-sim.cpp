@@ -1,0 +1,232 @@
+// bench-sim: how well mig-sim predicts real migrations. Each workload is a dirty trace; the
+// real run migrates a VM that writes the trace's pages into its memory in real time (a
+// replaying VM, in this process) through the real engine over TCP loopback, and the
+// simulator replays the same trace. Per link, an idle guest's migration first calibrates the
+// simulator (the engine's page throughput, set-up and restore times); the workloads are then
+// predicted, never fitted.
+//
+//   bench-sim [--repeats 3] [--json rows.json]
+#include <CLI/CLI.hpp>
+#include <fmt/core.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstring>
+#include <fstream>
+#include <future>
+#include <mutex>
+#include <thread>
+
+#include "engine/incoming_migration.h"
+#include "engine/simulator.h"
+#include "engine/source_migration.h"
+#include "transport/endpoint.h"
+
+using namespace mig;
+using namespace std::chrono_literals;
+
+namespace {
+
+// A VM whose guest writes a trace's pages into its memory, interval by interval, while it
+// runs; slowed by the throttle as a CPU-bound guest would be.
+class ReplayingVm final : public engine::MigratableVm {
+ public:
+  explicit ReplayingVm(const engine::DirtyTrace* trace, std::uint64_t pages)
+      : trace_(trace), memory_(pages * engine::kPageSize), dirty_((pages + 63) / 64) {
+    if (!trace_) return;
+    for (auto page : trace_->populated) std::memset(&memory_[page * engine::kPageSize], 0x5a, 64);
+    thread_ = std::thread([this] { replay(); });
+  }
+  ~ReplayingVm() override {
+    {
+      std::lock_guard lock(mutex_);
+      stopping_ = true;
+    }
+    if (thread_.joinable()) thread_.join();
+  }
+
+  unsigned vcpu_count() const override { return 1; }
+  std::vector<engine::MemoryRegion> memory_regions() const override {
+    return {{0, memory_.size(), const_cast<std::byte*>(memory_.data())}};
+  }
+  void populated_pages(std::size_t, std::span<std::uint64_t> bitmap) override {
+    std::fill(bitmap.begin(), bitmap.end(), 0);
+    if (trace_)
+      for (auto page : trace_->populated) bitmap[page / 64] |= 1ull << (page % 64);
+  }
+  void start_dirty_log() override { set(logging_, true); }
+  void stop_dirty_log() override { set(logging_, false); }
+  void fetch_dirty_log(std::size_t, std::span<std::uint64_t> bitmap) override {
+    std::lock_guard lock(mutex_);
+    std::copy(dirty_.begin(), dirty_.end(), bitmap.begin());
+    std::fill(dirty_.begin(), dirty_.end(), 0);
+  }
+  bool set_throttle(double share) override {
+    std::lock_guard lock(mutex_);
+    throttle_ = share;
+    return true;
+  }
+  void pause() override { set(paused_, true); }
+  void resume() override { set(paused_, false); }
+  std::vector<engine::StateSection> save_state() override { return {{"replay", 1, std::vector<std::byte>(4096)}}; }
+  void restore_state(const std::vector<engine::StateSection>&) override {}
+
+ private:
+  void set(bool& flag, bool value) {
+    std::lock_guard lock(mutex_);
+    flag = value;
+  }
+
+  // Ten steps per interval, each writing the trace's writes whose moment has come.
+  void replay() {
+    const auto step = trace_->interval / 10;
+    auto next = std::chrono::steady_clock::now();
+    double trace_time = 0;  // in intervals
+    std::uint64_t value = 1;
+    for (;;) {
+      next += step;
+      std::this_thread::sleep_until(next);
+      std::lock_guard lock(mutex_);
+      if (stopping_) return;
+      if (paused_) continue;
+      const double until = trace_time + 0.1 * (1 - throttle_);
+      engine::for_each_write(*trace_, trace_time, until, [&](std::uint64_t page, double) {
+        ++value;
+        std::memcpy(&memory_[page * engine::kPageSize + (value % 512) * 8], &value, sizeof value);
+        if (logging_) dirty_[page / 64] |= 1ull << (page % 64);
+      });
+      trace_time = until;
+    }
+  }
+
+  const engine::DirtyTrace* trace_;
+  std::vector<std::byte> memory_;
+  std::mutex mutex_;
+  std::vector<std::uint64_t> dirty_;
+  bool logging_ = false, paused_ = false, stopping_ = false;
+  double throttle_ = 0;
+  std::thread thread_;
+};
+
+struct Link {
+  std::string name;
+  double limit_Bps = 0;  // the engine's bandwidth limit; 0: loopback as it comes
+};
+
+engine::MigrationStats migrate(const engine::DirtyTrace& trace, const Link& link, const std::string& policy) {
+  ReplayingVm vm(&trace, trace.pages);
+  std::this_thread::sleep_for(200ms);  // the guest has been running a while
+  transport::Listener listener(transport::Endpoint::parse("tcp:127.0.0.1:0"));
+  auto receiver = std::async(std::launch::async, [&] {
+    auto stream = listener.accept(10s);
+    engine::ReceiverOptions options;
+    options.accept_channel = [&](std::chrono::milliseconds timeout) { return listener.accept(timeout); };
+    auto factory = [](const engine::VmShape& shape) {
+      return std::make_unique<ReplayingVm>(nullptr, shape.regions.at(0).size / engine::kPageSize);
+    };
+    return engine::IncomingMigration(stream, factory, options).run().stats;
+  });
+  const auto endpoint = transport::Endpoint::parse(listener.endpoint());
+  auto stream = transport::connect(endpoint);
+  engine::SenderOptions options;
+  options.bandwidth_limit = link.limit_Bps;
+  options.policy_plugin = engine::PolicyRegistry::global().make(policy, options.policy);
+  options.open_channel = [endpoint] { return transport::connect(endpoint); };
+  options.handover_wait = 0ms;
+  auto stats = engine::SourceMigration(vm, stream, options).run();
+  stream = transport::Stream(UniqueFd());
+  receiver.get();
+  if (stats.status != engine::MigrationStatus::completed) throw std::runtime_error("a real migration failed: " + stats.error);
+  return stats;
+}
+
+// The simulator's costs on this link, from an idle guest's migration.
+// The median of `repeats` runs, each value on its own.
+engine::SimulatorOptions calibrate(const Link& link, std::uint64_t pages, unsigned repeats, nlohmann::json& report) {
+  engine::DirtyTrace idle = engine::synthesize_trace("random:rate=0,mem=" + std::to_string(pages * engine::kPageSize) + ",seconds=10");
+  std::vector<double> bandwidth, setup, downtime;
+  for (unsigned i = 0; i < repeats; ++i) {
+    const auto stats = migrate(idle, link, "mig");
+    bandwidth.push_back(stats.round_table.at(0).bandwidth_Bps);
+    setup.push_back(stats.setup_ms);
+    downtime.push_back(stats.downtime_ms);
+  }
+  for (auto* v : {&bandwidth, &setup, &downtime}) std::sort(v->begin(), v->end());
+  const auto median = [](const std::vector<double>& v) { return v[v.size() / 2]; };
+  engine::SimulatorOptions o;
+  o.latency_ms = 0.02;
+  o.bandwidth_Bps = median(bandwidth);
+  o.setup_ms = median(setup);
+  o.restore_ms = median(downtime);
+  // The guest ran 200 ms before the migration began, and through its set-up.
+  o.trace_start_s = 0.2 + o.setup_ms / 1000;
+  o.state_bytes = 4096;
+  report = {{"link", link.name}, {"bandwidth_MBps", o.bandwidth_Bps / 1e6}, {"setup_ms", o.setup_ms}, {"restore_ms", o.restore_ms}};
+  return o;
+}
+
+double error_pct(double predicted, double real) { return real > 0 ? (predicted - real) / real * 100 : 0; }
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"bench-sim: mig-sim's predictions against real migrations of the same traces"};
+  unsigned repeats = 3;
+  std::string json_path;
+  app.add_option("--repeats", repeats, "real migrations per pair")->check(CLI::Range(1u, 20u));
+  app.add_option("--json", json_path, "write every row here");
+  CLI11_PARSE(app, argc, argv);
+
+  const std::uint64_t pages = (64ull << 20) / engine::kPageSize;
+  const std::vector<std::string> workloads = {"random:rate=50M,wss=32M,mem=64M,seconds=30",
+                                              "hotcold:rate=200M,wss=48M,mem=64M,seconds=30",
+                                              "sweep:rate=100M,wss=16M,mem=64M,seconds=30"};
+  const std::vector<Link> links = {{"loopback", 0}, {"loopback, limited to 1 Gbit/s", 125e6}};
+  const std::vector<std::string> policies = {"mig", "xen"};
+  nlohmann::json rows = nlohmann::json::array(), calibrations = nlohmann::json::array();
+
+  fmt::print("| workload | link | policy | total ms real (min-max) / sim | err | MB real / sim | err | rounds real / sim | downtime ms real / sim |\n");
+  fmt::print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+  double unlimited_Bps = 0;  // the first link's: the final round, which mig never limits, goes at it
+  for (const auto& link : links) {
+    nlohmann::json calibration;
+    auto sim_options = calibrate(link, pages, repeats, calibration);
+    if (link.limit_Bps == 0) unlimited_Bps = sim_options.bandwidth_Bps;
+    sim_options.pause_bandwidth_Bps = unlimited_Bps;
+    calibrations.push_back(calibration);
+    for (const auto& workload : workloads) {
+      const auto trace = engine::synthesize_trace(workload);
+      for (const auto& policy : policies) {
+        std::vector<engine::MigrationStats> runs;
+        for (unsigned i = 0; i < repeats; ++i) runs.push_back(migrate(trace, link, policy));
+        sim_options.policy = engine::PolicyRegistry::global().make(policy, sim_options.convergence);
+        const auto sim = engine::simulate(trace, sim_options);
+        auto field = [&](auto get) {
+          std::vector<double> v;
+          for (const auto& r : runs) v.push_back(static_cast<double>(get(r)));
+          std::sort(v.begin(), v.end());
+          return v;
+        };
+        const auto total = field([](const auto& r) { return r.total_ms; });
+        const auto bytes = field([](const auto& r) { return r.bytes_sent; });
+        const auto rounds = field([](const auto& r) { return r.rounds; });
+        const auto downtime = field([](const auto& r) { return r.downtime_ms; });
+        const double median_total = total[total.size() / 2], median_bytes = bytes[bytes.size() / 2];
+        fmt::print("| {} | {} | {} | {:.0f} ({:.0f}-{:.0f}) / {:.0f} | {:+.1f} % | {:.1f} / {:.1f} | {:+.1f} % | {:.0f}-{:.0f} / {} | {:.2f}-{:.2f} / {:.2f} |\n",
+                   workload.substr(0, workload.find(',')), link.name, policy, median_total, total.front(), total.back(),
+                   sim.total_ms, error_pct(sim.total_ms, median_total), median_bytes / 1e6,
+                   static_cast<double>(sim.bytes_sent) / 1e6, error_pct(static_cast<double>(sim.bytes_sent), median_bytes),
+                   rounds.front(), rounds.back(), sim.rounds, downtime.front(), downtime.back(), sim.downtime_ms);
+        std::fflush(stdout);
+        rows.push_back({{"workload", workload}, {"link", link.name}, {"policy", policy},
+                        {"real_total_ms", total}, {"real_bytes", bytes}, {"real_rounds", rounds}, {"real_downtime_ms", downtime},
+                        {"sim_total_ms", sim.total_ms}, {"sim_bytes", sim.bytes_sent}, {"sim_rounds", sim.rounds},
+                        {"sim_downtime_ms", sim.downtime_ms}});
+      }
+    }
+  }
+  fmt::print("\ncalibration (an idle 64 MiB guest per link): {}\n", calibrations.dump());
+  if (!json_path.empty()) std::ofstream(json_path) << nlohmann::json{{"calibration", calibrations}, {"rows", rows}}.dump(1) << "\n";
+  return 0;
+}

@@ -1,0 +1,152 @@
+#include "engine/simulator.h"
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <stdexcept>
+#include <utility>
+
+namespace mig::engine {
+namespace {
+
+// RoundEnd and RoundAck, and the batch headers of a round, beside its pages.
+constexpr std::uint64_t kRoundOverheadBytes = 128;
+
+// The guest as the trace replays it, and the engine's view of its pages. Trace time runs
+// with wall time, slowed by the throttle; the pages written gather until the engine fetches
+// them. A page the engine sends is stamped with the trace time it left at (a round's pages
+// leave in address order, evenly over its sending time): a dirty page whose last write came
+// before its last send is unchanged since, and the engine's dedup skips it.
+class ReplayedGuest {
+ public:
+  ReplayedGuest(const DirtyTrace& trace, double start_s)
+      : trace_(trace),
+        trace_time_(start_s * 1e6 / static_cast<double>(trace.interval.count())),
+        dirty_((trace.pages + 63) / 64, 0),
+        last_write_(trace.pages, -1),
+        last_send_(trace.pages, -1) {}
+
+  double now() const { return trace_time_; }
+  // Trace time after `wall_seconds` more at `throttle_pct`.
+  double after(double wall_seconds, unsigned throttle_pct) const {
+    const double interval = static_cast<double>(trace_.interval.count()) / 1e6;
+    return trace_time_ + wall_seconds / interval * (1 - throttle_pct / 100.0);
+  }
+
+  void run_until(double until) {
+    for_each_write(trace_, trace_time_, until, [this](std::uint64_t page, double when) {
+      dirty_[page / 64] |= std::uint64_t{1} << (page % 64);
+      last_write_[page] = std::max(last_write_[page], when);
+    });
+    trace_time_ = until;
+  }
+
+  // The pages written since the last fetch, ascending, as the dirty log would give them.
+  std::vector<std::uint64_t> fetch() {
+    std::vector<std::uint64_t> pages;
+    for (std::size_t w = 0; w < dirty_.size(); ++w)
+      for (std::uint64_t word = std::exchange(dirty_[w], 0); word != 0; word &= word - 1)
+        pages.push_back(std::uint64_t{w} * 64 + static_cast<std::uint64_t>(std::countr_zero(word)));
+    return pages;
+  }
+
+  // Of `pending`, the pages that changed since they were last sent (all, the first time).
+  std::vector<std::uint64_t> changed(const std::vector<std::uint64_t>& pending) const {
+    std::vector<std::uint64_t> out;
+    for (auto page : pending)
+      if (last_send_[page] < 0 || last_write_[page] > last_send_[page]) out.push_back(page);
+    return out;
+  }
+
+  // `pages` leave in order, evenly between trace times `from` and `to`.
+  void sent(const std::vector<std::uint64_t>& pages, double from, double to) {
+    for (std::size_t i = 0; i < pages.size(); ++i)
+      last_send_[pages[i]] = from + (to - from) * (static_cast<double>(i) + 0.5) / static_cast<double>(pages.size());
+  }
+
+ private:
+  const DirtyTrace& trace_;
+  double trace_time_;  // in intervals
+  std::vector<std::uint64_t> dirty_;
+  std::vector<double> last_write_, last_send_;  // trace times; -1: never
+};
+
+}  // namespace
+
+SimulatedMigration simulate(const DirtyTrace& trace, const SimulatorOptions& o) {
+  if (trace.frames.empty()) throw std::invalid_argument("the trace has no intervals to replay");
+  if (!(o.bandwidth_Bps > 0)) throw std::invalid_argument("the bandwidth must be positive");
+  if (o.guest_scale < 1) throw std::invalid_argument("the guest scale must be at least 1");
+  if (o.trace_start_s < 0) throw std::invalid_argument("the trace start must not be negative");
+  const auto policy = o.policy ? o.policy : PolicyRegistry::global().make("mig", o.convergence);
+  const double rtt = 2 * o.latency_ms / 1000;
+  const double pause_bandwidth = o.pause_bandwidth_Bps > 0 ? o.pause_bandwidth_Bps : o.bandwidth_Bps;
+  const std::uint64_t scale = o.guest_scale;
+
+  SimulatedMigration m;
+  m.policy = policy->name();
+  m.guest_bytes = trace.guest_bytes() * scale;
+  // Connecting and Hello/HelloAck: two round trips; dirty tracking starts after them.
+  double now = 2 * rtt + o.setup_ms / 1000;
+  ReplayedGuest guest(trace, o.trace_start_s);
+  std::vector<std::uint64_t> pending = trace.populated;
+  unsigned throttle = 0;
+  Tunables tunables;
+  tunables.downtime_target_ms = o.convergence.downtime_target_ms;
+  tunables.throttle_initial_pct = o.convergence.throttle_initial_pct;
+  tunables.throttle_step_pct = o.convergence.throttle_step_pct;
+  tunables.throttle_max_pct = o.convergence.throttle_max_pct;
+
+  for (std::uint32_t round = 0;; ++round) {
+    const auto sending = guest.changed(pending);
+    RoundStats r;
+    r.round = round;
+    r.pages_sent = sending.size() * scale;
+    r.pages_skipped = (pending.size() - sending.size()) * scale;
+    r.bytes_sent = r.pages_sent * kWirePageBytes + kRoundOverheadBytes;
+    const double sending_s = static_cast<double>(r.bytes_sent) / o.bandwidth_Bps;
+    r.duration_s = sending_s + rtt;
+    r.throttle_pct = throttle;
+    guest.sent(sending, guest.now(), guest.after(sending_s, throttle));
+    guest.run_until(guest.after(r.duration_s, throttle));
+    now += r.duration_s;
+    m.bytes_sent += r.bytes_sent;
+    pending = guest.fetch();
+    r.dirty_pages = pending.size() * scale;
+    r.dirty_rate_Bps = static_cast<double>(r.dirty_pages * kPageSize) / r.duration_s;
+    r.bandwidth_Bps = static_cast<double>(r.bytes_sent) / r.duration_s;
+    m.round_table.push_back(r);
+    m.round_table.back().expected_downtime_ms = expected_downtime_ms(m.round_table, o.convergence);
+
+    const auto answer = policy->decide(
+        {m.round_table, tunables, o.convergence.max_rounds, trace.pages * scale, o.can_throttle, false});
+    m.stop_rule = answer.rule;
+    Decision decision = answer.decision;
+    if (decision == Decision::next_round && m.round_table.size() >= o.convergence.max_rounds) {
+      decision = Decision::stop_max_rounds;
+      m.stop_rule = "the round limit (" + std::to_string(o.convergence.max_rounds) + ")";
+    }
+    if (decision == Decision::abort_no_progress || decision == Decision::start_postcopy) {
+      // The engine gives up here (post-copy is not simulated): the source runs on.
+      m.aborted = true;
+      m.total_ms = now * 1000;
+      m.rounds = static_cast<std::uint32_t>(m.round_table.size());
+      return m;
+    }
+    if (decision != Decision::next_round) {
+      m.stop_reason = stop_reason_of(decision);
+      break;
+    }
+    if (o.can_throttle) throttle = answer.throttle_pct;
+  }
+
+  // Stop-and-copy: the last pages and the state, unlimited; Complete, restore, Ready, Commit.
+  const std::uint64_t final_bytes = guest.changed(pending).size() * scale * kWirePageBytes + o.state_bytes + kRoundOverheadBytes;
+  m.bytes_sent += final_bytes;
+  m.downtime_ms = (static_cast<double>(final_bytes) / pause_bandwidth + 1.5 * rtt) * 1000 + o.restore_ms;
+  m.total_ms = now * 1000 + m.downtime_ms + 0.5 * rtt * 1000;
+  m.rounds = static_cast<std::uint32_t>(m.round_table.size()) + 1;
+  return m;
+}
+
+}  // namespace mig::engine

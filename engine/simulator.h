@@ -1,0 +1,66 @@
+// mig-sim's engine: a migration replayed from a dirty trace instead of run.
+//
+// The policy, the round accounting (RoundStats, the windowed bandwidth, the expected
+// downtime) and the stopping rules are the engine's own code; what a run measures (the time
+// to send, the round trips, restore) is modelled from the link and a few fixed costs:
+//   - a page on the wire is 4096 bytes plus its 16-byte descriptor (zero pages are not
+//     modelled: a trace cannot tell them);
+//   - dedup: a dirty page whose last write came before it last left (a round sends its pages
+//     in address order, evenly over its sending time) is unchanged, and skipped; a page
+//     written after it left is assumed to have changed;
+//   - round 0 sends the pages populated when the trace began; round k sends the pages the
+//     guest wrote during round k-1 (each write of a trace frame is put at a fixed
+//     pseudo-random moment within its interval); the guest's clock slows by the throttle the
+//     policy asks for;
+//   - a pre-copy round costs its bytes at the bandwidth plus one round trip (RoundEnd,
+//     RoundAck); the final round its bytes at the pause bandwidth (the engine does not limit
+//     it) plus the state, then one and a half round trips and `restore_ms` until the
+//     destination resumes, and half a round trip more until the source hears Running;
+//   - a trace shorter than the migration is replayed from its start again.
+// `guest_scale` K stands for a guest K times as large whose every K-th part behaves like the
+// recorded guest: populated and dirty counts are multiplied by K.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "../engine/dirty_trace.h"
+#include "../engine/policy.h"
+#include "../engine/stats.h"
+
+namespace mig::engine {
+
+struct SimulatorOptions {
+  std::shared_ptr<const MigrationPolicy> policy;  // null: mig's, with `convergence`
+  ConvergencePolicy convergence;                  // the downtime target and round limit (and mig's rule)
+  double bandwidth_Bps = 125e6;                   // pre-copy page data over the link (all channels together)
+  double pause_bandwidth_Bps = 0;                 // the final round's; 0: bandwidth_Bps
+  double latency_ms = 0.05;                       // one way
+  unsigned channels = 1;                          // only the bandwidth they share is modelled
+  unsigned guest_scale = 1;
+  bool can_throttle = true;
+  double trace_start_s = 0;     // where in the trace dirty tracking starts
+  double setup_ms = 1;          // connecting and the handshake, beyond their round trips
+  double restore_ms = 1;        // verifying and restoring at the destination, and resuming
+  std::uint64_t state_bytes = 64 * 1024;  // vCPU, VM and device state
+};
+
+struct SimulatedMigration {
+  double total_ms = 0;
+  double downtime_ms = 0;
+  std::uint32_t rounds = 0;  // including the final, paused round
+  std::uint64_t bytes_sent = 0;
+  std::uint64_t guest_bytes = 0;
+  std::vector<RoundStats> round_table;  // pre-copy rounds, as a real run prints them
+  StopReason stop_reason = StopReason::none;
+  std::string policy, stop_rule;
+  bool aborted = false;  // the policy gave up: a real run would fail and resume the source
+};
+
+// Throws std::invalid_argument for options it cannot model (no bandwidth, an empty trace).
+SimulatedMigration simulate(const DirtyTrace& trace, const SimulatorOptions& options);
+
+// What a page costs on the wire, as the engine sends it raw.
+inline constexpr std::uint64_t kWirePageBytes = 4096 + 16;
+
+}  // namespace mig::engine

@@ -1,0 +1,201 @@
+// Dirty traces (files, synthesis, recording from a VM) and the simulator that replays them.
+#include <catch2/catch.hpp>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "engine/dirty_trace.h"
+#include "engine/simulator.h"
+#include "fake_vm.h"
+
+using namespace mig;
+using namespace std::chrono_literals;
+using Catch::Matchers::Contains;
+
+namespace {
+
+struct TempFile {
+  std::string path = (std::filesystem::temp_directory_path() / ("mig-trace-" + std::to_string(::getpid()) + "-" +
+                                                                std::to_string(counter++)))
+                         .string();
+  ~TempFile() { std::remove(path.c_str()); }
+  static inline int counter = 0;
+};
+
+// A trace of `pages` pages that writes `per_interval` pages (the first ones) in every interval.
+engine::DirtyTrace steady_trace(std::uint64_t pages, std::uint64_t per_interval, std::size_t intervals) {
+  engine::DirtyTrace t;
+  t.regions = {{0, pages * engine::kPageSize}};
+  t.pages = pages;
+  t.workload = "steady";
+  for (std::uint64_t p = 0; p < pages; ++p) t.populated.push_back(p);
+  std::vector<std::uint64_t> frame;
+  for (std::uint64_t p = 0; p < per_interval; ++p) frame.push_back(p);
+  t.frames.assign(intervals, frame);
+  return t;
+}
+
+void overwrite(const std::string& path, std::size_t offset, const std::string& bytes) {
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekp(static_cast<std::streamoff>(offset));
+  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+}  // namespace
+
+TEST_CASE("a trace written is the trace read back, and a synthetic one is seeded and sized as asked") {
+  const auto trace = engine::synthesize_trace("hotcold:rate=40M,wss=16M,mem=64M,seconds=2,populated=32M");
+  CHECK(trace.pages == 16384);
+  CHECK(trace.frames.size() == 200);
+  CHECK(trace.populated.size() == 8192);
+  std::uint64_t writes = 0;
+  for (const auto& frame : trace.frames) {
+    writes += frame.size();
+    for (auto page : frame) CHECK(page < 4096);  // the working set
+  }
+  CHECK(writes > 15000);  // 40 MB/s for 2 s is 19531 writes, some to the same page in an interval
+  CHECK(writes <= 19531);
+  CHECK(engine::synthesize_trace("hotcold:rate=40M,wss=16M,mem=64M,seconds=2,populated=32M").frames == trace.frames);
+
+  TempFile file;
+  engine::write_trace(file.path, trace);
+  const auto read = engine::read_trace(file.path);
+  CHECK(read.interval == trace.interval);
+  CHECK(read.regions == trace.regions);
+  CHECK(read.workload == trace.workload);
+  CHECK(read.populated == trace.populated);
+  CHECK(read.frames == trace.frames);
+  // Sparse bitmaps compress: 200 intervals of a 64 MiB guest in a few KiB.
+  CHECK(std::filesystem::file_size(file.path) < 200 * 2048 / 4);
+
+  CHECK_THROWS_WITH(engine::synthesize_trace("zigzag:rate=1M"), Contains("not random, sweep or hotcold"));
+  CHECK_THROWS_WITH(engine::synthesize_trace("random:speed=1M"), Contains("'speed=1M' is unknown"));
+  CHECK_THROWS_WITH(engine::synthesize_trace("random:rate=fast"), Contains("rate=fast is not a quantity"));
+}
+
+TEST_CASE("a damaged trace is refused with one line naming the file and the damage") {
+  TempFile file;
+  engine::write_trace(file.path, steady_trace(1024, 10, 5));
+  const auto size = std::filesystem::file_size(file.path);
+
+  SECTION("not a trace") { overwrite(file.path, 0, "NOTATRAC"); }
+  SECTION("another version") { overwrite(file.path, 8, std::string("\x07\0\0\0", 4)); }
+  SECTION("an absurd region count") { overwrite(file.path, 16, std::string("\xff\xff\0\0", 4)); }
+  SECTION("truncated in a frame") { std::filesystem::resize_file(file.path, size - 3); }
+  SECTION("a corrupt frame") { overwrite(file.path, size - 4, "ZZZZ"); }
+  CHECK_THROWS_WITH(engine::read_trace(file.path), Contains("dirty trace " + file.path) &&
+                                                       (Contains("is not a dirty trace") || Contains("version 7") ||
+                                                        Contains("65535 regions") || Contains("truncated") ||
+                                                        Contains("corrupt") || Contains("ends inside")));
+  CHECK_THROWS_WITH(engine::read_trace(file.path + ".missing"), Contains("cannot read the dirty trace"));
+}
+
+TEST_CASE("a recording VM writes what the guest dirtied, and the engine still sees every page") {
+  TempFile file;
+  auto fake = std::make_unique<test::FakeVm>(std::vector<std::uint64_t>{256, 64});
+  test::FakeVm& guest = *fake;
+  for (std::uint64_t p = 0; p < 16; ++p) guest.write(0, p, p + 1);  // populated before recording
+  {
+    engine::RecordingVm recording(std::move(fake), file.path, "two writes", 5ms);
+    std::this_thread::sleep_for(20ms);
+    guest.write(0, 100, 7);
+    guest.write(1, 3, 9);
+    std::this_thread::sleep_for(20ms);
+    // The migration goes through the recorder: memory arrives whole, and verifies.
+    const auto migration = test::migrate_fake(recording, engine::SenderOptions{});
+    REQUIRE(migration.sent.status == engine::MigrationStatus::completed);
+    CHECK(migration.sent.verified);
+    REQUIRE(migration.destination != nullptr);
+    CHECK(migration.destination->region_memory(0) == guest.region_memory(0));
+    CHECK(migration.destination->region_memory(1) == guest.region_memory(1));
+    CHECK(recording.frames_recorded() >= 4);
+  }  // the guest, which the recorder owns, goes with it; the trace is complete
+
+  const auto trace = engine::read_trace(file.path);
+  CHECK(trace.workload == "two writes");
+  CHECK(trace.interval == 5ms);
+  CHECK(trace.pages == 320);
+  CHECK(trace.populated.size() == 16);
+  std::vector<std::uint64_t> written;
+  for (const auto& frame : trace.frames) written.insert(written.end(), frame.begin(), frame.end());
+  CHECK(std::count(written.begin(), written.end(), 100) == 1);
+  CHECK(std::count(written.begin(), written.end(), 256 + 3) == 1);  // region 1 follows region 0
+}
+
+TEST_CASE("the simulator replays a trace through the policy and the round accounting") {
+  engine::SimulatorOptions o;
+  o.bandwidth_Bps = 100e6;
+  o.latency_ms = 1;
+  o.setup_ms = 0;
+  o.restore_ms = 0;
+  o.state_bytes = 0;
+
+  SECTION("an idle guest: round 0, then the final round with nothing left") {
+    const auto trace = steady_trace(1000, 0, 100);
+    const auto m = engine::simulate(trace, o);
+    CHECK(m.rounds == 2);
+    REQUIRE(m.round_table.size() == 1);
+    CHECK(m.round_table[0].pages_sent == 1000);
+    const double round0_ms = (1000.0 * engine::kWirePageBytes + 128) / 100e6 * 1000 + 2;
+    CHECK(m.round_table[0].duration_s * 1000 == Approx(round0_ms));
+    CHECK(m.downtime_ms == Approx(128 / 100e6 * 1000 + 3));  // the final frames, 1.5 round trips
+    CHECK(m.total_ms == Approx(4 + round0_ms + m.downtime_ms + 1));
+    CHECK(m.stop_reason == engine::StopReason::converged);
+    CHECK(m.bytes_sent == 1000 * engine::kWirePageBytes + 256);
+  }
+
+  SECTION("a guest that writes 50 pages per 10 ms: each round leaves what its time let it write") {
+    const auto trace = steady_trace(100000, 50, 1000);
+    const auto m = engine::simulate(trace, o);
+    REQUIRE(m.round_table.size() >= 2);
+    // Round 0 takes about 4.1 s: every interval writes the same 50 pages.
+    CHECK(m.round_table[0].dirty_pages == 50);
+    CHECK(m.round_table[1].pages_sent == 50);
+    CHECK(m.stop_reason == engine::StopReason::converged);
+    CHECK(m.policy == "mig");
+  }
+
+  SECTION("dedup: a page written before it left in round 0 is dirty, but unchanged since, and skipped") {
+    auto trace = steady_trace(1000, 0, 100);
+    for (std::uint64_t p = 900; p < 1000; ++p) trace.frames[0].push_back(p);  // early; sent last
+    for (std::uint64_t p = 0; p < 10; ++p) trace.frames[3].push_back(p);      // after they left
+    const auto m = engine::simulate(trace, o);
+    REQUIRE(m.round_table.size() >= 2);
+    CHECK(m.round_table[0].dirty_pages == 110);
+    CHECK(m.round_table[1].pages_sent == 10);
+    CHECK(m.round_table[1].pages_skipped == 100);
+  }
+
+  SECTION("the same trace and options predict the same migration; a K-times guest sends K times the pages") {
+    const auto trace = engine::synthesize_trace("random:rate=20M,wss=8M,mem=32M,seconds=5");
+    const auto once = engine::simulate(trace, o);
+    CHECK(engine::simulate(trace, o).total_ms == once.total_ms);
+    o.guest_scale = 4;
+    const auto big = engine::simulate(trace, o);
+    CHECK(big.guest_bytes == 4 * once.guest_bytes);
+    CHECK(big.round_table[0].pages_sent == 4 * once.round_table[0].pages_sent);
+    CHECK(big.total_ms > 3 * once.total_ms);
+  }
+
+  SECTION("the policy decides: xen stops a guest that outruns the link, ovirt-steps gives up on it") {
+    const auto trace = engine::synthesize_trace("random:rate=400M,wss=64M,mem=64M,seconds=20");
+    o.policy = engine::PolicyRegistry::global().make("xen");
+    const auto xen = engine::simulate(trace, o);
+    CHECK(xen.policy == "xen");
+    CHECK_FALSE(xen.aborted);
+    CHECK_THAT(xen.stop_rule, Contains("xen:"));
+    o.policy = engine::PolicyRegistry::global().make("ovirt-steps:steps=1:50");
+    const auto ovirt = engine::simulate(trace, o);
+    CHECK(ovirt.aborted);
+    CHECK_THAT(ovirt.stop_rule, Contains("past the last step"));
+  }
+
+  SECTION("options it cannot model are refused") {
+    o.bandwidth_Bps = 0;
+    CHECK_THROWS_WITH(engine::simulate(steady_trace(10, 1, 1), o), Contains("bandwidth"));
+    o.bandwidth_Bps = 1e6;
+    CHECK_THROWS_WITH(engine::simulate(steady_trace(10, 1, 0), o), Contains("no intervals"));
+  }
+}

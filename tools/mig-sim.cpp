@@ -1,0 +1,115 @@
+// mig-sim: predicts a migration from a dirty trace (engine/simulator.h), for links and guests
+// this machine does not have; and makes traces from workload words.
+#include <fmt/core.h>
+
+#include <charconv>
+#include <filesystem>
+#include <iostream>
+
+#include "control/json.h"
+#include "engine/simulator.h"
+#include "tools/cli.h"
+
+using namespace mig;
+
+namespace {
+
+// "25Gbit", "500Mbit" (bits per second, decimal), "3GB", "400MB" (bytes per second, decimal),
+// or a plain number of bytes per second.
+double parse_rate(const std::string& text) {
+  double value = 0;
+  const auto* end = text.data() + text.size();
+  const auto [rest, error] = std::from_chars(text.data(), end, value);
+  const std::string unit(rest, end);
+  const std::pair<const char*, double> units[] = {{"", 1},          {"Gbit", 1e9 / 8}, {"Mbit", 1e6 / 8},
+                                                  {"Kbit", 1e3 / 8}, {"GB", 1e9},       {"MB", 1e6}, {"KB", 1e3}};
+  for (const auto& [name, scale] : units)
+    if (error == std::errc{} && value > 0 && unit == name) return value * scale;
+  throw std::invalid_argument("'" + text + "' is not a rate like 25Gbit or 400MB (per second)");
+}
+
+void print_trace_info(const std::string& path, const engine::DirtyTrace& t) {
+  std::uint64_t writes = 0;
+  for (const auto& frame : t.frames) writes += frame.size();
+  fmt::print("{}: {} ({} bytes)\n  workload: {}\n  guest {:.0f} MiB, {} pages populated; {} intervals of {} ms = {:.1f} s\n"
+             "  {:.1f} MB/s dirtied on average (pages written per interval, summed)\n",
+             path, t.frames.size() ? "a dirty trace" : "an empty dirty trace", std::filesystem::file_size(path), t.workload,
+             static_cast<double>(t.guest_bytes()) / (1 << 20), t.populated.size(), t.frames.size(),
+             static_cast<double>(t.interval.count()) / 1000, t.seconds(),
+             t.seconds() > 0 ? static_cast<double>(writes * engine::kPageSize) / t.seconds() / 1e6 : 0.0);
+}
+
+nlohmann::json to_json(const engine::SimulatedMigration& m) {
+  nlohmann::json rounds = nlohmann::json::array();
+  for (const auto& r : m.round_table) rounds.push_back(control::to_json(r));
+  return {{"total_ms", m.total_ms},       {"downtime_ms", m.downtime_ms}, {"rounds", m.rounds},
+          {"bytes_sent", m.bytes_sent},   {"guest_bytes", m.guest_bytes}, {"policy", m.policy},
+          {"stop_reason", engine::to_string(m.stop_reason)},              {"stop_rule", m.stop_rule},
+          {"aborted", m.aborted},         {"round_table", rounds}};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"mig-sim: predict a migration from a dirty trace (mig-vm/mig-send --record-trace, or --synthesize)"};
+  tools::add_version_flag(app, "mig-sim");
+  std::string trace_path, synthesize, output, policy_spec = "mig", bandwidth = "1Gbit", pause_bandwidth;
+  engine::SimulatorOptions o;
+  double interval_ms = 10;
+  bool json = false, info = false;
+  app.add_option("trace", trace_path, "the dirty trace to replay")->check(CLI::ExistingFile);
+  app.add_option("--policy", policy_spec, "NAME[:key=value,...] (default mig)")
+      ->check(tools::parses_with([](const std::string& spec) { engine::PolicyRegistry::global().make(spec); }));
+  app.add_option("--bandwidth", bandwidth, "the link, e.g. 25Gbit or 3GB (per second; default 1Gbit)")
+      ->check(tools::parses_with(parse_rate));
+  app.add_option("--pause-bandwidth", pause_bandwidth, "the final round's rate, which mig does not limit (default: --bandwidth)")
+      ->check(tools::parses_with(parse_rate));
+  app.add_option("--latency", o.latency_ms, "one-way latency in ms (default 0.05)")->check(CLI::Range(0.0, 10000.0));
+  app.add_option("--channels", o.channels, "parallel channels (they share the bandwidth)")->check(CLI::Range(1u, 16u));
+  app.add_option("--guest-scale", o.guest_scale, "a guest K times the trace's: K copies side by side")->check(CLI::Range(1u, 1u << 16));
+  app.add_option("--downtime-ms", o.convergence.downtime_target_ms, "the downtime target (default 30)")->check(CLI::Range(0.0, 1e7));
+  app.add_option("--max-iterations", o.convergence.max_rounds, "at most this many pre-copy rounds (default 30)")->check(CLI::Range(1u, 1000u));
+  app.add_option("--setup-ms", o.setup_ms, "connecting and the handshake, beyond round trips (default 1)")->check(CLI::Range(0.0, 1e6));
+  app.add_option("--restore-ms", o.restore_ms, "verify, restore and resume at the destination (default 1)")->check(CLI::Range(0.0, 1e6));
+  app.add_option("--trace-start", o.trace_start_s, "seconds into the trace where the migration starts (default 0)")
+      ->check(CLI::Range(0.0, 1e6));
+  app.add_flag("--json", json, "one JSON object: total_ms, downtime_ms, rounds, bytes_sent, round_table, ...");
+  app.add_flag("--info", info, "describe the trace instead of replaying it");
+  app.add_option("--synthesize", synthesize, "write a trace of WORKLOAD (random|sweep|hotcold:rate=,wss=,mem=,seconds=,...) to --output");
+  app.add_option("--output", output, "where --synthesize writes");
+  app.add_option("--interval-ms", interval_ms, "--synthesize: the trace's interval (default 10)")->check(CLI::Range(0.1, 10000.0));
+  CLI11_PARSE(app, argc, argv);
+
+  try {
+    if (!synthesize.empty()) {
+      if (output.empty()) throw std::invalid_argument("--synthesize needs --output");
+      const auto trace = engine::synthesize_trace(synthesize, std::chrono::microseconds(static_cast<long>(interval_ms * 1000)));
+      engine::write_trace(output, trace);
+      print_trace_info(output, trace);
+      return 0;
+    }
+    if (trace_path.empty()) throw std::invalid_argument("give a trace to replay (or --synthesize)");
+    const auto trace = engine::read_trace(trace_path);
+    if (info) {
+      print_trace_info(trace_path, trace);
+      return 0;
+    }
+    o.bandwidth_Bps = parse_rate(bandwidth);
+    if (!pause_bandwidth.empty()) o.pause_bandwidth_Bps = parse_rate(pause_bandwidth);
+    o.policy = engine::PolicyRegistry::global().make(policy_spec, o.convergence);
+    const auto m = engine::simulate(trace, o);
+    const auto result = to_json(m);
+    if (json) {
+      fmt::print("{}\n", result.dump());
+      return 0;
+    }
+    fmt::print("{}", tools::round_table_text(result["round_table"]));
+    fmt::print("predicted: {} in {:.1f} ms, {} rounds, {:.1f} MB sent, downtime {:.2f} ms; {} ({})\n",
+               m.aborted ? "gave up (the source runs on)" : "migrated", m.total_ms, m.rounds,
+               static_cast<double>(m.bytes_sent) / 1e6, m.downtime_ms, m.policy, m.stop_rule);
+    return 0;
+  } catch (const std::exception& e) {
+    std::cerr << "mig-sim: " << e.what() << "\n";
+    return 1;
+  }
+}
