@@ -166,6 +166,17 @@ engine::SimulatorOptions calibrate(const Link& link, std::uint64_t pages, unsign
   return o;
 }
 
+void print_rounds(const std::vector<engine::RoundStats>& real, const std::vector<engine::RoundStats>& sim) {
+  fmt::print("  round | real: sent skipped dirty ms | sim: sent skipped dirty ms\n");
+  for (std::size_t i = 0; i < std::max(real.size(), sim.size()); ++i) {
+    auto cells = [&](const std::vector<engine::RoundStats>& t) {
+      if (i >= t.size()) return std::string(30, ' ');
+      return fmt::format("{:7} {:7} {:7} {:6.1f}", t[i].pages_sent, t[i].pages_skipped, t[i].dirty_pages, t[i].duration_s * 1000);
+    };
+    fmt::print("  {:5} | {} | {}\n", i, cells(real), cells(sim));
+  }
+}
+
 double error_pct(double predicted, double real) { return real > 0 ? (predicted - real) / real * 100 : 0; }
 
 }  // namespace
@@ -173,8 +184,11 @@ double error_pct(double predicted, double real) { return real > 0 ? (predicted -
 int main(int argc, char** argv) {
   CLI::App app{"bench-sim: mig-sim's predictions against real migrations of the same traces"};
   unsigned repeats = 3;
-  std::string json_path;
+  std::string json_path, only;
+  bool show_rounds = false;
   app.add_option("--repeats", repeats, "real migrations per pair")->check(CLI::Range(1u, 20u));
+  app.add_option("--only", only, "only the workloads that start with this (random, hotcold, sweep)");
+  app.add_flag("--show-rounds", show_rounds, "print each pair's rounds, real (first repeat) beside predicted");
   app.add_option("--json", json_path, "write every row here");
   CLI11_PARSE(app, argc, argv);
 
@@ -182,7 +196,7 @@ int main(int argc, char** argv) {
   const std::vector<std::string> workloads = {"random:rate=50M,wss=32M,mem=64M,seconds=30",
                                               "hotcold:rate=200M,wss=48M,mem=64M,seconds=30",
                                               "sweep:rate=100M,wss=16M,mem=64M,seconds=30"};
-  const std::vector<Link> links = {{"loopback", 0}, {"loopback, limited to 1 Gbit/s", 125e6}};
+  const std::vector<Link> links = {{"loopback", 0}, {"loopback at 1 Gbit/s", 125e6}};
   const std::vector<std::string> policies = {"mig", "xen"};
   nlohmann::json rows = nlohmann::json::array(), calibrations = nlohmann::json::array();
 
@@ -196,6 +210,7 @@ int main(int argc, char** argv) {
     sim_options.pause_bandwidth_Bps = unlimited_Bps;
     calibrations.push_back(calibration);
     for (const auto& workload : workloads) {
+      if (workload.rfind(only, 0) != 0) continue;
       const auto trace = engine::synthesize_trace(workload);
       for (const auto& policy : policies) {
         std::vector<engine::MigrationStats> runs;
@@ -218,6 +233,7 @@ int main(int argc, char** argv) {
                    sim.total_ms, error_pct(sim.total_ms, median_total), median_bytes / 1e6,
                    static_cast<double>(sim.bytes_sent) / 1e6, error_pct(static_cast<double>(sim.bytes_sent), median_bytes),
                    rounds.front(), rounds.back(), sim.rounds, downtime.front(), downtime.back(), sim.downtime_ms);
+        if (show_rounds) print_rounds(runs.front().round_table, sim.round_table);
         std::fflush(stdout);
         rows.push_back({{"workload", workload}, {"link", link.name}, {"policy", policy},
                         {"real_total_ms", total}, {"real_bytes", bytes}, {"real_rounds", rounds}, {"real_downtime_ms", downtime},
@@ -227,6 +243,10 @@ int main(int argc, char** argv) {
     }
   }
   fmt::print("\ncalibration (an idle 64 MiB guest per link): {}\n", calibrations.dump());
-  if (!json_path.empty()) std::ofstream(json_path) << nlohmann::json{{"calibration", calibrations}, {"rows", rows}}.dump(1) << "\n";
+  if (!json_path.empty())
+    std::ofstream(json_path) << nlohmann::json{{"guest", "(64 MiB guest, " + std::to_string(repeats) + " repeats)"},
+                                               {"calibration", calibrations},
+                                               {"rows", rows}}.dump(1)
+                             << "\n";
   return 0;
 }

@@ -16,8 +16,9 @@ namespace {
 
 constexpr char kMagic[8] = {'M', 'I', 'G', 'T', 'R', 'A', 'C', 'E'};
 constexpr std::uint32_t kVersion = 1;
-// Bounds a reader trusts: a 16 TiB guest, 64 regions, intervals of 100 us to 10 s.
-constexpr std::uint64_t kMaxPages = (16ull << 40) / kPageSize;
+// Bounds a reader trusts: a 1 TiB guest (larger ones are --guest-scale's business), 64
+// regions, intervals of 100 us to 10 s.
+constexpr std::uint64_t kMaxPages = (1ull << 40) / kPageSize;
 constexpr std::uint32_t kMaxRegions = 64;
 constexpr std::uint32_t kMaxWorkload = 4096;
 
@@ -52,13 +53,16 @@ std::string compress(const std::vector<std::uint64_t>& bitmap) {
 }
 
 struct Reader {
-  std::ifstream in;
+  std::istream& in;
   const std::string& path;
+  std::uint64_t remaining;  // bytes left in the stream: no size read from it may exceed them
 
   template <typename T>
   bool get(T& value) {
     in.read(reinterpret_cast<char*>(&value), sizeof value);
-    return static_cast<std::size_t>(in.gcount()) == sizeof value;
+    const auto got = static_cast<std::size_t>(in.gcount());
+    remaining -= std::min<std::uint64_t>(remaining, got);
+    return got == sizeof value;
   }
   template <typename T>
   T need(const char* what) {
@@ -67,6 +71,8 @@ struct Reader {
     return value;
   }
   std::string bytes(std::size_t n, const char* what) {
+    if (n > remaining) fail(std::string("is truncated in its ") + what);
+    remaining -= n;
     std::string out(n, '\0');
     in.read(out.data(), static_cast<std::streamsize>(n));
     if (static_cast<std::size_t>(in.gcount()) != n) fail(std::string("is truncated in its ") + what);
@@ -75,8 +81,10 @@ struct Reader {
   // A compressed bitmap of `pages` bits.
   std::vector<std::uint64_t> bitmap(std::uint32_t compressed_size, std::uint64_t pages, const char* what) {
     const auto packed = bytes(compressed_size, what);
+    const std::size_t size = words_for(pages) * sizeof(std::uint64_t);
+    // The frame says how much it holds: anything but one bitmap is refused before allocating.
+    if (ZSTD_getFrameContentSize(packed.data(), packed.size()) != size) fail(std::string("has a corrupt ") + what);
     std::vector<std::uint64_t> out(words_for(pages));
-    const std::size_t size = out.size() * sizeof(std::uint64_t);
     const std::size_t n = ZSTD_decompress(out.data(), size, packed.data(), packed.size());
     if (ZSTD_isError(n) || n != size) fail(std::string("has a corrupt ") + what);
     return out;
@@ -137,8 +145,16 @@ void write_trace(const std::string& path, const DirtyTrace& trace) {
 }
 
 DirtyTrace read_trace(const std::string& path) {
-  Reader r{std::ifstream(path, std::ios::binary), path};
-  if (!r.in) throw std::runtime_error("cannot read the dirty trace " + path + ": " + std::strerror(errno));
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot read the dirty trace " + path + ": " + std::strerror(errno));
+  return parse_trace(in, path);
+}
+
+DirtyTrace parse_trace(std::istream& in, const std::string& name) {
+  in.seekg(0, std::ios::end);
+  const auto end = in.tellg();
+  in.seekg(0);
+  Reader r{in, name, end > 0 ? static_cast<std::uint64_t>(end) : 0};
   char magic[sizeof kMagic] = {};
   r.in.read(magic, sizeof magic);
   if (r.in.gcount() != sizeof magic || std::memcmp(magic, kMagic, sizeof magic) != 0) r.fail("is not a dirty trace");
@@ -156,7 +172,7 @@ DirtyTrace read_trace(const std::string& path) {
     t.regions.push_back(region);
   }
   t.pages = pages_of(t.regions);
-  if (t.pages > kMaxPages) r.fail("describes a guest over 16 TiB");
+  if (t.pages > kMaxPages) r.fail("describes a guest over 1 TiB");
   const auto workload = r.need<std::uint32_t>("workload");
   if (workload > kMaxWorkload) r.fail("has a workload text of " + std::to_string(workload) + " bytes");
   t.workload = r.bytes(workload, "workload");

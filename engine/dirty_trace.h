@@ -12,6 +12,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <istream>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -61,6 +62,8 @@ void for_each_write(const DirtyTrace& trace, double from, double to, Visit&& vis
 // Throws std::runtime_error, one line naming the file and what is wrong with it (not a trace,
 // another version, truncated, absurd sizes, a frame that does not decompress to its bitmap).
 DirtyTrace read_trace(const std::string& path);
+// The same from a stream (seekable); `name` is what errors call it.
+DirtyTrace parse_trace(std::istream& in, const std::string& name);
 void write_trace(const std::string& path, const DirtyTrace& trace);
 
 // Appends frames to a trace file as they come, so a recording cut short keeps what it had.

@@ -8,6 +8,7 @@
 
 #include "engine/compression.h"
 #include "engine/delta.h"
+#include "engine/dirty_trace.h"
 #include "transport/protocol.h"
 #include "vmm/kvm_vm.h"
 
@@ -40,7 +41,7 @@ void frame_seeds(const fs::path& dir) {
   hello.vcpus = 2;
   hello.capabilities = wire::kCapVerify | wire::kCapPostcopy;
   hello.host_boot_id = "boot";
-  hello.regions = {{0, 1u << 20}, {1u << 32, 1u << 20}};
+  hello.regions = {{0, 1u << 20}, {1ull << 32, 1u << 20}};
   hello.channels = 2;
   hello.disks = {{1u << 20, 65536, wire::kDiskCopy, "/images/a.raw"}};
   hello.cpuid = {{0, 0, 0xd, 0x756e6547, 0x6c65746e, 0x49656e69}, {7, 0, 0, 1u << 16, 0, 0}};
@@ -143,6 +144,19 @@ void qmp_seeds(const fs::path& dir) {
                      R"( "multifd-compression": "zstd", "multifd-zstd-level": 3}}{"execute": "migrate", "arguments": {"uri": "unix:/x"}})");
 }
 
+// Small traces of each synthetic workload, and one with two regions.
+void trace_seeds(const fs::path& dir) {
+  fs::create_directories(dir);
+  for (const char* workload : {"random:rate=4M,wss=1M,mem=2M,seconds=0.1", "sweep:rate=4M,wss=1M,mem=2M,seconds=0.1",
+                               "hotcold:rate=4M,wss=1M,mem=2M,seconds=0.1,populated=1M"}) {
+    const std::string name(workload, std::strchr(workload, ':'));
+    engine::write_trace((dir / name).string(), engine::synthesize_trace(workload));
+  }
+  auto two = engine::synthesize_trace("random:rate=1M,mem=1M,seconds=0.05");
+  two.regions = {{0, 512 * 1024}, {1ull << 30, 512 * 1024}};
+  engine::write_trace((dir / "two-regions").string(), two);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -155,5 +169,6 @@ int main(int argc, char** argv) {
   page_batch_seeds(root / "page_batch");
   state_seeds(root / "state");
   qmp_seeds(root / "qmp");
+  trace_seeds(root / "trace");
   return 0;
 }

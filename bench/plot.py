@@ -1,0 +1,98 @@
+#!/usr/bin/python3
+"""Plots from mig's JSON rows, the same way every time (Debian's python3-matplotlib).
+
+  plot.py rounds STATS.json OUT.png [--title T]
+      One migration, round by round: pages sent (bars), the dirty rate, and the downtime
+      expected if it stopped there. STATS is a round_table's holder: mig-send --stats-json,
+      mig-sim --json, or a stats file of mig-recv's peer.
+  plot.py validation ROWS.json OUT.png
+      bench-sim --json: every real repeat as a point and mig-sim's prediction as a cross,
+      for total time and bytes sent, one column per workload, link and policy.
+
+Every point is drawn, so the spread of repeats shows, not only a median.
+"""
+import argparse
+import json
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def round_table(stats):
+    for holder in (stats, stats.get("stats", {}), stats.get("mig", {}).get("stats", {})):
+        if isinstance(holder, dict) and "round_table" in holder:
+            return holder["round_table"]
+    sys.exit("plot.py: no round_table in the stats given")
+
+
+def plot_rounds(stats, out, title):
+    rounds = round_table(stats)
+    if not rounds:
+        sys.exit("plot.py: the round table is empty")
+    x = [r["round"] for r in rounds]
+    fig, pages_axis = plt.subplots(figsize=(8, 4.5))
+    pages_axis.bar(x, [r["pages"] for r in rounds], color="#9ecae1", label="pages sent")
+    pages_axis.set_xlabel("pre-copy round")
+    pages_axis.set_ylabel("pages sent (4 KiB)")
+    rate_axis = pages_axis.twinx()
+    rate_axis.plot(x, [r["dirty_rate_MBps"] for r in rounds], "o-", color="#e6550d", label="dirty rate (MB/s)")
+    rate_axis.plot(x, [r["bandwidth_MBps"] for r in rounds], "s--", color="#636363", label="link (MB/s)")
+    rate_axis.set_ylabel("MB/s")
+    downtime_axis = pages_axis.twinx()
+    downtime_axis.spines["right"].set_position(("axes", 1.12))
+    downtime_axis.semilogy(x, [max(r["expected_downtime_ms"], 1e-3) for r in rounds], "^:", color="#31a354",
+                           label="expected downtime (ms)")
+    downtime_axis.set_ylabel("expected downtime, ms (log)")
+    handles = sum((axis.get_legend_handles_labels()[0] for axis in (pages_axis, rate_axis, downtime_axis)), [])
+    labels = sum((axis.get_legend_handles_labels()[1] for axis in (pages_axis, rate_axis, downtime_axis)), [])
+    pages_axis.legend(handles, labels, loc="upper right", fontsize=8)
+    policy = stats.get("policy") or stats.get("stats", {}).get("policy", "")
+    pages_axis.set_title(title or f"{len(rounds)} pre-copy rounds" + (f", policy {policy}" if policy else ""))
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def plot_validation(data, out):
+    rows = data["rows"]
+    labels = [f"{r['workload'].split(',')[0]}\n{r['link']}, {r['policy']}" for r in rows]
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, len(rows) * 0.9), 8), sharex=True)
+    for axis, real_key, sim_key, scale, unit in ((axes[0], "real_total_ms", "sim_total_ms", 1, "total time, ms"),
+                                                  (axes[1], "real_bytes", "sim_bytes", 1e-6, "sent, MB")):
+        for i, row in enumerate(rows):
+            real = [v * scale for v in row[real_key]]
+            axis.plot([i] * len(real), real, "o", color="#3182bd", alpha=0.7, label="real (each repeat)" if i == 0 else None)
+            axis.vlines(i, min(real), max(real), color="#3182bd")
+            axis.plot(i, row[sim_key] * scale, "x", color="#e6550d", markersize=10, mew=2,
+                      label="mig-sim" if i == 0 else None)
+        axis.set_ylabel(unit)
+        axis.legend(fontsize=8)
+    axes[1].set_xticks(range(len(rows)), labels, fontsize=7, rotation=40, ha="right")
+    guest = data.get("guest", "")
+    axes[0].set_title(f"mig-sim against real migrations of the same traces {guest}".strip())
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", choices=["rounds", "validation"])
+    parser.add_argument("input")
+    parser.add_argument("output")
+    parser.add_argument("--title", default="")
+    args = parser.parse_args()
+    try:
+        with open(args.input) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        sys.exit(f"plot.py: cannot read {args.input}: {e}")
+    if args.kind == "rounds":
+        plot_rounds(data, args.output, args.title)
+    else:
+        plot_validation(data, args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+// libFuzzer target: reading a dirty trace file (mig-sim's input, which anyone may hand it).
+// Whatever the bytes, the reader returns a trace whose every page lies inside the guest, or
+// throws its one-line error.
+#include <sstream>
+
+#include "engine/dirty_trace.h"
+
+using namespace mig;
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  std::istringstream in(std::string(reinterpret_cast<const char*>(data), size));
+  try {
+    const auto trace = engine::parse_trace(in, "input");
+    for (auto page : trace.populated)
+      if (page >= trace.pages) __builtin_trap();
+    for (const auto& frame : trace.frames)
+      for (auto page : frame)
+        if (page >= trace.pages) __builtin_trap();
+  } catch (const std::runtime_error&) {
+  }
+  return 0;
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# bench/plot.py makes its plots from what mig writes: a mig-sim round table, and bench-sim's
+# rows (a small sample here); each must come out a PNG. Usage: plot_test.sh MIG_SIM PLOT_PY
+set -euo pipefail
+mig_sim=$1
+plot=$2
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+"$mig_sim" --synthesize random:rate=20M,wss=8M,mem=32M,seconds=5 --output "$scratch/t.trace" >/dev/null
+"$mig_sim" "$scratch/t.trace" --bandwidth 1Gbit --policy qemu --json >"$scratch/sim.json"
+cat >"$scratch/rows.json" <<'ROWS'
+{"guest": "(sample)", "rows": [
+ {"workload": "random:rate=50M,wss=32M", "link": "loopback", "policy": "mig",
+  "real_total_ms": [350, 360, 420], "sim_total_ms": 380, "real_bytes": [7.3e7, 7.4e7, 7.4e7], "sim_bytes": 7.5e7},
+ {"workload": "sweep:rate=100M", "link": "1 Gbit/s", "policy": "xen",
+  "real_total_ms": [1050, 1380, 1390], "sim_total_ms": 1000, "real_bytes": [1.0e8, 1.47e8, 1.49e8], "sim_bytes": 9.3e7}]}
+ROWS
+/usr/bin/python3 "$plot" rounds "$scratch/sim.json" "$scratch/rounds.png"
+/usr/bin/python3 "$plot" validation "$scratch/rows.json" "$scratch/validation.png"
+for png in rounds validation; do
+  [ "$(head -c 4 "$scratch/$png.png" | tail -c 3)" = "PNG" ] || { echo "plot_test: $png.png is not a PNG"; exit 1; }
+done
+if /usr/bin/python3 "$plot" rounds "$scratch/rows.json" "$scratch/bad.png" 2>"$scratch/err"; then
+  echo "plot_test: a file without a round table was plotted"; exit 1
+fi
+grep -q "no round_table" "$scratch/err"
+echo "plot_test: both plots made"
