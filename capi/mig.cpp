@@ -433,24 +433,10 @@ struct mig_incoming {
 
   void run() {
     try {
-      auto stream = listener.accept();
       options.accept_channel = [this](std::chrono::milliseconds timeout) { return listener.accept(timeout); };
-      engine::IncomingMigration migration(stream, [this](const engine::VmShape& shape) { return make_vm(shape); }, options);
-      {
-        std::lock_guard lock(mutex);
-        if (quitting) return;
-        receiving = &migration;
+      // Pre-flight checks (a source's dry run) are answered on the way to the migration.
+      while (!receive_one(listener.accept())) {
       }
-      auto received = migration.run();
-      {
-        std::lock_guard lock(mutex);
-        receiving = nullptr;
-        vm = std::move(received.vm);
-        result = std::move(received.stats);
-      }
-      finished.notify_all();
-      // A source that lost our Running asks again for a while; free() interrupts this.
-      migration.answer_commit_retries();
     } catch (const std::exception& e) {
       std::lock_guard lock(mutex);
       receiving = nullptr;
@@ -460,6 +446,32 @@ struct mig_incoming {
       }
     }
     finished.notify_all();
+  }
+
+  // One connection: a migration (true), or a dry run answered (false).
+  bool receive_one(transport::Stream stream) {
+    engine::IncomingMigration migration(stream, [this](const engine::VmShape& shape) { return make_vm(shape); }, options);
+    {
+      std::lock_guard lock(mutex);
+      if (quitting) throw transport::Interrupted("the receiver was freed");
+      receiving = &migration;
+    }
+    auto received = migration.run();
+    if (received.stats.dry_run) {
+      std::lock_guard lock(mutex);
+      receiving = nullptr;
+      return false;
+    }
+    {
+      std::lock_guard lock(mutex);
+      receiving = nullptr;
+      vm = std::move(received.vm);
+      result = std::move(received.stats);
+    }
+    finished.notify_all();
+    // A source that lost our Running asks again for a while; free() interrupts this.
+    migration.answer_commit_retries();
+    return true;
   }
 };
 

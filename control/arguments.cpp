@@ -136,6 +136,7 @@ MigrateRequest parse_migrate_arguments(const nlohmann::json& arguments, const Mi
     throw CommandError(e.what());
   }
   f.flag("detach", true);
+  request.dry_run = f.flag("dry-run", false);
   auto& o = request.options;
   auto& policy = o.policy;
   policy.downtime_target_ms = f.number("downtime-ms", parameters.downtime_limit_ms, 0, 2'000'000);

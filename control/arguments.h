@@ -44,6 +44,7 @@ struct MigrateRequest {
   engine::SenderOptions options;  // everything but open_channel, which needs the endpoint
   ZeroCopyMode zerocopy = ZeroCopyMode::automatic;
   std::shared_ptr<const transport::TlsContext> tls;  // every connection of the migration, when set
+  bool dry_run = false;  // only ask the destination whether it would take the guest
 };
 // migrate's arguments: "uri" (tcp:HOST:PORT or unix:PATH) and mig's options, each overriding
 // the parameter it corresponds to for this migration:
@@ -52,6 +53,7 @@ struct MigrateRequest {
 //   bandwidth: bytes/s      downtime-ms: ms      max-iterations: 1..1000
 //   on-no-convergence: "stop" | "abort" | "postcopy"      zerocopy: "auto" | "on" | "off"
 //   postcopy-ram: enable post-copy (switch on migrate-start-postcopy, or when pre-copy is stuck)
+//   dry-run: only the pre-flight check (engine::check_destination); migrate returns its answer
 //   postcopy: enable it and switch once round 0 is done      postcopy-after: seconds of pre-copy, then switch
 //   tls-creds: an x509 directory (QEMU's layout: ca-cert.pem, client-cert.pem, client-key.pem)
 //   tls-psk: a key file of IDENTITY:HEXKEY lines      tls-hostname: the name the destination's

@@ -198,6 +198,7 @@ engine::MigrationObserver Domain::migration_observer() {
 }
 
 void Domain::migrate(MigrateRequest request) {
+  if (request.dry_run) return check_destination(request);
   std::shared_ptr<engine::MigrationControl> control;
   {
     std::lock_guard lock(mutex_);
@@ -215,6 +216,19 @@ void Domain::migrate(MigrateRequest request) {
   outgoing_thread_ = std::thread([this, request = std::move(request), control]() mutable {
     run_outgoing(std::move(request), std::move(control));
   });
+}
+
+// migrate's dry run: asks the destination whether it would take this guest, and returns
+// once it said yes; its no is the command's error. Only reads the guest's description.
+void Domain::check_destination(const MigrateRequest& request) const {
+  const engine::MigratableVm* guest = vm();
+  if (!guest) throw CommandError("migrate: no guest here yet (" + std::string(to_string(run_state())) + ")");
+  try {
+    auto stream = transport::connect(request.endpoint, request.tls.get());
+    engine::check_destination(*guest, stream, request.options.peer_timeout);
+  } catch (const std::exception& e) {
+    throw CommandError(std::string("migrate (dry run): ") + e.what());
+  }
 }
 
 void Domain::run_outgoing(MigrateRequest request, std::shared_ptr<engine::MigrationControl> control) {
@@ -379,40 +393,58 @@ std::string Domain::migrate_incoming(const std::string& uri) {
 
 void Domain::run_incoming() {
   try {
-    auto stream = listener_->accept();
-    engine::ReceiverOptions options = incoming_->options;
-    options.accept_channel = [this](std::chrono::milliseconds timeout) { return listener_->accept(timeout); };
-    options.await_recovery = [this]() -> engine::ReceiverOptions::Accept {
-      std::unique_lock lock(mutex_);
-      awaiting_recovery_ = true;
-      changed_.wait(lock, [&] { return recovery_listener_ || quit_; });
-      awaiting_recovery_ = false;
-      if (quit_) return {};
-      return [this](std::chrono::milliseconds timeout) { return recovery_listener_->accept(timeout); };
-    };
-    engine::IncomingMigration migration(stream, incoming_->make_vm, options);
-    {
-      std::lock_guard lock(mutex_);
-      if (quit_) throw std::runtime_error("the receiver was told to stop");
-      receiving_ = &migration;
-    }
-    emit("MIGRATION", {{"status", "active"}});
-    auto result = migration.run();
-    {
-      std::lock_guard lock(mutex_);
-      if (result.vm) {
-        vm_ = std::move(result.vm);
-        run_state_ = options.autostart ? RunState::running : RunState::paused;
-      }
-    }
-    finish_incoming(result.stats);
-    // The source may not have heard that the guest runs here: it asks again for a while.
-    migration.answer_commit_retries();
+    // Pre-flight checks (dry runs) are answered on the way: the source comes after them.
+    for (bool migrated = false; !migrated;) migrated = receive_one(listener_->accept());
   } catch (const std::exception& e) {
     engine::IncomingStats failed;
     failed.error = e.what();
     finish_incoming(failed);
   }
+}
+
+// One connection to the incoming address: a migration (true, whatever its outcome), or a
+// dry run answered (false).
+bool Domain::receive_one(transport::Stream stream) {
+  engine::ReceiverOptions options = incoming_->options;
+  options.accept_channel = [this](std::chrono::milliseconds timeout) { return listener_->accept(timeout); };
+  options.await_recovery = [this]() -> engine::ReceiverOptions::Accept {
+    std::unique_lock lock(mutex_);
+    awaiting_recovery_ = true;
+    changed_.wait(lock, [&] { return recovery_listener_ || quit_; });
+    awaiting_recovery_ = false;
+    if (quit_) return {};
+    return [this](std::chrono::milliseconds timeout) { return recovery_listener_->accept(timeout); };
+  };
+  options.hello_received = [this](bool dry_run) {
+    if (!dry_run) emit("MIGRATION", {{"status", "active"}});
+  };
+  engine::IncomingMigration migration(stream, incoming_->make_vm, options);
+  {
+    std::lock_guard lock(mutex_);
+    if (quit_) throw std::runtime_error("the receiver was told to stop");
+    receiving_ = &migration;
+  }
+  auto result = migration.run();
+  if (result.stats.dry_run) {
+    {
+      std::lock_guard lock(mutex_);
+      receiving_ = nullptr;
+    }
+    emit("MIGRATION_CHECK", {{"accepted", result.stats.status == engine::MigrationStatus::completed},
+                             {"error", result.stats.error}});
+    return false;
+  }
+  {
+    std::lock_guard lock(mutex_);
+    if (result.vm) {
+      vm_ = std::move(result.vm);
+      run_state_ = options.autostart ? RunState::running : RunState::paused;
+    }
+  }
+  finish_incoming(result.stats);
+  // The source may not have heard that the guest runs here: it asks again for a while.
+  migration.answer_commit_retries();
+  return true;
 }
 
 void Domain::finish_incoming(const engine::IncomingStats& stats) {

@@ -122,6 +122,8 @@ class Domain {
   engine::MigrationObserver migration_observer();
   void run_outgoing(MigrateRequest request, std::shared_ptr<engine::MigrationControl> control);
   void run_incoming();
+  bool receive_one(transport::Stream stream);
+  void check_destination(const MigrateRequest& request) const;
   void finish_incoming(const engine::IncomingStats& stats);
   void measure_dirty_rate(double seconds);
   void require_guest_idle(const char* command) const;  // with mutex_ held

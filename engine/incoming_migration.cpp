@@ -206,7 +206,14 @@ IncomingMigration::State IncomingMigration::step(State state, const wire::FrameH
 IncomingMigration::State IncomingMigration::on_hello(const wire::FrameHeader& frame) {
   Session& s = *s_;
   s.hello = wire::decode<wire::Hello>(stream_->read_payload(frame));
+  s.stats.dry_run = (s.hello.capabilities & wire::kCapDryRun) != 0;
+  if (options_.hello_received) options_.hello_received(s.stats.dry_run);
   check_guest_fits(s.hello);
+  if (s.stats.dry_run) {
+    stream_->send(wire::HelloAck{wire::kCapDryRun, transport::host_boot_id()});
+    s.stats.status = MigrationStatus::completed;
+    return State::running;  // nothing built, nothing to run: the check is the whole session
+  }
   s.shape.vcpus = s.hello.vcpus;
   for (const auto& r : s.hello.regions) s.shape.regions.push_back({r.guest_addr, r.size});
   for (const auto& d : s.hello.disks) s.shape.disks.push_back({d.size, d.chunk_bytes, (d.flags & wire::kDiskCopy) != 0, d.path});

@@ -65,11 +65,14 @@ struct ReceiverOptions {
   // (through accept_channel) that it did commit; and once resumed here, the source's asking
   // again is answered this long (answer_commit_retries). Longer than the source asks.
   std::chrono::milliseconds handoff_grace{30000};
+  // Told, once the source's Hello is read, whether this session is a real migration or only
+  // a pre-flight check (dry run), before either is checked.
+  std::function<void(bool dry_run)> hello_received = {};
 };
 
 struct IncomingResult {
   IncomingStats stats;
-  std::unique_ptr<MigratableVm> vm;  // running when stats.status is completed, else null
+  std::unique_ptr<MigratableVm> vm;  // running when stats.status is completed (and not a dry run), else null
 };
 
 class IncomingMigration {

@@ -232,6 +232,20 @@ MigrationStats SourceMigration::run() {
   return s.stats;
 }
 
+void check_destination(const MigratableVm& vm, transport::Stream& stream, std::chrono::milliseconds timeout) {
+  stream.set_timeout(timeout);
+  wire::Hello hello;
+  hello.capabilities = wire::kCapDryRun;
+  hello.vcpus = vm.vcpu_count();
+  hello.host_boot_id = transport::host_boot_id();
+  hello.cpuid = vm.guest_cpuid();
+  for (const auto& r : vm.memory_regions()) hello.regions.push_back({r.guest_addr, r.size});
+  stream.send(hello);
+  const auto ack = stream.receive<wire::HelloAck>();  // a refusal arrives as Error, and throws
+  if (!(ack.capabilities & wire::kCapDryRun))
+    throw std::runtime_error("the destination took the check for a migration (it predates dry runs)");
+}
+
 void SourceMigration::set_up() {
   State& s = *s_;
   s.stream.set_timeout(s.options.peer_timeout);

@@ -88,6 +88,13 @@ struct SenderOptions {
   Tunables tunables() const;
 };
 
+// The pre-flight check (mig-send --check, QMP migrate's dry-run): tells the receiver at the
+// other end of `stream` about the guest (shape, CPUID) as a migration would, and returns once
+// it said it would take it. Throws with the receiver's reason when it would not, or when it
+// does not answer within `timeout`. Nothing of the VM changes, and nothing is sent but the
+// description; disks and the capabilities a migration asks for are not part of the check.
+void check_destination(const MigratableVm& vm, transport::Stream& stream, std::chrono::milliseconds timeout);
+
 class SourceMigration {
  public:
   // `control` may be shared with whoever steers the migration; without one, the migration

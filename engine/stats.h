@@ -143,6 +143,9 @@ struct IncomingStats {
   std::optional<PostcopyStats> postcopy;
   std::optional<DiskStats> disk;
   bool commit_retried = false;  // Commit came on a new connection, after the first broke
+  // The session was a pre-flight check (kCapDryRun): completed means the guest would be
+  // taken, failed says why not; no VM was built either way.
+  bool dry_run = false;
 };
 
 // CPU seconds per GiB moved; 0 when nothing moved.

@@ -387,3 +387,26 @@ TEST_CASE("QMP: migrate over mutual TLS - a source without credentials is refuse
   CHECK(destination.vm->region_memory(0) == source.vm->region_memory(0));
   CHECK(refused == 1);
 }
+
+TEST_CASE("QMP: migrate with dry-run asks the destination, which answers and waits on for the real migration") {
+  SourceHost host("dry-run");
+  DestinationHost destination;
+  std::vector<std::string> checks;
+  destination.domain.subscribe([&](const control::Event& event) {
+    if (event.name == "MIGRATION_CHECK") checks.push_back(event.data.dump());
+  });
+  control::QmpClient client(host.path);
+  CHECK(client.execute("migrate", {{"uri", destination.endpoint}, {"dry-run", true}}) == json::object());
+  CHECK(client.execute("query-status")["status"] == "running");
+  CHECK(client.execute("query-migrate") == json::object());  // no migration ran
+  CHECK(destination.vm == nullptr);
+  // The destination still waits: the real migration comes next, and completes.
+  client.execute("migrate", {{"uri", destination.endpoint}});
+  REQUIRE(destination.domain.wait_incoming());
+  CHECK(destination.domain.run_state() == control::RunState::running);
+  REQUIRE(destination.vm != nullptr);
+  CHECK(destination.vm->region_memory(0) == host.vm->region_memory(0));
+  CHECK(checks == std::vector<std::string>{R"({"accepted":true,"error":""})"});
+  CHECK_THROWS_WITH(client.execute("migrate", {{"uri", "tcp:127.0.0.1:1"}, {"dry-run", true}}),
+                    Contains("migrate (dry run): "));
+}

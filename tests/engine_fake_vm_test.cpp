@@ -877,3 +877,36 @@ TEST_CASE("a destination that cannot give the guest its CPU refuses at Hello, na
   CHECK(made == nullptr);
   CHECK(received.stats.status == engine::MigrationStatus::failed);
 }
+
+TEST_CASE("a dry run asks the destination and changes nothing: yes, or no with its reason") {
+  test::FakeVm source({kPages});
+  fill(source, kPages);
+  source.cpuid = {{7, 0, 0, 1u << 16, 0, 0}};
+  for (const bool lacking : {false, true}) {
+    INFO((lacking ? "the destination lacks a CPU feature" : "the destination has everything"));
+    auto [send_end, recv_end] = test::stream_pair();
+    test::FakeVm* made = nullptr;
+    bool told_dry_run = false;
+    auto receiver = std::async(std::launch::async, [&, s = std::move(recv_end)]() mutable {
+      engine::ReceiverOptions options{2000ms, 100ms, {}, {}};
+      options.missing_cpu_features = [&](const std::vector<wire::CpuidLeaf>&) {
+        return lacking ? std::vector<std::string>{"AVX-512F"} : std::vector<std::string>{};
+      };
+      options.hello_received = [&](bool dry_run) { told_dry_run = dry_run; };
+      return engine::IncomingMigration(s, test::fake_factory(&made), options).run();
+    });
+    if (lacking)
+      CHECK_THROWS_WITH(engine::check_destination(source, send_end, 2000ms), Contains("destination CPU lacks AVX-512F"));
+    else
+      CHECK_NOTHROW(engine::check_destination(source, send_end, 2000ms));
+    const auto received = receiver.get();
+    CHECK(received.stats.dry_run);
+    CHECK(told_dry_run);
+    CHECK(received.stats.status == (lacking ? engine::MigrationStatus::failed : engine::MigrationStatus::completed));
+    CHECK(received.vm == nullptr);
+    CHECK(made == nullptr);  // nothing was built
+    CHECK(received.stats.pages_received == 0);
+    CHECK(source.pauses == 0);
+    CHECK_FALSE(source.paused());
+  }
+}

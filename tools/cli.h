@@ -58,7 +58,7 @@ class MigrateFlags {
   std::string on_no_convergence_ = "stop", policy_, zerocopy_ = "auto", compress_, tls_creds_, tls_psk_, tls_hostname_;
   std::uint64_t bandwidth_ = 0, delta_cache_ = 64ull << 20;
   bool offline_ = false, no_verify_ = false, no_dedup_ = false, no_page_plan_ = false, no_zero_skip_ = false;
-  bool copy_storage_ = false, delta_ = false, stop_at_target_ = false, no_auto_converge_ = false, postcopy_ = false, postcopy_ram_ = false;
+  bool check_ = false, copy_storage_ = false, delta_ = false, stop_at_target_ = false, no_auto_converge_ = false, postcopy_ = false, postcopy_ram_ = false;
   double postcopy_after_ = 0;
   void add_switchover_flags(CLI::App& app);
   void add_content_flags(CLI::App& app);

@@ -25,12 +25,25 @@ bool is_finished(const nlohmann::json& info) {
   return status == "completed" || status == "failed" || status == "cancelled" || status == "handoff-unknown";
 }
 
+// --check: the destination's answer to the pre-flight check, as an exit code.
+int report_check(const std::function<void()>& ask) {
+  try {
+    ask();
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "mig-send: {}\n", e.what());
+    return tools::kExitMigrationFailed;
+  }
+  fmt::print("mig-send: the destination would take this guest (a dry run: nothing else was sent)\n");
+  return tools::kExitMigrated;
+}
+
 // --vm: drives the migration of another process's guest through its QMP socket, polling
 // query-migrate as an orchestrator does. A signal cancels it. A guest that moved has no
 // business on the source any more, so the source is told to quit, as libvirt does.
 int migrate_running_vm(const std::string& socket, const nlohmann::json& arguments, const std::string& stats_json,
                        bool verbose, tools::ControlSignals& signals) {
   control::QmpClient source(control::qmp_socket_path(socket));
+  if (arguments.value("dry-run", false)) return report_check([&] { source.execute("migrate", arguments); });
   source.execute("migrate", arguments);
   const bool tty = ::isatty(STDOUT_FILENO);
   bool cancel_sent = false;
@@ -87,6 +100,8 @@ double migration_time(const BootedGuest& options, const kvm::Machine& machine, c
 // final - the guest left, or may have - and nothing while the guest runs on here.
 std::optional<int> migrate_once(control::Domain& domain, const nlohmann::json& arguments, const std::string& stats_json,
                                 nlohmann::json& stats) {
+  if (arguments.value("dry-run", false))
+    return report_check([&] { domain.migrate(control::parse_migrate_arguments(arguments, domain.parameters())); });
   try {
     domain.migrate(control::parse_migrate_arguments(arguments, domain.parameters()));
   } catch (const std::exception& e) {

@@ -72,7 +72,7 @@
 namespace mig::wire {
 
 inline constexpr std::uint32_t kMagic = 0x3147494d;  // "MIG1"
-inline constexpr std::uint32_t kVersion = 3;
+inline constexpr std::uint32_t kVersion = 4;  // 4: kCapDryRun
 inline constexpr std::uint32_t kPageSize = 4096;
 
 // Bounds on what a receiver accepts.
@@ -145,6 +145,10 @@ void validate(const FrameHeader& header);
 inline constexpr std::uint32_t kCapVerify = 1u << 0;        // page-hash verification at Complete
 inline constexpr std::uint32_t kCapSharedMemory = 1u << 1;  // same host: guest memory handed over as memfds
 inline constexpr std::uint32_t kCapPostcopy = 1u << 2;      // the switchover may be to post-copy
+// A pre-flight check only (mig-send --check): the receiver checks the guest as for a real
+// migration, answers HelloAck (with this bit) or Error, builds nothing, and waits on for its
+// source. The connection then closes.
+inline constexpr std::uint32_t kCapDryRun = 1u << 3;
 
 struct Region {
   std::uint64_t guest_addr = 0;
