@@ -319,19 +319,21 @@ std::uint64_t RecordingVm::bytes_written() const {
   return writer_->bytes_written();
 }
 
-void RecordingVm::fetch_inner() {
+void RecordingVm::fetch_inner(std::size_t region) {
   std::uint64_t offset = 0;
-  for (std::size_t r = 0; r < regions_.size(); ++r) {
-    const auto pages = regions_[r].size / kPageSize;
-    inner_->fetch_dirty_log(r, scratch_[r]);
-    for_each_page(scratch_[r], [&](std::uint64_t p) {
-      if (p >= pages) return;
-      const auto at = offset + p;
-      interval_bitmap_[at / 64] |= 1ull << (at % 64);
-      if (engine_logging_) engine_bitmaps_[r][p / 64] |= 1ull << (p % 64);
-    });
-    offset += pages;
-  }
+  for (std::size_t r = 0; r < region; ++r) offset += regions_[r].size / kPageSize;
+  const auto pages = regions_[region].size / kPageSize;
+  inner_->fetch_dirty_log(region, scratch_[region]);
+  for_each_page(scratch_[region], [&](std::uint64_t p) {
+    if (p >= pages) return;
+    const auto at = offset + p;
+    interval_bitmap_[at / 64] |= 1ull << (at % 64);
+    if (engine_logging_) engine_bitmaps_[region][p / 64] |= 1ull << (p % 64);
+  });
+}
+
+void RecordingVm::fetch_inner() {
+  for (std::size_t r = 0; r < regions_.size(); ++r) fetch_inner(r);
 }
 
 void RecordingVm::record() {
@@ -360,7 +362,7 @@ void RecordingVm::stop_dirty_log() {
 
 void RecordingVm::fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) {
   std::lock_guard lock(mutex_);
-  fetch_inner();
+  fetch_inner(region);
   auto& pending = engine_bitmaps_.at(region);
   std::copy(pending.begin(), pending.end(), bitmap.begin());
   std::fill(pending.begin(), pending.end(), 0);

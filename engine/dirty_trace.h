@@ -126,7 +126,10 @@ class RecordingVm final : public MigratableVm {
   }
 
  private:
-  void fetch_inner();  // with mutex_ held: the inner log into this interval's and the engine's bitmaps
+  // With mutex_ held: the inner log (of one region, or all) into this interval's bitmap and
+  // the engine's.
+  void fetch_inner(std::size_t region);
+  void fetch_inner();
   void record();       // the recording thread
 
   std::unique_ptr<MigratableVm> inner_;

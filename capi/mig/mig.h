@@ -285,8 +285,8 @@ void mig_recv_options_init(mig_recv_options* options);
 typedef struct mig_incoming mig_incoming;
 
 /* Listens on `uri` ("tcp:HOST:PORT", port 0 picks one, or "unix:PATH") and waits, on a
- * thread of its own, for one migration; a peer that fails the TLS handshake is refused and
- * the wait goes on. */
+ * thread of its own, for one migration. A peer that fails the TLS handshake is refused, and a
+ * source's dry run (mig-send --check) is answered; either way the wait goes on. */
 mig_result mig_incoming_listen(const char* uri, const mig_recv_options* options, mig_vm_factory factory,
                                void* factory_opaque, mig_incoming** out);
 /* What the source connects to, with the actual port. Valid while the handle lives. */
