@@ -111,6 +111,15 @@ std::vector<std::pair<std::string, std::string>> PolicyRegistry::list() const {
   return out;
 }
 
+PolicyAnswer decide_within_round_limit(const MigrationPolicy& policy, const PolicyView& view) {
+  auto answer = policy.decide(view);
+  if (answer.decision == Decision::next_round && view.rounds.size() >= view.max_rounds) {
+    answer.decision = Decision::stop_max_rounds;
+    answer.rule = "the round limit (" + std::to_string(view.max_rounds) + ")";
+  }
+  return answer;
+}
+
 std::uint32_t rounds_since_lowest_remaining(std::span<const RoundStats> rounds) {
   std::uint32_t since = 0;
   std::uint64_t lowest = UINT64_MAX;

@@ -94,6 +94,10 @@ class PolicyRegistry {
   std::map<std::string, Entry> entries_;
 };
 
+// What the engine (and the simulator) does at a round boundary: asks `policy`, then ends
+// pre-copy at view.max_rounds whatever it said.
+PolicyAnswer decide_within_round_limit(const MigrationPolicy& policy, const PolicyView& view);
+
 // The rules shared by several policies: stuck rounds, the local minimum of what is left.
 // Rounds since the fewest dirty pages yet were left (0: the last round set a new low).
 std::uint32_t rounds_since_lowest_remaining(std::span<const RoundStats> rounds);

@@ -118,14 +118,10 @@ SimulatedMigration simulate(const DirtyTrace& trace, const SimulatorOptions& o) 
     m.round_table.push_back(r);
     m.round_table.back().expected_downtime_ms = expected_downtime_ms(m.round_table, o.convergence);
 
-    const auto answer = policy->decide(
-        {m.round_table, tunables, o.convergence.max_rounds, trace.pages * scale, o.can_throttle, false});
+    const auto answer = decide_within_round_limit(
+        *policy, {m.round_table, tunables, o.convergence.max_rounds, trace.pages * scale, o.can_throttle, false});
     m.stop_rule = answer.rule;
-    Decision decision = answer.decision;
-    if (decision == Decision::next_round && m.round_table.size() >= o.convergence.max_rounds) {
-      decision = Decision::stop_max_rounds;
-      m.stop_rule = "the round limit (" + std::to_string(o.convergence.max_rounds) + ")";
-    }
+    const Decision decision = answer.decision;
     if (decision == Decision::abort_no_progress || decision == Decision::start_postcopy) {
       // The engine gives up here (post-copy is not simulated): the source runs on.
       m.aborted = true;

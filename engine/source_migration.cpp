@@ -435,13 +435,9 @@ bool SourceMigration::precopy_round(std::uint32_t round) {
     s.stats.stop_reason = StopReason::forced;
     return false;
   }
-  const PolicyAnswer answer = s.decider->decide(policy_view());
+  const PolicyAnswer answer = decide_within_round_limit(*s.decider, policy_view());
   s.stats.stop_rule = answer.rule;
-  Decision decision = answer.decision;
-  if (decision == Decision::next_round && s.stats.round_table.size() >= s.policy.max_rounds) {
-    decision = Decision::stop_max_rounds;
-    s.stats.stop_rule = "the round limit (" + std::to_string(s.policy.max_rounds) + ")";
-  }
+  const Decision decision = answer.decision;
   // With post-copy on, a pre-copy that cannot converge switches instead of pausing long.
   const bool unconverged = decision == Decision::stop_max_rounds || decision == Decision::stop_no_progress ||
                            decision == Decision::start_postcopy;

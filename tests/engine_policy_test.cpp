@@ -89,6 +89,18 @@ TEST_CASE("an embedder adds a policy at run time, and it is made by name like th
     return std::make_unique<Always>();
   });
   CHECK(ask("always-stop", {leaving({})}).decision == Decision::stop_converged);
+  // Whatever a policy says, the engine ends pre-copy at the round limit.
+  struct Never final : engine::MigrationPolicy {
+    std::string name() const override { return "never-stop"; }
+    engine::PolicyAnswer decide(const engine::PolicyView&) const override { return {Decision::next_round, 0, "never"}; }
+  };
+  const auto rounds = leaving({900, 900});
+  const engine::PolicyView at_limit{rounds, engine::Tunables{}, 3, 100000, true, false};
+  const auto limited = engine::decide_within_round_limit(Never{}, at_limit);
+  CHECK(limited.decision == Decision::stop_max_rounds);
+  CHECK(limited.rule == "the round limit (3)");
+  const engine::PolicyView below{rounds, engine::Tunables{}, 4, 100000, true, false};
+  CHECK(engine::decide_within_round_limit(Never{}, below).decision == Decision::next_round);
   CHECK_THROWS_WITH(engine::PolicyRegistry::global().make("always-stop:x=1"), Contains("no parameter x"));
 }
 
