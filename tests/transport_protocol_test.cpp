@@ -53,9 +53,9 @@ TEST_CASE("every protocol message round-trips and refuses truncation") {
 
 TEST_CASE("Hello with a wrong version is refused before anything else is read") {
   auto hello = sample_hello();
-  hello.version = wire::kVersion - 1;
-  CHECK_THROWS_WITH(decode<Hello>(encode(hello)), Contains("version " + std::to_string(wire::kVersion - 1)) &&
-                                                      Contains("speaks " + std::to_string(wire::kVersion)));
+  hello.version = kVersion - 1;
+  CHECK_THROWS_WITH(decode<Hello>(encode(hello)), Contains("version " + std::to_string(kVersion - 1)) &&
+                                                      Contains("speaks " + std::to_string(kVersion)));
 }
 
 TEST_CASE("Hello with absurd shapes is refused") {
