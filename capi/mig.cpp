@@ -223,6 +223,7 @@ engine::SenderOptions sender_options(const mig_send_options& o) {
   options.compress_level = o.compress_level;
   options.verify = o.verify != 0;
   options.peer_timeout = std::chrono::milliseconds(o.peer_timeout_ms);
+  if (o.policy) options.policy_plugin = engine::PolicyRegistry::global().make(o.policy, options.policy);
   return options;
 }
 

@@ -207,7 +207,7 @@ static mig_incoming* listen_for(destination* d) {
   return incoming;
 }
 
-static void test_live_migration(unsigned channels) {
+static void test_live_migration(unsigned channels, const char* policy) {
   fake_vm* source = fake_vm_new(1);
   mig_vm* source_vm = describe(source);
   destination d = {NULL, 0};
@@ -222,6 +222,7 @@ static void test_live_migration(unsigned channels) {
   sleep_us(20000); /* let the guest write for a while first */
   mig_send_options_init(&options);
   options.channels = channels;
+  options.policy = policy;
   options.on_event = count_event;
   options.event_opaque = &seen;
   CHECK(mig_migration_start(source_vm, mig_incoming_address(incoming), &options, &migration) == MIG_OK);
@@ -356,6 +357,10 @@ static void test_bad_arguments(void) {
   options.downtime_ms = 0;
   CHECK(mig_migration_start(source_vm, "tcp:127.0.0.1:1", &options, &migration) == MIG_ERR_INVALID);
   mig_send_options_init(&options);
+  options.policy = "zen";
+  CHECK(mig_migration_start(source_vm, "tcp:127.0.0.1:1", &options, &migration) == MIG_ERR_INVALID);
+  CHECK(strstr(mig_last_error(), "no policy 'zen'") != NULL);
+  mig_send_options_init(&options);
   options.channels = 17;
   CHECK(mig_migration_start(source_vm, "tcp:127.0.0.1:1", &options, &migration) == MIG_ERR_INVALID);
   CHECK(strstr(mig_last_error(), "channels") != NULL);
@@ -369,8 +374,8 @@ static void test_bad_arguments(void) {
 
 int main(void) {
   test_bad_arguments();
-  test_live_migration(1);
-  test_live_migration(4);
+  test_live_migration(1, NULL);
+  test_live_migration(4, "xen");
   test_cancel();
   test_failures_resume_the_source(1, 0, "refused the guest");
   test_failures_resume_the_source(0, 1, "save_state failed: Input/output error");

@@ -17,8 +17,8 @@
  *  - Any thread may call; one handle may be used from several threads at once where the
  *    function says "thread-safe".
  *
- * This is C99 and uses no C++ type. Post-copy, storage migration and same-host memory
- * hand-over are not in this version of the API (the C++ engine has them).
+ * This is C99 and uses no C++ type. Post-copy, storage migration, same-host memory hand-over
+ * and policies of one's own are not in this version of the API (the C++ engine has them).
  */
 #ifndef MIG_MIG_H
 #define MIG_MIG_H
@@ -205,6 +205,9 @@ typedef struct mig_send_options {
   int auto_converge;        /* throttle a guest that dirties faster than the link (default 1;
                                needs set_throttle) */
   unsigned peer_timeout_ms; /* how long the receiver may stay silent (default 10000) */
+  /* The convergence policy, "NAME[:key=value,...]" as mig-send(1) --policy takes it (mig,
+   * qemu, xen, kubevirt-stall, ovirt-steps); NULL (default): mig's, with the fields above. */
+  const char* policy;
   /* TLS 1.3, both ends authenticated. At most one of the two credentials; both NULL
    * (default): plaintext. See mig-send(1) --tls-creds and --tls-psk for the files. */
   const char* tls_creds_dir;
