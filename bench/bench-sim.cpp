@@ -179,6 +179,31 @@ void print_rounds(const std::vector<engine::RoundStats>& real, const std::vector
 
 double error_pct(double predicted, double real) { return real > 0 ? (predicted - real) / real * 100 : 0; }
 
+// One pair's line in the table, and its row for --json: each real figure as sorted repeats.
+nlohmann::json compare(const std::string& workload, const Link& link, const std::string& policy,
+                       const std::vector<engine::MigrationStats>& runs, const engine::SimulatedMigration& sim) {
+  auto field = [&](auto get) {
+    std::vector<double> v;
+    for (const auto& r : runs) v.push_back(static_cast<double>(get(r)));
+    std::sort(v.begin(), v.end());
+    return v;
+  };
+  const auto total = field([](const auto& r) { return r.total_ms; });
+  const auto bytes = field([](const auto& r) { return r.bytes_sent; });
+  const auto rounds = field([](const auto& r) { return r.rounds; });
+  const auto downtime = field([](const auto& r) { return r.downtime_ms; });
+  const double median_total = total[total.size() / 2], median_bytes = bytes[bytes.size() / 2];
+  fmt::print("| {} | {} | {} | {:.0f} ({:.0f}-{:.0f}) / {:.0f} | {:+.1f} % | {:.1f} / {:.1f} | {:+.1f} % | {:.0f}-{:.0f} / {} | {:.2f}-{:.2f} / {:.2f} |\n",
+             workload.substr(0, workload.find(',')), link.name, policy, median_total, total.front(), total.back(),
+             sim.total_ms, error_pct(sim.total_ms, median_total), median_bytes / 1e6,
+             static_cast<double>(sim.bytes_sent) / 1e6, error_pct(static_cast<double>(sim.bytes_sent), median_bytes),
+             rounds.front(), rounds.back(), sim.rounds, downtime.front(), downtime.back(), sim.downtime_ms);
+  return {{"workload", workload}, {"link", link.name}, {"policy", policy},
+          {"real_total_ms", total}, {"real_bytes", bytes}, {"real_rounds", rounds}, {"real_downtime_ms", downtime},
+          {"sim_total_ms", sim.total_ms}, {"sim_bytes", sim.bytes_sent}, {"sim_rounds", sim.rounds},
+          {"sim_downtime_ms", sim.downtime_ms}};
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -217,28 +242,9 @@ int main(int argc, char** argv) {
         for (unsigned i = 0; i < repeats; ++i) runs.push_back(migrate(trace, link, policy));
         sim_options.policy = engine::PolicyRegistry::global().make(policy, sim_options.convergence);
         const auto sim = engine::simulate(trace, sim_options);
-        auto field = [&](auto get) {
-          std::vector<double> v;
-          for (const auto& r : runs) v.push_back(static_cast<double>(get(r)));
-          std::sort(v.begin(), v.end());
-          return v;
-        };
-        const auto total = field([](const auto& r) { return r.total_ms; });
-        const auto bytes = field([](const auto& r) { return r.bytes_sent; });
-        const auto rounds = field([](const auto& r) { return r.rounds; });
-        const auto downtime = field([](const auto& r) { return r.downtime_ms; });
-        const double median_total = total[total.size() / 2], median_bytes = bytes[bytes.size() / 2];
-        fmt::print("| {} | {} | {} | {:.0f} ({:.0f}-{:.0f}) / {:.0f} | {:+.1f} % | {:.1f} / {:.1f} | {:+.1f} % | {:.0f}-{:.0f} / {} | {:.2f}-{:.2f} / {:.2f} |\n",
-                   workload.substr(0, workload.find(',')), link.name, policy, median_total, total.front(), total.back(),
-                   sim.total_ms, error_pct(sim.total_ms, median_total), median_bytes / 1e6,
-                   static_cast<double>(sim.bytes_sent) / 1e6, error_pct(static_cast<double>(sim.bytes_sent), median_bytes),
-                   rounds.front(), rounds.back(), sim.rounds, downtime.front(), downtime.back(), sim.downtime_ms);
+        rows.push_back(compare(workload, link, policy, runs, sim));
         if (show_rounds) print_rounds(runs.front().round_table, sim.round_table);
         std::fflush(stdout);
-        rows.push_back({{"workload", workload}, {"link", link.name}, {"policy", policy},
-                        {"real_total_ms", total}, {"real_bytes", bytes}, {"real_rounds", rounds}, {"real_downtime_ms", downtime},
-                        {"sim_total_ms", sim.total_ms}, {"sim_bytes", sim.bytes_sent}, {"sim_rounds", sim.rounds},
-                        {"sim_downtime_ms", sim.downtime_ms}});
       }
     }
   }

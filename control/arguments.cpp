@@ -126,18 +126,10 @@ int parse_compress_level(const std::string& text) {
   return std::stoi(digits);
 }
 
-MigrateRequest parse_migrate_arguments(const nlohmann::json& arguments, const MigrationParameters& parameters) {
-  Fields f(arguments);
-  MigrateRequest request;
-  if (!f.has("uri")) throw CommandError("Parameter 'uri' is missing");
-  try {
-    request.endpoint = transport::Endpoint::parse(f.text("uri", ""));
-  } catch (const std::invalid_argument& e) {
-    throw CommandError(e.what());
-  }
-  f.flag("detach", true);
-  request.dry_run = f.flag("dry-run", false);
-  auto& o = request.options;
+namespace {
+
+// When pre-copy stops and how it switches over: the convergence policy and post-copy.
+void switchover_arguments(Fields& f, const MigrationParameters& parameters, engine::SenderOptions& o) {
   auto& policy = o.policy;
   policy.downtime_target_ms = f.number("downtime-ms", parameters.downtime_limit_ms, 0, 2'000'000);
   policy.max_rounds = static_cast<std::uint32_t>(f.integer("max-iterations", policy.max_rounds, 1, 1000));
@@ -156,13 +148,29 @@ MigrateRequest parse_migrate_arguments(const nlohmann::json& arguments, const Mi
   policy.throttle_initial_pct = parameters.throttle_initial_pct;
   policy.throttle_step_pct = parameters.throttle_increment_pct;
   policy.throttle_max_pct = parameters.throttle_max_pct;
-  if (f.has("policy")) {
-    try {
-      o.policy_plugin = engine::PolicyRegistry::global().make(f.text("policy", ""), policy);
-    } catch (const std::invalid_argument& e) {
-      throw CommandError(std::string("Parameter 'policy': ") + e.what());
-    }
+  if (!f.has("policy")) return;
+  try {
+    o.policy_plugin = engine::PolicyRegistry::global().make(f.text("policy", ""), policy);
+  } catch (const std::invalid_argument& e) {
+    throw CommandError(std::string("Parameter 'policy': ") + e.what());
   }
+}
+
+}  // namespace
+
+MigrateRequest parse_migrate_arguments(const nlohmann::json& arguments, const MigrationParameters& parameters) {
+  Fields f(arguments);
+  MigrateRequest request;
+  if (!f.has("uri")) throw CommandError("Parameter 'uri' is missing");
+  try {
+    request.endpoint = transport::Endpoint::parse(f.text("uri", ""));
+  } catch (const std::invalid_argument& e) {
+    throw CommandError(e.what());
+  }
+  f.flag("detach", true);
+  request.dry_run = f.flag("dry-run", false);
+  auto& o = request.options;
+  switchover_arguments(f, parameters, o);
   o.offline = f.flag("offline", false);
   o.copy_storage = f.flag("blk", false);  // QEMU's name for block migration
   o.verify = f.flag("verify", true);

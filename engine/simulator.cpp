@@ -71,73 +71,87 @@ class ReplayedGuest {
   std::vector<double> last_write_, last_send_;  // trace times; -1: never
 };
 
-}  // namespace
+// One pre-copy round: the pages pending leave (those unchanged since they last left are
+// skipped), the guest runs meanwhile, and the dirty log is fetched at the end, into `pending`.
+RoundStats replay_round(ReplayedGuest& guest, std::vector<std::uint64_t>& pending, std::uint32_t round, unsigned throttle,
+                        const SimulatorOptions& o) {
+  const std::uint64_t scale = o.guest_scale;
+  const auto sending = guest.changed(pending);
+  RoundStats r;
+  r.round = round;
+  r.pages_sent = sending.size() * scale;
+  r.pages_skipped = (pending.size() - sending.size()) * scale;
+  r.bytes_sent = r.pages_sent * kWirePageBytes + kRoundOverheadBytes;
+  const double sending_s = static_cast<double>(r.bytes_sent) / o.bandwidth_Bps;
+  r.duration_s = sending_s + 2 * o.latency_ms / 1000;  // RoundEnd, RoundAck
+  r.throttle_pct = throttle;
+  guest.sent(sending, guest.now(), guest.after(sending_s, throttle));
+  guest.run_until(guest.after(r.duration_s, throttle));
+  pending = guest.fetch();
+  r.dirty_pages = pending.size() * scale;
+  r.dirty_rate_Bps = static_cast<double>(r.dirty_pages * kPageSize) / r.duration_s;
+  r.bandwidth_Bps = static_cast<double>(r.bytes_sent) / r.duration_s;
+  return r;
+}
 
-SimulatedMigration simulate(const DirtyTrace& trace, const SimulatorOptions& o) {
+Tunables tunables_of(const ConvergencePolicy& policy) {
+  Tunables t;
+  t.downtime_target_ms = policy.downtime_target_ms;
+  t.throttle_initial_pct = policy.throttle_initial_pct;
+  t.throttle_step_pct = policy.throttle_step_pct;
+  t.throttle_max_pct = policy.throttle_max_pct;
+  return t;
+}
+
+void check(const DirtyTrace& trace, const SimulatorOptions& o) {
   if (trace.frames.empty()) throw std::invalid_argument("the trace has no intervals to replay");
   if (!(o.bandwidth_Bps > 0)) throw std::invalid_argument("the bandwidth must be positive");
   if (o.guest_scale < 1) throw std::invalid_argument("the guest scale must be at least 1");
   if (o.trace_start_s < 0) throw std::invalid_argument("the trace start must not be negative");
+}
+
+}  // namespace
+
+SimulatedMigration simulate(const DirtyTrace& trace, const SimulatorOptions& o) {
+  check(trace, o);
   const auto policy = o.policy ? o.policy : PolicyRegistry::global().make("mig", o.convergence);
   const double rtt = 2 * o.latency_ms / 1000;
-  const double pause_bandwidth = o.pause_bandwidth_Bps > 0 ? o.pause_bandwidth_Bps : o.bandwidth_Bps;
-  const std::uint64_t scale = o.guest_scale;
-
   SimulatedMigration m;
   m.policy = policy->name();
-  m.guest_bytes = trace.guest_bytes() * scale;
+  m.guest_bytes = trace.guest_bytes() * o.guest_scale;
   // Connecting and Hello/HelloAck: two round trips; dirty tracking starts after them.
   double now = 2 * rtt + o.setup_ms / 1000;
   ReplayedGuest guest(trace, o.trace_start_s);
   std::vector<std::uint64_t> pending = trace.populated;
-  unsigned throttle = 0;
-  Tunables tunables;
-  tunables.downtime_target_ms = o.convergence.downtime_target_ms;
-  tunables.throttle_initial_pct = o.convergence.throttle_initial_pct;
-  tunables.throttle_step_pct = o.convergence.throttle_step_pct;
-  tunables.throttle_max_pct = o.convergence.throttle_max_pct;
 
-  for (std::uint32_t round = 0;; ++round) {
-    const auto sending = guest.changed(pending);
-    RoundStats r;
-    r.round = round;
-    r.pages_sent = sending.size() * scale;
-    r.pages_skipped = (pending.size() - sending.size()) * scale;
-    r.bytes_sent = r.pages_sent * kWirePageBytes + kRoundOverheadBytes;
-    const double sending_s = static_cast<double>(r.bytes_sent) / o.bandwidth_Bps;
-    r.duration_s = sending_s + rtt;
-    r.throttle_pct = throttle;
-    guest.sent(sending, guest.now(), guest.after(sending_s, throttle));
-    guest.run_until(guest.after(r.duration_s, throttle));
+  // Pre-copy, round by round, until the policy (or the round limit) says otherwise.
+  for (unsigned throttle = 0;;) {
+    const auto r = replay_round(guest, pending, static_cast<std::uint32_t>(m.round_table.size()), throttle, o);
     now += r.duration_s;
     m.bytes_sent += r.bytes_sent;
-    pending = guest.fetch();
-    r.dirty_pages = pending.size() * scale;
-    r.dirty_rate_Bps = static_cast<double>(r.dirty_pages * kPageSize) / r.duration_s;
-    r.bandwidth_Bps = static_cast<double>(r.bytes_sent) / r.duration_s;
     m.round_table.push_back(r);
     m.round_table.back().expected_downtime_ms = expected_downtime_ms(m.round_table, o.convergence);
-
-    const auto answer = decide_within_round_limit(
-        *policy, {m.round_table, tunables, o.convergence.max_rounds, trace.pages * scale, o.can_throttle, false});
+    const auto answer = decide_within_round_limit(*policy, {m.round_table, tunables_of(o.convergence), o.convergence.max_rounds,
+                                                            trace.pages * o.guest_scale, o.can_throttle, false});
     m.stop_rule = answer.rule;
-    const Decision decision = answer.decision;
-    if (decision == Decision::abort_no_progress || decision == Decision::start_postcopy) {
+    if (answer.decision == Decision::abort_no_progress || answer.decision == Decision::start_postcopy) {
       // The engine gives up here (post-copy is not simulated): the source runs on.
       m.aborted = true;
       m.total_ms = now * 1000;
       m.rounds = static_cast<std::uint32_t>(m.round_table.size());
       return m;
     }
-    if (decision != Decision::next_round) {
-      m.stop_reason = stop_reason_of(decision);
+    if (answer.decision != Decision::next_round) {
+      m.stop_reason = stop_reason_of(answer.decision);
       break;
     }
     if (o.can_throttle) throttle = answer.throttle_pct;
   }
 
   // Stop-and-copy: the last pages and the state, unlimited; Complete, restore, Ready, Commit.
-  const std::uint64_t final_bytes = guest.changed(pending).size() * scale * kWirePageBytes + o.state_bytes + kRoundOverheadBytes;
+  const double pause_bandwidth = o.pause_bandwidth_Bps > 0 ? o.pause_bandwidth_Bps : o.bandwidth_Bps;
+  const std::uint64_t final_bytes =
+      guest.changed(pending).size() * o.guest_scale * kWirePageBytes + o.state_bytes + kRoundOverheadBytes;
   m.bytes_sent += final_bytes;
   m.downtime_ms = (static_cast<double>(final_bytes) / pause_bandwidth + 1.5 * rtt) * 1000 + o.restore_ms;
   m.total_ms = now * 1000 + m.downtime_ms + 0.5 * rtt * 1000;

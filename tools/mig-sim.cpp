@@ -48,65 +48,79 @@ nlohmann::json to_json(const engine::SimulatedMigration& m) {
           {"aborted", m.aborted},         {"round_table", rounds}};
 }
 
+struct Flags {
+  std::string trace_path, synthesize, output, policy_spec = "mig", bandwidth = "1Gbit", pause_bandwidth;
+  engine::SimulatorOptions o;
+  double interval_ms = 10;
+  bool json = false, info = false;
+
+  void add_to(CLI::App& app) {
+    app.add_option("trace", trace_path, "the dirty trace to replay")->check(CLI::ExistingFile);
+    app.add_option("--policy", policy_spec, "NAME[:key=value,...] (default mig)")
+        ->check(tools::parses_with([](const std::string& spec) { engine::PolicyRegistry::global().make(spec); }));
+    app.add_option("--bandwidth", bandwidth, "the link, e.g. 25Gbit or 3GB (per second; default 1Gbit)")
+        ->check(tools::parses_with(parse_rate));
+    app.add_option("--pause-bandwidth", pause_bandwidth, "the final round's rate, which mig does not limit (default: --bandwidth)")
+        ->check(tools::parses_with(parse_rate));
+    app.add_option("--latency", o.latency_ms, "one-way latency in ms (default 0.05)")->check(CLI::Range(0.0, 10000.0));
+    app.add_option("--channels", o.channels, "parallel channels (they share the bandwidth)")->check(CLI::Range(1u, 16u));
+    app.add_option("--guest-scale", o.guest_scale, "a guest K times the trace's: K copies side by side")->check(CLI::Range(1u, 1u << 16));
+    app.add_option("--downtime-ms", o.convergence.downtime_target_ms, "the downtime target (default 30)")->check(CLI::Range(0.0, 1e7));
+    app.add_option("--max-iterations", o.convergence.max_rounds, "at most this many pre-copy rounds (default 30)")->check(CLI::Range(1u, 1000u));
+    app.add_option("--setup-ms", o.setup_ms, "connecting and the handshake, beyond round trips (default 1)")->check(CLI::Range(0.0, 1e6));
+    app.add_option("--restore-ms", o.restore_ms, "verify, restore and resume at the destination (default 1)")->check(CLI::Range(0.0, 1e6));
+    app.add_option("--trace-start", o.trace_start_s, "seconds into the trace where the migration starts (default 0)")
+        ->check(CLI::Range(0.0, 1e6));
+    app.add_flag("--json", json, "one JSON object: total_ms, downtime_ms, rounds, bytes_sent, round_table, ...");
+    app.add_flag("--info", info, "describe the trace instead of replaying it");
+    app.add_option("--synthesize", synthesize, "write a trace of WORKLOAD (random|sweep|hotcold:rate=,wss=,mem=,seconds=,...) to --output");
+    app.add_option("--output", output, "where --synthesize writes");
+    app.add_option("--interval-ms", interval_ms, "--synthesize: the trace's interval (default 10)")->check(CLI::Range(0.1, 10000.0));
+  }
+};
+
+void write_synthetic_trace(const Flags& f) {
+  if (f.output.empty()) throw std::invalid_argument("--synthesize needs --output");
+  const auto trace = engine::synthesize_trace(f.synthesize, std::chrono::microseconds(static_cast<long>(f.interval_ms * 1000)));
+  engine::write_trace(f.output, trace);
+  print_trace_info(f.output, trace);
+}
+
+void predict(Flags f, const engine::DirtyTrace& trace) {
+  f.o.bandwidth_Bps = parse_rate(f.bandwidth);
+  if (!f.pause_bandwidth.empty()) f.o.pause_bandwidth_Bps = parse_rate(f.pause_bandwidth);
+  f.o.policy = engine::PolicyRegistry::global().make(f.policy_spec, f.o.convergence);
+  const auto m = engine::simulate(trace, f.o);
+  const auto result = to_json(m);
+  if (f.json) {
+    fmt::print("{}\n", result.dump());
+    return;
+  }
+  fmt::print("{}", tools::round_table_text(result["round_table"]));
+  fmt::print("predicted: {} in {:.1f} ms, {} rounds, {:.1f} MB sent, downtime {:.2f} ms; {} ({})\n",
+             m.aborted ? "gave up (the source runs on)" : "migrated", m.total_ms, m.rounds,
+             static_cast<double>(m.bytes_sent) / 1e6, m.downtime_ms, m.policy, m.stop_rule);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"mig-sim: predict a migration from a dirty trace (mig-vm/mig-send --record-trace, or --synthesize)"};
   tools::add_version_flag(app, "mig-sim");
-  std::string trace_path, synthesize, output, policy_spec = "mig", bandwidth = "1Gbit", pause_bandwidth;
-  engine::SimulatorOptions o;
-  double interval_ms = 10;
-  bool json = false, info = false;
-  app.add_option("trace", trace_path, "the dirty trace to replay")->check(CLI::ExistingFile);
-  app.add_option("--policy", policy_spec, "NAME[:key=value,...] (default mig)")
-      ->check(tools::parses_with([](const std::string& spec) { engine::PolicyRegistry::global().make(spec); }));
-  app.add_option("--bandwidth", bandwidth, "the link, e.g. 25Gbit or 3GB (per second; default 1Gbit)")
-      ->check(tools::parses_with(parse_rate));
-  app.add_option("--pause-bandwidth", pause_bandwidth, "the final round's rate, which mig does not limit (default: --bandwidth)")
-      ->check(tools::parses_with(parse_rate));
-  app.add_option("--latency", o.latency_ms, "one-way latency in ms (default 0.05)")->check(CLI::Range(0.0, 10000.0));
-  app.add_option("--channels", o.channels, "parallel channels (they share the bandwidth)")->check(CLI::Range(1u, 16u));
-  app.add_option("--guest-scale", o.guest_scale, "a guest K times the trace's: K copies side by side")->check(CLI::Range(1u, 1u << 16));
-  app.add_option("--downtime-ms", o.convergence.downtime_target_ms, "the downtime target (default 30)")->check(CLI::Range(0.0, 1e7));
-  app.add_option("--max-iterations", o.convergence.max_rounds, "at most this many pre-copy rounds (default 30)")->check(CLI::Range(1u, 1000u));
-  app.add_option("--setup-ms", o.setup_ms, "connecting and the handshake, beyond round trips (default 1)")->check(CLI::Range(0.0, 1e6));
-  app.add_option("--restore-ms", o.restore_ms, "verify, restore and resume at the destination (default 1)")->check(CLI::Range(0.0, 1e6));
-  app.add_option("--trace-start", o.trace_start_s, "seconds into the trace where the migration starts (default 0)")
-      ->check(CLI::Range(0.0, 1e6));
-  app.add_flag("--json", json, "one JSON object: total_ms, downtime_ms, rounds, bytes_sent, round_table, ...");
-  app.add_flag("--info", info, "describe the trace instead of replaying it");
-  app.add_option("--synthesize", synthesize, "write a trace of WORKLOAD (random|sweep|hotcold:rate=,wss=,mem=,seconds=,...) to --output");
-  app.add_option("--output", output, "where --synthesize writes");
-  app.add_option("--interval-ms", interval_ms, "--synthesize: the trace's interval (default 10)")->check(CLI::Range(0.1, 10000.0));
+  Flags flags;
+  flags.add_to(app);
   CLI11_PARSE(app, argc, argv);
-
   try {
-    if (!synthesize.empty()) {
-      if (output.empty()) throw std::invalid_argument("--synthesize needs --output");
-      const auto trace = engine::synthesize_trace(synthesize, std::chrono::microseconds(static_cast<long>(interval_ms * 1000)));
-      engine::write_trace(output, trace);
-      print_trace_info(output, trace);
+    if (!flags.synthesize.empty()) {
+      write_synthetic_trace(flags);
       return 0;
     }
-    if (trace_path.empty()) throw std::invalid_argument("give a trace to replay (or --synthesize)");
-    const auto trace = engine::read_trace(trace_path);
-    if (info) {
-      print_trace_info(trace_path, trace);
-      return 0;
-    }
-    o.bandwidth_Bps = parse_rate(bandwidth);
-    if (!pause_bandwidth.empty()) o.pause_bandwidth_Bps = parse_rate(pause_bandwidth);
-    o.policy = engine::PolicyRegistry::global().make(policy_spec, o.convergence);
-    const auto m = engine::simulate(trace, o);
-    const auto result = to_json(m);
-    if (json) {
-      fmt::print("{}\n", result.dump());
-      return 0;
-    }
-    fmt::print("{}", tools::round_table_text(result["round_table"]));
-    fmt::print("predicted: {} in {:.1f} ms, {} rounds, {:.1f} MB sent, downtime {:.2f} ms; {} ({})\n",
-               m.aborted ? "gave up (the source runs on)" : "migrated", m.total_ms, m.rounds,
-               static_cast<double>(m.bytes_sent) / 1e6, m.downtime_ms, m.policy, m.stop_rule);
+    if (flags.trace_path.empty()) throw std::invalid_argument("give a trace to replay (or --synthesize)");
+    const auto trace = engine::read_trace(flags.trace_path);
+    if (flags.info)
+      print_trace_info(flags.trace_path, trace);
+    else
+      predict(flags, trace);
     return 0;
   } catch (const std::exception& e) {
     std::cerr << "mig-sim: " << e.what() << "\n";
