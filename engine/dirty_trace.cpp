@@ -87,6 +87,9 @@ struct Reader {
     std::vector<std::uint64_t> out(words_for(pages));
     const std::size_t n = ZSTD_decompress(out.data(), size, packed.data(), packed.size());
     if (ZSTD_isError(n) || n != size) fail(std::string("has a corrupt ") + what);
+    // The last word may hold bits past the guest's last page: a trace that sets them names
+    // pages the guest does not have.
+    if (pages % 64 != 0 && (out.back() >> (pages % 64)) != 0) fail(std::string("marks pages beyond the guest in its ") + what);
     return out;
   }
   [[noreturn]] void fail(const std::string& why) const { throw std::runtime_error("dirty trace " + path + " " + why); }

@@ -102,6 +102,15 @@ TEST_CASE("a damaged trace is refused with one line naming the file and the dama
     overwrite(file.path, size - 4, "ZZZZ");
     expected = "has a corrupt frame";
   }
+  SECTION("a frame marking a page past the guest's end (found by fuzz_trace)") {
+    // 1024 pages shrunk to 1000 in the header: the bitmaps keep their 16 words, and the
+    // frame's pages 1000..1009 now lie beyond the guest.
+    auto trace = steady_trace(1024, 1010, 5);
+    trace.populated.resize(1000);
+    engine::write_trace(file.path, trace);
+    overwrite(file.path, 28, std::string("\x00\x80\x3e\0\0\0\0\0", 8));
+    expected = "marks pages beyond the guest in its frame";
+  }
   CHECK_THROWS_WITH(engine::read_trace(file.path), Contains("dirty trace " + file.path + " " + expected));
   CHECK_THROWS_WITH(engine::read_trace(file.path + ".missing"), Contains("cannot read the dirty trace"));
 }
