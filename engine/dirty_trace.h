@@ -114,6 +114,7 @@ class RecordingVm final : public MigratableVm {
   void populated_pages(std::size_t region, std::span<std::uint64_t> bitmap) override { inner_->populated_pages(region, bitmap); }
   std::string postcopy_unsupported() const override { return inner_->postcopy_unsupported(); }
   std::vector<wire::CpuidLeaf> guest_cpuid() const override { return inner_->guest_cpuid(); }
+  std::uint32_t guest_tsc_khz() const override { return inner_->guest_tsc_khz(); }
   std::vector<int> vcpu_threads() const override { return inner_->vcpu_threads(); }
   bool set_throttle(double share) override { return inner_->set_throttle(share); }
   void pause() override { inner_->pause(); }

@@ -254,11 +254,12 @@ void IncomingMigration::check_guest_fits(const wire::Hello& hello) const {
                              std::to_string(options_.max_vcpus) + " this receiver accepts (--max-vcpus)");
   if (options_.missing_cpu_features && !hello.cpuid.empty()) {
     const auto missing = options_.missing_cpu_features(hello.cpuid);
-    if (missing.empty()) return;
     std::string names;
     for (const auto& m : missing) names += (names.empty() ? "" : ", ") + m;
-    throw std::runtime_error("destination CPU lacks " + names + ", which the guest was given");
+    if (!missing.empty()) throw std::runtime_error("destination CPU lacks " + names + ", which the guest was given");
   }
+  if (options_.tsc_refusal && hello.tsc_khz != 0)
+    if (const auto refusal = options_.tsc_refusal(hello.tsc_khz); !refusal.empty()) throw std::runtime_error(refusal);
 }
 
 IncomingMigration::State IncomingMigration::on_shared_memory(const wire::FrameHeader& frame) {

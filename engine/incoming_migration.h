@@ -60,6 +60,9 @@ struct ReceiverOptions {
   // The pre-flight check of the guest's CPU (Hello's CPUID) against what this host can give:
   // returns what is missing, for a refusal that names it; empty to accept. Unset: unchecked.
   std::function<std::vector<std::string>(const std::vector<wire::CpuidLeaf>&)> missing_cpu_features = {};
+  // The same for the guest's TSC rate (Hello's tsc_khz, when the source gave it): why this
+  // host cannot run the guest's TSC at its rate, or empty to accept. Unset: unchecked.
+  std::function<std::string(std::uint32_t guest_tsc_khz)> tsc_refusal = {};
   // The switchover's recovery (protocol.h): a guest restored here is kept paused this long
   // after the connection broke before Commit, for the source to say on a new connection
   // (through accept_channel) that it did commit; and once resumed here, the source's asking

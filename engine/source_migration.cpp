@@ -232,14 +232,25 @@ MigrationStats SourceMigration::run() {
   return s.stats;
 }
 
-void check_destination(const MigratableVm& vm, transport::Stream& stream, std::chrono::milliseconds timeout) {
-  stream.set_timeout(timeout);
+namespace {
+
+// What the destination checks before it builds anything: the guest's shape, CPU and clock.
+wire::Hello describe_guest(const MigratableVm& vm) {
   wire::Hello hello;
-  hello.capabilities = wire::kCapDryRun;
   hello.vcpus = vm.vcpu_count();
   hello.host_boot_id = transport::host_boot_id();
   hello.cpuid = vm.guest_cpuid();
+  hello.tsc_khz = vm.guest_tsc_khz();
   for (const auto& r : vm.memory_regions()) hello.regions.push_back({r.guest_addr, r.size});
+  return hello;
+}
+
+}  // namespace
+
+void check_destination(const MigratableVm& vm, transport::Stream& stream, std::chrono::milliseconds timeout) {
+  stream.set_timeout(timeout);
+  auto hello = describe_guest(vm);
+  hello.capabilities = wire::kCapDryRun;
   stream.send(hello);
   const auto ack = stream.receive<wire::HelloAck>();  // a refusal arrives as Error, and throws
   if (!(ack.capabilities & wire::kCapDryRun))
@@ -250,7 +261,7 @@ void SourceMigration::set_up() {
   State& s = *s_;
   s.stream.set_timeout(s.options.peer_timeout);
   s.stream.set_interrupt([control = control_.get()] { return control->cancel_requested(); });
-  wire::Hello hello;
+  auto hello = describe_guest(s.vm);
   const auto memory_fds = s.vm.shareable_memory_fds();
   const bool offer_sharing = s.options.share_memory && !memory_fds.empty() && s.stream.can_pass_fds();
   // Shared memory needs no verification: there is only one copy.
@@ -260,13 +271,9 @@ void SourceMigration::set_up() {
     hello.capabilities |= wire::kCapPostcopy;
     control_->enable_postcopy();
   }
-  hello.vcpus = s.vm.vcpu_count();
-  hello.host_boot_id = transport::host_boot_id();
   hello.channels = std::clamp(s.options.channels, 1u, wire::kMaxChannels);
   if (hello.channels > 1 && !s.options.open_channel) throw std::invalid_argument("parallel channels need a way to open them");
   hello.session = std::random_device{}() | (std::uint64_t{std::random_device{}()} << 32);
-  hello.cpuid = s.vm.guest_cpuid();
-  for (const auto& r : s.regions) hello.regions.push_back({r.guest_addr, r.size});
   hello.disks = s.disks.describe();
   s.session = hello.session;
   send_counted(s.stream, *control_, hello, false);

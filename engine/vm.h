@@ -109,6 +109,8 @@ class MigratableVm {
   // The CPUID the guest was given, for the destination's pre-flight check at Hello; empty
   // says nothing (and nothing is checked).
   virtual std::vector<wire::CpuidLeaf> guest_cpuid() const { return {}; }
+  // The rate the guest's TSC ticks at (kHz), for the same check; 0 says nothing.
+  virtual std::uint32_t guest_tsc_khz() const { return 0; }
   // The vCPUs' thread ids, in vCPU order, for per-vCPU post-copy blocktime; empty when unknown.
   virtual std::vector<int> vcpu_threads() const { return {}; }
 

@@ -40,18 +40,21 @@ void validate(const MachineConfig& config) {
 std::unique_ptr<Machine> Machine::create(const MachineConfig& config) {
   validate(config);
   KvmSystem sys = KvmSystem::open(config.kvm_path);
+  // Before any memory is built: a model this host cannot give is refused at once.
+  auto cpuid = config.cpu_model ? apply_cpu_model(*config.cpu_model, sys.supported_cpuid()) : sys.supported_cpuid();
   GuestMemory memory = config.shared_memory_fds.empty() ? GuestMemory::create(config.layout, config.memory)
                                                        : GuestMemory::adopt(config.layout, config.shared_memory_fds);
   Vm vm = Vm::create(sys);
   vm.map_memory(memory);
-  return std::unique_ptr<Machine>(new Machine(config, std::move(sys), std::move(memory), std::move(vm)));
+  return std::unique_ptr<Machine>(new Machine(config, std::move(sys), std::move(memory), std::move(vm), std::move(cpuid)));
 }
 
-Machine::Machine(const MachineConfig& config, KvmSystem sys, GuestMemory memory, Vm vm)
-    : config_(config), sys_(std::move(sys)), memory_(std::move(memory)), vm_(std::move(vm)),
+Machine::Machine(const MachineConfig& config, KvmSystem sys, GuestMemory memory, Vm vm, CpuidEntries cpuid)
+    : config_(config), sys_(std::move(sys)), guest_cpuid_(std::move(cpuid)), memory_(std::move(memory)), vm_(std::move(vm)),
       serial_(config.serial_path), probe_(config.vcpus), thread_ids_(config.vcpus) {
   install_kick_handler();
-  for (unsigned i = 0; i < config.vcpus; ++i) vcpus_.push_back(Vcpu::create(sys_, vm_, i));
+  for (unsigned i = 0; i < config.vcpus; ++i) vcpus_.push_back(Vcpu::create(sys_, vm_, i, guest_cpuid_));
+  guest_tsc_khz_ = vcpus_[0].tsc_khz();
   // Sorted so that IA32_TSC (0x10) is restored before IA32_TSC_DEADLINE (0x6e0).
   std::vector<std::uint32_t> msrs = vcpus_[0].restorable_msrs(sys_.msr_index_list());
   std::sort(msrs.begin(), msrs.end());
@@ -241,6 +244,9 @@ void Machine::restore_state(const MachineState& state) {
     throw std::runtime_error("saved state has " + std::to_string(state.vcpus.size()) + " vCPUs, this machine " +
                              std::to_string(vcpus_.size()));
   for (std::size_t i = 0; i < vcpus_.size(); ++i) vcpus_[i].restore_state(state.vcpus[i]);
+  // The guest keeps the CPU and TSC rate it had on its source, whatever this host offers.
+  guest_cpuid_ = state.vcpus[0].cpuid;
+  guest_tsc_khz_ = state.vcpus[0].tsc_khz;
   // VM-wide state after the vCPUs: the PIC and IOAPIC deliver into LAPICs that now exist in
   // their saved form, and kvmclock is set last, as close to resuming as we can.
   vm_.restore_state(state.vm);

@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "../kvm/cpu_model.h"
 #include "../kvm/devices.h"
 #include "../kvm/disk_image.h"
 #include "../kvm/memory.h"
@@ -37,6 +38,8 @@ struct MachineConfig {
   // Non-empty: map these memory files (one per region) instead of allocating memory, for a
   // same-host hand-over. Borrowed during create(); the machine keeps duplicates.
   std::vector<int> shared_memory_fds;
+  // The CPU the guest is given; none: all this host's KVM supports (--cpu host).
+  std::optional<CpuModel> cpu_model;
 };
 
 struct MachineState {
@@ -93,13 +96,16 @@ class Machine {
   const MachineConfig& config() const { return config_; }
   GuestMemory& memory() { return memory_; }
   Vm& vm() { return vm_; }
-  // The CPUID every vCPU was given (all alike but for their APIC IDs): what KVM supports here.
-  const CpuidEntries& guest_cpuid() const { return sys_.supported_cpuid(); }
+  // The CPUID every vCPU was given (all alike but for their APIC IDs): the CPU model's, what
+  // KVM supports here, or after restore_state() what the guest had on its source.
+  const CpuidEntries& guest_cpuid() const { return guest_cpuid_; }
+  // The rate the guest's TSC ticks at, as its vCPUs were created or restored.
+  std::uint32_t guest_tsc_khz() const { return guest_tsc_khz_; }
   Probe& probe() { return probe_; }
   const Probe& probe() const { return probe_; }
 
  private:
-  explicit Machine(const MachineConfig& config, KvmSystem sys, GuestMemory memory, Vm vm);
+  explicit Machine(const MachineConfig& config, KvmSystem sys, GuestMemory memory, Vm vm, CpuidEntries cpuid);
   void vcpu_loop(unsigned index);
   // Handles one exit; returns false when the vCPU cannot go on.
   bool dispatch_exit(Vcpu& vcpu);
@@ -109,6 +115,8 @@ class Machine {
 
   MachineConfig config_;
   KvmSystem sys_;
+  CpuidEntries guest_cpuid_;
+  std::uint32_t guest_tsc_khz_ = 0;
   GuestMemory memory_;
   Vm vm_;
   std::vector<Vcpu> vcpus_;

@@ -81,4 +81,10 @@ int KvmSystem::check_extension(long cap) const {
   return r < 0 ? 0 : r;
 }
 
+std::uint32_t KvmSystem::tsc_khz() const {
+  const UniqueFd vm(check_syscall("KVM_CREATE_VM", [&] { return ::ioctl(fd_.get(), KVM_CREATE_VM, 0); }));
+  const UniqueFd vcpu(check_syscall("KVM_CREATE_VCPU", [&] { return ::ioctl(vm.get(), KVM_CREATE_VCPU, 0); }));
+  return static_cast<std::uint32_t>(check_syscall("KVM_GET_TSC_KHZ", [&] { return ::ioctl(vcpu.get(), KVM_GET_TSC_KHZ, 0); }));
+}
+
 }  // namespace mig::kvm

@@ -30,6 +30,10 @@ class KvmSystem {
   bool has_xsave2() const { return has_xsave2_; }
   bool has_manual_dirty_protect() const { return manual_dirty_protect_ != 0; }
   const CpuidEntries& supported_cpuid() const { return supported_cpuid_; }
+  // The rate a new vCPU's TSC ticks at here (a scratch VM and vCPU are made to ask).
+  std::uint32_t tsc_khz() const;
+  // Whether a vCPU's TSC can be set to another rate (KVM_CAP_TSC_CONTROL: hardware scaling).
+  bool can_scale_tsc() const { return check_extension(KVM_CAP_TSC_CONTROL) > 0; }
   // All MSR indices KVM reports; filtered per VM to those that round-trip (see Vcpu).
   const std::vector<std::uint32_t>& msr_index_list() const { return msr_index_list_; }
 

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "kvm/abi.h"
+#include "kvm/cpu_features.h"
 
 namespace mig::kvm {
 
@@ -64,16 +65,20 @@ void vcpu_set(int fd, unsigned long request, const char* what, const T& value) {
 
 }  // namespace
 
-Vcpu Vcpu::create(const KvmSystem& sys, const Vm& vm, unsigned index) {
+Vcpu Vcpu::create(const KvmSystem& sys, const Vm& vm, unsigned index, const std::vector<kvm_cpuid_entry2>& cpuid_table) {
   Vcpu vcpu;
   vcpu.sys_ = &sys;
   vcpu.index_ = index;
   vcpu.fd_ = UniqueFd(check_syscall("KVM_CREATE_VCPU", [&] { return ::ioctl(vm.fd(), KVM_CREATE_VCPU, index); }));
   vcpu.run_area_ =
       Mapping::map(sys.vcpu_mmap_size(), PROT_READ | PROT_WRITE, MAP_SHARED, vcpu.fd_.get(), 0, "mmap kvm_run");
-  auto cpuid = make_cpuid2(cpuid_for_vcpu(sys.supported_cpuid(), index));
+  auto cpuid = make_cpuid2(cpuid_for_vcpu(cpuid_table, index));
   vcpu_ioctl(vcpu.fd(), abi::kSetCpuid2, "KVM_SET_CPUID2", cpuid.data());
   return vcpu;
+}
+
+std::uint32_t Vcpu::tsc_khz() const {
+  return static_cast<std::uint32_t>(check_syscall("KVM_GET_TSC_KHZ", [&] { return ::ioctl(fd_.get(), KVM_GET_TSC_KHZ, 0); }));
 }
 
 bool Vcpu::enter() {
@@ -146,22 +151,16 @@ VcpuState Vcpu::save_state() const {
   vcpu_ioctl(fd, abi::kGetCpuid2, "KVM_GET_CPUID2", header);
   s.cpuid.resize(header->nent);
   std::memcpy(s.cpuid.data(), header + 1, header->nent * sizeof(kvm_cpuid_entry2));
-  s.tsc_khz = static_cast<std::uint32_t>(check_syscall("KVM_GET_TSC_KHZ", [&] { return ::ioctl(fd, KVM_GET_TSC_KHZ, 0); }));
+  s.tsc_khz = tsc_khz();
   return s;
 }
 
 void Vcpu::restore_state(const VcpuState& s) {
   const int fd = fd_.get();
-  // The TSC frequency cannot be changed on hosts without KVM_CAP_TSC_CONTROL; a guest
-  // calibrated at one rate must not silently run at another.
-  const auto host_khz = static_cast<std::uint32_t>(
-      check_syscall("KVM_GET_TSC_KHZ", [&] { return ::ioctl(fd, KVM_GET_TSC_KHZ, 0); }));
-  if (s.tsc_khz != host_khz) {
-    if (sys_->check_extension(KVM_CAP_TSC_CONTROL) <= 0)
-      throw std::runtime_error("guest TSC runs at " + std::to_string(s.tsc_khz) + " kHz but this host at " +
-                               std::to_string(host_khz) + " kHz and cannot scale it (no KVM_CAP_TSC_CONTROL)");
-    check_syscall("KVM_SET_TSC_KHZ", [&] { return ::ioctl(fd, KVM_SET_TSC_KHZ, s.tsc_khz); });
-  }
+  // A guest calibrated at one TSC rate must not silently run at another (see plan_tsc).
+  const auto tsc = plan_tsc(s.tsc_khz, tsc_khz(), sys_->can_scale_tsc());
+  if (tsc.plan == TscPlan::refuse) throw std::runtime_error(tsc.reason);
+  if (tsc.plan == TscPlan::scale) check_syscall("KVM_SET_TSC_KHZ", [&] { return ::ioctl(fd, KVM_SET_TSC_KHZ, s.tsc_khz); });
   // CPUID before anything that depends on the features it exposes (XSAVE layout, MSRs).
   auto cpuid = make_cpuid2(s.cpuid);
   vcpu_ioctl(fd, abi::kSetCpuid2, "KVM_SET_CPUID2", cpuid.data());

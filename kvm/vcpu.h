@@ -13,8 +13,11 @@ namespace mig::kvm {
 
 class Vcpu {
  public:
-  // Creates vCPU `index` with the host's supported CPUID, its APIC ID set to `index`.
-  static Vcpu create(const KvmSystem& sys, const Vm& vm, unsigned index);
+  // Creates vCPU `index` with `cpuid` (the host's supported table, or a CPU model's), its
+  // APIC ID set to `index`.
+  static Vcpu create(const KvmSystem& sys, const Vm& vm, unsigned index, const std::vector<kvm_cpuid_entry2>& cpuid);
+  // The rate its TSC ticks at (KVM_GET_TSC_KHZ). Not while the vCPU runs: it would wait for it.
+  std::uint32_t tsc_khz() const;
 
   unsigned index() const { return index_; }
   int fd() const { return fd_.get(); }

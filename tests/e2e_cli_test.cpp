@@ -4,8 +4,12 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <algorithm>
 #include <fstream>
+#include <sstream>
 
+#include "kvm/cpu_features.h"
+#include "kvm/cpu_model.h"
 #include "tests/process.h"
 #include "transport/endpoint.h"
 
@@ -171,6 +175,9 @@ TEST_CASE("mig-vm rejects bad input with a clear error - before it needs /dev/kv
       {{"--kernel", "/dev/zero"}, "not a regular file"},
       {{"--kernel", test::kGuestImage, "--mem", "-5"}, "cannot be negative"},
       {{"--kernel", test::kGuestImage, "--dirty-rate", "1e300"}, "not in range"},
+      {{"--kernel", test::kGuestImage, "--cpu", kTools + "mig-vm"}, "does not start with 'mig-cpu-model 1'"},
+      {{"--kernel", test::kGuestImage, "--cpu", "/nonexistent.cpu"}, "cannot read the CPU model /nonexistent.cpu"},
+      {{"--vcpus", "1"}, "--kernel is required"},
   };
   for (const auto& c : cases) {
     std::vector<std::string> args = {kTools + "mig-vm", "--run-for", "0.1"};
@@ -180,6 +187,53 @@ TEST_CASE("mig-vm rejects bad input with a clear error - before it needs /dev/kv
     CHECK(vm.wait() != 0);
     CHECK_THAT(vm.stderr_text(), Contains(c.expected));
   }
+}
+
+TEST_CASE("mig-vm --common-cpu prints the CPU every listed host can give a guest - or says why there is none") {
+  const std::string fixtures = std::string(MIG_SOURCE_DIR) + "/tests/data/cpu/";
+  const auto common = run_tool({kTools + "mig-vm", "--common-cpu", fixtures + "older-host.cpu", fixtures + "newer-host.cpu"});
+  REQUIRE(common.exit_code == 0);
+  std::istringstream text(common.out);
+  const auto model = kvm::parse_cpu_model(text, "stdout");
+  CHECK(model.name == "common(older-host,newer-host)");
+  const auto flags = kvm::cpu_feature_names(model.cpuid);
+  CHECK(std::find(flags.begin(), flags.end(), "AVX2") != flags.end());
+  CHECK(std::find(flags.begin(), flags.end(), "AVX-512F") == flags.end());
+  for (const auto* host : {"older-host.cpu", "newer-host.cpu"})
+    CHECK(kvm::missing_cpu_features(model.cpuid, kvm::read_cpu_model(fixtures + host).cpuid).empty());
+
+  const auto mixed = run_tool({kTools + "mig-vm", "--common-cpu", fixtures + "older-host.cpu", fixtures + "amd-host.cpu"});
+  CHECK(mixed.exit_code == 1);
+  CHECK(mixed.err == "mig-vm: the CPUs differ in vendor (GenuineIntel, AuthenticAMD): no guest CPU moves between them\n");
+  const auto bad = run_tool({kTools + "mig-vm", "--common-cpu", fixtures + "older-host.cpu", kTools + "mig-vm"});
+  CHECK(bad.exit_code == 1);
+  CHECK_THAT(bad.err, Contains("does not start with 'mig-cpu-model 1'"));
+}
+
+TEST_CASE("a guest runs with the host's CPU model made common - and mig-vm refuses a model this host cannot give") {
+  test::require_kvm();
+  const auto host = run_tool({kTools + "mig-vm", "--print-cpu"});
+  REQUIRE(host.exit_code == 0);
+  const std::string host_file = temp_path("host.cpu"), common_file = temp_path("common.cpu");
+  std::ofstream(host_file) << host.out;
+  const auto common = run_tool({kTools + "mig-vm", "--common-cpu", host_file, host_file});
+  REQUIRE(common.exit_code == 0);
+  std::ofstream(common_file) << common.out;
+  const auto ran = run_tool({kTools + "mig-vm", "--kernel", test::kGuestImage, "--mem", "64M", "--cpu", common_file, "--run-for", "0.5"});
+  CHECK(ran.exit_code == 0);
+  CHECK_THAT(ran.out, Contains("heartbeats"));
+
+  // A model naming flags no CPU has (all of leaf 7.0 EBX) is refused before the guest starts.
+  std::string impossible = host.out;
+  const auto leaf7 = impossible.find("leaf 0x00000007 0      ");
+  REQUIRE(leaf7 != std::string::npos);
+  impossible.replace(leaf7 + 34, 10, "0xffffffff");  // leaf 7.0 EBX: every flag
+  std::ofstream(host_file) << impossible;
+  const auto refused = run_tool({kTools + "mig-vm", "--kernel", test::kGuestImage, "--mem", "64M", "--cpu", host_file, "--run-for", "0.5"});
+  CHECK(refused.exit_code == 1);
+  CHECK_THAT(refused.err, Contains("this host cannot give the guest the CPU model"));
+  std::remove(host_file.c_str());
+  std::remove(common_file.c_str());
 }
 
 TEST_CASE("mig-vm refuses more memory than the host has, once it opens /dev/kvm") {

@@ -9,6 +9,7 @@
 #include "engine/page_hashes.h"
 #include "engine/incoming_migration.h"
 #include "engine/source_migration.h"
+#include "kvm/cpu_features.h"
 #include "tests/fake_vm.h"
 #include "transport/endpoint.h"
 
@@ -872,6 +873,32 @@ TEST_CASE("a destination that cannot give the guest its CPU refuses at Hello, na
   CHECK(asked == source.cpuid);
   CHECK(sent.status == engine::MigrationStatus::failed);
   CHECK_THAT(sent.error, Contains("destination CPU lacks AVX-512F, XSAVE state AVX-512 opmask, which the guest was given"));
+  CHECK(sent.pages_sent == 0);
+  CHECK_FALSE(source.paused());
+  CHECK(made == nullptr);
+  CHECK(received.stats.status == engine::MigrationStatus::failed);
+}
+
+TEST_CASE("a destination that cannot run the guest's TSC at its rate refuses at Hello, naming both rates") {
+  test::FakeVm source({kPages});
+  fill(source, kPages);
+  source.tsc_khz = 2'100'000;
+  auto [send_end, recv_end] = test::stream_pair();
+  test::FakeVm* made = nullptr;
+  std::uint32_t asked = 0;
+  auto receiver = std::async(std::launch::async, [&, s = std::move(recv_end)]() mutable {
+    engine::ReceiverOptions options{2000ms, 100ms, {}, {}};
+    options.tsc_refusal = [&](std::uint32_t guest_khz) {
+      asked = guest_khz;
+      return kvm::plan_tsc(guest_khz, 3'000'000, false).reason;
+    };
+    return engine::IncomingMigration(s, test::fake_factory(&made), options).run();
+  });
+  const auto sent = engine::SourceMigration(source, send_end, engine::SenderOptions{}).run();
+  const auto received = receiver.get();
+  CHECK(asked == 2'100'000);
+  CHECK(sent.status == engine::MigrationStatus::failed);
+  CHECK_THAT(sent.error, Contains("the guest's TSC runs at 2100000 kHz, this host's at 3000000 kHz, and this host cannot scale it"));
   CHECK(sent.pages_sent == 0);
   CHECK_FALSE(source.paused());
   CHECK(made == nullptr);

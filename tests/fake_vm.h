@@ -98,6 +98,8 @@ class FakeVm final : public engine::MigratableVm {
 
   std::vector<wire::CpuidLeaf> cpuid;  // what guest_cpuid() says
   std::vector<wire::CpuidLeaf> guest_cpuid() const override { return cpuid; }
+  std::uint32_t tsc_khz = 0;  // what guest_tsc_khz() says
+  std::uint32_t guest_tsc_khz() const override { return tsc_khz; }
 
   // Writes `value` at the start of a page, as a vCPU would: refused while paused.
   bool write(std::size_t region, std::uint64_t page, std::uint64_t value) {

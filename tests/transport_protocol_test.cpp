@@ -29,6 +29,7 @@ Hello sample_hello() {
   h.channels = 4;
   h.session = 0xfeedfacecafe;
   h.cpuid = {{0, 0, 0xd, 0x756e6547, 0x6c65746e, 0x49656e69}, {7, 0, 0, 1u << 16, 0, 0}};
+  h.tsc_khz = 2'100'000;
   return h;
 }
 }  // namespace
@@ -73,6 +74,7 @@ TEST_CASE("Hello with absurd shapes is refused") {
   CHECK_THROWS_WITH(decode<Hello>(bad([](Hello& h) { h.regions[0].size = 1ull << 50; })), Contains("malformed"));
   CHECK_THROWS_WITH(decode<Hello>(bad([](Hello& h) { h.page_size = 65536; })), Contains("page size"));
   CHECK_THROWS_WITH(decode<Hello>(bad([](Hello& h) { h.regions.resize(kMaxRegions + 1, {0, 4096}); })), Contains("limit"));
+  CHECK_THROWS_WITH(decode<Hello>(bad([](Hello& h) { h.tsc_khz = kMaxTscKhz + 1; })), Contains("TSC of 20000001 kHz"));
 }
 
 TEST_CASE("frame headers are validated") {

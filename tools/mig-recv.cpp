@@ -129,6 +129,7 @@ int main(int argc, char** argv) {
   receiver.max_guest_bytes = options.max_mem;
   receiver.max_vcpus = options.max_vcpus;
   receiver.missing_cpu_features = vmm::KvmVm::missing_cpu_features;
+  receiver.tsc_refusal = vmm::KvmVm::tsc_refusal;
   transport::AcceptPolicy accept;
   try {
     accept = accept_policy(options.tls);

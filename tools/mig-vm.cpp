@@ -3,11 +3,15 @@
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
 
+#include <unistd.h>
+
 #include <chrono>
+#include <iostream>
 #include <optional>
 #include <thread>
 
 #include "control/qmp_server.h"
+#include "kvm/cpu_model.h"
 #include "tools/cli.h"
 #include "tools/vm_options.h"
 #include "vmm/kvm_vm.h"
@@ -28,13 +32,35 @@ double measure_dirty_rate_mbps(control::Domain& domain, double seconds) {
   }
 }
 
+// --print-cpu: this host's CPU model, named after the host.
+void print_host_cpu() {
+  char host[256] = {};
+  ::gethostname(host, sizeof host - 1);
+  kvm::write_cpu_model(std::cout, kvm::host_cpu_model(host, kvm::KvmSystem::open().supported_cpuid()));
+}
+
+// --common-cpu: the model every listed host can give a guest.
+void print_common_cpu(const std::vector<std::string>& paths) {
+  std::vector<kvm::CpuModel> hosts;
+  for (const auto& path : paths) hosts.push_back(kvm::read_cpu_model(path));
+  kvm::write_cpu_model(std::cout, kvm::common_cpu_model(hosts));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"mig-vm: run a multiboot guest under mig's VMM and report its heartbeats"};
   tools::add_version_flag(app, "mig-vm");
   tools::VmOptions vm_options;
-  vm_options.add_to(app);
+  vm_options.add_to(app, false);
+  bool print_cpu = false;
+  std::vector<std::string> common_cpu;
+  auto* print_cpu_flag = app.add_flag("--print-cpu", print_cpu, "print this host's CPU model (for --cpu and --common-cpu) and exit");
+  app.add_option("--common-cpu", common_cpu,
+                 "print the CPU model that every one of these hosts' models (files from --print-cpu, oldest host first) "
+                 "can give a guest, and exit")
+      ->check(CLI::ExistingFile)
+      ->excludes(print_cpu_flag);
   double run_for = -1, dirty_rate_window = 0;
   std::string qmp;
   app.add_option("--run-for", run_for, "seconds to run before printing statistics and exiting (default 5; with --qmp, until quit)");
@@ -43,6 +69,19 @@ int main(int argc, char** argv) {
   app.add_option("--qmp", qmp, "a QMP control socket at unix:PATH (mode 0600): watch, stop, migrate the guest");
   CLI11_PARSE(app, argc, argv);
 
+  if (print_cpu || !common_cpu.empty()) {
+    try {
+      print_cpu ? print_host_cpu() : print_common_cpu(common_cpu);
+      return 0;
+    } catch (const std::exception& e) {
+      fmt::print(stderr, "mig-vm: {}\n", e.what());
+      return 1;
+    }
+  }
+  if (vm_options.kernel.empty()) {
+    fmt::print(stderr, "mig-vm: --kernel is required (or --print-cpu, --common-cpu)\n");
+    return 1;
+  }
   tools::ControlSignals signals;
   try {
     const std::string qmp_path = qmp.empty() ? "" : control::qmp_socket_path(qmp);

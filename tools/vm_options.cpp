@@ -15,6 +15,13 @@ void VmOptions::add_to(CLI::App& app, bool kernel_required) {
   app.add_option("--vcpus", vcpus, "number of vCPUs")->default_val(1);
   app.add_option("--append", append, "kernel command line");
   app.add_option("--serial", serial, "where COM1 output goes: a file, a FIFO, or - for stdout");
+  app.add_option("--cpu", cpu,
+                 "the guest's CPU: host (all this host's KVM offers) or a CPU model file (mig-vm --print-cpu, "
+                 "--common-cpu), so that the guest can move to every host the model was made from")
+      ->check(parses_with([](const std::string& value) {
+        if (value != "host") kvm::read_cpu_model(value);
+      }))
+      ->default_str("host");
   memory.add_to(app);
   add_disk_option(app, disks, "a virtio-blk disk on this image (legacy virtio-pci, as QEMU's virtio-blk-pci); repeatable");
   app.add_option("--record-trace", record_trace,
@@ -72,6 +79,7 @@ kvm::MachineConfig VmOptions::machine_config() const {
   config.vcpus = vcpus;
   config.serial_path = serial;
   config.memory = memory.options();
+  if (cpu != "host") config.cpu_model = kvm::read_cpu_model(cpu);
   return config;
 }
 

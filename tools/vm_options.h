@@ -29,6 +29,7 @@ struct VmOptions {
   unsigned vcpus = 1;
   std::string append;
   std::string serial;
+  std::string cpu = "host";  // or a CPU model file
   MemoryFlags memory;
   std::vector<std::string> disks;  // PATH[,format=raw|qcow2][,cache=none|writeback]
   std::string record_trace;        // a dirty trace file to record into while the guest runs

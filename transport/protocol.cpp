@@ -106,6 +106,7 @@ std::vector<std::byte> encode(const Hello& m) {
     w.put_string(d.path);
   }
   w.put_vector(m.cpuid);
+  w.put(m.tsc_khz);
   return w.take();
 }
 template <>
@@ -150,6 +151,8 @@ Hello decode<Hello>(std::span<const std::byte> payload) {
     m.disks.push_back(std::move(d));
   }
   m.cpuid = r.get_vector<CpuidLeaf>(kMaxCpuidLeaves, "Hello.cpuid");
+  m.tsc_khz = r.get<std::uint32_t>("Hello.tsc_khz");
+  if (m.tsc_khz > kMaxTscKhz) throw ProtocolError("Hello gives the guest a TSC of " + std::to_string(m.tsc_khz) + " kHz");
   r.expect_end("Hello");
   return m;
 }

@@ -72,7 +72,7 @@
 namespace mig::wire {
 
 inline constexpr std::uint32_t kMagic = 0x3147494d;  // "MIG1"
-inline constexpr std::uint32_t kVersion = 4;  // 4: kCapDryRun
+inline constexpr std::uint32_t kVersion = 5;  // 4: kCapDryRun; 5: Hello.tsc_khz
 inline constexpr std::uint32_t kPageSize = 4096;
 
 // Bounds on what a receiver accepts.
@@ -93,6 +93,7 @@ inline constexpr std::uint32_t kMaxDiskData = 1u << 20;         // bytes in one 
 inline constexpr std::uint32_t kMinDiskChunk = 4096, kMaxDiskChunk = 1u << 20;
 inline constexpr std::size_t kMaxPathBytes = 4096;
 inline constexpr std::uint32_t kMaxCpuidLeaves = 256;
+inline constexpr std::uint32_t kMaxTscKhz = 20'000'000;  // 20 GHz
 // With parallel channels, the page at guest page number P travels on channel
 // (P / kChannelChunkPages) % channels, always, so its copies arrive in round order.
 inline constexpr std::uint64_t kChannelChunkPages = 512;
@@ -186,6 +187,7 @@ struct Hello {
   std::uint64_t session = 0;   // ties the extra channels' connections to this one
   std::vector<Disk> disks;
   std::vector<CpuidLeaf> cpuid;  // what the guest's CPU says it is; empty: nothing said
+  std::uint32_t tsc_khz = 0;     // the rate the guest's TSC ticks at; 0: nothing said
   friend bool operator==(const Hello&, const Hello&) = default;
 };
 

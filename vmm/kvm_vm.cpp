@@ -280,6 +280,11 @@ std::vector<std::string> KvmVm::missing_cpu_features(const std::vector<wire::Cpu
   return kvm::missing_cpu_features(wanted, kvm::KvmSystem::open().supported_cpuid());
 }
 
+std::string KvmVm::tsc_refusal(std::uint32_t guest_khz) {
+  const auto sys = kvm::KvmSystem::open();
+  return kvm::plan_tsc(guest_khz, sys.tsc_khz(), sys.can_scale_tsc()).reason;
+}
+
 std::string KvmVm::postcopy_unsupported() const {
   if (machine_->memory().backing() == kvm::MemoryBacking::hugetlbfs)
     return "hugetlbfs guest memory (--mem-path) traps and fills in 2 MiB pages, and mig's post-copy moves 4 KiB ones";

@@ -60,6 +60,9 @@ class KvmVm final : public engine::MigratableVm {
   // The receiver's pre-flight check (ReceiverOptions::missing_cpu_features): what a guest's
   // CPUID asks that this host's KVM cannot give. Opens /dev/kvm when called.
   static std::vector<std::string> missing_cpu_features(const std::vector<wire::CpuidLeaf>& guest);
+  // And ReceiverOptions::tsc_refusal: why this host cannot run a guest's TSC at `guest_khz`
+  // (kvm::plan_tsc), or empty. Opens /dev/kvm when called.
+  static std::string tsc_refusal(std::uint32_t guest_khz);
   // The shape of a guest of `mem_bytes` on the PC memory layout, as mig-send builds it.
   static engine::VmShape pc_shape(std::uint64_t mem_bytes, unsigned vcpus);
 
@@ -84,6 +87,7 @@ class KvmVm final : public engine::MigratableVm {
   }
   std::string postcopy_unsupported() const override;
   std::vector<wire::CpuidLeaf> guest_cpuid() const override;
+  std::uint32_t guest_tsc_khz() const override { return machine_->guest_tsc_khz(); }
   std::vector<int> vcpu_threads() const override { return machine_->vcpu_thread_ids(); }
   // Holds the vCPUs for `share` of every 10 ms from a helper thread (auto-converge).
   bool set_throttle(double share) override;
