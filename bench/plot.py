@@ -8,6 +8,10 @@
   plot.py validation ROWS.json OUT.png
       bench-sim --json: every real repeat as a point and mig-sim's prediction as a cross,
       for total time and bytes sent, one column per workload, link and policy.
+  plot.py predictions ROWS.json OUT.png
+      bench-predict --json: total time and downtime against guest size, one column per
+      link, one line per policy; a hollow marker where the policy gives up (the source keeps
+      the guest).
 
 Every point is drawn, so the spread of repeats shows, not only a median.
 """
@@ -19,6 +23,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 
 def round_table(stats):
@@ -76,9 +81,42 @@ def plot_validation(data, out):
     fig.savefig(out, dpi=120)
 
 
+def plot_predictions(data, out, title):
+    rows = data["rows"]
+    links = list(dict.fromkeys(r["link"] for r in rows))
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    fig, axes = plt.subplots(2, len(links), figsize=(3.6 * len(links), 7), sharex=True, squeeze=False)
+    for column, link in enumerate(links):
+        for policy in policies:
+            mine = sorted((r for r in rows if r["link"] == link and r["policy"] == policy), key=lambda r: r["guest_gib"])
+            # A policy that gives up has no downtime: the guest never stops.
+            for axis, key, scale, shown in ((axes[0][column], "total_ms", 1e-3, mine),
+                                            (axes[1][column], "downtime_ms", 1, [r for r in mine if not r["aborted"]])):
+                line, = axis.plot([r["guest_gib"] for r in shown], [max(r[key] * scale, 1e-3) for r in shown], "-",
+                                  label=policy)
+                for r in shown:
+                    axis.plot(r["guest_gib"], max(r[key] * scale, 1e-3), "o", color=line.get_color(),
+                              markerfacecolor="none" if r["aborted"] else line.get_color())
+        axes[0][column].set_title(link)
+        for axis in (axes[0][column], axes[1][column]):
+            axis.set_xscale("log", base=2)
+            axis.set_yscale("log")
+            axis.set_xticks([r["guest_gib"] for r in rows if r["link"] == link], minor=False)
+            axis.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axes[1][column].set_xlabel("guest, GiB")
+    axes[0][0].set_ylabel("total time, s (log)")
+    axes[1][0].set_ylabel("downtime, ms (log)")
+    axes[0][0].legend(fontsize=8, title="hollow: gives up", title_fontsize=7)
+    workload = rows[0]["workload"] if rows else ""
+    fig.suptitle(title or f"mig-sim predictions: {workload}, scaled to each guest size, "
+                          f"{data.get('latency_ms', '')} ms one way", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["rounds", "validation"])
+    parser.add_argument("kind", choices=["rounds", "validation", "predictions"])
     parser.add_argument("input")
     parser.add_argument("output")
     parser.add_argument("--title", default="")
@@ -90,6 +128,8 @@ def main():
         sys.exit(f"plot.py: cannot read {args.input}: {e}")
     if args.kind == "rounds":
         plot_rounds(data, args.output, args.title)
+    elif args.kind == "predictions":
+        plot_predictions(data, args.output, args.title)
     else:
         plot_validation(data, args.output)
 

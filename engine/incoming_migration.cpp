@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "engine/disk_migration.h"
+#include "engine/incoming_doorman.h"
 #include "engine/page_hashes.h"
 #include "engine/page_receiver.h"
 #include "engine/postcopy_destination.h"
@@ -31,19 +32,18 @@ struct AcceptedChannels {
 // A channel says who it is as soon as it connects; whoever does not within this is dropped.
 constexpr std::chrono::milliseconds kChannelHelloWait{2000};
 
-// The next connection that opens with `Opening` (ChannelHello, CommitRetry) of this session.
-// Anything else that connects meanwhile (another source, a scanner, a second migration) is
-// closed, and this migration goes on; all within `deadline`.
-template <typename Opening>
-std::pair<transport::Stream, Opening> accept_own(const ReceiverOptions::Accept& accept, Clock::time_point deadline,
-                                                 std::uint64_t session, const char* waiting_for) {
+// The next connection that opens with a ChannelHello of this session. Anything else that
+// connects meanwhile (another source, a scanner) is closed, and this migration goes on; all
+// within `deadline`. Once the channels are in, the doorman answers the address instead.
+std::pair<transport::Stream, wire::ChannelHello> accept_own_channel(const ReceiverOptions::Accept& accept, Clock::time_point deadline,
+                                                                    std::uint64_t session, const char* waiting_for) {
   for (;;) {
     const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
     if (left.count() <= 0) throw transport::PeerError(std::string(waiting_for) + " did not come in time");
     auto stream = accept(left);
     stream.set_timeout(std::min(left, kChannelHelloWait));
     try {
-      const auto opening = stream.receive<Opening>();
+      const auto opening = stream.receive<wire::ChannelHello>();
       if (opening.session == session) return {std::move(stream), opening};
     } catch (const std::exception&) {  // not one of ours: dropped
     }
@@ -57,7 +57,7 @@ AcceptedChannels accept_channels(const ReceiverOptions::Accept& accept, std::chr
   AcceptedChannels out;
   const auto deadline = Clock::now() + timeout;
   for (unsigned n = 1; n < channels + (postcopy ? 1 : 0); ++n) {
-    auto [stream, h] = accept_own<wire::ChannelHello>(accept, deadline, session, "the sender's channels");
+    auto [stream, h] = accept_own_channel(accept, deadline, session, "the sender's channels");
     stream.set_timeout(timeout);
     if (postcopy && h.index == wire::kPostcopyChannel && !out.postcopy) {
       out.postcopy = std::move(stream);
@@ -100,6 +100,7 @@ struct IncomingMigration::Session {
   std::vector<StateSection> sections;
   std::uint64_t state_bytes = 0;
   IncomingStats stats;
+  std::unique_ptr<IncomingDoorman> doorman;  // once set up: answers the incoming address
 };
 
 IncomingMigration::IncomingMigration(transport::Stream& stream, VmFactory make_vm, ReceiverOptions options)
@@ -238,6 +239,7 @@ IncomingMigration::State IncomingMigration::on_hello(const wire::FrameHeader& fr
     if (s.channels > 1) s.extra.start(std::move(channels.pages), s.regions, *s.hashes, *stream_, s.cpu);
     s.urgent = std::move(channels.postcopy);
   }
+  start_doorman();
   return State::receiving_pages;
 }
 
@@ -273,7 +275,14 @@ IncomingMigration::State IncomingMigration::on_shared_memory(const wire::FrameHe
   build_vm();
   s.hashes = std::make_unique<PageHashes>(s.regions, 1);
   s.pages = std::make_unique<PageReceiver>(s.regions, *stream_, *s.hashes, 0, 1);
+  start_doorman();
   return State::receiving_pages;
+}
+
+// From here to the end, the incoming address is answered by the doorman: every connection
+// the migration needs has been accepted.
+void IncomingMigration::start_doorman() {
+  if (options_.accept_channel) s_->doorman = std::make_unique<IncomingDoorman>(options_.accept_channel, s_->hello.session);
 }
 
 void IncomingMigration::build_vm() {
@@ -361,10 +370,9 @@ IncomingMigration::State IncomingMigration::on_commit(const wire::FrameHeader& f
 // here paused; after handoff_grace it is discarded, as the source holds it either way.
 IncomingMigration::State IncomingMigration::await_commit_retry(const std::exception& broken) {
   Session& s = *s_;
-  if (!options_.accept_channel) throw;
+  if (!s.doorman) throw;
   try {
-    auto [stream, retry] = accept_own<wire::CommitRetry>(options_.accept_channel, Clock::now() + options_.handoff_grace,
-                                                         s.hello.session, "the source's word on the commit");
+    auto [stream, retry] = s.doorman->take_commit_retry(Clock::now() + options_.handoff_grace, "the source's word on the commit");
     s.reconnected = std::move(stream);
     stream_ = &*s.reconnected;
     stream_->set_timeout(options_.peer_timeout);
@@ -378,14 +386,14 @@ IncomingMigration::State IncomingMigration::await_commit_retry(const std::except
 
 void IncomingMigration::answer_commit_retries() {
   Session& s = *s_;
-  if (!options_.accept_channel || s.stats.status != MigrationStatus::completed) return;
+  if (!s.doorman || s.stats.status != MigrationStatus::completed) return;
   // The main connection has carried all it will: closed now, as it would be without this
   // wait, so that the source does not wait out its time for a Handover report.
   ::shutdown(stream_->fd(), SHUT_RDWR);
   const auto until = s.resumed_at + options_.handoff_grace;
   try {
     for (;;) {
-      auto [stream, retry] = accept_own<wire::CommitRetry>(options_.accept_channel, until, s.hello.session, "CommitRetry");
+      auto [stream, retry] = s.doorman->take_commit_retry(until, "CommitRetry");
       stream.send(s.running);
     }
   } catch (const std::exception&) {  // the grace period is over, or the receiver quits

@@ -39,9 +39,10 @@ namespace mig::engine {
 struct ReceiverOptions {
   std::chrono::milliseconds peer_timeout{10000};
   std::chrono::milliseconds handover_wait{2000};
-  // Accepts the next connection, for a sender that asks for parallel channels; it should give
-  // up (throw) after `peer_timeout`. Without it the receiver accepts one channel and the
-  // sender falls back to it.
+  // Accepts the next connection on the incoming address, for a sender that asks for parallel
+  // channels, and afterwards for the doorman (incoming_doorman.h); it must give up (throw)
+  // after `timeout`, and throw transport::Interrupted once the receiver quits. Without it the
+  // receiver accepts one channel and the sender falls back to it.
   std::function<transport::Stream(std::chrono::milliseconds timeout)> accept_channel;
   // Post-copy is accepted only with accept_channel (it needs a connection of its own). When
   // the link breaks after the switchover, this is called to wait for the operator to say
@@ -111,6 +112,7 @@ class IncomingMigration {
   void check_guest_fits(const wire::Hello& hello) const;
   State on_shared_memory(const wire::FrameHeader& frame);
   void build_vm();
+  void start_doorman();
   State on_page_plan(const wire::FrameHeader& frame);
   State on_state_section(const wire::FrameHeader& frame);
   State on_complete(const wire::FrameHeader& frame);

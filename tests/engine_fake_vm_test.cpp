@@ -465,18 +465,10 @@ TEST_CASE("delta-encoded rounds leave the destination equal to the source") {
 TEST_CASE("parallel channels deliver every page - in round order - with deltas and compression") {
   // Socketpairs stand in for connections: the sender's open_channel hands the far end to
   // the receiver's accept_channel.
-  std::mutex mutex;
-  std::condition_variable ready;
-  std::deque<transport::Stream> connecting;
+  test::Connections connections;
   engine::SenderOptions options;
   options.channels = 4;
-  options.open_channel = [&] {
-    auto [near, far] = test::stream_pair();
-    std::lock_guard lock(mutex);
-    connecting.push_back(std::move(far));
-    ready.notify_all();
-    return std::move(near);
-  };
+  options.open_channel = [&] { return connections.open(); };
   options.delta_cache_pages = 1024;
   options.compress_level = 1;
   options.policy.downtime_target_ms = 0;
@@ -493,13 +485,7 @@ TEST_CASE("parallel channels deliver every page - in round order - with deltas a
   test::FakeVm* destination = nullptr;
   auto receiver = std::async(std::launch::async, [&, s = std::move(recv_end)]() mutable {
     engine::ReceiverOptions receiver_options{2000ms, 100ms, {}, {}};
-    receiver_options.accept_channel = [&](std::chrono::milliseconds) {
-      std::unique_lock lock(mutex);
-      ready.wait(lock, [&] { return !connecting.empty(); });
-      auto accepted = std::move(connecting.front());
-      connecting.pop_front();
-      return accepted;
-    };
+    receiver_options.accept_channel = [&](std::chrono::milliseconds timeout) { return connections.accept(timeout); };
     return engine::IncomingMigration(s, test::fake_factory(&destination), receiver_options).run();
   });
   auto sent = engine::SourceMigration(source, send_end, options).run();
@@ -717,6 +703,20 @@ TEST_CASE("copy-storage: a disk chunk corrupted in flight fails verification - a
   std::remove(destination_path.c_str());
 }
 
+namespace {
+
+// A receiver taking one migration on `listener`, which also gives it its channels.
+std::future<engine::IncomingResult> receive_on(transport::Listener& listener, test::FakeVm** destination) {
+  return std::async(std::launch::async, [&listener, destination] {
+    auto stream = listener.accept(2000ms);
+    engine::ReceiverOptions options{2000ms, 100ms, {}, {}};
+    options.accept_channel = [&listener](std::chrono::milliseconds timeout) { return listener.accept(timeout); };
+    return engine::IncomingMigration(stream, test::fake_factory(destination), options).run();
+  });
+}
+
+}  // namespace
+
 TEST_CASE("strangers that connect while a receiver accepts its channels are turned away - the migration goes on") {
   transport::Listener listener(transport::Endpoint::parse("tcp:127.0.0.1:0"));
   const auto endpoint = transport::Endpoint::parse(listener.endpoint());
@@ -737,12 +737,7 @@ TEST_CASE("strangers that connect while a receiver accepts its channels are turn
     return transport::connect(endpoint);
   };
   test::FakeVm* destination = nullptr;
-  auto receiver = std::async(std::launch::async, [&] {
-    auto stream = listener.accept(2000ms);
-    engine::ReceiverOptions receiver_options{2000ms, 100ms, {}, {}};
-    receiver_options.accept_channel = [&](std::chrono::milliseconds timeout) { return listener.accept(timeout); };
-    return engine::IncomingMigration(stream, test::fake_factory(&destination), receiver_options).run();
-  });
+  auto receiver = receive_on(listener, &destination);
   auto main = transport::connect(endpoint);
   const auto sent = engine::SourceMigration(source, main, options).run();
   const auto received = receiver.get();
@@ -751,6 +746,34 @@ TEST_CASE("strangers that connect while a receiver accepts its channels are turn
   CHECK(received.stats.channels == 3);
   CHECK(destination->region_memory(0) == source.region_memory(0));
   CHECK(strangers.size() == 2);
+}
+
+TEST_CASE("a second source during a migration is refused at once, in one line - and the first migration completes") {
+  transport::Listener listener(transport::Endpoint::parse("tcp:127.0.0.1:0"));
+  const auto endpoint = transport::Endpoint::parse(listener.endpoint());
+  test::FakeVm source({kPages});
+  fill(source, kPages);
+  test::FakeVm* destination = nullptr;
+  auto receiver = receive_on(listener, &destination);
+  // The first source, slowed so that its migration lasts about a second.
+  engine::SenderOptions options;
+  options.bandwidth_limit = 4 << 20;
+  auto main = transport::connect(endpoint);
+  auto first = std::async(std::launch::async, [&] { return engine::SourceMigration(source, main, options).run(); });
+  std::this_thread::sleep_for(300ms);
+
+  test::FakeVm other({kPages});
+  auto second = transport::connect(endpoint);
+  const auto asked = std::chrono::steady_clock::now();
+  CHECK_THROWS_WITH(engine::check_destination(other, second, 5000ms), Contains("this receiver is taking another migration"));
+  CHECK(std::chrono::steady_clock::now() - asked < 500ms);  // not after the first migration, not after a timeout
+  CHECK(first.wait_for(0s) == std::future_status::timeout);   // which goes on meanwhile
+
+  const auto sent = first.get();
+  const auto received = receiver.get();
+  INFO(sent.error << " / " << received.stats.error);
+  REQUIRE(sent.status == engine::MigrationStatus::completed);
+  CHECK(destination->region_memory(0) == source.region_memory(0));
 }
 
 TEST_CASE("a guest larger than the receiver's limits is refused at its Hello - before anything is built") {

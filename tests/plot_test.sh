@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# bench/plot.py makes its plots from what mig writes: a mig-sim round table, and bench-sim's
-# rows (a small sample here); each must come out a PNG. Usage: plot_test.sh MIG_SIM PLOT_PY
+# bench/plot.py makes its plots from what mig writes: a mig-sim round table, bench-sim's rows
+# (a small sample here) and bench-predict's; each must come out a PNG.
+# Usage: plot_test.sh MIG_SIM PLOT_PY BENCH_PREDICT
 set -euo pipefail
 mig_sim=$1
 plot=$2
+bench_predict=$3
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 "$mig_sim" --synthesize random:rate=20M,wss=8M,mem=32M,seconds=5 --output "$scratch/t.trace" >/dev/null
@@ -17,11 +19,13 @@ cat >"$scratch/rows.json" <<'ROWS'
 ROWS
 /usr/bin/python3 "$plot" rounds "$scratch/sim.json" "$scratch/rounds.png"
 /usr/bin/python3 "$plot" validation "$scratch/rows.json" "$scratch/validation.png"
-for png in rounds validation; do
+"$bench_predict" --workload random:rate=4M,wss=16M,mem=64M,seconds=5 --json "$scratch/predict.json" >/dev/null
+/usr/bin/python3 "$plot" predictions "$scratch/predict.json" "$scratch/predictions.png"
+for png in rounds validation predictions; do
   [ "$(head -c 4 "$scratch/$png.png" | tail -c 3)" = "PNG" ] || { echo "plot_test: $png.png is not a PNG"; exit 1; }
 done
 if /usr/bin/python3 "$plot" rounds "$scratch/rows.json" "$scratch/bad.png" 2>"$scratch/err"; then
   echo "plot_test: a file without a round table was plotted"; exit 1
 fi
 grep -q "no round_table" "$scratch/err"
-echo "plot_test: both plots made"
+echo "plot_test: all three plots made"
