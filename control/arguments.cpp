@@ -177,6 +177,7 @@ MigrateRequest parse_migrate_arguments(const nlohmann::json& arguments, const Mi
   o.dedup = f.flag("dedup", true);
   o.skip_zero_pages = f.flag("zero-skip", true);
   o.page_plan = f.flag("page-plan", true);
+  o.peer_timeout = std::chrono::milliseconds(f.integer("peer-timeout", static_cast<std::uint64_t>(o.peer_timeout.count()), 100, 3'600'000));
   o.bandwidth_limit = static_cast<double>(f.integer("bandwidth", parameters.max_bandwidth, 0, std::uint64_t{1} << 40));
   try {
     o.compress_level = f.has("compress") ? parse_compress_level(f.text("compress", "")) : parameters.compress_level;

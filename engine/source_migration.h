@@ -77,6 +77,8 @@ struct SenderOptions {
   // --copy-storage-all: the VM's disks travel with it (engine/disk_migration.h); otherwise
   // they are shared storage and change owner at the switchover.
   bool copy_storage = false;
+  // A peer silent this long (or trickling a frame slower than per_frame_deadline allows) fails
+  // the migration, and the guest runs on here: how soon a stalled link is noticed.
   std::chrono::milliseconds peer_timeout{10000};
   std::chrono::milliseconds handover_wait{2000};  // for the guest-observed downtime report
   // When the connection breaks after Commit and before Running, the source asks the

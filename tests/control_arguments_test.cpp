@@ -23,6 +23,7 @@ TEST_CASE("migrate arguments become sender options - parameters are the defaults
   CHECK(plain.options.channels == 2);
   CHECK(plain.options.compress_level == 3);
   CHECK(plain.options.verify);
+  CHECK(plain.options.peer_timeout == std::chrono::milliseconds(10000));
   CHECK(plain.zerocopy == control::ZeroCopyMode::automatic);
 
   auto own = control::parse_migrate_arguments({{"uri", "unix:/tmp/x"},
@@ -35,6 +36,7 @@ TEST_CASE("migrate arguments become sender options - parameters are the defaults
                                                {"delta-cache", 1 << 20},
                                                {"zerocopy", "off"},
                                                {"auto-converge", false},
+                                               {"peer-timeout", 2500},
                                                {"detach", true}},
                                               parameters);
   CHECK(own.endpoint.unix_path == "/tmp/x");
@@ -46,6 +48,7 @@ TEST_CASE("migrate arguments become sender options - parameters are the defaults
   CHECK(own.options.delta_cache_pages == 256);
   CHECK(own.zerocopy == control::ZeroCopyMode::off);
   CHECK_FALSE(own.options.policy.auto_converge);
+  CHECK(own.options.peer_timeout == std::chrono::milliseconds(2500));
 }
 
 TEST_CASE("migrate's policy argument chooses the convergence policy, the flags stay mig's") {
@@ -70,6 +73,7 @@ TEST_CASE("bad migrate arguments are refused with one line naming the argument")
       {{{"uri", "tcp:h:1"}, {"compress", "zstd:99999999999999999999"}}, "LEVEL from 1 to 19"},
       {{{"uri", "tcp:h:1"}, {"compress", "lz4"}}, "LEVEL from 1 to 19"},
       {{{"uri", "tcp:h:1"}, {"zerocopy", "maybe"}}, "does not accept value 'maybe'"},
+      {{{"uri", "tcp:h:1"}, {"peer-timeout", 50}}, "'peer-timeout' expects a value between 100 and 3600000"},
       {{{"uri", "tcp:h:1"}, {"frobnicate", true}}, "Parameter 'frobnicate' is unexpected"},
       {{{"uri", "tcp:h:1"}, {"policy", "zen"}}, "Parameter 'policy': no policy 'zen' (there are: "},
       {{{"uri", "tcp:h:1"}, {"policy", "xen:max_rounds=0"}}, "Parameter 'policy': policy parameter max_rounds=0"},

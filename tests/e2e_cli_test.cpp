@@ -251,6 +251,7 @@ TEST_CASE("mig-send refuses bad migrate options before it boots anything") {
       {{"--downtime-ms", "-5"}, "downtime-ms"},
       {{"--after", "-5"}, "--after"},
       {{"--bandwidth", "-1"}, "cannot be negative"},
+      {{"--peer-timeout", "0"}, "--peer-timeout"},
   };
   for (const auto& [extra, expected] : cases) {
     std::vector<std::string> args = {kTools + "mig-send", "--kernel", test::kGuestImage, "--to", "tcp:127.0.0.1:1"};

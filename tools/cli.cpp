@@ -115,6 +115,11 @@ void MigrateFlags::add_connection_flags(CLI::App& app) {
   given(app.add_option("--parallel", parallel_, "TCP connections for page data, each carrying its share of guest memory")
             ->check(CLI::Range(1u, 16u)),
         [this](nlohmann::json& a) { a["parallel"] = parallel_; });
+  given(app.add_option("--peer-timeout", peer_timeout_s_,
+                       "seconds a silent or stalled destination is given before the migration fails and the guest runs on "
+                       "here (default 10)")
+            ->check(CLI::Range(0.1, 3600.0)),
+        [this](nlohmann::json& a) { a["peer-timeout"] = static_cast<std::uint64_t>(peer_timeout_s_ * 1000); });
   given(app.add_option("--zerocopy", zerocopy_, "MSG_ZEROCOPY for page data: auto (on until the kernel reports it copied anyway, as over loopback), on, off")
             ->check(CLI::IsMember({"auto", "on", "off"})),
         [this](nlohmann::json& a) { a["zerocopy"] = zerocopy_; });

@@ -59,7 +59,7 @@ class MigrateFlags {
   std::uint64_t bandwidth_ = 0, delta_cache_ = 64ull << 20;
   bool offline_ = false, no_verify_ = false, no_dedup_ = false, no_page_plan_ = false, no_zero_skip_ = false;
   bool check_ = false, copy_storage_ = false, delta_ = false, stop_at_target_ = false, no_auto_converge_ = false, postcopy_ = false, postcopy_ram_ = false;
-  double postcopy_after_ = 0;
+  double postcopy_after_ = 0, peer_timeout_s_ = 10;
   void add_switchover_flags(CLI::App& app);
   void add_content_flags(CLI::App& app);
   void add_connection_flags(CLI::App& app);

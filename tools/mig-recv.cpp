@@ -50,6 +50,7 @@ struct Options {
   double run_for = -1;
   std::uint64_t expect_mem = 0, max_mem = 0;
   unsigned expect_vcpus = 1, max_vcpus = 0;
+  double peer_timeout_s = 10;
   std::vector<std::string> disks;
   transport::TlsCredentials tls;
   bool paused = false;
@@ -77,6 +78,9 @@ struct Options {
                                       "refuse a guest with more memory than this, at its Hello, before anything is built "
                                       "(a guest larger than the host's available memory is refused in any case)"));
     app.add_option("--max-vcpus", max_vcpus, "refuse a guest with more vCPUs than this")->check(CLI::Range(1u, 256u));
+    app.add_option("--peer-timeout", peer_timeout_s,
+                   "seconds a silent or stalled source is given before the migration fails and is discarded here (default 10)")
+        ->check(CLI::Range(0.1, 3600.0));
     app.add_flag("--paused", paused, "leave the guest paused once it has arrived (QEMU's -S); QMP cont resumes it");
     tools::add_disk_option(app, disks,
                            "the image for the source's next disk: with --copy-storage-all it is created (or an existing one, "
@@ -128,6 +132,7 @@ int main(int argc, char** argv) {
   receiver.autostart = !options.paused;
   receiver.max_guest_bytes = options.max_mem;
   receiver.max_vcpus = options.max_vcpus;
+  receiver.peer_timeout = std::chrono::milliseconds(static_cast<std::int64_t>(options.peer_timeout_s * 1000));
   receiver.missing_cpu_features = vmm::KvmVm::missing_cpu_features;
   receiver.tsc_refusal = vmm::KvmVm::tsc_refusal;
   transport::AcceptPolicy accept;
