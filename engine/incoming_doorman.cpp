@@ -31,6 +31,7 @@ void IncomingDoorman::run() {
       std::lock_guard lock(mutex_);
       if (stopping_) return;
     }
+    const auto asked = std::chrono::steady_clock::now();
     try {
       answer(accept_(kPoll));
     } catch (const transport::Interrupted&) {  // the receiver quits: so does whoever waits for a retry
@@ -39,6 +40,8 @@ void IncomingDoorman::run() {
       arrived_.notify_all();
       return;
     } catch (const std::exception&) {  // nobody came within the poll, or a peer that failed the listener's checks
+      // An accept that fails at once (no file descriptors left) must not spin: the poll is waited out.
+      std::this_thread::sleep_until(asked + kPoll);
     }
   }
 }

@@ -32,19 +32,39 @@ double measure_dirty_rate_mbps(control::Domain& domain, double seconds) {
   }
 }
 
-// --print-cpu: this host's CPU model, named after the host.
-void print_host_cpu() {
-  char host[256] = {};
-  ::gethostname(host, sizeof host - 1);
-  kvm::write_cpu_model(std::cout, kvm::host_cpu_model(host, kvm::KvmSystem::open().supported_cpuid()));
-}
+// --print-cpu and --common-cpu: CPU models instead of a guest.
+struct CpuModelModes {
+  bool print_host = false;
+  std::vector<std::string> common;
 
-// --common-cpu: the model every listed host can give a guest.
-void print_common_cpu(const std::vector<std::string>& paths) {
-  std::vector<kvm::CpuModel> hosts;
-  for (const auto& path : paths) hosts.push_back(kvm::read_cpu_model(path));
-  kvm::write_cpu_model(std::cout, kvm::common_cpu_model(hosts));
-}
+  void add_to(CLI::App& app) {
+    auto* print_flag = app.add_flag("--print-cpu", print_host, "print this host's CPU model (for --cpu and --common-cpu) and exit");
+    app.add_option("--common-cpu", common,
+                   "print the CPU model that every one of these hosts' models (files from --print-cpu, oldest host first) "
+                   "can give a guest, and exit")
+        ->check(CLI::ExistingFile)
+        ->excludes(print_flag);
+  }
+  bool asked() const { return print_host || !common.empty(); }
+  // This host's model, named after the host, or the common model of the files given.
+  int run() const {
+    try {
+      if (print_host) {
+        char host[256] = {};
+        ::gethostname(host, sizeof host - 1);
+        kvm::write_cpu_model(std::cout, kvm::host_cpu_model(host, kvm::KvmSystem::open().supported_cpuid()));
+      } else {
+        std::vector<kvm::CpuModel> hosts;
+        for (const auto& path : common) hosts.push_back(kvm::read_cpu_model(path));
+        kvm::write_cpu_model(std::cout, kvm::common_cpu_model(hosts));
+      }
+      return 0;
+    } catch (const std::exception& e) {
+      fmt::print(stderr, "mig-vm: {}\n", e.what());
+      return 1;
+    }
+  }
+};
 
 }  // namespace
 
@@ -53,14 +73,8 @@ int main(int argc, char** argv) {
   tools::add_version_flag(app, "mig-vm");
   tools::VmOptions vm_options;
   vm_options.add_to(app, false);
-  bool print_cpu = false;
-  std::vector<std::string> common_cpu;
-  auto* print_cpu_flag = app.add_flag("--print-cpu", print_cpu, "print this host's CPU model (for --cpu and --common-cpu) and exit");
-  app.add_option("--common-cpu", common_cpu,
-                 "print the CPU model that every one of these hosts' models (files from --print-cpu, oldest host first) "
-                 "can give a guest, and exit")
-      ->check(CLI::ExistingFile)
-      ->excludes(print_cpu_flag);
+  CpuModelModes cpu_models;
+  cpu_models.add_to(app);
   double run_for = -1, dirty_rate_window = 0;
   std::string qmp;
   app.add_option("--run-for", run_for, "seconds to run before printing statistics and exiting (default 5; with --qmp, until quit)");
@@ -69,15 +83,7 @@ int main(int argc, char** argv) {
   app.add_option("--qmp", qmp, "a QMP control socket at unix:PATH (mode 0600): watch, stop, migrate the guest");
   CLI11_PARSE(app, argc, argv);
 
-  if (print_cpu || !common_cpu.empty()) {
-    try {
-      print_cpu ? print_host_cpu() : print_common_cpu(common_cpu);
-      return 0;
-    } catch (const std::exception& e) {
-      fmt::print(stderr, "mig-vm: {}\n", e.what());
-      return 1;
-    }
-  }
+  if (cpu_models.asked()) return cpu_models.run();
   if (vm_options.kernel.empty()) {
     fmt::print(stderr, "mig-vm: --kernel is required (or --print-cpu, --common-cpu)\n");
     return 1;
