@@ -48,7 +48,9 @@ const char* const kRegNames[] = {"EAX", "EBX", "ECX", "EDX"};
 const char* const kXsaveComponents[] = {"x87", "SSE", "AVX", "MPX BNDREGS", "MPX BNDCSR", "AVX-512 opmask",
                                         "AVX-512 ZMM_Hi256", "AVX-512 Hi16_ZMM", "PT", "PKRU"};
 
-std::uint32_t& reg_of(kvm_cpuid_entry2& e, Reg reg) {
+// The register of a leaf, to read (const entry) or to narrow.
+template <typename Entry>
+auto& reg_of(Entry& e, Reg reg) {
   switch (reg) {
     case eax: return e.eax;
     case ebx: return e.ebx;
@@ -57,7 +59,6 @@ std::uint32_t& reg_of(kvm_cpuid_entry2& e, Reg reg) {
   }
   return e.edx;
 }
-std::uint32_t reg_of(const kvm_cpuid_entry2& e, Reg reg) { return reg_of(const_cast<kvm_cpuid_entry2&>(e), reg); }
 
 std::optional<kvm_cpuid_entry2> find(std::span<const kvm_cpuid_entry2> table, std::uint32_t function, std::uint32_t index) {
   for (const auto& e : table)

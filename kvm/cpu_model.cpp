@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -14,6 +15,7 @@ namespace {
 
 constexpr const char* kHeader = "mig-cpu-model";
 constexpr unsigned kFormatVersion = 1;
+constexpr std::uintmax_t kMaxCpuModelBytes = 64 << 10;  // a full table with comments is under 20 KiB
 
 struct LineReader {
   const std::string& source;
@@ -101,6 +103,11 @@ CpuModel parse_cpu_model(std::istream& in, const std::string& source) {
 }
 
 CpuModel read_cpu_model(const std::string& path) {
+  // Sized before it is read: --cpu /dev/zero must not read forever.
+  std::error_code error;
+  if (!std::filesystem::is_regular_file(path, error)) throw std::invalid_argument("cannot read the CPU model " + path + ": not a regular file");
+  if (std::filesystem::file_size(path, error) > kMaxCpuModelBytes)
+    throw std::invalid_argument("the CPU model " + path + " is over " + std::to_string(kMaxCpuModelBytes >> 10) + " KiB");
   std::ifstream in(path);
   if (!in) throw std::invalid_argument("cannot read the CPU model " + path);
   return parse_cpu_model(in, path);

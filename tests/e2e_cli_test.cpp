@@ -175,8 +175,9 @@ TEST_CASE("mig-vm rejects bad input with a clear error - before it needs /dev/kv
       {{"--kernel", "/dev/zero"}, "not a regular file"},
       {{"--kernel", test::kGuestImage, "--mem", "-5"}, "cannot be negative"},
       {{"--kernel", test::kGuestImage, "--dirty-rate", "1e300"}, "not in range"},
-      {{"--kernel", test::kGuestImage, "--cpu", kTools + "mig-vm"}, "does not start with 'mig-cpu-model 1'"},
+      {{"--kernel", test::kGuestImage, "--cpu", test::kGuestImage}, "does not start with 'mig-cpu-model 1'"},
       {{"--kernel", test::kGuestImage, "--cpu", "/nonexistent.cpu"}, "cannot read the CPU model /nonexistent.cpu"},
+      {{"--kernel", test::kGuestImage, "--cpu", "/dev/zero"}, "cannot read the CPU model /dev/zero: not a regular file"},
       {{"--vcpus", "1"}, "--kernel is required"},
   };
   for (const auto& c : cases) {
@@ -205,7 +206,7 @@ TEST_CASE("mig-vm --common-cpu prints the CPU every listed host can give a guest
   const auto mixed = run_tool({kTools + "mig-vm", "--common-cpu", fixtures + "older-host.cpu", fixtures + "amd-host.cpu"});
   CHECK(mixed.exit_code == 1);
   CHECK(mixed.err == "mig-vm: the CPUs differ in vendor (GenuineIntel, AuthenticAMD): no guest CPU moves between them\n");
-  const auto bad = run_tool({kTools + "mig-vm", "--common-cpu", fixtures + "older-host.cpu", kTools + "mig-vm"});
+  const auto bad = run_tool({kTools + "mig-vm", "--common-cpu", fixtures + "older-host.cpu", test::kGuestImage});
   CHECK(bad.exit_code == 1);
   CHECK_THAT(bad.err, Contains("does not start with 'mig-cpu-model 1'"));
 }

@@ -158,6 +158,8 @@ TEST_CASE("a CPU model file reads back as written, and a bad one is refused with
   std::istringstream in(many);
   CHECK_THROWS_WITH(parse_cpu_model(in, "m.cpu"), Contains("more than 256 leaves"));
   CHECK_THROWS_WITH(read_cpu_model("/nonexistent.cpu"), Contains("cannot read the CPU model /nonexistent.cpu"));
+  CHECK_THROWS_WITH(read_cpu_model("/dev/zero"), Contains("not a regular file"));
+  CHECK_THROWS_WITH(read_cpu_model("/proc/self/exe"), Contains("is over 64 KiB"));
 }
 
 TEST_CASE("a CPU model is applied with this host's KVM flags, and refused where the host lacks part of it") {
