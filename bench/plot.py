@@ -12,6 +12,12 @@
       bench-predict --json: total time and downtime against guest size, one column per
       link, one line per policy; a hollow marker where the policy gives up (the source keeps
       the guest).
+  plot.py tls LINES.json OUT.png
+      bench-tls --json (one object per line): GB/s for plaintext and TLS, on 1 and 2
+      channels, every repeat, with TLS's ratio to the best plaintext repeat of the same run.
+  plot.py migrate LINES.json OUT.png
+      bench-migrate --json (one object per line): total time against the raw link's time for
+      the same bytes, and downtime (the engine's and the guest's own), per dirty rate.
 
 Every point is drawn, so the spread of repeats shows, not only a median.
 """
@@ -114,19 +120,81 @@ def plot_predictions(data, out, title):
     fig.savefig(out, dpi=120)
 
 
+def plot_tls(rows, out, title):
+    groups = list(dict.fromkeys((r["channels"], r["security"]) for r in rows))
+    fig, axis = plt.subplots(figsize=(max(6, len(groups) * 1.5), 4.5))
+    for i, (channels, security) in enumerate(groups):
+        mine = [r for r in rows if r["channels"] == channels and r["security"] == security]
+        rates = [r["GBps"] for r in mine]
+        color = "#e6550d" if security == "tls" else "#3182bd"
+        axis.plot([i] * len(rates), rates, "o", color=color, alpha=0.7)
+        axis.vlines(i, min(rates), max(rates), color=color)
+        if security == "tls":
+            ratios = [r["ratio_to_best_plaintext"] for r in mine]
+            axis.annotate(f"{min(ratios):.2f}-{max(ratios):.2f}\nof plaintext", (i, max(rates)), fontsize=7,
+                          textcoords="offset points", xytext=(6, 0))
+    axis.set_xticks(range(len(groups)), [f"{security}\n{channels} channel{'s' if channels > 1 else ''}"
+                                         for channels, security in groups])
+    axis.set_ylabel("GB/s (each repeat)")
+    axis.set_ylim(bottom=0)
+    axis.set_title(title or "mig's Stream: TLS 1.3 against plaintext (bench-tls)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def plot_migrate(rows, out, title):
+    percents = sorted(set(r["link_percent"] for r in rows))
+    fig, (time_axis, downtime_axis) = plt.subplots(1, 2, figsize=(10, 4.5))
+    for p in percents:
+        mine = [r for r in rows if r["link_percent"] == p]
+        # Side by side around each dirty rate, so that the two series' repeats do not hide each other.
+        for axis, values, color, label, shift in (
+                (time_axis, [r["total_ms"] for r in mine], "#3182bd", "mig, total", -1),
+                (time_axis, [r["raw_same_bytes_ms"] for r in mine], "#636363", "raw link, same bytes", 1),
+                (downtime_axis, [r["downtime_ms"] for r in mine], "#3182bd", "engine's downtime", -1),
+                (downtime_axis, [r["guest_downtime_ms"] for r in mine if r.get("guest_downtime_ms") is not None],
+                 "#e6550d", "guest's longest heartbeat gap", 1)):
+            if not values:
+                continue
+            x = p + shift
+            axis.plot([x] * len(values), values, "o", color=color, alpha=0.7, label=label if p == percents[0] else None)
+            axis.vlines(x, min(values), max(values), color=color)
+    for axis, unit in ((time_axis, "total time, ms"), (downtime_axis, "downtime, ms")):
+        axis.set_xlabel("guest dirty rate, % of the raw link (0: idle)")
+        axis.set_ylabel(unit + " (each repeat)")
+        axis.legend(fontsize=8)
+    cmdline = rows[0].get("guest_cmdline", "") if rows else ""
+    fig.suptitle(title or f"bench-migrate: {cmdline}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def read_lines(path):
+    """JSON lines (bench-tls, bench-migrate): one object per line."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["rounds", "validation", "predictions"])
+    parser.add_argument("kind", choices=["rounds", "validation", "predictions", "tls", "migrate"])
     parser.add_argument("input")
     parser.add_argument("output")
     parser.add_argument("--title", default="")
     args = parser.parse_args()
     try:
-        with open(args.input) as f:
-            data = json.load(f)
+        if args.kind in ("tls", "migrate"):
+            data = read_lines(args.input)
+        else:
+            with open(args.input) as f:
+                data = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         sys.exit(f"plot.py: cannot read {args.input}: {e}")
-    if args.kind == "rounds":
+    if args.kind == "tls":
+        plot_tls(data, args.output, args.title)
+    elif args.kind == "migrate":
+        plot_migrate(data, args.output, args.title)
+    elif args.kind == "rounds":
         plot_rounds(data, args.output, args.title)
     elif args.kind == "predictions":
         plot_predictions(data, args.output, args.title)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# bench/plot.py makes its plots from what mig writes: a mig-sim round table, bench-sim's rows
-# (a small sample here) and bench-predict's; each must come out a PNG.
+# bench/plot.py makes its plots from what mig writes: a mig-sim round table, bench-predict's
+# rows, and samples of bench-sim's, bench-tls's and bench-migrate's; each must come out a PNG.
 # Usage: plot_test.sh MIG_SIM PLOT_PY BENCH_PREDICT
 set -euo pipefail
 mig_sim=$1
@@ -21,11 +21,24 @@ ROWS
 /usr/bin/python3 "$plot" validation "$scratch/rows.json" "$scratch/validation.png"
 "$bench_predict" --workload random:rate=4M,wss=16M,mem=64M,seconds=5 --json "$scratch/predict.json" >/dev/null
 /usr/bin/python3 "$plot" predictions "$scratch/predict.json" "$scratch/predictions.png"
-for png in rounds validation predictions; do
+cat >"$scratch/tls.json" <<'LINES'
+{"channels":1,"security":"plaintext","repeat":0,"GBps":2.9,"ratio_to_best_plaintext":1.0}
+{"channels":1,"security":"plaintext","repeat":1,"GBps":3.1,"ratio_to_best_plaintext":1.0}
+{"channels":1,"security":"tls","repeat":0,"GBps":1.2,"ratio_to_best_plaintext":0.39}
+{"channels":1,"security":"tls","repeat":1,"GBps":1.3,"ratio_to_best_plaintext":0.42}
+LINES
+/usr/bin/python3 "$plot" tls "$scratch/tls.json" "$scratch/tls.png"
+cat >"$scratch/migrate.json" <<'LINES'
+{"link_percent":0,"guest_cmdline":"mode=random","total_ms":700,"raw_same_bytes_ms":650,"downtime_ms":3.1,"guest_downtime_ms":4.0}
+{"link_percent":0,"guest_cmdline":"mode=random","total_ms":720,"raw_same_bytes_ms":640,"downtime_ms":2.9,"guest_downtime_ms":null}
+{"link_percent":50,"guest_cmdline":"mode=random","total_ms":1900,"raw_same_bytes_ms":1500,"downtime_ms":21.0,"guest_downtime_ms":25.2}
+LINES
+/usr/bin/python3 "$plot" migrate "$scratch/migrate.json" "$scratch/migrate.png"
+for png in rounds validation predictions tls migrate; do
   [ "$(head -c 4 "$scratch/$png.png" | tail -c 3)" = "PNG" ] || { echo "plot_test: $png.png is not a PNG"; exit 1; }
 done
 if /usr/bin/python3 "$plot" rounds "$scratch/rows.json" "$scratch/bad.png" 2>"$scratch/err"; then
   echo "plot_test: a file without a round table was plotted"; exit 1
 fi
 grep -q "no round_table" "$scratch/err"
-echo "plot_test: all three plots made"
+echo "plot_test: all five plots made"
