@@ -225,7 +225,7 @@ void Domain::check_destination(const MigrateRequest& request) const {
   if (!guest) throw CommandError("migrate: no guest here yet (" + std::string(to_string(run_state())) + ")");
   try {
     auto stream = transport::connect(request.endpoint, request.tls.get());
-    engine::check_destination(*guest, stream, request.options.peer_timeout);
+    engine::check_destination(*guest, stream, request.options);
   } catch (const std::exception& e) {
     throw CommandError(std::string("migrate (dry run): ") + e.what());
   }

@@ -211,7 +211,9 @@ IncomingMigration::State IncomingMigration::on_hello(const wire::FrameHeader& fr
   if (options_.hello_received) options_.hello_received(s.stats.dry_run);
   check_guest_fits(s.hello);
   if (s.stats.dry_run) {
-    stream_->send(wire::HelloAck{wire::kCapDryRun, transport::host_boot_id()});
+    // As far as it can be told without building the VM.
+    const std::uint32_t postcopy = postcopy_possible(s.hello) ? wire::kCapPostcopy : 0;
+    stream_->send(wire::HelloAck{wire::kCapDryRun | postcopy, transport::host_boot_id(), channels_accepted(s.hello)});
     s.stats.status = MigrationStatus::completed;
     return State::running;  // nothing built, nothing to run: the check is the whole session
   }
@@ -225,10 +227,9 @@ IncomingMigration::State IncomingMigration::on_hello(const wire::FrameHeader& fr
     return State::awaiting_shared_memory;
   }
   build_vm();
-  s.channels = options_.accept_channel ? s.hello.channels : 1;
+  s.channels = channels_accepted(s.hello);
   s.stats.channels = s.channels;
-  s.postcopy = (s.hello.capabilities & wire::kCapPostcopy) && options_.accept_channel && options_.autostart &&
-               s.vm->postcopy_unsupported().empty();
+  s.postcopy = postcopy_possible(s.hello) && s.vm->postcopy_unsupported().empty();
   const std::uint32_t accepted = (s.hello.capabilities & wire::kCapVerify) | (s.postcopy ? wire::kCapPostcopy : 0);
   stream_->send(wire::HelloAck{accepted, transport::host_boot_id(), s.channels});
   // Post-copy answers record their hashes as one more channel (postcopy_source.h).
@@ -241,6 +242,17 @@ IncomingMigration::State IncomingMigration::on_hello(const wire::FrameHeader& fr
   }
   start_doorman();
   return State::receiving_pages;
+}
+
+// Extra channels need accept_channel; without it the sender falls back to one.
+std::uint32_t IncomingMigration::channels_accepted(const wire::Hello& hello) const {
+  return options_.accept_channel ? hello.channels : 1;
+}
+
+// Post-copy as far as this receiver's options decide it: asked for, a connection of its own,
+// and a guest that runs here at once. The VM's memory has its say once built.
+bool IncomingMigration::postcopy_possible(const wire::Hello& hello) const {
+  return (hello.capabilities & wire::kCapPostcopy) && options_.accept_channel && options_.autostart;
 }
 
 // Before anything is built for it: the guest must be within this receiver's limits, and this

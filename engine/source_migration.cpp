@@ -234,6 +234,10 @@ MigrationStats SourceMigration::run() {
 
 namespace {
 
+constexpr const char* kNoPostcopyThere =
+    "the destination cannot take post-copy: its guest memory cannot trap missing pages (hugetlbfs), it takes no "
+    "extra connections, or it leaves the guest paused";
+
 // What the destination checks before it builds anything: the guest's shape, CPU and clock.
 wire::Hello describe_guest(const MigratableVm& vm) {
   wire::Hello hello;
@@ -247,14 +251,19 @@ wire::Hello describe_guest(const MigratableVm& vm) {
 
 }  // namespace
 
-void check_destination(const MigratableVm& vm, transport::Stream& stream, std::chrono::milliseconds timeout) {
-  stream.set_timeout(timeout);
+DestinationCheck check_destination(const MigratableVm& vm, transport::Stream& stream, const SenderOptions& options) {
+  stream.set_timeout(options.peer_timeout);
   auto hello = describe_guest(vm);
-  hello.capabilities = wire::kCapDryRun;
+  hello.capabilities = wire::kCapDryRun | (options.postcopy ? wire::kCapPostcopy : 0);
+  hello.channels = std::clamp(options.channels, 1u, wire::kMaxChannels);
   stream.send(hello);
   const auto ack = stream.receive<wire::HelloAck>();  // a refusal arrives as Error, and throws
   if (!(ack.capabilities & wire::kCapDryRun))
     throw std::runtime_error("the destination took the check for a migration (it predates dry runs)");
+  const bool postcopy = (ack.capabilities & wire::kCapPostcopy) != 0;
+  if (options.postcopy && !postcopy) throw std::runtime_error(kNoPostcopyThere);
+  if (ack.channels < 1 || ack.channels > hello.channels) throw wire::ProtocolError("receiver accepted an impossible channel count");
+  return {ack.channels, postcopy};
 }
 
 void SourceMigration::set_up() {
@@ -280,9 +289,7 @@ void SourceMigration::set_up() {
   const auto ack = s.stream.receive<wire::HelloAck>();
   s.verify = s.options.verify && (ack.capabilities & wire::kCapVerify);
   s.postcopy = (hello.capabilities & wire::kCapPostcopy) && (ack.capabilities & wire::kCapPostcopy);
-  if ((hello.capabilities & wire::kCapPostcopy) && !s.postcopy)
-    throw std::runtime_error("the destination cannot take post-copy: its guest memory cannot trap missing pages "
-                             "(hugetlbfs), or it takes no extra connections");
+  if ((hello.capabilities & wire::kCapPostcopy) && !s.postcopy) throw std::runtime_error(kNoPostcopyThere);
   s.same_host = !hello.host_boot_id.empty() && ack.host_boot_id == hello.host_boot_id;
   s.shared = offer_sharing && (ack.capabilities & wire::kCapSharedMemory);
   if (s.shared) hand_over_memory(memory_fds);

@@ -91,11 +91,17 @@ struct SenderOptions {
 };
 
 // The pre-flight check (mig-send --check, QMP migrate's dry-run): tells the receiver at the
-// other end of `stream` about the guest (shape, CPUID) as a migration would, and returns once
-// it said it would take it. Throws with the receiver's reason when it would not, or when it
-// does not answer within `timeout`. Nothing of the VM changes, and nothing is sent but the
-// description; disks and the capabilities a migration asks for are not part of the check.
-void check_destination(const MigratableVm& vm, transport::Stream& stream, std::chrono::milliseconds timeout);
+// other end of `stream` about the guest (shape, CPU, TSC rate) and what a migration with
+// `options` would ask (its channels, post-copy) as that migration would, and returns once it
+// said it would take it. Throws with the receiver's reason when it would not, when it would
+// not take the post-copy asked for, or when it does not answer within options.peer_timeout.
+// Nothing of the VM changes, and nothing is sent but the description. Not checked: disks,
+// and what only the destination's VM knows (hugetlbfs memory cannot take post-copy).
+struct DestinationCheck {
+  std::uint32_t channels = 1;  // the page channels it would accept (fewer than asked: the rest are not used)
+  bool postcopy = false;
+};
+DestinationCheck check_destination(const MigratableVm& vm, transport::Stream& stream, const SenderOptions& options);
 
 class SourceMigration {
  public:

@@ -765,7 +765,7 @@ TEST_CASE("a second source during a migration is refused at once, in one line - 
   test::FakeVm other({kPages});
   auto second = transport::connect(endpoint);
   const auto asked = std::chrono::steady_clock::now();
-  CHECK_THROWS_WITH(engine::check_destination(other, second, 5000ms), Contains("this receiver is taking another migration"));
+  CHECK_THROWS_WITH(engine::check_destination(other, second, engine::SenderOptions{}), Contains("this receiver is taking another migration"));
   CHECK(std::chrono::steady_clock::now() - asked < 500ms);  // not after the first migration, not after a timeout
   CHECK(first.wait_for(0s) == std::future_status::timeout);   // which goes on meanwhile
 
@@ -946,9 +946,9 @@ TEST_CASE("a dry run asks the destination and changes nothing: yes, or no with i
       return engine::IncomingMigration(s, test::fake_factory(&made), options).run();
     });
     if (lacking)
-      CHECK_THROWS_WITH(engine::check_destination(source, send_end, 2000ms), Contains("destination CPU lacks AVX-512F"));
+      CHECK_THROWS_WITH(engine::check_destination(source, send_end, engine::SenderOptions{}), Contains("destination CPU lacks AVX-512F"));
     else
-      CHECK_NOTHROW(engine::check_destination(source, send_end, 2000ms));
+      CHECK_NOTHROW(engine::check_destination(source, send_end, engine::SenderOptions{}));
     const auto received = receiver.get();
     CHECK(received.stats.dry_run);
     CHECK(told_dry_run);
@@ -959,4 +959,53 @@ TEST_CASE("a dry run asks the destination and changes nothing: yes, or no with i
     CHECK(source.pauses == 0);
     CHECK_FALSE(source.paused());
   }
+}
+
+TEST_CASE("a dry run also asks for the migration's channels and post-copy - and says what the destination would take") {
+  test::FakeVm source({kPages});
+  engine::SenderOptions asking;
+  asking.channels = 4;
+  asking.postcopy = true;
+  struct Case {
+    const char* what;
+    bool takes_channels, autostart;
+    std::optional<engine::DestinationCheck> expected;  // none: refused for post-copy
+  };
+  const Case cases[] = {
+      {"a receiver that takes extra connections and runs the guest", true, true, engine::DestinationCheck{4, true}},
+      {"one that takes no extra connections", false, true, std::nullopt},
+      {"one that leaves the guest paused (--paused)", true, false, std::nullopt},
+  };
+  for (const auto& c : cases) {
+    INFO(c.what);
+    auto [send_end, recv_end] = test::stream_pair();
+    test::Connections connections;
+    test::FakeVm* made = nullptr;
+    auto receiver = std::async(std::launch::async, [&, s = std::move(recv_end)]() mutable {
+      engine::ReceiverOptions options{2000ms, 100ms, {}, {}};
+      if (c.takes_channels) options.accept_channel = [&](std::chrono::milliseconds timeout) { return connections.accept(timeout); };
+      options.autostart = c.autostart;
+      return engine::IncomingMigration(s, test::fake_factory(&made), options).run();
+    });
+    if (c.expected) {
+      const auto check = engine::check_destination(source, send_end, asking);
+      CHECK(check.channels == c.expected->channels);
+      CHECK(check.postcopy == c.expected->postcopy);
+    } else {
+      CHECK_THROWS_WITH(engine::check_destination(source, send_end, asking), Contains("the destination cannot take post-copy"));
+    }
+    receiver.get();
+    CHECK(made == nullptr);
+  }
+  // Without post-copy asked, a receiver that takes no extra connections would take one channel.
+  auto [send_end, recv_end] = test::stream_pair();
+  test::FakeVm* made = nullptr;
+  auto receiver = std::async(std::launch::async, [&, s = std::move(recv_end)]() mutable {
+    return engine::IncomingMigration(s, test::fake_factory(&made), engine::ReceiverOptions{2000ms, 100ms, {}, {}}).run();
+  });
+  asking.postcopy = false;
+  const auto check = engine::check_destination(source, send_end, asking);
+  CHECK(check.channels == 1);
+  CHECK_FALSE(check.postcopy);
+  receiver.get();
 }
