@@ -198,7 +198,10 @@ engine::MigrationObserver Domain::migration_observer() {
 }
 
 void Domain::migrate(MigrateRequest request) {
-  if (request.dry_run) return check_destination(request);
+  if (request.dry_run) {
+    check_destination(request);
+    return;
+  }
   std::shared_ptr<engine::MigrationControl> control;
   {
     std::lock_guard lock(mutex_);
@@ -218,14 +221,12 @@ void Domain::migrate(MigrateRequest request) {
   });
 }
 
-// migrate's dry run: asks the destination whether it would take this guest, and returns
-// once it said yes; its no is the command's error. Only reads the guest's description.
-void Domain::check_destination(const MigrateRequest& request) const {
+engine::DestinationCheck Domain::check_destination(const MigrateRequest& request) const {
   const engine::MigratableVm* guest = vm();
   if (!guest) throw CommandError("migrate: no guest here yet (" + std::string(to_string(run_state())) + ")");
   try {
     auto stream = transport::connect(request.endpoint, request.tls.get());
-    engine::check_destination(*guest, stream, request.options);
+    return engine::check_destination(*guest, stream, request.options);
   } catch (const std::exception& e) {
     throw CommandError(std::string("migrate (dry run): ") + e.what());
   }

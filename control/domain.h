@@ -85,6 +85,9 @@ class Domain {
   // Starts migrating the guest away in the background. Throws CommandError when it cannot
   // start (no running guest, a migration or measurement in progress).
   void migrate(MigrateRequest request);
+  // migrate's dry run: asks the destination whether it would take this guest, as `request`
+  // would migrate it; its no (or silence) is the CommandError. Only reads the guest's description.
+  engine::DestinationCheck check_destination(const MigrateRequest& request) const;
   bool cancel_migration();
   // migrate-start-postcopy: throws CommandError unless a migration with post-copy enabled runs
   // and has not switched yet.
@@ -123,7 +126,6 @@ class Domain {
   void run_outgoing(MigrateRequest request, std::shared_ptr<engine::MigrationControl> control);
   void run_incoming();
   bool receive_one(transport::Stream stream);
-  void check_destination(const MigrateRequest& request) const;
   void finish_incoming(const engine::IncomingStats& stats);
   void measure_dirty_rate(double seconds);
   void require_guest_idle(const char* command) const;  // with mutex_ held

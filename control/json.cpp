@@ -206,4 +206,8 @@ nlohmann::json migration_info(const engine::MigrationProgress& p) {
   return info;
 }
 
+nlohmann::json to_json(const engine::DestinationCheck& check) {
+  return {{"channels", check.channels}, {"postcopy", check.postcopy}};
+}
+
 }  // namespace mig::control

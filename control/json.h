@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "engine/control.h"
+#include "engine/source_migration.h"
 #include "engine/stats.h"
 
 namespace mig::control {
@@ -16,6 +17,8 @@ nlohmann::json to_json(const engine::RoundStats& round);
 nlohmann::json to_json(const engine::PostcopyStats& postcopy);
 nlohmann::json to_json(const engine::DiskStats& disk);
 nlohmann::json to_json(const engine::LatencySummary& latency);
+// migrate's dry-run reply: {"channels", "postcopy"}.
+nlohmann::json to_json(const engine::DestinationCheck& check);
 
 // QEMU's MigrationInfo (query-migrate) for a migration in any state, with mig's own fields
 // under "mig".

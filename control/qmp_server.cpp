@@ -8,6 +8,7 @@
 
 #include <atomic>
 
+#include "control/json.h"
 #include "control/qmp_framing.h"
 #include "transport/endpoint.h"
 
@@ -270,10 +271,15 @@ const QmpServer::CommandTable& QmpServer::domain_commands() {
            if (!arguments.contains("uri") || !arguments["uri"].is_string() || arguments.size() != 2)
              throw CommandError("migrate with resume takes only 'uri' (the destination's migrate-recover address)");
            domain.resume_postcopy(arguments["uri"].get<std::string>());
-         } else {
-           domain.migrate(parse_migrate_arguments(arguments, domain.parameters()));
+           return nlohmann::json::object();
          }
-         return nlohmann::json::object();
+         auto request = parse_migrate_arguments(arguments, domain.parameters());
+         if (!request.dry_run) {
+           domain.migrate(std::move(request));
+           return nlohmann::json::object();
+         }
+         // mig's own answer: what the destination would take of what the migration asks.
+         return to_json(domain.check_destination(request));
        }},
       {"migrate-recover",
        [](Domain& domain, const nlohmann::json& arguments) {

@@ -396,7 +396,8 @@ TEST_CASE("QMP: migrate with dry-run asks the destination, which answers and wai
     if (event.name == "MIGRATION_CHECK") checks.push_back(event.data.dump());
   });
   control::QmpClient client(host.path);
-  CHECK(client.execute("migrate", {{"uri", destination.endpoint}, {"dry-run", true}}) == json::object());
+  CHECK(client.execute("migrate", {{"uri", destination.endpoint}, {"dry-run", true}, {"parallel", 2}}) ==
+        json{{"channels", 2}, {"postcopy", false}});
   CHECK(client.execute("query-status")["status"] == "running");
   CHECK(client.execute("query-migrate") == json::object());  // no migration ran
   CHECK(destination.vm == nullptr);

@@ -9,6 +9,7 @@
 #include <optional>
 #include <thread>
 
+#include "control/json.h"
 #include "control/qmp_client.h"
 #include "control/qmp_server.h"
 #include "tools/cli.h"
@@ -25,15 +26,19 @@ bool is_finished(const nlohmann::json& info) {
   return status == "completed" || status == "failed" || status == "cancelled" || status == "handoff-unknown";
 }
 
-// --check: the destination's answer to the pre-flight check, as an exit code.
-int report_check(const std::function<void()>& ask) {
+// --check: the destination's answer to the pre-flight check (migrate's dry-run reply), as an
+// exit code.
+int report_check(const std::function<nlohmann::json()>& ask) {
+  nlohmann::json answer;
   try {
-    ask();
+    answer = ask();
   } catch (const std::exception& e) {
     fmt::print(stderr, "mig-send: {}\n", e.what());
     return tools::kExitMigrationFailed;
   }
-  fmt::print("mig-send: the destination would take this guest (a dry run: nothing else was sent)\n");
+  const auto channels = answer.value("channels", 1u);
+  fmt::print("mig-send: the destination would take this guest, on {} channel{}{} (a dry run: nothing else was sent)\n",
+             channels, channels == 1 ? "" : "s", answer.value("postcopy", false) ? ", with post-copy" : "");
   return tools::kExitMigrated;
 }
 
@@ -43,7 +48,7 @@ int report_check(const std::function<void()>& ask) {
 int migrate_running_vm(const std::string& socket, const nlohmann::json& arguments, const std::string& stats_json,
                        bool verbose, tools::ControlSignals& signals) {
   control::QmpClient source(control::qmp_socket_path(socket));
-  if (arguments.value("dry-run", false)) return report_check([&] { source.execute("migrate", arguments); });
+  if (arguments.value("dry-run", false)) return report_check([&] { return source.execute("migrate", arguments); });
   source.execute("migrate", arguments);
   const bool tty = ::isatty(STDOUT_FILENO);
   bool cancel_sent = false;
@@ -101,7 +106,8 @@ double migration_time(const BootedGuest& options, const kvm::Machine& machine, c
 std::optional<int> migrate_once(control::Domain& domain, const nlohmann::json& arguments, const std::string& stats_json,
                                 nlohmann::json& stats) {
   if (arguments.value("dry-run", false))
-    return report_check([&] { domain.migrate(control::parse_migrate_arguments(arguments, domain.parameters())); });
+    return report_check(
+        [&] { return control::to_json(domain.check_destination(control::parse_migrate_arguments(arguments, domain.parameters()))); });
   try {
     domain.migrate(control::parse_migrate_arguments(arguments, domain.parameters()));
   } catch (const std::exception& e) {
