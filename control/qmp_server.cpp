@@ -232,6 +232,25 @@ nlohmann::json QmpServer::respond(Client& client, const nlohmann::json& request,
   }
 }
 
+namespace {
+
+// migrate: a migration started, a post-copy resumed (resume), or a dry run, which answers
+// with what the destination would take of what the migration asks (mig's own reply).
+nlohmann::json migrate(Domain& domain, const nlohmann::json& arguments) {
+  if (arguments.is_object() && arguments.value("resume", false)) {
+    if (!arguments.contains("uri") || !arguments["uri"].is_string() || arguments.size() != 2)
+      throw CommandError("migrate with resume takes only 'uri' (the destination's migrate-recover address)");
+    domain.resume_postcopy(arguments["uri"].get<std::string>());
+    return nlohmann::json::object();
+  }
+  auto request = parse_migrate_arguments(arguments, domain.parameters());
+  if (request.dry_run) return to_json(domain.check_destination(request));
+  domain.migrate(std::move(request));
+  return nlohmann::json::object();
+}
+
+}  // namespace
+
 // The commands that only look at the domain; qmp_capabilities and quit also concern the
 // client, and handle_message takes them itself.
 const QmpServer::CommandTable& QmpServer::domain_commands() {
@@ -265,22 +284,7 @@ const QmpServer::CommandTable& QmpServer::domain_commands() {
          domain.cont();
          return nlohmann::json::object();
        }},
-      {"migrate",
-       [](Domain& domain, const nlohmann::json& arguments) {
-         if (arguments.is_object() && arguments.value("resume", false)) {
-           if (!arguments.contains("uri") || !arguments["uri"].is_string() || arguments.size() != 2)
-             throw CommandError("migrate with resume takes only 'uri' (the destination's migrate-recover address)");
-           domain.resume_postcopy(arguments["uri"].get<std::string>());
-           return nlohmann::json::object();
-         }
-         auto request = parse_migrate_arguments(arguments, domain.parameters());
-         if (!request.dry_run) {
-           domain.migrate(std::move(request));
-           return nlohmann::json::object();
-         }
-         // mig's own answer: what the destination would take of what the migration asks.
-         return to_json(domain.check_destination(request));
-       }},
+      {"migrate", migrate},
       {"migrate-recover",
        [](Domain& domain, const nlohmann::json& arguments) {
          if (!arguments.is_object() || !arguments.contains("uri") || !arguments["uri"].is_string() || arguments.size() != 1)
