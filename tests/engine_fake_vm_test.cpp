@@ -876,56 +876,58 @@ TEST_CASE("Commit lost and the source never asks again: the destination discards
   CHECK(std::chrono::steady_clock::now() - start >= 2000ms);  // it waited out its grace period first
 }
 
-TEST_CASE("a destination that cannot give the guest its CPU refuses at Hello, naming what it lacks - before any page") {
-  test::FakeVm source({kPages});
-  fill(source, kPages);
-  source.cpuid = {{7, 0, 0, 1u << 16, 0, 0}};
+namespace {
+
+// A migration to a receiver whose pre-flight checks (set by `refuse`) turn the guest away at
+// Hello: nothing may have moved or been built, and the source runs on. Returns the source's error.
+std::string refused_at_hello(test::FakeVm& source, const std::function<void(engine::ReceiverOptions&)>& refuse) {
   auto [send_end, recv_end] = test::stream_pair();
   test::FakeVm* made = nullptr;
-  std::vector<wire::CpuidLeaf> asked;
   auto receiver = std::async(std::launch::async, [&, s = std::move(recv_end)]() mutable {
     engine::ReceiverOptions options{2000ms, 100ms, {}, {}};
-    options.missing_cpu_features = [&](const std::vector<wire::CpuidLeaf>& guest) {
-      asked = guest;
-      return std::vector<std::string>{"AVX-512F", "XSAVE state AVX-512 opmask"};
-    };
+    refuse(options);
     return engine::IncomingMigration(s, test::fake_factory(&made), options).run();
   });
   const auto sent = engine::SourceMigration(source, send_end, engine::SenderOptions{}).run();
   const auto received = receiver.get();
-  CHECK(asked == source.cpuid);
   CHECK(sent.status == engine::MigrationStatus::failed);
-  CHECK_THAT(sent.error, Contains("destination CPU lacks AVX-512F, XSAVE state AVX-512 opmask, which the guest was given"));
   CHECK(sent.pages_sent == 0);
   CHECK_FALSE(source.paused());
   CHECK(made == nullptr);
   CHECK(received.stats.status == engine::MigrationStatus::failed);
+  return sent.error;
+}
+
+}  // namespace
+
+TEST_CASE("a destination that cannot give the guest its CPU refuses at Hello, naming what it lacks - before any page") {
+  test::FakeVm source({kPages});
+  fill(source, kPages);
+  source.cpuid = {{7, 0, 0, 1u << 16, 0, 0}};
+  std::vector<wire::CpuidLeaf> asked;
+  const auto error = refused_at_hello(source, [&](engine::ReceiverOptions& options) {
+    options.missing_cpu_features = [&](const std::vector<wire::CpuidLeaf>& guest) {
+      asked = guest;
+      return std::vector<std::string>{"AVX-512F", "XSAVE state AVX-512 opmask"};
+    };
+  });
+  CHECK(asked == source.cpuid);
+  CHECK_THAT(error, Contains("destination CPU lacks AVX-512F, XSAVE state AVX-512 opmask, which the guest was given"));
 }
 
 TEST_CASE("a destination that cannot run the guest's TSC at its rate refuses at Hello, naming both rates") {
   test::FakeVm source({kPages});
   fill(source, kPages);
   source.tsc_khz = 2'100'000;
-  auto [send_end, recv_end] = test::stream_pair();
-  test::FakeVm* made = nullptr;
   std::uint32_t asked = 0;
-  auto receiver = std::async(std::launch::async, [&, s = std::move(recv_end)]() mutable {
-    engine::ReceiverOptions options{2000ms, 100ms, {}, {}};
+  const auto error = refused_at_hello(source, [&](engine::ReceiverOptions& options) {
     options.tsc_refusal = [&](std::uint32_t guest_khz) {
       asked = guest_khz;
       return kvm::plan_tsc(guest_khz, 3'000'000, false).reason;
     };
-    return engine::IncomingMigration(s, test::fake_factory(&made), options).run();
   });
-  const auto sent = engine::SourceMigration(source, send_end, engine::SenderOptions{}).run();
-  const auto received = receiver.get();
   CHECK(asked == 2'100'000);
-  CHECK(sent.status == engine::MigrationStatus::failed);
-  CHECK_THAT(sent.error, Contains("the guest's TSC runs at 2100000 kHz, this host's at 3000000 kHz, and this host cannot scale it"));
-  CHECK(sent.pages_sent == 0);
-  CHECK_FALSE(source.paused());
-  CHECK(made == nullptr);
-  CHECK(received.stats.status == engine::MigrationStatus::failed);
+  CHECK_THAT(error, Contains("the guest's TSC runs at 2100000 kHz, this host's at 3000000 kHz, and this host cannot scale it"));
 }
 
 TEST_CASE("a dry run asks the destination and changes nothing: yes, or no with its reason") {
