@@ -10,7 +10,6 @@
 #include "control/qmp_server.h"
 #include "tools/cli.h"
 #include "tools/vm_options.h"
-#include "vmm/kvm_vm.h"
 
 using namespace mig;
 
@@ -27,18 +26,18 @@ std::string receive_summary_line(const engine::IncomingStats& s) {
 // unless it has moved on meanwhile.
 int run_received_guest(control::Domain& domain, const engine::IncomingStats& incoming, double run_for,
                        const std::string& stats_json) {
-  kvm::Machine& machine = static_cast<vmm::KvmVm*>(domain.vm())->machine();
-  tools::run_guest(domain, machine, run_for);
+  auto& guest = dynamic_cast<vmm::HostedVm&>(*domain.vm());
+  tools::run_guest(domain, guest, run_for);
   if (const auto onward = domain.wait_migration(); onward && onward->status == engine::MigrationStatus::completed) {
     fmt::print(stderr, "mig-recv: the guest migrated onward\n");
     return tools::kExitMigrated;
   }
-  machine.pause();
-  tools::print_heartbeat_stats(machine.probe(), stdout);
+  guest.pause();
+  tools::print_heartbeat_stats(guest.probe(), stdout);
   auto report = control::to_json(incoming);
-  report.update(tools::guest_report(machine));
+  report.update(tools::guest_report(guest));
   tools::write_stats_json(stats_json, report);
-  if (auto failure = machine.failure()) {
+  if (auto failure = guest.failure()) {
     fmt::print(stderr, "mig-recv: guest failed: {}\n", *failure);
     return tools::kExitGuestFailed;
   }
@@ -53,7 +52,7 @@ struct Options {
   double peer_timeout_s = 10;
   std::vector<std::string> disks;
   transport::TlsCredentials tls;
-  bool paused = false;
+  bool paused = false, synthetic = false;
   tools::MemoryFlags memory;
 
   void add_to(CLI::App& app) {
@@ -63,9 +62,12 @@ struct Options {
     app.add_option("--run-for", run_for, "run the received guest this many seconds, then exit; default: until quit (QMP) or SIGINT/SIGTERM");
     app.add_option("--stats-json", stats_json, "write the incoming migration's statistics here");
     memory.add_to(app);
+    auto* synthetic_flag = app.add_flag("--synthetic-guest", synthetic,
+                                        "take a synthetic guest (mig-send --synthetic-guest), which needs no KVM, instead of a KVM one");
     tools::size_option(app.add_option("--expect-mem", expect_mem,
                                       "build the VM for a guest of this size while waiting, with its memory populated, so receiving "
-                                      "pays no page faults (like QEMU's -incoming with -m); a different incoming shape is still accepted"));
+                                      "pays no page faults (like QEMU's -incoming with -m); a different incoming shape is still accepted"))
+        ->excludes(synthetic_flag);
     app.add_option("--expect-vcpus", expect_vcpus, "with --expect-mem: the vCPU count to prepare for")->default_val(1);
     app.add_option("--tls-creds", tls.x509_dir,
                    "accept only mutual TLS 1.3 connections, with the x509 credentials in DIR (QEMU's layout: ca-cert.pem, "
@@ -82,10 +84,10 @@ struct Options {
                    "seconds a silent or stalled source is given before the migration fails and is discarded here (default 10)")
         ->check(CLI::Range(0.1, 3600.0));
     app.add_flag("--paused", paused, "leave the guest paused once it has arrived (QEMU's -S); QMP cont resumes it");
-    tools::add_disk_option(app, disks,
+    synthetic_flag->excludes(tools::add_disk_option(app, disks,
                            "the image for the source's next disk: with --copy-storage-all it is created (or an existing one, "
                            "large enough, is written over); for shared storage it is the same image, by default the "
-                           "source's path");
+                           "source's path"));
   }
 };
 
@@ -96,6 +98,7 @@ engine::VmFactory incoming_factory(const Options& options, std::string& memory_d
     throw std::invalid_argument("--listen defer needs --qmp, to receive migrate-incoming");
   const auto memory = vmm::KvmVm::incoming_memory(options.memory.options());
   memory_description = memory.description;
+  if (options.synthetic) return vmm::SyntheticVm::factory(memory.options);
   return vmm::KvmVm::factory(options.serial, memory.options,
                              options.expect_mem > 0 ? std::optional(vmm::KvmVm::pc_shape(options.expect_mem, options.expect_vcpus))
                                                     : std::nullopt,
@@ -133,8 +136,10 @@ int main(int argc, char** argv) {
   receiver.max_guest_bytes = options.max_mem;
   receiver.max_vcpus = options.max_vcpus;
   receiver.peer_timeout = std::chrono::milliseconds(static_cast<std::int64_t>(options.peer_timeout_s * 1000));
-  receiver.missing_cpu_features = vmm::KvmVm::missing_cpu_features;
-  receiver.tsc_refusal = vmm::KvmVm::tsc_refusal;
+  if (!options.synthetic) {  // a synthetic guest runs on no CPU model and no TSC
+    receiver.missing_cpu_features = vmm::KvmVm::missing_cpu_features;
+    receiver.tsc_refusal = vmm::KvmVm::tsc_refusal;
+  }
   transport::AcceptPolicy accept;
   try {
     accept = accept_policy(options.tls);

@@ -90,13 +90,13 @@ struct BootedGuest {
 
 // When to migrate, in seconds from `started`: --after, counted from the guest's ready
 // report (or from now, for a guest without the probe); never (-1) without --after.
-double migration_time(const BootedGuest& options, const kvm::Machine& machine, const tools::ControlSignals& signals,
+double migration_time(const BootedGuest& options, const vmm::HostedVm& guest, const tools::ControlSignals& signals,
                       steady_clock::time_point started) {
   if (options.after < 0) return -1;
   bool ready = false;
   // A guest without mig's probe never reports: the wait ends at 60 s, or earlier at --run-for.
   const auto run_out = [&] { return options.run_for >= 0 && duration<double>(steady_clock::now() - started).count() >= options.run_for; };
-  for (int i = 0; i < 600 && !ready && !signals.terminating() && !run_out(); ++i) ready = machine.probe().wait_ready(milliseconds(100));
+  for (int i = 0; i < 600 && !ready && !signals.terminating() && !run_out(); ++i) ready = guest.probe().wait_ready(milliseconds(100));
   if (!ready) fmt::print(stderr, "mig-send: the guest did not report ready; --after counts from boot\n");
   return options.after + duration<double>(steady_clock::now() - started).count();
 }
@@ -141,17 +141,17 @@ std::optional<int> migrate_once(control::Domain& domain, const nlohmann::json& a
 int boot_and_migrate(const BootedGuest& options, const nlohmann::json& arguments, const std::string& stats_json,
                      tools::ControlSignals& signals) {
   const auto started = steady_clock::now();
-  std::unique_ptr<vmm::KvmVm> vm;
+  std::unique_ptr<vmm::HostedVm> vm;
   std::optional<std::string> qmp_path;
   try {
     if (!options.qmp.empty()) qmp_path = control::qmp_socket_path(options.qmp);
-    vm = std::make_unique<vmm::KvmVm>(tools::boot_machine(options.vm));
+    vm = tools::boot_guest(options.vm);
     fmt::print("mig-send: guest memory: {}\n", kvm::describe_page_size(options.vm.memory.options()));
   } catch (const std::exception& e) {
     fmt::print(stderr, "mig-send: {}\n", e.what());
     return tools::kExitSetupError;
   }
-  kvm::Machine& machine = vm->machine();
+  vmm::HostedVm& guest = *vm;
   control::Domain domain(tools::migratable(std::move(vm), options.vm));
   const auto quit_on_signal = signals.on_terminate([&domain] { domain.quit(); });
   std::optional<control::QmpServer> server;
@@ -170,19 +170,19 @@ int boot_and_migrate(const BootedGuest& options, const nlohmann::json& arguments
     return limit < 0 ? -1.0 : std::max(0.0, limit - duration<double>(steady_clock::now() - started).count());
   };
   nlohmann::json stats = {{"status", "failed"}, {"error", "not migrated"}};
-  for (double migrate_at = migration_time(options, machine, signals, started);; migrate_at = -1) {
+  for (double migrate_at = migration_time(options, guest, signals, started);; migrate_at = -1) {
     const auto signal = signals.wait(seconds_until(migrate_at < 0 ? options.run_for : migrate_at));
     if (signal == tools::ControlSignals::Signal::terminate || (signal == tools::ControlSignals::Signal::none && migrate_at < 0))
       break;  // a signal, or --run-for ran out
-    if (auto failure = machine.failure()) {
+    if (auto failure = guest.failure()) {
       fmt::print(stderr, "mig-send: guest failed before migration: {}\n", *failure);
       return tools::kExitGuestFailed;
     }
     if (const auto exit_code = migrate_once(domain, arguments, stats_json, stats)) return *exit_code;
   }
   // The heartbeat summary covers the time the guest ran on after any failure.
-  machine.pause();
-  stats.update(tools::guest_report(machine));
+  guest.pause();
+  stats.update(tools::guest_report(guest));
   tools::write_stats_json(stats_json, stats);
   return tools::kExitMigrationFailed;
 }
@@ -193,7 +193,7 @@ int main(int argc, char** argv) {
   CLI::App app{"mig-send: live-migrate a guest to a waiting mig-recv - one that runs already (--vm), or one it boots"};
   tools::add_version_flag(app, "mig-send");
   BootedGuest booted;
-  booted.vm.add_to(app, false);
+  booted.vm.add_to(app);
   std::string to, vm_socket, stats_json;
   bool verbose = false;
   tools::MigrateFlags flags;
@@ -210,8 +210,8 @@ int main(int argc, char** argv) {
   app.add_option("--qmp", booted.qmp, "a QMP control socket for the booted guest, unix:PATH");
   flags.add_to(app);
   CLI11_PARSE(app, argc, argv);
-  if (vm_socket.empty() == booted.vm.kernel.empty()) {
-    fmt::print(stderr, "mig-send: give either --vm unix:PATH (a running guest) or --kernel IMAGE (boot one)\n");
+  if (vm_socket.empty() == !booted.vm.defines_guest()) {
+    fmt::print(stderr, "mig-send: give either --vm unix:PATH (a running guest), or --kernel IMAGE or --synthetic-guest MBPS (start one)\n");
     return tools::kExitSetupError;
   }
   const auto arguments = flags.arguments(to);

@@ -69,10 +69,10 @@ struct CpuModelModes {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"mig-vm: run a multiboot guest under mig's VMM and report its heartbeats"};
+  CLI::App app{"mig-vm: run a multiboot guest under mig's VMM (or a synthetic guest) and report its heartbeats"};
   tools::add_version_flag(app, "mig-vm");
   tools::VmOptions vm_options;
-  vm_options.add_to(app, false);
+  vm_options.add_to(app);
   CpuModelModes cpu_models;
   cpu_models.add_to(app);
   double run_for = -1, dirty_rate_window = 0;
@@ -84,30 +84,30 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   if (cpu_models.asked()) return cpu_models.run();
-  if (vm_options.kernel.empty()) {
-    fmt::print(stderr, "mig-vm: --kernel is required (or --print-cpu, --common-cpu)\n");
+  if (!vm_options.defines_guest()) {
+    fmt::print(stderr, "mig-vm: --kernel or --synthetic-guest is required (or --print-cpu, --common-cpu)\n");
     return 1;
   }
   tools::ControlSignals signals;
   try {
     const std::string qmp_path = qmp.empty() ? "" : control::qmp_socket_path(qmp);
     if (run_for < 0 && qmp.empty()) run_for = 5;
-    auto vm = std::make_unique<vmm::KvmVm>(tools::boot_machine(vm_options));
+    auto vm = tools::boot_guest(vm_options);
     fmt::print("mig-vm: guest memory: {}\n", kvm::describe_page_size(vm_options.memory.options()));
-    kvm::Machine& machine = vm->machine();
+    vmm::HostedVm& guest = *vm;
     control::Domain domain(tools::migratable(std::move(vm), vm_options));
     const auto quit_on_signal = signals.on_terminate([&domain] { domain.quit(); });
     std::optional<control::QmpServer> server;
     if (!qmp_path.empty()) server.emplace(domain, qmp_path);
     const auto started = steady_clock::now();
     if (dirty_rate_window > 0) {
-      if (!machine.probe().wait_ready(seconds(60))) throw std::runtime_error("guest did not report ready within 60 s");
+      if (!guest.probe().wait_ready(seconds(60))) throw std::runtime_error("guest did not report ready within 60 s");
       fmt::print("dirty rate: {:.1f} MB/s over {:.2f} s\n", measure_dirty_rate_mbps(domain, dirty_rate_window), dirty_rate_window);
     }
-    tools::run_guest(domain, machine, run_for < 0 ? -1 : std::max(0.0, run_for - duration<double>(steady_clock::now() - started).count()));
-    machine.pause();
-    tools::print_heartbeat_stats(machine.probe(), stdout);
-    if (auto failure = machine.failure()) {
+    tools::run_guest(domain, guest, run_for < 0 ? -1 : std::max(0.0, run_for - duration<double>(steady_clock::now() - started).count()));
+    guest.pause();
+    tools::print_heartbeat_stats(guest.probe(), stdout);
+    if (auto failure = guest.failure()) {
       fmt::print(stderr, "mig-vm: guest failed: {}\n", *failure);
       return 1;
     }

@@ -6,16 +6,14 @@
 
 namespace mig::tools {
 
-void VmOptions::add_to(CLI::App& app, bool kernel_required) {
-  app.add_option("--kernel", kernel, "multiboot v1 kernel image (ELF32 or a.out kludge)")
-      ->required(kernel_required)
-      ->check(CLI::ExistingFile);
+void VmOptions::add_to(CLI::App& app) {
+  auto* kernel_option = app.add_option("--kernel", kernel, "multiboot v1 kernel image (ELF32 or a.out kludge)")->check(CLI::ExistingFile);
   size_option(app.add_option("--mem", mem_bytes, "guest memory, e.g. 256M or 2G"))
       ->default_str("256M");
   app.add_option("--vcpus", vcpus, "number of vCPUs")->default_val(1);
-  app.add_option("--append", append, "kernel command line");
-  app.add_option("--serial", serial, "where COM1 output goes: a file, a FIFO, or - for stdout");
-  app.add_option("--cpu", cpu,
+  auto* append_option = app.add_option("--append", append, "kernel command line");
+  auto* serial_option = app.add_option("--serial", serial, "where COM1 output goes: a file, a FIFO, or - for stdout");
+  auto* cpu_option = app.add_option("--cpu", cpu,
                  "the guest's CPU: host (all this host's KVM offers) or a CPU model file (mig-vm --print-cpu, "
                  "--common-cpu), so that the guest can move to every host the model was made from")
       ->check(parses_with([](const std::string& value) {
@@ -23,13 +21,21 @@ void VmOptions::add_to(CLI::App& app, bool kernel_required) {
       }))
       ->default_str("host");
   memory.add_to(app);
-  add_disk_option(app, disks, "a virtio-blk disk on this image (legacy virtio-pci, as QEMU's virtio-blk-pci); repeatable");
+  auto* disk_option =
+      add_disk_option(app, disks, "a virtio-blk disk on this image (legacy virtio-pci, as QEMU's virtio-blk-pci); repeatable");
   app.add_option("--record-trace", record_trace,
                  "record the guest's dirty pages into this trace file, one bitmap per interval, while it runs (for mig-sim)");
   app.add_option("--trace-interval-ms", trace_interval_ms, "--record-trace's interval (default 10)")->check(CLI::Range(0.1, 10000.0));
+  app.add_option("--synthetic-guest", synthetic_dirty_MBps,
+                 "instead of booting a kernel, run a synthetic guest (no KVM needed): host threads stand in for its vCPUs, "
+                 "sweep its memory at MBPS in all once it is filled (0: as fast as they can) checking every page, and send "
+                 "heartbeats every millisecond; it migrates only to a mig-recv --synthetic-guest")
+      ->type_name("MBPS")
+      ->check(CLI::Range(0.0, 1e6))
+      ->excludes(kernel_option, append_option, serial_option, cpu_option, disk_option);
 }
 
-std::unique_ptr<engine::MigratableVm> migratable(std::unique_ptr<vmm::KvmVm> vm, const VmOptions& options) {
+std::unique_ptr<engine::MigratableVm> migratable(std::unique_ptr<engine::MigratableVm> vm, const VmOptions& options) {
   if (options.record_trace.empty()) return vm;
   const auto interval = std::chrono::microseconds(static_cast<std::int64_t>(options.trace_interval_ms * 1000));
   fmt::print("recording dirty pages every {} ms into {}\n", options.trace_interval_ms, options.record_trace);
@@ -37,8 +43,8 @@ std::unique_ptr<engine::MigratableVm> migratable(std::unique_ptr<vmm::KvmVm> vm,
                                                options.append.empty() ? "(no command line)" : options.append, interval);
 }
 
-void add_disk_option(CLI::App& app, std::vector<std::string>& disks, const std::string& what) {
-  app.add_option("--disk", disks, what + ". PATH[,format=raw|qcow2][,cache=none|writeback]; raw and cache=none by default, "
+CLI::Option* add_disk_option(CLI::App& app, std::vector<std::string>& disks, const std::string& what) {
+  return app.add_option("--disk", disks, what + ". PATH[,format=raw|qcow2][,cache=none|writeback]; raw and cache=none by default, "
                                   "qcow2 through qemu-nbd")
       ->check(parses_with(kvm::parse_disk_config));
 }
@@ -83,19 +89,22 @@ kvm::MachineConfig VmOptions::machine_config() const {
   return config;
 }
 
-std::unique_ptr<kvm::Machine> boot_machine(const VmOptions& options) {
+std::unique_ptr<vmm::HostedVm> boot_guest(const VmOptions& options) {
+  const auto config = options.machine_config();
+  if (options.synthetic_dirty_MBps)
+    return vmm::SyntheticVm::boot(options.mem_bytes, options.vcpus, config.memory, {*options.synthetic_dirty_MBps});
   auto image = kvm::read_multiboot_file(options.kernel);
-  auto machine = kvm::Machine::create(options.machine_config());
+  auto machine = kvm::Machine::create(config);
   for (const auto& disk : disk_configs(options.disks)) machine->attach_disk(kvm::DiskImage::open(disk));
   machine->boot(image, options.append);
   machine->start();
-  return machine;
+  return std::make_unique<vmm::KvmVm>(std::move(machine));
 }
 
-void run_guest(const control::Domain& domain, const kvm::Machine& machine, double run_for) {
+void run_guest(const control::Domain& domain, const vmm::HostedVm& guest, double run_for) {
   using namespace std::chrono;
   const auto until = steady_clock::now() + duration_cast<steady_clock::duration>(duration<double>(std::max(run_for, 0.0)));
-  while ((run_for < 0 || steady_clock::now() < until) && !machine.failure() && !domain.wait_quit(milliseconds(20))) {
+  while ((run_for < 0 || steady_clock::now() < until) && !guest.failure() && !domain.wait_quit(milliseconds(20))) {
   }
 }
 
@@ -112,9 +121,9 @@ void print_heartbeat_stats(const kvm::Probe& probe, std::FILE* out) {
   }
 }
 
-nlohmann::json guest_report(const kvm::Machine& machine) {
+nlohmann::json guest_report(const vmm::HostedVm& guest) {
   nlohmann::json beats = nlohmann::json::array();
-  for (const auto& hb : machine.probe().snapshot())
+  for (const auto& hb : guest.probe().snapshot())
     beats.push_back({{"count", hb.count},
                      {"first_seq", hb.first_seq},
                      {"last_seq", hb.last_seq},
@@ -124,7 +133,7 @@ nlohmann::json guest_report(const kvm::Machine& machine) {
                      {"disk_checks", hb.disk_checks},
                      {"self_check_failures", hb.check_failures},
                      {"last_failure_code", hb.last_failure_code}});
-  return {{"local_guest_heartbeats", beats}, {"local_guest_failure", machine.failure().value_or("")}};
+  return {{"local_guest_heartbeats", beats}, {"local_guest_failure", guest.failure().value_or("")}};
 }
 
 }  // namespace mig::tools

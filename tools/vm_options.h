@@ -10,6 +10,7 @@
 #include "engine/dirty_trace.h"
 #include "kvm/machine.h"
 #include "vmm/kvm_vm.h"
+#include "vmm/synthetic_vm.h"
 
 namespace mig::tools {
 
@@ -34,30 +35,31 @@ struct VmOptions {
   std::vector<std::string> disks;  // PATH[,format=raw|qcow2][,cache=none|writeback]
   std::string record_trace;        // a dirty trace file to record into while the guest runs
   double trace_interval_ms = 10;
+  std::optional<double> synthetic_dirty_MBps;  // run a synthetic guest (vmm/synthetic_vm.h) instead of a kernel
 
-  // --kernel is required unless the tool can also work without booting a guest.
-  void add_to(CLI::App& app, bool kernel_required = true);
+  void add_to(CLI::App& app);
+  bool defines_guest() const { return !kernel.empty() || synthetic_dirty_MBps; }
   kvm::MachineConfig machine_config() const;
 };
 
 // The guest as the engine sees it; with --record-trace, one recording its dirty pages.
-std::unique_ptr<engine::MigratableVm> migratable(std::unique_ptr<vmm::KvmVm> vm, const VmOptions& options);
+std::unique_ptr<engine::MigratableVm> migratable(std::unique_ptr<engine::MigratableVm> vm, const VmOptions& options);
 
 // --disk PATH[,format=raw|qcow2][,cache=none|writeback], repeatable, for mig-vm, mig-send and mig-recv.
-void add_disk_option(CLI::App& app, std::vector<std::string>& disks, const std::string& what);
+CLI::Option* add_disk_option(CLI::App& app, std::vector<std::string>& disks, const std::string& what);
 std::vector<kvm::DiskConfig> disk_configs(const std::vector<std::string>& disks);
 
-// Creates the machine, attaches its disks, loads the image, starts the vCPUs. Errors carry a
-// one-line reason.
-std::unique_ptr<kvm::Machine> boot_machine(const VmOptions& options);
+// Starts the guest the options describe: a KVM machine (its disks attached, its image loaded)
+// or a synthetic guest. Errors carry a one-line reason.
+std::unique_ptr<vmm::HostedVm> boot_guest(const VmOptions& options);
 
 // Lets the guest run until `run_for` seconds have passed (forever if negative), the domain
 // quits (QMP or a signal), or the guest fails.
-void run_guest(const control::Domain& domain, const kvm::Machine& machine, double run_for);
+void run_guest(const control::Domain& domain, const vmm::HostedVm& guest, double run_for);
 
 // One line per vCPU: heartbeats, sequence breaks, the longest gap, timer ticks, failures.
 void print_heartbeat_stats(const kvm::Probe& probe, std::FILE* out);
 // The same per vCPU as JSON, plus the guest's failure if any, for statistics files.
-nlohmann::json guest_report(const kvm::Machine& machine);
+nlohmann::json guest_report(const vmm::HostedVm& guest);
 
 }  // namespace mig::tools

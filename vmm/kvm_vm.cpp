@@ -3,7 +3,6 @@
 #include <sys/stat.h>
 
 #include <condition_variable>
-#include <fstream>
 #include <mutex>
 
 #include "kvm/cpu_features.h"
@@ -59,9 +58,7 @@ std::vector<engine::StateSection> encode_state(const kvm::MachineState& state) {
     sections.push_back({"vcpu." + std::to_string(i), kSectionVersion, encode_vcpu(state.vcpus[i])});
   sections.push_back({"vm", kSectionVersion, wire::encode_value(state.vm)});
   sections.push_back({"serial", kSectionVersion, wire::encode_value(state.serial)});
-  wire::ByteWriter probe;
-  probe.put_vector(state.probe);
-  sections.push_back({"probe", kSectionVersion, probe.take()});
+  sections.push_back({"probe", kSectionVersion, encode_heartbeats(state.probe)});
   for (std::size_t i = 0; i < state.disks.size(); ++i)
     sections.push_back({"virtio-blk." + std::to_string(i), kSectionVersion, wire::encode_value(state.disks[i])});
   return sections;
@@ -81,14 +78,14 @@ kvm::MachineState decode_state(const std::vector<engine::StateSection>& sections
       state.serial = wire::decode_value<kvm::SerialState>(s.data, "serial section");
       have_serial = true;
     } else if (s.name == "probe") {
-      wire::ByteReader r(s.data);
-      state.probe = r.get_vector<kvm::HeartbeatState>(kvm::kMaxVcpus, "probe section");
-      r.expect_end("probe section");
+      state.probe = decode_heartbeats(s.data);
       have_probe = true;
     } else if (s.name == "vcpu." + std::to_string(state.vcpus.size())) {
       state.vcpus.push_back(decode_vcpu(s.data));
     } else if (s.name == "virtio-blk." + std::to_string(state.disks.size())) {
       state.disks.push_back(wire::decode_value<kvm::VirtioBlkState>(s.data, "virtio-blk section"));
+    } else if (s.name == "synthetic") {
+      throw wire::ProtocolError("the source's guest is a synthetic one: only a mig-recv --synthetic-guest takes it");
     } else {
       throw wire::ProtocolError("unknown or out-of-order state section '" + s.name + "'");
     }
@@ -97,27 +94,6 @@ kvm::MachineState decode_state(const std::vector<engine::StateSection>& sections
     throw wire::ProtocolError("state is incomplete: a vm, serial, probe or vcpu section is missing");
   return state;
 }
-
-namespace {
-
-// A guest larger than what this host has available would be accepted, filled by the stream
-// and then killed by the OOM killer, or take the host down with it: refused before any of
-// its memory exists. (A VM built ahead with --expect-mem holds its memory already.)
-void require_host_memory(const engine::VmShape& shape) {
-  std::uint64_t guest = 0;
-  for (const auto& r : shape.regions) guest += r.size;
-  std::ifstream meminfo("/proc/meminfo");
-  std::string key;
-  std::uint64_t kib = 0;
-  while (meminfo >> key >> kib && key != "MemAvailable:") meminfo.ignore(64, '\n');
-  if (key != "MemAvailable:") return;  // no figure to go by
-  const std::uint64_t available = kib * 1024;
-  if (guest > available)
-    throw std::runtime_error("the guest has " + std::to_string(guest >> 20) + " MiB of memory, and this host has only " +
-                             std::to_string(available >> 20) + " MiB available");
-}
-
-}  // namespace
 
 KvmVm::IncomingMemory KvmVm::incoming_memory(kvm::MemoryOptions wanted) {
   IncomingMemory chosen{wanted, kvm::describe_page_size(wanted)};
@@ -295,13 +271,6 @@ std::vector<engine::StateSection> KvmVm::save_state() { return encode_state(mach
 
 void KvmVm::restore_state(const std::vector<engine::StateSection>& sections) {
   machine_->restore_state(decode_state(sections));
-}
-
-std::optional<engine::GuestHandover> KvmVm::wait_guest_handover(std::chrono::milliseconds timeout) {
-  if (!machine_->probe().wait_handover(timeout)) return std::nullopt;
-  const auto h = *machine_->probe().handover();
-  return engine::GuestHandover{static_cast<double>(h.gap_ns) / 1e6, h.sequence_continued, h.last_source_seq,
-                               h.first_destination_seq};
 }
 
 }  // namespace mig::vmm

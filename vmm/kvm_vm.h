@@ -6,8 +6,8 @@
 #include <optional>
 #include <thread>
 
-#include "../engine/vm.h"
 #include "../kvm/machine.h"
+#include "hosted_vm.h"
 
 namespace mig::vmm {
 
@@ -31,7 +31,7 @@ class KvmDisk final : public engine::MigratableDisk {
   kvm::VirtioBlk& device_;
 };
 
-class KvmVm final : public engine::MigratableVm {
+class KvmVm final : public HostedVm {
  public:
   // Disks are those the machine has now.
   explicit KvmVm(std::unique_ptr<kvm::Machine> machine);
@@ -67,6 +67,8 @@ class KvmVm final : public engine::MigratableVm {
   static engine::VmShape pc_shape(std::uint64_t mem_bytes, unsigned vcpus);
 
   kvm::Machine& machine() { return *machine_; }
+  const kvm::Probe& probe() const override { return machine_->probe(); }
+  std::optional<std::string> failure() const override { return machine_->failure(); }
 
   unsigned vcpu_count() const override { return machine_->config().vcpus; }
   std::vector<engine::MemoryRegion> memory_regions() const override;
@@ -95,7 +97,6 @@ class KvmVm final : public engine::MigratableVm {
   void resume() override;
   std::vector<engine::StateSection> save_state() override;
   void restore_state(const std::vector<engine::StateSection>& sections) override;
-  std::optional<engine::GuestHandover> wait_guest_handover(std::chrono::milliseconds timeout) override;
   std::vector<engine::MigratableDisk*> disks() override;
 
  private:

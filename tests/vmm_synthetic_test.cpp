@@ -1,0 +1,150 @@
+// The synthetic guest: no KVM needed, so these run everywhere.
+#include <catch2/catch.hpp>
+#include <atomic>
+#include <cstring>
+#include <thread>
+
+#include "guest/probe.h"
+#include "transport/protocol.h"
+#include "vmm/synthetic_vm.h"
+
+using namespace mig;
+using namespace std::chrono;
+
+namespace {
+
+constexpr std::uint64_t kMem = 8ull << 20;
+
+std::unique_ptr<vmm::SyntheticVm> boot(double dirty_MBps = 20) {
+  auto vm = vmm::SyntheticVm::boot(kMem, 2, {}, {dirty_MBps});
+  REQUIRE(vm->probe().wait_ready(seconds(20)));
+  return vm;
+}
+
+std::uint64_t heartbeats(const vmm::SyntheticVm& vm) {
+  std::uint64_t total = 0;
+  for (const auto& hb : vm.probe().snapshot()) total += hb.count;
+  return total;
+}
+
+std::uint64_t check_failures(const vmm::SyntheticVm& vm) {
+  std::uint64_t total = 0;
+  for (const auto& hb : vm.probe().snapshot()) total += hb.check_failures;
+  return total;
+}
+
+std::uint64_t dirty_pages(vmm::SyntheticVm& vm) {
+  std::vector<std::uint64_t> bitmap(kMem / engine::kPageSize / 64);
+  vm.fetch_dirty_log(0, bitmap);
+  std::uint64_t pages = 0;
+  for (auto word : bitmap) pages += static_cast<std::uint64_t>(__builtin_popcountll(word));
+  return pages;
+}
+
+// Waits until every vCPU has finished `passes` more sweeps, so each page was checked again.
+void wait_for_passes(const vmm::SyntheticVm& vm, std::uint32_t passes) {
+  const auto start = vm.probe().snapshot();
+  for (int i = 0; i < 2000; ++i) {
+    const auto now = vm.probe().snapshot();
+    bool done = true;
+    for (std::size_t v = 0; v < now.size(); ++v) done = done && now[v].sweep_passes >= start[v].sweep_passes + passes;
+    if (done) return;
+    std::this_thread::sleep_for(milliseconds(10));
+  }
+  FAIL("the synthetic guest's sweep did not advance");
+}
+
+}  // namespace
+
+TEST_CASE("a paused synthetic guest neither writes nor beats, and its writes are in the dirty log") {
+  auto vm = boot();
+  vm->start_dirty_log();
+  std::this_thread::sleep_for(milliseconds(50));
+  vm->pause();
+  CHECK(dirty_pages(*vm) > 0);
+  const auto beats = heartbeats(*vm);
+  std::this_thread::sleep_for(milliseconds(50));
+  CHECK(heartbeats(*vm) == beats);
+  CHECK(dirty_pages(*vm) == 0);
+  vm->resume();
+  std::this_thread::sleep_for(milliseconds(50));
+  CHECK(heartbeats(*vm) > beats);
+  CHECK(dirty_pages(*vm) > 0);
+  CHECK(vm->vcpu_threads().size() == 2);
+  CHECK(check_failures(*vm) == 0);
+}
+
+TEST_CASE("a synthetic guest reports a page that does not hold what it left there") {
+  auto vm = boot(0);  // sweeping as fast as it can, so the damaged page comes round soon
+  vm->pause();
+  auto* word = reinterpret_cast<std::uint64_t*>(vm->memory_regions()[0].host + 5 * engine::kPageSize);
+  *word += 7;
+  vm->resume();
+  wait_for_passes(*vm, 2);
+  const auto hb = vm->probe().snapshot();
+  CHECK(hb[0].check_failures >= 1);
+  CHECK(hb[0].last_failure_code == MIG_CHECK_FAIL_SWEEP);
+}
+
+TEST_CASE("a synthetic guest's memory and state, moved by hand, run on with no failure and no break") {
+  auto source = boot(0);
+  source->pause();
+  const auto sections = source->save_state();
+  engine::VmShape shape{2, {{0, kMem}}, {}, {}};
+  auto destination = vmm::SyntheticVm::factory({})(shape);
+  std::memcpy(destination->memory_regions()[0].host, source->memory_regions()[0].host, kMem);
+  destination->restore_state(sections);
+  destination->resume();
+  const auto handover = destination->wait_guest_handover(seconds(5));
+  REQUIRE(handover);
+  CHECK(handover->sequence_continued);
+  auto& synthetic = dynamic_cast<vmm::SyntheticVm&>(*destination);
+  wait_for_passes(synthetic, 2);
+  CHECK(check_failures(synthetic) == 0);
+
+  SECTION("a page left behind is found") {
+    synthetic.pause();
+    const auto sections_now = synthetic.save_state();
+    auto second = vmm::SyntheticVm::factory({})(shape);
+    std::memcpy(second->memory_regions()[0].host, synthetic.memory_regions()[0].host, kMem);
+    std::memset(second->memory_regions()[0].host + 100 * engine::kPageSize, 0, engine::kPageSize);
+    second->restore_state(sections_now);
+    second->resume();
+    auto& moved = dynamic_cast<vmm::SyntheticVm&>(*second);
+    wait_for_passes(moved, 2);
+    CHECK(check_failures(moved) >= 1);
+  }
+}
+
+TEST_CASE("a synthetic guest refuses state that is not a synthetic guest's of its shape") {
+  auto source = boot();
+  source->pause();
+  const auto good = source->save_state();
+  engine::VmShape shape{2, {{0, kMem}}, {}, {}};
+  auto restore = [&](std::vector<engine::StateSection> sections) { vmm::SyntheticVm::factory({})(shape)->restore_state(sections); };
+  REQUIRE_NOTHROW(restore(good));
+  auto with_synthetic = [&](auto change) {
+    auto sections = good;
+    change(sections[0].data);
+    return sections;
+  };
+  const double nan = std::nan("");
+  CHECK_THROWS_WITH(restore({{"vcpu.0", 1, {}}, good[1]}), Catch::Contains("not a synthetic guest's"));
+  CHECK_THROWS_WITH(restore({good[1]}), Catch::Contains("incomplete"));
+  CHECK_THROWS_WITH(restore({good[0], good[0], good[1]}), Catch::Contains("not a synthetic guest's"));
+  CHECK_THROWS_WITH(restore(with_synthetic([&](auto& d) { std::memcpy(d.data(), &nan, sizeof nan); })),
+                    Catch::Contains("dirty rate"));
+  // The section: the rate, the sweeps' byte count, then per vCPU its first page, page count,
+  // position, pass and heartbeat sequence (8 bytes each).
+  CHECK_THROWS_WITH(restore(with_synthetic([](auto& d) { std::memset(d.data() + 32, 0xff, 8); })),
+                    Catch::Contains("does not fit"));
+  CHECK_THROWS_WITH(restore(with_synthetic([](auto& d) {
+                      const std::uint64_t one_vcpu = 40;
+                      std::memcpy(d.data() + 8, &one_vcpu, 8);
+                      d.resize(d.size() - 40);
+                    })),
+                    Catch::Contains("vCPU count"));
+  CHECK_THROWS_AS(restore(with_synthetic([](auto& d) { d.resize(d.size() - 3); })), wire::ProtocolError);
+  CHECK_THROWS_WITH(vmm::SyntheticVm::factory({})(engine::VmShape{2, {{0, kMem}}, {}, {{1 << 20, 65536, true, "/x"}}}),
+                    Catch::Contains("disks"));
+}
