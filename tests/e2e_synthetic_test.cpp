@@ -1,0 +1,130 @@
+// The tools with a synthetic guest (vmm/synthetic_vm.h): the migration path as operators run
+// it - real processes, sockets, signals, exit codes and stats files - on any host, KVM or not.
+#include <signal.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+
+#include "tests/process.h"
+
+using namespace mig;
+using namespace mig::test;
+using Catch::Matchers::Contains;
+
+namespace {
+
+std::vector<std::string> synthetic_send_args(const std::string& to, const std::string& stats, const std::string& dirty_MBps,
+                                             std::vector<std::string> extra = {}) {
+  std::vector<std::string> args = {kTools + "mig-send", "--synthetic-guest", dirty_MBps, "--mem", "64M", "--vcpus", "2",
+                                   "--to", to, "--after", "0.3", "--stats-json", stats};
+  args.insert(args.end(), extra.begin(), extra.end());
+  return args;
+}
+
+std::pair<std::unique_ptr<Child>, std::string> start_synthetic_receiver(std::vector<std::string> extra) {
+  extra.insert(extra.begin(), "--synthetic-guest");
+  return start_receiver(extra);
+}
+
+// The guest's own account, in a stats file: every vCPU beat without a break, and found every
+// page as it had left it.
+void check_guest_unharmed(const nlohmann::json& stats) {
+  REQUIRE(stats["local_guest_heartbeats"].size() == 2);
+  for (const auto& beats : stats["local_guest_heartbeats"]) {
+    CHECK(beats["sequence_breaks"] == 0);
+    CHECK(beats["self_check_failures"] == 0);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("a synthetic guest migrates between mig-send and mig-recv - verified, its heartbeats unbroken") {
+  const auto send_stats = temp_path("synthetic-send.json"), recv_stats = temp_path("synthetic-recv.json");
+  auto [receiver, endpoint] = start_synthetic_receiver({"--run-for", "1", "--stats-json", recv_stats});
+  Child sender(synthetic_send_args(endpoint, send_stats, "50"));
+  INFO(sender.stderr_text() << receiver->stderr_text());
+  REQUIRE(sender.wait() == 0);
+  REQUIRE(receiver->wait() == 0);
+  const auto s = read_json(send_stats), r = read_json(recv_stats);
+  CHECK(s["status"] == "completed");
+  CHECK(s["verified"] == true);
+  CHECK(s["heartbeat_sequence_continued"] == true);
+  CHECK(r["verified"] == true);
+  check_guest_unharmed(r);
+  std::remove(send_stats.c_str());
+  std::remove(recv_stats.c_str());
+}
+
+TEST_CASE("post-copy moves a synthetic guest that dirties faster than the link - its faults served, memory verified") {
+  const auto send_stats = temp_path("synthetic-pc-send.json"), recv_stats = temp_path("synthetic-pc-recv.json");
+  auto [receiver, endpoint] = start_synthetic_receiver({"--run-for", "1", "--stats-json", recv_stats});
+  Child sender(synthetic_send_args(endpoint, send_stats, "0", {"--postcopy", "--bandwidth", "50M"}));
+  INFO(sender.stderr_text() << receiver->stderr_text());
+  REQUIRE(sender.wait() == 0);
+  REQUIRE(receiver->wait() == 0);
+  const auto s = read_json(send_stats), r = read_json(recv_stats);
+  CHECK(s["stop_reason"] == "postcopy");
+  CHECK(r["verified"] == true);
+  CHECK(r["postcopy"]["postcopy-requests"].get<std::uint64_t>() > 0);
+  check_guest_unharmed(r);
+  std::remove(send_stats.c_str());
+  std::remove(recv_stats.c_str());
+}
+
+TEST_CASE("a memfd-backed synthetic guest is handed over on the same host, not copied") {
+  const auto socket = temp_path("synthetic-handover.sock"), recv_stats = temp_path("synthetic-handover.json");
+  Child receiver({kTools + "mig-recv", "--synthetic-guest", "--listen", "unix:" + socket, "--run-for", "0.5", "--stats-json", recv_stats});
+  REQUIRE_THAT(receiver.read_line(), Contains("listening on unix:"));
+  Child sender(synthetic_send_args("unix:" + socket, temp_path("synthetic-handover-send.json"), "20", {"--memfd"}));
+  INFO(sender.stderr_text() << receiver.stderr_text());
+  REQUIRE(sender.wait() == 0);
+  REQUIRE(receiver.wait() == 0);
+  CHECK_THAT(sender.stderr_text(), Contains("shared-memory"));
+  const auto r = read_json(recv_stats);
+  CHECK(r["pages_received"] == 0);
+  check_guest_unharmed(r);
+  std::remove(recv_stats.c_str());
+  std::remove(temp_path("synthetic-handover-send.json").c_str());
+}
+
+TEST_CASE("a receiver killed or stopped mid-migration costs no guest: the source runs on") {
+  const auto send_stats = temp_path("synthetic-killed.json");
+  auto [receiver, endpoint] = start_synthetic_receiver({});
+  // 64 MiB at 20 MB/s: round 0 alone takes about 3 s, so the receiver goes mid-round.
+  Child sender(synthetic_send_args(endpoint, send_stats, "20", {"--bandwidth", "20M", "--run-for", "2.5"}));
+  ::usleep(1000000);
+  int expected_receiver_exit = 0;
+  SECTION("SIGKILL") {
+    receiver->signal(SIGKILL);
+    expected_receiver_exit = 128 + SIGKILL;
+  }
+  SECTION("SIGTERM: the receiver discards what it had and says so") {
+    receiver->signal(SIGTERM);
+    expected_receiver_exit = 2;
+  }
+  INFO(sender.stderr_text() << receiver->stderr_text());
+  CHECK(receiver->wait() == expected_receiver_exit);
+  REQUIRE(sender.wait() == 2);
+  CHECK_THAT(sender.stderr_text(), Contains("keeps running here"));
+  const auto s = read_json(send_stats);
+  CHECK(s["status"] == "failed");
+  check_guest_unharmed(s);
+  CHECK(s["local_guest_heartbeats"][0]["longest_gap_ms"].get<double>() < 100);
+  std::remove(send_stats.c_str());
+}
+
+TEST_CASE("a synthetic guest moves on from mig-recv through its QMP socket") {
+  const auto a = temp_path("synthetic-a.qmp"), b = temp_path("synthetic-b.qmp");
+  auto [first, first_endpoint] = start_synthetic_receiver({"--qmp", "unix:" + a});
+  Child sender(synthetic_send_args(first_endpoint, temp_path("synthetic-onward.json"), "20"));
+  REQUIRE(sender.wait() == 0);
+  auto [second, second_endpoint] = start_synthetic_receiver({"--qmp", "unix:" + b, "--run-for", "0.5"});
+  const auto onward = run_tool({kTools + "mig-send", "--vm", "unix:" + a, "--to", second_endpoint});
+  INFO(onward.err << first->stderr_text() << second->stderr_text());
+  CHECK(onward.exit_code == 0);
+  CHECK(first->wait() == 0);
+  CHECK_THAT(first->stderr_text(), Contains("migrated onward"));
+  CHECK(second->wait() == 0);
+  CHECK_THAT(second->stderr_text(), Contains("verified: true"));
+  std::remove(temp_path("synthetic-onward.json").c_str());
+}
