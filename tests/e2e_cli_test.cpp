@@ -178,7 +178,12 @@ TEST_CASE("mig-vm rejects bad input with a clear error - before it needs /dev/kv
       {{"--kernel", test::kGuestImage, "--cpu", test::kGuestImage}, "does not start with 'mig-cpu-model 1'"},
       {{"--kernel", test::kGuestImage, "--cpu", "/nonexistent.cpu"}, "cannot read the CPU model /nonexistent.cpu"},
       {{"--kernel", test::kGuestImage, "--cpu", "/dev/zero"}, "cannot read the CPU model /dev/zero: not a regular file"},
-      {{"--vcpus", "1"}, "--kernel is required"},
+      {{"--vcpus", "1"}, "--kernel or --synthetic-guest is required"},
+      {{"--synthetic-guest", "-1"}, "not in range"},
+      {{"--synthetic-guest", "nan"}, "a synthetic guest dirties 0 to 1000000 MB/s"},
+      {{"--synthetic-guest", "10", "--kernel", test::kGuestImage}, "excludes"},
+      {{"--synthetic-guest", "10", "--vcpus", "99"}, "a synthetic guest has 1 to 16 vCPUs"},
+      {{"--synthetic-guest", "10", "--mem", "0"}, "is empty"},
   };
   for (const auto& c : cases) {
     std::vector<std::string> args = {kTools + "mig-vm", "--run-for", "0.1"};

@@ -62,26 +62,96 @@ TEST_CASE("accept gives up after its timeout - and interrupt() ends a wait at on
   CHECK_THROWS_AS(waiting.get(), mig::transport::Interrupted);
 }
 
-TEST_CASE("a peer trickling a frame a byte at a time is given up at the frame's deadline - not kept alive by each byte") {
-  int fds[2];
-  REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) == 0);
-  mig::transport::Stream receiver{mig::UniqueFd(fds[0])};
-  mig::UniqueFd peer(fds[1]);
-  receiver.set_timeout(500ms);
-  // Each byte comes well within the silence timeout; the 16-byte header takes 3.2 s in all.
-  auto trickle = std::async(std::launch::async, [&] {
+namespace {
+
+// A receiving Stream and a raw peer that sends `chunk` bytes of a frame of `length` payload
+// bytes every `every`, until it has sent `total` bytes (header included) or the stream goes.
+struct Trickle {
+  int fds[2] = {-1, -1};
+  std::unique_ptr<mig::transport::Stream> receiver;
+  mig::UniqueFd peer;
+  std::future<void> sending;
+
+  Trickle(std::uint64_t length, std::size_t chunk, std::chrono::milliseconds every, std::size_t total) {
+    REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) == 0);
+    receiver = std::make_unique<mig::transport::Stream>(mig::UniqueFd(fds[0]));
+    peer = mig::UniqueFd(fds[1]);
     mig::wire::FrameHeader header;
     header.type = static_cast<std::uint16_t>(mig::wire::MessageType::round_end);
-    header.length = 4;
-    const auto* bytes = reinterpret_cast<const char*>(&header);
-    for (std::size_t i = 0; i < sizeof header; ++i) {
-      if (::send(peer.get(), bytes + i, 1, MSG_NOSIGNAL) != 1) return;
-      std::this_thread::sleep_for(200ms);
-    }
-  });
+    header.length = length;
+    std::vector<char> bytes(sizeof header + length);
+    std::memcpy(bytes.data(), &header, sizeof header);
+    sending = std::async(std::launch::async, [this, bytes = std::move(bytes), chunk, every, total] {
+      for (std::size_t sent = 0; sent < std::min(total, bytes.size()); sent += chunk) {
+        if (::send(peer.get(), bytes.data() + sent, std::min(chunk, bytes.size() - sent), MSG_NOSIGNAL) < 0) return;
+        std::this_thread::sleep_for(every);
+      }
+    });
+  }
+  ~Trickle() {
+    ::shutdown(peer.get(), SHUT_RDWR);
+    sending.get();
+  }
+  // Reads the frame whole; how long that took, or threw.
+  std::chrono::milliseconds read_frame() {
+    const auto start = std::chrono::steady_clock::now();
+    const auto header = receiver->read_header();
+    receiver->read_payload(header);
+    return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - start);
+  }
+};
+
+std::chrono::milliseconds since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - start);
+}
+
+}  // namespace
+
+TEST_CASE("a peer trickling a frame a byte at a time is given up within the timeout - not kept alive by each byte") {
+  // Each byte comes well within the silence timeout; the 16-byte header would take 3.2 s.
+  Trickle trickle(4, 1, 200ms, 1000);
+  trickle.receiver->set_timeout(500ms);
   const auto start = std::chrono::steady_clock::now();
-  CHECK_THROWS_WITH(receiver.read_header(), Contains("too slowly"));
-  CHECK(std::chrono::steady_clock::now() - start < 1500ms);
-  ::shutdown(peer.get(), SHUT_RDWR);
-  trickle.get();
+  CHECK_THROWS_WITH(trickle.receiver->read_header(), Contains("too slowly"));
+  CHECK(since(start) < 1500ms);
+}
+
+TEST_CASE("a large frame trickled under the floor rate fails within a window - not after its length at the floor") {
+  // 1 MiB at 10 KB/s: the floor (16 KiB/s) would give it over a minute as a whole.
+  Trickle trickle(1 << 20, 1000, 100ms, 1 << 20);
+  trickle.receiver->set_timeout(500ms);
+  const auto start = std::chrono::steady_clock::now();
+  CHECK_THROWS_WITH(trickle.read_frame(), Contains("too slowly (under 16 KiB/s)"));
+  CHECK(since(start) < 1500ms);
+}
+
+TEST_CASE("a frame arriving slowly but above the floor rate is read whole") {
+  // 64 KiB at 32 KiB/s takes 2 s, four times the timeout.
+  Trickle trickle(64 << 10, 4096, 125ms, 1 << 20);
+  trickle.receiver->set_timeout(500ms);
+  CHECK(trickle.read_frame() >= 1500ms);
+}
+
+TEST_CASE("a peer that goes silent mid-frame is noticed after the timeout, counted from its last byte") {
+  Trickle trickle(1 << 20, 64 << 10, 50ms, 256 << 10);  // a quarter of the frame, in 200 ms
+  trickle.receiver->set_timeout(600ms);
+  const auto start = std::chrono::steady_clock::now();
+  CHECK_THROWS_WITH(trickle.read_frame(), Contains("stopped responding"));
+  // The last byte came about 150 ms in: a blocking read timed per call would take twice the
+  // timeout from there.
+  CHECK(since(start) >= 600ms);
+  CHECK(since(start) < 1100ms);
+}
+
+TEST_CASE("a sender whose peer stops reading gives up after the timeout") {
+  int fds[2];
+  REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) == 0);
+  mig::transport::Stream sender{mig::UniqueFd(fds[0])};
+  mig::UniqueFd never_reads(fds[1]);
+  sender.set_timeout(500ms);
+  const std::vector<std::byte> big(8 << 20);
+  const auto start = std::chrono::steady_clock::now();
+  CHECK_THROWS_WITH(sender.send_frame(mig::wire::MessageType::round_end, big), Contains("send: the peer stopped responding"));
+  CHECK(since(start) >= 500ms);
+  CHECK(since(start) < 1500ms);
 }

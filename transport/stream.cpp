@@ -41,6 +41,58 @@ timeval to_timeval(std::chrono::milliseconds t) {
   return {static_cast<time_t>(t.count() / 1000), static_cast<suseconds_t>((t.count() % 1000) * 1000)};
 }
 
+// The watchdog over one read of `wanted` bytes. It fails a peer that sends nothing for the
+// timeout, and one that trickles: each timeout-long window must bring kMinFrameRate's worth
+// of bytes, or what the read still wanted when the window began, if less.
+class ReceiveWatch {
+ public:
+  using Clock = std::chrono::steady_clock;
+  ReceiveWatch(std::chrono::milliseconds timeout, std::size_t wanted)
+      : timeout_(timeout), window_start_(Clock::now()), last_arrival_(window_start_), window_need_(need(wanted)), left_(wanted) {}
+
+  void arrived(std::size_t bytes) {
+    last_arrival_ = Clock::now();
+    window_bytes_ += bytes;
+    left_ -= std::min(left_, bytes);
+  }
+  // Throws PeerError after the timeout's silence, or once a window has ended short of what it
+  // needed; otherwise starts the next window when this one is over.
+  void check() {
+    if (timeout_.count() <= 0) return;
+    const auto now = Clock::now();
+    if (now - last_arrival_ >= timeout_) throw PeerError("receive: the peer stopped responding (timed out)");
+    if (now - window_start_ < timeout_) return;
+    if (window_bytes_ < window_need_)
+      throw PeerError("receive: the peer is sending too slowly (under " +
+                      std::to_string(static_cast<int>(Stream::kMinFrameRate / 1024)) + " KiB/s)");
+    window_start_ = now;
+    window_bytes_ = 0;
+    window_need_ = need(left_);
+  }
+  // How long a wait may block before check() would fail the read: to the end of a window
+  // still short of bytes, else to the end of the silence allowed.
+  std::chrono::milliseconds wait_limit() const {
+    if (timeout_.count() <= 0) return timeout_;
+    const auto until = (window_bytes_ < window_need_ ? window_start_ : last_arrival_) + timeout_;
+    return std::max(std::chrono::milliseconds(1), std::chrono::ceil<std::chrono::milliseconds>(until - Clock::now()));
+  }
+
+ private:
+  std::size_t need(std::size_t left) const {
+    const double per_window = Stream::kMinFrameRate * std::chrono::duration<double>(timeout_).count();
+    return std::min(left, static_cast<std::size_t>(per_window));
+  }
+  std::chrono::milliseconds timeout_;
+  Clock::time_point window_start_, last_arrival_;
+  std::size_t window_bytes_ = 0, window_need_ = 0, left_ = 0;
+};
+
+std::size_t total_length(std::span<const iovec> parts) {
+  std::size_t total = 0;
+  for (const auto& part : parts) total += part.iov_len;
+  return total;
+}
+
 }  // namespace
 
 Stream::Stream(UniqueFd fd) : fd_(std::move(fd)) {
@@ -57,22 +109,24 @@ void Stream::secure(std::unique_ptr<TlsSession> tls) {
 
 void Stream::set_timeout(std::chrono::milliseconds timeout) {
   timeout_ = timeout;
-  set_receive_timeout(timeout);
-  const timeval tv = to_timeval(timeout);
-  check_syscall("setsockopt SO_SNDTIMEO", [&] { return ::setsockopt(fd_.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv); });
-}
-
-void Stream::set_receive_timeout(std::chrono::milliseconds timeout) {
-  const timeval tv = to_timeval(timeout);
+  // A blocking call that times out says nothing of when its last byte moved: one that moved a
+  // byte at once and then waited out the whole timeout would leave a silent peer up to twice
+  // the timeout. So each call waits a short slice, and the silence is counted here, from the
+  // last byte that moved (check_silence).
+  const timeval tv = to_timeval(timeout.count() > 0 ? std::min(timeout, kSilenceSlice) : timeout);
   check_syscall("setsockopt SO_RCVTIMEO", [&] { return ::setsockopt(fd_.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv); });
+  check_syscall("setsockopt SO_SNDTIMEO", [&] { return ::setsockopt(fd_.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv); });
+  // A link that went down leaves what was sent unacknowledged: TCP itself gives up after the
+  // same timeout, even while the send buffer still has room. (Not a TCP socket: nothing to set.)
+  const unsigned user_timeout = static_cast<unsigned>(timeout.count());
+  ::setsockopt(fd_.get(), IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout, sizeof user_timeout);
 }
 
-std::chrono::milliseconds Stream::read_wait() const {
-  if (timeout_.count() <= 0 || frame_deadline_ == std::chrono::steady_clock::time_point::max()) return timeout_;
-  const auto left = std::chrono::ceil<std::chrono::milliseconds>(frame_deadline_ - std::chrono::steady_clock::now());
-  if (left.count() <= 0) throw PeerError("receive: the peer is sending too slowly (a frame took longer than its deadline)");
-  return std::min(timeout_, left);
+void Stream::check_silence(std::chrono::steady_clock::time_point last_progress, const char* what) const {
+  if (timeout_.count() > 0 && std::chrono::steady_clock::now() - last_progress >= timeout_)
+    throw PeerError(std::string(what) + ": the peer stopped responding (timed out)");
 }
+
 
 bool Stream::enable_zerocopy(ZeroCopy mode) {
   if (tls_ && !tls_->kernel_sends()) return false;
@@ -92,6 +146,7 @@ void Stream::set_rate_limit(double bytes_per_second) {
 void Stream::write_all(std::span<iovec> parts, int flags) {
   if (tls_ && !tls_->kernel_sends()) return write_encrypted(parts);
   std::size_t index = 0;
+  auto last_progress = std::chrono::steady_clock::now();
   while (index < parts.size()) {
     msghdr msg{};
     msg.msg_iov = parts.data() + index;
@@ -103,6 +158,9 @@ void Stream::write_all(std::span<iovec> parts, int flags) {
       if (tls_ && errno == EAGAIN) {
         if (wait_for_fd(fd_.get(), POLLOUT, timeout_)) continue;
         errno = EAGAIN;
+      } else if (errno == EAGAIN) {  // a slice without room in the send buffer
+        check_silence(last_progress, "send");
+        continue;
       }
       if (errno == ENOBUFS && (flags & MSG_ZEROCOPY)) {  // out of option memory: reap, retry
         reap_zerocopy_completions();
@@ -117,6 +175,7 @@ void Stream::write_all(std::span<iovec> parts, int flags) {
     }
     counters_.bytes_sent += static_cast<std::uint64_t>(n);
     consume(parts, index, static_cast<std::size_t>(n));
+    last_progress = std::chrono::steady_clock::now();
   }
   // While probing, look after every send: a copying path is then left after a send or two
   // rather than after 64.
@@ -146,12 +205,16 @@ void Stream::write_encrypted(std::span<const iovec> parts) {
 }
 
 void Stream::read_decrypted(std::span<iovec> parts) {
+  // A TLS wait that runs out throws by itself: it is given only the rest of the window.
+  ReceiveWatch watch(timeout_, total_length(parts));
   for (auto& part : parts) {
     auto* out = static_cast<std::byte*>(part.iov_base);
     for (std::size_t done = 0; done < part.iov_len;) {
-      const std::size_t n = tls_->read_some(out + done, part.iov_len - done, read_wait());
+      const std::size_t n = tls_->read_some(out + done, part.iov_len - done, watch.wait_limit());
       done += n;
       counters_.bytes_received += n;
+      watch.arrived(n);
+      watch.check();
     }
   }
 }
@@ -242,39 +305,29 @@ void Stream::read_scatter(std::span<iovec> parts) {
   if (tls_) return read_decrypted(parts);
   std::size_t index = 0;
   while (index < parts.size() && parts[index].iov_len == 0) ++index;
-  // A read that comes back short waits on with the socket's timeout cut to the frame's
-  // deadline; that costs a system call, so only where it happens.
-  bool shortened = false;
-  for (bool first = true; index < parts.size(); first = false) {
-    if (!first) {
-      const auto wait = read_wait();
-      shortened = shortened || wait != timeout_;
-      if (wait != timeout_) set_receive_timeout(wait);
-    }
+  // Each call waits a slice at most (set_timeout), so the watch looks often enough.
+  ReceiveWatch watch(timeout_, total_length(parts.subspan(index)));
+  while (index < parts.size()) {
     msghdr msg{};
     msg.msg_iov = parts.data() + index;
     msg.msg_iovlen = std::min<std::size_t>(parts.size() - index, IOV_MAX);
     const ssize_t n = ::recvmsg(fd_.get(), &msg, MSG_WAITALL);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      throw_peer_errno("receive");
-    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) throw_peer_errno("receive");
     if (n == 0) throw PeerError("the peer closed the connection mid-stream");
-    counters_.bytes_received += static_cast<std::uint64_t>(n);
-    consume(parts, index, static_cast<std::size_t>(n));
+    if (n > 0) {
+      counters_.bytes_received += static_cast<std::uint64_t>(n);
+      consume(parts, index, static_cast<std::size_t>(n));
+      watch.arrived(static_cast<std::size_t>(n));
+    }
+    if (index < parts.size()) watch.check();
   }
-  if (shortened) set_receive_timeout(timeout_);
 }
 
 wire::FrameHeader Stream::read_header() {
-  using Clock = std::chrono::steady_clock;
-  const auto start = Clock::now();
-  frame_deadline_ = timeout_.count() > 0 ? start + timeout_ : Clock::time_point::max();
   wire::FrameHeader header;
   read_exact(std::as_writable_bytes(std::span(&header, 1)));
   wire::validate(header);
-  if (frame_deadline_ != Clock::time_point::max())
-    frame_deadline_ += std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(static_cast<double>(header.length) / kMinFrameRate));
   if (header.type == static_cast<std::uint16_t>(wire::MessageType::error))
     throw RemoteError("peer reported: " + wire::decode<wire::Error>(read_payload(header)).message);
   return header;

@@ -56,9 +56,11 @@ class Stream {
   StreamSecurity security() const { return tls_ ? tls_->security() : StreamSecurity::plaintext; }
 
   // Every blocking read and write gives up after `timeout` of silence with a PeerError, so a
-  // vanished peer can never hang a paused source. Zero waits for ever. Trickling bytes does
-  // not keep a frame alive: a frame must arrive whole within `timeout` plus its length at
-  // kMinFrameRate, counted from the start of its header.
+  // vanished peer can never hang a paused source. The silence is counted from the last byte
+  // that moved, within kSilenceSlice, and a TCP link that stops acknowledging what was sent
+  // fails after `timeout` as well. Zero waits for ever. Trickling bytes does not keep a read
+  // alive: each `timeout` of it must bring kMinFrameRate's worth of bytes (or all it still
+  // wants, if less).
   void set_timeout(std::chrono::milliseconds timeout);
   // Turns on MSG_ZEROCOPY for page data. Returns false when the socket cannot do it. With
   // `unless_copied`, it turns itself off again at the first send the kernel reports it
@@ -86,9 +88,9 @@ class Stream {
                      PageMemory memory);
 
   static constexpr double kMinFrameRate = 16 * 1024;  // bytes per second
+  static constexpr std::chrono::milliseconds kSilenceSlice{100};
 
-  // The next frame's header, validated. An Error frame is turned into RemoteError here. The
-  // reads that follow (its payload) share the frame's deadline.
+  // The next frame's header, validated. An Error frame is turned into RemoteError here.
   wire::FrameHeader read_header();
   template <typename T>
   T receive() {
@@ -115,10 +117,8 @@ class Stream {
   void write_all(std::span<iovec> parts, int flags);
   void write_encrypted(std::span<const iovec> parts);
   void read_decrypted(std::span<iovec> parts);
-  // How long the next read may wait: the silence timeout, cut to what is left of the
-  // frame's deadline. Throws PeerError once that has passed.
-  std::chrono::milliseconds read_wait() const;
-  void set_receive_timeout(std::chrono::milliseconds timeout);
+  // Throws PeerError when nothing has moved since `last_progress` for the timeout.
+  void check_silence(std::chrono::steady_clock::time_point last_progress, const char* what) const;
   void write_paced(std::span<iovec> parts);
   void reap_zerocopy_completions();
 
@@ -126,7 +126,6 @@ class Stream {
   std::unique_ptr<TlsSession> tls_;  // after fd_: it says goodbye on the socket before it closes
   std::vector<std::byte> tls_buffer_;  // gathered parts, coalesced for SSL_write
   std::chrono::milliseconds timeout_{0};  // 0: none, as for SO_RCVTIMEO
-  std::chrono::steady_clock::time_point frame_deadline_ = std::chrono::steady_clock::time_point::max();
   bool zerocopy_ = false;
   // ZeroCopy::unless_copied until the first completion says whether the kernel copies.
   bool zerocopy_probing_ = false;
