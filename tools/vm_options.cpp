@@ -130,6 +130,7 @@ nlohmann::json guest_report(const vmm::HostedVm& guest) {
                      {"sequence_breaks", hb.seq_breaks},
                      {"longest_gap_ms", static_cast<double>(hb.max_gap_ns) / 1e6},
                      {"timer_ticks", hb.ticks},
+                     {"sweep_passes", hb.sweep_passes},
                      {"disk_checks", hb.disk_checks},
                      {"self_check_failures", hb.check_failures},
                      {"last_failure_code", hb.last_failure_code}});
