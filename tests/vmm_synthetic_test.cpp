@@ -6,6 +6,7 @@
 
 #include "guest/probe.h"
 #include "transport/protocol.h"
+#include "vmm/kvm_vm.h"
 #include "vmm/synthetic_vm.h"
 
 using namespace mig;
@@ -147,4 +148,6 @@ TEST_CASE("a synthetic guest refuses state that is not a synthetic guest's of it
   CHECK_THROWS_AS(restore(with_synthetic([](auto& d) { d.resize(d.size() - 3); })), wire::ProtocolError);
   CHECK_THROWS_WITH(vmm::SyntheticVm::factory({})(engine::VmShape{2, {{0, kMem}}, {}, {{1 << 20, 65536, true, "/x"}}}),
                     Catch::Contains("disks"));
+  // And a KVM guest's VMM, the other way round, says what it was sent.
+  CHECK_THROWS_WITH(vmm::decode_state(good), Catch::Contains("only a mig-recv --synthetic-guest takes it"));
 }
