@@ -4,6 +4,7 @@
 #include <fstream>
 
 #include "kvm/machine.h"
+#include "kvm/memory.h"
 #include "transport/bytes.h"
 
 namespace mig::vmm {
@@ -32,6 +33,19 @@ std::vector<kvm::HeartbeatState> decode_heartbeats(std::span<const std::byte> da
     hb.ready = ready != 0;
   }
   return heartbeats;
+}
+
+std::vector<engine::MemoryRegion> engine_regions(const kvm::GuestMemory& memory) {
+  std::vector<engine::MemoryRegion> out;
+  for (const auto& r : memory.regions()) out.push_back({r.layout.guest_addr, r.layout.size, r.host()});
+  return out;
+}
+
+std::vector<int> shareable_fds(const kvm::GuestMemory& memory) {
+  std::vector<int> fds;
+  if (!memory.shareable()) return fds;
+  for (const auto& r : memory.regions()) fds.push_back(r.memfd.get());
+  return fds;
 }
 
 void require_host_memory(const engine::VmShape& shape) {

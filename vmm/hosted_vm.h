@@ -11,6 +11,7 @@
 
 #include "../engine/vm.h"
 #include "../kvm/devices.h"
+#include "../kvm/memory.h"
 
 namespace mig::vmm {
 
@@ -26,6 +27,10 @@ class HostedVm : public engine::MigratableVm {
 // The probe's heartbeat history as a state section's data, and back (at most kvm::kMaxVcpus).
 std::vector<std::byte> encode_heartbeats(const std::vector<kvm::HeartbeatState>& heartbeats);
 std::vector<kvm::HeartbeatState> decode_heartbeats(std::span<const std::byte> data);
+
+// Guest memory as the engine sees it, and its shareable fds (none unless memfd or hugetlbfs).
+std::vector<engine::MemoryRegion> engine_regions(const kvm::GuestMemory& memory);
+std::vector<int> shareable_fds(const kvm::GuestMemory& memory);
 
 // For a receiver's factory: refuses a guest larger than the memory this host has available,
 // which would be filled by the stream and then killed by the OOM killer (or take the host down

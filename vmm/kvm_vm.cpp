@@ -222,19 +222,6 @@ void KvmVm::pause() {
   machine_->pause();
 }
 
-std::vector<engine::MemoryRegion> KvmVm::memory_regions() const {
-  std::vector<engine::MemoryRegion> out;
-  for (const auto& r : machine_->memory().regions()) out.push_back({r.layout.guest_addr, r.layout.size, r.host()});
-  return out;
-}
-
-std::vector<int> KvmVm::shareable_memory_fds() const {
-  std::vector<int> fds;
-  if (!machine_->memory().shareable()) return fds;
-  for (const auto& r : machine_->memory().regions()) fds.push_back(r.memfd.get());
-  return fds;
-}
-
 std::vector<wire::CpuidLeaf> KvmVm::guest_cpuid() const {
   std::vector<wire::CpuidLeaf> leaves;
   for (const auto& e : machine_->guest_cpuid()) leaves.push_back({e.function, e.index, e.eax, e.ebx, e.ecx, e.edx});

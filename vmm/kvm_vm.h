@@ -71,13 +71,13 @@ class KvmVm final : public HostedVm {
   std::optional<std::string> failure() const override { return machine_->failure(); }
 
   unsigned vcpu_count() const override { return machine_->config().vcpus; }
-  std::vector<engine::MemoryRegion> memory_regions() const override;
+  std::vector<engine::MemoryRegion> memory_regions() const override { return engine_regions(machine_->memory()); }
   void start_dirty_log() override { machine_->vm().set_dirty_logging(true); }
   void stop_dirty_log() override { machine_->vm().set_dirty_logging(false); }
   void fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) override {
     machine_->fetch_and_clear_dirty_log(region, bitmap);
   }
-  std::vector<int> shareable_memory_fds() const override;
+  std::vector<int> shareable_memory_fds() const override { return shareable_fds(machine_->memory()); }
   void populated_pages(std::size_t region, std::span<std::uint64_t> bitmap) override {
     machine_->memory().populated_pages(region, bitmap);
   }

@@ -59,19 +59,6 @@ engine::VmFactory SyntheticVm::factory(kvm::MemoryOptions memory) {
   };
 }
 
-std::vector<engine::MemoryRegion> SyntheticVm::memory_regions() const {
-  std::vector<engine::MemoryRegion> out;
-  for (const auto& r : memory_.regions()) out.push_back({r.layout.guest_addr, r.layout.size, r.host()});
-  return out;
-}
-
-std::vector<int> SyntheticVm::shareable_memory_fds() const {
-  std::vector<int> fds;
-  if (!memory_.shareable()) return fds;
-  for (const auto& r : memory_.regions()) fds.push_back(r.memfd.get());
-  return fds;
-}
-
 void SyntheticVm::start_dirty_log() {
   // The write log runs always; starting means forgetting what was written before.
   for (std::size_t i = 0; i < memory_.regions().size(); ++i) {

@@ -42,11 +42,11 @@ class SyntheticVm final : public HostedVm {
   std::optional<std::string> failure() const override { return std::nullopt; }  // its threads cannot crash the guest
 
   unsigned vcpu_count() const override { return static_cast<unsigned>(sweeps_.size()); }
-  std::vector<engine::MemoryRegion> memory_regions() const override;
+  std::vector<engine::MemoryRegion> memory_regions() const override { return engine_regions(memory_); }
   void start_dirty_log() override;
   void stop_dirty_log() override {}
   void fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) override;
-  std::vector<int> shareable_memory_fds() const override;
+  std::vector<int> shareable_memory_fds() const override { return shareable_fds(memory_); }
   void populated_pages(std::size_t region, std::span<std::uint64_t> bitmap) override {
     memory_.populated_pages(region, bitmap);
   }
