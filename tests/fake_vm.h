@@ -21,6 +21,7 @@
 #include "engine/source_migration.h"
 #include "engine/vm.h"
 #include "kvm/disk_image.h"
+#include "vmm/image_disk.h"
 #include "transport/stream.h"
 
 namespace mig::test {
@@ -44,47 +45,8 @@ struct PageAllocator {
 using GuestBytes = std::vector<std::byte, PageAllocator<std::byte>>;
 
 // A disk on a real image file (real OFD locks, real holes), written by the test as a guest
-// would write it.
-class ImageDisk final : public engine::MigratableDisk {
- public:
-  static constexpr std::uint64_t kChunk = 64 * 1024;
-  explicit ImageDisk(std::unique_ptr<kvm::DiskImage> image)
-      : image_(std::move(image)), written_((image_->size() / kChunk + 64) / 64) {}
-  kvm::DiskImage& image() { return *image_; }
-  void guest_write(std::uint64_t offset, std::span<const std::byte> data) {
-    std::lock_guard lock(mutex_);
-    image_->write(offset, data);
-    if (!tracking_) return;
-    for (std::uint64_t c = offset / kChunk; c <= (offset + data.size() - 1) / kChunk; ++c) written_[c / 64] |= 1ull << (c % 64);
-  }
-  std::uint64_t size() const override { return image_->size(); }
-  std::string path() const override { return image_->config().path; }
-  std::uint64_t chunk_bytes() const override { return kChunk; }
-  std::vector<engine::DiskExtent> data_extents() override {
-    std::vector<engine::DiskExtent> out;
-    for (const auto& e : image_->data_extents()) out.push_back({e.offset, e.length});
-    return out;
-  }
-  void track_writes(bool on) override {
-    std::lock_guard lock(mutex_);
-    tracking_ = on;
-  }
-  void fetch_written(std::span<std::uint64_t> bitmap) override {
-    std::lock_guard lock(mutex_);
-    for (std::size_t i = 0; i < std::min(bitmap.size(), written_.size()); ++i) bitmap[i] |= std::exchange(written_[i], 0);
-  }
-  void read(std::uint64_t offset, std::span<std::byte> out) override { image_->read(offset, out); }
-  void write(std::uint64_t offset, std::span<const std::byte> data) override { image_->write(offset, data); }
-  void write_zeroes(std::uint64_t offset, std::uint64_t length) override { image_->write_zeroes(offset, length); }
-  void release() override { image_->release(); }
-  void reacquire() override { image_->reacquire(); }
-
- private:
-  std::unique_ptr<kvm::DiskImage> image_;
-  std::mutex mutex_;
-  bool tracking_ = false;
-  std::vector<std::uint64_t> written_;
-};
+// would write it (ImageDisk::guest_write).
+using vmm::ImageDisk;
 
 class FakeVm final : public engine::MigratableVm {
  public:

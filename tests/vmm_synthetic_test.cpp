@@ -3,8 +3,10 @@
 #include <atomic>
 #include <cstring>
 #include <thread>
+#include <unistd.h>
 
 #include "guest/probe.h"
+#include "kvm/disk_image.h"
 #include "transport/protocol.h"
 #include "vmm/kvm_vm.h"
 #include "vmm/synthetic_vm.h"
@@ -147,7 +149,29 @@ TEST_CASE("a synthetic guest refuses state that is not a synthetic guest's of it
                     Catch::Contains("vCPU count"));
   CHECK_THROWS_AS(restore(with_synthetic([](auto& d) { d.resize(d.size() - 3); })), wire::ProtocolError);
   CHECK_THROWS_WITH(vmm::SyntheticVm::factory({})(engine::VmShape{2, {{0, kMem}}, {}, {{1 << 20, 65536, true, "/x"}}}),
-                    Catch::Contains("disks"));
+                    Catch::Contains("give mig-recv --disk PATH"));
   // And a KVM guest's VMM, the other way round, says what it was sent.
   CHECK_THROWS_WITH(vmm::decode_state(good), Catch::Contains("only a mig-recv --synthetic-guest takes it"));
+}
+
+TEST_CASE("a synthetic guest with a disk writes blocks, reads each back - and reports one found changed") {
+  const std::string path = "/tmp/mig-synthetic-disk-" + std::to_string(::getpid()) + ".img";
+  std::remove(path.c_str());
+  std::vector<std::unique_ptr<kvm::DiskImage>> disks;
+  disks.push_back(kvm::DiskImage::open({path, kvm::ImageFormat::raw, kvm::CacheMode::writeback}, kvm::DiskImage::Open::create, 8 << 20));
+  auto vm = vmm::SyntheticVm::boot(kMem, 1, {}, {20}, std::move(disks));
+  REQUIRE(vm->disks().size() == 1);
+  auto disk_checks = [&] { return vm->probe().snapshot()[0].disk_checks; };
+  for (int i = 0; i < 300 && disk_checks() < 5; ++i) std::this_thread::sleep_for(milliseconds(10));
+  REQUIRE(disk_checks() >= 5);
+  CHECK(check_failures(*vm) == 0);
+  // Every block so far: damage them all, so the next read-back finds one changed.
+  vm->pause();
+  const std::vector<std::byte> zeros(1 << 20);
+  dynamic_cast<vmm::ImageDisk&>(*vm->disks()[0]).image().write(0, zeros);
+  vm->resume();
+  for (int i = 0; i < 300 && check_failures(*vm) == 0; ++i) std::this_thread::sleep_for(milliseconds(10));
+  CHECK(vm->probe().snapshot()[0].last_failure_code == MIG_CHECK_FAIL_DISK_DATA);
+  vm.reset();
+  std::remove(path.c_str());
 }

@@ -84,10 +84,10 @@ struct Options {
                    "seconds a silent or stalled source is given before the migration fails and is discarded here (default 10)")
         ->check(CLI::Range(0.1, 3600.0));
     app.add_flag("--paused", paused, "leave the guest paused once it has arrived (QEMU's -S); QMP cont resumes it");
-    synthetic_flag->excludes(tools::add_disk_option(app, disks,
+    tools::add_disk_option(app, disks,
                            "the image for the source's next disk: with --copy-storage-all it is created (or an existing one, "
                            "large enough, is written over); for shared storage it is the same image, by default the "
-                           "source's path"));
+                           "source's path");
   }
 };
 
@@ -98,7 +98,7 @@ engine::VmFactory incoming_factory(const Options& options, std::string& memory_d
     throw std::invalid_argument("--listen defer needs --qmp, to receive migrate-incoming");
   const auto memory = vmm::KvmVm::incoming_memory(options.memory.options());
   memory_description = memory.description;
-  if (options.synthetic) return vmm::SyntheticVm::factory(memory.options);
+  if (options.synthetic) return vmm::SyntheticVm::factory(memory.options, tools::disk_configs(options.disks));
   return vmm::KvmVm::factory(options.serial, memory.options,
                              options.expect_mem > 0 ? std::optional(vmm::KvmVm::pc_shape(options.expect_mem, options.expect_vcpus))
                                                     : std::nullopt,

@@ -21,18 +21,20 @@ void VmOptions::add_to(CLI::App& app) {
       }))
       ->default_str("host");
   memory.add_to(app);
-  auto* disk_option =
-      add_disk_option(app, disks, "a virtio-blk disk on this image (legacy virtio-pci, as QEMU's virtio-blk-pci); repeatable");
+  add_disk_option(app, disks,
+                  "a virtio-blk disk on this image (legacy virtio-pci, as QEMU's virtio-blk-pci; a synthetic guest writes "
+                  "its first disk itself); repeatable");
   app.add_option("--record-trace", record_trace,
                  "record the guest's dirty pages into this trace file, one bitmap per interval, while it runs (for mig-sim)");
   app.add_option("--trace-interval-ms", trace_interval_ms, "--record-trace's interval (default 10)")->check(CLI::Range(0.1, 10000.0));
   app.add_option("--synthetic-guest", synthetic_dirty_MBps,
                  "instead of booting a kernel, run a synthetic guest (no KVM needed): host threads stand in for its vCPUs, "
                  "sweep its memory at MBPS in all once it is filled (0: as fast as they can) checking every page, and send "
-                 "heartbeats every millisecond; it migrates only to a mig-recv --synthetic-guest")
+                 "heartbeats every millisecond; with a --disk, vCPU 0 writes and checks blocks of it at 2 MB/s; it "
+                 "migrates only to a mig-recv --synthetic-guest")
       ->type_name("MBPS")
       ->check(CLI::Range(0.0, 1e6))
-      ->excludes(kernel_option, append_option, serial_option, cpu_option, disk_option);
+      ->excludes(kernel_option, append_option, serial_option, cpu_option);
 }
 
 std::unique_ptr<engine::MigratableVm> migratable(std::unique_ptr<engine::MigratableVm> vm, const VmOptions& options) {
@@ -43,8 +45,8 @@ std::unique_ptr<engine::MigratableVm> migratable(std::unique_ptr<engine::Migrata
                                                options.append.empty() ? "(no command line)" : options.append, interval);
 }
 
-CLI::Option* add_disk_option(CLI::App& app, std::vector<std::string>& disks, const std::string& what) {
-  return app.add_option("--disk", disks, what + ". PATH[,format=raw|qcow2][,cache=none|writeback]; raw and cache=none by default, "
+void add_disk_option(CLI::App& app, std::vector<std::string>& disks, const std::string& what) {
+  app.add_option("--disk", disks, what + ". PATH[,format=raw|qcow2][,cache=none|writeback]; raw and cache=none by default, "
                                   "qcow2 through qemu-nbd")
       ->check(parses_with(kvm::parse_disk_config));
 }
@@ -91,11 +93,14 @@ kvm::MachineConfig VmOptions::machine_config() const {
 
 std::unique_ptr<vmm::HostedVm> boot_guest(const VmOptions& options) {
   const auto config = options.machine_config();
+  std::vector<std::unique_ptr<kvm::DiskImage>> disks;
+  for (const auto& disk : disk_configs(options.disks)) disks.push_back(kvm::DiskImage::open(disk));
   if (options.synthetic_dirty_MBps)
-    return vmm::SyntheticVm::boot(options.mem_bytes, options.vcpus, config.memory, {*options.synthetic_dirty_MBps});
+    return vmm::SyntheticVm::boot(options.mem_bytes, options.vcpus, config.memory, {*options.synthetic_dirty_MBps},
+                                  std::move(disks));
   auto image = kvm::read_multiboot_file(options.kernel);
   auto machine = kvm::Machine::create(config);
-  for (const auto& disk : disk_configs(options.disks)) machine->attach_disk(kvm::DiskImage::open(disk));
+  for (auto& disk : disks) machine->attach_disk(std::move(disk));
   machine->boot(image, options.append);
   machine->start();
   return std::make_unique<vmm::KvmVm>(std::move(machine));

@@ -46,7 +46,7 @@ struct VmOptions {
 std::unique_ptr<engine::MigratableVm> migratable(std::unique_ptr<engine::MigratableVm> vm, const VmOptions& options);
 
 // --disk PATH[,format=raw|qcow2][,cache=none|writeback], repeatable, for mig-vm, mig-send and mig-recv.
-CLI::Option* add_disk_option(CLI::App& app, std::vector<std::string>& disks, const std::string& what);
+void add_disk_option(CLI::App& app, std::vector<std::string>& disks, const std::string& what);
 std::vector<kvm::DiskConfig> disk_configs(const std::vector<std::string>& disks);
 
 // Starts the guest the options describe: a KVM machine (its disks attached, its image loaded)

@@ -1,11 +1,10 @@
 #include "vmm/kvm_vm.h"
 
-#include <sys/stat.h>
-
 #include <condition_variable>
 #include <mutex>
 
 #include "kvm/cpu_features.h"
+#include "vmm/image_disk.h"
 #include "transport/bytes.h"
 
 namespace mig::vmm {
@@ -114,25 +113,6 @@ engine::VmShape KvmVm::pc_shape(std::uint64_t mem_bytes, unsigned vcpus) {
   for (const auto& r : kvm::pc_memory_layout(mem_bytes)) shape.regions.push_back({r.guest_addr, r.size});
   return shape;
 }
-
-namespace {
-
-// The destination's image for the source's disk `index` (see KvmVm::factory).
-std::unique_ptr<kvm::DiskImage> open_incoming_disk(const engine::VmShape::Disk& disk, std::size_t index,
-                                                   const std::vector<kvm::DiskConfig>& given) {
-  if (disk.copy && index >= given.size())
-    throw std::runtime_error("the source copies disk " + std::to_string(index) + " (" + disk.source_path +
-                             "): give mig-recv --disk PATH for the image to write it into");
-  const kvm::DiskConfig config = index < given.size() ? given[index] : kvm::DiskConfig{disk.source_path};
-  if (!disk.copy) return kvm::DiskImage::open(config, kvm::DiskImage::Open::existing_unlocked);
-  struct stat ours {}, theirs {};
-  if (::stat(config.path.c_str(), &ours) == 0 && ::stat(disk.source_path.c_str(), &theirs) == 0 &&
-      ours.st_dev == theirs.st_dev && ours.st_ino == theirs.st_ino)
-    throw std::runtime_error("disk image " + config.path + " is the source's own image: --copy-storage-all needs another");
-  return kvm::DiskImage::open(config, kvm::DiskImage::Open::create, disk.size);
-}
-
-}  // namespace
 
 KvmVm::KvmVm(std::unique_ptr<kvm::Machine> machine) : machine_(std::move(machine)) {
   for (std::size_t i = 0; i < machine_->disk_count(); ++i) disks_.push_back(std::make_unique<KvmDisk>(machine_->disk(i)));
