@@ -202,12 +202,17 @@ class Run:
 
     def start_sender(self):
         port = RELAY_PORT if self.s.through_relay else PORT
-        args = [self.tool("mig-send"), "--to", "tcp:%s:%d" % (DEST_ADDR, port), "--after", "0.5", "--run-for", "60",
+        # --after counts from the guest's ready report, once its memory is filled (0.1-0.3 s
+        # here): the fds and RSS are taken between the two, so that what a migration leaves
+        # behind is all that grows.
+        args = [self.tool("mig-send"), "--to", "tcp:%s:%d" % (DEST_ADDR, port), "--after", "1.5", "--run-for", "60",
                 "--peer-timeout", PEER_TIMEOUT_S, "--qmp", "unix:" + self.path("send.qmp"), "--stats-json",
                 self.path("send.json")] + self.guest_args("send") + self.s.sender_args
         self.sender = subprocess.Popen(["ip", "netns", "exec", self.net.source] + args, stdout=subprocess.DEVNULL,
                                        stderr=open(self.path("send.err"), "w"))
+        started = time.monotonic()
         self.qmp = Qmp(self.path("send.qmp"))
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
         self.fds_before, self.rss_before = process_fds(self.sender.pid), process_rss_mib(self.sender.pid)
 
     def path(self, name):
@@ -330,7 +335,32 @@ def last_line(path):
     return lines[-1] if lines else ""
 
 
-def scenarios(tls_dir):
+class FullFilesystem:
+    """A tmpfs of `size`, mounted at `path` for the destination's disk image to fill."""
+
+    def __init__(self, path, size):
+        self.path, self.size = path, size
+
+    def __enter__(self):
+        os.mkdir(self.path)
+        sh("mount", "-t", "tmpfs", "-o", "size=" + self.size, "mig-fault-matrix", self.path)
+        return self
+
+    def __exit__(self, *exc):
+        sh("umount", self.path, check=False)
+
+
+def make_source_disk(path, size, data):
+    """A sparse raw image with `data` bytes of non-zero blocks from its start."""
+    with open(path, "wb") as image:
+        image.truncate(size)
+        block = bytes(range(256)) * 4096
+        for offset in range(0, data, len(block)):
+            image.seek(offset)
+            image.write(block)
+
+
+def scenarios(tls_dir, source_disk, full_disk):
     def link_down(run):
         sh("ip", "link", "set", run.net.source_dev, "down", ns=run.net.source)
 
@@ -350,7 +380,7 @@ def scenarios(tls_dir):
         pass  # the fault is the missing certificate; the receiver then waits on: end it
 
     return [
-        Scenario("none", expect="destination"),
+        Scenario("none", when="-", expect="destination"),
         Scenario("link down", link_down),
         Scenario("link down", link_down, when="a later round"),
         Scenario("link throttled to 8 kbit/s", trickle),
@@ -363,6 +393,9 @@ def scenarios(tls_dir):
         Scenario("bytes corrupted by a relay", through_relay=True, dirty_MBps=1),
         Scenario("unauthenticated source (receiver wants TLS)", refused, when="at connect",
                  receiver_args=["--tls-creds", tls_dir]),
+        # 24 MiB of disk data copied into an 8 MiB file system.
+        Scenario("destination disk full", when="disk copy", receiver_args=["--disk", full_disk],
+                 sender_args=["--disk", source_disk, "--copy-storage-all"]),
     ]
 
 
@@ -450,11 +483,14 @@ def main():
         print("SKIPPED: --guest kvm needs /dev/kvm")
         return SKIP
     rows, failures = [], []
-    with tempfile.TemporaryDirectory(prefix="mig-fault-matrix-") as work, Network() as net:
+    with tempfile.TemporaryDirectory(prefix="mig-fault-matrix-") as work, Network() as net, \
+            FullFilesystem(os.path.join(work, "full"), "8m") as full:
         tls_dir = os.path.join(work, "tls")
         subprocess.run([os.path.join(os.path.dirname(__file__), "..", "scripts", "make-tls-creds.sh"), tls_dir,
                         DEST_ADDR], check=True)
-        for index, scenario in enumerate(scenarios(tls_dir)):
+        source_disk = os.path.join(work, "source-disk.img")
+        make_source_disk(source_disk, 64 << 20, 24 << 20)
+        for index, scenario in enumerate(scenarios(tls_dir, source_disk, os.path.join(full.path, "disk.img"))):
             if args.only and args.only not in scenario.name:
                 continue
             net.restore()
