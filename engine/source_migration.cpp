@@ -4,6 +4,7 @@
 #include <future>
 #include <optional>
 #include <random>
+#include <string_view>
 
 #include "common/thread_name.h"
 #include "engine/cpu_time.h"
@@ -249,6 +250,21 @@ wire::Hello describe_guest(const MigratableVm& vm) {
   return hello;
 }
 
+// The destination's answer to Hello. A receiver that takes only TLS closes a plaintext TCP
+// connection without a word, which alone would leave the operator guessing.
+wire::HelloAck receive_hello_ack(transport::Stream& stream) {
+  try {
+    return stream.receive<wire::HelloAck>();
+  } catch (const transport::PeerError& e) {
+    if (stream.security() != transport::StreamSecurity::plaintext || stream.can_pass_fds() ||
+        std::string_view(e.what()).find("closed the connection") == std::string_view::npos)
+      throw;
+    throw transport::PeerError(std::string(e.what()) +
+                               " before answering Hello: a receiver that takes only TLS does that to a source without "
+                               "--tls-creds or --tls-psk");
+  }
+}
+
 }  // namespace
 
 DestinationCheck check_destination(const MigratableVm& vm, transport::Stream& stream, const SenderOptions& options) {
@@ -257,7 +273,7 @@ DestinationCheck check_destination(const MigratableVm& vm, transport::Stream& st
   hello.capabilities = wire::kCapDryRun | (options.postcopy ? wire::kCapPostcopy : 0);
   hello.channels = std::clamp(options.channels, 1u, wire::kMaxChannels);
   stream.send(hello);
-  const auto ack = stream.receive<wire::HelloAck>();  // a refusal arrives as Error, and throws
+  const auto ack = receive_hello_ack(stream);  // a refusal arrives as Error, and throws
   if (!(ack.capabilities & wire::kCapDryRun))
     throw std::runtime_error("the destination took the check for a migration (it predates dry runs)");
   const bool postcopy = (ack.capabilities & wire::kCapPostcopy) != 0;
@@ -286,7 +302,7 @@ void SourceMigration::set_up() {
   hello.disks = s.disks.describe();
   s.session = hello.session;
   send_counted(s.stream, *control_, hello, false);
-  const auto ack = s.stream.receive<wire::HelloAck>();
+  const auto ack = receive_hello_ack(s.stream);
   s.verify = s.options.verify && (ack.capabilities & wire::kCapVerify);
   s.postcopy = (hello.capabilities & wire::kCapPostcopy) && (ack.capabilities & wire::kCapPostcopy);
   if ((hello.capabilities & wire::kCapPostcopy) && !s.postcopy) throw std::runtime_error(kNoPostcopyThere);

@@ -6,6 +6,7 @@
 #include <catch2/catch.hpp>
 
 #include "tests/process.h"
+#include "tests/tls_creds.h"
 
 using namespace mig;
 using namespace mig::test;
@@ -127,4 +128,13 @@ TEST_CASE("a synthetic guest moves on from mig-recv through its QMP socket") {
   CHECK(second->wait() == 0);
   CHECK_THAT(second->stderr_text(), Contains("verified: true"));
   std::remove(temp_path("synthetic-onward.json").c_str());
+}
+
+TEST_CASE("a source without TLS, sent to a receiver that takes only TLS, is told what is likely wrong") {
+  auto [receiver, endpoint] = start_synthetic_receiver({"--tls-creds", trusted_creds()});
+  const auto check = run_tool({kTools + "mig-send", "--synthetic-guest", "10", "--mem", "16M", "--to", endpoint, "--after", "0", "--check"});
+  CHECK(check.exit_code == 2);
+  CHECK_THAT(check.err, Contains("before answering Hello: a receiver that takes only TLS does that to a source without "
+                                 "--tls-creds or --tls-psk"));
+  CHECK_THAT(receiver->stderr_text(), Contains("refused a connection"));
 }
