@@ -17,8 +17,9 @@ The guest is a synthetic one by default (vmm/synthetic_vm.h), which needs no KVM
 under test is the migration path - links, peers, processes - not the guest. With --guest kvm,
 mig's workload guest runs instead (needs /dev/kvm and the guest image).
 
-Everything it makes - the namespaces, the veth pair inside them, the files - it removes,
-whatever happens. Addresses are inside the namespaces only.
+Everything it makes - the namespaces and veth pair (tests/netlab.py), a tmpfs, the files - it
+removes, whatever happens. Addresses are inside the namespaces only. The link is shaped to
+400 Mbit/s (50 MB/s): round 0 of the 128 MiB guest takes about 2.7 s.
 """
 import argparse
 import json
@@ -31,55 +32,14 @@ import tempfile
 import threading
 import time
 
+import netlab
+from netlab import DEST_ADDR, Network, sh
+
 SKIP = 77
-LINK_RATE = "400mbit"  # 50 MB/s: round 0 of a 128 MiB guest takes about 2.7 s
 PEER_TIMEOUT_S = "2"   # how long a silent peer is given, on both sides (the default is 10)
-SOURCE_ADDR, DEST_ADDR = "10.231.0.1", "10.231.0.2"
 PORT, RELAY_PORT = 7411, 7412
 HEARTBEAT_PAUSE_LIMIT_MS = 100
 RECEIVER_PATIENCE_S = 20  # a receiver still there this long after the fault counts as hung
-
-
-def sh(*args, check=True, ns=None):
-    cmd = (["ip", "netns", "exec", ns] if ns else []) + list(args)
-    return subprocess.run(cmd, check=check, capture_output=True, text=True)
-
-
-class Network:
-    """Two namespaces and a veth pair between them, shaped to LINK_RATE both ways."""
-
-    def __init__(self):
-        tag = str(os.getpid())
-        self.source, self.dest = "migfm-src-" + tag, "migfm-dst-" + tag
-        self.source_dev, self.dest_dev = "mfs" + tag, "mfd" + tag
-
-    def __enter__(self):
-        sh("ip", "netns", "add", self.source)
-        sh("ip", "netns", "add", self.dest)
-        sh("ip", "link", "add", self.source_dev, "netns", self.source, "type", "veth", "peer", "name", self.dest_dev,
-           "netns", self.dest)
-        for ns, dev, addr in ((self.source, self.source_dev, SOURCE_ADDR), (self.dest, self.dest_dev, DEST_ADDR)):
-            sh("ip", "addr", "add", addr + "/30", "dev", dev, ns=ns)
-            sh("ip", "link", "set", "lo", "up", ns=ns)
-        self.restore()
-        return self
-
-    def __exit__(self, *exc):
-        for ns in (self.source, self.dest):  # deleting a namespace deletes the veth end in it
-            sh("ip", "netns", "del", ns, check=False)
-
-    def shape(self, rate):
-        for ns, dev in ((self.source, self.source_dev), (self.dest, self.dest_dev)):
-            sh("tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", "64kb", "latency", "100ms", ns=ns)
-
-    def restore(self):
-        for ns, dev in ((self.source, self.source_dev), (self.dest, self.dest_dev)):
-            sh("ip", "link", "set", dev, "up", ns=ns)
-        self.shape(LINK_RATE)
-
-    def leftovers(self):
-        listed = sh("ip", "netns", "list").stdout
-        return [ns for ns in (self.source, self.dest) if ns in listed]
 
 
 class Qmp:
@@ -473,11 +433,8 @@ def main():
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--only", help="run only the faults whose name contains this")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("SKIPPED: the fault matrix needs root, for network namespaces")
-        return SKIP
-    if subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
-        print("SKIPPED: no network namespaces here (ip netns)")
+    if not netlab.usable():
+        print("SKIPPED: the fault matrix needs root and network namespaces (ip netns)")
         return SKIP
     if args.guest == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
         print("SKIPPED: --guest kvm needs /dev/kvm")
