@@ -60,7 +60,7 @@ def calibrate(build, net, work):
 
 
 def simulate(build, trace, policy, calibration):
-    bandwidth = "%dB" % calibration["bandwidth_Bps"]
+    bandwidth = "%d" % calibration["bandwidth_Bps"]  # bytes per second
     out = subprocess.run([os.path.join(build, "tools", "mig-sim"), trace, "--policy", policy, "--bandwidth", bandwidth,
                           "--setup-ms", "%.3f" % calibration["setup_ms"], "--restore-ms",
                           "%.3f" % calibration["restore_ms"], "--trace-start", str(TRACE_START_S), "--json"],

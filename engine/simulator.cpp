@@ -103,6 +103,20 @@ Tunables tunables_of(const ConvergencePolicy& policy) {
   return t;
 }
 
+// The pages that hold data when the migration starts: those populated when the trace began,
+// and every page the guest wrote before `start_s` (a trace recorded from boot has none of the
+// first kind).
+std::vector<std::uint64_t> populated_at(const DirtyTrace& trace, double start_s) {
+  std::vector<bool> holds_data(trace.pages, false);
+  for (auto page : trace.populated) holds_data[page] = true;
+  for_each_write(trace, 0, start_s * 1e6 / static_cast<double>(trace.interval.count()),
+                 [&](std::uint64_t page, double) { holds_data[page] = true; });
+  std::vector<std::uint64_t> pages;
+  for (std::uint64_t page = 0; page < trace.pages; ++page)
+    if (holds_data[page]) pages.push_back(page);
+  return pages;
+}
+
 void check(const DirtyTrace& trace, const SimulatorOptions& o) {
   if (trace.frames.empty()) throw std::invalid_argument("the trace has no intervals to replay");
   if (!(o.bandwidth_Bps > 0)) throw std::invalid_argument("the bandwidth must be positive");
@@ -122,7 +136,7 @@ SimulatedMigration simulate(const DirtyTrace& trace, const SimulatorOptions& o) 
   // Connecting and Hello/HelloAck: two round trips; dirty tracking starts after them.
   double now = 2 * rtt + o.setup_ms / 1000;
   ReplayedGuest guest(trace, o.trace_start_s);
-  std::vector<std::uint64_t> pending = trace.populated;
+  std::vector<std::uint64_t> pending = populated_at(trace, o.trace_start_s);
 
   // Pre-copy, round by round, until the policy (or the round limit) says otherwise.
   for (unsigned throttle = 0;;) {
