@@ -35,16 +35,16 @@ std::vector<kvm::HeartbeatState> decode_heartbeats(std::span<const std::byte> da
   return heartbeats;
 }
 
-std::vector<engine::MemoryRegion> engine_regions(const kvm::GuestMemory& memory) {
+std::vector<engine::MemoryRegion> HostedVm::memory_regions() const {
   std::vector<engine::MemoryRegion> out;
-  for (const auto& r : memory.regions()) out.push_back({r.layout.guest_addr, r.layout.size, r.host()});
+  for (const auto& r : guest_memory().regions()) out.push_back({r.layout.guest_addr, r.layout.size, r.host()});
   return out;
 }
 
-std::vector<int> shareable_fds(const kvm::GuestMemory& memory) {
+std::vector<int> HostedVm::shareable_memory_fds() const {
   std::vector<int> fds;
-  if (!memory.shareable()) return fds;
-  for (const auto& r : memory.regions()) fds.push_back(r.memfd.get());
+  if (!guest_memory().shareable()) return fds;
+  for (const auto& r : guest_memory().regions()) fds.push_back(r.memfd.get());
   return fds;
 }
 

@@ -67,25 +67,15 @@ class KvmVm final : public HostedVm {
   static engine::VmShape pc_shape(std::uint64_t mem_bytes, unsigned vcpus);
 
   kvm::Machine& machine() { return *machine_; }
+  const kvm::GuestMemory& guest_memory() const override { return machine_->memory(); }
   const kvm::Probe& probe() const override { return machine_->probe(); }
   std::optional<std::string> failure() const override { return machine_->failure(); }
 
   unsigned vcpu_count() const override { return machine_->config().vcpus; }
-  std::vector<engine::MemoryRegion> memory_regions() const override { return engine_regions(machine_->memory()); }
   void start_dirty_log() override { machine_->vm().set_dirty_logging(true); }
   void stop_dirty_log() override { machine_->vm().set_dirty_logging(false); }
   void fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) override {
     machine_->fetch_and_clear_dirty_log(region, bitmap);
-  }
-  std::vector<int> shareable_memory_fds() const override { return shareable_fds(machine_->memory()); }
-  void populated_pages(std::size_t region, std::span<std::uint64_t> bitmap) override {
-    machine_->memory().populated_pages(region, bitmap);
-  }
-  void prepare_pages(std::size_t region, std::uint64_t first_page, std::uint64_t count) override {
-    machine_->memory().populate(region, first_page, count);
-  }
-  void discard_pages(std::size_t region, std::uint64_t first_page, std::uint64_t count) override {
-    machine_->memory().discard(region, first_page, count);
   }
   std::string postcopy_unsupported() const override;
   std::vector<wire::CpuidLeaf> guest_cpuid() const override;

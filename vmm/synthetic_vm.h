@@ -42,24 +42,14 @@ class SyntheticVm final : public HostedVm {
   static engine::VmFactory factory(kvm::MemoryOptions memory, std::vector<kvm::DiskConfig> disks = {});
   ~SyntheticVm() override;
 
+  const kvm::GuestMemory& guest_memory() const override { return memory_; }
   const kvm::Probe& probe() const override { return probe_; }
   std::optional<std::string> failure() const override { return std::nullopt; }  // its threads cannot crash the guest
 
   unsigned vcpu_count() const override { return static_cast<unsigned>(sweeps_.size()); }
-  std::vector<engine::MemoryRegion> memory_regions() const override { return engine_regions(memory_); }
   void start_dirty_log() override;
   void stop_dirty_log() override {}
   void fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) override;
-  std::vector<int> shareable_memory_fds() const override { return shareable_fds(memory_); }
-  void populated_pages(std::size_t region, std::span<std::uint64_t> bitmap) override {
-    memory_.populated_pages(region, bitmap);
-  }
-  void prepare_pages(std::size_t region, std::uint64_t first_page, std::uint64_t count) override {
-    memory_.populate(region, first_page, count);
-  }
-  void discard_pages(std::size_t region, std::uint64_t first_page, std::uint64_t count) override {
-    memory_.discard(region, first_page, count);
-  }
   std::vector<int> vcpu_threads() const override;
   void pause() override;
   void resume() override;
