@@ -135,6 +135,7 @@ void SyntheticVm::run_vcpu(unsigned index, std::stop_token stop) {
   auto next_heartbeat = clock::now();
   while (!stop.stop_requested()) {
     if (park_while_paused(stop)) next_heartbeat = clock::now();  // a paused guest does not catch up
+    if (stop.stop_requested()) break;  // stopped while paused: not one write more
     next_heartbeat += kHeartbeatPeriod;
     if (sweep.pass == 0 || workload_.dirty_MBps == 0) {
       while (clock::now() < next_heartbeat)
