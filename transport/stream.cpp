@@ -127,7 +127,6 @@ void Stream::check_silence(std::chrono::steady_clock::time_point last_progress, 
     throw PeerError(std::string(what) + ": the peer stopped responding (timed out)");
 }
 
-
 bool Stream::enable_zerocopy(ZeroCopy mode) {
   if (tls_ && !tls_->kernel_sends()) return false;
   const int one = 1;
