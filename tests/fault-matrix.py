@@ -119,9 +119,12 @@ def relay(listen_port, target_port, corrupt_from):
 
 
 class Scenario:
+    # receiver_waits_on: the fault leaves the receiver waiting for its source, as it should (a
+    # peer it refused); the row ends it with SIGTERM.
     def __init__(self, name, inject=None, when="round 0", receiver_args=(), sender_args=(), through_relay=False,
-                 expect="source", dirty_MBps=30):
+                 expect="source", dirty_MBps=30, receiver_waits_on=False):
         self.name, self.inject, self.when, self.dirty_MBps = name, inject, when, dirty_MBps
+        self.receiver_waits_on = receiver_waits_on
         self.receiver_args, self.sender_args = list(receiver_args), list(sender_args)
         self.through_relay, self.expect = through_relay, expect
 
@@ -236,7 +239,10 @@ class Run:
             status, noticed_ms = self.wait_source_outcome(fault_at)
             self.row["source status"] = status
             self.row["source noticed ms"] = noticed_ms if self.s.inject else None
-            self.row["receiver exit"], self.row["receiver ended ms"] = receiver_outcome()
+            if self.s.receiver_waits_on:
+                self.row["receiver exit"] = self.end_waiting_receiver(receiver_outcome)
+            else:
+                self.row["receiver exit"], self.row["receiver ended ms"] = receiver_outcome()
             time.sleep(0.3)  # the source guest runs on a little, so its pause shows in full
             self.row["fd leak"] = process_fds(self.sender.pid) - self.fds_before if self.sender.poll() is None else None
             self.row["rss growth MiB"] = (process_rss_mib(self.sender.pid) - self.rss_before
@@ -268,6 +274,12 @@ class Run:
         thread = threading.Thread(target=wait)
         thread.start()
         return lambda: (thread.join(), tuple(outcome))[1]
+
+    def end_waiting_receiver(self, receiver_outcome):
+        still_waiting = self.receiver.poll() is None
+        self.receiver.send_signal(signal.SIGTERM)
+        code = receiver_outcome()[0]
+        return "waits on (then SIGTERM: %s)" % code if still_waiting else code
 
     def report_guest(self):
         sent = json.load(open(self.path("send.json"))) if os.path.exists(self.path("send.json")) else {}
@@ -336,9 +348,6 @@ def scenarios(tls_dir, source_disk, full_disk):
     def kill_sender(run):
         run.sender.send_signal(signal.SIGKILL)
 
-    def refused(run):
-        pass  # the fault is the missing certificate; the receiver then waits on: end it
-
     return [
         Scenario("none", when="-", expect="destination"),
         Scenario("link down", link_down),
@@ -351,8 +360,8 @@ def scenarios(tls_dir, source_disk, full_disk):
         Scenario("sender SIGKILL", kill_sender, expect="nowhere"),
         # A guest that dirties slowly, so that damaged pages are not simply sent again.
         Scenario("bytes corrupted by a relay", through_relay=True, dirty_MBps=1),
-        Scenario("unauthenticated source (receiver wants TLS)", refused, when="at connect",
-                 receiver_args=["--tls-creds", tls_dir]),
+        Scenario("unauthenticated source (receiver wants TLS)", when="at connect", receiver_args=["--tls-creds", tls_dir],
+                 receiver_waits_on=True),
         # 24 MiB of disk data copied into an 8 MiB file system.
         Scenario("destination disk full", when="disk copy", receiver_args=["--disk", full_disk],
                  sender_args=["--disk", source_disk, "--copy-storage-all"]),
@@ -379,33 +388,6 @@ def check(row, scenario):
     if scenario.expect != "nowhere" and row["source status"] == "hung":
         broken.append("the source hung")
     return broken
-
-
-def run_unauthenticated(run):
-    """The receiver waits on after refusing: the row ends once the source has given up."""
-    run.start_receiver()
-    try:
-        run.start_sender()
-        status, noticed = run.wait_source_outcome(time.monotonic())
-        run.row["source status"], run.row["source noticed ms"] = status, None
-        time.sleep(0.3)
-        run.row["fd leak"] = process_fds(run.sender.pid) - run.fds_before
-        run.row["rss growth MiB"] = process_rss_mib(run.sender.pid) - run.rss_before
-        still_waiting = run.receiver.poll() is None
-        receiver_outcome = run.watch_receiver(time.monotonic())
-        run.receiver.send_signal(signal.SIGTERM)
-        run.row["receiver exit"], run.row["receiver ended ms"] = receiver_outcome()
-        run.row["receiver exit"] = "waits on (then SIGTERM: %s)" % run.row["receiver exit"] if still_waiting else run.row["receiver exit"]
-        run.qmp.close()
-        run.sender.send_signal(signal.SIGTERM)
-        run.row["sender exit"] = run.sender.wait(timeout=20)
-        run.report_guest()
-    finally:
-        for p in (run.sender, run.receiver):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return run.row
 
 
 def print_table(rows):
@@ -452,7 +434,7 @@ def main():
                 continue
             net.restore()
             run = Run(args.build, args.guest, net, work, scenario, index)
-            row = run_unauthenticated(run) if scenario.when == "at connect" else run.run()
+            row = run.run()
             broken = check(row, scenario)
             row["met targets"] = "yes" if not broken else "NO: " + "; ".join(broken)
             failures += broken
