@@ -137,14 +137,14 @@ TEST_CASE("a synthetic guest refuses state that is not a synthetic guest's of it
   CHECK_THROWS_WITH(restore({good[0], good[0], good[1]}), Catch::Contains("not a synthetic guest's"));
   CHECK_THROWS_WITH(restore(with_synthetic([&](auto& d) { std::memcpy(d.data(), &nan, sizeof nan); })),
                     Catch::Contains("dirty rate"));
-  // The section: the rate, the sweeps' byte count, then per vCPU its first page, page count,
-  // position, pass and heartbeat sequence (8 bytes each).
-  CHECK_THROWS_WITH(restore(with_synthetic([](auto& d) { std::memset(d.data() + 32, 0xff, 8); })),
+  // The section: the rate, the sweeps' byte count, then per vCPU its position, pass and
+  // heartbeat sequence (8 bytes each).
+  CHECK_THROWS_WITH(restore(with_synthetic([](auto& d) { std::memset(d.data() + 16, 0xff, 8); })),
                     Catch::Contains("does not fit"));
   CHECK_THROWS_WITH(restore(with_synthetic([](auto& d) {
-                      const std::uint64_t one_vcpu = 40;
+                      const std::uint64_t one_vcpu = 24;
                       std::memcpy(d.data() + 8, &one_vcpu, 8);
-                      d.resize(d.size() - 40);
+                      d.resize(d.size() - 24);
                     })),
                     Catch::Contains("vCPU count"));
   CHECK_THROWS_AS(restore(with_synthetic([](auto& d) { d.resize(d.size() - 3); })), wire::ProtocolError);

@@ -33,14 +33,14 @@ void disk_pattern(std::span<std::uint64_t> words, std::uint64_t block, std::uint
 
 SyntheticVm::SyntheticVm(kvm::GuestMemory memory, unsigned vcpus, SyntheticWorkload workload,
                          std::vector<std::unique_ptr<kvm::DiskImage>> disks)
-    : memory_(std::move(memory)), workload_(workload), probe_(vcpus), sweeps_(vcpus), thread_ids_(vcpus) {
+    : memory_(std::move(memory)), workload_(workload), probe_(vcpus), shares_(vcpus), sweeps_(vcpus), thread_ids_(vcpus) {
   if (vcpus == 0 || vcpus > kvm::kMaxVcpus)
     throw std::invalid_argument("a synthetic guest has 1 to " + std::to_string(kvm::kMaxVcpus) + " vCPUs");
   const std::uint64_t pages = total_pages(memory_);
   if (pages < vcpus) throw std::invalid_argument("a synthetic guest needs a page of memory per vCPU at least");
   for (unsigned i = 0; i < vcpus; ++i) {
-    sweeps_[i].first_page = pages * i / vcpus;
-    sweeps_[i].pages = pages * (i + 1) / vcpus - sweeps_[i].first_page;
+    shares_[i].first_page = pages * i / vcpus;
+    shares_[i].pages = pages * (i + 1) / vcpus - shares_[i].first_page;
   }
   for (auto& image : disks) disks_.push_back(std::make_unique<ImageDisk>(std::move(image)));
   if (!disks_.empty()) disk_work_.generations.resize(std::min(kDiskSpan, disks_[0]->size()) / kDiskBlock);
@@ -154,13 +154,14 @@ void SyntheticVm::run_vcpu(unsigned index, std::stop_token stop) {
 // The workload guest's sweep: a page must hold the pass number it was left with.
 void SyntheticVm::sweep_page(unsigned index) {
   Sweep& sweep = sweeps_[index];
+  const Share& share = shares_[index];
   std::uint64_t guest_addr = 0;
   // Atomic, since the migration reads the page while this thread writes it, as KVM's vCPUs do.
-  std::atomic_ref word(*page_word(sweep.first_page + sweep.position, guest_addr));
+  std::atomic_ref word(*page_word(share.first_page + sweep.position, guest_addr));
   if (word.load(std::memory_order_relaxed) != sweep.pass) report(index, MIG_PROBE_CHECK_FAIL, MIG_CHECK_FAIL_SWEEP);
   word.store(sweep.pass + 1, std::memory_order_relaxed);
   memory_.note_vmm_write(guest_addr, sizeof(std::uint64_t));
-  if (++sweep.position < sweep.pages) return;
+  if (++sweep.position < share.pages) return;
   sweep.position = 0;
   ++sweep.pass;
   report(index, MIG_PROBE_SWEEP_PASS, static_cast<std::uint32_t>(sweep.pass));
@@ -276,8 +277,7 @@ void SyntheticVm::restore_state(const std::vector<engine::StateSection>& section
     throw wire::ProtocolError("the synthetic guest's dirty rate is out of range");
   if (sweeps->size() != sweeps_.size()) throw wire::ProtocolError("the synthetic section's vCPU count differs from the guest's");
   for (std::size_t i = 0; i < sweeps_.size(); ++i) {
-    const Sweep& s = (*sweeps)[i];
-    if (s.first_page != sweeps_[i].first_page || s.pages != sweeps_[i].pages || s.position >= s.pages)
+    if ((*sweeps)[i].position >= shares_[i].pages)
       throw wire::ProtocolError("the synthetic section's sweep of vCPU " + std::to_string(i) + " does not fit the guest's memory");
   }
   workload_ = workload;

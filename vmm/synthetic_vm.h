@@ -58,9 +58,14 @@ class SyntheticVm final : public HostedVm {
   std::vector<engine::MigratableDisk*> disks() override;
 
  private:
-  // Where one vCPU's sweep stands: the next page of its share, and the pass it is in.
+  // One vCPU's part of memory, in pages of the whole: it follows from the guest's shape, so
+  // each side works it out and it never travels.
+  struct Share {
+    std::uint64_t first_page = 0, pages = 0;
+  };
+  // Where one vCPU's sweep stands (its state section): the next page of its share, the pass
+  // it is in, and its last heartbeat.
   struct Sweep {
-    std::uint64_t first_page = 0, pages = 0;  // its share, in pages of the whole memory
     std::uint64_t position = 0, pass = 0;
     std::uint64_t heartbeat_seq = 0;  // as wide as the rest: the section has no padding
   };
@@ -89,6 +94,7 @@ class SyntheticVm final : public HostedVm {
   kvm::GuestMemory memory_;
   SyntheticWorkload workload_;
   kvm::Probe probe_;
+  std::vector<Share> shares_;
   std::vector<Sweep> sweeps_;  // each written by its own vCPU thread only, read while paused
   std::vector<std::unique_ptr<ImageDisk>> disks_;
   DiskWork disk_work_;  // vCPU 0's
