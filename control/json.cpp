@@ -29,6 +29,7 @@ nlohmann::json to_json(const engine::RoundStats& r) {
           {"bandwidth_MBps", r.bandwidth_Bps / 1e6},
           {"expected_downtime_ms", r.expected_downtime_ms},
           {"throttle_pct", r.throttle_pct},
+          {"dirty_limit_MBps", r.dirty_limit_MBps},
           {"dirty_disk_bytes", r.dirty_disk_bytes}};
 }
 
@@ -178,6 +179,7 @@ nlohmann::json migration_info(const engine::MigrationProgress& p) {
       {"ram", ram},
       {"cpu-throttle-percentage", last.throttle_pct},
   };
+  if (last.dirty_limit_MBps > 0) info["vcpu-dirty-limit"] = last.dirty_limit_MBps;  // QEMU's parameter, in its unit (MB/s)
   nlohmann::json own = {{"phase", engine::to_string(p.phase)}, {"rounds", round_table(p.rounds)}};
   if (!p.error.empty()) info["error-desc"] = p.error;
   // QEMU's block-migration "disk" object, from the last round's figures or the outcome's.

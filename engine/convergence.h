@@ -20,6 +20,7 @@ struct RoundStats {
   double bandwidth_Bps = 0;         // bytes_sent / duration_s
   double expected_downtime_ms = 0;  // what stopping now would cost, by the windowed bandwidth
   unsigned throttle_pct = 0;        // percent of the time the guest's vCPUs were held during the round
+  double dirty_limit_MBps = 0;      // each vCPU's dirty-rate cap during the round (dirty-limit); 0: none
 };
 
 // What pre-copy does when it stops making progress: stop and copy the rest (a long pause),

@@ -134,4 +134,15 @@ std::uint32_t rounds_since_lowest_remaining(std::span<const RoundStats> rounds) 
   return since;
 }
 
+std::uint32_t qemu_slowdown_triggers(std::span<const RoundStats> rounds, double trigger_pct) {
+  std::uint32_t triggers = 0, high_rounds = 0;
+  for (const auto& round : rounds) {
+    const double dirtied = static_cast<double>(round.dirty_pages * kPageSize);
+    if (dirtied <= static_cast<double>(round.bytes_sent) * trigger_pct / 100 || ++high_rounds < 2) continue;
+    high_rounds = 0;  // QEMU counts afresh after each step
+    ++triggers;
+  }
+  return triggers;
+}
+
 }  // namespace mig::engine

@@ -35,6 +35,7 @@ struct PolicyView {
   std::uint64_t guest_pages = 0;
   bool can_throttle = true;            // false once the VM refused a throttle
   bool postcopy_enabled = false;       // start_postcopy is possible
+  bool can_limit_dirty_rate = true;    // false once the VM refused a per-vCPU dirty limit
   // What stopping now would cost, by the engine's windowed bandwidth; policies with their
   // own estimate may ignore it.
   double expected_downtime_ms() const;
@@ -44,6 +45,7 @@ struct PolicyAnswer {
   Decision decision = Decision::next_round;
   unsigned throttle_pct = 0;  // for the next round; the last round's value keeps it as it is
   std::string rule;           // which rule decided, for the round table and the stats ("xen: below 50 dirty pages")
+  double dirty_limit_MBps = 0;  // each vCPU's dirty-rate cap for the next round (MB/s); 0 lifts it
 };
 
 class MigrationPolicy {
@@ -101,5 +103,8 @@ PolicyAnswer decide_within_round_limit(const MigrationPolicy& policy, const Poli
 // The rules shared by several policies: stuck rounds, the local minimum of what is left.
 // Rounds since the fewest dirty pages yet were left (0: the last round set a new low).
 std::uint32_t rounds_since_lowest_remaining(std::span<const RoundStats> rounds);
+// QEMU's trigger for auto-converge and dirty-limit (its dirty_rate_high_cnt): how many times
+// a second round dirtied more than `trigger_pct` of the bytes it sent since the last time.
+std::uint32_t qemu_slowdown_triggers(std::span<const RoundStats> rounds, double trigger_pct);
 
 }  // namespace mig::engine

@@ -145,8 +145,10 @@ SimulatedMigration simulate(const DirtyTrace& trace, const SimulatorOptions& o) 
     m.bytes_sent += r.bytes_sent;
     m.round_table.push_back(r);
     m.round_table.back().expected_downtime_ms = expected_downtime_ms(m.round_table, o.convergence);
+    // A trace does not say which vCPU wrote a page, so a per-vCPU dirty limit cannot be
+    // replayed: the guest is one that cannot take it, and dirty-limit runs without its brake.
     const auto answer = decide_within_round_limit(*policy, {m.round_table, tunables_of(o.convergence), o.convergence.max_rounds,
-                                                            trace.pages * o.guest_scale, o.can_throttle, false});
+                                                            trace.pages * o.guest_scale, o.can_throttle, false, false});
     m.stop_rule = answer.rule;
     if (answer.decision == Decision::abort_no_progress || answer.decision == Decision::start_postcopy) {
       // The engine gives up here (post-copy is not simulated): the source runs on.

@@ -16,7 +16,9 @@
 //     RoundAck); the final round its bytes at the pause bandwidth (the engine does not limit
 //     it) plus the state, then one and a half round trips and `restore_ms` until the
 //     destination resumes, and half a round trip more until the source hears Running;
-//   - a trace shorter than the migration is replayed from its start again.
+//   - a trace shorter than the migration is replayed from its start again;
+//   - a per-vCPU dirty limit (dirty-limit) is not modelled: a trace does not say which vCPU
+//     wrote a page, so the replayed guest is one that cannot take the limit.
 // `guest_scale` K stands for a guest K times as large whose every K-th part behaves like the
 // recorded guest: populated and dirty counts are multiplied by K.
 #pragma once

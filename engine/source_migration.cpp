@@ -38,6 +38,7 @@ class SourceRollback {
 
   void logging_started() { logging_ = true; }
   void throttled(bool on) { throttled_ = on; }
+  void dirty_limited(bool on) { dirty_limited_ = on; }
   void paused() {
     paused_ = true;
     throttled_ = false;  // pause() ends throttling
@@ -63,7 +64,8 @@ class SourceRollback {
     if (committed_) return;
     try {
       if (throttled_) vm_.set_throttle(0);
-      throttled_ = false;
+      if (dirty_limited_) vm_.set_vcpu_dirty_limit(0);
+      throttled_ = dirty_limited_ = false;
       disks_.reacquire_all();  // before the guest may write its disks again
       if (paused_) {
         vm_.resume();
@@ -79,7 +81,7 @@ class SourceRollback {
   MigratableVm& vm_;
   DiskSender& disks_;
   const MigrationObserver& observer_;
-  bool logging_ = false, throttled_ = false, paused_ = false, committed_ = false;
+  bool logging_ = false, throttled_ = false, dirty_limited_ = false, paused_ = false, committed_ = false;
 };
 
 // ORs the pages dirtied since the last fetch into `pending`; returns how many are pending.
@@ -126,6 +128,7 @@ struct SourceMigration::State {
   ConvergencePolicy policy;  // options.policy with the live tunables applied
   std::shared_ptr<const MigrationPolicy> decider;  // options.policy_plugin, or mig's
   bool can_throttle = true;                         // until the VM refuses a throttle
+  bool can_limit_dirty_rate = true;                 // until the VM refuses a dirty limit
   const std::vector<MemoryRegion> regions;
   DiskSender disks;
   SourceRollback rollback;
@@ -155,6 +158,7 @@ struct SourceMigration::State {
   std::uint64_t pending_pages = 0;  // set in `pending`, as the plan or the last fetch counted them
   std::uint32_t round = 0;  // the round being sent, in the end the final one
   unsigned throttle_pct = 0;
+  double dirty_limit_MBps = 0;
   RoundCounts totals;
 
   // The switchover's clock.
@@ -486,13 +490,14 @@ bool SourceMigration::precopy_round(std::uint32_t round) {
     return false;
   }
   adjust_throttle(answer.throttle_pct);
+  adjust_dirty_limit(answer.dirty_limit_MBps);
   return true;
 }
 
 PolicyView SourceMigration::policy_view() const {
   const State& s = *s_;
   return {s.stats.round_table, control_->tunables(), s.policy.max_rounds, s.stats.guest_bytes / kPageSize,
-          s.can_throttle, s.postcopy};
+          s.can_throttle, s.postcopy, s.can_limit_dirty_rate};
 }
 
 // The round's line in the round table, with what stopping now would cost.
@@ -509,6 +514,7 @@ void SourceMigration::record_round(std::uint32_t round, const RoundCounts& count
   rs.dirty_rate_Bps = static_cast<double>(s.pending_pages * kPageSize) / std::max(seconds, 1e-9);
   rs.bandwidth_Bps = static_cast<double>(counts.bytes) / std::max(seconds, 1e-9);
   rs.throttle_pct = s.throttle_pct;
+  rs.dirty_limit_MBps = s.dirty_limit_MBps;
   s.stats.round_table.push_back(rs);
   s.stats.round_table.back().expected_downtime_ms = expected_downtime_ms(s.stats.round_table, s.policy);
   control_->round_finished(s.stats.round_table.back());
@@ -524,6 +530,18 @@ void SourceMigration::adjust_throttle(unsigned wanted_pct) {
     s.rollback.throttled(wanted_pct > 0);
   } else {
     s.can_throttle = false;  // policies now judge stuck rounds without a throttle to come
+  }
+}
+
+// Dirty-limit: the per-vCPU cap the policy wants for the next round.
+void SourceMigration::adjust_dirty_limit(double wanted_MBps) {
+  State& s = *s_;
+  if (wanted_MBps == s.dirty_limit_MBps || !s.can_limit_dirty_rate) return;
+  if (s.vm.set_vcpu_dirty_limit(wanted_MBps * 1e6)) {
+    s.dirty_limit_MBps = wanted_MBps;
+    s.rollback.dirty_limited(wanted_MBps > 0);
+  } else {
+    s.can_limit_dirty_rate = false;
   }
 }
 

@@ -137,6 +137,7 @@ class SourceMigration {
   void record_round(std::uint32_t round, const RoundCounts& counts, double seconds);
   PolicyView policy_view() const;
   void adjust_throttle(unsigned wanted_pct);
+  void adjust_dirty_limit(double wanted_MBps);
   void apply_tunables();
   void stop_and_copy();
   void hand_over_disks();

@@ -119,6 +119,11 @@ class MigratableVm {
   // freely again. pause() ends any throttling first. Returns false when this VM cannot
   // throttle (the default).
   virtual bool set_throttle(double /*share*/) { return false; }
+  // Source, dirty-limit: cap the rate at which each vCPU dirties memory at `bytes_per_s`
+  // from now on (0 lifts the cap). Unlike a throttle it holds back only the vCPUs that dirty
+  // memory faster than that; the rest run freely. It needs to know which vCPU dirtied which
+  // page (KVM's dirty ring). Returns false when this VM cannot (the default).
+  virtual bool set_vcpu_dirty_limit(double /*bytes_per_s*/) { return false; }
 
   // Source: pause stops every vCPU and returns once they are stopped. Destination: resume
   // also starts vCPUs that never ran.

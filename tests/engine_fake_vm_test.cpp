@@ -282,6 +282,50 @@ TEST_CASE("auto-converge at its maximum: a guest still stuck is given up on - an
   CHECK_FALSE(source.paused());
 }
 
+TEST_CASE("dirty-limit caps the vCPUs of a guest that outruns the link - and never throttles them") {
+  test::FakeVm source({kPages});
+  fill(source, kPages);
+  source.thrash = true;
+  source.dirty_limit_calms_at = 1e6;
+  source.throttle_calms_at = 0.2;  // a throttle would calm it too: dirty-limit must not ask for one
+  test::FakeVm* destination = nullptr;
+  engine::SenderOptions options;
+  options.policy.downtime_target_ms = 0;  // only an empty dirty set converges
+  options.policy_plugin = engine::PolicyRegistry::global().make("dirty-limit");
+  auto [sent, received] = run_migration(source, &destination, options, pass_through());
+  REQUIRE(sent.status == engine::MigrationStatus::completed);
+  CHECK(sent.stop_reason == engine::StopReason::converged);
+  CHECK(source.dirty_limits == std::vector<double>{1e6});  // QEMU's vcpu-dirty-limit, 1 MB/s
+  CHECK(source.throttles.empty());
+  CHECK(sent.round_table.front().dirty_limit_MBps == 0);
+  CHECK(sent.round_table.back().dirty_limit_MBps == 1);
+  REQUIRE(destination != nullptr);
+  CHECK(destination->region_memory(0) == source.region_memory(0));
+}
+
+TEST_CASE("a migration that fails lifts the dirty limit before the guest runs on - and a VM that cannot take one runs to the round limit") {
+  test::FakeVm source({kPages});
+  fill(source, kPages);
+  source.thrash = true;
+  source.dirty_limit_calms_at = 0;  // held, but never calmed
+  test::FakeVm* destination = nullptr;
+  engine::SenderOptions options;
+  options.policy_plugin = engine::PolicyRegistry::global().make("dirty-limit:limit=2");
+  options.policy.max_rounds = 4;
+  auto [sent, received] = run_migration(source, &destination, options, drop(wire::MessageType::complete));
+  CHECK(sent.status == engine::MigrationStatus::failed);
+  CHECK(source.dirty_limits == std::vector<double>{2e6, 0});
+  CHECK_FALSE(source.paused());
+
+  test::FakeVm unlimited({kPages});
+  fill(unlimited, kPages);
+  unlimited.thrash = true;
+  auto [ran, arrived] = run_migration(unlimited, &destination, options, pass_through());
+  CHECK(ran.status == engine::MigrationStatus::completed);
+  CHECK(ran.stop_reason == engine::StopReason::max_rounds);
+  CHECK(ran.round_table.back().dirty_limit_MBps == 0);
+}
+
 TEST_CASE("the receiver refuses malformed streams with a reason") {
   auto run = [](auto send_bad_stream) {
     auto [sender_end, receiver_end] = test::stream_pair();

@@ -35,11 +35,13 @@ struct Situation {
   bool postcopy_enabled = false;
   bool can_throttle = true;
   std::uint32_t max_rounds = 30;
+  bool can_limit_dirty_rate = true;
 };
 
 engine::PolicyAnswer ask(const std::string& spec, const Situation& s) {
   const auto policy = engine::PolicyRegistry::global().make(spec);
-  engine::PolicyView view{s.rounds, engine::Tunables{}, s.max_rounds, s.guest_pages, s.can_throttle, s.postcopy_enabled};
+  engine::PolicyView view{s.rounds,         engine::Tunables{}, s.max_rounds, s.guest_pages, s.can_throttle, s.postcopy_enabled,
+                          s.can_limit_dirty_rate};
   return policy->decide(view);
 }
 
@@ -67,7 +69,7 @@ TEST_CASE("the registry holds every shipped policy and refuses what it does not 
     names.push_back(name);
     CHECK_FALSE(summary.empty());
   }
-  CHECK(names == std::vector<std::string>{"kubevirt-stall", "mig", "ovirt-steps", "qemu", "xen"});
+  CHECK(names == std::vector<std::string>{"dirty-limit", "kubevirt-stall", "mig", "ovirt-steps", "qemu", "xen"});
   auto& registry = engine::PolicyRegistry::global();
   CHECK_THROWS_WITH(registry.make("zen"), Contains("no policy 'zen'") && Contains("xen"));
   CHECK_THROWS_WITH(registry.make("xen:colour=blue"), Contains("no parameter colour"));
@@ -123,6 +125,29 @@ TEST_CASE("xen: 30 rounds, under 50 dirty pages, growing rounds, or 3x memory se
   CHECK(ask("xen:max_rounds=5", five).decision == Decision::stop_max_rounds);
   CHECK(ask("xen:min_dirty=101", five).decision == Decision::stop_converged);
   CHECK(ask("xen", five).throttle_pct == 0);
+}
+
+TEST_CASE("dirty-limit: QEMU's stopping rule, and each vCPU capped from QEMU's second high period on - never throttled") {
+  Situation no_ring{leaving({600})};
+  no_ring.can_limit_dirty_rate = false;
+  check_table("dirty-limit", {
+      {"10 ms left, under the 30 ms limit", {leaving({10})}, Decision::stop_converged, "within the downtime limit"},
+      {"31 ms left", {leaving({31})}, Decision::next_round, "above the downtime limit"},
+      {"stuck rounds go on, as QEMU's", {leaving({900, 900, 900, 900, 900})}, Decision::next_round, "above"},
+      {"mig's round limit still holds", {leaving({900, 900}), 100000, false, true, 3}, Decision::stop_max_rounds, "round limit"},
+      {"a VM without per-vCPU dirty counts", no_ring, Decision::next_round, "cannot limit its vCPUs' dirty rates"},
+  });
+  // QEMU's trigger, as for auto-converge: round 0 (2000 dirty pages of 1000 sent) is one
+  // high period, a round leaving more than 500 pages another.
+  CHECK(ask("dirty-limit", {leaving({})}).dirty_limit_MBps == 0);
+  CHECK(ask("dirty-limit", {leaving({400})}).dirty_limit_MBps == 0);
+  CHECK(ask("dirty-limit", {leaving({600})}).dirty_limit_MBps == 1);  // vcpu-dirty-limit: 1 MB/s
+  CHECK(ask("dirty-limit", {leaving({600, 10})}).dirty_limit_MBps == 1);  // once on, it stays: QEMU does not lift it
+  CHECK(ask("dirty-limit:limit=25", {leaving({600})}).dirty_limit_MBps == 25);
+  CHECK(ask("dirty-limit:trigger_pct=70", {leaving({600})}).dirty_limit_MBps == 0);
+  CHECK(ask("dirty-limit", no_ring).dirty_limit_MBps == 0);
+  CHECK(ask("dirty-limit", {leaving({600, 600, 600, 600})}).throttle_pct == 0);
+  CHECK_THROWS_WITH(engine::PolicyRegistry::global().make("dirty-limit:limit=0"), Contains("not a number from"));
 }
 
 TEST_CASE("qemu: only the downtime limit stops it, and auto-converge throttles every second high period") {

@@ -113,6 +113,15 @@ class FakeVm final : public engine::MigratableVm {
     if (share >= *throttle_calms_at) thrash = false;
     return true;
   }
+  // A dirty limit works only with `dirty_limit_calms_at` set (bytes/s); a thrashing guest
+  // then calms down under a cap that low, as a vCPU held to it would.
+  bool set_vcpu_dirty_limit(double bytes_per_s) override {
+    if (!dirty_limit_calms_at) return false;
+    std::lock_guard lock(mutex_);
+    dirty_limits.push_back(bytes_per_s);
+    if (bytes_per_s > 0 && bytes_per_s <= *dirty_limit_calms_at) thrash = false;
+    return true;
+  }
   void pause() override {
     std::lock_guard lock(mutex_);
     paused_ = true;
@@ -146,6 +155,8 @@ class FakeVm final : public engine::MigratableVm {
   bool fail_stop_dirty_log = false;
   std::optional<double> throttle_calms_at;
   std::vector<double> throttles;  // every set_throttle() call
+  std::optional<double> dirty_limit_calms_at;
+  std::vector<double> dirty_limits;  // every set_vcpu_dirty_limit() call
   std::function<void(FakeVm&)> before_fetch;
   std::function<void(FakeVm&)> after_resume;  // on the thread that resumed it
   std::vector<engine::StateSection> restored;

@@ -3,6 +3,7 @@
 #include <fmt/core.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <fstream>
 
 #include "control/arguments.h"
@@ -256,13 +257,16 @@ int exit_code_for(const std::string& status) {
 }
 
 std::string round_table_text(const nlohmann::json& rounds) {
-  std::string text = fmt::format("{:>5} {:>9} {:>10} {:>9} {:>9} {:>10} {:>10} {:>11} {:>8}\n", "round", "pages", "MB", "ms",
-                                 "dirty", "dirty MB/s", "link MB/s", "expected ms", "throttle");
+  // The per-vCPU dirty limit gets a column only where a round had one (dirty-limit).
+  const bool limited = std::any_of(rounds.begin(), rounds.end(), [](const auto& r) { return r.value("dirty_limit_MBps", 0.0) > 0; });
+  std::string text = fmt::format("{:>5} {:>9} {:>10} {:>9} {:>9} {:>10} {:>10} {:>11} {:>8}{}\n", "round", "pages", "MB", "ms",
+                                 "dirty", "dirty MB/s", "link MB/s", "expected ms", "throttle", limited ? "  vCPU limit MB/s" : "");
   for (const auto& r : rounds)
-    text += fmt::format("{:>5} {:>9} {:>10.1f} {:>9.1f} {:>9} {:>10.1f} {:>10.1f} {:>11.2f} {:>7}%\n", r.value("round", 0),
+    text += fmt::format("{:>5} {:>9} {:>10.1f} {:>9.1f} {:>9} {:>10.1f} {:>10.1f} {:>11.2f} {:>7}%{}\n", r.value("round", 0),
                         r.value("pages", 0), r.value("bytes", 0.0) / 1e6, r.value("duration_ms", 0.0), r.value("dirty_pages", 0),
                         r.value("dirty_rate_MBps", 0.0), r.value("bandwidth_MBps", 0.0), r.value("expected_downtime_ms", 0.0),
-                        r.value("throttle_pct", 0));
+                        r.value("throttle_pct", 0),
+                        limited ? fmt::format("  {:>16.1f}", r.value("dirty_limit_MBps", 0.0)) : "");
   return text;
 }
 

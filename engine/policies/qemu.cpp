@@ -25,18 +25,13 @@ class QemuPolicy final : public MigrationPolicy {
   }
 
  private:
-  // QEMU's dirty_rate_high_cnt: counts periods over the threshold, throttles on every second
-  // one, and starts again from zero after each throttle step.
+  // The first trigger throttles by throttle_initial_pct, as QEMU sets it (unbounded by the
+  // maximum); each later one adds a step, up to the maximum.
   unsigned throttle_pct(const PolicyView& view) const {
-    unsigned pct = 0, high_periods = 0;
-    for (const auto& round : view.rounds) {
-      const double dirtied = static_cast<double>(round.dirty_pages * kPageSize);
-      if (dirtied <= static_cast<double>(round.bytes_sent) * trigger_pct_ / 100 || ++high_periods < 2) continue;
-      high_periods = 0;
-      pct = pct == 0 ? view.tunables.throttle_initial_pct
-                     : std::min(view.tunables.throttle_max_pct, pct + view.tunables.throttle_step_pct);
-    }
-    return pct;
+    const std::uint32_t triggers = qemu_slowdown_triggers(view.rounds, trigger_pct_);
+    if (triggers <= 1) return triggers == 0 ? 0 : view.tunables.throttle_initial_pct;
+    const auto pct = view.tunables.throttle_initial_pct + std::uint64_t{triggers - 1} * view.tunables.throttle_step_pct;
+    return static_cast<unsigned>(std::min<std::uint64_t>(view.tunables.throttle_max_pct, pct));
   }
 
   const bool auto_converge_;
