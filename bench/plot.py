@@ -18,6 +18,9 @@
   plot.py migrate LINES.json OUT.png
       bench-migrate --json (one object per line): total time against the raw link's time for
       the same bytes, and downtime (the engine's and the guest's own), per dirty rate.
+  plot.py dirtylimit ROWS.json OUT.png
+      bench/dirty-limit.py --json: per dirty rate and policy, every run's total time, and the
+      computing vCPU's pace during pre-copy as a share of its pace before.
 
 Every point is drawn, so the spread of repeats shows, not only a median.
 """
@@ -169,6 +172,28 @@ def plot_migrate(rows, out, title):
     fig.savefig(out, dpi=120)
 
 
+def plot_dirtylimit(rows, out, title):
+    groups = list(dict.fromkeys((r["dirty_MBps"], r["policy"]) for r in rows))
+    colors = {"qemu": "#3182bd", "dirty-limit": "#e6550d"}
+    fig, (time_axis, pace_axis) = plt.subplots(1, 2, figsize=(max(8, len(groups) * 1.6), 4.5))
+    for i, (dirty, policy) in enumerate(groups):
+        mine = [r for r in rows if r["dirty_MBps"] == dirty and r["policy"] == policy]
+        for axis, values in ((time_axis, [r["total_ms"] / 1000 for r in mine]),
+                             (pace_axis, [r["compute_speed_pct"] for r in mine])):
+            color = colors.get(policy, "#636363")
+            axis.plot([i] * len(values), values, "o", color=color, alpha=0.7)
+            axis.vlines(i, min(values), max(values), color=color)
+    labels = [f"{policy}\n{dirty} MB/s" for dirty, policy in groups]
+    for axis, unit in ((time_axis, "total time, s (each run)"), (pace_axis, "computing vCPU's pace during pre-copy, % of before")):
+        axis.set_xticks(range(len(groups)), labels, fontsize=8)
+        axis.set_ylabel(unit)
+        axis.set_ylim(bottom=0)
+    link = rows[0]["link"] if rows else ""
+    fig.suptitle(title or f"dirty-limit against auto-converge (qemu): 2-vCPU synthetic guest, vCPU 0 dirtying, {link}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
 def read_lines(path):
     """JSON lines (bench-tls, bench-migrate): one object per line."""
     with open(path) as f:
@@ -177,7 +202,7 @@ def read_lines(path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["rounds", "validation", "predictions", "tls", "migrate"])
+    parser.add_argument("kind", choices=["rounds", "validation", "predictions", "tls", "migrate", "dirtylimit"])
     parser.add_argument("input")
     parser.add_argument("output")
     parser.add_argument("--title", default="")
@@ -198,6 +223,8 @@ def main():
         plot_rounds(data, args.output, args.title)
     elif args.kind == "predictions":
         plot_predictions(data, args.output, args.title)
+    elif args.kind == "dirtylimit":
+        plot_dirtylimit(data, args.output, args.title)
     else:
         plot_validation(data, args.output)
 

@@ -10,6 +10,7 @@
 #define MIG_PROBE_READY 0x51c       /* value: workload mode; sent once the working set is filled */
 #define MIG_PROBE_SWEEP_PASS 0x520  /* value: completed sweep passes */
 #define MIG_PROBE_DISK_CHECKS 0x524 /* value: disk blocks read back and found as last written */
+#define MIG_PROBE_WORK 0x528        /* value: units of work done since the last report (a computing vCPU) */
 
 #define MIG_CHECK_FAIL_GPR 1    /* a general-purpose register changed under the guest */
 #define MIG_CHECK_FAIL_VEC 2    /* an SSE/AVX register changed */

@@ -70,6 +70,7 @@ void Probe::io(unsigned vcpu, std::uint16_t port, bool is_write, std::uint8_t* d
   if (vcpu >= vcpus_.size()) return;
   HeartbeatState& hb = vcpus_[vcpu];
   switch (port) {
+    case MIG_PROBE_WORK: work_[vcpu] += value; return;  // frequent, and nobody waits for it
     case MIG_PROBE_HEARTBEAT:
       if (hb.count == 0) {
         hb.first_seq = value;
@@ -103,6 +104,11 @@ std::vector<HeartbeatState> Probe::snapshot() const {
   return vcpus_;
 }
 
+std::vector<std::uint64_t> Probe::work() const {
+  std::lock_guard lock(mutex_);
+  return work_;
+}
+
 bool Probe::wait_ready(std::chrono::milliseconds timeout) const {
   std::unique_lock lock(mutex_);
   return changed_.wait_for(lock, timeout, [&] {
@@ -122,6 +128,7 @@ void Probe::restore(const std::vector<HeartbeatState>& state) {
   std::lock_guard lock(mutex_);
   vcpus_ = state;
   vcpus_.resize(std::max<std::size_t>(vcpus_.size(), 1));
+  work_.resize(vcpus_.size());
   // The timestamps came over the wire. One before boot or after now is no time on this
   // clock: nothing can be measured from it (and subtracting it could overflow).
   bool vcpu0_comparable = true;

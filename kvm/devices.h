@@ -66,11 +66,14 @@ struct Handover {
 
 class Probe {
  public:
-  explicit Probe(unsigned vcpus) : vcpus_(vcpus) {}
-  bool handles(std::uint16_t port) const { return port >= 0x510 && port < 0x528; }
+  explicit Probe(unsigned vcpus) : vcpus_(vcpus), work_(vcpus) {}
+  bool handles(std::uint16_t port) const { return port >= 0x510 && port < 0x52c; }
   void io(unsigned vcpu, std::uint16_t port, bool is_write, std::uint8_t* data, std::uint32_t size);
 
   std::vector<HeartbeatState> snapshot() const;
+  // The units of work each vCPU has reported here (MIG_PROBE_WORK), since this process
+  // started it: a local measure of how fast a computing vCPU runs, which does not travel.
+  std::vector<std::uint64_t> work() const;
   // Blocks until every vCPU has reported READY, or `timeout` passes. Returns whether they did.
   bool wait_ready(std::chrono::milliseconds timeout) const;
   // Blocks until vCPU `vcpu` sends a heartbeat with a sequence number above `seq`.
@@ -88,6 +91,7 @@ class Probe {
   mutable std::mutex mutex_;
   mutable std::condition_variable changed_;
   std::vector<HeartbeatState> vcpus_;
+  std::vector<std::uint64_t> work_;
   bool awaiting_handover_ = false;
   std::optional<Handover> handover_;
 };

@@ -56,6 +56,36 @@ TEST_CASE("a synthetic guest migrates between mig-send and mig-recv - verified, 
   std::remove(recv_stats.c_str());
 }
 
+TEST_CASE("dirty-limit caps a synthetic guest's dirtying vCPU through its rings - its computing vCPU's pace reported") {
+  const auto send_stats = temp_path("synthetic-dl-send.json"), recv_stats = temp_path("synthetic-dl-recv.json");
+  // Onward migrations from the receiver would track with rings too.
+  auto [receiver, endpoint] = start_synthetic_receiver({"--run-for", "0.5", "--stats-json", recv_stats, "--dirty-track", "ring"});
+  // 60 MB/s against a 40 MB/s link: it cannot converge unless the brake works.
+  Child sender(synthetic_send_args(endpoint, send_stats, "60",
+                                   {"--compute-vcpus", "1", "--dirty-track", "ring", "--policy", "dirty-limit", "--bandwidth", "40M"}));
+  INFO(sender.stderr_text() << receiver->stderr_text());
+  REQUIRE(sender.wait() == 0);
+  REQUIRE(receiver->wait() == 0);
+  const auto s = read_json(send_stats), r = read_json(recv_stats);
+  CHECK(s["stop_reason"] == "converged");
+  CHECK(s["policy"] == "dirty-limit");
+  CHECK(s["round_table"].back()["dirty_limit_MBps"] == 1.0);
+  CHECK(s["round_table"].back()["throttle_pct"] == 0);
+  REQUIRE(s["local_guest_work"].size() == 1);
+  CHECK(s["local_guest_work"][0]["vcpu"] == 1);
+  CHECK(s["local_guest_work"][0]["before_per_s"].get<double>() > 0);
+  CHECK(s["local_guest_work"][0]["during_per_s"].get<double>() > 0);
+  CHECK(r["verified"] == true);
+  check_guest_unharmed(r);
+  std::remove(send_stats.c_str());
+  std::remove(recv_stats.c_str());
+
+  // A KVM guest has no rings yet: refused in one line, before KVM is opened.
+  Child refused({kTools + "mig-send", "--kernel", "/bin/true", "--dirty-track", "ring", "--to", "tcp:127.0.0.1:1"});
+  CHECK(refused.wait() != 0);
+  CHECK_THAT(refused.stderr_text(), Contains("does not drive KVM's dirty ring yet"));
+}
+
 TEST_CASE("post-copy moves a synthetic guest that dirties faster than the link - its faults served, memory verified") {
   const auto send_stats = temp_path("synthetic-pc-send.json"), recv_stats = temp_path("synthetic-pc-recv.json");
   auto [receiver, endpoint] = start_synthetic_receiver({"--run-for", "1", "--stats-json", recv_stats});

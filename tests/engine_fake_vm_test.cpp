@@ -311,6 +311,7 @@ TEST_CASE("a migration that fails lifts the dirty limit before the guest runs on
   test::FakeVm* destination = nullptr;
   engine::SenderOptions options;
   options.policy_plugin = engine::PolicyRegistry::global().make("dirty-limit:limit=2");
+  options.policy.downtime_target_ms = 0;
   options.policy.max_rounds = 4;
   auto [sent, received] = run_migration(source, &destination, options, drop(wire::MessageType::complete));
   CHECK(sent.status == engine::MigrationStatus::failed);

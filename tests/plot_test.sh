@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # bench/plot.py makes its plots from what mig writes: a mig-sim round table, bench-predict's
-# rows, and samples of bench-sim's, bench-tls's and bench-migrate's; each must come out a PNG.
+# rows, and samples of bench-sim's, bench-tls's, bench-migrate's and dirty-limit.py's; each must
+# come out a PNG.
 # Usage: plot_test.sh MIG_SIM PLOT_PY BENCH_PREDICT
 set -euo pipefail
 mig_sim=$1
@@ -34,7 +35,13 @@ cat >"$scratch/migrate.json" <<'LINES'
 {"link_percent":50,"guest_cmdline":"mode=random","total_ms":1900,"raw_same_bytes_ms":1500,"downtime_ms":21.0,"guest_downtime_ms":25.2}
 LINES
 /usr/bin/python3 "$plot" migrate "$scratch/migrate.json" "$scratch/migrate.png"
-for png in rounds validation predictions tls migrate; do
+cat >"$scratch/dirtylimit.json" <<'ROWS'
+[{"link":"veth 1 Gbit/s","dirty_MBps":90,"policy":"qemu","total_ms":8200,"compute_speed_pct":81},
+ {"link":"veth 1 Gbit/s","dirty_MBps":90,"policy":"qemu","total_ms":9100,"compute_speed_pct":76},
+ {"link":"veth 1 Gbit/s","dirty_MBps":90,"policy":"dirty-limit","total_ms":6900,"compute_speed_pct":99}]
+ROWS
+/usr/bin/python3 "$plot" dirtylimit "$scratch/dirtylimit.json" "$scratch/dirtylimit.png"
+for png in rounds validation predictions tls migrate dirtylimit; do
   [ "$(head -c 4 "$scratch/$png.png" | tail -c 3)" = "PNG" ] || { echo "plot_test: $png.png is not a PNG"; exit 1; }
 done
 if /usr/bin/python3 "$plot" rounds "$scratch/rows.json" "$scratch/bad.png" 2>"$scratch/err"; then

@@ -54,6 +54,7 @@ struct Options {
   transport::TlsCredentials tls;
   bool paused = false, synthetic = false;
   tools::MemoryFlags memory;
+  tools::DirtyTrackFlags dirty_track;  // for a migration onward
 
   void add_to(CLI::App& app) {
     app.add_option("--listen", listen, "where to wait for the source: tcp:HOST:PORT (port 0 picks a free one), unix:PATH (same host; with a memfd-backed source, memory is handed over instead of copied), or defer (wait for QMP's migrate-incoming)")->required();
@@ -62,6 +63,7 @@ struct Options {
     app.add_option("--run-for", run_for, "run the received guest this many seconds, then exit; default: until quit (QMP) or SIGINT/SIGTERM");
     app.add_option("--stats-json", stats_json, "write the incoming migration's statistics here");
     memory.add_to(app);
+    dirty_track.add_to(app);
     auto* synthetic_flag = app.add_flag("--synthetic-guest", synthetic,
                                         "take a synthetic guest (mig-send --synthetic-guest), which needs no KVM, instead of a KVM one");
     tools::size_option(app.add_option("--expect-mem", expect_mem,
@@ -98,7 +100,8 @@ engine::VmFactory incoming_factory(const Options& options, std::string& memory_d
     throw std::invalid_argument("--listen defer needs --qmp, to receive migrate-incoming");
   const auto memory = vmm::KvmVm::incoming_memory(options.memory.options());
   memory_description = memory.description;
-  if (options.synthetic) return vmm::SyntheticVm::factory(memory.options, tools::disk_configs(options.disks));
+  const auto tracking = options.dirty_track.tracking(options.synthetic);
+  if (options.synthetic) return vmm::SyntheticVm::factory(memory.options, tools::disk_configs(options.disks), tracking);
   return vmm::KvmVm::factory(options.serial, memory.options,
                              options.expect_mem > 0 ? std::optional(vmm::KvmVm::pc_shape(options.expect_mem, options.expect_vcpus))
                                                     : std::nullopt,

@@ -104,7 +104,7 @@ double migration_time(const BootedGuest& options, const vmm::HostedVm& guest, co
 // One migration, reported on stderr and in the stats file. Returns the exit code when it is
 // final - the guest left, or may have - and nothing while the guest runs on here.
 std::optional<int> migrate_once(control::Domain& domain, const nlohmann::json& arguments, const std::string& stats_json,
-                                nlohmann::json& stats) {
+                                nlohmann::json& stats, tools::WorkMeter* work = nullptr) {
   if (arguments.value("dry-run", false))
     return report_check(
         [&] { return control::to_json(domain.check_destination(control::parse_migrate_arguments(arguments, domain.parameters()))); });
@@ -119,6 +119,7 @@ std::optional<int> migrate_once(control::Domain& domain, const nlohmann::json& a
   if (::isatty(STDOUT_FILENO)) fmt::print("\n");
   fmt::print(stderr, "mig-send: {}\n", tools::summary_line(info));
   stats = info["mig"]["stats"];
+  if (work) stats.update(work->report(stats));
   const auto status = info.value("status", "");
   if (status == "completed" || status == "handoff-unknown") tools::write_stats_json(stats_json, stats);
   if (status == "completed") return tools::kExitMigrated;
@@ -170,7 +171,9 @@ int boot_and_migrate(const BootedGuest& options, const nlohmann::json& arguments
     return limit < 0 ? -1.0 : std::max(0.0, limit - duration<double>(steady_clock::now() - started).count());
   };
   nlohmann::json stats = {{"status", "failed"}, {"error", "not migrated"}};
-  for (double migrate_at = migration_time(options, guest, signals, started);; migrate_at = -1) {
+  double migrate_at = migration_time(options, guest, signals, started);
+  tools::WorkMeter work(guest.probe());  // the guest's pace before the migration: from ready on
+  for (;; migrate_at = -1) {
     const auto signal = signals.wait(seconds_until(migrate_at < 0 ? options.run_for : migrate_at));
     if (signal == tools::ControlSignals::Signal::terminate || (signal == tools::ControlSignals::Signal::none && migrate_at < 0))
       break;  // a signal, or --run-for ran out
@@ -178,7 +181,8 @@ int boot_and_migrate(const BootedGuest& options, const nlohmann::json& arguments
       fmt::print(stderr, "mig-send: guest failed before migration: {}\n", *failure);
       return tools::kExitGuestFailed;
     }
-    if (const auto exit_code = migrate_once(domain, arguments, stats_json, stats)) return *exit_code;
+    work.migration_started();
+    if (const auto exit_code = migrate_once(domain, arguments, stats_json, stats, &work)) return *exit_code;
   }
   // The heartbeat summary covers the time the guest ran on after any failure.
   guest.pause();

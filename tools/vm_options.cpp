@@ -35,6 +35,31 @@ void VmOptions::add_to(CLI::App& app) {
       ->type_name("MBPS")
       ->check(CLI::Range(0.0, 1e6))
       ->excludes(kernel_option, append_option, serial_option, cpu_option);
+  app.add_option("--compute-vcpus", compute_vcpus,
+                 "with --synthetic-guest: the last N of the --vcpus compute instead of sweeping memory; they dirty "
+                 "nothing and report the work they get done, to show what slowing the guest down costs them")
+      ->check(CLI::Range(0u, kvm::kMaxVcpus - 1));
+  dirty_track.add_to(app);
+}
+
+void DirtyTrackFlags::add_to(CLI::App& app) {
+  app.add_option("--dirty-track", kind,
+                 "how dirty pages are found: bitmap (KVM_GET_DIRTY_LOG), or ring (per-vCPU dirty rings, which say which "
+                 "vCPU dirtied a page: --policy dirty-limit needs them; a synthetic guest only, for now)")
+      ->check(CLI::IsMember({"bitmap", "ring"}))
+      ->default_str("bitmap");
+  app.add_option("--dirty-ring-entries", ring_entries, "with --dirty-track ring: entries per vCPU ring, a power of two (default 4096)")
+      ->check(CLI::Range(64u, 65536u));
+}
+
+vmm::DirtyTracking DirtyTrackFlags::tracking(bool synthetic) const {
+  vmm::DirtyTracking tracking;
+  tracking.ring_entries = ring_entries;
+  if (kind == "bitmap") return tracking;
+  if (!synthetic)
+    throw std::invalid_argument("--dirty-track ring: mig's KVM VMM does not drive KVM's dirty ring yet; a synthetic guest has rings");
+  tracking.kind = vmm::DirtyTracking::Kind::ring;
+  return tracking;
 }
 
 std::unique_ptr<engine::MigratableVm> migratable(std::unique_ptr<engine::MigratableVm> vm, const VmOptions& options) {
@@ -95,9 +120,11 @@ std::unique_ptr<vmm::HostedVm> boot_guest(const VmOptions& options) {
   const auto config = options.machine_config();
   std::vector<std::unique_ptr<kvm::DiskImage>> disks;
   for (const auto& disk : disk_configs(options.disks)) disks.push_back(kvm::DiskImage::open(disk));
+  const auto tracking = options.dirty_track.tracking(options.synthetic_dirty_MBps.has_value());
   if (options.synthetic_dirty_MBps)
-    return vmm::SyntheticVm::boot(options.mem_bytes, options.vcpus, config.memory, {*options.synthetic_dirty_MBps},
-                                  std::move(disks));
+    return vmm::SyntheticVm::boot(options.mem_bytes, options.vcpus, config.memory,
+                                  {*options.synthetic_dirty_MBps, options.compute_vcpus}, std::move(disks), tracking);
+  if (options.compute_vcpus > 0) throw std::invalid_argument("--compute-vcpus needs --synthetic-guest");
   auto image = kvm::read_multiboot_file(options.kernel);
   auto machine = kvm::Machine::create(config);
   for (auto& disk : disks) machine->attach_disk(std::move(disk));
@@ -115,21 +142,25 @@ void run_guest(const control::Domain& domain, const vmm::HostedVm& guest, double
 
 void print_heartbeat_stats(const kvm::Probe& probe, std::FILE* out) {
   const auto vcpus = probe.snapshot();
+  const auto work = probe.work();
   for (std::size_t i = 0; i < vcpus.size(); ++i) {
     const auto& hb = vcpus[i];
     fmt::print(out,
                "vcpu {}: heartbeats {} (seq {}..{}), sequence breaks {}, longest gap {:.3f} ms, timer ticks {}, "
-               "sweep passes {}, disk checks {}, self-check failures {}{}\n",
+               "sweep passes {}, disk checks {}, self-check failures {}{}{}\n",
                i, hb.count, hb.first_seq, hb.last_seq, hb.seq_breaks, static_cast<double>(hb.max_gap_ns) / 1e6,
                hb.ticks, hb.sweep_passes, hb.disk_checks, hb.check_failures,
-               hb.check_failures ? fmt::format(" (last code {:#x})", hb.last_failure_code) : "");
+               hb.check_failures ? fmt::format(" (last code {:#x})", hb.last_failure_code) : "",
+               work[i] ? fmt::format(", work units {}", work[i]) : "");
   }
 }
 
 nlohmann::json guest_report(const vmm::HostedVm& guest) {
   nlohmann::json beats = nlohmann::json::array();
+  const auto work = guest.probe().work();
   for (const auto& hb : guest.probe().snapshot())
     beats.push_back({{"count", hb.count},
+                     {"work_units", work[beats.size()]},
                      {"first_seq", hb.first_seq},
                      {"last_seq", hb.last_seq},
                      {"sequence_breaks", hb.seq_breaks},
@@ -140,6 +171,26 @@ nlohmann::json guest_report(const vmm::HostedVm& guest) {
                      {"self_check_failures", hb.check_failures},
                      {"last_failure_code", hb.last_failure_code}});
   return {{"local_guest_heartbeats", beats}, {"local_guest_failure", guest.failure().value_or("")}};
+}
+
+nlohmann::json WorkMeter::report(const nlohmann::json& stats) const {
+  // The guest ran until the stop-and-copy paused it, and its work stopped there.
+  const double precopy_s = (stats.value("total_ms", 0.0) - stats.value("downtime_ms", 0.0)) / 1000;
+  const double baseline_s = std::chrono::duration<double>(started_.at - baseline_.at).count();
+  const auto now = probe_.work();
+  const auto heartbeats = probe_.snapshot();
+  nlohmann::json vcpus = nlohmann::json::array();
+  for (std::size_t i = 0; i < now.size() && i < started_.work.size(); ++i) {
+    if (now[i] == 0) continue;
+    const double before = static_cast<double>(started_.work[i] - baseline_.work[i]) / std::max(baseline_s, 1e-9);
+    const double during = static_cast<double>(now[i] - started_.work[i]) / std::max(precopy_s, 1e-9);
+    vcpus.push_back({{"vcpu", i},
+                     {"before_per_s", before},
+                     {"during_per_s", during},
+                     {"during_over_before", during / std::max(before, 1e-9)},
+                     {"longest_heartbeat_gap_ms", static_cast<double>(heartbeats.at(i).max_gap_ns) / 1e6}});
+  }
+  return vcpus.empty() ? nlohmann::json::object() : nlohmann::json{{"local_guest_work", vcpus}};
 }
 
 }  // namespace mig::tools

@@ -24,6 +24,16 @@ struct MemoryFlags {
   kvm::MemoryOptions options() const;
 };
 
+// How the VMM finds dirty pages (--dirty-track, --dirty-ring-entries), on either side.
+struct DirtyTrackFlags {
+  std::string kind = "bitmap";
+  std::uint32_t ring_entries = 4096;
+
+  void add_to(CLI::App& app);
+  // Throws std::invalid_argument where the guest cannot have it (rings on a KVM guest).
+  vmm::DirtyTracking tracking(bool synthetic) const;
+};
+
 struct VmOptions {
   std::string kernel;
   std::uint64_t mem_bytes = 256ull << 20;
@@ -36,6 +46,8 @@ struct VmOptions {
   std::string record_trace;        // a dirty trace file to record into while the guest runs
   double trace_interval_ms = 10;
   std::optional<double> synthetic_dirty_MBps;  // run a synthetic guest (vmm/synthetic_vm.h) instead of a kernel
+  unsigned compute_vcpus = 0;                  // of a synthetic guest's vCPUs, how many compute
+  DirtyTrackFlags dirty_track;
 
   void add_to(CLI::App& app);
   bool defines_guest() const { return !kernel.empty() || synthetic_dirty_MBps; }
@@ -61,5 +73,27 @@ void run_guest(const control::Domain& domain, const vmm::HostedVm& guest, double
 void print_heartbeat_stats(const kvm::Probe& probe, std::FILE* out);
 // The same per vCPU as JSON, plus the guest's failure if any, for statistics files.
 nlohmann::json guest_report(const vmm::HostedVm& guest);
+
+// How fast the guest's computing vCPUs (those that report work, --compute-vcpus) ran before a
+// migration and during its pre-copy: what slowing the guest down cost the vCPUs that dirty
+// no memory.
+class WorkMeter {
+ public:
+  explicit WorkMeter(const kvm::Probe& probe) : probe_(probe), baseline_(take()) {}  // the baseline starts now
+  void migration_started() { started_ = take(); }
+  // {"local_guest_work": [per vCPU: work per second before and during, their ratio, its
+  // longest heartbeat gap so far]} for the vCPUs that reported work, or an empty object.
+  // `stats`: the migration's, for how long pre-copy ran.
+  nlohmann::json report(const nlohmann::json& stats) const;
+
+ private:
+  struct Reading {
+    std::chrono::steady_clock::time_point at;
+    std::vector<std::uint64_t> work;
+  };
+  Reading take() const { return {std::chrono::steady_clock::now(), probe_.work()}; }
+  const kvm::Probe& probe_;
+  Reading baseline_, started_;
+};
 
 }  // namespace mig::tools

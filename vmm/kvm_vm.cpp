@@ -1,8 +1,5 @@
 #include "vmm/kvm_vm.h"
 
-#include <condition_variable>
-#include <mutex>
-
 #include "kvm/cpu_features.h"
 #include "vmm/image_disk.h"
 #include "transport/bytes.h"
@@ -67,6 +64,8 @@ kvm::MachineState decode_state(const std::vector<engine::StateSection>& sections
   kvm::MachineState state;
   bool have_vm = false, have_serial = false, have_probe = false;
   for (const auto& s : sections) {
+    if (s.name == "synthetic")  // whatever its version: say what was sent
+      throw wire::ProtocolError("the source's guest is a synthetic one: only a mig-recv --synthetic-guest takes it");
     if (s.version != kSectionVersion)
       throw wire::ProtocolError("state section '" + s.name + "' has version " + std::to_string(s.version) +
                                 ", this build restores version " + std::to_string(kSectionVersion));
@@ -83,8 +82,6 @@ kvm::MachineState decode_state(const std::vector<engine::StateSection>& sections
       state.vcpus.push_back(decode_vcpu(s.data));
     } else if (s.name == "virtio-blk." + std::to_string(state.disks.size())) {
       state.disks.push_back(wire::decode_value<kvm::VirtioBlkState>(s.data, "virtio-blk section"));
-    } else if (s.name == "synthetic") {
-      throw wire::ProtocolError("the source's guest is a synthetic one: only a mig-recv --synthetic-guest takes it");
     } else {
       throw wire::ProtocolError("unknown or out-of-order state section '" + s.name + "'");
     }
@@ -167,28 +164,7 @@ engine::VmFactory KvmVm::factory(std::string serial_path, kvm::MemoryOptions mem
 }
 
 bool KvmVm::set_throttle(double share) {
-  throttler_ = std::jthread();  // stops and joins the previous throttler, which leaves the vCPUs running
-  if (share <= 0) return true;
-  // A 10 ms period: short enough that the guest sees a slower CPU rather than stalls, long
-  // enough that a pause and a resume (about 0.1 ms each here) are a small part of it, up to
-  // the highest throttles, where the guest is left only slivers of time on purpose.
-  constexpr std::chrono::microseconds kPeriod{10000};
-  const auto held = std::chrono::duration_cast<std::chrono::microseconds>(kPeriod * std::min(share, 0.99));
-  throttler_ = std::jthread([this, held, running = kPeriod - held](std::stop_token stop) {
-    std::mutex mutex;
-    std::condition_variable_any wake;
-    std::unique_lock lock(mutex);
-    // Both sleeps end early on a stop request, so ending throttling (and so pause()) waits
-    // for at most one pause and resume of the vCPUs, never for the rest of a period.
-    auto sleep = [&](std::chrono::microseconds time) {
-      return !wake.wait_for(lock, stop, time, [&] { return stop.stop_requested(); });
-    };
-    while (sleep(running)) {
-      machine_->pause();
-      sleep(held);
-      machine_->resume();
-    }
-  });
+  throttler_.set(share);
   return true;
 }
 
@@ -198,7 +174,7 @@ void KvmVm::resume() {
 }
 
 void KvmVm::pause() {
-  throttler_ = std::jthread();
+  throttler_.stop();
   machine_->pause();
 }
 

@@ -4,10 +4,10 @@
 
 #include <memory>
 #include <optional>
-#include <thread>
 
 #include "../kvm/machine.h"
 #include "hosted_vm.h"
+#include "throttler.h"
 
 namespace mig::vmm {
 
@@ -92,7 +92,7 @@ class KvmVm final : public HostedVm {
  private:
   std::unique_ptr<kvm::Machine> machine_;
   std::vector<std::unique_ptr<KvmDisk>> disks_;
-  std::jthread throttler_;  // declared after machine_: stopped before the machine goes
+  Throttler throttler_{[this] { machine_->pause(); }, [this] { machine_->resume(); }};  // after machine_: stopped before it goes
 };
 
 // The state sections, exposed for round-trip tests.

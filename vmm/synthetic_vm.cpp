@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "common/thread_name.h"
 #include "guest/probe.h"
 #include "kvm/machine.h"
 #include "transport/bytes.h"
@@ -14,12 +15,15 @@ namespace mig::vmm {
 
 namespace {
 
-constexpr std::uint32_t kSectionVersion = 1;
+constexpr std::uint32_t kSectionVersion = 2;  // 2: the computing vCPUs
 constexpr double kMaxDirtyMBps = 1e6;
 constexpr std::chrono::milliseconds kHeartbeatPeriod{1};
 constexpr std::uint64_t kDiskBlock = 64 * 1024;
 constexpr std::uint64_t kDiskSpan = 64ull << 20;  // the part of the disk from offset 0 that is written
 constexpr double kDiskMBps = 2;                   // blocks written per second, in MB/s
+// A dirty-limited vCPU that published less than its cap for a while may catch up on at most
+// this much of it, so a pause does not turn into a burst.
+constexpr std::chrono::milliseconds kDirtyLimitCredit{10};
 
 std::uint64_t total_pages(const kvm::GuestMemory& memory) { return memory.total_bytes() / kvm::kPageSize; }
 
@@ -32,34 +36,49 @@ void disk_pattern(std::span<std::uint64_t> words, std::uint64_t block, std::uint
 }  // namespace
 
 SyntheticVm::SyntheticVm(kvm::GuestMemory memory, unsigned vcpus, SyntheticWorkload workload,
-                         std::vector<std::unique_ptr<kvm::DiskImage>> disks)
-    : memory_(std::move(memory)), workload_(workload), probe_(vcpus), shares_(vcpus), sweeps_(vcpus), thread_ids_(vcpus) {
+                         std::vector<std::unique_ptr<kvm::DiskImage>> disks, DirtyTracking tracking)
+    : memory_(std::move(memory)), workload_(workload), probe_(vcpus), sweeps_(vcpus), thread_ids_(vcpus) {
   if (vcpus == 0 || vcpus > kvm::kMaxVcpus)
     throw std::invalid_argument("a synthetic guest has 1 to " + std::to_string(kvm::kMaxVcpus) + " vCPUs");
-  const std::uint64_t pages = total_pages(memory_);
-  if (pages < vcpus) throw std::invalid_argument("a synthetic guest needs a page of memory per vCPU at least");
-  for (unsigned i = 0; i < vcpus; ++i) {
-    shares_[i].first_page = pages * i / vcpus;
-    shares_[i].pages = pages * (i + 1) / vcpus - shares_[i].first_page;
-  }
+  shares_ = plan_shares(total_pages(memory_), vcpus, workload.compute_vcpus);
   for (auto& image : disks) disks_.push_back(std::make_unique<ImageDisk>(std::move(image)));
   if (!disks_.empty()) disk_work_.generations.resize(std::min(kDiskSpan, disks_[0]->size()) / kDiskBlock);
+  if (tracking.kind == DirtyTracking::Kind::ring) {
+    std::vector<std::uint64_t> region_pages;
+    for (const auto& r : memory_.regions()) region_pages.push_back(r.layout.size / kvm::kPageSize);
+    rings_ = std::make_unique<SoftDirtyRings>(vcpus, region_pages, tracking.ring_entries);
+  }
+}
+
+// The sweeping vCPUs split memory evenly; the computing ones, the last, get none.
+std::vector<SyntheticVm::Share> SyntheticVm::plan_shares(std::uint64_t pages, unsigned vcpus, unsigned computing) {
+  if (computing >= vcpus) throw std::invalid_argument("a synthetic guest needs one vCPU at least that sweeps memory");
+  const unsigned sweeping = vcpus - computing;
+  if (pages < sweeping) throw std::invalid_argument("a synthetic guest needs a page of memory per sweeping vCPU at least");
+  std::vector<Share> shares(vcpus);
+  for (unsigned i = 0; i < sweeping; ++i) {
+    shares[i].first_page = pages * i / sweeping;
+    shares[i].pages = pages * (i + 1) / sweeping - shares[i].first_page;
+  }
+  return shares;
 }
 
 SyntheticVm::~SyntheticVm() = default;
 
 std::unique_ptr<SyntheticVm> SyntheticVm::boot(std::uint64_t mem_bytes, unsigned vcpus, const kvm::MemoryOptions& memory,
-                                               SyntheticWorkload workload, std::vector<std::unique_ptr<kvm::DiskImage>> disks) {
+                                               SyntheticWorkload workload, std::vector<std::unique_ptr<kvm::DiskImage>> disks,
+                                               DirtyTracking tracking) {
   if (!std::isfinite(workload.dirty_MBps) || workload.dirty_MBps < 0 || workload.dirty_MBps > kMaxDirtyMBps)
     throw std::invalid_argument("a synthetic guest dirties 0 to 1000000 MB/s");
   const auto layout = kvm::pc_memory_layout(mem_bytes);
-  std::unique_ptr<SyntheticVm> vm(new SyntheticVm(kvm::GuestMemory::create(layout, memory), vcpus, workload, std::move(disks)));
+  std::unique_ptr<SyntheticVm> vm(
+      new SyntheticVm(kvm::GuestMemory::create(layout, memory), vcpus, workload, std::move(disks), tracking));
   vm->resume();
   return vm;
 }
 
-engine::VmFactory SyntheticVm::factory(kvm::MemoryOptions memory, std::vector<kvm::DiskConfig> disks) {
-  return [memory, disks](const engine::VmShape& shape) -> std::unique_ptr<engine::MigratableVm> {
+engine::VmFactory SyntheticVm::factory(kvm::MemoryOptions memory, std::vector<kvm::DiskConfig> disks, DirtyTracking tracking) {
+  return [memory, disks, tracking](const engine::VmShape& shape) -> std::unique_ptr<engine::MigratableVm> {
     if (shape.disks.size() < disks.size())
       throw std::runtime_error("mig-recv was given " + std::to_string(disks.size()) + " disks, the source has " +
                                std::to_string(shape.disks.size()));
@@ -70,7 +89,7 @@ engine::VmFactory SyntheticVm::factory(kvm::MemoryOptions memory, std::vector<kv
     if (shape.shared_memory_fds.empty()) require_host_memory(shape);
     auto guest_memory = shape.shared_memory_fds.empty() ? kvm::GuestMemory::create(layout, memory)
                                                         : kvm::GuestMemory::adopt(layout, shape.shared_memory_fds);
-    return std::unique_ptr<SyntheticVm>(new SyntheticVm(std::move(guest_memory), shape.vcpus, {}, std::move(images)));
+    return std::unique_ptr<SyntheticVm>(new SyntheticVm(std::move(guest_memory), shape.vcpus, {}, std::move(images), tracking));
   };
 }
 
@@ -80,11 +99,29 @@ void SyntheticVm::start_dirty_log() {
     std::vector<std::uint64_t> discarded((memory_.regions()[i].layout.size / kvm::kPageSize + 63) / 64);
     memory_.take_vmm_writes(i, discarded);
   }
+  if (rings_) rings_->set_logging(true);
+}
+
+void SyntheticVm::stop_dirty_log() {
+  if (rings_) rings_->set_logging(false);
 }
 
 void SyntheticVm::fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) {
   std::fill(bitmap.begin(), bitmap.end(), 0);
   memory_.take_vmm_writes(region, bitmap);
+  if (rings_) rings_->harvest(static_cast<int>(region), bitmap);
+}
+
+bool SyntheticVm::set_throttle(double share) {
+  throttler_.set(share);
+  return true;
+}
+
+bool SyntheticVm::set_vcpu_dirty_limit(double bytes_per_s) {
+  if (!rings_) return false;  // a bitmap cannot say which vCPU dirtied a page
+  dirty_limit_pages_per_s_.store(std::max(bytes_per_s, 0.0) / kvm::kPageSize);
+  ++dirty_limit_generation_;
+  return true;
 }
 
 std::vector<int> SyntheticVm::vcpu_threads() const {
@@ -98,18 +135,28 @@ void SyntheticVm::start_vcpus() {
 }
 
 void SyntheticVm::pause() {
-  std::unique_lock lock(mutex_);
-  pause_requested_ = true;
-  changed_.wait(lock, [&] { return vcpus_.empty() || parked_ == vcpus_.size(); });
+  throttler_.stop();
+  pause_vcpus();
 }
 
 void SyntheticVm::resume() {
+  resume_vcpus();
+  if (vcpus_.empty()) start_vcpus();
+}
+
+void SyntheticVm::pause_vcpus() {
+  std::unique_lock lock(mutex_);
+  pause_requested_ = true;
+  changed_.notify_all();  // wakes a vCPU held to its dirty limit
+  changed_.wait(lock, [&] { return vcpus_.empty() || parked_ == vcpus_.size(); });
+}
+
+void SyntheticVm::resume_vcpus() {
   {
     std::lock_guard lock(mutex_);
     pause_requested_ = false;
   }
   changed_.notify_all();
-  if (vcpus_.empty()) start_vcpus();
 }
 
 bool SyntheticVm::park_while_paused(std::stop_token stop) {
@@ -124,43 +171,94 @@ bool SyntheticVm::park_while_paused(std::stop_token stop) {
 
 void SyntheticVm::run_vcpu(unsigned index, std::stop_token stop) {
   using clock = std::chrono::steady_clock;
+  name_this_thread("vcpu" + std::to_string(index));  // as a KVM guest's: tools find them by name
   {
     std::lock_guard lock(mutex_);
     thread_ids_[index] = static_cast<int>(::gettid());
   }
-  Sweep& sweep = sweeps_[index];
-  const double pages_per_heartbeat = workload_.dirty_MBps * 1e6 / kvm::kPageSize / 1000 / vcpu_count();
+  const bool computing = computes(index);
+  if (computing) report(index, MIG_PROBE_READY, 0);  // it has no memory to fill
   const double blocks_per_heartbeat = index == 0 && !disks_.empty() ? kDiskMBps * 1e6 / kDiskBlock / 1000 : 0;
   double credit = 0, disk_credit = 0;
+  Pacing pacing;
   auto next_heartbeat = clock::now();
   while (!stop.stop_requested()) {
     if (park_while_paused(stop)) next_heartbeat = clock::now();  // a paused guest does not catch up
     if (stop.stop_requested()) break;  // stopped while paused: not one write more
+    if (!computing && hold_to_dirty_limit(index, pacing, stop)) continue;  // held: a pause may have come meanwhile
     next_heartbeat += kHeartbeatPeriod;
-    if (sweep.pass == 0 || workload_.dirty_MBps == 0) {
-      while (clock::now() < next_heartbeat)
-        for (int i = 0; i < 64; ++i) sweep_page(index);
+    if (computing) {
+      compute_period(index, next_heartbeat);
     } else {
-      for (credit += pages_per_heartbeat; credit >= 1; credit -= 1) sweep_page(index);
+      sweep_period(index, next_heartbeat, credit);
     }
     for (disk_credit += blocks_per_heartbeat; disk_credit >= 1; disk_credit -= 1) disk_step();
-    report(index, MIG_PROBE_HEARTBEAT, static_cast<std::uint32_t>(++sweep.heartbeat_seq));
+    report(index, MIG_PROBE_HEARTBEAT, static_cast<std::uint32_t>(++sweeps_[index].heartbeat_seq));
     std::this_thread::sleep_until(next_heartbeat);
-    // Behind by more than a few periods (an overloaded host): no burst of heartbeats to catch up.
+    // Behind by more than a few periods (an overloaded host, a held vCPU): no burst of
+    // heartbeats to catch up.
     if (clock::now() - next_heartbeat > 10 * kHeartbeatPeriod) next_heartbeat = clock::now();
   }
+}
+
+// One heartbeat period of sweeping: flat out while filling memory (or with no rate), else
+// the vCPU's part of the guest's rate.
+void SyntheticVm::sweep_period(unsigned index, std::chrono::steady_clock::time_point until, double& credit) {
+  const unsigned sweeping = vcpu_count() - workload_.compute_vcpus;
+  if (sweeps_[index].pass == 0 || workload_.dirty_MBps == 0) {
+    while (std::chrono::steady_clock::now() < until)
+      for (int i = 0; i < 64; ++i) sweep_page(index);
+    return;
+  }
+  for (credit += workload_.dirty_MBps * 1e6 / kvm::kPageSize / 1000 / sweeping; credit >= 1; credit -= 1) sweep_page(index);
+}
+
+// One heartbeat period of computing: chains of multiply-adds (an LCG) in units of 1024,
+// which touch no memory, counted and reported.
+void SyntheticVm::compute_period(unsigned index, std::chrono::steady_clock::time_point until) {
+  std::uint64_t x = index, units = 0;
+  while (std::chrono::steady_clock::now() < until) {
+    for (int i = 0; i < 1024; ++i) x = x * 6364136223846793005ull + 1442695040888963407ull;
+    ++units;
+  }
+  [[maybe_unused]] volatile std::uint64_t result = x;  // the work must be done
+  report(index, MIG_PROBE_WORK, static_cast<std::uint32_t>(units));
+}
+
+// Dirty-limit: waits until what vCPU `index` published since its cap was set fits in the cap.
+// Returns whether it waited.
+bool SyntheticVm::hold_to_dirty_limit(unsigned index, Pacing& pacing, std::stop_token stop) {
+  using clock = std::chrono::steady_clock;
+  const double limit = dirty_limit_pages_per_s_.load();
+  const std::uint64_t generation = dirty_limit_generation_.load();
+  if (!rings_ || limit <= 0) return false;
+  const auto now = clock::now();
+  const std::uint64_t published = rings_->published(index);
+  if (pacing.generation != generation || now - pacing.due(published, limit) > kDirtyLimitCredit) {
+    pacing = {generation, now, published};
+    return false;
+  }
+  const auto due = pacing.due(published, limit);
+  if (due <= now) return false;
+  std::unique_lock lock(mutex_);
+  changed_.wait_until(lock, stop, due, [&] { return pause_requested_; });
+  return true;
 }
 
 // The workload guest's sweep: a page must hold the pass number it was left with.
 void SyntheticVm::sweep_page(unsigned index) {
   Sweep& sweep = sweeps_[index];
   const Share& share = shares_[index];
-  std::uint64_t guest_addr = 0;
+  const GuestPage page = guest_page(share.first_page + sweep.position);
   // Atomic, since the migration reads the page while this thread writes it, as KVM's vCPUs do.
-  std::atomic_ref word(*page_word(share.first_page + sweep.position, guest_addr));
+  std::atomic_ref word(*page.word);
   if (word.load(std::memory_order_relaxed) != sweep.pass) report(index, MIG_PROBE_CHECK_FAIL, MIG_CHECK_FAIL_SWEEP);
   word.store(sweep.pass + 1, std::memory_order_relaxed);
-  memory_.note_vmm_write(guest_addr, sizeof(std::uint64_t));
+  if (!rings_) {
+    memory_.note_vmm_write(page.guest_addr, sizeof(std::uint64_t));
+  } else if (rings_->note_write(index, page.region, page.index)) {
+    rings_->harvest(-1, {});  // its ring is full: KVM would exit to the VMM, which harvests
+  }
   if (++sweep.position < share.pages) return;
   sweep.position = 0;
   ++sweep.pass;
@@ -204,13 +302,13 @@ void SyntheticVm::report(unsigned vcpu, std::uint16_t port, std::uint32_t value)
   probe_.io(vcpu, port, true, bytes, sizeof bytes);
 }
 
-std::uint64_t* SyntheticVm::page_word(std::uint64_t page, std::uint64_t& guest_addr) const {
-  for (const auto& r : memory_.regions()) {
+SyntheticVm::GuestPage SyntheticVm::guest_page(std::uint64_t page) const {
+  for (std::uint32_t region = 0; region < memory_.regions().size(); ++region) {
+    const auto& r = memory_.regions()[region];
     const std::uint64_t pages = r.layout.size / kvm::kPageSize;
-    if (page < pages) {
-      guest_addr = r.layout.guest_addr + page * kvm::kPageSize;
-      return reinterpret_cast<std::uint64_t*>(r.host() + page * kvm::kPageSize);
-    }
+    if (page < pages)
+      return {reinterpret_cast<std::uint64_t*>(r.host() + page * kvm::kPageSize), r.layout.guest_addr + page * kvm::kPageSize,
+              region, page};
     page -= pages;
   }
   throw std::logic_error("a synthetic vCPU's page lies outside its memory");
@@ -219,6 +317,7 @@ std::uint64_t* SyntheticVm::page_word(std::uint64_t page, std::uint64_t& guest_a
 std::vector<engine::StateSection> SyntheticVm::save_state() {
   wire::ByteWriter sweeps;
   sweeps.put(workload_.dirty_MBps);
+  sweeps.put(std::uint32_t{workload_.compute_vcpus});
   sweeps.put_vector(sweeps_);
   std::vector<engine::StateSection> sections = {{"synthetic", kSectionVersion, sweeps.take()},
                                                 {"probe", kSectionVersion, encode_heartbeats(probe_.save())}};
@@ -255,20 +354,23 @@ void SyntheticVm::restore_state(const std::vector<engine::StateSection>& section
   std::optional<DiskWork> disk_work;
   SyntheticWorkload workload;
   for (const auto& s : sections) {
+    const bool expected = (s.name == "synthetic" && !sweeps) || (s.name == "probe" && !heartbeats) ||
+                          (s.name == "synthetic.disk" && !disk_work && !disks_.empty());
+    if (!expected)
+      throw wire::ProtocolError("state section '" + s.name + "' is not a synthetic guest's: this receiver takes synthetic guests only");
     if (s.version != kSectionVersion)
       throw wire::ProtocolError("state section '" + s.name + "' has version " + std::to_string(s.version) +
                                 ", this build restores version " + std::to_string(kSectionVersion));
-    if (s.name == "synthetic" && !sweeps) {
+    if (s.name == "synthetic") {
       wire::ByteReader r(s.data);
       workload.dirty_MBps = r.get<double>("synthetic section");
+      workload.compute_vcpus = r.get<std::uint32_t>("synthetic section");
       sweeps = r.get_vector<Sweep>(kvm::kMaxVcpus, "synthetic section");
       r.expect_end("synthetic section");
-    } else if (s.name == "probe" && !heartbeats) {
+    } else if (s.name == "probe") {
       heartbeats = decode_heartbeats(s.data);
-    } else if (s.name == "synthetic.disk" && !disk_work && !disks_.empty()) {
-      disk_work = decode_disk_work(s.data);
     } else {
-      throw wire::ProtocolError("state section '" + s.name + "' is not a synthetic guest's: this receiver takes synthetic guests only");
+      disk_work = decode_disk_work(s.data);
     }
   }
   if (!sweeps || !heartbeats || disk_work.has_value() != !disks_.empty())
@@ -276,11 +378,18 @@ void SyntheticVm::restore_state(const std::vector<engine::StateSection>& section
   if (!std::isfinite(workload.dirty_MBps) || workload.dirty_MBps < 0 || workload.dirty_MBps > kMaxDirtyMBps)
     throw wire::ProtocolError("the synthetic guest's dirty rate is out of range");
   if (sweeps->size() != sweeps_.size()) throw wire::ProtocolError("the synthetic section's vCPU count differs from the guest's");
+  std::vector<Share> shares;
+  try {
+    shares = plan_shares(total_pages(memory_), vcpu_count(), workload.compute_vcpus);
+  } catch (const std::invalid_argument& e) {
+    throw wire::ProtocolError(std::string("the synthetic section's computing vCPUs do not fit: ") + e.what());
+  }
   for (std::size_t i = 0; i < sweeps_.size(); ++i) {
-    if ((*sweeps)[i].position >= shares_[i].pages)
+    if ((*sweeps)[i].position >= std::max<std::uint64_t>(shares[i].pages, 1))  // a computing vCPU's stays 0
       throw wire::ProtocolError("the synthetic section's sweep of vCPU " + std::to_string(i) + " does not fit the guest's memory");
   }
   workload_ = workload;
+  shares_ = std::move(shares);
   sweeps_ = *sweeps;
   if (disk_work) disk_work_ = std::move(*disk_work);
   probe_.restore(*heartbeats);
