@@ -7,7 +7,7 @@ the downtime the migrator reports, the downtime the guest saw (the gap in its he
 the probe port under mig, one serial byte per heartbeat under QEMU), bytes sent, and the
 raw link (bench-link's best send size between populated buffers, one stream, the same byte
 count, measured next to each row; iperf3 beside it, and alone over --shaped) so every row has a ratio to the
-limit. Writes JSON lines and CSV, and PNG plots when gnuplot is installed.
+limit. Writes JSON lines and CSV, and a PNG plot of them (bench/plot.py compare, which reruns it).
 
     bench/compare-qemu.py [--mem 2G[,...]] [--wss 1G] [--fill random[,text,mix,zero]]
                           [--workload random[,hotcold,sweep]] [--rates 0,25,50,75]
@@ -33,7 +33,6 @@ import contextlib
 import csv
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -323,30 +322,12 @@ def summarize(rows):
             print(f"{' '.join(key):<40} {group[0]['link_percent']:>3}%  " + "  ".join(parts or ["no result"]))
 
 
-def plot(out_dir, rows):
-    if not shutil.which("gnuplot"):
-        print("gnuplot not installed: no plots")
-        return
-    groups = series(rows)
-    if all(r["dirty_MBps"] is None for r in rows):
-        print("only flat-out rows, which have no dirty rate for an x axis: no plots")
-        return
-    for metric, label in (("total_ms", "total time (ms)"), ("guest_downtime_ms", "guest-observed downtime (ms)"),
-                          ("bytes_sent", "bytes sent")):
-        data = os.path.join(out_dir, f"{metric}.dat")
-        with open(data, "w") as f:
-            for key, rates in sorted(groups.items()):
-                f.write(f'"{" ".join(key)}"\n')
-                for rate, group in by_rate(rates):
-                    if rate is not None and values(group, metric):  # flat out has no place on the x axis
-                        f.write(f"{rate} {statistics.median(values(group, metric))}\n")
-                f.write("\n\n")
-        png = os.path.join(out_dir, f"{metric}.png")
-        script = (f"set terminal png size 800,500; set output '{png}'; set key top left; set grid;"
-                  f"set xlabel 'guest dirty rate asked (MB/s)'; set ylabel '{label} (median of repeats)';"
-                  f"plot for [i=0:{len(groups) - 1}] '{data}' index i using 1:2 with linespoints title columnheader(1)")
-        subprocess.run(["gnuplot", "-e", script], check=True)
-        print(f"plot: {png}")
+def plot(out_dir):
+    """compare.png from rows.jsonl, by bench/plot.py: every repeat drawn, so the spread shows."""
+    png = os.path.join(out_dir, "compare.png")
+    result = subprocess.run([os.path.join(os.path.dirname(os.path.abspath(__file__)), "plot.py"), "compare",
+                             os.path.join(out_dir, "rows.jsonl"), png], capture_output=True, text=True)
+    print(f"plot: {png}" if result.returncode == 0 else f"no plot: {result.stderr.strip()}")
 
 
 def run_row(link, tmp, wss, mem_text, fill, workload, percent, rate, config, spin):
@@ -433,7 +414,7 @@ def main():
         writer.writerows(rows)
     print(f"rows: {args.out}/rows.jsonl, {args.out}/rows.csv")
     summarize(rows)
-    plot(args.out, rows)
+    plot(args.out)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,16 @@
   plot.py dirtylimit ROWS.json OUT.png
       bench/dirty-limit.py --json: per dirty rate and policy, every run's total time, and the
       computing vCPU's pace during pre-copy as a share of its pace before.
+  plot.py compare ROWS.jsonl OUT.png
+      bench/compare-qemu.py's rows.jsonl: total time, the downtime the guest saw and bytes sent
+      against the dirty rate, one line (through the medians) per configuration and guest;
+      flat-out rows have no rate and are left out.
 
 Every point is drawn, so the spread of repeats shows, not only a median.
 """
 import argparse
 import json
+import statistics
 import sys
 
 import matplotlib
@@ -194,6 +199,36 @@ def plot_dirtylimit(rows, out, title):
     fig.savefig(out, dpi=120)
 
 
+def plot_compare(rows, out, title):
+    series = {}
+    for r in rows:
+        if r.get("dirty_MBps") is not None:
+            series.setdefault(f'{r["config"]}, {r["mem"]} {r["fill"]} {r["workload"]}', []).append(r)
+    if not series:
+        sys.exit("plot.py: no rows with a dirty rate to plot")
+    metrics = (("total_ms", "total time, ms"), ("guest_downtime_ms", "downtime the guest saw, ms"),
+               ("bytes_sent", "bytes sent"))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(15, 4.5))
+    for n, (name, mine) in enumerate(sorted(series.items())):
+        color = plt.cm.tab10(n % 10)
+        for axis, (metric, _) in zip(axes, metrics):
+            points = [(r["dirty_MBps"], r[metric]) for r in mine if r.get(metric) is not None]
+            if not points:
+                continue
+            axis.plot([x for x, _ in points], [y for _, y in points], "o", color=color, alpha=0.6)
+            rates = sorted({x for x, _ in points})
+            medians = [statistics.median(y for x, y in points if x == rate) for rate in rates]
+            axis.plot(rates, medians, "-", color=color, label=name)
+    for axis, (_, label) in zip(axes, metrics):
+        axis.set_xlabel("guest dirty rate asked, MB/s")
+        axis.set_ylabel(label + " (each repeat)")
+        axis.set_ylim(bottom=0)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title or "mig and QEMU migrating the same guest (compare-qemu.py); lines through the medians")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
 def read_lines(path):
     """JSON lines (bench-tls, bench-migrate): one object per line."""
     with open(path) as f:
@@ -202,13 +237,13 @@ def read_lines(path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["rounds", "validation", "predictions", "tls", "migrate", "dirtylimit"])
+    parser.add_argument("kind", choices=["rounds", "validation", "predictions", "tls", "migrate", "dirtylimit", "compare"])
     parser.add_argument("input")
     parser.add_argument("output")
     parser.add_argument("--title", default="")
     args = parser.parse_args()
     try:
-        if args.kind in ("tls", "migrate"):
+        if args.kind in ("tls", "migrate", "compare"):
             data = read_lines(args.input)
         else:
             with open(args.input) as f:
@@ -225,6 +260,8 @@ def main():
         plot_predictions(data, args.output, args.title)
     elif args.kind == "dirtylimit":
         plot_dirtylimit(data, args.output, args.title)
+    elif args.kind == "compare":
+        plot_compare(data, args.output, args.title)
     else:
         plot_validation(data, args.output)
 

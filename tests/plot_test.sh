@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/plot.py makes its plots from what mig writes: a mig-sim round table, bench-predict's
-# rows, and samples of bench-sim's, bench-tls's, bench-migrate's and dirty-limit.py's; each must
-# come out a PNG.
+# rows, and samples of bench-sim's, bench-tls's, bench-migrate's, dirty-limit.py's and
+# compare-qemu.py's; each must come out a PNG.
 # Usage: plot_test.sh MIG_SIM PLOT_PY BENCH_PREDICT
 set -euo pipefail
 mig_sim=$1
@@ -41,7 +41,14 @@ cat >"$scratch/dirtylimit.json" <<'ROWS'
  {"link":"veth 1 Gbit/s","dirty_MBps":90,"policy":"dirty-limit","total_ms":6900,"compute_speed_pct":99}]
 ROWS
 /usr/bin/python3 "$plot" dirtylimit "$scratch/dirtylimit.json" "$scratch/dirtylimit.png"
-for png in rounds validation predictions tls migrate dirtylimit; do
+cat >"$scratch/compare.jsonl" <<'LINES'
+{"config":"mig","mem":"2G","fill":"random","workload":"random","dirty_MBps":0,"total_ms":900,"guest_downtime_ms":4.1,"bytes_sent":2.2e9}
+{"config":"mig","mem":"2G","fill":"random","workload":"random","dirty_MBps":500,"total_ms":1400,"guest_downtime_ms":9.0,"bytes_sent":2.9e9}
+{"config":"qemu","mem":"2G","fill":"random","workload":"random","dirty_MBps":500,"total_ms":3100,"guest_downtime_ms":null,"bytes_sent":3.3e9}
+{"config":"qemu","mem":"2G","fill":"random","workload":"random","dirty_MBps":null,"total_ms":9000,"guest_downtime_ms":30,"bytes_sent":9e9}
+LINES
+/usr/bin/python3 "$plot" compare "$scratch/compare.jsonl" "$scratch/compare.png"
+for png in rounds validation predictions tls migrate dirtylimit compare; do
   [ "$(head -c 4 "$scratch/$png.png" | tail -c 3)" = "PNG" ] || { echo "plot_test: $png.png is not a PNG"; exit 1; }
 done
 if /usr/bin/python3 "$plot" rounds "$scratch/rows.json" "$scratch/bad.png" 2>"$scratch/err"; then
