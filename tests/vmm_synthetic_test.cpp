@@ -271,3 +271,16 @@ TEST_CASE("a synthetic guest throttles as a whole - and takes a dirty limit only
   CHECK(vm->probe().snapshot()[1].ready);  // a computing vCPU is ready at once
 }
 
+
+TEST_CASE("a synthetic guest keeps to its rate from the moment it says it is ready") {
+  // Its fill ends within a heartbeat period; the rest of that period used to run flat out, a
+  // burst of thousands of pages after the guest said it was ready.
+  for (int boot_number = 0; boot_number < 5; ++boot_number) {
+    auto vm = vmm::SyntheticVm::boot(kMem, 2, {}, {1});
+    REQUIRE(vm->probe().wait_ready(seconds(20)));
+    vm->start_dirty_log();
+    std::this_thread::sleep_for(milliseconds(100));
+    INFO("boot " << boot_number);
+    CHECK(dirty_pages(*vm) < 200);  // 1 MB/s: 24 pages in 100 ms
+  }
+}

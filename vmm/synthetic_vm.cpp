@@ -205,8 +205,12 @@ void SyntheticVm::run_vcpu(unsigned index, std::stop_token stop) {
 // the vCPU's part of the guest's rate.
 void SyntheticVm::sweep_period(unsigned index, std::chrono::steady_clock::time_point until, double& credit) {
   const unsigned sweeping = vcpu_count() - workload_.compute_vcpus;
-  if (sweeps_[index].pass == 0 || workload_.dirty_MBps == 0) {
-    while (std::chrono::steady_clock::now() < until)
+  const bool filling = sweeps_[index].pass == 0;
+  if (filling || workload_.dirty_MBps == 0) {
+    // Until the period ends, or the fill does: the vCPU has said it is ready, and from then on
+    // keeps to its rate (a fill ends within a period, and the rest of it flat out would be a
+    // burst of several thousand pages).
+    while (std::chrono::steady_clock::now() < until && !(filling && sweeps_[index].pass > 0))
       for (int i = 0; i < 64; ++i) sweep_page(index);
     return;
   }
