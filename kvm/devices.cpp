@@ -78,8 +78,8 @@ void Probe::io(unsigned vcpu, std::uint16_t port, bool is_write, std::uint8_t* d
         if (value != hb.last_seq + 1) ++hb.seq_breaks;
         hb.max_gap_ns = std::max(hb.max_gap_ns, now - hb.last_ns);
       }
-      if (awaiting_handover_ && vcpu == 0) {
-        handover_ = Handover{now - hb.last_ns, value == hb.last_seq + 1, hb.last_seq, value};
+      if (awaiting_handover_) {
+        handover_ = Handover{now - latest_source_ns_, value == hb.last_seq + 1, hb.last_seq, value};
         awaiting_handover_ = false;
       }
       ++hb.count;
@@ -131,14 +131,22 @@ void Probe::restore(const std::vector<HeartbeatState>& state) {
   work_.resize(vcpus_.size());
   // The timestamps came over the wire. One before boot or after now is no time on this
   // clock: nothing can be measured from it (and subtracting it could overflow).
-  bool vcpu0_comparable = true;
+  // The guest was gone from the last heartbeat of any of its vCPUs at the source until the
+  // first of any here: a vCPU held back before the pause (by a dirty limit, say) does not
+  // lengthen that.
+  bool comparable = true, beat = false;
+  latest_source_ns_ = 0;
   for (auto& hb : vcpus_) {
-    if (hb.last_ns >= 0 && hb.last_ns <= now) continue;
-    vcpu0_comparable = vcpu0_comparable && &hb != &vcpus_[0];
-    hb.last_ns = now;
+    hb.max_gap_ns = std::max<std::int64_t>(hb.max_gap_ns, 0);
+    if (hb.last_ns < 0 || hb.last_ns > now) {
+      comparable = false;
+      hb.last_ns = now;
+    } else if (hb.count > 0) {
+      beat = true;
+      latest_source_ns_ = std::max(latest_source_ns_, hb.last_ns);
+    }
   }
-  for (auto& hb : vcpus_) hb.max_gap_ns = std::max<std::int64_t>(hb.max_gap_ns, 0);
-  awaiting_handover_ = vcpus_[0].count > 0 && vcpu0_comparable;
+  awaiting_handover_ = beat && comparable;
   handover_.reset();
 }
 

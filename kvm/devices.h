@@ -59,7 +59,8 @@ struct HeartbeatState {
 
 // What the destination's first heartbeat says about the switchover.
 struct Handover {
-  std::int64_t gap_ns = 0;     // first heartbeat here minus the source's last, host clock
+  std::int64_t gap_ns = 0;     // the first heartbeat of any vCPU here minus the last of any at the source, host clock
+  // Of the vCPU that beat first here.
   bool sequence_continued = false;
   std::uint32_t last_source_seq = 0, first_destination_seq = 0;
 };
@@ -80,10 +81,10 @@ class Probe {
   bool wait_heartbeat_after(unsigned vcpu, std::uint32_t seq, std::chrono::milliseconds timeout) const;
 
   // Saved state is the per-vCPU heartbeat history; restoring it arms the handover
-  // measurement taken at each vCPU's next heartbeat.
+  // measurement, taken at the first heartbeat of any vCPU.
   std::vector<HeartbeatState> save() const { return snapshot(); }
   void restore(const std::vector<HeartbeatState>& state);
-  // The handover of vCPU 0 once its first heartbeat after restore() has arrived.
+  // The handover, once the first heartbeat after restore() has arrived.
   std::optional<Handover> handover() const;
   bool wait_handover(std::chrono::milliseconds timeout) const;
 
@@ -93,6 +94,7 @@ class Probe {
   std::vector<HeartbeatState> vcpus_;
   std::vector<std::uint64_t> work_;
   bool awaiting_handover_ = false;
+  std::int64_t latest_source_ns_ = 0;  // the last heartbeat of any vCPU before restore()
   std::optional<Handover> handover_;
 };
 

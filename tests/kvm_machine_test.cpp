@@ -191,3 +191,22 @@ TEST_CASE("heartbeat timestamps from the stream that are no time here measure no
     CHECK(hb.max_gap_ns < 1'000'000'000);
   }
 }
+
+TEST_CASE("the guest's downtime runs from the last heartbeat of any vCPU to the first of any - a vCPU held back before the pause adds nothing") {
+  // Needs no KVM: the probe is plain bookkeeping.
+  kvm::Probe probe(2);
+  const std::int64_t now = kvm::monotonic_ns();
+  std::vector<kvm::HeartbeatState> state(2);
+  state[0].count = state[1].count = 10;
+  state[0].last_seq = state[1].last_seq = 10;
+  state[0].last_ns = now - 500'000'000;  // vCPU 0 was held for half a second before the pause
+  state[1].last_ns = now - 1'000'000;
+  probe.restore(state);
+  std::uint32_t beat = 11;
+  probe.io(0, MIG_PROBE_HEARTBEAT, true, reinterpret_cast<std::uint8_t*>(&beat), 4);
+  const auto handover = probe.handover();
+  REQUIRE(handover);
+  CHECK(handover->gap_ns >= 1'000'000);
+  CHECK(handover->gap_ns < 400'000'000);  // not vCPU 0's own half second
+  CHECK(handover->sequence_continued);
+}

@@ -22,7 +22,7 @@ class HostedVm : public engine::MigratableVm {
   virtual const kvm::Probe& probe() const = 0;
   // Why the guest stopped running for good (a triple fault, say), or nothing while it runs.
   virtual std::optional<std::string> failure() const = 0;
-  // The destination's measure of the switchover: vCPU 0's first heartbeat after the restore.
+  // The destination's measure of the switchover: the first heartbeat of any vCPU after the restore.
   std::optional<engine::GuestHandover> wait_guest_handover(std::chrono::milliseconds timeout) override;
 
   std::vector<engine::MemoryRegion> memory_regions() const override;
