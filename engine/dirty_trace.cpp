@@ -275,6 +275,10 @@ DirtyTrace synthesize_trace(const std::string& workload, std::chrono::microsecon
 RecordingVm::RecordingVm(std::unique_ptr<MigratableVm> inner, const std::string& path, std::string workload,
                          std::chrono::microseconds interval)
     : inner_(std::move(inner)), regions_(inner_->memory_regions()), interval_(interval) {
+  // Logging first, then the populated pages: a page the guest writes while they are being
+  // looked up is then in the log if the lookup missed it. The other way round, a page
+  // written between the two would be in neither.
+  inner_->start_dirty_log();
   DirtyTrace header;
   header.interval = interval;
   header.workload = std::move(workload);
@@ -294,7 +298,6 @@ RecordingVm::RecordingVm(std::unique_ptr<MigratableVm> inner, const std::string&
   header.pages = offset;
   interval_bitmap_.assign(words_for(offset), 0);
   writer_ = std::make_unique<DirtyTraceWriter>(path, header);
-  inner_->start_dirty_log();
   thread_ = std::thread([this] { record(); });
 }
 

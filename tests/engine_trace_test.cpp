@@ -1,6 +1,7 @@
 // Dirty traces (files, synthesis, recording from a VM) and the simulator that replays them.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -145,6 +146,21 @@ TEST_CASE("a recording VM writes what the guest dirtied, and the engine still se
   for (const auto& frame : trace.frames) written.insert(written.end(), frame.begin(), frame.end());
   CHECK(std::count(written.begin(), written.end(), 100) == 1);
   CHECK(std::count(written.begin(), written.end(), 256 + 3) == 1);  // region 1 follows region 0
+}
+
+TEST_CASE("a page the guest writes while the recorder looks up populated pages is in the trace") {
+  TempFile file;
+  auto fake = std::make_unique<test::FakeVm>(std::vector<std::uint64_t>{256});
+  test::FakeVm& guest = *fake;
+  guest.after_populated = [](test::FakeVm& vm, std::size_t) { vm.write(0, 42, 1); };  // a fill racing the recorder
+  {
+    engine::RecordingVm recording(std::move(fake), file.path, "racing fill", 5ms);
+    std::this_thread::sleep_for(20ms);
+  }
+  const auto trace = engine::read_trace(file.path);
+  bool found = std::find(trace.populated.begin(), trace.populated.end(), 42u) != trace.populated.end();
+  for (const auto& frame : trace.frames) found = found || std::find(frame.begin(), frame.end(), 42u) != frame.end();
+  CHECK(found);
 }
 
 TEST_CASE("the simulator replays a trace through the policy and the round accounting") {

@@ -101,8 +101,11 @@ class FakeVm final : public engine::MigratableVm {
     std::fill(dirty_[region].begin(), dirty_[region].end(), 0);
   }
   void populated_pages(std::size_t region, std::span<std::uint64_t> bitmap) override {
-    std::lock_guard lock(mutex_);
-    std::copy(touched_[region].begin(), touched_[region].end(), bitmap.begin());
+    {
+      std::lock_guard lock(mutex_);
+      std::copy(touched_[region].begin(), touched_[region].end(), bitmap.begin());
+    }
+    if (after_populated) after_populated(*this, region);  // a write the scan just missed
   }
   // Throttling works only with `throttle_calms_at` set; a thrashing guest then calms down once
   // throttled that far, as a CPU-bound writer slowed enough would.
@@ -159,6 +162,7 @@ class FakeVm final : public engine::MigratableVm {
   std::vector<double> dirty_limits;  // every set_vcpu_dirty_limit() call
   std::function<void(FakeVm&)> before_fetch;
   std::function<void(FakeVm&)> after_resume;  // on the thread that resumed it
+  std::function<void(FakeVm&, std::size_t region)> after_populated;
   std::vector<engine::StateSection> restored;
 
  private:
