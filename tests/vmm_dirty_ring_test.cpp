@@ -60,10 +60,10 @@ TEST_CASE("soft dirty rings publish a page once per reset, into the ring of the 
   CHECK_FALSE(rings.note_write(1, 1, 63));
   CHECK(rings.published(0) == 1);
   CHECK(rings.published(1) == 1);
-  rings.harvest(0, region0);
+  rings.take(0, region0);
   CHECK(region0[0] == 1ull << 5);
   CHECK(count(region0) == 1);
-  rings.harvest(1, region1);  // found by the first harvest, kept for its region's call
+  rings.take(1, region1);  // found by the first harvest, kept for its region's call
   CHECK(region1[0] == 1ull << 63);
   // Reset: the next write publishes the page anew.
   CHECK_FALSE(rings.note_write(1, 0, 5));
@@ -75,19 +75,19 @@ TEST_CASE("soft dirty rings publish a page once per reset, into the ring of the 
     for (; page < 128 && !full; ++page) full = rings.note_write(0, 0, page == 5 ? 127 : page);
     CHECK(full);
     CHECK(rings.published(0) == 1 + 64);
-    rings.harvest(-1, {});
+    rings.harvest();
     CHECK_FALSE(rings.note_write(0, 1, 0));
     std::vector<std::uint64_t> all(2);
-    rings.harvest(0, all);
+    rings.take(0, all);
     CHECK(count(all) == 64 + 1);  // vCPU 0's 64 pages, and vCPU 1's page 5 again
   }
   SECTION("starting again forgets what was published before") {
     rings.set_logging(true);
     std::fill(region0.begin(), region0.end(), 0);
-    rings.harvest(0, region0);
+    rings.take(0, region0);
     CHECK(count(region0) == 0);
     CHECK_FALSE(rings.note_write(0, 0, 5));  // and re-armed its pages
-    rings.harvest(0, region0);
+    rings.take(0, region0);
     CHECK(count(region0) == 1);
   }
   CHECK_THROWS_WITH(vmm::SoftDirtyRings(1, {64}, 100), Catch::Contains("power of two"));

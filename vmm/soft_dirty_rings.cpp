@@ -25,8 +25,8 @@ SoftDirtyRings::SoftDirtyRings(unsigned vcpus, const std::vector<std::uint64_t>&
 void SoftDirtyRings::set_logging(bool on) {
   if (on) {
     // Forget what was published before: harvest it away, and drop what the harvest found.
-    harvest(-1, {});
     std::lock_guard lock(harvest_mutex_);
+    harvest_locked();
     for (auto& bits : harvested_) std::fill(bits.begin(), bits.end(), 0);
   }
   logging_.store(on, std::memory_order_release);
@@ -47,17 +47,25 @@ bool SoftDirtyRings::note_write(unsigned vcpu, std::uint32_t region, std::uint64
   return index + 1 - ring.reset_index.load(std::memory_order_acquire) >= ring.entries.size();
 }
 
-void SoftDirtyRings::harvest(int region, std::span<std::uint64_t> bitmap) {
+void SoftDirtyRings::harvest() {
   std::lock_guard lock(harvest_mutex_);
+  harvest_locked();
+}
+
+void SoftDirtyRings::take(std::size_t region, std::span<std::uint64_t> bitmap) {
+  std::lock_guard lock(harvest_mutex_);
+  harvest_locked();
+  auto& found = harvested_.at(region);
+  for (std::size_t w = 0; w < found.size() && w < bitmap.size(); ++w) bitmap[w] |= std::exchange(found[w], 0);
+}
+
+void SoftDirtyRings::harvest_locked() {
   for (auto& ring : rings_) {
     ring->collector.harvest([&](std::uint32_t slot, std::uint64_t offset) {
       if (slot < harvested_.size() && offset < region_pages_[slot]) harvested_[slot][offset / 64] |= 1ull << (offset % 64);
     });
     reset(*ring);
   }
-  if (region < 0) return;
-  auto& found = harvested_.at(static_cast<std::size_t>(region));
-  for (std::size_t w = 0; w < found.size() && w < bitmap.size(); ++w) bitmap[w] |= std::exchange(found[w], 0);
 }
 
 // KVM_RESET_DIRTY_RINGS for one ring: recycles the harvested entries, in order, and lets the

@@ -29,15 +29,16 @@ class SoftDirtyRings {
   // Starting forgets every page published so far; stopping publishes nothing more.
   void set_logging(bool on);
   // On vCPU `vcpu`'s thread, after it wrote `page` of `region`. Returns true when its ring
-  // is full: the vCPU must call harvest() before it writes again.
+  // is full: the vCPU must call harvest() before it writes again (KVM_EXIT_DIRTY_RING_FULL).
   bool note_write(unsigned vcpu, std::uint32_t region, std::uint64_t page);
   // Every page vCPU `vcpu` has published since it started: its own dirty count.
   std::uint64_t published(unsigned vcpu) const { return rings_[vcpu]->dirty_index.load(std::memory_order_acquire); }
 
-  // The VMM's side: harvests every ring, then resets them (KVM_RESET_DIRTY_RINGS), and ORs
-  // what it found for `region` into `bitmap`, clearing it; pages of other regions wait for
-  // their own call. With region -1, only harvests (a vCPU whose ring is full).
-  void harvest(int region, std::span<std::uint64_t> bitmap);
+  // The VMM's side: harvests every ring, then resets them (KVM_RESET_DIRTY_RINGS); what it
+  // found waits for take().
+  void harvest();
+  // Harvests, then ORs every page found for `region` into `bitmap`, and forgets them.
+  void take(std::size_t region, std::span<std::uint64_t> bitmap);
 
  private:
   struct Ring {
@@ -47,6 +48,7 @@ class SoftDirtyRings {
     std::atomic<std::uint64_t> dirty_index{0};  // the producer's: entries published, ever
     std::atomic<std::uint64_t> reset_index{0};  // entries recycled, ever
   };
+  void harvest_locked();
   void reset(Ring& ring);
 
   std::vector<std::unique_ptr<Ring>> rings_;

@@ -109,7 +109,7 @@ void SyntheticVm::stop_dirty_log() {
 void SyntheticVm::fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) {
   std::fill(bitmap.begin(), bitmap.end(), 0);
   memory_.take_vmm_writes(region, bitmap);
-  if (rings_) rings_->harvest(static_cast<int>(region), bitmap);
+  if (rings_) rings_->take(region, bitmap);
 }
 
 bool SyntheticVm::set_throttle(double share) {
@@ -261,7 +261,7 @@ void SyntheticVm::sweep_page(unsigned index) {
   if (!rings_) {
     memory_.note_vmm_write(page.guest_addr, sizeof(std::uint64_t));
   } else if (rings_->note_write(index, page.region, page.index)) {
-    rings_->harvest(-1, {});  // its ring is full: KVM would exit to the VMM, which harvests
+    rings_->harvest();  // its ring is full: KVM would exit to the VMM, which harvests
   }
   if (++sweep.position < share.pages) return;
   sweep.position = 0;
