@@ -120,7 +120,6 @@ bool SyntheticVm::set_throttle(double share) {
 bool SyntheticVm::set_vcpu_dirty_limit(double bytes_per_s) {
   if (!rings_) return false;  // a bitmap cannot say which vCPU dirtied a page
   dirty_limit_pages_per_s_.store(std::max(bytes_per_s, 0.0) / kvm::kPageSize);
-  ++dirty_limit_generation_;
   return true;
 }
 
@@ -234,15 +233,14 @@ void SyntheticVm::compute_period(unsigned index, std::chrono::steady_clock::time
 bool SyntheticVm::hold_to_dirty_limit(unsigned index, Pacing& pacing, std::stop_token stop) {
   using clock = std::chrono::steady_clock;
   const double limit = dirty_limit_pages_per_s_.load();
-  const std::uint64_t generation = dirty_limit_generation_.load();
   if (!rings_ || limit <= 0) return false;
   const auto now = clock::now();
   const std::uint64_t published = rings_->published(index);
-  if (pacing.generation != generation || now - pacing.due(published, limit) > kDirtyLimitCredit) {
-    pacing = {generation, now, published};
+  if (pacing.pages_per_s != limit || now - pacing.due(published) > kDirtyLimitCredit) {
+    pacing = {limit, now, published};
     return false;
   }
-  const auto due = pacing.due(published, limit);
+  const auto due = pacing.due(published);
   if (due <= now) return false;
   std::unique_lock lock(mutex_);
   changed_.wait_until(lock, stop, due, [&] { return pause_requested_; });

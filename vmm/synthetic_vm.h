@@ -105,13 +105,14 @@ class SyntheticVm final : public HostedVm {
     static constexpr std::uint64_t kNoBlock = ~0ull;
   };
 
-  // Where a vCPU's dirty-limit pacing started: the time and what it had published by then.
+  // Where a vCPU's dirty-limit pacing started: the cap it paces to, the time and what it had
+  // published by then. A new cap starts it again.
   struct Pacing {
-    std::uint64_t generation = ~0ull;  // the cap it paces to
+    double pages_per_s = 0;
     std::chrono::steady_clock::time_point since;
     std::uint64_t published = 0;
-    // When `now_published` pages fit in a cap of `pages_per_s`.
-    std::chrono::steady_clock::time_point due(std::uint64_t now_published, double pages_per_s) const {
+    // When `now_published` pages fit in the cap.
+    std::chrono::steady_clock::time_point due(std::uint64_t now_published) const {
       return since + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
                          std::chrono::duration<double>(static_cast<double>(now_published - published) / pages_per_s));
     }
@@ -151,7 +152,6 @@ class SyntheticVm final : public HostedVm {
   DiskWork disk_work_;  // vCPU 0's
   std::unique_ptr<SoftDirtyRings> rings_;  // with DirtyTracking::Kind::ring
   std::atomic<double> dirty_limit_pages_per_s_{0};
-  std::atomic<std::uint64_t> dirty_limit_generation_{0};  // bumped by every new cap: pacing starts again
 
   mutable std::mutex mutex_;
   std::condition_variable_any changed_;
