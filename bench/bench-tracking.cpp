@@ -3,6 +3,8 @@
 //   size and dirty rate (a bitmap is scanned whole; rings cost what was dirtied)
 //   for the guest: how fast its vCPUs write fresh pages flat out with each tracker, and with
 //   none
+//   the brakes: the dirty rate a throttle of s leaves the guest, against the (1 - s) of it
+//   that the policies and mig-sim assume
 // This measures mig's software trackers (vmm/soft_dirty_rings.h, GuestMemory's write log), not
 // KVM's: the write-protection faults and ring-full exits of a real guest are not in it.
 #include <CLI/CLI.hpp>
@@ -84,6 +86,24 @@ void guest_cost(std::uint64_t mem, const char* tracker, bool rings, bool logging
              pages_per_vcpu / seconds, harvested);
 }
 
+// A 256 MiB guest sweeping `dirty_MBps`, throttled by each share in turn: its dirty rate
+// over `time`, against (1 - share) of `dirty_MBps`.
+void throttle_accuracy(double dirty_MBps, milliseconds time) {
+  auto vm = boot(256ull << 20, dirty_MBps, false);
+  vm->start_dirty_log();
+  for (double share : {0.0, 0.2, 0.3, 0.5, 0.7}) {
+    vm->set_throttle(share);
+    std::this_thread::sleep_for(milliseconds(100));
+    fetch_all(*vm);
+    const auto start = steady_clock::now();
+    std::this_thread::sleep_for(time);
+    const auto [took, pages] = fetch_all(*vm);
+    const double MBps = static_cast<double>(pages * engine::kPageSize) / duration<double>(steady_clock::now() - start).count() / 1e6;
+    fmt::print("throttle     {:>3.0f} %  {:>5.0f} MB/s swept: {:6.1f} MB/s dirtied, {:.3f} of (1 - s) of the rate\n", share * 100,
+               dirty_MBps, MBps, MBps / ((1 - share) * dirty_MBps));
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -104,6 +124,7 @@ int main(int argc, char** argv) {
       guest_cost(mib << 20, "bitmap", false, true, seconds(2));
       guest_cost(mib << 20, "rings", true, true, seconds(2));
     }
+    throttle_accuracy(150, milliseconds(400));
   } catch (const std::exception& e) {
     fmt::print(stderr, "bench-tracking: {}\n", e.what());
     return 1;

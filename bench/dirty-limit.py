@@ -43,11 +43,7 @@ PORT = 7432
 def migrate(build, net, work, dirty_MBps, policy, name):
     """One migration; mig-send's stats."""
     stats = os.path.join(work, name + ".json")
-    receiver = subprocess.Popen(["ip", "netns", "exec", net.dest, "taskset", "-c", "0", os.path.join(build, "tools", "mig-recv"),
-                                 "--synthetic-guest", "--listen", "tcp:%s:%d" % (netlab.DEST_ADDR, PORT),
-                                 "--run-for", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if "listening on" not in receiver.stdout.readline():
-        raise RuntimeError("mig-recv did not listen: " + receiver.stderr.read())
+    receiver = netlab.start_synthetic_receiver(build, net, PORT, pin_cpu=0)
     sender = subprocess.Popen(["ip", "netns", "exec", net.source, "taskset", "-c", "0", os.path.join(build, "tools", "mig-send"),
                                "--synthetic-guest", str(dirty_MBps), "--mem", "256M", "--vcpus", "2", "--compute-vcpus", "1",
                                "--dirty-track", "ring", "--to", "tcp:%s:%d" % (netlab.DEST_ADDR, PORT),

@@ -4,15 +4,24 @@
     bench/validate-sim.py BUILD_DIR [--repeats 3] [--json rows.json]    (as root)
 
 Each pair is one workload, one link and one policy. The real side: mig-send starts a
-synthetic guest (128 MiB, 2 vCPUs, sweeping at the workload's rate), records its dirty pages
-(--record-trace) and migrates it to a mig-recv in the other namespace, `repeats` times. The
-predicted side: mig-sim replays the first repeat's trace under the same policy and link.
+synthetic guest (128 MiB, 2 vCPUs) and migrates it to a mig-recv in the other namespace,
+`repeats` times. The predicted side: mig-sim replays a dirty trace of the same guest under
+the same policy and link. Two kinds of pairs:
+  - unbraked: both vCPUs sweep at 5 to 30 MB/s on both links, under mig and xen, neither of
+    which slows them; the trace is the first repeat's own (--record-trace);
+  - braked: both vCPUs sweep at 90 or 150 MB/s in all over the 1 Gbit link, with dirty
+    rings, under dirty-limit (a cap on each vCPU) and qemu (auto-converge's throttle). The
+    trace is recorded from the guest running alone (mig-vm --record-trace, the rings naming
+    each page's vCPU), so the brake the prediction models is never in its input. No vCPU
+    computes here: one that spins takes one of this host's two cores from the migration, by
+    as much as the scheduler pleases, which no link calibration can predict.
 Per link, an idle guest's migration first calibrates the simulator (the link's page
 throughput, set-up and restore times); the workloads are then predicted, never fitted. It
-prints a table and, with --json, every row with all its repeats.
+prints a table and, with --json, every row with all its repeats (bench/plot.py validation
+draws them).
 
 bench-sim does the same in one process with a replayed trace on loopback; this one uses the
-tools, real processes, a recorded guest and a link shaped by tc.
+tools, real processes, recorded guests and a link shaped by tc.
 """
 import argparse
 import json
@@ -26,30 +35,43 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import netlab  # noqa: E402
 
 LINKS = [("veth 400 Mbit/s", "400mbit"), ("veth 1 Gbit/s", "1gbit")]
-WORKLOADS = [5, 15, 30]  # MB/s swept by the guest
-POLICIES = ["mig", "xen"]
+UNBRAKED = [5, 15, 30]  # MB/s swept by the guest
+UNBRAKED_POLICIES = ["mig", "xen"]
+BRAKED_LINK = "1gbit"
+BRAKED = [90, 150]  # MB/s swept by the two vCPUs together
+BRAKED_POLICIES = ["dirty-limit", "qemu"]
+BRAKED_GUEST = ["--dirty-track", "ring"]
 AFTER_S = 1.5        # mig-send --after: the guest is filled and steady well before
 TRACE_START_S = 1.2  # where the simulator starts in the trace: past the fill, steady like the real start
+ALONE_S = 15         # how long a guest alone is recorded: longer than its migrations, so never replayed round
 PORT = 7431
 
 
-def migrate(build, net, work, dirty_MBps, policy, name):
+def guest_args(dirty_MBps, extra):
+    return ["--synthetic-guest", str(dirty_MBps), "--mem", "128M", "--vcpus", "2"] + extra
+
+
+def migrate(build, net, work, dirty_MBps, policy, name, extra=()):
     """One real migration; its mig-send stats and its trace's path."""
     trace, stats = os.path.join(work, name + ".trace"), os.path.join(work, name + ".json")
-    receiver = subprocess.Popen(["ip", "netns", "exec", net.dest, os.path.join(build, "tools", "mig-recv"),
-                                 "--synthetic-guest", "--listen", "tcp:%s:%d" % (netlab.DEST_ADDR, PORT),
-                                 "--run-for", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if "listening on" not in receiver.stdout.readline():
-        raise RuntimeError("mig-recv did not listen: " + receiver.stderr.read())
-    sender = subprocess.run(["ip", "netns", "exec", net.source, os.path.join(build, "tools", "mig-send"),
-                             "--synthetic-guest", str(dirty_MBps), "--mem", "128M", "--vcpus", "2",
-                             "--to", "tcp:%s:%d" % (netlab.DEST_ADDR, PORT), "--after", str(AFTER_S),
+    receiver = netlab.start_synthetic_receiver(build, net, PORT)
+    sender = subprocess.run(["ip", "netns", "exec", net.source, os.path.join(build, "tools", "mig-send")] +
+                            guest_args(dirty_MBps, list(extra)) +
+                            ["--to", "tcp:%s:%d" % (netlab.DEST_ADDR, PORT), "--after", str(AFTER_S),
                              "--policy", policy, "--record-trace", trace, "--stats-json", stats],
                             capture_output=True, text=True)
     receiver.wait(timeout=60)
     if sender.returncode != 0:
         raise RuntimeError("a real migration failed: " + sender.stderr)
     return json.load(open(stats)), trace
+
+
+def record_alone(build, work, dirty_MBps, extra):
+    """A trace of the guest running alone, not migrated."""
+    trace = os.path.join(work, "alone-%d.trace" % dirty_MBps)
+    subprocess.run([os.path.join(build, "tools", "mig-vm")] + guest_args(dirty_MBps, list(extra)) +
+                   ["--record-trace", trace, "--run-for", str(ALONE_S)], check=True, capture_output=True)
+    return trace
 
 
 def calibrate(build, net, work):
@@ -88,32 +110,45 @@ def main():
         for link_name, rate in LINKS:
             with netlab.Network(rate) as net:
                 calibration = calibrate(args.build, net, work)
-                for dirty in WORKLOADS:
-                    for policy in POLICIES:
+                for dirty in UNBRAKED:
+                    for policy in UNBRAKED_POLICIES:
                         runs = [migrate(args.build, net, work, dirty, policy, "run%d" % i) for i in range(args.repeats)]
                         sim = simulate(args.build, runs[0][1], policy, calibration)  # the first repeat's trace
-                        rows.append(report_row(dirty, link_name, policy, [stats for stats, _ in runs], sim,
+                        rows.append(report_row("%d MB/s" % dirty, link_name, policy, [stats for stats, _ in runs], sim,
                                                calibration))
+                if rate != BRAKED_LINK:
+                    continue
+                for dirty in BRAKED:
+                    alone = record_alone(args.build, work, dirty, BRAKED_GUEST)
+                    for policy in BRAKED_POLICIES:
+                        runs = [migrate(args.build, net, work, dirty, policy, "run%d" % i, BRAKED_GUEST)[0]
+                                for i in range(args.repeats)]
+                        rows.append(report_row("%d MB/s (rings)" % dirty, link_name, policy, runs,
+                                               simulate(args.build, alone, policy, calibration), calibration))
     if args.json:
-        with open(args.json, "w") as out:
-            json.dump(rows, out, indent=1)
+        with open(args.json, "w") as out:  # as bench-sim writes them, for bench/plot.py validation
+            json.dump({"guest": "(recorded synthetic guests, shaped veth)", "rows": rows}, out, indent=1)
     return 0
 
 
-def report_row(dirty, link, policy, runs, sim, calibration):
+def report_row(workload, link, policy, runs, sim, calibration):
     total = sorted(r["total_ms"] for r in runs)
     sent = sorted(r["bytes_sent"] for r in runs)
     rounds = sorted(r["rounds"] for r in runs)
     real_total, real_bytes = statistics.median(total), statistics.median(sent)
-    print("| %d MB/s | %s | %s | %.0f (%.0f-%.0f) / %.0f | %+.1f %% | %.1f / %.1f | %+.1f %% | %d-%d / %d |" % (
-        dirty, link, policy, real_total, total[0], total[-1], sim["total_ms"], error_pct(sim["total_ms"], real_total),
+    print("| %s | %s | %s | %.0f (%.0f-%.0f) / %.0f | %+.1f %% | %.1f / %.1f | %+.1f %% | %d-%d / %d |" % (
+        workload, link, policy, real_total, total[0], total[-1], sim["total_ms"], error_pct(sim["total_ms"], real_total),
         real_bytes / 1e6, sim["bytes_sent"] / 1e6, error_pct(sim["bytes_sent"], real_bytes), rounds[0], rounds[-1],
         sim["rounds"]))
     sys.stdout.flush()
-    return {"workload": "synthetic sweep %d MB/s, 128 MiB, 2 vCPUs" % dirty, "link": link, "policy": policy,
+    return {"workload": "synthetic sweep %s, 128 MiB, 2 vCPUs" % workload, "link": link, "policy": policy,
             "calibration": calibration, "real_total_ms": total, "real_bytes": sent, "real_rounds": rounds,
             "sim_total_ms": sim["total_ms"], "sim_bytes": sim["bytes_sent"], "sim_rounds": sim["rounds"],
-            "sim_downtime_ms": sim["downtime_ms"], "real_downtime_ms": sorted(r["downtime_ms"] for r in runs)}
+            "sim_downtime_ms": sim["downtime_ms"], "real_downtime_ms": sorted(r["downtime_ms"] for r in runs),
+            "real_max_throttle_pct": [max(x["throttle_pct"] for x in r["round_table"]) for r in runs],
+            "real_dirty_limit_MBps": [max(x["dirty_limit_MBps"] for x in r["round_table"]) for r in runs],
+            "sim_max_throttle_pct": max(x["throttle_pct"] for x in sim["round_table"]),
+            "sim_dirty_limit_MBps": max(x["dirty_limit_MBps"] for x in sim["round_table"])}
 
 
 if __name__ == "__main__":

@@ -15,12 +15,15 @@ namespace mig::engine {
 namespace {
 
 constexpr char kMagic[8] = {'M', 'I', 'G', 'T', 'R', 'A', 'C', 'E'};
-constexpr std::uint32_t kVersion = 1;
+constexpr std::uint32_t kVersion = 2;  // 1 named no vCPUs
 // Bounds a reader trusts: a 1 TiB guest (larger ones are --guest-scale's business), 64
-// regions, intervals of 100 us to 10 s.
+// regions, intervals of 100 us to 10 s, 256 vCPUs named, and frames of at most 256 MiB of
+// bitmaps (so a 1 TiB guest's trace names at most 7 vCPUs).
 constexpr std::uint64_t kMaxPages = (1ull << 40) / kPageSize;
 constexpr std::uint32_t kMaxRegions = 64;
 constexpr std::uint32_t kMaxWorkload = 4096;
+constexpr std::uint32_t kMaxVcpus = 256;
+constexpr std::uint64_t kMaxFrameBytes = 256ull << 20;
 
 std::uint64_t words_for(std::uint64_t pages) { return (pages + 63) / 64; }
 
@@ -43,7 +46,7 @@ std::vector<std::uint64_t> to_pages(const std::vector<std::uint64_t>& bitmap) {
   return pages;
 }
 
-std::string compress(const std::vector<std::uint64_t>& bitmap) {
+std::string compress(std::span<const std::uint64_t> bitmap) {
   const std::size_t size = bitmap.size() * sizeof(std::uint64_t);
   std::string out(ZSTD_compressBound(size), '\0');
   const std::size_t n = ZSTD_compress(out.data(), out.size(), bitmap.data(), size, 3);
@@ -78,18 +81,20 @@ struct Reader {
     if (static_cast<std::size_t>(in.gcount()) != n) fail(std::string("is truncated in its ") + what);
     return out;
   }
-  // A compressed bitmap of `pages` bits.
-  std::vector<std::uint64_t> bitmap(std::uint32_t compressed_size, std::uint64_t pages, const char* what) {
+  // `count` compressed bitmaps of `pages` bits each, one after the other.
+  std::vector<std::uint64_t> bitmaps(std::uint32_t compressed_size, std::uint64_t pages, std::uint64_t count, const char* what) {
     const auto packed = bytes(compressed_size, what);
-    const std::size_t size = words_for(pages) * sizeof(std::uint64_t);
-    // The frame says how much it holds: anything but one bitmap is refused before allocating.
+    const std::uint64_t words = words_for(pages);
+    const std::size_t size = words * count * sizeof(std::uint64_t);
+    // The frame says how much it holds: anything but the bitmaps is refused before allocating.
     if (ZSTD_getFrameContentSize(packed.data(), packed.size()) != size) fail(std::string("has a corrupt ") + what);
-    std::vector<std::uint64_t> out(words_for(pages));
+    std::vector<std::uint64_t> out(words * count);
     const std::size_t n = ZSTD_decompress(out.data(), size, packed.data(), packed.size());
     if (ZSTD_isError(n) || n != size) fail(std::string("has a corrupt ") + what);
-    // The last word may hold bits past the guest's last page: a trace that sets them names
-    // pages the guest does not have.
-    if (pages % 64 != 0 && (out.back() >> (pages % 64)) != 0) fail(std::string("marks pages beyond the guest in its ") + what);
+    // The last word of each may hold bits past the guest's last page: a trace that sets them
+    // names pages the guest does not have.
+    for (std::uint64_t b = 1; b <= count && pages % 64 != 0; ++b)
+      if ((out[b * words - 1] >> (pages % 64)) != 0) fail(std::string("marks pages beyond the guest in its ") + what);
     return out;
   }
   [[noreturn]] void fail(const std::string& why) const { throw std::runtime_error("dirty trace " + path + " " + why); }
@@ -107,6 +112,7 @@ void put_header(std::ofstream& out, const DirtyTrace& t) {
   }
   put(static_cast<std::uint32_t>(t.workload.size()));
   out.write(t.workload.data(), static_cast<std::streamsize>(t.workload.size()));
+  put(static_cast<std::uint32_t>(t.vcpus));
   const auto populated = compress(to_bitmap(t.populated, t.pages));
   put(static_cast<std::uint32_t>(populated.size()));
   out.write(populated.data(), static_cast<std::streamsize>(populated.size()));
@@ -116,6 +122,26 @@ std::uint64_t pages_of(const std::vector<wire::Region>& regions) {
   std::uint64_t pages = 0;
   for (const auto& r : regions) pages += r.size / kPageSize;
   return pages;
+}
+
+// A frame's bitmaps (the unnamed writes', then each vCPU's) as the trace holds them: the
+// pages written, ascending, each with its writer; a page in two bitmaps goes to the vCPU.
+void add_frame(DirtyTrace& t, std::span<const std::uint64_t> bitmaps) {
+  const std::uint64_t words = words_for(t.pages);
+  std::vector<std::pair<std::uint64_t, std::uint16_t>> writes;
+  for (std::uint64_t b = 0; b * words < bitmaps.size(); ++b) {
+    const auto writer = b == 0 ? kNoVcpu : static_cast<std::uint16_t>(b - 1);
+    for_each_page(bitmaps.subspan(b * words, words), [&](std::uint64_t p) { writes.emplace_back(p, writer); });
+  }
+  std::sort(writes.begin(), writes.end());  // kNoVcpu sorts after every vCPU
+  auto& pages = t.frames.emplace_back();
+  std::vector<std::uint16_t> writers;
+  for (const auto& [page, writer] : writes) {
+    if (!pages.empty() && pages.back() == page) continue;
+    pages.push_back(page);
+    writers.push_back(writer);
+  }
+  if (t.vcpus > 0) t.writers.push_back(std::move(writers));
 }
 
 }  // namespace
@@ -133,8 +159,8 @@ DirtyTraceWriter::DirtyTraceWriter(const std::string& path, const DirtyTrace& he
 
 DirtyTraceWriter::~DirtyTraceWriter() = default;
 
-void DirtyTraceWriter::append(const std::vector<std::uint64_t>& bitmap) {
-  const auto packed = compress(bitmap);
+void DirtyTraceWriter::append(std::span<const std::uint64_t> bitmaps) {
+  const auto packed = compress(bitmaps);
   const auto size = static_cast<std::uint32_t>(packed.size());
   impl_->out.write(reinterpret_cast<const char*>(&size), sizeof size);
   impl_->out.write(packed.data(), static_cast<std::streamsize>(packed.size()));
@@ -144,7 +170,17 @@ void DirtyTraceWriter::append(const std::vector<std::uint64_t>& bitmap) {
 
 void write_trace(const std::string& path, const DirtyTrace& trace) {
   DirtyTraceWriter writer(path, trace);
-  for (const auto& frame : trace.frames) writer.append(to_bitmap(frame, trace.pages));
+  const std::uint64_t words = words_for(trace.pages);
+  std::vector<std::uint64_t> bitmaps(words * (1 + trace.vcpus));
+  for (std::size_t f = 0; f < trace.frames.size(); ++f) {
+    std::fill(bitmaps.begin(), bitmaps.end(), 0);
+    for (std::size_t i = 0; i < trace.frames[f].size(); ++i) {
+      const std::uint64_t page = trace.frames[f][i], writer_vcpu = trace.writer(f, i);
+      const std::uint64_t bitmap = writer_vcpu == kNoVcpu ? 0 : writer_vcpu + 1;
+      bitmaps[bitmap * words + page / 64] |= 1ull << (page % 64);
+    }
+    writer.append(bitmaps);
+  }
 }
 
 DirtyTrace read_trace(const std::string& path) {
@@ -161,8 +197,9 @@ DirtyTrace parse_trace(std::istream& in, const std::string& name) {
   char magic[sizeof kMagic] = {};
   r.in.read(magic, sizeof magic);
   if (r.in.gcount() != sizeof magic || std::memcmp(magic, kMagic, sizeof magic) != 0) r.fail("is not a dirty trace");
-  if (const auto version = r.need<std::uint32_t>("version"); version != kVersion)
-    r.fail("has version " + std::to_string(version) + "; this mig reads version " + std::to_string(kVersion));
+  const auto version = r.need<std::uint32_t>("version");
+  if (version != 1 && version != kVersion)
+    r.fail("has version " + std::to_string(version) + "; this mig reads versions 1 to " + std::to_string(kVersion));
   DirtyTrace t;
   const auto interval_us = r.need<std::uint32_t>("interval");
   if (interval_us < 100 || interval_us > 10'000'000) r.fail("has an interval of " + std::to_string(interval_us) + " us");
@@ -179,13 +216,17 @@ DirtyTrace parse_trace(std::istream& in, const std::string& name) {
   const auto workload = r.need<std::uint32_t>("workload");
   if (workload > kMaxWorkload) r.fail("has a workload text of " + std::to_string(workload) + " bytes");
   t.workload = r.bytes(workload, "workload");
-  const auto bound = static_cast<std::uint32_t>(std::min<std::size_t>(ZSTD_compressBound(words_for(t.pages) * 8), UINT32_MAX));
+  if (version >= 2) t.vcpus = r.need<std::uint32_t>("vCPU count");
+  const std::uint64_t bitmap_bytes = words_for(t.pages) * 8;
+  if (t.vcpus > kMaxVcpus || (1 + t.vcpus) * bitmap_bytes > kMaxFrameBytes)
+    r.fail("names " + std::to_string(t.vcpus) + " vCPUs, more than a reader takes for its guest");
+  auto bound = [](std::uint64_t bytes) { return std::min<std::uint64_t>(ZSTD_compressBound(bytes), UINT32_MAX); };
   const auto populated = r.need<std::uint32_t>("populated pages");
-  if (populated > bound) r.fail("has an absurd populated-pages size");
-  t.populated = to_pages(r.bitmap(populated, t.pages, "populated pages"));
+  if (populated > bound(bitmap_bytes)) r.fail("has an absurd populated-pages size");
+  t.populated = to_pages(r.bitmaps(populated, t.pages, 1, "populated pages"));
   for (std::uint32_t size; r.get(size);) {
-    if (size > bound) r.fail("has a frame of absurd size (frame " + std::to_string(t.frames.size()) + ")");
-    t.frames.push_back(to_pages(r.bitmap(size, t.pages, "frame")));
+    if (size > bound((1 + t.vcpus) * bitmap_bytes)) r.fail("has a frame of absurd size (frame " + std::to_string(t.frames.size()) + ")");
+    add_frame(t, r.bitmaps(size, t.pages, 1 + t.vcpus, "frame"));
   }
   if (r.in.gcount() != 0) r.fail("ends inside a frame");
   return t;
@@ -274,7 +315,10 @@ DirtyTrace synthesize_trace(const std::string& workload, std::chrono::microsecon
 
 RecordingVm::RecordingVm(std::unique_ptr<MigratableVm> inner, const std::string& path, std::string workload,
                          std::chrono::microseconds interval)
-    : inner_(std::move(inner)), regions_(inner_->memory_regions()), interval_(interval) {
+    : inner_(std::move(inner)),
+      regions_(inner_->memory_regions()),
+      interval_(interval),
+      named_vcpus_(inner_->dirty_log_names_vcpus() ? inner_->vcpu_count() : 0) {
   // Logging first, then the populated pages: a page the guest writes while they are being
   // looked up is then in the log if the lookup missed it. The other way round, a page
   // written between the two would be in neither.
@@ -282,6 +326,7 @@ RecordingVm::RecordingVm(std::unique_ptr<MigratableVm> inner, const std::string&
   DirtyTrace header;
   header.interval = interval;
   header.workload = std::move(workload);
+  header.vcpus = named_vcpus_;
   std::uint64_t offset = 0;
   for (std::size_t r = 0; r < regions_.size(); ++r) {
     const auto pages = regions_[r].size / kPageSize;
@@ -292,11 +337,11 @@ RecordingVm::RecordingVm(std::unique_ptr<MigratableVm> inner, const std::string&
       if (p < pages) header.populated.push_back(offset + p);
     });
     offset += pages;
-    scratch_.emplace_back(words_for(pages));
+    scratch_.emplace_back(words_for(pages) * (1 + named_vcpus_));
     engine_bitmaps_.emplace_back(words_for(pages));
   }
   header.pages = offset;
-  interval_bitmap_.assign(words_for(offset), 0);
+  interval_bitmaps_.assign(words_for(offset) * (1 + named_vcpus_), 0);
   writer_ = std::make_unique<DirtyTraceWriter>(path, header);
   thread_ = std::thread([this] { record(); });
 }
@@ -325,17 +370,30 @@ std::uint64_t RecordingVm::bytes_written() const {
   return writer_->bytes_written();
 }
 
+// The inner log of one region: scratch_[region] holds its bitmaps (the unnamed writes',
+// then each named vCPU's), which go into this interval's bitmaps of the whole guest, and
+// all together into the engine's.
 void RecordingVm::fetch_inner(std::size_t region) {
   std::uint64_t offset = 0;
   for (std::size_t r = 0; r < region; ++r) offset += regions_[r].size / kPageSize;
-  const auto pages = regions_[region].size / kPageSize;
-  inner_->fetch_dirty_log(region, scratch_[region]);
-  for_each_page(scratch_[region], [&](std::uint64_t p) {
-    if (p >= pages) return;
-    const auto at = offset + p;
-    interval_bitmap_[at / 64] |= 1ull << (at % 64);
-    if (engine_logging_) engine_bitmaps_[region][p / 64] |= 1ull << (p % 64);
-  });
+  const auto pages = regions_[region].size / kPageSize, words = words_for(pages);
+  const std::span<std::uint64_t> scratch(scratch_[region]);
+  if (named_vcpus_ == 0) {
+    inner_->fetch_dirty_log(region, scratch);
+  } else {
+    std::vector<std::span<std::uint64_t>> vcpu_bitmaps;
+    for (unsigned v = 0; v < named_vcpus_; ++v) vcpu_bitmaps.push_back(scratch.subspan((1 + v) * words, words));
+    inner_->fetch_dirty_log_by_vcpu(region, scratch.first(words), vcpu_bitmaps);
+  }
+  const std::uint64_t guest_words = interval_bitmaps_.size() / (1 + named_vcpus_);
+  for (unsigned b = 0; b <= named_vcpus_; ++b) {
+    for_each_page(scratch.subspan(b * words, words), [&](std::uint64_t p) {
+      if (p >= pages) return;
+      const auto at = offset + p;
+      interval_bitmaps_[b * guest_words + at / 64] |= 1ull << (at % 64);
+      if (engine_logging_) engine_bitmaps_[region][p / 64] |= 1ull << (p % 64);
+    });
+  }
 }
 
 void RecordingVm::fetch_inner() {
@@ -347,8 +405,8 @@ void RecordingVm::record() {
   auto next = std::chrono::steady_clock::now() + interval_;
   while (!stop_.wait_until(lock, next, [this] { return stopping_; })) {
     fetch_inner();
-    writer_->append(interval_bitmap_);
-    std::fill(interval_bitmap_.begin(), interval_bitmap_.end(), 0);
+    writer_->append(interval_bitmaps_);
+    std::fill(interval_bitmaps_.begin(), interval_bitmaps_.end(), 0);
     ++frames_;
     next += interval_;
   }

@@ -3,9 +3,12 @@
 // simulator (engine/simulator.h) or by a VM that writes them again (bench/sim-validate).
 //
 // The file: a header (magic "MIGTRACE", version, interval, the guest's regions, the workload
-// in words, the pages populated when recording began), then one frame per interval: the
-// dirty bitmap of the whole guest (regions in order, a bit per page), zstd-compressed. Sparse
-// bitmaps compress to a few bytes, so a minute of a busy guest stays small.
+// in words, the pages populated when recording began, how many vCPUs the frames name), then
+// one frame per interval: dirty bitmaps of the whole guest (regions in order, a bit per
+// page), zstd-compressed together. A frame holds one bitmap of the pages no vCPU is named for
+// (the VMM's writes, or every write where the VM cannot tell, as with KVM's bitmap), then one
+// per named vCPU. Sparse bitmaps compress to a few bytes, so a minute of a busy guest stays
+// small. Version 1 files (no vCPUs named) are still read.
 #pragma once
 
 #include <algorithm>
@@ -23,6 +26,9 @@
 
 namespace mig::engine {
 
+// A write no vCPU is named for: the VMM's, or any where the VM could not tell.
+inline constexpr std::uint16_t kNoVcpu = 0xffff;
+
 struct DirtyTrace {
   std::chrono::microseconds interval{10000};
   std::vector<wire::Region> regions;
@@ -30,6 +36,14 @@ struct DirtyTrace {
   std::uint64_t pages = 0;                    // the guest's, all regions
   std::vector<std::uint64_t> populated;       // pages that held data when recording began, ascending
   std::vector<std::vector<std::uint64_t>> frames;  // per interval: the pages written, ascending
+  // Where the VM said which vCPU dirtied a page (dirty rings): `vcpus` vCPUs, and per frame,
+  // per page of it, the vCPU that dirtied it (or kNoVcpu). Otherwise 0 and empty. A ring
+  // names a page once until it is reset, and the recorder resets every interval, so each
+  // page of a frame has one writer.
+  unsigned vcpus = 0;
+  std::vector<std::vector<std::uint16_t>> writers;
+
+  std::uint16_t writer(std::size_t frame, std::size_t index) const { return writers.empty() ? kNoVcpu : writers[frame][index]; }
 
   std::uint64_t guest_bytes() const { return pages * kPageSize; }
   double seconds() const { return static_cast<double>(frames.size()) * static_cast<double>(interval.count()) / 1e6; }
@@ -46,15 +60,21 @@ inline double write_moment(std::uint64_t page, std::uint64_t interval) {
   return static_cast<double>(z >> 11) * 0x1.0p-53;
 }
 
+inline constexpr std::uint32_t kEveryWriter = 0x10000;
+
 // Calls visit(page, when) for each write of the trace in [from, to), times in intervals since
-// the trace began; a trace shorter than that is replayed from its start again.
+// the trace began, of one writer (a vCPU, or kNoVcpu) or of all; a trace shorter than that
+// is replayed from its start again.
 template <typename Visit>
-void for_each_write(const DirtyTrace& trace, double from, double to, Visit&& visit) {
+void for_each_write(const DirtyTrace& trace, double from, double to, Visit&& visit, std::uint32_t only = kEveryWriter) {
   for (auto j = static_cast<std::uint64_t>(from); static_cast<double>(j) < to; ++j) {
     const double begin = std::max(0.0, from - static_cast<double>(j)), end = std::min(1.0, to - static_cast<double>(j));
-    for (auto page : trace.frames[j % trace.frames.size()]) {
-      const double moment = write_moment(page, j);
-      if (moment >= begin && moment < end) visit(page, static_cast<double>(j) + moment);
+    const std::size_t frame = j % trace.frames.size();
+    const auto& pages = trace.frames[frame];
+    for (std::size_t i = 0; i < pages.size(); ++i) {
+      if (only != kEveryWriter && trace.writer(frame, i) != only) continue;
+      const double moment = write_moment(pages[i], j);
+      if (moment >= begin && moment < end) visit(pages[i], static_cast<double>(j) + moment);
     }
   }
 }
@@ -74,8 +94,9 @@ class DirtyTraceWriter {
   ~DirtyTraceWriter();
   DirtyTraceWriter(const DirtyTraceWriter&) = delete;
   DirtyTraceWriter& operator=(const DirtyTraceWriter&) = delete;
-  // One interval: a bitmap of all the guest's pages, regions in order.
-  void append(const std::vector<std::uint64_t>& bitmap);
+  // One interval: 1 + the header's vcpus bitmaps of all the guest's pages, regions in order,
+  // one after the other: the pages no vCPU is named for, then each vCPU's.
+  void append(std::span<const std::uint64_t> bitmaps);
   std::uint64_t bytes_written() const { return bytes_; }
 
  private:
@@ -95,7 +116,8 @@ DirtyTrace synthesize_trace(const std::string& workload, std::chrono::microsecon
 // A MigratableVm that records its guest's dirty pages into a trace while it runs, and still
 // serves the engine's dirty log: it owns the inner VM's log, fetches it every interval, and
 // hands the engine what accumulated since the engine's last fetch (fetching afresh first, so
-// the engine never misses a page). Recording starts at construction and ends at destruction.
+// the engine never misses a page). Where the inner VM names the vCPU that dirtied a page
+// (dirty rings), so does the trace. Recording starts at construction and ends at destruction.
 class RecordingVm final : public MigratableVm {
  public:
   RecordingVm(std::unique_ptr<MigratableVm> inner, const std::string& path, std::string workload,
@@ -117,6 +139,7 @@ class RecordingVm final : public MigratableVm {
   std::uint32_t guest_tsc_khz() const override { return inner_->guest_tsc_khz(); }
   std::vector<int> vcpu_threads() const override { return inner_->vcpu_threads(); }
   bool set_throttle(double share) override { return inner_->set_throttle(share); }
+  bool set_vcpu_dirty_limit(double bytes_per_s) override { return inner_->set_vcpu_dirty_limit(bytes_per_s); }
   void pause() override { inner_->pause(); }
   void resume() override { inner_->resume(); }
   std::vector<StateSection> save_state() override { return inner_->save_state(); }
@@ -136,12 +159,13 @@ class RecordingVm final : public MigratableVm {
   std::unique_ptr<MigratableVm> inner_;
   const std::vector<MemoryRegion> regions_;
   const std::chrono::microseconds interval_;
+  const unsigned named_vcpus_;  // 0 where the inner VM cannot tell
   std::unique_ptr<DirtyTraceWriter> writer_;
   mutable std::mutex mutex_;
   std::condition_variable stop_;
   bool stopping_ = false;
-  std::vector<std::vector<std::uint64_t>> scratch_;  // per region, for the inner fetch
-  std::vector<std::uint64_t> interval_bitmap_;        // the whole guest, this interval
+  std::vector<std::vector<std::uint64_t>> scratch_;  // per region, for the inner fetch: 1 + named_vcpus_ bitmaps
+  std::vector<std::uint64_t> interval_bitmaps_;       // the whole guest's, this interval: 1 + named_vcpus_ bitmaps
   std::vector<std::vector<std::uint64_t>> engine_bitmaps_;  // per region, since the engine's last fetch
   bool engine_logging_ = false;
   std::uint64_t frames_ = 0;

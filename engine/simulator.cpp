@@ -12,33 +12,41 @@ namespace {
 // RoundEnd and RoundAck, and the batch headers of a round, beside its pages.
 constexpr std::uint64_t kRoundOverheadBytes = 128;
 
-// The guest as the trace replays it, and the engine's view of its pages. Trace time runs
-// with wall time, slowed by the throttle; the pages written gather until the engine fetches
-// them. A page the engine sends is stamped with the trace time it left at (a round's pages
-// leave in address order, evenly over its sending time): a dirty page whose last write came
-// before its last send is unchanged since, and the engine's dedup skips it.
+// A dirty limit lets a vCPU catch up on at most this much time it was not held, as the
+// synthetic guest's pacing does (vmm/synthetic_vm.h).
+constexpr double kDirtyLimitCreditS = 0.010;
+
+// The guest as the trace replays it, and the engine's view of its pages. Each writer of the
+// trace (each vCPU it names, and the writes it names no vCPU for) has its own trace clock,
+// which runs with wall time slowed by the throttle; a vCPU under a dirty limit is also held,
+// so that what it wrote since the limit began never outruns the limit. The pages written
+// gather until the engine fetches them. Every write and every send is stamped with its wall
+// time (a round's pages leave in address order, evenly over its sending time): a dirty page
+// whose last write came before its last send is unchanged since, and the engine's dedup
+// skips it.
 class ReplayedGuest {
  public:
   ReplayedGuest(const DirtyTrace& trace, double start_s)
       : trace_(trace),
-        trace_time_(start_s * 1e6 / static_cast<double>(trace.interval.count())),
+        interval_s_(static_cast<double>(trace.interval.count()) / 1e6),
+        clocks_(trace.vcpus + 1, start_s / interval_s_),
+        pacing_(trace.vcpus),
         dirty_((trace.pages + 63) / 64, 0),
         last_write_(trace.pages, -1),
         last_send_(trace.pages, -1) {}
 
-  double now() const { return trace_time_; }
-  // Trace time after `wall_seconds` more at `throttle_pct`.
-  double after(double wall_seconds, unsigned throttle_pct) const {
-    const double interval = static_cast<double>(trace_.interval.count()) / 1e6;
-    return trace_time_ + wall_seconds / interval * (1 - throttle_pct / 100.0);
-  }
-
-  void run_until(double until) {
-    for_each_write(trace_, trace_time_, until, [this](std::uint64_t page, double when) {
-      dirty_[page / 64] |= std::uint64_t{1} << (page % 64);
-      last_write_[page] = std::max(last_write_[page], when);
-    });
-    trace_time_ = until;
+  // `seconds` of wall time from `wall`, at `throttle_pct`, each vCPU dirtying at most
+  // `limit_pages_per_s` (0: no limit).
+  void run(double wall, double seconds, unsigned throttle_pct, double limit_pages_per_s) {
+    const double speed = (1 - throttle_pct / 100.0) / interval_s_;  // intervals per wall second
+    for (std::size_t writer = 0; writer < clocks_.size(); ++writer) {
+      const bool names_a_vcpu = writer < trace_.vcpus;
+      if (names_a_vcpu && limit_pages_per_s > 0)
+        run_held(writer, wall, seconds, speed, limit_pages_per_s);
+      else
+        run_free(writer, wall, seconds, speed);
+      if (names_a_vcpu && limit_pages_per_s <= 0) pacing_[writer] = {};
+    }
   }
 
   // The pages written since the last fetch, ascending, as the dirty log would give them.
@@ -58,35 +66,85 @@ class ReplayedGuest {
     return out;
   }
 
-  // `pages` leave in order, evenly between trace times `from` and `to`.
+  // `pages` leave in order, evenly between wall times `from` and `to`.
   void sent(const std::vector<std::uint64_t>& pages, double from, double to) {
     for (std::size_t i = 0; i < pages.size(); ++i)
       last_send_[pages[i]] = from + (to - from) * (static_cast<double>(i) + 0.5) / static_cast<double>(pages.size());
   }
 
  private:
+  // Where a dirty-limited vCPU's pacing began, and what it has written since.
+  struct Pacing {
+    double pages_per_s = 0, start = 0;
+    std::uint64_t pages = 0;
+    double due() const { return start + static_cast<double>(pages) / pages_per_s; }
+  };
+
+  std::uint32_t writer_id(std::size_t writer) const {
+    return writer < trace_.vcpus ? static_cast<std::uint32_t>(writer) : std::uint32_t{kNoVcpu};
+  }
+
+  void write(std::uint64_t page, double wall) {
+    dirty_[page / 64] |= std::uint64_t{1} << (page % 64);
+    last_write_[page] = std::max(last_write_[page], wall);
+  }
+
+  void run_free(std::size_t writer, double wall, double seconds, double speed) {
+    const double from = clocks_[writer], to = from + seconds * speed;
+    for_each_write(trace_, from, to, [&](std::uint64_t page, double when) { write(page, wall + (when - from) / speed); },
+                   writer_id(writer));
+    clocks_[writer] = to;
+  }
+
+  // A vCPU under a dirty limit writes in its trace's order, each write no earlier than its
+  // pacing allows; once it is held past the end of `seconds`, its clock stops at the write it
+  // waits to make.
+  void run_held(std::size_t writer, double wall, double seconds, double speed, double limit) {
+    const double from = clocks_[writer], to = from + seconds * speed;
+    std::vector<std::pair<double, std::uint64_t>> writes;  // trace time, page
+    for_each_write(trace_, from, to, [&](std::uint64_t page, double when) { writes.emplace_back(when, page); }, writer_id(writer));
+    std::sort(writes.begin(), writes.end());
+    Pacing& pacing = pacing_[writer];
+    if (pacing.pages_per_s != limit) pacing = {limit, wall, 0};
+    double held = 0;  // wall seconds this vCPU has been held in this run
+    clocks_[writer] = to;
+    for (const auto& [when, page] : writes) {
+      const double unheld = wall + (when - from) / speed;
+      double at = unheld + held;
+      if (at - pacing.due() > kDirtyLimitCreditS) pacing = {limit, at, 0};
+      at = std::max(at, pacing.due());
+      if (at >= wall + seconds) {
+        clocks_[writer] = when;
+        return;
+      }
+      held = at - unheld;
+      ++pacing.pages;
+      write(page, at);
+    }
+  }
+
   const DirtyTrace& trace_;
-  double trace_time_;  // in intervals
+  const double interval_s_;
+  std::vector<double> clocks_;  // per writer (the vCPUs, then the unnamed writes): trace time, in intervals
+  std::vector<Pacing> pacing_;  // per vCPU
   std::vector<std::uint64_t> dirty_;
-  std::vector<double> last_write_, last_send_;  // trace times; -1: never
+  std::vector<double> last_write_, last_send_;  // wall times; -1: never
 };
 
-// One pre-copy round: the pages pending leave (those unchanged since they last left are
-// skipped), the guest runs meanwhile, and the dirty log is fetched at the end, into `pending`.
-RoundStats replay_round(ReplayedGuest& guest, std::vector<std::uint64_t>& pending, std::uint32_t round, unsigned throttle,
+// One pre-copy round from wall time `now`: the pages pending leave (those unchanged since they
+// last left are skipped), the guest runs meanwhile, and the dirty log is fetched at the end,
+// into `pending`.
+RoundStats replay_round(ReplayedGuest& guest, std::vector<std::uint64_t>& pending, double now, RoundStats r,
                         const SimulatorOptions& o) {
   const std::uint64_t scale = o.guest_scale;
   const auto sending = guest.changed(pending);
-  RoundStats r;
-  r.round = round;
   r.pages_sent = sending.size() * scale;
   r.pages_skipped = (pending.size() - sending.size()) * scale;
   r.bytes_sent = r.pages_sent * kWirePageBytes + kRoundOverheadBytes;
   const double sending_s = static_cast<double>(r.bytes_sent) / o.bandwidth_Bps;
   r.duration_s = sending_s + 2 * o.latency_ms / 1000;  // RoundEnd, RoundAck
-  r.throttle_pct = throttle;
-  guest.sent(sending, guest.now(), guest.after(sending_s, throttle));
-  guest.run_until(guest.after(r.duration_s, throttle));
+  guest.sent(sending, now, now + sending_s);
+  guest.run(now, r.duration_s, r.throttle_pct, r.dirty_limit_MBps * 1e6 / kPageSize);
   pending = guest.fetch();
   r.dirty_pages = pending.size() * scale;
   r.dirty_rate_Bps = static_cast<double>(r.dirty_pages * kPageSize) / r.duration_s;
@@ -138,17 +196,19 @@ SimulatedMigration simulate(const DirtyTrace& trace, const SimulatorOptions& o) 
   ReplayedGuest guest(trace, o.trace_start_s);
   std::vector<std::uint64_t> pending = populated_at(trace, o.trace_start_s);
 
-  // Pre-copy, round by round, until the policy (or the round limit) says otherwise.
-  for (unsigned throttle = 0;;) {
-    const auto r = replay_round(guest, pending, static_cast<std::uint32_t>(m.round_table.size()), throttle, o);
+  // Pre-copy, round by round, until the policy (or the round limit) says otherwise. A
+  // per-vCPU dirty limit needs a trace that names the vCPUs.
+  const bool can_limit_dirty_rate = trace.vcpus > 0;
+  for (RoundStats next;;) {
+    next.round = static_cast<std::uint32_t>(m.round_table.size());
+    const auto r = replay_round(guest, pending, now, next, o);
     now += r.duration_s;
     m.bytes_sent += r.bytes_sent;
     m.round_table.push_back(r);
     m.round_table.back().expected_downtime_ms = expected_downtime_ms(m.round_table, o.convergence);
-    // A trace does not say which vCPU wrote a page, so a per-vCPU dirty limit cannot be
-    // replayed: the guest is one that cannot take it, and dirty-limit runs without its brake.
     const auto answer = decide_within_round_limit(*policy, {m.round_table, tunables_of(o.convergence), o.convergence.max_rounds,
-                                                            trace.pages * o.guest_scale, o.can_throttle, false, false});
+                                                            trace.pages * o.guest_scale, o.can_throttle, false,
+                                                            can_limit_dirty_rate});
     m.stop_rule = answer.rule;
     if (answer.decision == Decision::abort_no_progress || answer.decision == Decision::start_postcopy) {
       // The engine gives up here (post-copy is not simulated): the source runs on.
@@ -161,7 +221,8 @@ SimulatedMigration simulate(const DirtyTrace& trace, const SimulatorOptions& o) 
       m.stop_reason = stop_reason_of(answer.decision);
       break;
     }
-    if (o.can_throttle) throttle = answer.throttle_pct;
+    if (o.can_throttle) next.throttle_pct = answer.throttle_pct;
+    if (can_limit_dirty_rate) next.dirty_limit_MBps = answer.dirty_limit_MBps;
   }
 
   // Stop-and-copy: the last pages and the state, unlimited; Complete, restore, Ready, Commit.

@@ -12,15 +12,19 @@
 //     guest wrote during round k-1 (each write of a trace frame is put at a fixed
 //     pseudo-random moment within its interval); the guest's clock slows by the throttle the
 //     policy asks for;
+//   - a per-vCPU dirty limit (dirty-limit) needs a trace that names the vCPUs (recorded with
+//     --dirty-track ring): each vCPU then replays on its own clock, held as the synthetic
+//     guest holds it, so that what it wrote since the limit began keeps to the limit (with
+//     10 ms of catching up); writes no vCPU is named for are never held. A trace that names no
+//     vCPU replays a guest that cannot take the limit, and dirty-limit runs without its brake;
 //   - a pre-copy round costs its bytes at the bandwidth plus one round trip (RoundEnd,
 //     RoundAck); the final round its bytes at the pause bandwidth (the engine does not limit
 //     it) plus the state, then one and a half round trips and `restore_ms` until the
 //     destination resumes, and half a round trip more until the source hears Running;
-//   - a trace shorter than the migration is replayed from its start again;
-//   - a per-vCPU dirty limit (dirty-limit) is not modelled: a trace does not say which vCPU
-//     wrote a page, so the replayed guest is one that cannot take the limit.
+//   - a trace shorter than the migration is replayed from its start again.
 // `guest_scale` K stands for a guest K times as large whose every K-th part behaves like the
-// recorded guest: populated and dirty counts are multiplied by K.
+// recorded guest (with its own vCPUs, each under the same per-vCPU limit): populated and
+// dirty counts are multiplied by K.
 #pragma once
 
 #include <memory>

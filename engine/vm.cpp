@@ -19,6 +19,12 @@ void MigratableVm::populated_pages(std::size_t, std::span<std::uint64_t> bitmap)
   std::fill(bitmap.begin(), bitmap.end(), ~std::uint64_t{0});
 }
 
+void MigratableVm::fetch_dirty_log_by_vcpu(std::size_t region, std::span<std::uint64_t> bitmap,
+                                           std::span<const std::span<std::uint64_t>> vcpu_bitmaps) {
+  fetch_dirty_log(region, bitmap);
+  for (auto vcpu_bitmap : vcpu_bitmaps) std::fill(vcpu_bitmap.begin(), vcpu_bitmap.end(), 0);
+}
+
 void MigratableVm::prepare_pages(std::size_t, std::uint64_t, std::uint64_t) {}
 
 void MigratableVm::discard_pages(std::size_t region, std::uint64_t first_page, std::uint64_t count) {

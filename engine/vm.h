@@ -87,6 +87,13 @@ class MigratableVm {
   virtual void start_dirty_log() = 0;
   virtual void stop_dirty_log() = 0;
   virtual void fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) = 0;
+  // Where the VM knows which vCPU dirtied a page (KVM's dirty ring), a fetch can say so, for
+  // dirty traces that a simulator replays vCPU by vCPU: fetch_dirty_log()'s pages, but each
+  // vCPU's in `vcpu_bitmaps[v]` (vcpu_count() of them, sized as `bitmap`) and the rest (the
+  // VMM's own writes) in `bitmap`. The default names no vCPU: all go to `bitmap`.
+  virtual bool dirty_log_names_vcpus() const { return false; }
+  virtual void fetch_dirty_log_by_vcpu(std::size_t region, std::span<std::uint64_t> bitmap,
+                                       std::span<const std::span<std::uint64_t>> vcpu_bitmaps);
 
   // Same-host hand-over: one fd per region (the region is the file from offset 0), valid
   // for the lifetime of the VM, or empty when memory cannot be shared (the default).

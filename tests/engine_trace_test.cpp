@@ -38,6 +38,23 @@ engine::DirtyTrace steady_trace(std::uint64_t pages, std::uint64_t per_interval,
   return t;
 }
 
+// `trace` with its writes named: each page's writer is `writer_of(page)` (a vCPU or kNoVcpu).
+template <typename WriterOf>
+engine::DirtyTrace named(engine::DirtyTrace trace, unsigned vcpus, WriterOf writer_of) {
+  trace.vcpus = vcpus;
+  trace.writers.clear();
+  for (const auto& frame : trace.frames) {
+    auto& writers = trace.writers.emplace_back();
+    for (auto page : frame) writers.push_back(writer_of(page));
+  }
+  return trace;
+}
+
+std::string read_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), {}};
+}
+
 void overwrite(const std::string& path, std::size_t offset, const std::string& bytes) {
   std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
   f.seekp(static_cast<std::streamoff>(offset));
@@ -76,6 +93,36 @@ TEST_CASE("a trace written is the trace read back, and a synthetic one is seeded
   CHECK_THROWS_WITH(engine::synthesize_trace("random:rate=fast"), Contains("rate=fast is not a quantity"));
 }
 
+TEST_CASE("a trace names the vCPU that dirtied each page, and a version 1 trace, which names none, is still read") {
+  const auto trace = named(engine::synthesize_trace("random:rate=40M,wss=4M,mem=8M,seconds=1"), 3, [](std::uint64_t page) {
+    return page % 4 == 3 ? engine::kNoVcpu : static_cast<std::uint16_t>(page % 4);
+  });
+  TempFile file;
+  engine::write_trace(file.path, trace);
+  const auto read = engine::read_trace(file.path);
+  CHECK(read.vcpus == 3);
+  CHECK(read.frames == trace.frames);
+  CHECK(read.writers == trace.writers);
+  std::uint64_t of_vcpu2 = 0;
+  engine::for_each_write(read, 0, 100, [&](std::uint64_t page, double) { of_vcpu2 += page % 4 == 2; }, 2);
+  std::uint64_t all_of_vcpu2 = 0;
+  for (const auto& frame : read.frames) all_of_vcpu2 += static_cast<std::uint64_t>(std::count_if(frame.begin(), frame.end(), [](auto p) { return p % 4 == 2; }));
+  CHECK(of_vcpu2 == all_of_vcpu2);
+
+  // Version 1: the same header without the vCPU count (after the 6-byte workload "steady").
+  engine::write_trace(file.path, steady_trace(1024, 10, 5));
+  auto bytes = read_bytes(file.path);
+  REQUIRE(bytes.substr(40, 6) == "steady");
+  bytes.erase(46, 4);
+  bytes.replace(8, 4, std::string("\x01\0\0\0", 4));
+  std::ofstream(file.path, std::ios::binary | std::ios::trunc) << bytes;
+  const auto old = engine::read_trace(file.path);
+  CHECK(old.vcpus == 0);
+  CHECK(old.writers.empty());
+  CHECK(old.frames == steady_trace(1024, 10, 5).frames);
+  CHECK(old.writer(0, 0) == engine::kNoVcpu);
+}
+
 TEST_CASE("a damaged trace is refused with one line naming the file and the damage") {
   TempFile file;
   engine::write_trace(file.path, steady_trace(1024, 10, 5));
@@ -90,6 +137,10 @@ TEST_CASE("a damaged trace is refused with one line naming the file and the dama
   SECTION("another version") {
     overwrite(file.path, 8, std::string("\x07\0\0\0", 4));
     expected = "has version 7";
+  }
+  SECTION("an absurd vCPU count") {
+    overwrite(file.path, 46, std::string("\x00\x00\x01\0", 4));
+    expected = "names 65536 vCPUs";
   }
   SECTION("an absurd region count") {
     overwrite(file.path, 16, std::string("\xff\xff\0\0", 4));
@@ -241,6 +292,30 @@ TEST_CASE("the simulator replays a trace through the policy and the round accoun
     const auto ovirt = engine::simulate(trace, o);
     CHECK(ovirt.aborted);
     CHECK_THAT(ovirt.stop_rule, Contains("past the last step"));
+  }
+
+  SECTION("dirty-limit holds a trace's dirtying vCPU to the limit - where the trace names the vCPUs") {
+    // vCPU 0 dirties 40 MB/s over a 20 MB/s link; vCPU 1 writes nothing.
+    const auto unnamed = engine::synthesize_trace("random:rate=40M,wss=32M,mem=32M,seconds=20");
+    const auto trace = named(unnamed, 2, [](std::uint64_t) { return std::uint16_t{0}; });
+    o.bandwidth_Bps = 20e6;
+    o.policy = engine::PolicyRegistry::global().make("dirty-limit:limit=1");
+    const auto limited = engine::simulate(trace, o);
+    CHECK(limited.stop_reason == engine::StopReason::converged);
+    const auto& last = limited.round_table.back();
+    CHECK(last.dirty_limit_MBps == 1);
+    // 1 MB/s, and at most 10 ms of catching up, over the round.
+    CHECK(static_cast<double>(last.dirty_pages * engine::kPageSize) <= 1e6 * (last.duration_s + 0.011));
+    CHECK(last.dirty_pages > 0);
+
+    // Unnamed, the same guest cannot take the limit: no brake, and it never converges.
+    const auto unbraked = engine::simulate(unnamed, o);
+    CHECK(unbraked.stop_reason != engine::StopReason::converged);
+    for (const auto& r : unbraked.round_table) CHECK(r.dirty_limit_MBps == 0);
+    // Nor is a write no vCPU is named for ever held.
+    const auto vmm_writes = engine::simulate(named(unnamed, 2, [](std::uint64_t) { return engine::kNoVcpu; }), o);
+    CHECK(vmm_writes.stop_reason != engine::StopReason::converged);
+    CHECK(vmm_writes.round_table.back().dirty_limit_MBps == 1);
   }
 
   SECTION("options it cannot model are refused") {

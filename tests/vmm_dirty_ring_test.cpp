@@ -2,6 +2,7 @@
 // too, and the synthetic guest's producer (vmm/soft_dirty_rings.h), which plays the kernel.
 #include <catch2/catch.hpp>
 
+#include <span>
 #include <vector>
 
 #include "kvm/dirty_ring.h"
@@ -80,6 +81,19 @@ TEST_CASE("soft dirty rings publish a page once per reset, into the ring of the 
     std::vector<std::uint64_t> all(2);
     rings.take(0, all);
     CHECK(count(all) == 64 + 1);  // vCPU 0's 64 pages, and vCPU 1's page 5 again
+  }
+  SECTION("taken by vCPU, each page is with the vCPU that published it") {
+    CHECK_FALSE(rings.note_write(0, 0, 7));
+    CHECK_FALSE(rings.note_write(1, 0, 7));  // second: not published
+    std::vector<std::uint64_t> of_vcpu0(2), of_vcpu1(2);
+    const std::vector<std::span<std::uint64_t>> by_vcpu{of_vcpu0, of_vcpu1};
+    rings.take_by_vcpu(0, by_vcpu);
+    CHECK(of_vcpu0[0] == 1ull << 7);
+    CHECK(of_vcpu1[0] == 1ull << 5);
+    CHECK(count(of_vcpu0) + count(of_vcpu1) == 2);
+    std::vector<std::uint64_t> again(2);
+    rings.take(0, again);
+    CHECK(count(again) == 0);  // taken once only, whichever way
   }
   SECTION("starting again forgets what was published before") {
     rings.set_logging(true);

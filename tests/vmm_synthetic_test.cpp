@@ -2,9 +2,11 @@
 #include <catch2/catch.hpp>
 #include <atomic>
 #include <cstring>
+#include <filesystem>
 #include <thread>
 #include <unistd.h>
 
+#include "engine/dirty_trace.h"
 #include "guest/probe.h"
 #include "kvm/disk_image.h"
 #include "transport/protocol.h"
@@ -283,4 +285,28 @@ TEST_CASE("a synthetic guest keeps to its rate from the moment it says it is rea
     INFO("boot " << boot_number);
     CHECK(dirty_pages(*vm) < 200);  // 1 MB/s: 24 pages in 100 ms
   }
+}
+
+TEST_CASE("a trace recorded from a synthetic guest with rings names the vCPU that dirtied each page") {
+  const auto path = (std::filesystem::temp_directory_path() / ("mig-named-" + std::to_string(::getpid()) + ".trace")).string();
+  {
+    engine::RecordingVm recording(boot_with_rings(40), path, "two sweeping vCPUs", milliseconds(5));
+    std::this_thread::sleep_for(milliseconds(100));
+  }
+  const auto trace = engine::read_trace(path);
+  std::remove(path.c_str());
+  CHECK(trace.vcpus == 2);
+  REQUIRE(trace.writers.size() == trace.frames.size());
+  // Each vCPU sweeps its own half of the guest; the VMM writes nothing meanwhile.
+  std::uint64_t writes[2] = {};
+  for (std::size_t f = 0; f < trace.frames.size(); ++f) {
+    for (std::size_t i = 0; i < trace.frames[f].size(); ++i) {
+      const auto writer = trace.writer(f, i);
+      REQUIRE(writer < 2);
+      CHECK(writer == (trace.frames[f][i] < trace.pages / 2 ? 0 : 1));
+      ++writes[writer];
+    }
+  }
+  CHECK(writes[0] > 200);  // 20 MB/s each: about 490 pages in 100 ms
+  CHECK(writes[1] > 200);
 }

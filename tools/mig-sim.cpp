@@ -5,6 +5,7 @@
 #include <charconv>
 #include <filesystem>
 #include <iostream>
+#include <vector>
 
 #include "control/json.h"
 #include "engine/simulator.h"
@@ -29,14 +30,27 @@ double parse_rate(const std::string& text) {
 }
 
 void print_trace_info(const std::string& path, const engine::DirtyTrace& t) {
-  std::uint64_t writes = 0;
-  for (const auto& frame : t.frames) writes += frame.size();
+  // Pages written per interval, summed: per vCPU named, then those no vCPU is named for.
+  std::vector<std::uint64_t> writes(t.vcpus + 1, 0);
+  for (std::size_t f = 0; f < t.frames.size(); ++f)
+    for (std::size_t i = 0; i < t.frames[f].size(); ++i) {
+      const auto writer = t.writer(f, i);
+      ++writes[writer == engine::kNoVcpu ? t.vcpus : writer];
+    }
+  const auto MBps = [&](std::uint64_t pages) { return t.seconds() > 0 ? static_cast<double>(pages * engine::kPageSize) / t.seconds() / 1e6 : 0.0; };
+  std::uint64_t total = 0;
+  for (auto w : writes) total += w;
   fmt::print("{}: {} ({} bytes)\n  workload: {}\n  guest {:.0f} MiB, {} pages populated; {} intervals of {} ms = {:.1f} s\n"
              "  {:.1f} MB/s dirtied on average (pages written per interval, summed)\n",
              path, t.frames.size() ? "a dirty trace" : "an empty dirty trace", std::filesystem::file_size(path), t.workload,
              static_cast<double>(t.guest_bytes()) / (1 << 20), t.populated.size(), t.frames.size(),
-             static_cast<double>(t.interval.count()) / 1000, t.seconds(),
-             t.seconds() > 0 ? static_cast<double>(writes * engine::kPageSize) / t.seconds() / 1e6 : 0.0);
+             static_cast<double>(t.interval.count()) / 1000, t.seconds(), MBps(total));
+  if (t.vcpus == 0) {
+    fmt::print("  names no vCPU (recorded without dirty rings): dirty-limit replays without its brake\n");
+    return;
+  }
+  for (unsigned v = 0; v < t.vcpus; ++v) fmt::print("  vCPU {}: {:.1f} MB/s\n", v, MBps(writes[v]));
+  fmt::print("  no vCPU named (the VMM's writes): {:.1f} MB/s\n", MBps(writes[t.vcpus]));
 }
 
 nlohmann::json to_json(const engine::SimulatedMigration& m) {

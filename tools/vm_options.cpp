@@ -66,8 +66,13 @@ std::unique_ptr<engine::MigratableVm> migratable(std::unique_ptr<engine::Migrata
   if (options.record_trace.empty()) return vm;
   const auto interval = std::chrono::microseconds(static_cast<std::int64_t>(options.trace_interval_ms * 1000));
   fmt::print("recording dirty pages every {} ms into {}\n", options.trace_interval_ms, options.record_trace);
-  return std::make_unique<engine::RecordingVm>(std::move(vm), options.record_trace,
-                                               options.append.empty() ? "(no command line)" : options.append, interval);
+  return std::make_unique<engine::RecordingVm>(std::move(vm), options.record_trace, options.workload(), interval);
+}
+
+std::string VmOptions::workload() const {
+  const std::string shape = fmt::format("{} MiB, {} vCPUs, dirty {}", mem_bytes >> 20, vcpus, dirty_track.kind);
+  if (!synthetic_dirty_MBps) return fmt::format("kernel {} '{}'; {}", kernel, append, shape);
+  return fmt::format("synthetic guest sweeping {} MB/s ({} computing vCPUs); {}", *synthetic_dirty_MBps, compute_vcpus, shape);
 }
 
 void add_disk_option(CLI::App& app, std::vector<std::string>& disks, const std::string& what) {

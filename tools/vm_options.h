@@ -52,6 +52,8 @@ struct VmOptions {
   void add_to(CLI::App& app);
   bool defines_guest() const { return !kernel.empty() || synthetic_dirty_MBps; }
   kvm::MachineConfig machine_config() const;
+  // The guest and what it runs, in words, for a dirty trace's header.
+  std::string workload() const;
 };
 
 // The guest as the engine sees it; with --record-trace, one recording its dirty pages.

@@ -15,10 +15,11 @@ SoftDirtyRings::SoftDirtyRings(unsigned vcpus, const std::vector<std::uint64_t>&
     : region_pages_(region_pages) {
   if (entries < 64 || entries > 65536 || !std::has_single_bit(entries))
     throw std::invalid_argument("a dirty ring has a power of two of entries, from 64 to 65536");
-  for (unsigned i = 0; i < vcpus; ++i) rings_.push_back(std::make_unique<Ring>(entries));
-  for (auto pages : region_pages_) {
-    published_.push_back(std::make_unique<std::atomic<std::uint64_t>[]>(words_for(pages)));
-    harvested_.emplace_back(words_for(pages));
+  for (auto pages : region_pages_) published_.push_back(std::make_unique<std::atomic<std::uint64_t>[]>(words_for(pages)));
+  for (unsigned i = 0; i < vcpus; ++i) {
+    rings_.push_back(std::make_unique<Ring>(entries));
+    auto& found = harvested_.emplace_back();
+    for (auto pages : region_pages_) found.emplace_back(words_for(pages));
   }
 }
 
@@ -27,7 +28,8 @@ void SoftDirtyRings::set_logging(bool on) {
     // Forget what was published before: harvest it away, and drop what the harvest found.
     std::lock_guard lock(harvest_mutex_);
     harvest_locked();
-    for (auto& bits : harvested_) std::fill(bits.begin(), bits.end(), 0);
+    for (auto& regions : harvested_)
+      for (auto& bits : regions) std::fill(bits.begin(), bits.end(), 0);
   }
   logging_.store(on, std::memory_order_release);
 }
@@ -52,19 +54,31 @@ void SoftDirtyRings::harvest() {
   harvest_locked();
 }
 
+namespace {
+void move_bits(std::vector<std::uint64_t>& from, std::span<std::uint64_t> into) {
+  for (std::size_t w = 0; w < from.size() && w < into.size(); ++w) into[w] |= std::exchange(from[w], 0);
+}
+}  // namespace
+
 void SoftDirtyRings::take(std::size_t region, std::span<std::uint64_t> bitmap) {
   std::lock_guard lock(harvest_mutex_);
   harvest_locked();
-  auto& found = harvested_.at(region);
-  for (std::size_t w = 0; w < found.size() && w < bitmap.size(); ++w) bitmap[w] |= std::exchange(found[w], 0);
+  for (auto& regions : harvested_) move_bits(regions.at(region), bitmap);
+}
+
+void SoftDirtyRings::take_by_vcpu(std::size_t region, std::span<const std::span<std::uint64_t>> vcpu_bitmaps) {
+  std::lock_guard lock(harvest_mutex_);
+  harvest_locked();
+  for (std::size_t v = 0; v < harvested_.size() && v < vcpu_bitmaps.size(); ++v) move_bits(harvested_[v].at(region), vcpu_bitmaps[v]);
 }
 
 void SoftDirtyRings::harvest_locked() {
-  for (auto& ring : rings_) {
-    ring->collector.harvest([&](std::uint32_t slot, std::uint64_t offset) {
-      if (slot < harvested_.size() && offset < region_pages_[slot]) harvested_[slot][offset / 64] |= 1ull << (offset % 64);
+  for (std::size_t v = 0; v < rings_.size(); ++v) {
+    auto& found = harvested_[v];
+    rings_[v]->collector.harvest([&](std::uint32_t slot, std::uint64_t offset) {
+      if (slot < found.size() && offset < region_pages_[slot]) found[slot][offset / 64] |= 1ull << (offset % 64);
     });
-    reset(*ring);
+    reset(*rings_[v]);
   }
 }
 

@@ -39,6 +39,8 @@ class SoftDirtyRings {
   void harvest();
   // Harvests, then ORs every page found for `region` into `bitmap`, and forgets them.
   void take(std::size_t region, std::span<std::uint64_t> bitmap);
+  // The same, but vCPU v's pages into `vcpu_bitmaps[v]`.
+  void take_by_vcpu(std::size_t region, std::span<const std::span<std::uint64_t>> vcpu_bitmaps);
 
  private:
   struct Ring {
@@ -56,7 +58,8 @@ class SoftDirtyRings {
   std::vector<std::uint64_t> region_pages_;
   std::atomic<bool> logging_{false};
   std::mutex harvest_mutex_;
-  std::vector<std::vector<std::uint64_t>> harvested_;  // per region, under harvest_mutex_
+  // Per vCPU, per region, under harvest_mutex_: the pages each ring held.
+  std::vector<std::vector<std::vector<std::uint64_t>>> harvested_;
 };
 
 }  // namespace mig::vmm

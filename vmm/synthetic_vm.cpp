@@ -112,6 +112,15 @@ void SyntheticVm::fetch_dirty_log(std::size_t region, std::span<std::uint64_t> b
   if (rings_) rings_->take(region, bitmap);
 }
 
+void SyntheticVm::fetch_dirty_log_by_vcpu(std::size_t region, std::span<std::uint64_t> bitmap,
+                                          std::span<const std::span<std::uint64_t>> vcpu_bitmaps) {
+  if (!rings_) return MigratableVm::fetch_dirty_log_by_vcpu(region, bitmap, vcpu_bitmaps);
+  std::fill(bitmap.begin(), bitmap.end(), 0);
+  memory_.take_vmm_writes(region, bitmap);
+  for (auto vcpu_bitmap : vcpu_bitmaps) std::fill(vcpu_bitmap.begin(), vcpu_bitmap.end(), 0);
+  rings_->take_by_vcpu(region, vcpu_bitmaps);
+}
+
 bool SyntheticVm::set_throttle(double share) {
   throttler_.set(share);
   return true;

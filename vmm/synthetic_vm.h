@@ -70,6 +70,9 @@ class SyntheticVm final : public HostedVm {
   void start_dirty_log() override;
   void stop_dirty_log() override;
   void fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) override;
+  bool dirty_log_names_vcpus() const override { return rings_ != nullptr; }
+  void fetch_dirty_log_by_vcpu(std::size_t region, std::span<std::uint64_t> bitmap,
+                               std::span<const std::span<std::uint64_t>> vcpu_bitmaps) override;
   std::vector<int> vcpu_threads() const override;
   bool set_throttle(double share) override;
   // Needs dirty rings: each vCPU then waits, at its heartbeat, until the pages it published
