@@ -242,6 +242,7 @@ std::vector<RegionLayout> GuestMemory::layout() const {
 void GuestMemory::init_vmm_write_log() {
   for (const auto& r : regions_)
     vmm_writes_.push_back(std::make_unique<std::atomic<std::uint64_t>[]>((r.layout.size / kPageSize + 63) / 64));
+  vmm_wrote_ = std::make_unique<std::atomic<bool>[]>(regions_.size());
 }
 
 void GuestMemory::note_vmm_write(std::uint64_t guest_addr, std::uint64_t len) {
@@ -252,12 +253,16 @@ void GuestMemory::note_vmm_write(std::uint64_t guest_addr, std::uint64_t len) {
     const std::uint64_t first = (guest_addr - l.guest_addr) / kPageSize, last = (guest_addr - l.guest_addr + len - 1) / kPageSize;
     for (std::uint64_t page = first; page <= last; ++page)
       vmm_writes_[i][page / 64].fetch_or(1ull << (page % 64), std::memory_order_acq_rel);
+    // After the bits: a take that clears this flag first then scans, and finds them, or
+    // leaves the flag set for the next take.
+    vmm_wrote_[i].store(true, std::memory_order_release);
     return;
   }
 }
 
 void GuestMemory::take_vmm_writes(std::size_t index, std::span<std::uint64_t> bitmap) {
   const std::size_t words = std::min<std::size_t>(bitmap.size(), (regions_.at(index).layout.size / kPageSize + 63) / 64);
+  if (!vmm_wrote_[index].exchange(false, std::memory_order_acq_rel)) return;
   for (std::size_t w = 0; w < words; ++w) bitmap[w] |= vmm_writes_[index][w].exchange(0, std::memory_order_acq_rel);
 }
 

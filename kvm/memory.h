@@ -105,7 +105,9 @@ class GuestMemory {
   void populate(std::size_t index, std::uint64_t first, std::uint64_t count) const;
 
   // Pages the VMM itself wrote (a device's DMA), which KVM's dirty log never sees: noted
-  // here, and ORed into a bitmap and cleared by take_vmm_writes(), with the dirty log.
+  // here, and ORed into a bitmap and cleared by take_vmm_writes(), with the dirty log. A
+  // region the VMM wrote nothing to since is not scanned, so a take costs what was written
+  // (a dirty ring's harvest would otherwise pay for the whole guest every round).
   void note_vmm_write(std::uint64_t guest_addr, std::uint64_t len);
   void take_vmm_writes(std::size_t index, std::span<std::uint64_t> bitmap);
 
@@ -122,6 +124,7 @@ class GuestMemory {
 
   std::vector<Region> regions_;
   std::vector<std::unique_ptr<std::atomic<std::uint64_t>[]>> vmm_writes_;  // a bit per page, per region
+  std::unique_ptr<std::atomic<bool>[]> vmm_wrote_;  // per region: a bit may be set
   MemoryBacking backing_ = MemoryBacking::anonymous;
   bool fully_populated_ = false;
   bool huge_pages_after_fill_ = false;

@@ -139,3 +139,25 @@ TEST_CASE("memfd guest memory is sealed at its size - and adopting a memfd that 
   REQUIRE(::ftruncate(unsealed.get(), 4ull << 20) == 0);
   CHECK_THROWS_WITH(kvm::GuestMemory::adopt(layout, std::vector<int>{unsealed.get()}), Contains("not sealed against shrinking"));
 }
+
+TEST_CASE("the VMM-write log gives each region the pages the VMM wrote there, once") {
+  const std::vector<kvm::RegionLayout> layout = {{0, 64 * kvm::kPageSize}, {1ull << 30, 128 * kvm::kPageSize}};
+  auto memory = kvm::GuestMemory::create(layout, {.backing = kvm::MemoryBacking::anonymous, .transparent_huge_pages = false, .hugetlbfs_dir = {}});
+  const auto take = [&](std::size_t region) {
+    std::vector<std::uint64_t> bitmap(2, 0);
+    memory.take_vmm_writes(region, bitmap);
+    return bitmap;
+  };
+  CHECK(take(0) == std::vector<std::uint64_t>{0, 0});
+  memory.note_vmm_write((1ull << 30) + 63 * kvm::kPageSize + 100, kvm::kPageSize);  // pages 63 and 64 of region 1
+  memory.note_vmm_write(1ull << 40, 8);  // outside the guest: ignored
+  CHECK(take(0) == std::vector<std::uint64_t>{0, 0});
+  CHECK(take(1) == std::vector<std::uint64_t>{1ull << 63, 1});
+  CHECK(take(1) == std::vector<std::uint64_t>{0, 0});  // taken
+  memory.note_vmm_write(5 * kvm::kPageSize, 1);
+  memory.note_vmm_write(6 * kvm::kPageSize, 1);
+  CHECK(take(0) == std::vector<std::uint64_t>{0b1100000, 0});
+  memory.note_vmm_write(5 * kvm::kPageSize, 1);  // again after a take: there again
+  CHECK(take(0) == std::vector<std::uint64_t>{0b100000, 0});
+  CHECK_THROWS(take(2));
+}

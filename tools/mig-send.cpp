@@ -183,6 +183,7 @@ int boot_and_migrate(const BootedGuest& options, const nlohmann::json& arguments
     }
     work.migration_started();
     if (const auto exit_code = migrate_once(domain, arguments, stats_json, stats, &work)) return *exit_code;
+    work.migration_failed();
   }
   // The heartbeat summary covers the time the guest ran on after any failure.
   guest.pause();

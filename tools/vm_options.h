@@ -83,6 +83,9 @@ class WorkMeter {
  public:
   explicit WorkMeter(const kvm::Probe& probe) : probe_(probe), baseline_(take()) {}  // the baseline starts now
   void migration_started() { started_ = take(); }
+  // After a failed attempt: the next one's baseline is the time the guest runs on from now,
+  // free of the brakes of this one.
+  void migration_failed() { baseline_ = take(); }
   // {"local_guest_work": [per vCPU: work per second before and during, their ratio, its
   // longest heartbeat gap so far]} for the vCPUs that reported work, or an empty object.
   // `stats`: the migration's, for how long pre-copy ran.

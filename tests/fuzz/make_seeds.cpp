@@ -144,7 +144,7 @@ void qmp_seeds(const fs::path& dir) {
                      R"( "multifd-compression": "zstd", "multifd-zstd-level": 3}}{"execute": "migrate", "arguments": {"uri": "unix:/x"}})");
 }
 
-// Small traces of each synthetic workload, and one with two regions.
+// Small traces of each synthetic workload, one with two regions, and one that names vCPUs.
 void trace_seeds(const fs::path& dir) {
   fs::create_directories(dir);
   for (const char* workload : {"random:rate=4M,wss=1M,mem=2M,seconds=0.1", "sweep:rate=4M,wss=1M,mem=2M,seconds=0.1",
@@ -155,6 +155,13 @@ void trace_seeds(const fs::path& dir) {
   auto two = engine::synthesize_trace("random:rate=1M,mem=1M,seconds=0.05");
   two.regions = {{0, 512 * 1024}, {1ull << 30, 512 * 1024}};
   engine::write_trace((dir / "two-regions").string(), two);
+  auto named = engine::synthesize_trace("random:rate=4M,wss=1M,mem=2M,seconds=0.05");
+  named.vcpus = 2;
+  for (const auto& frame : named.frames) {
+    auto& writers = named.writers.emplace_back();
+    for (auto page : frame) writers.push_back(page % 3 == 2 ? engine::kNoVcpu : static_cast<std::uint16_t>(page % 3));
+  }
+  engine::write_trace((dir / "named-vcpus").string(), named);
 }
 
 }  // namespace
