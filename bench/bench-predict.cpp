@@ -5,7 +5,8 @@
 // The construction, as mig-sim's --guest-scale K states it: a guest K times the traced one
 // whose every traced-size part behaves like the traced guest, so memory and dirty rate both
 // grow K times. K = guest size / traced size; the default workload is 1 GiB dirtying 25 MB/s
-// (hot and cold), so a 512 GiB guest dirties 12.8 GB/s, about a 100 Gbit/s link.
+// (hot and cold) from 2 vCPUs, so a 512 GiB guest dirties 12.8 GB/s, about a 100 Gbit/s
+// link, from 1024 vCPUs (which dirty-limit caps one by one).
 //
 //   bench-predict [--trace FILE | --workload WORDS] [--latency MS] [--json rows.json]
 // bench/plot.py predictions ROWS.json OUT.png draws the rows.
@@ -47,7 +48,7 @@ nlohmann::json predict(const engine::DirtyTrace& trace, const Link& link, std::u
 
 int main(int argc, char** argv) {
   CLI::App app{"bench-predict: mig-sim's predictions for 64-512 GiB guests on 1-100 Gbit/s links, every policy side by side"};
-  std::string trace_path, workload = "hotcold:rate=25M,wss=256M,mem=1G,seconds=60", json_path;
+  std::string trace_path, workload = "hotcold:rate=25M,wss=256M,mem=1G,seconds=60,vcpus=2", json_path;
   double latency_ms = 0.05;
   app.add_option("--trace", trace_path, "a recorded dirty trace (mig-vm --record-trace)")->check(CLI::ExistingFile);
   app.add_option("--workload", workload, "otherwise a synthesized one (mig-sim --synthesize's words)");

@@ -234,6 +234,25 @@ nlohmann::json QmpServer::respond(Client& client, const nlohmann::json& request,
 
 namespace {
 
+// A command that takes no arguments and answers what `answer` says of the domain.
+template <typename Answer>
+auto query(Answer answer) {
+  return [answer](Domain& domain, const nlohmann::json& arguments) {
+    no_arguments(arguments);
+    return nlohmann::json(answer(domain));
+  };
+}
+
+// A command that takes no arguments, does `act` to the domain, and answers {}.
+template <typename Act>
+auto action(Act act) {
+  return [act](Domain& domain, const nlohmann::json& arguments) {
+    no_arguments(arguments);
+    act(domain);
+    return nlohmann::json::object();
+  };
+}
+
 // migrate: a migration started, a post-copy resumed (resume), or a dry run, which answers
 // with what the destination would take of what the migration asks (mig's own reply).
 nlohmann::json migrate(Domain& domain, const nlohmann::json& arguments) {
@@ -252,38 +271,18 @@ nlohmann::json migrate(Domain& domain, const nlohmann::json& arguments) {
 }  // namespace
 
 // The commands that only look at the domain; qmp_capabilities and quit also concern the
-// client, and handle_message takes them itself.
+// client, and respond() takes them itself.
 const QmpServer::CommandTable& QmpServer::domain_commands() {
   static const CommandTable table = {
-      {"query-commands",
-       [](Domain&, const nlohmann::json& arguments) {
-         no_arguments(arguments);
+      {"query-commands", query([](Domain&) {
          auto list = nlohmann::json::array();
          for (const char* name : kCommands) list.push_back({{"name", name}});
          return list;
-       }},
-      {"query-version",
-       [](Domain&, const nlohmann::json& arguments) {
-         no_arguments(arguments);
-         return version();
-       }},
-      {"query-status",
-       [](Domain& domain, const nlohmann::json& arguments) {
-         no_arguments(arguments);
-         return domain.query_status();
-       }},
-      {"stop",
-       [](Domain& domain, const nlohmann::json& arguments) {
-         no_arguments(arguments);
-         domain.stop();
-         return nlohmann::json::object();
-       }},
-      {"cont",
-       [](Domain& domain, const nlohmann::json& arguments) {
-         no_arguments(arguments);
-         domain.cont();
-         return nlohmann::json::object();
-       }},
+       })},
+      {"query-version", query([](Domain&) { return version(); })},
+      {"query-status", query([](Domain& domain) { return domain.query_status(); })},
+      {"stop", action([](Domain& domain) { domain.stop(); })},
+      {"cont", action([](Domain& domain) { domain.cont(); })},
       {"migrate", migrate},
       {"migrate-recover",
        [](Domain& domain, const nlohmann::json& arguments) {
@@ -291,33 +290,15 @@ const QmpServer::CommandTable& QmpServer::domain_commands() {
            throw CommandError("migrate-recover takes 'uri'");
          return nlohmann::json{{"uri", domain.migrate_recover(arguments["uri"].get<std::string>())}};
        }},
-      {"migrate_cancel",
-       [](Domain& domain, const nlohmann::json& arguments) {
-         no_arguments(arguments);
-         domain.cancel_migration();
-         return nlohmann::json::object();
-       }},
-      {"migrate-start-postcopy",
-       [](Domain& domain, const nlohmann::json& arguments) {
-         no_arguments(arguments);
-         domain.start_postcopy();
-         return nlohmann::json::object();
-       }},
-      {"query-migrate",
-       [](Domain& domain, const nlohmann::json& arguments) {
-         no_arguments(arguments);
-         return domain.query_migrate();
-       }},
+      {"migrate_cancel", action([](Domain& domain) { domain.cancel_migration(); })},
+      {"migrate-start-postcopy", action([](Domain& domain) { domain.start_postcopy(); })},
+      {"query-migrate", query([](Domain& domain) { return domain.query_migrate(); })},
       {"migrate-set-parameters",
        [](Domain& domain, const nlohmann::json& arguments) {
          domain.set_parameters(arguments);
          return nlohmann::json::object();
        }},
-      {"query-migrate-parameters",
-       [](Domain& domain, const nlohmann::json& arguments) {
-         no_arguments(arguments);
-         return to_json(domain.parameters());
-       }},
+      {"query-migrate-parameters", query([](Domain& domain) { return to_json(domain.parameters()); })},
       {"calc-dirty-rate",
        [](Domain& domain, const nlohmann::json& arguments) {
          const auto seconds = arguments.value("calc-time", nlohmann::json());
@@ -326,11 +307,7 @@ const QmpServer::CommandTable& QmpServer::domain_commands() {
          domain.calc_dirty_rate(seconds.get<double>());
          return nlohmann::json::object();
        }},
-      {"query-dirty-rate",
-       [](Domain& domain, const nlohmann::json& arguments) {
-         no_arguments(arguments);
-         return domain.query_dirty_rate();
-       }},
+      {"query-dirty-rate", query([](Domain& domain) { return domain.query_dirty_rate(); })},
       {"migrate-incoming",
        [](Domain& domain, const nlohmann::json& arguments) {
          const auto uri = arguments.value("uri", nlohmann::json());

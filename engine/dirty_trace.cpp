@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <bit>
 #include <charconv>
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -262,7 +263,7 @@ DirtyTrace synthesize_trace(const std::string& workload, std::chrono::microsecon
   if (kind != "random" && kind != "sweep" && kind != "hotcold")
     throw std::invalid_argument("workload '" + kind + "' is not random, sweep or hotcold");
   std::map<std::string, double> p{{"rate", 0}, {"wss", 0}, {"mem", 256.0 * 1024 * 1024}, {"seconds", 10}, {"hot", 0.1},
-                                  {"populated", -1}, {"seed", 1}};
+                                  {"populated", -1}, {"seed", 1}, {"vcpus", 0}};
   std::string list = colon == std::string::npos ? "" : workload.substr(colon + 1);
   for (std::size_t start = 0; start < list.size();) {
     const auto end = std::min(list.find(',', start), list.size());
@@ -276,25 +277,28 @@ DirtyTrace synthesize_trace(const std::string& workload, std::chrono::microsecon
   const auto mem_pages = static_cast<std::uint64_t>(p["mem"]) / kPageSize;
   const auto wss_pages = std::min(mem_pages, static_cast<std::uint64_t>(p["wss"] > 0 ? p["wss"] : p["mem"]) / kPageSize);
   const auto populated_pages = std::min(mem_pages, static_cast<std::uint64_t>(p["populated"] >= 0 ? p["populated"] : p["mem"]) / kPageSize);
-  if (mem_pages == 0 || wss_pages == 0 || p["seconds"] <= 0 || p["seconds"] > 3600 || p["hot"] <= 0 || p["hot"] >= 1)
-    throw std::invalid_argument("workload '" + workload + "' needs mem and wss of a page or more, 0 < seconds <= 3600, 0 < hot < 1");
+  if (mem_pages == 0 || wss_pages == 0 || p["seconds"] <= 0 || p["seconds"] > 3600 || p["hot"] <= 0 || p["hot"] >= 1 ||
+      p["vcpus"] > 256 || p["vcpus"] != std::floor(p["vcpus"]))
+    throw std::invalid_argument("workload '" + workload +
+                                "' needs mem and wss of a page or more, 0 < seconds <= 3600, 0 < hot < 1, vcpus a whole number up to 256");
 
   DirtyTrace t;
   t.interval = interval;
   t.regions = {{0, mem_pages * kPageSize}};
   t.pages = mem_pages;
   t.workload = workload;
+  t.vcpus = static_cast<unsigned>(p["vcpus"]);
   for (std::uint64_t page = 0; page < populated_pages; ++page) t.populated.push_back(page);
   std::mt19937_64 random(static_cast<std::uint64_t>(p["seed"]));
   const auto hot_pages = std::max<std::uint64_t>(1, static_cast<std::uint64_t>(p["hot"] * static_cast<double>(wss_pages)));
   const double pages_per_interval = p["rate"] / kPageSize * static_cast<double>(interval.count()) / 1e6;
   const auto intervals = static_cast<std::uint64_t>(p["seconds"] * 1e6 / static_cast<double>(interval.count()));
   double owed = 0;
-  std::uint64_t cursor = 0;
+  std::uint64_t cursor = 0, writes = 0;
   for (std::uint64_t i = 0; i < intervals; ++i) {
     owed += pages_per_interval;
-    std::vector<std::uint64_t> frame;
-    for (; owed >= 1; owed -= 1) {
+    std::vector<std::pair<std::uint64_t, std::uint16_t>> frame;  // page, writer
+    for (; owed >= 1; owed -= 1, ++writes) {
       std::uint64_t page = 0;
       if (kind == "sweep") {
         page = cursor++ % wss_pages;
@@ -304,11 +308,17 @@ DirtyTrace synthesize_trace(const std::string& workload, std::chrono::microsecon
         const bool hot = random() % 10 != 0 || hot_pages == wss_pages;
         page = hot ? random() % hot_pages : hot_pages + random() % (wss_pages - hot_pages);
       }
-      frame.push_back(page);
+      // Named vCPUs take the writes in turn; a page written twice in an interval keeps its
+      // first writer, as a ring names it once.
+      frame.emplace_back(page, t.vcpus > 0 ? static_cast<std::uint16_t>(writes % t.vcpus) : kNoVcpu);
     }
-    std::sort(frame.begin(), frame.end());
-    frame.erase(std::unique(frame.begin(), frame.end()), frame.end());
-    t.frames.push_back(std::move(frame));
+    std::stable_sort(frame.begin(), frame.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    frame.erase(std::unique(frame.begin(), frame.end(), [](const auto& a, const auto& b) { return a.first == b.first; }), frame.end());
+    auto& pages = t.frames.emplace_back();
+    for (const auto& [page, writer] : frame) pages.push_back(page);
+    if (t.vcpus == 0) continue;
+    auto& writers = t.writers.emplace_back();
+    for (const auto& [page, writer] : frame) writers.push_back(writer);
   }
   return t;
 }

@@ -109,7 +109,8 @@ class DirtyTraceWriter {
 // (pages written uniformly at random in the first `wss` bytes, `rate` bytes per second),
 // "sweep:..." (the same, but in address order, round and round), or "hotcold:...,hot=0.1"
 // (90 % of writes go to the hottest tenth of the working set). `populated` (default the
-// whole `mem`) is what held data at the start. Seeded, so the same words give the same trace.
+// whole `mem`) is what held data at the start; `vcpus=N` names N vCPUs, which take the writes
+// in turn (default 0: none named). Seeded, so the same words give the same trace.
 // Throws std::invalid_argument for words it does not understand.
 DirtyTrace synthesize_trace(const std::string& workload, std::chrono::microseconds interval = std::chrono::milliseconds(10));
 

@@ -88,6 +88,19 @@ TEST_CASE("a trace written is the trace read back, and a synthetic one is seeded
   // Sparse bitmaps compress: 200 intervals of a 64 MiB guest in a few KiB.
   CHECK(std::filesystem::file_size(file.path) < 200 * 2048 / 4);
 
+  // Named vCPUs take the writes in turn: the same pages, each with one of them.
+  const auto named = engine::synthesize_trace("hotcold:rate=40M,wss=16M,mem=64M,seconds=2,populated=32M,vcpus=3");
+  CHECK(named.frames == trace.frames);
+  CHECK(named.vcpus == 3);
+  REQUIRE(named.writers.size() == named.frames.size());
+  std::uint64_t by_vcpu[4] = {};  // the last: none named, which must stay 0
+  for (const auto& writers : named.writers)
+    for (auto writer : writers) ++by_vcpu[std::min<std::size_t>(writer, 3)];
+  for (int v = 0; v < 3; ++v) CHECK(by_vcpu[v] > writes / 4);
+  CHECK(by_vcpu[3] == 0);
+  CHECK(trace.writers.empty());
+  CHECK_THROWS_WITH(engine::synthesize_trace("random:rate=1M,vcpus=1.5"), Contains("vcpus a whole number"));
+
   CHECK_THROWS_WITH(engine::synthesize_trace("zigzag:rate=1M"), Contains("not random, sweep or hotcold"));
   CHECK_THROWS_WITH(engine::synthesize_trace("random:speed=1M"), Contains("'speed=1M' is unknown"));
   CHECK_THROWS_WITH(engine::synthesize_trace("random:rate=fast"), Contains("rate=fast is not a quantity"));
