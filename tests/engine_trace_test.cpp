@@ -199,6 +199,11 @@ TEST_CASE("a recording VM writes what the guest dirtied, and the engine still se
     CHECK(migration.destination->region_memory(0) == guest.region_memory(0));
     CHECK(migration.destination->region_memory(1) == guest.region_memory(1));
     CHECK(recording.frames_recorded() >= 4);
+    // The brakes reach the guest through the recorder (a dirty limit once did not, and
+    // dirty-limit ran without its cap whenever a trace was recorded).
+    guest.dirty_limit_calms_at = 2e6;
+    CHECK(recording.set_vcpu_dirty_limit(1e6));
+    CHECK(guest.dirty_limits == std::vector<double>{1e6});
   }  // the guest, which the recorder owns, goes with it; the trace is complete
 
   const auto trace = engine::read_trace(file.path);
