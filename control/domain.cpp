@@ -222,7 +222,7 @@ void Domain::migrate(MigrateRequest request) {
 }
 
 engine::DestinationCheck Domain::check_destination(const MigrateRequest& request) const {
-  const engine::MigratableVm* guest = vm();
+  engine::MigratableVm* guest = vm();
   if (!guest) throw CommandError("migrate: no guest here yet (" + std::string(to_string(run_state())) + ")");
   try {
     auto stream = transport::connect(request.endpoint, request.tls.get());

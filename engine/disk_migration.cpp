@@ -66,12 +66,14 @@ DiskSender::DiskSender(std::vector<MigratableDisk*> disks, bool copy)
   stats_.copied = copying();
 }
 
-std::vector<wire::Disk> DiskSender::describe() const {
+std::vector<wire::Disk> describe_disks(const std::vector<MigratableDisk*>& disks, bool copy) {
   std::vector<wire::Disk> out;
-  for (const auto* disk : disks_)
-    out.push_back({disk->size(), static_cast<std::uint32_t>(disk->chunk_bytes()), copy_ ? wire::kDiskCopy : 0u, disk->path()});
+  for (const auto* disk : disks)
+    out.push_back({disk->size(), static_cast<std::uint32_t>(disk->chunk_bytes()), copy ? wire::kDiskCopy : 0u, disk->path()});
   return out;
 }
+
+std::vector<wire::Disk> DiskSender::describe() const { return describe_disks(disks_, copy_); }
 
 void DiskSender::start_tracking() {
   if (!copying()) return;

@@ -35,6 +35,9 @@ class DiskHashes {
   std::vector<std::vector<std::uint64_t>> tables_;
 };
 
+// The disks as Hello announces them; `copy`: with --copy-storage-all.
+std::vector<wire::Disk> describe_disks(const std::vector<MigratableDisk*>& disks, bool copy);
+
 class DiskSender {
  public:
   DiskSender(std::vector<MigratableDisk*> disks, bool copy);

@@ -210,8 +210,10 @@ IncomingMigration::State IncomingMigration::on_hello(const wire::FrameHeader& fr
   s.stats.dry_run = (s.hello.capabilities & wire::kCapDryRun) != 0;
   if (options_.hello_received) options_.hello_received(s.stats.dry_run);
   check_guest_fits(s.hello);
+  for (const auto& d : s.hello.disks) s.shape.disks.push_back({d.size, d.chunk_bytes, (d.flags & wire::kDiskCopy) != 0, d.path});
   if (s.stats.dry_run) {
     // As far as it can be told without building the VM.
+    if (options_.check_disks) options_.check_disks(s.shape.disks);
     const std::uint32_t postcopy = postcopy_possible(s.hello) ? wire::kCapPostcopy : 0;
     stream_->send(wire::HelloAck{wire::kCapDryRun | postcopy, transport::host_boot_id(), channels_accepted(s.hello)});
     s.stats.status = MigrationStatus::completed;
@@ -219,7 +221,6 @@ IncomingMigration::State IncomingMigration::on_hello(const wire::FrameHeader& fr
   }
   s.shape.vcpus = s.hello.vcpus;
   for (const auto& r : s.hello.regions) s.shape.regions.push_back({r.guest_addr, r.size});
-  for (const auto& d : s.hello.disks) s.shape.disks.push_back({d.size, d.chunk_bytes, (d.flags & wire::kDiskCopy) != 0, d.path});
   if ((s.hello.capabilities & wire::kCapSharedMemory) && stream_->can_pass_fds()) {
     // The VM is built on the source's memory, which arrives only after the acknowledgement.
     stream_->send(wire::HelloAck{wire::kCapSharedMemory, transport::host_boot_id()});

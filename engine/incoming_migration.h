@@ -64,6 +64,10 @@ struct ReceiverOptions {
   // The same for the guest's TSC rate (Hello's tsc_khz, when the source gave it): why this
   // host cannot run the guest's TSC at its rate, or empty to accept. Unset: unchecked.
   std::function<std::string(std::uint32_t guest_tsc_khz)> tsc_refusal = {};
+  // A dry run's check of the source's disks against the images this side would open or make
+  // for them, making and locking nothing: throws what the migration would refuse. (A real
+  // migration finds the same when the factory opens them.) Unset: unchecked.
+  std::function<void(const std::vector<VmShape::Disk>&)> check_disks = {};
   // The switchover's recovery (protocol.h): a guest restored here is kept paused this long
   // after the connection broke before Commit, for the source to say on a new connection
   // (through accept_channel) that it did commit; and once resumed here, the source's asking

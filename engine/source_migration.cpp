@@ -271,11 +271,12 @@ wire::HelloAck receive_hello_ack(transport::Stream& stream) {
 
 }  // namespace
 
-DestinationCheck check_destination(const MigratableVm& vm, transport::Stream& stream, const SenderOptions& options) {
+DestinationCheck check_destination(MigratableVm& vm, transport::Stream& stream, const SenderOptions& options) {
   stream.set_timeout(options.peer_timeout);
   auto hello = describe_guest(vm);
   hello.capabilities = wire::kCapDryRun | (options.postcopy ? wire::kCapPostcopy : 0);
   hello.channels = std::clamp(options.channels, 1u, wire::kMaxChannels);
+  hello.disks = describe_disks(vm.disks(), options.copy_storage);
   stream.send(hello);
   const auto ack = receive_hello_ack(stream);  // a refusal arrives as Error, and throws
   if (!(ack.capabilities & wire::kCapDryRun))

@@ -101,7 +101,7 @@ struct DestinationCheck {
   std::uint32_t channels = 1;  // the page channels it would accept (fewer than asked: the rest are not used)
   bool postcopy = false;
 };
-DestinationCheck check_destination(const MigratableVm& vm, transport::Stream& stream, const SenderOptions& options);
+DestinationCheck check_destination(MigratableVm& vm, transport::Stream& stream, const SenderOptions& options);
 
 class SourceMigration {
  public:

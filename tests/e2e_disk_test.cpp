@@ -162,3 +162,46 @@ TEST_CASE("disk troubles are refused before the guest pauses - and the source ke
   std::remove(small.c_str());
   std::remove(temp_path("bad.json").c_str());
 }
+
+TEST_CASE("a dry run finds what the destination would refuse of the disks - and makes and locks nothing") {
+  const auto source = temp_path("dry-src.img"), small = temp_path("dry-small.img"), fresh = temp_path("dry-fresh.img");
+  make_image({source}, 16ull << 20, 0, 1ull << 20);
+  make_image({small}, 8ull << 20, 0, 0);
+  std::remove(fresh.c_str());
+  const auto check = [&](std::vector<std::string> receiver_disks, bool copy) {
+    auto [receiver, endpoint] = start_receiver(with({"--synthetic-guest"}, receiver_disks));
+    auto args = with({kTools + "mig-send", "--synthetic-guest", "10", "--mem", "16M", "--to", endpoint, "--after", "0", "--check",
+                      "--disk", source},
+                     copy ? std::vector<std::string>{"--copy-storage-all"} : std::vector<std::string>{});
+    return run_tool(args);
+  };
+  SECTION("a copied disk with no image named for it") {
+    const auto result = check({}, true);
+    CHECK(result.exit_code != 0);
+    CHECK_THAT(result.err, Contains("give mig-recv --disk PATH for the image to write it into"));
+  }
+  SECTION("an image too small for the copy") {
+    const auto result = check({"--disk", small}, true);
+    CHECK(result.exit_code != 0);
+    CHECK_THAT(result.err, Contains("less than the source's disk"));
+  }
+  SECTION("an image that cannot be made") {
+    const auto result = check({"--disk", "/nonexistent-mig-folder/disk.img"}, true);
+    CHECK(result.exit_code != 0);
+    CHECK_THAT(result.err, Contains("cannot be made here"));
+  }
+  SECTION("shared storage of another size") {
+    const auto result = check({"--disk", small}, false);
+    CHECK(result.exit_code != 0);
+    CHECK_THAT(result.err, Contains("here holds 8388608 bytes, the source's disk 16777216"));
+  }
+  SECTION("an image to be made, and the source's own on shared storage, pass - and nothing is made") {
+    const auto copied = check({"--disk", fresh}, true);
+    INFO(copied.err);
+    CHECK(copied.exit_code == 0);
+    struct stat st {};
+    CHECK(::stat(fresh.c_str(), &st) != 0);
+    CHECK(check({}, false).exit_code == 0);
+  }
+  for (const auto& p : {source, small, fresh}) std::remove(p.c_str());
+}

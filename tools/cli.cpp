@@ -26,7 +26,8 @@ void add_version_flag(CLI::App& app, const char* tool) {
 void MigrateFlags::add_to(CLI::App& app) {
   given(app.add_flag("--check", check_,
                      "only the pre-flight check: ask the destination whether it would take this guest (its memory and "
-                     "vCPU limits, its CPU), send nothing else, and exit 0 if it would, 2 with its reason if not"),
+                     "vCPU limits, its CPU, its disks' images), send nothing else, and exit 0 if it would, 2 with its "
+                     "reason if not"),
         [](nlohmann::json& a) { a["dry-run"] = true; });
   add_switchover_flags(app);
   add_content_flags(app);

@@ -10,6 +10,7 @@
 #include "control/qmp_server.h"
 #include "tools/cli.h"
 #include "tools/vm_options.h"
+#include "vmm/image_disk.h"
 
 using namespace mig;
 
@@ -139,6 +140,9 @@ int main(int argc, char** argv) {
   receiver.max_guest_bytes = options.max_mem;
   receiver.max_vcpus = options.max_vcpus;
   receiver.peer_timeout = std::chrono::milliseconds(static_cast<std::int64_t>(options.peer_timeout_s * 1000));
+  receiver.check_disks = [configs = tools::disk_configs(options.disks)](const std::vector<engine::VmShape::Disk>& disks) {
+    vmm::check_incoming_disks(disks, configs);
+  };
   if (!options.synthetic) {  // a synthetic guest runs on no CPU model and no TSC
     receiver.missing_cpu_features = vmm::KvmVm::missing_cpu_features;
     receiver.tsc_refusal = vmm::KvmVm::tsc_refusal;

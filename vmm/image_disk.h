@@ -40,11 +40,15 @@ class ImageDisk final : public engine::MigratableDisk {
   std::vector<std::uint64_t> written_;  // a bit per chunk
 };
 
-// The destination's image for the source's disk `index` (VmShape::disks): with
-// --copy-storage-all one made from `given[index]` (an existing one, large enough, is written
-// over; the source's own image is refused); for shared storage the image named, by default
-// the source's own path, opened without its lock, which the switchover takes.
-std::unique_ptr<kvm::DiskImage> open_incoming_disk(const engine::VmShape::Disk& disk, std::size_t index,
-                                                   const std::vector<kvm::DiskConfig>& given);
+// The destination's images for the source's disks (VmShape::disks), the i-th from
+// `given[i]`: with --copy-storage-all one made there (an existing one, large enough, is
+// written over; the source's own image is refused); for shared storage the image named, by
+// default the source's own path, opened without its lock, which the switchover takes. More
+// images given than the source has disks is refused.
+std::vector<std::unique_ptr<kvm::DiskImage>> open_incoming_disks(const std::vector<engine::VmShape::Disk>& disks,
+                                                                 const std::vector<kvm::DiskConfig>& given);
+// A dry run's check of the same, making and locking nothing: throws what the migration would
+// refuse (an image missing, too small, not writable, or the source's own).
+void check_incoming_disks(const std::vector<engine::VmShape::Disk>& disks, const std::vector<kvm::DiskConfig>& given);
 
 }  // namespace mig::vmm

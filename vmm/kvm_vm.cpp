@@ -148,9 +148,6 @@ engine::VmFactory KvmVm::factory(std::string serial_path, kvm::MemoryOptions mem
     (*prepared)->memory().populate();
   }
   return [config_for, prepared, disks](const engine::VmShape& shape) -> std::unique_ptr<engine::MigratableVm> {
-    if (shape.disks.size() < disks.size())
-      throw std::runtime_error("mig-recv was given " + std::to_string(disks.size()) + " disks, the source has " +
-                               std::to_string(shape.disks.size()));
     const kvm::MachineConfig config = config_for(shape, false);
     auto machine = std::move(*prepared);
     if (!machine || !config.shared_memory_fds.empty() || machine->config().vcpus != config.vcpus ||
@@ -158,7 +155,7 @@ engine::VmFactory KvmVm::factory(std::string serial_path, kvm::MemoryOptions mem
       if (config.shared_memory_fds.empty()) require_host_memory(shape);
       machine = kvm::Machine::create(config);
     }
-    for (std::size_t i = 0; i < shape.disks.size(); ++i) machine->attach_disk(open_incoming_disk(shape.disks[i], i, disks));
+    for (auto& image : open_incoming_disks(shape.disks, disks)) machine->attach_disk(std::move(image));
     return std::make_unique<KvmVm>(std::move(machine));
   };
 }

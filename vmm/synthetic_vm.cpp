@@ -79,11 +79,7 @@ std::unique_ptr<SyntheticVm> SyntheticVm::boot(std::uint64_t mem_bytes, unsigned
 
 engine::VmFactory SyntheticVm::factory(kvm::MemoryOptions memory, std::vector<kvm::DiskConfig> disks, DirtyTracking tracking) {
   return [memory, disks, tracking](const engine::VmShape& shape) -> std::unique_ptr<engine::MigratableVm> {
-    if (shape.disks.size() < disks.size())
-      throw std::runtime_error("mig-recv was given " + std::to_string(disks.size()) + " disks, the source has " +
-                               std::to_string(shape.disks.size()));
-    std::vector<std::unique_ptr<kvm::DiskImage>> images;
-    for (std::size_t i = 0; i < shape.disks.size(); ++i) images.push_back(open_incoming_disk(shape.disks[i], i, disks));
+    auto images = open_incoming_disks(shape.disks, disks);
     std::vector<kvm::RegionLayout> layout;
     for (const auto& r : shape.regions) layout.push_back({r.guest_addr, r.size});
     if (shape.shared_memory_fds.empty()) require_host_memory(shape);

@@ -57,7 +57,7 @@ class SyntheticVm final : public HostedVm {
                                            SyntheticWorkload workload, std::vector<std::unique_ptr<kvm::DiskImage>> disks = {},
                                            DirtyTracking tracking = {});
   // Destination: an empty guest of the source's shape; its workload arrives with its state.
-  // Its disks as KvmVm::factory's are (open_incoming_disk). `tracking` serves a migration onward.
+  // Its disks as KvmVm::factory's are (open_incoming_disks). `tracking` serves a migration onward.
   static engine::VmFactory factory(kvm::MemoryOptions memory, std::vector<kvm::DiskConfig> disks = {},
                                    DirtyTracking tracking = {});
   ~SyntheticVm() override;
