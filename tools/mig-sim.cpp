@@ -5,6 +5,7 @@
 #include <charconv>
 #include <filesystem>
 #include <iostream>
+#include <optional>
 #include <vector>
 
 #include "control/json.h"
@@ -29,6 +30,22 @@ double parse_rate(const std::string& text) {
   throw std::invalid_argument("'" + text + "' is not a rate like 25Gbit or 400MB (per second)");
 }
 
+// When every page of the guest had been written (or held data when the trace began): a
+// synthetic guest's fill, after which it is ready; where a migration of it starts is
+// counted from there.
+std::optional<double> seconds_until_all_written(const engine::DirtyTrace& t) {
+  std::vector<bool> written(t.pages, false);
+  std::uint64_t count = 0;
+  const auto mark = [&](std::uint64_t page) { count += !written[page]; written[page] = true; };
+  for (auto page : t.populated) mark(page);
+  if (count == t.pages) return 0.0;
+  for (std::size_t f = 0; f < t.frames.size(); ++f) {
+    for (auto page : t.frames[f]) mark(page);
+    if (count == t.pages) return static_cast<double>(f + 1) * static_cast<double>(t.interval.count()) / 1e6;
+  }
+  return std::nullopt;
+}
+
 void print_trace_info(const std::string& path, const engine::DirtyTrace& t) {
   // Pages written per interval, summed: per vCPU named, then those no vCPU is named for.
   std::vector<std::uint64_t> writes(t.vcpus + 1, 0);
@@ -45,6 +62,7 @@ void print_trace_info(const std::string& path, const engine::DirtyTrace& t) {
              path, t.frames.size() ? "a dirty trace" : "an empty dirty trace", std::filesystem::file_size(path), t.workload,
              static_cast<double>(t.guest_bytes()) / (1 << 20), t.populated.size(), t.frames.size(),
              static_cast<double>(t.interval.count()) / 1000, t.seconds(), MBps(total));
+  if (const auto all = seconds_until_all_written(t)) fmt::print("  every page written by {:.2f} s\n", *all);
   if (t.vcpus == 0) {
     fmt::print("  names no vCPU (recorded without dirty rings): dirty-limit replays without its brake\n");
     return;
