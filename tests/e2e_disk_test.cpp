@@ -175,25 +175,21 @@ TEST_CASE("a dry run finds what the destination would refuse of the disks - and 
                      copy ? std::vector<std::string>{"--copy-storage-all"} : std::vector<std::string>{});
     return run_tool(args);
   };
-  SECTION("a copied disk with no image named for it") {
-    const auto result = check({}, true);
-    CHECK(result.exit_code != 0);
-    CHECK_THAT(result.err, Contains("give mig-recv --disk PATH for the image to write it into"));
-  }
-  SECTION("an image too small for the copy") {
-    const auto result = check({"--disk", small}, true);
-    CHECK(result.exit_code != 0);
-    CHECK_THAT(result.err, Contains("less than the source's disk"));
-  }
-  SECTION("an image that cannot be made") {
-    const auto result = check({"--disk", "/nonexistent-mig-folder/disk.img"}, true);
-    CHECK(result.exit_code != 0);
-    CHECK_THAT(result.err, Contains("cannot be made here"));
-  }
-  SECTION("shared storage of another size") {
-    const auto result = check({"--disk", small}, false);
-    CHECK(result.exit_code != 0);
-    CHECK_THAT(result.err, Contains("here holds 8388608 bytes, the source's disk 16777216"));
+  struct Refusal {
+    std::vector<std::string> receiver_disks;
+    bool copy;
+    std::string reason;
+  };
+  const Refusal refusals[] = {
+      {{}, true, "give mig-recv --disk PATH for the image to write it into"},  // a copy with no image named
+      {{"--disk", small}, true, "less than the source's disk"},
+      {{"--disk", "/nonexistent-mig-folder/disk.img"}, true, "cannot be made here"},
+      {{"--disk", small}, false, "here holds 8388608 bytes, the source's disk 16777216"},  // shared, another size
+  };
+  for (const auto& refusal : refusals) {
+    const auto result = check(refusal.receiver_disks, refusal.copy);
+    CHECK(result.exit_code == 2);
+    CHECK_THAT(result.err, Contains(refusal.reason));
   }
   SECTION("an image to be made, and the source's own on shared storage, pass - and nothing is made") {
     const auto copied = check({"--disk", fresh}, true);
