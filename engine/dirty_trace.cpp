@@ -125,24 +125,30 @@ std::uint64_t pages_of(const std::vector<wire::Region>& regions) {
   return pages;
 }
 
-// A frame's bitmaps (the unnamed writes', then each vCPU's) as the trace holds them: the
-// pages written, ascending, each with its writer; a page in two bitmaps goes to the vCPU.
-void add_frame(DirtyTrace& t, std::span<const std::uint64_t> bitmaps) {
-  const std::uint64_t words = words_for(t.pages);
+// One interval's writes (page, writer) as the trace holds them: the pages ascending, each
+// with the first of its writers in `writes`.
+void add_frame(DirtyTrace& t, std::vector<std::pair<std::uint64_t, std::uint16_t>> writes) {
+  std::stable_sort(writes.begin(), writes.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  writes.erase(std::unique(writes.begin(), writes.end(), [](const auto& a, const auto& b) { return a.first == b.first; }),
+               writes.end());
+  auto& pages = t.frames.emplace_back();
+  for (const auto& [page, writer] : writes) pages.push_back(page);
+  if (t.vcpus == 0) return;
+  auto& writers = t.writers.emplace_back();
+  for (const auto& [page, writer] : writes) writers.push_back(writer);
+}
+
+// A frame's bitmaps (the unnamed writes', then each vCPU's) into the trace; a page in two
+// bitmaps goes to the vCPU.
+void add_frame_bitmaps(DirtyTrace& t, std::span<const std::uint64_t> bitmaps) {
+  const std::uint64_t words = words_for(t.pages), count = bitmaps.size() / words;
   std::vector<std::pair<std::uint64_t, std::uint16_t>> writes;
-  for (std::uint64_t b = 0; b * words < bitmaps.size(); ++b) {
+  for (std::uint64_t i = 1; i <= count; ++i) {
+    const std::uint64_t b = i % count;  // the vCPUs' first, the unnamed last
     const auto writer = b == 0 ? kNoVcpu : static_cast<std::uint16_t>(b - 1);
     for_each_page(bitmaps.subspan(b * words, words), [&](std::uint64_t p) { writes.emplace_back(p, writer); });
   }
-  std::sort(writes.begin(), writes.end());  // kNoVcpu sorts after every vCPU
-  auto& pages = t.frames.emplace_back();
-  std::vector<std::uint16_t> writers;
-  for (const auto& [page, writer] : writes) {
-    if (!pages.empty() && pages.back() == page) continue;
-    pages.push_back(page);
-    writers.push_back(writer);
-  }
-  if (t.vcpus > 0) t.writers.push_back(std::move(writers));
+  add_frame(t, std::move(writes));
 }
 
 }  // namespace
@@ -227,7 +233,7 @@ DirtyTrace parse_trace(std::istream& in, const std::string& name) {
   t.populated = to_pages(r.bitmaps(populated, t.pages, 1, "populated pages"));
   for (std::uint32_t size; r.get(size);) {
     if (size > bound((1 + t.vcpus) * bitmap_bytes)) r.fail("has a frame of absurd size (frame " + std::to_string(t.frames.size()) + ")");
-    add_frame(t, r.bitmaps(size, t.pages, 1 + t.vcpus, "frame"));
+    add_frame_bitmaps(t, r.bitmaps(size, t.pages, 1 + t.vcpus, "frame"));
   }
   if (r.in.gcount() != 0) r.fail("ends inside a frame");
   return t;
@@ -255,16 +261,10 @@ double quantity(const std::string& key, const std::string& text) {
   return value * unit;
 }
 
-}  // namespace
-
-DirtyTrace synthesize_trace(const std::string& workload, std::chrono::microseconds interval) {
-  const auto colon = workload.find(':');
-  const std::string kind = workload.substr(0, colon);
-  if (kind != "random" && kind != "sweep" && kind != "hotcold")
-    throw std::invalid_argument("workload '" + kind + "' is not random, sweep or hotcold");
+// The words after "KIND:" as numbers, over their defaults.
+std::map<std::string, double> workload_parameters(const std::string& list) {
   std::map<std::string, double> p{{"rate", 0}, {"wss", 0}, {"mem", 256.0 * 1024 * 1024}, {"seconds", 10}, {"hot", 0.1},
                                   {"populated", -1}, {"seed", 1}, {"vcpus", 0}};
-  std::string list = colon == std::string::npos ? "" : workload.substr(colon + 1);
   for (std::size_t start = 0; start < list.size();) {
     const auto end = std::min(list.find(',', start), list.size());
     const auto item = list.substr(start, end - start);
@@ -274,6 +274,17 @@ DirtyTrace synthesize_trace(const std::string& workload, std::chrono::microsecon
     p[key] = quantity(key, item.substr(equals + 1));
     start = end + 1;
   }
+  return p;
+}
+
+}  // namespace
+
+DirtyTrace synthesize_trace(const std::string& workload, std::chrono::microseconds interval) {
+  const auto colon = workload.find(':');
+  const std::string kind = workload.substr(0, colon);
+  if (kind != "random" && kind != "sweep" && kind != "hotcold")
+    throw std::invalid_argument("workload '" + kind + "' is not random, sweep or hotcold");
+  auto p = workload_parameters(colon == std::string::npos ? "" : workload.substr(colon + 1));
   const auto mem_pages = static_cast<std::uint64_t>(p["mem"]) / kPageSize;
   const auto wss_pages = std::min(mem_pages, static_cast<std::uint64_t>(p["wss"] > 0 ? p["wss"] : p["mem"]) / kPageSize);
   const auto populated_pages = std::min(mem_pages, static_cast<std::uint64_t>(p["populated"] >= 0 ? p["populated"] : p["mem"]) / kPageSize);
@@ -312,13 +323,7 @@ DirtyTrace synthesize_trace(const std::string& workload, std::chrono::microsecon
       // first writer, as a ring names it once.
       frame.emplace_back(page, t.vcpus > 0 ? static_cast<std::uint16_t>(writes % t.vcpus) : kNoVcpu);
     }
-    std::stable_sort(frame.begin(), frame.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
-    frame.erase(std::unique(frame.begin(), frame.end(), [](const auto& a, const auto& b) { return a.first == b.first; }), frame.end());
-    auto& pages = t.frames.emplace_back();
-    for (const auto& [page, writer] : frame) pages.push_back(page);
-    if (t.vcpus == 0) continue;
-    auto& writers = t.writers.emplace_back();
-    for (const auto& [page, writer] : frame) writers.push_back(writer);
+    add_frame(t, std::move(frame));
   }
   return t;
 }

@@ -118,6 +118,23 @@ transport::AcceptPolicy accept_policy(const transport::TlsCredentials& tls) {
   return accept;
 }
 
+// What the receiver checks at Hello (limits, CPU, clock, disks) and how it behaves.
+engine::ReceiverOptions receiver_options(const Options& options) {
+  engine::ReceiverOptions receiver;
+  receiver.autostart = !options.paused;
+  receiver.max_guest_bytes = options.max_mem;
+  receiver.max_vcpus = options.max_vcpus;
+  receiver.peer_timeout = std::chrono::milliseconds(static_cast<std::int64_t>(options.peer_timeout_s * 1000));
+  receiver.check_disks = [configs = tools::disk_configs(options.disks)](const std::vector<engine::VmShape::Disk>& disks) {
+    vmm::check_incoming_disks(disks, configs);
+  };
+  if (!options.synthetic) {  // a synthetic guest runs on no CPU model and no TSC
+    receiver.missing_cpu_features = vmm::KvmVm::missing_cpu_features;
+    receiver.tsc_refusal = vmm::KvmVm::tsc_refusal;
+  }
+  return receiver;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -135,18 +152,7 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "mig-recv: {}\n", e.what());
     return tools::kExitSetupError;
   }
-  engine::ReceiverOptions receiver;
-  receiver.autostart = !options.paused;
-  receiver.max_guest_bytes = options.max_mem;
-  receiver.max_vcpus = options.max_vcpus;
-  receiver.peer_timeout = std::chrono::milliseconds(static_cast<std::int64_t>(options.peer_timeout_s * 1000));
-  receiver.check_disks = [configs = tools::disk_configs(options.disks)](const std::vector<engine::VmShape::Disk>& disks) {
-    vmm::check_incoming_disks(disks, configs);
-  };
-  if (!options.synthetic) {  // a synthetic guest runs on no CPU model and no TSC
-    receiver.missing_cpu_features = vmm::KvmVm::missing_cpu_features;
-    receiver.tsc_refusal = vmm::KvmVm::tsc_refusal;
-  }
+  const engine::ReceiverOptions receiver = receiver_options(options);
   transport::AcceptPolicy accept;
   try {
     accept = accept_policy(options.tls);
