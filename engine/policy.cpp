@@ -30,6 +30,12 @@ PolicyParameters PolicyParameters::parse(std::string_view list) {
   return parameters;
 }
 
+std::string shortest_text(double value) {
+  char text[32];
+  const auto [end, error] = std::to_chars(text, text + sizeof text, value);
+  return error == std::errc{} ? std::string(text, end) : std::to_string(value);
+}
+
 double PolicyParameters::number(const std::string& key, double fallback, double min, double max) {
   const auto it = values_.find(key);
   if (it == values_.end()) return fallback;
@@ -39,7 +45,7 @@ double PolicyParameters::number(const std::string& key, double fallback, double 
   const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
   if (error != std::errc{} || end != text.data() + text.size() || value < min || value > max)
     throw std::invalid_argument("policy parameter " + key + "=" + text + " is not a number from " +
-                                std::to_string(min) + " to " + std::to_string(max));
+                                shortest_text(min) + " to " + shortest_text(max));
   return value;
 }
 

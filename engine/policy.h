@@ -55,6 +55,10 @@ class MigrationPolicy {
   virtual PolicyAnswer decide(const PolicyView& view) const = 0;
 };
 
+// A number as a person writes it, for a policy's rules and errors: 3, 2.5, 0.001
+// (std::to_string would say 3.000000).
+std::string shortest_text(double value);
+
 // NAME:key=value,... as given. Each policy takes the keys it knows; a key no policy read is
 // refused, so a typo is an error rather than a silent default.
 class PolicyParameters {

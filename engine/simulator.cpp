@@ -21,9 +21,8 @@ constexpr double kDirtyLimitCreditS = 0.010;
 // which runs with wall time slowed by the throttle; a vCPU under a dirty limit is also held,
 // so that what it wrote since the limit began never outruns the limit. The pages written
 // gather until the engine fetches them. Every write and every send is stamped with its wall
-// time (a round's pages leave in address order, evenly over its sending time): a dirty page
-// whose last write came before its last send is unchanged since, and the engine's dedup
-// skips it.
+// time: a page whose last write came before its last send is unchanged since, and the
+// engine's dedup skips it when its turn comes.
 class ReplayedGuest {
  public:
   ReplayedGuest(const DirtyTrace& trace, double start_s)
@@ -39,6 +38,12 @@ class ReplayedGuest {
   // `limit_pages_per_s` (0: no limit).
   void run(double wall, double seconds, unsigned throttle_pct, double limit_pages_per_s) {
     const double speed = (1 - throttle_pct / 100.0) / interval_s_;  // intervals per wall second
+    if (limit_pages_per_s <= 0 && std::adjacent_find(clocks_.begin(), clocks_.end(), std::not_equal_to<>()) == clocks_.end()) {
+      // No writer held, none behind: one pass over the trace for them all.
+      pacing_.assign(trace_.vcpus, {});
+      run_free(kEveryWriter, wall, seconds, speed);
+      return;
+    }
     for (std::size_t writer = 0; writer < clocks_.size(); ++writer) {
       const bool names_a_vcpu = writer < trace_.vcpus;
       if (names_a_vcpu && limit_pages_per_s > 0)
@@ -58,19 +63,18 @@ class ReplayedGuest {
     return pages;
   }
 
-  // Of `pending`, the pages that changed since they were last sent (all, the first time).
-  std::vector<std::uint64_t> changed(const std::vector<std::uint64_t>& pending) const {
-    std::vector<std::uint64_t> out;
-    for (auto page : pending)
-      if (last_send_[page] < 0 || last_write_[page] > last_send_[page]) out.push_back(page);
-    return out;
+  // Whether `page` was written since it last left (it has, if it never left).
+  bool changed_since_sent(std::uint64_t page) const { return last_send_[page] < 0 || last_write_[page] > last_send_[page]; }
+
+  std::size_t count_changed(const std::vector<std::uint64_t>& pages) const {
+    return static_cast<std::size_t>(std::count_if(pages.begin(), pages.end(), [&](auto page) { return changed_since_sent(page); }));
   }
 
-  // `pages` leave in order, evenly between wall times `from` and `to`.
-  void sent(const std::vector<std::uint64_t>& pages, double from, double to) {
-    for (std::size_t i = 0; i < pages.size(); ++i)
-      last_send_[pages[i]] = from + (to - from) * (static_cast<double>(i) + 0.5) / static_cast<double>(pages.size());
-  }
+  void sent(std::uint64_t page, double wall) { last_send_[page] = wall; }
+
+  // The wall time the guest runs between the sender's looks at it: one trace interval, since
+  // a trace knows no finer time than that.
+  double step_s() const { return interval_s_; }
 
  private:
   // Where a dirty-limited vCPU's pacing began, and what it has written since.
@@ -89,11 +93,16 @@ class ReplayedGuest {
     last_write_[page] = std::max(last_write_[page], wall);
   }
 
+  // Runs one writer, or all of them (kEveryWriter) when their clocks agree.
   void run_free(std::size_t writer, double wall, double seconds, double speed) {
-    const double from = clocks_[writer], to = from + seconds * speed;
+    const bool all = writer == kEveryWriter;
+    const double from = clocks_[all ? 0 : writer], to = from + seconds * speed;
     for_each_write(trace_, from, to, [&](std::uint64_t page, double when) { write(page, wall + (when - from) / speed); },
-                   writer_id(writer));
-    clocks_[writer] = to;
+                   all ? kEveryWriter : writer_id(writer));
+    if (all)
+      std::fill(clocks_.begin(), clocks_.end(), to);
+    else
+      clocks_[writer] = to;
   }
 
   // A vCPU under a dirty limit writes in its trace's order, each write no earlier than its
@@ -131,20 +140,38 @@ class ReplayedGuest {
   std::vector<double> last_write_, last_send_;  // wall times; -1: never
 };
 
-// One pre-copy round from wall time `now`: the pages pending leave (those unchanged since they
-// last left are skipped), the guest runs meanwhile, and the dirty log is fetched at the end,
-// into `pending`.
+// One pre-copy round from wall time `now`. The pages pending leave in address order, back to
+// back at the link's rate, while the guest runs on in steps: as the engine's dedup does, the
+// sender skips a page when its turn comes if it is unchanged since it last left (judged from
+// the guest as it stood when the step began). RoundEnd and RoundAck follow the last page; then
+// the dirty log is fetched, into `pending`.
 RoundStats replay_round(ReplayedGuest& guest, std::vector<std::uint64_t>& pending, double now, RoundStats r,
                         const SimulatorOptions& o) {
   const std::uint64_t scale = o.guest_scale;
-  const auto sending = guest.changed(pending);
-  r.pages_sent = sending.size() * scale;
-  r.pages_skipped = (pending.size() - sending.size()) * scale;
+  const double page_s = static_cast<double>(scale * kWirePageBytes) / o.bandwidth_Bps;
+  const double dirty_limit = r.dirty_limit_MBps * 1e6 / kPageSize;
+  double guest_at = now, sender_at = now;  // how far the guest has run; when the next page can leave
+  auto run_guest_until = [&](double until) {
+    guest.run(guest_at, until - guest_at, r.throttle_pct, dirty_limit);
+    guest_at = until;
+  };
+  std::uint64_t sent = 0;
+  for (std::size_t next = 0; next < pending.size();) {
+    const double step_end = guest_at + guest.step_s();
+    for (; next < pending.size() && sender_at < step_end; ++next) {
+      if (!guest.changed_since_sent(pending[next])) continue;
+      guest.sent(pending[next], sender_at);
+      sender_at += page_s;
+      ++sent;
+    }
+    if (next < pending.size()) run_guest_until(step_end);  // the sender is busy until past it
+  }
+  r.pages_sent = sent * scale;
+  r.pages_skipped = (pending.size() - sent) * scale;
   r.bytes_sent = r.pages_sent * kWirePageBytes + kRoundOverheadBytes;
-  const double sending_s = static_cast<double>(r.bytes_sent) / o.bandwidth_Bps;
-  r.duration_s = sending_s + 2 * o.latency_ms / 1000;  // RoundEnd, RoundAck
-  guest.sent(sending, now, now + sending_s);
-  guest.run(now, r.duration_s, r.throttle_pct, r.dirty_limit_MBps * 1e6 / kPageSize);
+  const double round_end = sender_at + kRoundOverheadBytes / o.bandwidth_Bps + 2 * o.latency_ms / 1000;
+  run_guest_until(round_end);
+  r.duration_s = round_end - now;
   pending = guest.fetch();
   r.dirty_pages = pending.size() * scale;
   r.dirty_rate_Bps = static_cast<double>(r.dirty_pages * kPageSize) / r.duration_s;
@@ -228,7 +255,7 @@ SimulatedMigration simulate(const DirtyTrace& trace, const SimulatorOptions& o) 
   // Stop-and-copy: the last pages and the state, unlimited; Complete, restore, Ready, Commit.
   const double pause_bandwidth = o.pause_bandwidth_Bps > 0 ? o.pause_bandwidth_Bps : o.bandwidth_Bps;
   const std::uint64_t final_bytes =
-      guest.changed(pending).size() * o.guest_scale * kWirePageBytes + o.state_bytes + kRoundOverheadBytes;
+      guest.count_changed(pending) * o.guest_scale * kWirePageBytes + o.state_bytes + kRoundOverheadBytes;
   m.bytes_sent += final_bytes;
   m.downtime_ms = (static_cast<double>(final_bytes) / pause_bandwidth + 1.5 * rtt) * 1000 + o.restore_ms;
   m.total_ms = now * 1000 + m.downtime_ms + 0.5 * rtt * 1000;

@@ -5,9 +5,11 @@
 // to send, the round trips, restore) is modelled from the link and a few fixed costs:
 //   - a page on the wire is 4096 bytes plus its 16-byte descriptor (zero pages are not
 //     modelled: a trace cannot tell them);
-//   - dedup: a dirty page whose last write came before it last left (a round sends its pages
-//     in address order, evenly over its sending time) is unchanged, and skipped; a page
-//     written after it left is assumed to have changed;
+//   - dedup: a round sends its pages in address order, back to back, while the guest runs
+//     on; a page whose last write came before it last left is unchanged, and skipped when
+//     its turn comes (as the engine hashes it then); a page written after it left is assumed
+//     to have changed. The guest runs in steps of one trace interval, and the sender judges
+//     the pages of a step from the guest as it stood when the step began;
 //   - round 0 sends the pages populated when the trace began; round k sends the pages the
 //     guest wrote during round k-1 (each write of a trace frame is put at a fixed
 //     pseudo-random moment within its interval); the guest's clock slows by the throttle the

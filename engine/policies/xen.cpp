@@ -27,7 +27,7 @@ class XenPolicy final : public MigrationPolicy {
     std::uint64_t sent = 0;
     for (const auto& round : rounds) sent += round.pages_sent;
     if (static_cast<double>(sent) > max_factor_ * static_cast<double>(view.guest_pages))
-      return {Decision::stop_no_progress, 0, "xen: sent more than " + std::to_string(max_factor_) + "x the memory"};
+      return {Decision::stop_no_progress, 0, "xen: sent more than " + shortest_text(max_factor_) + "x the memory"};
     return {Decision::next_round, 0, "xen: next round"};
   }
 
