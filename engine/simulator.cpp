@@ -12,8 +12,8 @@ namespace {
 // RoundEnd and RoundAck, and the batch headers of a round, beside its pages.
 constexpr std::uint64_t kRoundOverheadBytes = 128;
 
-// A dirty limit lets a vCPU catch up on at most this much time it was not held, as the
-// synthetic guest's pacing does (vmm/synthetic_vm.h).
+// A dirty limit lets a vCPU catch up on at most this much time it was not held, as the VMMs'
+// pacing does (DirtyPacing, vmm/dirty_limiter.h).
 constexpr double kDirtyLimitCreditS = 0.010;
 
 // The guest as the trace replays it, and the engine's view of its pages. Each writer of the

@@ -1,8 +1,10 @@
 #include "kvm/dirty_ring.h"
 
 #include <atomic>
+#include <algorithm>
 #include <bit>
 #include <stdexcept>
+#include <utility>
 
 namespace mig::kvm {
 
@@ -21,6 +23,71 @@ std::uint32_t DirtyRingCollector::harvest(const std::function<void(std::uint32_t
     mark(entry.slot, entry.offset);
     flags.store(kDirtyGfnReset, std::memory_order_release);
   }
+}
+
+DirtyRingHarvester::DirtyRingHarvester(std::vector<std::span<DirtyGfn>> rings, std::vector<std::uint64_t> slot_pages,
+                                       std::function<void()> recycle)
+    : slot_pages_(std::move(slot_pages)), recycle_(std::move(recycle)), harvested_(rings.size(), 0) {
+  for (auto ring : rings) collectors_.emplace_back(ring);
+  for (auto pages : slot_pages_) found_.emplace_back((pages + 63) / 64, 0);
+  pages_.assign(rings.size(), std::vector<std::vector<std::uint64_t>>(slot_pages_.size()));
+}
+
+void DirtyRingHarvester::harvest() {
+  std::lock_guard lock(mutex_);
+  harvest_locked();
+}
+
+void DirtyRingHarvester::harvest_locked() {
+  for (std::size_t vcpu = 0; vcpu < collectors_.size(); ++vcpu) {
+    harvested_[vcpu] += collectors_[vcpu].harvest([&](std::uint32_t slot, std::uint64_t offset) {
+      // Anything but a page of a slot of ours (address space 0) is not the guest's RAM.
+      if (slot >= slot_pages_.size() || offset >= slot_pages_[slot]) return;
+      std::uint64_t& word = found_[slot][offset / 64];
+      const std::uint64_t bit = std::uint64_t{1} << (offset % 64);
+      if (word & bit) return;
+      word |= bit;
+      pages_[vcpu][slot].push_back(offset);
+    });
+  }
+  recycle_();
+}
+
+template <typename Put>
+void DirtyRingHarvester::take_locked(std::size_t slot, Put&& put) {
+  harvest_locked();
+  for (std::size_t vcpu = 0; vcpu < pages_.size(); ++vcpu) {
+    for (auto page : pages_[vcpu].at(slot)) {
+      found_[slot][page / 64] &= ~(std::uint64_t{1} << (page % 64));
+      put(vcpu, page);
+    }
+    pages_[vcpu][slot].clear();
+  }
+}
+
+void DirtyRingHarvester::forget() {
+  std::lock_guard lock(mutex_);
+  for (std::size_t slot = 0; slot < slot_pages_.size(); ++slot) take_locked(slot, [](std::size_t, std::uint64_t) {});
+}
+
+void DirtyRingHarvester::take(std::size_t slot, std::span<std::uint64_t> bitmap) {
+  if (bitmap.size() * 64 < slot_pages_.at(slot)) throw std::invalid_argument("dirty bitmap too small for slot");
+  std::lock_guard lock(mutex_);
+  take_locked(slot, [&](std::size_t, std::uint64_t page) { bitmap[page / 64] |= std::uint64_t{1} << (page % 64); });
+}
+
+void DirtyRingHarvester::take_by_vcpu(std::size_t slot, std::span<const std::span<std::uint64_t>> vcpu_bitmaps) {
+  if (vcpu_bitmaps.size() < pages_.size()) throw std::invalid_argument("a dirty bitmap is needed for every vCPU");
+  for (auto bitmap : vcpu_bitmaps)
+    if (bitmap.size() * 64 < slot_pages_.at(slot)) throw std::invalid_argument("dirty bitmap too small for slot");
+  std::lock_guard lock(mutex_);
+  take_locked(slot, [&](std::size_t vcpu, std::uint64_t page) { vcpu_bitmaps[vcpu][page / 64] |= std::uint64_t{1} << (page % 64); });
+}
+
+std::vector<std::uint64_t> DirtyRingHarvester::harvested_counts() {
+  std::lock_guard lock(mutex_);
+  harvest_locked();
+  return harvested_;
 }
 
 }  // namespace mig::kvm

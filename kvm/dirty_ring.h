@@ -9,14 +9,16 @@
 // Data must be copied after the reset: a write between harvest and reset publishes nothing,
 // and only a copy taken after the reset is sure to hold it.
 //
-// This is the VMM's side, the collector, on the kernel's layout: it reads a ring mmap'd from
-// a vCPU fd as well as the synthetic guest's (vmm/soft_dirty_rings.h), whose vCPUs publish
-// as the kernel does.
+// This is the VMM's side, on the kernel's layout: a collector per ring, and a harvester for
+// a VM's rings together. They read rings mmap'd from KVM's vCPU fds (kvm::Machine) as well
+// as the synthetic guest's (vmm/soft_dirty_rings.h), whose vCPUs publish as the kernel does.
 #pragma once
 
 #include <cstdint>
 #include <functional>
+#include <mutex>
 #include <span>
+#include <vector>
 
 namespace mig::kvm {
 
@@ -41,6 +43,44 @@ class DirtyRingCollector {
  private:
   std::span<DirtyGfn> ring_;
   std::uint32_t fetch_index_ = 0;  // the next entry to harvest, free-running
+};
+
+// A VM's rings, one per vCPU, harvested together: what they held is kept, per slot, until it
+// is taken. It costs what was dirtied, never the size of the guest. Safe from several
+// threads: a vCPU thread harvests on a ring-full exit while the migration takes.
+class DirtyRingHarvester {
+ public:
+  // `rings[v]` is vCPU v's; `slot_pages[s]` the pages of slot s. `recycle` recycles every
+  // entry marked harvested in every ring (KVM_RESET_DIRTY_RINGS), so that the next write of
+  // each page publishes it again; it runs after each harvest, under the harvester's lock.
+  DirtyRingHarvester(std::vector<std::span<DirtyGfn>> rings, std::vector<std::uint64_t> slot_pages,
+                     std::function<void()> recycle);
+
+  void harvest();
+  // Harvests, then drops everything found: what was dirtied before now is never reported.
+  void forget();
+  // Harvests, then ORs every page found in `slot` into `bitmap` (ceil(pages / 64) words),
+  // and forgets them.
+  void take(std::size_t slot, std::span<std::uint64_t> bitmap);
+  // The same, but each page into `vcpu_bitmaps[v]` of the vCPU whose ring named it first.
+  void take_by_vcpu(std::size_t slot, std::span<const std::span<std::uint64_t>> vcpu_bitmaps);
+  // Per vCPU, the entries ever harvested from its ring: the pages it dirtied, each counted
+  // once per recycling.
+  std::vector<std::uint64_t> harvested_counts();
+
+ private:
+  void harvest_locked();
+  // Moves the pages found in `slot` out, calling put(vcpu, page) for each.
+  template <typename Put>
+  void take_locked(std::size_t slot, Put&& put);
+
+  std::mutex mutex_;
+  std::vector<DirtyRingCollector> collectors_;
+  std::vector<std::uint64_t> slot_pages_;
+  std::function<void()> recycle_;
+  std::vector<std::vector<std::uint64_t>> found_;               // per slot, a bit per page
+  std::vector<std::vector<std::vector<std::uint64_t>>> pages_;  // per vCPU, per slot: the pages it named first
+  std::vector<std::uint64_t> harvested_;                        // per vCPU
 };
 
 }  // namespace mig::kvm

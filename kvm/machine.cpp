@@ -44,16 +44,23 @@ std::unique_ptr<Machine> Machine::create(const MachineConfig& config) {
   auto cpuid = config.cpu_model ? apply_cpu_model(*config.cpu_model, sys.supported_cpuid()) : sys.supported_cpuid();
   GuestMemory memory = config.shared_memory_fds.empty() ? GuestMemory::create(config.layout, config.memory)
                                                        : GuestMemory::adopt(config.layout, config.shared_memory_fds);
-  Vm vm = Vm::create(sys);
+  Vm vm = Vm::create(sys, config.dirty_ring_entries);
   vm.map_memory(memory);
   return std::unique_ptr<Machine>(new Machine(config, std::move(sys), std::move(memory), std::move(vm), std::move(cpuid)));
 }
 
 Machine::Machine(const MachineConfig& config, KvmSystem sys, GuestMemory memory, Vm vm, CpuidEntries cpuid)
     : config_(config), sys_(std::move(sys)), guest_cpuid_(std::move(cpuid)), memory_(std::move(memory)), vm_(std::move(vm)),
-      serial_(config.serial_path), probe_(config.vcpus), thread_ids_(config.vcpus) {
+      serial_(config.serial_path), probe_(config.vcpus), thread_ids_(config.vcpus), held_until_(config.vcpus) {
   install_kick_handler();
   for (unsigned i = 0; i < config.vcpus; ++i) vcpus_.push_back(Vcpu::create(sys_, vm_, i, guest_cpuid_));
+  if (vm_.dirty_ring_entries() > 0) {
+    std::vector<std::span<DirtyGfn>> rings;
+    for (const auto& vcpu : vcpus_) rings.push_back(vcpu.dirty_ring());
+    std::vector<std::uint64_t> slot_pages;
+    for (std::size_t slot = 0; slot < vm_.slot_count(); ++slot) slot_pages.push_back(vm_.slot_pages(slot));
+    dirty_rings_ = std::make_unique<DirtyRingHarvester>(std::move(rings), std::move(slot_pages), [this] { vm_.reset_dirty_rings(); });
+  }
   guest_tsc_khz_ = vcpus_[0].tsc_khz();
   // Sorted so that IA32_TSC (0x10) is restored before IA32_TSC_DEADLINE (0x6e0).
   std::vector<std::uint32_t> msrs = vcpus_[0].restorable_msrs(sys_.msr_index_list());
@@ -90,9 +97,42 @@ void Machine::attach_disk(std::unique_ptr<DiskImage> image) {
   pci_.attach(*disks_.back());
 }
 
+void Machine::set_dirty_logging(bool on) {
+  // Before logging starts: pages published before are not this log's, and a page dropped
+  // after it started would be lost.
+  if (on && dirty_rings_) dirty_rings_->forget();
+  vm_.set_dirty_logging(on);
+}
+
 void Machine::fetch_and_clear_dirty_log(std::size_t slot, std::span<std::uint64_t> bitmap) {
-  vm_.fetch_and_clear_dirty_log(slot, bitmap);
+  if (dirty_rings_) {
+    std::fill(bitmap.begin(), bitmap.end(), 0);
+    dirty_rings_->take(slot, bitmap);
+  } else {
+    vm_.fetch_and_clear_dirty_log(slot, bitmap);
+  }
   memory_.take_vmm_writes(slot, bitmap);
+}
+
+void Machine::fetch_dirty_log_by_vcpu(std::size_t slot, std::span<std::uint64_t> bitmap,
+                                      std::span<const std::span<std::uint64_t>> vcpu_bitmaps) {
+  if (!dirty_rings_) throw std::logic_error("Machine::fetch_dirty_log_by_vcpu needs dirty rings");
+  for (auto words : vcpu_bitmaps) std::fill(words.begin(), words.end(), 0);
+  dirty_rings_->take_by_vcpu(slot, vcpu_bitmaps);
+  std::fill(bitmap.begin(), bitmap.end(), 0);
+  memory_.take_vmm_writes(slot, bitmap);
+}
+
+void Machine::hold_vcpu(unsigned index, std::chrono::steady_clock::time_point until) {
+  {
+    // Under the lock, so that a vCPU already held sees the new time (a release among them).
+    std::lock_guard lock(mutex_);
+    held_until_.at(index).store(until.time_since_epoch().count());
+  }
+  state_changed_.notify_all();
+  // A signal only, not immediate_exit: that is the pause's, and a vCPU about to enter runs
+  // on until its next exit or the next hold, which costs it no more than a look's period.
+  if (index < threads_.size()) ::pthread_kill(threads_[index].native_handle(), kick_signal());
 }
 
 void Machine::start() {
@@ -108,6 +148,7 @@ void Machine::pause() {
     std::lock_guard lock(mutex_);
     pause_requested_ = true;
   }
+  state_changed_.notify_all();  // a held vCPU goes to park
   // immediate_exit before the signal: a thread that checked the flag just before we set it
   // and is about to enter KVM_RUN then returns at once instead of running on.
   for (std::size_t i = 0; i < threads_.size(); ++i) {
@@ -143,6 +184,17 @@ void Machine::park(Vcpu& vcpu) {
   --parked_;
 }
 
+// Dirty-limit: keeps vCPU `index` out of the guest until its hold ends, or a pause or the
+// end comes. Returns whether it held it.
+bool Machine::wait_while_held(unsigned index) {
+  using clock = std::chrono::steady_clock;
+  auto until = [&] { return clock::time_point{clock::duration(held_until_[index].load())}; };
+  if (until() <= clock::now()) return false;
+  std::unique_lock lock(mutex_);
+  while (!pause_requested_.load() && !stopping_ && clock::now() < until()) state_changed_.wait_until(lock, until());
+  return true;
+}
+
 std::vector<int> Machine::vcpu_thread_ids() const {
   std::vector<int> ids;
   for (const auto& id : thread_ids_) ids.push_back(id.load());
@@ -161,6 +213,7 @@ void Machine::vcpu_loop(unsigned index) {
         if (stopping_) break;
         continue;
       }
+      if (wait_while_held(index)) continue;
       if (!vcpu.enter()) continue;  // kicked
       if (!dispatch_exit(vcpu)) break;
     }
@@ -196,6 +249,10 @@ bool Machine::dispatch_exit(Vcpu& vcpu) {
       if (!run->mmio.is_write) std::memset(run->mmio.data, 0xff, sizeof run->mmio.data);
       return true;
     case KVM_EXIT_INTR:
+      return true;
+    case KVM_EXIT_DIRTY_RING_FULL:
+      // Its ring is (nearly) full: it re-enters only once a harvest and a reset free it.
+      dirty_rings_->harvest();
       return true;
     case KVM_EXIT_HLT:
       fail("vCPU " + std::to_string(vcpu.index()) + " halted with interrupts off");

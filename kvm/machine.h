@@ -15,6 +15,7 @@
 
 #include "../kvm/cpu_model.h"
 #include "../kvm/devices.h"
+#include "../kvm/dirty_ring.h"
 #include "../kvm/disk_image.h"
 #include "../kvm/memory.h"
 #include "../kvm/multiboot.h"
@@ -40,6 +41,9 @@ struct MachineConfig {
   std::vector<int> shared_memory_fds;
   // The CPU the guest is given; none: all this host's KVM supports (--cpu host).
   std::optional<CpuModel> cpu_model;
+  // How dirty pages are found: 0, KVM's dirty bitmap; otherwise a dirty ring of this many
+  // entries per vCPU (Vm::create), which names the vCPU that dirtied each page.
+  std::uint32_t dirty_ring_entries = 0;
 };
 
 struct MachineState {
@@ -69,8 +73,21 @@ class Machine {
   std::size_t disk_count() const { return disks_.size(); }
   VirtioBlk& disk(std::size_t index) { return *disks_.at(index); }
 
+  // Dirty logging, from the bitmap or the rings. Turning it on starts a clean log.
+  void set_dirty_logging(bool on);
   // KVM's dirty log of `slot`, with the pages the VMM's devices wrote ORed in.
   void fetch_and_clear_dirty_log(std::size_t slot, std::span<std::uint64_t> bitmap);
+  // With dirty rings: the same, but the pages each vCPU dirtied in `vcpu_bitmaps[v]`, and
+  // only those the VMM's devices wrote in `bitmap`.
+  void fetch_dirty_log_by_vcpu(std::size_t slot, std::span<std::uint64_t> bitmap,
+                               std::span<const std::span<std::uint64_t>> vcpu_bitmaps);
+  // The rings' harvester (per-vCPU dirty counts), or null with the bitmap.
+  DirtyRingHarvester* dirty_rings() { return dirty_rings_.get(); }
+
+  // Keeps vCPU `index` out of the guest until `until` (dirty-limit), replacing any hold it
+  // had: a time past releases it. It leaves at once if it is in the guest; one on its way in
+  // may run until its next exit. A pause ends the hold.
+  void hold_vcpu(unsigned index, std::chrono::steady_clock::time_point until);
 
   // Starts the vCPU threads. Call once, after boot() or restore_state().
   void start();
@@ -110,6 +127,7 @@ class Machine {
   // Handles one exit; returns false when the vCPU cannot go on.
   bool dispatch_exit(Vcpu& vcpu);
   void park(Vcpu& vcpu);
+  bool wait_while_held(unsigned index);
   VirtioBlk* disk_at(std::uint16_t port) const;
   void fail(std::string reason);
 
@@ -125,6 +143,8 @@ class Machine {
   PciBus pci_;
   std::vector<std::unique_ptr<VirtioBlk>> disks_;  // after memory_ and vm_: they go first
   std::vector<std::atomic<int>> thread_ids_;  // each vCPU thread's id once it runs; sized at construction
+  std::unique_ptr<DirtyRingHarvester> dirty_rings_;  // with dirty rings
+  std::vector<std::atomic<std::chrono::steady_clock::rep>> held_until_;  // per vCPU, hold_vcpu()'s time
 
   std::vector<std::thread> threads_;
   mutable std::mutex mutex_;

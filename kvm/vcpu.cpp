@@ -2,6 +2,7 @@
 
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <cstring>
 #include <stdexcept>
@@ -72,6 +73,9 @@ Vcpu Vcpu::create(const KvmSystem& sys, const Vm& vm, unsigned index, const std:
   vcpu.fd_ = UniqueFd(check_syscall("KVM_CREATE_VCPU", [&] { return ::ioctl(vm.fd(), KVM_CREATE_VCPU, index); }));
   vcpu.run_area_ =
       Mapping::map(sys.vcpu_mmap_size(), PROT_READ | PROT_WRITE, MAP_SHARED, vcpu.fd_.get(), 0, "mmap kvm_run");
+  if (vm.dirty_ring_entries() > 0)
+    vcpu.dirty_ring_area_ = Mapping::map(vm.dirty_ring_entries() * sizeof(DirtyGfn), PROT_READ | PROT_WRITE, MAP_SHARED,
+                                         vcpu.fd_.get(), KVM_DIRTY_LOG_PAGE_OFFSET * ::getpagesize(), "mmap dirty ring");
   auto cpuid = make_cpuid2(cpuid_for_vcpu(cpuid_table, index));
   vcpu_ioctl(vcpu.fd(), abi::kSetCpuid2, "KVM_SET_CPUID2", cpuid.data());
   return vcpu;

@@ -2,9 +2,11 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "../common/fd.h"
+#include "../kvm/dirty_ring.h"
 #include "../kvm/state.h"
 #include "../kvm/system.h"
 #include "../kvm/vm.h"
@@ -22,6 +24,10 @@ class Vcpu {
   unsigned index() const { return index_; }
   int fd() const { return fd_.get(); }
   kvm_run* run() const { return reinterpret_cast<kvm_run*>(run_area_.data()); }
+  // Its dirty ring, where the VM has them (Vm::dirty_ring_entries); empty otherwise.
+  std::span<DirtyGfn> dirty_ring() const {
+    return {reinterpret_cast<DirtyGfn*>(dirty_ring_area_.data()), dirty_ring_area_.size() / sizeof(DirtyGfn)};
+  }
 
   // Enters the guest once. Returns false when interrupted (EINTR: a kick or immediate_exit),
   // true when run()->exit_reason holds a real exit.
@@ -44,6 +50,7 @@ class Vcpu {
   unsigned index_ = 0;
   UniqueFd fd_;
   Mapping run_area_;
+  Mapping dirty_ring_area_;
   std::vector<std::uint32_t> saved_msrs_;
 };
 

@@ -2,8 +2,12 @@
 
 #include <sys/ioctl.h>
 
+#include <bit>
 #include <stdexcept>
+#include <string>
 #include <vector>
+
+#include "kvm/dirty_ring.h"
 
 namespace mig::kvm {
 
@@ -18,9 +22,29 @@ kvm_irqchip get_irqchip(int vm_fd, std::uint32_t chip_id) {
   check_syscall("KVM_GET_IRQCHIP", [&] { return ::ioctl(vm_fd, KVM_GET_IRQCHIP, &chip); });
   return chip;
 }
+// KVM_CAP_DIRTY_LOG_RING, before any vCPU exists: the ACQ_REL flavour where the host has
+// it (the collector reads and marks entries with acquire and release either way).
+void enable_dirty_ring(const KvmSystem& sys, int vm_fd, std::uint32_t entries) {
+  const bool acq_rel = sys.check_extension(KVM_CAP_DIRTY_LOG_RING_ACQ_REL) > 0;
+  const int max_bytes = sys.check_extension(acq_rel ? KVM_CAP_DIRTY_LOG_RING_ACQ_REL : KVM_CAP_DIRTY_LOG_RING);
+  if (max_bytes <= 0) throw std::runtime_error("this host's KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING): use the dirty bitmap");
+  const std::uint64_t max_entries = static_cast<std::uint64_t>(max_bytes) / sizeof(DirtyGfn);
+  // The kernel keeps entries in reserve (576 with Intel's PML buffer) and refuses a ring no
+  // larger than that; QEMU's floor, 1024, clears it.
+  constexpr std::uint32_t kMinEntries = 1024;
+  if (entries < kMinEntries || entries > max_entries || !std::has_single_bit(entries))
+    throw std::invalid_argument("a KVM dirty ring holds a power of two of entries, from " + std::to_string(kMinEntries) + " to " +
+                                std::to_string(max_entries) + " on this host");
+  const std::uint64_t bytes = std::uint64_t{entries} * sizeof(DirtyGfn);
+  kvm_enable_cap cap{};
+  cap.cap = acq_rel ? KVM_CAP_DIRTY_LOG_RING_ACQ_REL : KVM_CAP_DIRTY_LOG_RING;
+  cap.args[0] = bytes;
+  check_syscall("KVM_ENABLE_CAP(DIRTY_LOG_RING)", [&] { return ::ioctl(vm_fd, KVM_ENABLE_CAP, &cap); });
+}
+
 }  // namespace
 
-Vm Vm::create(const KvmSystem& sys) {
+Vm Vm::create(const KvmSystem& sys, std::uint32_t dirty_ring_entries) {
   Vm vm;
   vm.fd_ = UniqueFd(check_syscall("KVM_CREATE_VM", [&] { return ::ioctl(sys.fd(), KVM_CREATE_VM, 0); }));
   const int fd = vm.fd_.get();
@@ -30,7 +54,10 @@ Vm Vm::create(const KvmSystem& sys) {
   kvm_pit_config pit{};
   pit.flags = KVM_PIT_SPEAKER_DUMMY;
   check_syscall("KVM_CREATE_PIT2", [&] { return ::ioctl(fd, KVM_CREATE_PIT2, &pit); });
-  if (sys.has_manual_dirty_protect()) {
+  if (dirty_ring_entries > 0) {
+    enable_dirty_ring(sys, fd, dirty_ring_entries);
+    vm.dirty_ring_entries_ = dirty_ring_entries;
+  } else if (sys.has_manual_dirty_protect()) {
     // Without KVM_DIRTY_LOG_INITIALLY_SET: enabling logging write-protects everything, and the
     // first fetch reports only pages written since.
     kvm_enable_cap cap{};
@@ -64,6 +91,7 @@ void Vm::set_dirty_logging(bool on) {
 }
 
 void Vm::fetch_and_clear_dirty_log(std::size_t slot, std::span<std::uint64_t> bitmap) {
+  if (dirty_ring_entries_ > 0) throw std::logic_error("Vm::fetch_and_clear_dirty_log on a VM with dirty rings");
   const std::uint64_t pages = slot_pages(slot);
   if (bitmap.size() * 64 < pages) throw std::invalid_argument("dirty bitmap too small for slot");
   kvm_dirty_log log{};
@@ -77,6 +105,10 @@ void Vm::fetch_and_clear_dirty_log(std::size_t slot, std::span<std::uint64_t> bi
   clear.num_pages = static_cast<std::uint32_t>(pages);
   clear.dirty_bitmap = bitmap.data();
   check_syscall("KVM_CLEAR_DIRTY_LOG", [&] { return ::ioctl(fd_.get(), KVM_CLEAR_DIRTY_LOG, &clear); });
+}
+
+void Vm::reset_dirty_rings() {
+  check_syscall("KVM_RESET_DIRTY_RINGS", [&] { return ::ioctl(fd_.get(), KVM_RESET_DIRTY_RINGS, 0); });
 }
 
 VmState Vm::save_state() const {

@@ -13,11 +13,15 @@ namespace mig::kvm {
 
 class Vm {
  public:
-  // Creates the VM with an in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT2. Manual dirty
-  // log protection is enabled when the host offers it, so fetching and clearing are separate.
-  static Vm create(const KvmSystem& sys);
+  // Creates the VM with an in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT2. Dirty pages
+  // are reported in the bitmap, or with `dirty_ring_entries` (a power of two from 1024 to what
+  // the host allows) in a ring of that many per vCPU (KVM_CAP_DIRTY_LOG_RING), which vCPUs
+  // map as they are created. For the bitmap, manual dirty log protection is enabled when the
+  // host offers it, so fetching and clearing are separate.
+  static Vm create(const KvmSystem& sys, std::uint32_t dirty_ring_entries = 0);
 
   int fd() const { return fd_.get(); }
+  std::uint32_t dirty_ring_entries() const { return dirty_ring_entries_; }
 
   // Registers every region of `memory` as one slot, slot i for region i. `memory` must
   // outlive the VM's use of it.
@@ -32,8 +36,11 @@ class Vm {
 
   // Reads the dirty bitmap of `slot` (bit i = page i of the slot, 64-bit words) and
   // re-arms write protection for exactly those pages, so a write after this call shows up in
-  // the next one. `bitmap` holds at least ceil(slot_pages / 64) words.
+  // the next one. `bitmap` holds at least ceil(slot_pages / 64) words. Not with dirty rings.
   void fetch_and_clear_dirty_log(std::size_t slot, std::span<std::uint64_t> bitmap);
+  // With dirty rings: recycles every entry harvested from every vCPU's ring, and
+  // write-protects those pages again (KVM_RESET_DIRTY_RINGS).
+  void reset_dirty_rings();
 
   // Ordering: PIC and IOAPIC before the PIT (the PIT raises IRQ0 through them), kvmclock last
   // so that the guest's clock starts counting from the saved value as late as possible.
@@ -43,6 +50,7 @@ class Vm {
  private:
   UniqueFd fd_;
   bool manual_protect_ = false;
+  std::uint32_t dirty_ring_entries_ = 0;
   bool dirty_logging_ = false;
   std::vector<kvm_userspace_memory_region> slots_;
 };

@@ -64,6 +64,27 @@ TEST_CASE("mig-send migrates on SIGUSR1") {
   std::remove(temp_path("usr1.json").c_str());
 }
 
+TEST_CASE("dirty-limit caps a KVM guest's vCPUs through KVM's dirty rings - a guest that would not converge does") {
+  test::require_kvm();
+  const auto send_stats = temp_path("kvm-dl-send.json"), recv_stats = temp_path("kvm-dl-recv.json");
+  auto [receiver, endpoint] = start_receiver({"--run-for", "0.5", "--stats-json", recv_stats, "--dirty-track", "ring"});
+  // 60 MB/s over 64 MiB against a 40 MB/s link: it cannot converge unless the brake works.
+  auto args = send_args(endpoint, send_stats, "mode=random rate=60 wss=64M hb=2 cpus=2");
+  args.insert(args.end(), {"--vcpus", "2", "--dirty-track", "ring", "--dirty-ring-entries", "1024", "--policy", "dirty-limit",
+                           "--bandwidth", "40M"});
+  Child sender(args);
+  INFO(sender.stderr_text() << receiver->stderr_text());
+  REQUIRE(sender.wait() == 0);
+  REQUIRE(receiver->wait() == 0);
+  const auto s = read_json(send_stats), r = read_json(recv_stats);
+  check_converged_by_dirty_limit(s);
+  CHECK(s["verified"] == true);
+  CHECK(r["verified"] == true);
+  CHECK(s["heartbeat_sequence_continued"] == true);
+  std::remove(send_stats.c_str());
+  std::remove(recv_stats.c_str());
+}
+
 TEST_CASE("QEMU boots the same guest image") {
   if (::access("/usr/bin/qemu-system-x86_64", X_OK) != 0) {
     std::printf("SKIPPED: qemu-system-x86_64 is not installed\n");

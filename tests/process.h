@@ -98,6 +98,15 @@ inline nlohmann::json read_json(const std::string& path) {
   return nlohmann::json::parse(in);
 }
 
+// Sender statistics of a migration that converged because dirty-limit capped each vCPU (at
+// 1 MB/s, its default), with no throttle beside it.
+inline void check_converged_by_dirty_limit(const nlohmann::json& sent) {
+  CHECK(sent["stop_reason"] == "converged");
+  CHECK(sent["policy"] == "dirty-limit");
+  CHECK(sent["round_table"].back()["dirty_limit_MBps"] == 1.0);
+  CHECK(sent["round_table"].back()["throttle_pct"] == 0);
+}
+
 inline std::vector<std::string> send_args(const std::string& to, const std::string& stats, const std::string& append,
                                           const std::string& after = "0.3") {
   return {kTools + "mig-send", "--kernel", test::kGuestImage, "--mem", "128M", "--append", append,

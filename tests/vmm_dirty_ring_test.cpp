@@ -1,11 +1,15 @@
-// The dirty ring's two halves: the collector (kvm/dirty_ring.h), which a KVM ring would use
-// too, and the synthetic guest's producer (vmm/soft_dirty_rings.h), which plays the kernel.
+// The dirty ring's two halves: the collector and harvester (kvm/dirty_ring.h), which KVM's
+// rings use too, and the synthetic guest's producer (vmm/soft_dirty_rings.h), which plays the
+// kernel; and the dirty limiter that KVM guests are held to their cap by.
 #include <catch2/catch.hpp>
 
+#include <chrono>
+#include <optional>
 #include <span>
 #include <vector>
 
 #include "kvm/dirty_ring.h"
+#include "vmm/dirty_limiter.h"
 #include "vmm/soft_dirty_rings.h"
 
 using namespace mig;
@@ -61,10 +65,10 @@ TEST_CASE("soft dirty rings publish a page once per reset, into the ring of the 
   CHECK_FALSE(rings.note_write(1, 1, 63));
   CHECK(rings.published(0) == 1);
   CHECK(rings.published(1) == 1);
-  rings.take(0, region0);
+  rings.harvester().take(0, region0);
   CHECK(region0[0] == 1ull << 5);
   CHECK(count(region0) == 1);
-  rings.take(1, region1);  // found by the first harvest, kept for its region's call
+  rings.harvester().take(1, region1);  // found by the first harvest, kept for its region's call
   CHECK(region1[0] == 1ull << 63);
   // Reset: the next write publishes the page anew.
   CHECK_FALSE(rings.note_write(1, 0, 5));
@@ -76,10 +80,10 @@ TEST_CASE("soft dirty rings publish a page once per reset, into the ring of the 
     for (; page < 128 && !full; ++page) full = rings.note_write(0, 0, page == 5 ? 127 : page);
     CHECK(full);
     CHECK(rings.published(0) == 1 + 64);
-    rings.harvest();
+    rings.harvester().harvest();
     CHECK_FALSE(rings.note_write(0, 1, 0));
     std::vector<std::uint64_t> all(2);
-    rings.take(0, all);
+    rings.harvester().take(0, all);
     CHECK(count(all) == 64 + 1);  // vCPU 0's 64 pages, and vCPU 1's page 5 again
   }
   SECTION("taken by vCPU, each page is with the vCPU that published it") {
@@ -87,22 +91,93 @@ TEST_CASE("soft dirty rings publish a page once per reset, into the ring of the 
     CHECK_FALSE(rings.note_write(1, 0, 7));  // second: not published
     std::vector<std::uint64_t> of_vcpu0(2), of_vcpu1(2);
     const std::vector<std::span<std::uint64_t>> by_vcpu{of_vcpu0, of_vcpu1};
-    rings.take_by_vcpu(0, by_vcpu);
+    rings.harvester().take_by_vcpu(0, by_vcpu);
     CHECK(of_vcpu0[0] == 1ull << 7);
     CHECK(of_vcpu1[0] == 1ull << 5);
     CHECK(count(of_vcpu0) + count(of_vcpu1) == 2);
     std::vector<std::uint64_t> again(2);
-    rings.take(0, again);
+    rings.harvester().take(0, again);
     CHECK(count(again) == 0);  // taken once only, whichever way
   }
   SECTION("starting again forgets what was published before") {
     rings.set_logging(true);
     std::fill(region0.begin(), region0.end(), 0);
-    rings.take(0, region0);
+    rings.harvester().take(0, region0);
     CHECK(count(region0) == 0);
     CHECK_FALSE(rings.note_write(0, 0, 5));  // and re-armed its pages
-    rings.take(0, region0);
+    rings.harvester().take(0, region0);
     CHECK(count(region0) == 1);
   }
   CHECK_THROWS_WITH(vmm::SoftDirtyRings(1, {64}, 100), Catch::Contains("power of two"));
+}
+
+TEST_CASE("the harvester takes every ring at once, names each page's first vCPU, and recycles after each harvest") {
+  std::vector<kvm::DirtyGfn> ring0(4), ring1(4);
+  int recycled = 0;
+  kvm::DirtyRingHarvester harvester({ring0, ring1}, {128, 64}, [&] { ++recycled; });
+  publish(ring0[0], 0, 5);
+  publish(ring1[0], 0, 5);    // the same page, later in the other ring: vCPU 0 named it first
+  publish(ring1[1], 1, 63);
+  publish(ring1[2], 1, 64);   // past its slot: not the guest's RAM, dropped
+  publish(ring1[3], 7, 0);    // no such slot
+  harvester.harvest();
+  CHECK(recycled == 1);
+  CHECK(ring0[0].flags == kvm::kDirtyGfnReset);
+  CHECK(harvester.harvested_counts() == std::vector<std::uint64_t>{1, 4});  // entries, whatever they named
+  std::vector<std::uint64_t> of_vcpu0(2), of_vcpu1(2);
+  harvester.take_by_vcpu(0, std::vector<std::span<std::uint64_t>>{of_vcpu0, of_vcpu1});
+  CHECK(of_vcpu0[0] == 1ull << 5);
+  CHECK(count(of_vcpu1) == 0);
+  std::vector<std::uint64_t> slot1(1);
+  harvester.take(1, slot1);
+  CHECK(slot1[0] == 1ull << 63);
+  harvester.take(1, slot1);  // taken once only
+  CHECK(slot1[0] == 1ull << 63);
+
+  publish(ring0[1], 0, 9);
+  harvester.forget();  // logging starts afresh
+  std::vector<std::uint64_t> slot0(2);
+  harvester.take(0, slot0);
+  CHECK(count(slot0) == 0);
+  std::vector<std::uint64_t> small(1);
+  CHECK_THROWS_WITH(harvester.take(0, small), Catch::Contains("too small"));
+}
+
+TEST_CASE("the dirty limiter holds each vCPU that is ahead of its cap until the cap catches up - and no other") {
+  using namespace std::chrono_literals;
+  using Clock = vmm::DirtyLimiter::Clock;
+  std::vector<std::uint64_t> dirtied{0, 0};
+  std::vector<std::pair<unsigned, Clock::time_point>> holds;
+  vmm::DirtyLimiter limiter([&] { return dirtied; }, [&](unsigned vcpu, Clock::time_point until) { holds.emplace_back(vcpu, until); });
+  auto held_until = [&](unsigned vcpu) -> std::optional<Clock::duration> {
+    for (const auto& [held, until] : holds)
+      if (held == vcpu) return until.time_since_epoch();
+    return std::nullopt;
+  };
+  auto near = [](std::optional<Clock::duration> got, Clock::time_point want) {
+    return got && std::chrono::abs(*got - want.time_since_epoch()) < 1us;
+  };
+  const auto t0 = Clock::now();
+  limiter.look(1000, t0);  // the pacing begins: 1000 pages a second for each vCPU
+  CHECK(holds.empty());
+
+  dirtied = {500, 5};  // 10 ms on, vCPU 0 has dirtied half a second's worth; vCPU 1 less than its share
+  limiter.look(1000, t0 + 10ms);
+  CHECK(near(held_until(0), t0 + 500ms));
+  CHECK_FALSE(held_until(1));
+
+  // vCPU 1 idles until 300 ms: it banks no more than 10 ms of it, so a burst then is held.
+  holds.clear();
+  limiter.look(1000, t0 + 300ms);
+  CHECK(near(held_until(0), t0 + 500ms));  // still held: its count has not moved
+  CHECK_FALSE(held_until(1));
+  dirtied = {500, 105};
+  holds.clear();
+  limiter.look(1000, t0 + 310ms);
+  CHECK(near(held_until(1), t0 + 400ms));  // paced from 300 ms, not from the start
+
+  // A new cap starts every vCPU's pacing afresh.
+  holds.clear();
+  limiter.look(2000, t0 + 320ms);
+  CHECK(holds.empty());
 }

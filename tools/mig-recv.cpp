@@ -101,12 +101,12 @@ engine::VmFactory incoming_factory(const Options& options, std::string& memory_d
     throw std::invalid_argument("--listen defer needs --qmp, to receive migrate-incoming");
   const auto memory = vmm::KvmVm::incoming_memory(options.memory.options());
   memory_description = memory.description;
-  const auto tracking = options.dirty_track.tracking(options.synthetic);
+  const auto tracking = options.dirty_track.tracking();
   if (options.synthetic) return vmm::SyntheticVm::factory(memory.options, tools::disk_configs(options.disks), tracking);
   return vmm::KvmVm::factory(options.serial, memory.options,
                              options.expect_mem > 0 ? std::optional(vmm::KvmVm::pc_shape(options.expect_mem, options.expect_vcpus))
                                                     : std::nullopt,
-                             tools::disk_configs(options.disks));
+                             tools::disk_configs(options.disks), tools::dirty_ring_entries(tracking));
 }
 
 // Who may connect: TLS where asked for; a refused peer is reported and the wait goes on.

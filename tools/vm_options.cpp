@@ -45,21 +45,22 @@ void VmOptions::add_to(CLI::App& app) {
 void DirtyTrackFlags::add_to(CLI::App& app) {
   app.add_option("--dirty-track", kind,
                  "how dirty pages are found: bitmap (KVM_GET_DIRTY_LOG), or ring (per-vCPU dirty rings, which say which "
-                 "vCPU dirtied a page: --policy dirty-limit needs them; a synthetic guest only, for now)")
+                 "vCPU dirtied a page: --policy dirty-limit needs them)")
       ->check(CLI::IsMember({"bitmap", "ring"}))
       ->default_str("bitmap");
-  app.add_option("--dirty-ring-entries", ring_entries, "with --dirty-track ring: entries per vCPU ring, a power of two (default 4096)")
+  app.add_option("--dirty-ring-entries", ring_entries, "with --dirty-track ring: entries per vCPU ring, a power of two (default 4096; KVM takes 1024 at least)")
       ->check(CLI::Range(64u, 65536u));
 }
 
-vmm::DirtyTracking DirtyTrackFlags::tracking(bool synthetic) const {
+vmm::DirtyTracking DirtyTrackFlags::tracking() const {
   vmm::DirtyTracking tracking;
   tracking.ring_entries = ring_entries;
-  if (kind == "bitmap") return tracking;
-  if (!synthetic)
-    throw std::invalid_argument("--dirty-track ring: mig's KVM VMM does not drive KVM's dirty ring yet; a synthetic guest has rings");
-  tracking.kind = vmm::DirtyTracking::Kind::ring;
+  if (kind == "ring") tracking.kind = vmm::DirtyTracking::Kind::ring;
   return tracking;
+}
+
+std::uint32_t dirty_ring_entries(const vmm::DirtyTracking& tracking) {
+  return tracking.kind == vmm::DirtyTracking::Kind::ring ? tracking.ring_entries : 0;
 }
 
 std::unique_ptr<engine::MigratableVm> migratable(std::unique_ptr<engine::MigratableVm> vm, const VmOptions& options) {
@@ -118,6 +119,7 @@ kvm::MachineConfig VmOptions::machine_config() const {
   config.serial_path = serial;
   config.memory = memory.options();
   if (cpu != "host") config.cpu_model = kvm::read_cpu_model(cpu);
+  config.dirty_ring_entries = dirty_ring_entries(dirty_track.tracking());
   return config;
 }
 
@@ -125,7 +127,7 @@ std::unique_ptr<vmm::HostedVm> boot_guest(const VmOptions& options) {
   const auto config = options.machine_config();
   std::vector<std::unique_ptr<kvm::DiskImage>> disks;
   for (const auto& disk : disk_configs(options.disks)) disks.push_back(kvm::DiskImage::open(disk));
-  const auto tracking = options.dirty_track.tracking(options.synthetic_dirty_MBps.has_value());
+  const auto tracking = options.dirty_track.tracking();
   if (options.synthetic_dirty_MBps)
     return vmm::SyntheticVm::boot(options.mem_bytes, options.vcpus, config.memory,
                                   {*options.synthetic_dirty_MBps, options.compute_vcpus}, std::move(disks), tracking);

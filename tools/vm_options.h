@@ -30,9 +30,11 @@ struct DirtyTrackFlags {
   std::uint32_t ring_entries = 4096;
 
   void add_to(CLI::App& app);
-  // Throws std::invalid_argument where the guest cannot have it (rings on a KVM guest).
-  vmm::DirtyTracking tracking(bool synthetic) const;
+  vmm::DirtyTracking tracking() const;
 };
+
+// What a KVM machine takes of it (kvm::MachineConfig::dirty_ring_entries): 0 for the bitmap.
+std::uint32_t dirty_ring_entries(const vmm::DirtyTracking& tracking);
 
 struct VmOptions {
   std::string kernel;

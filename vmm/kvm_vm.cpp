@@ -128,12 +128,14 @@ std::vector<engine::DiskExtent> KvmDisk::data_extents() {
 }
 
 engine::VmFactory KvmVm::factory(std::string serial_path, kvm::MemoryOptions memory,
-                                 std::optional<engine::VmShape> expected, std::vector<kvm::DiskConfig> disks) {
+                                 std::optional<engine::VmShape> expected, std::vector<kvm::DiskConfig> disks,
+                                 std::uint32_t dirty_ring_entries) {
   // A machine built ahead fills its memory while the receiver waits, off the clock: it takes
   // huge pages from the start, whatever they cost to fill here.
-  auto config_for = [serial_path, memory](const engine::VmShape& shape, bool built_ahead) {
+  auto config_for = [serial_path, memory, dirty_ring_entries](const engine::VmShape& shape, bool built_ahead) {
     kvm::MachineConfig config;
     config.vcpus = shape.vcpus;
+    config.dirty_ring_entries = dirty_ring_entries;
     config.serial_path = serial_path;
     config.memory = memory;
     config.memory.huge_pages_after_fill = memory.huge_pages_after_fill && !built_ahead;
@@ -163,6 +165,20 @@ engine::VmFactory KvmVm::factory(std::string serial_path, kvm::MemoryOptions mem
 bool KvmVm::set_throttle(double share) {
   throttler_.set(share);
   return true;
+}
+
+bool KvmVm::set_vcpu_dirty_limit(double bytes_per_s) {
+  if (!machine_->dirty_rings()) return false;  // a bitmap cannot say which vCPU dirtied a page
+  dirty_limiter_.set(bytes_per_s / kvm::kPageSize);
+  if (bytes_per_s <= 0)  // lifted: no vCPU waits out a hold it was given under the cap
+    for (unsigned vcpu = 0; vcpu < vcpu_count(); ++vcpu) machine_->hold_vcpu(vcpu, {});
+  return true;
+}
+
+void KvmVm::fetch_dirty_log_by_vcpu(std::size_t region, std::span<std::uint64_t> bitmap,
+                                    std::span<const std::span<std::uint64_t>> vcpu_bitmaps) {
+  if (!machine_->dirty_rings()) return MigratableVm::fetch_dirty_log_by_vcpu(region, bitmap, vcpu_bitmaps);
+  machine_->fetch_dirty_log_by_vcpu(region, bitmap, vcpu_bitmaps);
 }
 
 void KvmVm::resume() {

@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "../kvm/machine.h"
+#include "dirty_limiter.h"
 #include "hosted_vm.h"
 #include "throttler.h"
 
@@ -44,9 +45,10 @@ class KvmVm final : public HostedVm {
   // Disks: `disks[i]` is the image for the source's disk i. With --copy-storage-all it is
   // created (or an existing one, large enough, is written over); shared storage opens the
   // image named, by default the source's own path, and takes its lock at the switchover.
+  // `dirty_ring_entries` (MachineConfig) serves a migration onward.
   static engine::VmFactory factory(std::string serial_path, kvm::MemoryOptions memory,
                                    std::optional<engine::VmShape> expected = std::nullopt,
-                                   std::vector<kvm::DiskConfig> disks = {});
+                                   std::vector<kvm::DiskConfig> disks = {}, std::uint32_t dirty_ring_entries = 0);
   // The receiver's memory: what `wanted` asks for, except that where huge pages fill fresh
   // memory slower than small ones on this host (kvm::free_huge_blocks_reported_to_hypervisor),
   // incoming pages are faulted in 4 KiB pages and huge pages are asked for once the guest
@@ -72,17 +74,23 @@ class KvmVm final : public HostedVm {
   std::optional<std::string> failure() const override { return machine_->failure(); }
 
   unsigned vcpu_count() const override { return machine_->config().vcpus; }
-  void start_dirty_log() override { machine_->vm().set_dirty_logging(true); }
-  void stop_dirty_log() override { machine_->vm().set_dirty_logging(false); }
+  void start_dirty_log() override { machine_->set_dirty_logging(true); }
+  void stop_dirty_log() override { machine_->set_dirty_logging(false); }
   void fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) override {
     machine_->fetch_and_clear_dirty_log(region, bitmap);
   }
+  bool dirty_log_names_vcpus() const override { return machine_->config().dirty_ring_entries > 0; }
+  void fetch_dirty_log_by_vcpu(std::size_t region, std::span<std::uint64_t> bitmap,
+                               std::span<const std::span<std::uint64_t>> vcpu_bitmaps) override;
   std::string postcopy_unsupported() const override;
   std::vector<wire::CpuidLeaf> guest_cpuid() const override;
   std::uint32_t guest_tsc_khz() const override { return machine_->guest_tsc_khz(); }
   std::vector<int> vcpu_threads() const override { return machine_->vcpu_thread_ids(); }
   // Holds the vCPUs for `share` of every 10 ms from a helper thread (auto-converge).
   bool set_throttle(double share) override;
+  // With dirty rings: a helper looks at each vCPU's dirty count every 10 ms and holds back
+  // those ahead of the cap (DirtyLimiter).
+  bool set_vcpu_dirty_limit(double bytes_per_s) override;
   void pause() override;
   void resume() override;
   std::vector<engine::StateSection> save_state() override;
@@ -93,6 +101,8 @@ class KvmVm final : public HostedVm {
   std::unique_ptr<kvm::Machine> machine_;
   std::vector<std::unique_ptr<KvmDisk>> disks_;
   Throttler throttler_{[this] { machine_->pause(); }, [this] { machine_->resume(); }};  // after machine_: stopped before it goes
+  DirtyLimiter dirty_limiter_{[this] { return machine_->dirty_rings()->harvested_counts(); },
+                              [this](unsigned vcpu, DirtyLimiter::Clock::time_point until) { machine_->hold_vcpu(vcpu, until); }};
 };
 
 // The state sections, exposed for round-trip tests.

@@ -1,6 +1,5 @@
 #include "vmm/soft_dirty_rings.h"
 
-#include <algorithm>
 #include <bit>
 #include <stdexcept>
 #include <utility>
@@ -11,26 +10,19 @@ namespace {
 std::uint64_t words_for(std::uint64_t pages) { return (pages + 63) / 64; }
 }  // namespace
 
-SoftDirtyRings::SoftDirtyRings(unsigned vcpus, const std::vector<std::uint64_t>& region_pages, std::uint32_t entries)
-    : region_pages_(region_pages) {
+SoftDirtyRings::SoftDirtyRings(unsigned vcpus, const std::vector<std::uint64_t>& region_pages, std::uint32_t entries) {
   if (entries < 64 || entries > 65536 || !std::has_single_bit(entries))
     throw std::invalid_argument("a dirty ring has a power of two of entries, from 64 to 65536");
-  for (auto pages : region_pages_) published_.push_back(std::make_unique<std::atomic<std::uint64_t>[]>(words_for(pages)));
-  for (unsigned i = 0; i < vcpus; ++i) {
-    rings_.push_back(std::make_unique<Ring>(entries));
-    auto& found = harvested_.emplace_back();
-    for (auto pages : region_pages_) found.emplace_back(words_for(pages));
-  }
+  for (auto pages : region_pages) published_.push_back(std::make_unique<std::atomic<std::uint64_t>[]>(words_for(pages)));
+  std::vector<std::span<kvm::DirtyGfn>> spans;
+  for (unsigned i = 0; i < vcpus; ++i) spans.push_back(rings_.emplace_back(std::make_unique<Ring>(entries))->entries);
+  harvester_ = std::make_unique<kvm::DirtyRingHarvester>(std::move(spans), region_pages, [this] {
+    for (auto& ring : rings_) reset(*ring);
+  });
 }
 
 void SoftDirtyRings::set_logging(bool on) {
-  if (on) {
-    // Forget what was published before: harvest it away, and drop what the harvest found.
-    std::lock_guard lock(harvest_mutex_);
-    harvest_locked();
-    for (auto& regions : harvested_)
-      for (auto& bits : regions) std::fill(bits.begin(), bits.end(), 0);
-  }
+  if (on) harvester_->forget();  // what was published before is not this log's
   logging_.store(on, std::memory_order_release);
 }
 
@@ -47,39 +39,6 @@ bool SoftDirtyRings::note_write(unsigned vcpu, std::uint32_t region, std::uint64
   std::atomic_ref(entry.flags).store(kvm::kDirtyGfnDirty, std::memory_order_release);
   ring.dirty_index.store(index + 1, std::memory_order_release);
   return index + 1 - ring.reset_index.load(std::memory_order_acquire) >= ring.entries.size();
-}
-
-void SoftDirtyRings::harvest() {
-  std::lock_guard lock(harvest_mutex_);
-  harvest_locked();
-}
-
-namespace {
-void move_bits(std::vector<std::uint64_t>& from, std::span<std::uint64_t> into) {
-  for (std::size_t w = 0; w < from.size() && w < into.size(); ++w) into[w] |= std::exchange(from[w], 0);
-}
-}  // namespace
-
-void SoftDirtyRings::take(std::size_t region, std::span<std::uint64_t> bitmap) {
-  std::lock_guard lock(harvest_mutex_);
-  harvest_locked();
-  for (auto& regions : harvested_) move_bits(regions.at(region), bitmap);
-}
-
-void SoftDirtyRings::take_by_vcpu(std::size_t region, std::span<const std::span<std::uint64_t>> vcpu_bitmaps) {
-  std::lock_guard lock(harvest_mutex_);
-  harvest_locked();
-  for (std::size_t v = 0; v < harvested_.size() && v < vcpu_bitmaps.size(); ++v) move_bits(harvested_[v].at(region), vcpu_bitmaps[v]);
-}
-
-void SoftDirtyRings::harvest_locked() {
-  for (std::size_t v = 0; v < rings_.size(); ++v) {
-    auto& found = harvested_[v];
-    rings_[v]->collector.harvest([&](std::uint32_t slot, std::uint64_t offset) {
-      if (slot < found.size() && offset < region_pages_[slot]) found[slot][offset / 64] |= 1ull << (offset % 64);
-    });
-    reset(*rings_[v]);
-  }
 }
 
 // KVM_RESET_DIRTY_RINGS for one ring: recycles the harvested entries, in order, and lets the

@@ -5,14 +5,13 @@
 // must stop writing until a harvest and a reset free it (KVM_EXIT_DIRTY_RING_FULL).
 //
 // What it is for: per-vCPU dirty counts (which dirty-limit paces), a harvest that costs what
-// was dirtied, and a test bed for the collector that a KVM ring would use. It measures this
+// was dirtied, and a test bed for the harvester that KVM's rings use too. It measures this
 // emulation, not KVM: the cost of a write-protection fault or a ring-full exit is not in it.
 #pragma once
 
 #include <atomic>
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <span>
 #include <vector>
 
@@ -34,32 +33,22 @@ class SoftDirtyRings {
   // Every page vCPU `vcpu` has published since it started: its own dirty count.
   std::uint64_t published(unsigned vcpu) const { return rings_[vcpu]->dirty_index.load(std::memory_order_acquire); }
 
-  // The VMM's side: harvests every ring, then resets them (KVM_RESET_DIRTY_RINGS); what it
-  // found waits for take().
-  void harvest();
-  // Harvests, then ORs every page found for `region` into `bitmap`, and forgets them.
-  void take(std::size_t region, std::span<std::uint64_t> bitmap);
-  // The same, but vCPU v's pages into `vcpu_bitmaps[v]`.
-  void take_by_vcpu(std::size_t region, std::span<const std::span<std::uint64_t>> vcpu_bitmaps);
+  // The VMM's side, as kvm::Machine has it for KVM's rings (see kvm::DirtyRingHarvester).
+  kvm::DirtyRingHarvester& harvester() { return *harvester_; }
 
  private:
   struct Ring {
-    explicit Ring(std::uint32_t size) : entries(size), collector(entries) {}
+    explicit Ring(std::uint32_t size) : entries(size) {}
     std::vector<kvm::DirtyGfn> entries;
-    kvm::DirtyRingCollector collector;
     std::atomic<std::uint64_t> dirty_index{0};  // the producer's: entries published, ever
     std::atomic<std::uint64_t> reset_index{0};  // entries recycled, ever
   };
-  void harvest_locked();
   void reset(Ring& ring);
 
   std::vector<std::unique_ptr<Ring>> rings_;
   std::vector<std::unique_ptr<std::atomic<std::uint64_t>[]>> published_;  // per region, a bit per page: published, not yet reset
-  std::vector<std::uint64_t> region_pages_;
   std::atomic<bool> logging_{false};
-  std::mutex harvest_mutex_;
-  // Per vCPU, per region, under harvest_mutex_: the pages each ring held.
-  std::vector<std::vector<std::vector<std::uint64_t>>> harvested_;
+  std::unique_ptr<kvm::DirtyRingHarvester> harvester_;  // recycles through reset()
 };
 
 }  // namespace mig::vmm

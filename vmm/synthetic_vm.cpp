@@ -21,9 +21,6 @@ constexpr std::chrono::milliseconds kHeartbeatPeriod{1};
 constexpr std::uint64_t kDiskBlock = 64 * 1024;
 constexpr std::uint64_t kDiskSpan = 64ull << 20;  // the part of the disk from offset 0 that is written
 constexpr double kDiskMBps = 2;                   // blocks written per second, in MB/s
-// A dirty-limited vCPU that published less than its cap for a while may catch up on at most
-// this much of it, so a pause does not turn into a burst.
-constexpr std::chrono::milliseconds kDirtyLimitCredit{10};
 
 std::uint64_t total_pages(const kvm::GuestMemory& memory) { return memory.total_bytes() / kvm::kPageSize; }
 
@@ -105,7 +102,7 @@ void SyntheticVm::stop_dirty_log() {
 void SyntheticVm::fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) {
   std::fill(bitmap.begin(), bitmap.end(), 0);
   memory_.take_vmm_writes(region, bitmap);
-  if (rings_) rings_->take(region, bitmap);
+  if (rings_) rings_->harvester().take(region, bitmap);
 }
 
 void SyntheticVm::fetch_dirty_log_by_vcpu(std::size_t region, std::span<std::uint64_t> bitmap,
@@ -114,7 +111,7 @@ void SyntheticVm::fetch_dirty_log_by_vcpu(std::size_t region, std::span<std::uin
   std::fill(bitmap.begin(), bitmap.end(), 0);
   memory_.take_vmm_writes(region, bitmap);
   for (auto vcpu_bitmap : vcpu_bitmaps) std::fill(vcpu_bitmap.begin(), vcpu_bitmap.end(), 0);
-  rings_->take_by_vcpu(region, vcpu_bitmaps);
+  rings_->harvester().take_by_vcpu(region, vcpu_bitmaps);
 }
 
 bool SyntheticVm::set_throttle(double share) {
@@ -184,7 +181,7 @@ void SyntheticVm::run_vcpu(unsigned index, std::stop_token stop) {
   if (computing) report(index, MIG_PROBE_READY, 0);  // it has no memory to fill
   const double blocks_per_heartbeat = index == 0 && !disks_.empty() ? kDiskMBps * 1e6 / kDiskBlock / 1000 : 0;
   double credit = 0, disk_credit = 0;
-  Pacing pacing;
+  DirtyPacing pacing;
   auto next_heartbeat = clock::now();
   while (!stop.stop_requested()) {
     if (park_while_paused(stop)) next_heartbeat = clock::now();  // a paused guest does not catch up
@@ -235,17 +232,11 @@ void SyntheticVm::compute_period(unsigned index, std::chrono::steady_clock::time
 
 // Dirty-limit: waits until what vCPU `index` published since its cap was set fits in the cap.
 // Returns whether it waited.
-bool SyntheticVm::hold_to_dirty_limit(unsigned index, Pacing& pacing, std::stop_token stop) {
-  using clock = std::chrono::steady_clock;
+bool SyntheticVm::hold_to_dirty_limit(unsigned index, DirtyPacing& pacing, std::stop_token stop) {
   const double limit = dirty_limit_pages_per_s_.load();
   if (!rings_ || limit <= 0) return false;
-  const auto now = clock::now();
-  const std::uint64_t published = rings_->published(index);
-  if (pacing.pages_per_s != limit || now - pacing.due(published) > kDirtyLimitCredit) {
-    pacing = {limit, now, published};
-    return false;
-  }
-  const auto due = pacing.due(published);
+  const auto now = std::chrono::steady_clock::now();
+  const auto due = pacing.hold_until(limit, rings_->published(index), now);
   if (due <= now) return false;
   std::unique_lock lock(mutex_);
   changed_.wait_until(lock, stop, due, [&] { return pause_requested_; });
@@ -264,7 +255,7 @@ void SyntheticVm::sweep_page(unsigned index) {
   if (!rings_) {
     memory_.note_vmm_write(page.guest_addr, sizeof(std::uint64_t));
   } else if (rings_->note_write(index, page.region, page.index)) {
-    rings_->harvest();  // its ring is full: KVM would exit to the VMM, which harvests
+    rings_->harvester().harvest();  // its ring is full: KVM would exit to the VMM, which harvests
   }
   if (++sweep.position < share.pages) return;
   sweep.position = 0;

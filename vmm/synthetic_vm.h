@@ -31,6 +31,7 @@
 #include "../kvm/memory.h"
 #include "hosted_vm.h"
 #include "image_disk.h"
+#include "dirty_limiter.h"
 #include "soft_dirty_rings.h"
 #include "throttler.h"
 
@@ -108,18 +109,6 @@ class SyntheticVm final : public HostedVm {
     static constexpr std::uint64_t kNoBlock = ~0ull;
   };
 
-  // Where a vCPU's dirty-limit pacing started: the cap it paces to, the time and what it had
-  // published by then. A new cap starts it again.
-  struct Pacing {
-    double pages_per_s = 0;
-    std::chrono::steady_clock::time_point since;
-    std::uint64_t published = 0;
-    // When `now_published` pages fit in the cap.
-    std::chrono::steady_clock::time_point due(std::uint64_t now_published) const {
-      return since + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                         std::chrono::duration<double>(static_cast<double>(now_published - published) / pages_per_s));
-    }
-  };
   // A page of the guest as a sweep sees it: its first word, its address, its region and index there.
   struct GuestPage {
     std::uint64_t* word = nullptr;
@@ -139,7 +128,7 @@ class SyntheticVm final : public HostedVm {
   bool park_while_paused(std::stop_token stop);
   void sweep_period(unsigned index, std::chrono::steady_clock::time_point until, double& credit);
   void compute_period(unsigned index, std::chrono::steady_clock::time_point until);
-  bool hold_to_dirty_limit(unsigned index, Pacing& pacing, std::stop_token stop);
+  bool hold_to_dirty_limit(unsigned index, DirtyPacing& pacing, std::stop_token stop);
   void sweep_page(unsigned index);
   void disk_step();
   DiskWork decode_disk_work(std::span<const std::byte> data) const;
