@@ -63,13 +63,16 @@ inline double write_moment(std::uint64_t page, std::uint64_t interval) {
 inline constexpr std::uint32_t kEveryWriter = 0x10000;
 
 // Calls visit(page, when) for each write of the trace in [from, to), times in intervals since
-// the trace began, of one writer (a vCPU, or kNoVcpu) or of all; a trace shorter than that
-// is replayed from its start again.
+// the trace began, of one writer (a vCPU, or kNoVcpu) or of all. Past its end, the trace is
+// replayed again from interval `loop_from` (where what it records is the workload, not the
+// guest's boot or fill), which must be one of its intervals.
 template <typename Visit>
-void for_each_write(const DirtyTrace& trace, double from, double to, Visit&& visit, std::uint32_t only = kEveryWriter) {
+void for_each_write(const DirtyTrace& trace, double from, double to, Visit&& visit, std::uint32_t only = kEveryWriter,
+                    std::uint64_t loop_from = 0) {
+  const std::uint64_t frames = trace.frames.size();
   for (auto j = static_cast<std::uint64_t>(from); static_cast<double>(j) < to; ++j) {
     const double begin = std::max(0.0, from - static_cast<double>(j)), end = std::min(1.0, to - static_cast<double>(j));
-    const std::size_t frame = j % trace.frames.size();
+    const std::size_t frame = j < frames ? j : loop_from + (j - loop_from) % (frames - loop_from);
     const auto& pages = trace.frames[frame];
     for (std::size_t i = 0; i < pages.size(); ++i) {
       if (only != kEveryWriter && trace.writer(frame, i) != only) continue;

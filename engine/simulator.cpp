@@ -28,6 +28,7 @@ class ReplayedGuest {
   ReplayedGuest(const DirtyTrace& trace, double start_s)
       : trace_(trace),
         interval_s_(static_cast<double>(trace.interval.count()) / 1e6),
+        loop_from_(static_cast<std::uint64_t>(start_s / interval_s_)),
         clocks_(trace.vcpus + 1, start_s / interval_s_),
         pacing_(trace.vcpus),
         dirty_((trace.pages + 63) / 64, 0),
@@ -98,7 +99,7 @@ class ReplayedGuest {
     const bool all = writer == kEveryWriter;
     const double from = clocks_[all ? 0 : writer], to = from + seconds * speed;
     for_each_write(trace_, from, to, [&](std::uint64_t page, double when) { write(page, wall + (when - from) / speed); },
-                   all ? kEveryWriter : writer_id(writer));
+                   all ? kEveryWriter : writer_id(writer), loop_from_);
     if (all)
       std::fill(clocks_.begin(), clocks_.end(), to);
     else
@@ -111,7 +112,8 @@ class ReplayedGuest {
   void run_held(std::size_t writer, double wall, double seconds, double speed, double limit) {
     const double from = clocks_[writer], to = from + seconds * speed;
     std::vector<std::pair<double, std::uint64_t>> writes;  // trace time, page
-    for_each_write(trace_, from, to, [&](std::uint64_t page, double when) { writes.emplace_back(when, page); }, writer_id(writer));
+    for_each_write(trace_, from, to, [&](std::uint64_t page, double when) { writes.emplace_back(when, page); }, writer_id(writer),
+                   loop_from_);
     std::sort(writes.begin(), writes.end());
     Pacing& pacing = pacing_[writer];
     if (pacing.pages_per_s != limit) pacing = {limit, wall, 0};
@@ -134,6 +136,7 @@ class ReplayedGuest {
 
   const DirtyTrace& trace_;
   const double interval_s_;
+  const std::uint64_t loop_from_;  // the interval where the migration started: a replay past the end loops back to it
   std::vector<double> clocks_;  // per writer (the vCPUs, then the unnamed writes): trace time, in intervals
   std::vector<Pacing> pacing_;  // per vCPU
   std::vector<std::uint64_t> dirty_;
@@ -206,7 +209,8 @@ void check(const DirtyTrace& trace, const SimulatorOptions& o) {
   if (trace.frames.empty()) throw std::invalid_argument("the trace has no intervals to replay");
   if (!(o.bandwidth_Bps > 0)) throw std::invalid_argument("the bandwidth must be positive");
   if (o.guest_scale < 1) throw std::invalid_argument("the guest scale must be at least 1");
-  if (o.trace_start_s < 0) throw std::invalid_argument("the trace start must not be negative");
+  if (o.trace_start_s < 0 || o.trace_start_s >= trace.seconds())
+    throw std::invalid_argument("the trace start must be within the trace (0 to " + shortest_text(trace.seconds()) + " s)");
 }
 
 }  // namespace

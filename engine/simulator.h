@@ -23,7 +23,9 @@
 //     RoundAck); the final round its bytes at the pause bandwidth (the engine does not limit
 //     it) plus the state, then one and a half round trips and `restore_ms` until the
 //     destination resumes, and half a round trip more until the source hears Running;
-//   - a trace shorter than the migration is replayed from its start again.
+//   - a trace shorter than the migration is replayed again from where the migration started
+//     in it (`trace_start_s`), since what comes before that (a boot, a fill) is not the
+//     workload.
 // `guest_scale` K stands for a guest K times as large whose every K-th part behaves like the
 // recorded guest (with its own vCPUs, each under the same per-vCPU limit): populated and
 // dirty counts are multiplied by K.

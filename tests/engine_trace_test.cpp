@@ -277,6 +277,19 @@ TEST_CASE("the simulator replays a trace through the policy and the round accoun
     CHECK(engine::simulate(trace, o).round_table[0].pages_sent == 150);
   }
 
+  SECTION("a trace shorter than the migration loops back to where the migration started, not to the guest's fill") {
+    auto trace = steady_trace(1000, 0, 10);  // 0.1 s
+    trace.populated.clear();
+    for (std::uint64_t p = 0; p < 1000; ++p) trace.frames[0].push_back(p);  // the fill, then nothing
+    o.bandwidth_Bps = 10e6;  // round 0 takes 0.41 s: the trace runs out four times over
+    o.trace_start_s = 0.05;
+    const auto m = engine::simulate(trace, o);
+    REQUIRE(m.round_table.size() == 1);
+    CHECK(m.round_table[0].dirty_pages == 0);
+    o.trace_start_s = 0.1;
+    CHECK_THROWS_WITH(engine::simulate(trace, o), Contains("within the trace (0 to 0.1 s)"));
+  }
+
   SECTION("dedup: a page written before it left in round 0 is dirty, but unchanged since, and skipped") {
     auto trace = steady_trace(1000, 0, 100);
     for (std::uint64_t p = 900; p < 1000; ++p) trace.frames[0].push_back(p);  // early; sent last
