@@ -252,6 +252,18 @@ TEST_CASE("a dirty limit holds the dirtying vCPU to its cap - and leaves the com
   CHECK(check_failures(*vm) == 0);
 }
 
+TEST_CASE("lifting a dirty limit frees a vCPU held under it at once") {
+  auto vm = boot_with_rings(40, 0);
+  vm->start_dirty_log();
+  REQUIRE(vm->set_vcpu_dirty_limit(4096));  // a page a second: past its credit, each vCPU waits a second a page
+  std::this_thread::sleep_for(milliseconds(100));
+  REQUIRE(vm->set_vcpu_dirty_limit(0));
+  dirty_pages(*vm);
+  std::this_thread::sleep_for(milliseconds(100));
+  CHECK(dirty_pages(*vm) > 300);  // 40 MB/s: about 980 pages in 100 ms
+  CHECK(check_failures(*vm) == 0);
+}
+
 TEST_CASE("a synthetic guest throttles as a whole - and takes a dirty limit only with rings") {
   auto vm = vmm::SyntheticVm::boot(kMem, 2, {}, {20, 1});
   REQUIRE(vm->probe().wait_ready(seconds(20)));

@@ -57,7 +57,7 @@ void print_trace_info(const std::string& path, const engine::DirtyTrace& t) {
   const auto MBps = [&](std::uint64_t pages) { return t.seconds() > 0 ? static_cast<double>(pages * engine::kPageSize) / t.seconds() / 1e6 : 0.0; };
   std::uint64_t total = 0;
   for (auto w : writes) total += w;
-  fmt::print("{}: {} ({} bytes)\n  workload: {}\n  guest {:.0f} MiB, {} pages populated; {} intervals of {} ms = {:.1f} s\n"
+  fmt::print("{}: {} ({} bytes)\n  workload: {}\n  guest {:.0f} MiB, {} pages populated; {} intervals of {} ms = {:g} s\n"
              "  {:.1f} MB/s dirtied on average (pages written per interval, summed)\n",
              path, t.frames.size() ? "a dirty trace" : "an empty dirty trace", std::filesystem::file_size(path), t.workload,
              static_cast<double>(t.guest_bytes()) / (1 << 20), t.populated.size(), t.frames.size(),

@@ -121,7 +121,11 @@ bool SyntheticVm::set_throttle(double share) {
 
 bool SyntheticVm::set_vcpu_dirty_limit(double bytes_per_s) {
   if (!rings_) return false;  // a bitmap cannot say which vCPU dirtied a page
-  dirty_limit_pages_per_s_.store(std::max(bytes_per_s, 0.0) / kvm::kPageSize);
+  {
+    std::lock_guard lock(mutex_);  // so that a vCPU held under the old cap sees the new one
+    dirty_limit_pages_per_s_.store(std::max(bytes_per_s, 0.0) / kvm::kPageSize);
+  }
+  changed_.notify_all();
   return true;
 }
 
@@ -230,8 +234,8 @@ void SyntheticVm::compute_period(unsigned index, std::chrono::steady_clock::time
   report(index, MIG_PROBE_WORK, static_cast<std::uint32_t>(units));
 }
 
-// Dirty-limit: waits until what vCPU `index` published since its cap was set fits in the cap.
-// Returns whether it waited.
+// Dirty-limit: waits until what vCPU `index` published since its cap was set fits in the cap,
+// or the cap changes. Returns whether it waited.
 bool SyntheticVm::hold_to_dirty_limit(unsigned index, DirtyPacing& pacing, std::stop_token stop) {
   const double limit = dirty_limit_pages_per_s_.load();
   if (!rings_ || limit <= 0) return false;
@@ -239,7 +243,7 @@ bool SyntheticVm::hold_to_dirty_limit(unsigned index, DirtyPacing& pacing, std::
   const auto due = pacing.hold_until(limit, rings_->published(index), now);
   if (due <= now) return false;
   std::unique_lock lock(mutex_);
-  changed_.wait_until(lock, stop, due, [&] { return pause_requested_; });
+  changed_.wait_until(lock, stop, due, [&] { return pause_requested_ || dirty_limit_pages_per_s_.load() != limit; });
   return true;
 }
 
