@@ -55,7 +55,6 @@ void DirtyRingHarvester::harvest_locked() {
 
 template <typename Put>
 void DirtyRingHarvester::take_locked(std::size_t slot, Put&& put) {
-  harvest_locked();
   for (std::size_t vcpu = 0; vcpu < pages_.size(); ++vcpu) {
     for (auto page : pages_[vcpu].at(slot)) {
       found_[slot][page / 64] &= ~(std::uint64_t{1} << (page % 64));
@@ -67,12 +66,14 @@ void DirtyRingHarvester::take_locked(std::size_t slot, Put&& put) {
 
 void DirtyRingHarvester::forget() {
   std::lock_guard lock(mutex_);
+  harvest_locked();  // once for every slot: a harvest ends in a reset of every ring
   for (std::size_t slot = 0; slot < slot_pages_.size(); ++slot) take_locked(slot, [](std::size_t, std::uint64_t) {});
 }
 
 void DirtyRingHarvester::take(std::size_t slot, std::span<std::uint64_t> bitmap) {
   if (bitmap.size() * 64 < slot_pages_.at(slot)) throw std::invalid_argument("dirty bitmap too small for slot");
   std::lock_guard lock(mutex_);
+  harvest_locked();
   take_locked(slot, [&](std::size_t, std::uint64_t page) { bitmap[page / 64] |= std::uint64_t{1} << (page % 64); });
 }
 
@@ -81,6 +82,7 @@ void DirtyRingHarvester::take_by_vcpu(std::size_t slot, std::span<const std::spa
   for (auto bitmap : vcpu_bitmaps)
     if (bitmap.size() * 64 < slot_pages_.at(slot)) throw std::invalid_argument("dirty bitmap too small for slot");
   std::lock_guard lock(mutex_);
+  harvest_locked();
   take_locked(slot, [&](std::size_t vcpu, std::uint64_t page) { vcpu_bitmaps[vcpu][page / 64] |= std::uint64_t{1} << (page % 64); });
 }
 

@@ -70,7 +70,7 @@ class DirtyRingHarvester {
 
  private:
   void harvest_locked();
-  // Moves the pages found in `slot` out, calling put(vcpu, page) for each.
+  // Moves the pages found in `slot` so far out, calling put(vcpu, page) for each.
   template <typename Put>
   void take_locked(std::size_t slot, Put&& put);
 

@@ -28,7 +28,7 @@ class SoftDirtyRings {
   // Starting forgets every page published so far; stopping publishes nothing more.
   void set_logging(bool on);
   // On vCPU `vcpu`'s thread, after it wrote `page` of `region`. Returns true when its ring
-  // is full: the vCPU must call harvest() before it writes again (KVM_EXIT_DIRTY_RING_FULL).
+  // is full: the vCPU must call harvester().harvest() before it writes again (KVM_EXIT_DIRTY_RING_FULL).
   bool note_write(unsigned vcpu, std::uint32_t region, std::uint64_t page);
   // Every page vCPU `vcpu` has published since it started: its own dirty count.
   std::uint64_t published(unsigned vcpu) const { return rings_[vcpu]->dirty_index.load(std::memory_order_acquire); }
