@@ -1,14 +1,16 @@
 #!/usr/bin/python3
 """Dirty-limit against auto-converge: what each costs the vCPUs that do not dirty memory.
 
-    bench/dirty-limit.py BUILD_DIR [--repeats 4] [--json rows.json]    (as root)
+    bench/dirty-limit.py BUILD_DIR [--guest synthetic|kvm] [--repeats 4] [--json rows.json]    (as root)
 
 QEMU 8.1's cover letter for dirty-limit: a guest dirtying 90 MB/s over a 1 Gbit link
 finished in 6.0 s with dirty-limit against 33.5 s with auto-converge, while its vCPUs that
 dirty no memory kept near their normal speed. This is that comparison on mig.
 
 The guest: a synthetic one (256 MiB, 2 vCPUs, per-vCPU dirty rings): vCPU 0 sweeps memory
-at the workload's rate, vCPU 1 computes (--compute-vcpus 1) and reports its work. mig-send
+at the workload's rate, vCPU 1 computes (--compute-vcpus 1) and reports its work. With
+--guest kvm it is the workload guest on KVM, the same way (mode=sweep compute=1 hb=1, a
+256 MiB working set, KVM's dirty rings); it starts after one sweep pass has filled memory. mig-send
 migrates it between two network namespaces over a veth shaped to 1 Gbit/s (tc tbf), under
   - qemu: QEMU's rule with auto-converge, which holds every vCPU;
   - dirty-limit: QEMU's rule with dirty-limit, which caps each vCPU's dirty rate (1 MB/s);
@@ -47,13 +49,22 @@ GUEST_MIB = 256
 PORT = 7432
 
 
-def migrate(build, net, work, dirty_MBps, policy, name, after_s):
+def guest_args(build, guest, dirty_MBps):
+    """mig-send's arguments for the guest: vCPU 0 sweeps the working set, vCPU 1 computes."""
+    if guest == "synthetic":
+        return ["--synthetic-guest", str(dirty_MBps), "--mem", "%dM" % GUEST_MIB, "--vcpus", "2", "--compute-vcpus", "1"]
+    # The working set starts 4 MiB in (guest/workload.c): room for it, and the kernel below it.
+    return ["--kernel", os.path.join(build, "guest", "mig-guest.elf"), "--mem", "%dM" % (GUEST_MIB + 8), "--vcpus", "2",
+            "--append", "mode=sweep rate=%d wss=%dM cpus=2 compute=1 hb=1" % (dirty_MBps, GUEST_MIB)]
+
+
+def migrate(build, net, work, guest, dirty_MBps, policy, name, after_s):
     """One migration, `after_s` after the guest is ready; mig-send's stats."""
     stats = os.path.join(work, name + ".json")
-    receiver = netlab.start_synthetic_receiver(build, net, PORT, pin_cpu=0)
-    sender = subprocess.Popen(["ip", "netns", "exec", net.source, "taskset", "-c", "0", os.path.join(build, "tools", "mig-send"),
-                               "--synthetic-guest", str(dirty_MBps), "--mem", "%dM" % GUEST_MIB, "--vcpus", "2", "--compute-vcpus", "1",
-                               "--dirty-track", "ring", "--to", "tcp:%s:%d" % (netlab.DEST_ADDR, PORT),
+    receiver = netlab.start_receiver(build, net, PORT, pin_cpu=0, synthetic=guest == "synthetic")
+    sender = subprocess.Popen(["ip", "netns", "exec", net.source, "taskset", "-c", "0", os.path.join(build, "tools", "mig-send")] +
+                              guest_args(build, guest, dirty_MBps) +
+                              ["--dirty-track", "ring", "--to", "tcp:%s:%d" % (netlab.DEST_ADDR, PORT),
                                "--after", "%.3f" % after_s, "--policy", policy, "--stats-json", stats],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     pin_thread(sender.pid, "vcpu1", 1)
@@ -79,16 +90,18 @@ def pin_thread(pid, name, cpu):
     raise RuntimeError("mig-send has no thread named " + name)
 
 
-def phase_starts(dirty_MBps, repeats):
+def phase_starts(guest, dirty_MBps, repeats):
     """--after values that start the migration at `repeats` phases spread evenly over one
-    pass of the sweep (vCPU 0 sweeps the whole guest at `dirty_MBps`)."""
+    pass of the sweep (vCPU 0 sweeps the whole guest at `dirty_MBps`). The synthetic guest
+    fills its memory flat out; the workload guest's first pass, at the rate, fills it."""
     pass_s = GUEST_MIB * 2**20 / (dirty_MBps * 1e6)
-    return [AFTER_S + pass_s * k / repeats for k in range(repeats)]
+    first = AFTER_S if guest == "synthetic" else max(AFTER_S, pass_s)
+    return [first + pass_s * k / repeats for k in range(repeats)]
 
 
-def row(dirty_MBps, policy, repeat, stats):
+def row(guest, dirty_MBps, policy, repeat, stats):
     computing = stats["local_guest_work"][0]
-    return {"link": LINK[0], "dirty_MBps": dirty_MBps, "policy": policy, "repeat": repeat,
+    return {"link": LINK[0], "guest": guest, "dirty_MBps": dirty_MBps, "policy": policy, "repeat": repeat,
             "total_ms": stats["total_ms"], "downtime_ms": stats["downtime_ms"], "rounds": stats["rounds"],
             "bytes_sent": stats["bytes_sent"], "stop_rule": stats["stop_rule"],
             "max_throttle_pct": max(r["throttle_pct"] for r in stats["round_table"]),
@@ -105,6 +118,8 @@ def spread(rows, key, fmt):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("build")
+    parser.add_argument("--guest", choices=["synthetic", "kvm"], default="synthetic",
+                        help="the synthetic guest (no KVM needed), or the workload guest on KVM")
     parser.add_argument("--repeats", type=int, default=4, help="runs per policy, at phases spread over a sweep pass")
     parser.add_argument("--json", help="write every run here")
     args = parser.parse_args()
@@ -114,12 +129,12 @@ def main():
     with tempfile.TemporaryDirectory() as work, netlab.Network(LINK[1]) as net:
         for dirty in WORKLOADS:
             for policy in POLICIES:
-                for repeat, after_s in enumerate(phase_starts(dirty, args.repeats)):
-                    rows.append(row(dirty, policy, repeat, migrate(args.build, net, work, dirty, policy,
-                                                                 "%s-%d-%d" % (policy, dirty, repeat), after_s)))
+                for repeat, after_s in enumerate(phase_starts(args.guest, dirty, args.repeats)):
+                    stats = migrate(args.build, net, work, args.guest, dirty, policy, "%s-%d-%d" % (policy, dirty, repeat), after_s)
+                    rows.append(row(args.guest, dirty, policy, repeat, stats))
                     print(json.dumps(rows[-1]), flush=True)
-    print("\n%s, %d MiB guest: vCPU 0 dirties, vCPU 1 computes; median (min-max) of %d runs at phases spread over a sweep"
-          % (LINK[0], GUEST_MIB, args.repeats))
+    print("\n%s, %s guest of %d MiB: vCPU 0 dirties, vCPU 1 computes; median (min-max) of %d runs at phases spread over a sweep"
+          % (LINK[0], args.guest, GUEST_MIB, args.repeats))
     print("| dirtied | policy | total ms | downtime ms | rounds | GB sent | brake | computing vCPU's speed % | its longest gap ms |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for dirty in WORKLOADS:

@@ -194,7 +194,8 @@ def plot_dirtylimit(rows, out, title):
         axis.set_ylabel(unit)
         axis.set_ylim(bottom=0)
     link = rows[0]["link"] if rows else ""
-    fig.suptitle(title or f"dirty-limit against auto-converge (qemu): 2-vCPU synthetic guest, vCPU 0 dirtying, {link}")
+    guest = "the workload guest on KVM" if rows and rows[0].get("guest") == "kvm" else "synthetic guest"
+    fig.suptitle(title or f"dirty-limit against auto-converge (qemu): 2-vCPU {guest}, vCPU 0 dirtying, {link}")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 

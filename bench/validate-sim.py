@@ -55,7 +55,7 @@ def guest_args(dirty_MBps, extra):
 def migrate(build, net, work, dirty_MBps, policy, name, extra=()):
     """One real migration; its mig-send stats and its trace's path."""
     trace, stats = os.path.join(work, name + ".trace"), os.path.join(work, name + ".json")
-    receiver = netlab.start_synthetic_receiver(build, net, PORT)
+    receiver = netlab.start_receiver(build, net, PORT)
     sender = subprocess.run(["ip", "netns", "exec", net.source, os.path.join(build, "tools", "mig-send")] +
                             guest_args(dirty_MBps, list(extra)) +
                             ["--to", "tcp:%s:%d" % (netlab.DEST_ADDR, PORT), "--after", str(AFTER_S),

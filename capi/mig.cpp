@@ -158,6 +158,9 @@ struct mig_vm final : engine::MigratableVm {
     check("fetch_dirty_log", ops.fetch_dirty_log(opaque, region, bitmap.data(), bitmap.size()));
   }
   bool set_throttle(double share) override { return ops.set_throttle && ops.set_throttle(opaque, share) == 0; }
+  bool set_vcpu_dirty_limit(double bytes_per_s) override {
+    return vcpu_dirty_limit && vcpu_dirty_limit(opaque, bytes_per_s) == 0;
+  }
   void pause() override { check("pause", ops.pause(opaque)); }
   void resume() override { check("resume", ops.resume(opaque)); }
 
@@ -181,6 +184,7 @@ struct mig_vm final : engine::MigratableVm {
   }
 
   const mig_vm_ops ops;
+  mig_vcpu_dirty_limit_fn vcpu_dirty_limit = nullptr;  // mig_vm_set_vcpu_dirty_limit's; none by default
   void* const opaque;
   const unsigned vcpus;
   const std::vector<engine::MemoryRegion> regions;
@@ -299,6 +303,14 @@ mig_result mig_vm_new(const mig_vm_ops* ops, void* opaque, unsigned vcpus, const
 }
 
 void mig_vm_free(mig_vm* vm) { delete vm; }
+
+mig_result mig_vm_set_vcpu_dirty_limit(mig_vm* vm, mig_vcpu_dirty_limit_fn set_vcpu_dirty_limit) {
+  return guarded([&] {
+    require(vm, "mig_vm_set_vcpu_dirty_limit needs a VM");
+    vm->vcpu_dirty_limit = set_vcpu_dirty_limit;
+    return MIG_OK;
+  });
+}
 
 void mig_send_options_init(mig_send_options* options) {
   if (!options) return;

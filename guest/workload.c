@@ -15,6 +15,9 @@
  *   cpus=N          wait for exactly N vCPUs instead of until no more arrive
  *   hbserial=1      also write one '.' to COM1 per heartbeat of vCPU 0, so a host that does
  *                   not implement the probe (QEMU) can timestamp heartbeats from the serial line
+ *   compute=N       the last N vCPUs compute instead: chains of multiply-adds that touch no memory,
+ *                   reported as units of work each heartbeat (MIG_PROBE_WORK), to show what slowing
+ *                   the guest down costs a vCPU that dirties nothing; the others share wss and rate (0)
  *   seed=N
  *   disk=1          drive the first virtio-blk disk (legacy virtio-pci, found by PCI scan) from
  *                   vCPU 0: write 64 KiB blocks holding their number and a generation counter,
@@ -38,10 +41,12 @@ static struct {
   uint64_t hb_ms;
   uint64_t regcheck;
   uint64_t cpus;
+  uint64_t compute;
   uint64_t seed;
   uint64_t hbserial;
   uint64_t disk, disk_rate_mbps, disk_span;
-} cfg = {MODE_IDLE, 64ul << 20, 0, FILL_RANDOM, 10, 90, 0, 10, 0, 0, 1, 0, 0, 1, 64ul << 20};
+} cfg = {.mode = MODE_IDLE, .wss = 64ul << 20, .fill = FILL_RANDOM, .hot_pct = 10, .hotfrac_pct = 90, .hb_ms = 10,
+         .seed = 1, .disk_rate_mbps = 1, .disk_span = 64ul << 20};
 
 static volatile uint64_t tsc_per_ms;
 static volatile uint32_t ncpus;  /* published by the BSP once all APs have arrived */
@@ -122,6 +127,7 @@ static void parse_arg(const char *key, unsigned klen, const char *val, unsigned 
   else if (streq(key, "hb", klen)) cfg.hb_ms = parse_u64(val, vlen);
   else if (streq(key, "regcheck", klen)) cfg.regcheck = parse_u64(val, vlen);
   else if (streq(key, "cpus", klen)) cfg.cpus = parse_u64(val, vlen);
+  else if (streq(key, "compute", klen)) cfg.compute = parse_u64(val, vlen);
   else if (streq(key, "seed", klen)) cfg.seed = parse_u64(val, vlen);
   else if (streq(key, "hbserial", klen)) cfg.hbserial = parse_u64(val, vlen);
   else if (streq(key, "disk", klen)) cfg.disk = parse_u64(val, vlen);
@@ -262,7 +268,13 @@ static void bsp_setup(void) {
   if (cfg.hb_ms == 0) cfg.hb_ms = 1;
   tsc_per_ms = calibrate_tsc_per_ms();
   start_aps();
-  ncpus = cpus_started > MAX_CPUS ? MAX_CPUS : cpus_started;
+  const uint32_t arrived = cpus_started > MAX_CPUS ? MAX_CPUS : cpus_started;
+  if (cfg.compute >= arrived) {
+    put("mig-guest: compute= leaves no vCPU writing; all but one compute\n");
+    cfg.compute = arrived - 1;
+  }
+  __asm__ volatile("" ::: "memory"); /* cfg is final before the APs are let go */
+  ncpus = arrived;
   put("mig-guest: mode=");
   put_u64(cfg.mode);
   put(" wss_mib=");
@@ -275,6 +287,8 @@ static void bsp_setup(void) {
   put_u64(ncpus);
   put(" tsc_khz=");
   put_u64(tsc_per_ms);
+  put(" compute=");
+  put_u64(cfg.compute);
   put("\n");
 }
 
@@ -418,6 +432,7 @@ struct worker {
   uint64_t last_tsc;
   uint64_t sweep_pos, sweep_pass;
   uint64_t counter;
+  uint64_t work_units, work_state; /* a computing vCPU's: units since the last report, and its chain */
   int avx;
   uint64_t pattern[38], dump[38];
 };
@@ -475,6 +490,14 @@ static void check_registers(struct worker *w, uint64_t iterations) {
       if (w->dump[6 + r * 4 + q] != w->pattern[6 + r * 4 + q]) report_failure(MIG_CHECK_FAIL_VEC);
 }
 
+/* One unit of work: a chain of 1024 multiply-adds (an LCG) that touches no memory, the same
+ * unit as the synthetic guest's, so that a vCPU slowed down shows it and nothing else. */
+static uint64_t compute_unit(uint64_t x) {
+  for (int i = 0; i < 1024; i++) x = x * 6364136223846793005ul + 1442695040888963407ul;
+  return x;
+}
+static volatile uint64_t work_sink; /* the work must be done */
+
 static int have_avx(void) {
   uint32_t a, b, c, d;
   cpuid(1, &a, &b, &c, &d);
@@ -487,14 +510,17 @@ static int have_avx(void) {
 static void run_worker(unsigned cpu) {
   struct worker w = {0};
   w.cpu = cpu;
-  uint64_t slice = (cfg.wss / ncpus) & ~4095ul;
+  /* The vCPUs that write share the working set and the rate; the computing ones come last. */
+  const uint64_t writers = ncpus - cfg.compute;
+  const int computing = cpu >= writers;
+  uint64_t slice = computing ? 0 : (cfg.wss / writers) & ~4095ul;
   w.first = slice / 4096 * cpu;
   w.pages = slice / 4096;
   w.hot_pages = w.pages * cfg.hot_pct / 100;
   w.rng = cfg.seed * 0x9e3779b97f4a7c15ul + cpu + 1;
   w.avx = have_avx();
-  /* MB/s of 4 KiB pages, across the guest, shared evenly by its CPUs; 1/1024 units. */
-  w.credit_per_ms = cfg.rate_mbps * 1000000ul / 4096 * 1024 / 1000 / ncpus;
+  /* MB/s of 4 KiB pages, across the guest, shared evenly by the CPUs that write; 1/1024 units. */
+  w.credit_per_ms = cfg.rate_mbps * 1000000ul / 4096 * 1024 / 1000 / writers;
 
   if (cfg.mode != MODE_SWEEP && cfg.fill != FILL_ZERO)
     for (uint64_t p = 0; p < w.pages; p++)
@@ -508,7 +534,7 @@ static void run_worker(unsigned cpu) {
     report_failure(MIG_CHECK_FAIL_DISK_IO);
     put("mig-guest: no usable virtio-blk disk\n");
   }
-  const int halts = cfg.mode == MODE_IDLE && !cfg.regcheck && !disk;
+  const int halts = cfg.mode == MODE_IDLE && !cfg.regcheck && !disk && !computing;
   /* A halted vCPU wakes at least twice per heartbeat, so a beat is at most half a period late. */
   const uint64_t wake_hz = halts ? 2000 / cfg.hb_ms + 1 : 0;
   const uint64_t timer_hz = cfg.timer_hz > wake_hz ? cfg.timer_hz : wake_hz;
@@ -537,6 +563,11 @@ static void run_worker(unsigned cpu) {
       outl(MIG_PROBE_HEARTBEAT, (uint32_t)++seq);
       if (serial_heartbeat) outb(0x3f8, '.');
       if (cfg.timer_hz) outl(MIG_PROBE_TICKS, (uint32_t)percpu_of(cpu)->ticks);
+      if (computing) {
+        outl(MIG_PROBE_WORK, (uint32_t)w.work_units);
+        w.work_units = 0;
+        work_sink = w.work_state;
+      }
       /* The next beat is due one period on, but never in the past: no bursts after a stall. */
       next_hb += hb_ticks;
       if (next_hb <= now) next_hb = now + hb_ticks;
@@ -553,12 +584,16 @@ static void run_worker(unsigned cpu) {
       }
     }
     if (disk && dk.blocks) disk_step(now);
-    uint64_t n = cfg.mode == MODE_IDLE || cfg.mode == MODE_SPIN ? 0 : writes_allowed(&w, now);
+    if (computing) {
+      w.work_state = compute_unit(w.work_state);
+      w.work_units++;
+    }
+    uint64_t n = computing || cfg.mode == MODE_IDLE || cfg.mode == MODE_SPIN ? 0 : writes_allowed(&w, now);
     if (cfg.mode == MODE_SWEEP) write_sweep(&w, n);
     else if (n) write_random(&w, n);
     if (cfg.regcheck) check_registers(&w, 20000);
     else if (halts) guest_halt();
-    else if (n == 0) for (int i = 0; i < 64; i++) __asm__ volatile("pause");
+    else if (n == 0 && !computing) for (int i = 0; i < 64; i++) __asm__ volatile("pause");
   }
 }
 

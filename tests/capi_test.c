@@ -37,6 +37,9 @@ typedef struct fake_vm {
   int fail_save_state;        /* save_state returns -EIO */
   int has_writer;
   pthread_t writer;
+  double dirty_limit;          /* bytes per second the guest may dirty; 0: no cap */
+  int dirty_limit_calls;
+  double first_dirty_limit;   /* what the first call asked for */
 } fake_vm;
 
 static void sleep_us(long us) {
@@ -46,10 +49,13 @@ static void sleep_us(long us) {
 
 static uint64_t pages_of(size_t region) { return kRegionSize[region] / MIG_PAGE_SIZE; }
 
-/* The guest: writes its write count into one page after another while it runs. */
+/* The guest: writes its write count into one page after another while it runs, one page
+ * per 20 us, or slower under a dirty limit. */
 static void* guest_writes(void* arg) {
   fake_vm* vm = arg;
+  long pause_us = 20;
   for (;;) {
+    sleep_us(pause_us);
     pthread_mutex_lock(&vm->lock);
     if (vm->stopping) break;
     if (!vm->paused) {
@@ -60,8 +66,8 @@ static void* guest_writes(void* arg) {
       if (vm->logging) vm->written[region][page / 64] |= 1ull << (page % 64);
       ++vm->writes;
     }
+    pause_us = vm->dirty_limit > 0 ? (long)(MIG_PAGE_SIZE * 1e6 / vm->dirty_limit) : 20;
     pthread_mutex_unlock(&vm->lock);
-    sleep_us(20);
   }
   pthread_mutex_unlock(&vm->lock);
   return NULL;
@@ -119,6 +125,15 @@ static int fake_restore_state(void* opaque, const mig_state_section* sections, s
       sections[1].version != 3 || strcmp(sections[1].data, "rip=0x1000 rflags=0x2") != 0)
     return -EPROTO;
   memcpy(&vm->writes, sections[0].data, sizeof vm->writes);
+  return 0;
+}
+
+static int fake_set_vcpu_dirty_limit(void* opaque, double bytes_per_second) {
+  fake_vm* vm = opaque;
+  pthread_mutex_lock(&vm->lock);
+  if (vm->dirty_limit_calls++ == 0) vm->first_dirty_limit = bytes_per_second;
+  vm->dirty_limit = bytes_per_second;
+  pthread_mutex_unlock(&vm->lock);
   return 0;
 }
 
@@ -207,32 +222,59 @@ static mig_incoming* listen_for(destination* d) {
   return incoming;
 }
 
+/* What each test migrates: a source whose guest writes, and a destination listening for it. */
+typedef struct pair {
+  fake_vm* source;
+  mig_vm* source_vm;
+  destination d; /* the destination factory's: the pair must stay where it was opened */
+  mig_incoming* incoming;
+  mig_migration* migration;
+} pair;
+
+static void pair_open(pair* p, int refuse) {
+  p->source = fake_vm_new(1);
+  p->source_vm = describe(p->source);
+  p->d.vm = NULL;
+  p->d.refuse = refuse;
+  p->incoming = listen_for(&p->d);
+  p->migration = NULL;
+}
+
+static void pair_start(pair* p, const mig_send_options* options) {
+  CHECK(mig_migration_start(p->source_vm, mig_incoming_address(p->incoming), options, &p->migration) == MIG_OK);
+}
+
+static void pair_close(pair* p) {
+  mig_migration_free(p->migration);
+  mig_incoming_free(p->incoming);
+  mig_vm_free(p->source_vm);
+  fake_vm_free(p->source);
+  fake_vm_free(p->d.vm);
+}
+
 static void test_live_migration(unsigned channels, const char* policy) {
-  fake_vm* source = fake_vm_new(1);
-  mig_vm* source_vm = describe(source);
-  destination d = {NULL, 0};
-  mig_incoming* incoming = listen_for(&d);
+  pair p;
   events seen = {PTHREAD_MUTEX_INITIALIZER, 0, 0, 0};
   mig_send_options options;
-  mig_migration* migration = NULL;
   mig_outcome sent, received;
   mig_progress progress;
   size_t r;
 
+  pair_open(&p, 0);
   sleep_us(20000); /* let the guest write for a while first */
   mig_send_options_init(&options);
   options.channels = channels;
   options.policy = policy;
   options.on_event = count_event;
   options.event_opaque = &seen;
-  CHECK(mig_migration_start(source_vm, mig_incoming_address(incoming), &options, &migration) == MIG_OK);
-  CHECK(mig_migration_wait(migration, 60000, &sent) == MIG_OK);
+  pair_start(&p, &options);
+  CHECK(mig_migration_wait(p.migration, 60000, &sent) == MIG_OK);
   CHECK(sent.status == MIG_STATUS_COMPLETED && sent.verified == 1 && sent.rounds >= 2);
   CHECK(sent.guest_bytes == kRegionSize[0] + kRegionSize[1] && sent.bytes > 0 && sent.error[0] == '\0');
-  CHECK(mig_incoming_wait(incoming, 60000, &received) == MIG_OK);
+  CHECK(mig_incoming_wait(p.incoming, 60000, &received) == MIG_OK);
   CHECK(received.status == MIG_STATUS_COMPLETED && received.verified == 1);
 
-  CHECK(mig_migration_progress(migration, &progress) == MIG_OK);
+  CHECK(mig_migration_progress(p.migration, &progress) == MIG_OK);
   CHECK(progress.status == MIG_STATUS_COMPLETED && progress.bytes_sent > 0);
   CHECK(progress.rounds >= 1 && progress.last_round.pages_sent > 0);
   pthread_mutex_lock(&seen.lock);
@@ -240,91 +282,102 @@ static void test_live_migration(unsigned channels, const char* policy) {
   pthread_mutex_unlock(&seen.lock);
 
   /* The guest moved: the source stays paused, and both sides hold the same memory and state. */
-  CHECK(source->paused && d.vm && !d.vm->paused && d.vm->resumes == 1);
-  CHECK(d.vm && d.vm->writes == source->writes && source->writes > 0);
-  for (r = 0; d.vm && r < kRegions; ++r)
-    CHECK(memcmp(source->regions[r].host, d.vm->regions[r].host, kRegionSize[r]) == 0);
-  CHECK(mig_migration_cancel(migration) == MIG_ERR_STATE);
-
-  mig_migration_free(migration);
-  mig_incoming_free(incoming);
-  mig_vm_free(source_vm);
-  fake_vm_free(source);
-  fake_vm_free(d.vm);
+  CHECK(p.source->paused && p.d.vm && !p.d.vm->paused && p.d.vm->resumes == 1);
+  CHECK(p.d.vm && p.d.vm->writes == p.source->writes && p.source->writes > 0);
+  for (r = 0; p.d.vm && r < kRegions; ++r)
+    CHECK(memcmp(p.source->regions[r].host, p.d.vm->regions[r].host, kRegionSize[r]) == 0);
+  CHECK(mig_migration_cancel(p.migration) == MIG_ERR_STATE);
+  pair_close(&p);
 }
 
 /* A slow migration is cancelled; the guest runs on at the source, the destination discards. */
 static void test_cancel(void) {
-  fake_vm* source = fake_vm_new(1);
-  mig_vm* source_vm = describe(source);
-  destination d = {NULL, 0};
-  mig_incoming* incoming = listen_for(&d);
+  pair p;
   mig_send_options options;
-  mig_migration* migration = NULL;
   mig_progress progress;
   mig_outcome outcome;
   uint64_t writes_before;
   int i;
 
+  pair_open(&p, 0);
   mig_send_options_init(&options);
   options.bandwidth = 1 << 20; /* round 0 alone takes about 6 s */
-  CHECK(mig_migration_start(source_vm, mig_incoming_address(incoming), &options, &migration) == MIG_OK);
+  pair_start(&p, &options);
   for (i = 0; i < 500; ++i) {
-    CHECK(mig_migration_progress(migration, &progress) == MIG_OK);
+    CHECK(mig_migration_progress(p.migration, &progress) == MIG_OK);
     if (progress.status == MIG_STATUS_ACTIVE && progress.bytes_sent > 0) break;
     sleep_us(10000);
   }
   CHECK(progress.status == MIG_STATUS_ACTIVE);
-  CHECK(mig_migration_wait(migration, 0, NULL) == MIG_ERR_TIMEOUT);
-  CHECK(mig_migration_set_downtime(migration, 50) == MIG_OK);
-  CHECK(mig_migration_set_downtime(migration, -1) == MIG_ERR_INVALID);
-  CHECK(mig_migration_cancel(migration) == MIG_OK);
-  CHECK(mig_migration_wait(migration, 30000, &outcome) == MIG_ERR_CANCELLED);
+  CHECK(mig_migration_wait(p.migration, 0, NULL) == MIG_ERR_TIMEOUT);
+  CHECK(mig_migration_set_downtime(p.migration, 50) == MIG_OK);
+  CHECK(mig_migration_set_downtime(p.migration, -1) == MIG_ERR_INVALID);
+  CHECK(mig_migration_cancel(p.migration) == MIG_OK);
+  CHECK(mig_migration_wait(p.migration, 30000, &outcome) == MIG_ERR_CANCELLED);
   CHECK(outcome.status == MIG_STATUS_CANCELLED && strstr(outcome.error, "cancel") != NULL);
-  CHECK(mig_incoming_wait(incoming, 30000, &outcome) == MIG_ERR_FAILED);
+  CHECK(mig_incoming_wait(p.incoming, 30000, &outcome) == MIG_ERR_FAILED);
   CHECK(outcome.status == MIG_STATUS_FAILED && outcome.error[0] != '\0');
 
-  pthread_mutex_lock(&source->lock);
-  writes_before = source->writes;
-  pthread_mutex_unlock(&source->lock);
+  pthread_mutex_lock(&p.source->lock);
+  writes_before = p.source->writes;
+  pthread_mutex_unlock(&p.source->lock);
   sleep_us(20000);
-  pthread_mutex_lock(&source->lock);
-  CHECK(!source->paused && source->writes > writes_before && !source->logging);
-  pthread_mutex_unlock(&source->lock);
+  pthread_mutex_lock(&p.source->lock);
+  CHECK(!p.source->paused && p.source->writes > writes_before && !p.source->logging);
+  pthread_mutex_unlock(&p.source->lock);
+  pair_close(&p);
+}
 
-  mig_migration_free(migration);
-  mig_incoming_free(incoming);
-  mig_vm_free(source_vm);
-  fake_vm_free(source);
-  fake_vm_free(d.vm);
+/* dirty-limit through its callback: the guest dirties its 6 MiB every round, far faster than
+ * the 20 MB/s link drains it, until the policy caps it (at 1 MB/s, its default). With
+ * `fail_save_state`, the migration fails after the cap came, and the cap is lifted. */
+static void test_dirty_limit(int fail_save_state) {
+  pair p;
+  mig_send_options options;
+  mig_outcome sent, received;
+
+  pair_open(&p, 0);
+  CHECK(mig_vm_set_vcpu_dirty_limit(NULL, fake_set_vcpu_dirty_limit) == MIG_ERR_INVALID);
+  CHECK(mig_vm_set_vcpu_dirty_limit(p.source_vm, fake_set_vcpu_dirty_limit) == MIG_OK);
+  p.source->fail_save_state = fail_save_state;
+  mig_send_options_init(&options);
+  options.policy = "dirty-limit";
+  options.bandwidth = 20e6;
+  pair_start(&p, &options);
+  if (fail_save_state) {
+    CHECK(mig_migration_wait(p.migration, 60000, &sent) == MIG_ERR_FAILED);
+    CHECK(strstr(sent.error, "save_state failed") != NULL);
+  } else {
+    CHECK(mig_migration_wait(p.migration, 60000, &sent) == MIG_OK);
+    CHECK(sent.status == MIG_STATUS_COMPLETED && sent.verified == 1);
+    CHECK(mig_incoming_wait(p.incoming, 60000, &received) == MIG_OK);
+    CHECK(received.status == MIG_STATUS_COMPLETED && received.verified == 1);
+  }
+  pthread_mutex_lock(&p.source->lock);
+  CHECK(p.source->dirty_limit_calls >= 1 && p.source->first_dirty_limit == 1e6);
+  if (fail_save_state) CHECK(!p.source->paused && p.source->dirty_limit == 0 && p.source->dirty_limit_calls == 2);
+  pthread_mutex_unlock(&p.source->lock);
+  pair_close(&p);
 }
 
 /* Failures on either side leave the source running, each with a message that says why. */
 static void test_failures_resume_the_source(int refuse, int fail_save_state, const char* expected) {
-  fake_vm* source = fake_vm_new(1);
-  mig_vm* source_vm = describe(source);
-  destination d = {NULL, refuse};
-  mig_incoming* incoming = listen_for(&d);
+  pair p;
   mig_send_options options;
-  mig_migration* migration = NULL;
   mig_outcome outcome;
 
-  source->fail_save_state = fail_save_state;
+  pair_open(&p, refuse);
+  p.source->fail_save_state = fail_save_state;
   mig_send_options_init(&options);
-  CHECK(mig_migration_start(source_vm, mig_incoming_address(incoming), &options, &migration) == MIG_OK);
-  CHECK(mig_migration_wait(migration, 60000, &outcome) == MIG_ERR_FAILED);
+  pair_start(&p, &options);
+  CHECK(mig_migration_wait(p.migration, 60000, &outcome) == MIG_ERR_FAILED);
   CHECK(strstr(outcome.error, expected) != NULL);
   CHECK(strstr(mig_last_error(), expected) != NULL);
   if (!strstr(outcome.error, expected)) fprintf(stderr, "  the error was: %s\n", outcome.error);
-  pthread_mutex_lock(&source->lock);
-  CHECK(!source->paused && !source->logging);
-  pthread_mutex_unlock(&source->lock);
-
-  mig_migration_free(migration);
-  mig_incoming_free(incoming);
-  mig_vm_free(source_vm);
-  fake_vm_free(source);
-  fake_vm_free(d.vm);
+  pthread_mutex_lock(&p.source->lock);
+  CHECK(!p.source->paused && !p.source->logging);
+  pthread_mutex_unlock(&p.source->lock);
+  pair_close(&p);
 }
 
 static void test_bad_arguments(void) {
@@ -377,6 +430,8 @@ int main(void) {
   test_live_migration(1, NULL);
   test_live_migration(4, "xen");
   test_cancel();
+  test_dirty_limit(0);
+  test_dirty_limit(1);
   test_failures_resume_the_source(1, 0, "refused the guest");
   test_failures_resume_the_source(0, 1, "save_state failed: Input/output error");
   if (failures) fprintf(stderr, "%d checks failed\n", failures);

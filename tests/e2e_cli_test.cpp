@@ -64,12 +64,12 @@ TEST_CASE("mig-send migrates on SIGUSR1") {
   std::remove(temp_path("usr1.json").c_str());
 }
 
-TEST_CASE("dirty-limit caps a KVM guest's vCPUs through KVM's dirty rings - a guest that would not converge does") {
+TEST_CASE("dirty-limit caps a KVM guest's dirtying vCPU through KVM's dirty rings - its computing vCPU's pace reported") {
   test::require_kvm();
   const auto send_stats = temp_path("kvm-dl-send.json"), recv_stats = temp_path("kvm-dl-recv.json");
   auto [receiver, endpoint] = start_receiver({"--run-for", "0.5", "--stats-json", recv_stats, "--dirty-track", "ring"});
   // 60 MB/s over 64 MiB against a 40 MB/s link: it cannot converge unless the brake works.
-  auto args = send_args(endpoint, send_stats, "mode=random rate=60 wss=64M hb=2 cpus=2");
+  auto args = send_args(endpoint, send_stats, "mode=random rate=60 wss=64M hb=2 cpus=2 compute=1");
   args.insert(args.end(), {"--vcpus", "2", "--dirty-track", "ring", "--dirty-ring-entries", "1024", "--policy", "dirty-limit",
                            "--bandwidth", "40M"});
   Child sender(args);
@@ -83,30 +83,6 @@ TEST_CASE("dirty-limit caps a KVM guest's vCPUs through KVM's dirty rings - a gu
   CHECK(s["heartbeat_sequence_continued"] == true);
   std::remove(send_stats.c_str());
   std::remove(recv_stats.c_str());
-}
-
-TEST_CASE("QEMU boots the same guest image") {
-  if (::access("/usr/bin/qemu-system-x86_64", X_OK) != 0) {
-    std::printf("SKIPPED: qemu-system-x86_64 is not installed\n");
-    std::exit(MIG_SKIP_CODE);
-  }
-  test::require_kvm();
-  const auto serial = temp_path("qemu-serial.txt");
-  Child qemu({"/usr/bin/qemu-system-x86_64", "-enable-kvm", "-m", "128", "-smp", "2", "-display", "none", "-nodefaults",
-              "-kernel", test::kGuestImage, "-append", "mode=random rate=10 wss=8M timer=100 regcheck=1", "-serial",
-              "file:" + serial});
-  std::string text;
-  for (int i = 0; i < 300 && text.find("cpus=2") == std::string::npos; ++i) {
-    ::usleep(100000);
-    std::ifstream in(serial);
-    text.assign(std::istreambuf_iterator<char>(in), {});
-  }
-  qemu.signal(SIGKILL);
-  qemu.wait();
-  std::remove(serial.c_str());
-  INFO(text);
-  CHECK_THAT(text, Contains("mig-guest: mode=1") && Contains("cpus=2"));
-  CHECK_THAT(text, !Contains("exception"));
 }
 
 TEST_CASE("mig-send to a port where nobody listens fails clearly and keeps the guest running") {

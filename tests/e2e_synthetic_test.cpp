@@ -68,10 +68,6 @@ TEST_CASE("dirty-limit caps a synthetic guest's dirtying vCPU through its rings 
   REQUIRE(receiver->wait() == 0);
   const auto s = read_json(send_stats), r = read_json(recv_stats);
   check_converged_by_dirty_limit(s);
-  REQUIRE(s["local_guest_work"].size() == 1);
-  CHECK(s["local_guest_work"][0]["vcpu"] == 1);
-  CHECK(s["local_guest_work"][0]["before_per_s"].get<double>() > 0);
-  CHECK(s["local_guest_work"][0]["during_per_s"].get<double>() > 0);
   CHECK(r["verified"] == true);
   check_guest_unharmed(r);
   std::remove(send_stats.c_str());

@@ -63,13 +63,14 @@ class Network:
         return [ns for ns in (self.source, self.dest) if ns in listed]
 
 
-def start_synthetic_receiver(build, net, port, pin_cpu=None):
-    """A mig-recv --synthetic-guest listening in the destination namespace (on CPU `pin_cpu`
-    if given) that runs the guest 0.2 s after it arrives; returns once it listens."""
+def start_receiver(build, net, port, pin_cpu=None, synthetic=True):
+    """A mig-recv listening in the destination namespace (on CPU `pin_cpu` if given) for a
+    synthetic guest, or a KVM one, that runs the guest 0.2 s after it arrives; returns once
+    it listens."""
     pin = ["taskset", "-c", str(pin_cpu)] if pin_cpu is not None else []
     receiver = subprocess.Popen(["ip", "netns", "exec", net.dest] + pin +
-                                [os.path.join(build, "tools", "mig-recv"), "--synthetic-guest", "--listen",
-                                 "tcp:%s:%d" % (DEST_ADDR, port), "--run-for", "0.2"],
+                                [os.path.join(build, "tools", "mig-recv")] + (["--synthetic-guest"] if synthetic else []) +
+                                ["--listen", "tcp:%s:%d" % (DEST_ADDR, port), "--run-for", "0.2"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if "listening on" not in receiver.stdout.readline():
         raise RuntimeError("mig-recv did not listen: " + receiver.stderr.read())

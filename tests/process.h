@@ -105,6 +105,11 @@ inline void check_converged_by_dirty_limit(const nlohmann::json& sent) {
   CHECK(sent["policy"] == "dirty-limit");
   CHECK(sent["round_table"].back()["dirty_limit_MBps"] == 1.0);
   CHECK(sent["round_table"].back()["throttle_pct"] == 0);
+  // vCPU 1 computes and reports its work, before the migration and during it.
+  REQUIRE(sent["local_guest_work"].size() == 1);
+  CHECK(sent["local_guest_work"][0]["vcpu"] == 1);
+  CHECK(sent["local_guest_work"][0]["before_per_s"].get<double>() > 0);
+  CHECK(sent["local_guest_work"][0]["during_per_s"].get<double>() > 0);
 }
 
 inline std::vector<std::string> send_args(const std::string& to, const std::string& stats, const std::string& append,

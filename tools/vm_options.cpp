@@ -131,7 +131,8 @@ std::unique_ptr<vmm::HostedVm> boot_guest(const VmOptions& options) {
   if (options.synthetic_dirty_MBps)
     return vmm::SyntheticVm::boot(options.mem_bytes, options.vcpus, config.memory,
                                   {*options.synthetic_dirty_MBps, options.compute_vcpus}, std::move(disks), tracking);
-  if (options.compute_vcpus > 0) throw std::invalid_argument("--compute-vcpus needs --synthetic-guest");
+  if (options.compute_vcpus > 0)
+    throw std::invalid_argument("--compute-vcpus is for --synthetic-guest; the workload guest takes compute=N in its --append");
   auto image = kvm::read_multiboot_file(options.kernel);
   auto machine = kvm::Machine::create(config);
   for (auto& disk : disks) machine->attach_disk(std::move(disk));

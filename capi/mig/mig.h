@@ -120,6 +120,19 @@ mig_result mig_vm_new(const mig_vm_ops* ops, void* opaque, unsigned vcpus, const
 /* Frees the description (not the VMM's VM). Not while a migration uses it. */
 void mig_vm_free(mig_vm* vm);
 
+/* Optional callbacks that came after mig_vm_ops (which cannot grow without breaking programs
+ * built against an older header), each set on a mig_vm by a function of its own. Not while a
+ * migration uses the VM. */
+
+/* Dirty-limit (MIG_API_VERSION 2), for the policy "dirty-limit" (QEMU 8.1's): from now on,
+ * hold each vCPU that dirties memory faster than `bytes_per_second` to that rate, and let the
+ * others run freely; 0 lifts the cap. A VMM needs to know which vCPU dirtied which page for
+ * this (KVM's dirty ring). Return 0, or a negative errno value when it cannot: the policy then
+ * goes on without its brake, as it does without the callback (NULL, the default). mig lifts
+ * the cap when a migration fails or is cancelled. */
+typedef int (*mig_vcpu_dirty_limit_fn)(void* opaque, double bytes_per_second);
+mig_result mig_vm_set_vcpu_dirty_limit(mig_vm* vm, mig_vcpu_dirty_limit_fn set_vcpu_dirty_limit);
+
 /* ---- statuses, progress and events --------------------------------------------------- */
 
 /* QEMU's migration statuses, in mig's order. */
@@ -206,7 +219,8 @@ typedef struct mig_send_options {
                                needs set_throttle) */
   unsigned peer_timeout_ms; /* how long the receiver may stay silent (default 10000) */
   /* The convergence policy, "NAME[:key=value,...]" as mig-send(1) --policy takes it (mig,
-   * qemu, xen, kubevirt-stall, ovirt-steps); NULL (default): mig's, with the fields above. */
+   * qemu, xen, kubevirt-stall, ovirt-steps, dirty-limit: see mig_vm_set_vcpu_dirty_limit);
+   * NULL (default): mig's, with the fields above. */
   const char* policy;
   /* TLS 1.3, both ends authenticated. At most one of the two credentials; both NULL
    * (default): plaintext. See mig-send(1) --tls-creds and --tls-psk for the files. */
