@@ -1,16 +1,20 @@
 /* The port-I/O contract between the workload guest and the VMM. Included by the guest's C
- * code and by mig's VMM (kvm/devices.h), so the two can never disagree. Every port takes a
+ * code and by mig's VMM (kvm/devices.cpp), so the two can never disagree. Every port takes a
  * 32-bit OUT. */
 #ifndef MIG_GUEST_PROBE_H
 #define MIG_GUEST_PROBE_H
 
-#define MIG_PROBE_HEARTBEAT 0x510   /* value: this vCPU's heartbeat sequence number, from 1 */
-#define MIG_PROBE_TICKS 0x514       /* value: LAPIC timer ticks this vCPU has handled */
-#define MIG_PROBE_CHECK_FAIL 0x518  /* value: a self-check failure code (below) */
-#define MIG_PROBE_READY 0x51c       /* value: workload mode; sent once the working set is filled */
-#define MIG_PROBE_SWEEP_PASS 0x520  /* value: completed sweep passes */
-#define MIG_PROBE_DISK_CHECKS 0x524 /* value: disk blocks read back and found as last written */
-#define MIG_PROBE_WORK 0x528        /* value: units of work done since the last report (a computing vCPU) */
+/* Clear of every port QEMU's PC uses (fw_cfg's 0x510-0x51b is the nearest), so that the
+ * guest, booted by QEMU, writes to no device there, and QEMU's trace shows every report. */
+#define MIG_PROBE_FIRST 0x540
+#define MIG_PROBE_HEARTBEAT 0x540   /* value: this vCPU's heartbeat sequence number, from 1 */
+#define MIG_PROBE_TICKS 0x544       /* value: LAPIC timer ticks this vCPU has handled */
+#define MIG_PROBE_CHECK_FAIL 0x548  /* value: a self-check failure code (below) */
+#define MIG_PROBE_READY 0x54c       /* value: workload mode; sent once the working set is filled */
+#define MIG_PROBE_SWEEP_PASS 0x550  /* value: completed sweep passes */
+#define MIG_PROBE_DISK_CHECKS 0x554 /* value: disk blocks read back and found as last written */
+#define MIG_PROBE_WORK 0x558        /* value: units of work done since the last report (a computing vCPU) */
+#define MIG_PROBE_END 0x55c         /* one past the last port */
 
 #define MIG_CHECK_FAIL_GPR 1    /* a general-purpose register changed under the guest */
 #define MIG_CHECK_FAIL_VEC 2    /* an SSE/AVX register changed */

@@ -58,6 +58,8 @@ void Serial16550::io(std::uint16_t port, bool is_write, std::uint8_t* data) {
   }
 }
 
+bool Probe::handles(std::uint16_t port) const { return port >= MIG_PROBE_FIRST && port < MIG_PROBE_END; }
+
 void Probe::io(unsigned vcpu, std::uint16_t port, bool is_write, std::uint8_t* data, std::uint32_t size) {
   if (!is_write) {
     std::memset(data, 0xff, size);
