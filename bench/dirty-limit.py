@@ -140,7 +140,8 @@ def main():
     for dirty in WORKLOADS:
         for policy in POLICIES:
             runs = [r for r in rows if r["dirty_MBps"] == dirty and r["policy"] == policy]
-            brake = "throttle up to %d %%" % max(r["max_throttle_pct"] for r in runs)
+            most_throttle = max(r["max_throttle_pct"] for r in runs)
+            brake = "throttle up to %d %%" % most_throttle if most_throttle else "none"
             if any(r["dirty_limit_MBps"] for r in runs):
                 brake = "%g MB/s per vCPU" % max(r["dirty_limit_MBps"] for r in runs)
             print("| %d MB/s | %s | %s | %s | %s | %.2f | %s | %s | %s |" % (

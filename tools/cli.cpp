@@ -2,8 +2,10 @@
 
 #include <fmt/core.h>
 #include <signal.h>
+#include <sys/stat.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <fstream>
 
 #include "control/arguments.h"
@@ -243,10 +245,20 @@ std::string summary_line(const nlohmann::json& info) {
 
 bool write_stats_json(const std::string& path, const nlohmann::json& json) {
   if (path.empty()) return true;
-  std::ofstream out(path);
-  out << json.dump(2) << "\n";
-  out.flush();
-  if (out) return true;
+  const auto write = [&](const std::string& to) {
+    std::ofstream out(to);
+    out << json.dump(2) << "\n";
+    out.flush();
+    return static_cast<bool>(out);
+  };
+  // A regular file is written beside itself and renamed over: a reader (an operator's
+  // monitor, a test) never sees it half-written, which mig-recv's second write (once the guest
+  // has run) would otherwise show. A pipe or a device (/dev/stdout) is written in place.
+  struct stat existing{};
+  const bool in_place = ::stat(path.c_str(), &existing) == 0 && !S_ISREG(existing.st_mode);
+  const std::string partial = path + ".partial";
+  if (in_place ? write(path) : write(partial) && std::rename(partial.c_str(), path.c_str()) == 0) return true;
+  if (!in_place) std::remove(partial.c_str());
   fmt::print(stderr, "mig: cannot write statistics to {}\n", path);
   return false;
 }

@@ -114,8 +114,9 @@ std::string progress_line(const nlohmann::json& info);
 std::string summary_line(const nlohmann::json& info);
 // The pre-copy rounds of a stats JSON's round_table (a real run's or mig-sim's), one line each.
 std::string round_table_text(const nlohmann::json& rounds);
-// Writes `json` to `path` (nothing for an empty path). A path that cannot be written is
-// reported on stderr and returns false: a statistics file never costs a guest.
+// Writes `json` to `path` (nothing for an empty path), whole: a regular file is replaced by
+// a rename, so a reader sees the old text or the new, never part of one. A path that cannot
+// be written is reported on stderr and returns false: a statistics file never costs a guest.
 bool write_stats_json(const std::string& path, const nlohmann::json& json);
 // Exit code for a finished outgoing migration's status.
 int exit_code_for(const std::string& status);
