@@ -252,13 +252,17 @@ bool write_stats_json(const std::string& path, const nlohmann::json& json) {
     return static_cast<bool>(out);
   };
   // A regular file is written beside itself and renamed over: a reader (an operator's
-  // monitor, a test) never sees it half-written, which mig-recv's second write (once the guest
-  // has run) would otherwise show. A pipe or a device (/dev/stdout) is written in place.
+  // monitor, a test) never sees it half-written, as it could while mig-recv rewrites it once
+  // the guest has run, or after a kill mid-write.
   struct stat existing{};
-  const bool in_place = ::stat(path.c_str(), &existing) == 0 && !S_ISREG(existing.st_mode);
-  const std::string partial = path + ".partial";
-  if (in_place ? write(path) : write(partial) && std::rename(partial.c_str(), path.c_str()) == 0) return true;
-  if (!in_place) std::remove(partial.c_str());
+  if (::stat(path.c_str(), &existing) != 0 || S_ISREG(existing.st_mode)) {
+    const std::string partial = path + ".partial";
+    if (write(partial) && std::rename(partial.c_str(), path.c_str()) == 0) return true;
+    std::remove(partial.c_str());
+  }
+  // A pipe or a device (/dev/stdout), or a file in a directory where nothing new may be
+  // created: in place.
+  if (write(path)) return true;
   fmt::print(stderr, "mig: cannot write statistics to {}\n", path);
   return false;
 }
