@@ -51,7 +51,8 @@ std::unique_ptr<Machine> Machine::create(const MachineConfig& config) {
 
 Machine::Machine(const MachineConfig& config, KvmSystem sys, GuestMemory memory, Vm vm, CpuidEntries cpuid)
     : config_(config), sys_(std::move(sys)), guest_cpuid_(std::move(cpuid)), memory_(std::move(memory)), vm_(std::move(vm)),
-      serial_(config.serial_path), probe_(config.vcpus), thread_ids_(config.vcpus), held_until_(config.vcpus) {
+      serial_(config.serial_path), probe_(config.vcpus), thread_ids_(config.vcpus), held_until_(config.vcpus),
+      run_phase_(config.vcpus) {
   install_kick_handler();
   for (unsigned i = 0; i < config.vcpus; ++i) vcpus_.push_back(Vcpu::create(sys_, vm_, i, guest_cpuid_));
   if (vm_.dirty_ring_entries() > 0) {
@@ -107,6 +108,7 @@ void Machine::set_dirty_logging(bool on) {
 void Machine::fetch_and_clear_dirty_log(std::size_t slot, std::span<std::uint64_t> bitmap) {
   if (dirty_rings_) {
     std::fill(bitmap.begin(), bitmap.end(), 0);
+    flush_vcpu_dirty_buffers();
     dirty_rings_->take(slot, bitmap);
   } else {
     vm_.fetch_and_clear_dirty_log(slot, bitmap);
@@ -118,9 +120,32 @@ void Machine::fetch_dirty_log_by_vcpu(std::size_t slot, std::span<std::uint64_t>
                                       std::span<const std::span<std::uint64_t>> vcpu_bitmaps) {
   if (!dirty_rings_) throw std::logic_error("Machine::fetch_dirty_log_by_vcpu needs dirty rings");
   for (auto words : vcpu_bitmaps) std::fill(words.begin(), words.end(), 0);
+  flush_vcpu_dirty_buffers();
   dirty_rings_->take_by_vcpu(slot, vcpu_bitmaps);
   std::fill(bitmap.begin(), bitmap.end(), 0);
   memory_.take_vmm_writes(slot, bitmap);
+}
+
+// On Intel's PML a vCPU's dirty pages reach its ring only when it leaves the guest: KVM
+// flushes the PML buffer (up to 512 pages) at every exit. KVM_GET_DIRTY_LOG kicks the vCPUs
+// itself; a ring harvest does not. So before one, every vCPU that may be in the guest is
+// kicked out once, as QEMU does, and waited for, at most 50 ms: past that its pages come with
+// the next round instead. Nothing is lost either way: the pause's exits flush the last ones.
+void Machine::flush_vcpu_dirty_buffers() {
+  using clock = std::chrono::steady_clock;
+  std::vector<std::uint64_t> phase(threads_.size());
+  for (std::size_t i = 0; i < threads_.size(); ++i) phase[i] = run_phase_[i].load();
+  for (const auto give_up = clock::now() + std::chrono::milliseconds(50);;) {
+    bool all_left = true;
+    for (std::size_t i = 0; i < threads_.size(); ++i) {
+      if (phase[i] % 2 == 0 || run_phase_[i].load() != phase[i]) continue;
+      all_left = false;
+      // Again at each look: a kick that lands just before KVM_RUN is lost.
+      ::pthread_kill(threads_[i].native_handle(), kick_signal());
+    }
+    if (all_left || clock::now() > give_up) return;
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
 }
 
 void Machine::hold_vcpu(unsigned index, std::chrono::steady_clock::time_point until) {
@@ -195,6 +220,19 @@ bool Machine::wait_while_held(unsigned index) {
   return true;
 }
 
+// KVM_RUN, with run_phase_ odd meanwhile (flush_vcpu_dirty_buffers waits on it).
+bool Machine::enter_guest(unsigned index) {
+  run_phase_[index].fetch_add(1);
+  try {
+    const bool exited = vcpus_[index].enter();
+    run_phase_[index].fetch_add(1);
+    return exited;
+  } catch (...) {
+    run_phase_[index].fetch_add(1);
+    throw;
+  }
+}
+
 std::vector<int> Machine::vcpu_thread_ids() const {
   std::vector<int> ids;
   for (const auto& id : thread_ids_) ids.push_back(id.load());
@@ -214,7 +252,7 @@ void Machine::vcpu_loop(unsigned index) {
         continue;
       }
       if (wait_while_held(index)) continue;
-      if (!vcpu.enter()) continue;  // kicked
+      if (!enter_guest(index)) continue;  // kicked
       if (!dispatch_exit(vcpu)) break;
     }
   } catch (const std::exception& e) {

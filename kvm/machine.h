@@ -128,6 +128,8 @@ class Machine {
   bool dispatch_exit(Vcpu& vcpu);
   void park(Vcpu& vcpu);
   bool wait_while_held(unsigned index);
+  bool enter_guest(unsigned index);
+  void flush_vcpu_dirty_buffers();
   VirtioBlk* disk_at(std::uint16_t port) const;
   void fail(std::string reason);
 
@@ -145,6 +147,9 @@ class Machine {
   std::vector<std::atomic<int>> thread_ids_;  // each vCPU thread's id once it runs; sized at construction
   std::unique_ptr<DirtyRingHarvester> dirty_rings_;  // with dirty rings
   std::vector<std::atomic<std::chrono::steady_clock::rep>> held_until_;  // per vCPU, hold_vcpu()'s time
+  // Per vCPU, counted up on the way into KVM_RUN and again out of it: odd while it may be in
+  // the guest.
+  std::vector<std::atomic<std::uint64_t>> run_phase_;
 
   std::vector<std::thread> threads_;
   mutable std::mutex mutex_;
