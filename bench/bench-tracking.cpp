@@ -37,8 +37,8 @@ vmm::DirtyTracking tracking_of(bool rings) {
   return t;
 }
 
-// The pages of the sweep, per vCPU: the synthetic guest sweeps all its memory; the workload
-// guest a working set that leaves room below it for its kernel and tables.
+// The bytes the guest's vCPUs sweep between them: the synthetic guest's whole memory; the
+// workload guest's working set, which leaves room below it for its kernel and tables.
 std::uint64_t swept_bytes(std::uint64_t mem) { return on_kvm ? mem - (16ull << 20) : mem; }
 
 std::unique_ptr<vmm::HostedVm> boot_kvm(std::uint64_t mem, double dirty_MBps, bool rings) {
@@ -50,24 +50,28 @@ std::unique_ptr<vmm::HostedVm> boot_kvm(std::uint64_t mem, double dirty_MBps, bo
   machine->boot(kvm::read_multiboot_file(MIG_GUEST_IMAGE),
                 fmt::format("mode=sweep rate={:.0f} wss={}M cpus={} hb=1", dirty_MBps, swept_bytes(mem) >> 20, kVcpus));
   machine->start();
-  auto vm = std::make_unique<vmm::KvmVm>(std::move(machine));
-  // A sweep fills nothing first; its first pass, flat out, is what fills memory here.
+  return std::make_unique<vmm::KvmVm>(std::move(machine));
+}
+
+// Flat out, the workload guest's sweep has no fill before it: its first pass is what fills
+// memory, and what follows writes filled pages, as the synthetic guest's does once ready.
+void wait_first_pass(const vmm::HostedVm& vm) {
   const auto first_pass_done = [&] {
-    for (const auto& hb : vm->probe().snapshot())
+    for (const auto& hb : vm.probe().snapshot())
       if (hb.sweep_passes == 0) return false;
     return true;
   };
-  for (auto until = steady_clock::now() + seconds(120); dirty_MBps == 0 && !first_pass_done();) {
+  for (auto until = steady_clock::now() + seconds(120); !first_pass_done();) {
     if (steady_clock::now() > until) throw std::runtime_error("the workload guest did not finish its first pass");
     std::this_thread::sleep_for(milliseconds(10));
   }
-  return vm;
 }
 
 std::unique_ptr<vmm::HostedVm> boot(std::uint64_t mem, double dirty_MBps, bool rings) {
-  if (on_kvm) return boot_kvm(mem, dirty_MBps, rings);
-  auto vm = vmm::SyntheticVm::boot(mem, kVcpus, {}, {dirty_MBps, 0}, {}, tracking_of(rings));
-  if (!vm->probe().wait_ready(seconds(120))) throw std::runtime_error("the synthetic guest did not fill its memory");
+  auto vm = on_kvm ? boot_kvm(mem, dirty_MBps, rings)
+                   : std::unique_ptr<vmm::HostedVm>(vmm::SyntheticVm::boot(mem, kVcpus, {}, {dirty_MBps, 0}, {}, tracking_of(rings)));
+  if (!vm->probe().wait_ready(seconds(120))) throw std::runtime_error("the guest did not get ready");
+  if (on_kvm && dirty_MBps == 0) wait_first_pass(*vm);
   return vm;
 }
 

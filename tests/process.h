@@ -99,7 +99,7 @@ inline nlohmann::json read_json(const std::string& path) {
 }
 
 // Sender statistics of a migration that converged because dirty-limit capped each vCPU (at
-// 1 MB/s, its default), with no throttle beside it.
+// 1 MB/s, its default), with no throttle beside it, of a guest whose vCPU 1 computes.
 inline void check_converged_by_dirty_limit(const nlohmann::json& sent) {
   CHECK(sent["stop_reason"] == "converged");
   CHECK(sent["policy"] == "dirty-limit");
