@@ -256,7 +256,9 @@ auto action(Act act) {
 // migrate: a migration started, a post-copy resumed (resume), or a dry run, which answers
 // with what the destination would take of what the migration asks (mig's own reply).
 nlohmann::json migrate(Domain& domain, const nlohmann::json& arguments) {
-  if (arguments.is_object() && arguments.value("resume", false)) {
+  const auto resume = arguments.value("resume", nlohmann::json(false));
+  if (!resume.is_boolean()) throw CommandError("Invalid parameter type for 'resume', expected: boolean");
+  if (resume.get<bool>()) {
     if (!arguments.contains("uri") || !arguments["uri"].is_string() || arguments.size() != 2)
       throw CommandError("migrate with resume takes only 'uri' (the destination's migrate-recover address)");
     domain.resume_postcopy(arguments["uri"].get<std::string>());

@@ -146,6 +146,9 @@ TEST_CASE("QMP: bad input gets an error reply or a closed connection - never har
   SECTION("arguments of the wrong type") {
     CHECK_THROWS_WITH(client.execute("migrate", {{"uri", 5}}), Contains("expected: string"));
     CHECK_THROWS_WITH(client.execute("calc-dirty-rate", {{"calc-time", "soon"}}), Contains("expected: number"));
+    CHECK_THROWS_WITH(client.execute("migrate", {{"resume", 1}, {"uri", "tcp:127.0.0.1:1"}}), Contains("'resume', expected: boolean"));
+    client.send_raw(R"({"execute": 1, "arguments": {}})" "\n");
+    CHECK((*client.read_message(2s))["error"]["desc"] == "Expected 'execute' with a command name");
     CHECK_THROWS_WITH(client.execute("migrate-set-parameters", {{"downtime-limit", true}}), Contains("expected: integer"));
     CHECK_THROWS_WITH(client.execute("stop", {{"now", true}}), Contains("'now' is unexpected"));
     client.send_raw(R"({"execute": "stop", "arguments": [1, 2]})" "\n");

@@ -15,14 +15,17 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   try {
     while (auto message = splitter.next()) {
       const auto request = nlohmann::json::parse(*message, nullptr, false);
-      if (!request.is_object() || !request.contains("arguments")) continue;
+      // The server refuses these before it looks at the arguments (QmpServer::respond).
+      if (!request.is_object() || !request.contains("arguments") || !request.contains("execute") ||
+          !request["execute"].is_string())
+        continue;
       auto arguments = request["arguments"];
       // Credentials are files to load, not text to parse: left out, so that the fuzzer does
       // not spend its time (or block) reading whatever paths it makes up.
       if (arguments.is_object())
         for (const char* file : {"tls-creds", "tls-psk"}) arguments.erase(file);
       try {
-        if (request.value("execute", "") == "migrate-set-parameters")
+        if (request["execute"] == "migrate-set-parameters")
           apply_parameters({}, arguments);
         else
           parse_migrate_arguments(arguments, {});
