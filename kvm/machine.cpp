@@ -52,7 +52,8 @@ std::unique_ptr<Machine> Machine::create(const MachineConfig& config) {
 Machine::Machine(const MachineConfig& config, KvmSystem sys, GuestMemory memory, Vm vm, CpuidEntries cpuid)
     : config_(config), sys_(std::move(sys)), guest_cpuid_(std::move(cpuid)), memory_(std::move(memory)), vm_(std::move(vm)),
       serial_(config.serial_path), probe_(config.vcpus), thread_ids_(config.vcpus), held_until_(config.vcpus),
-      run_phase_(config.vcpus) {
+      run_phase_(config.vcpus),
+      ring_full_exits_(config.vcpus) {
   install_kick_handler();
   for (unsigned i = 0; i < config.vcpus; ++i) vcpus_.push_back(Vcpu::create(sys_, vm_, i, guest_cpuid_));
   if (vm_.dirty_ring_entries() > 0) {
@@ -239,6 +240,12 @@ std::vector<int> Machine::vcpu_thread_ids() const {
   return ids;
 }
 
+std::vector<std::uint64_t> Machine::dirty_ring_full_exits() const {
+  std::vector<std::uint64_t> exits;
+  for (const auto& count : ring_full_exits_) exits.push_back(count.load(std::memory_order_relaxed));
+  return exits;
+}
+
 void Machine::vcpu_loop(unsigned index) {
   Vcpu& vcpu = vcpus_[index];
   name_this_thread("vcpu" + std::to_string(index));
@@ -290,6 +297,7 @@ bool Machine::dispatch_exit(Vcpu& vcpu) {
       return true;
     case KVM_EXIT_DIRTY_RING_FULL:
       // Its ring is (nearly) full: it re-enters only once a harvest and a reset free it.
+      ring_full_exits_[vcpu.index()].fetch_add(1, std::memory_order_relaxed);
       dirty_rings_->harvest();
       return true;
     case KVM_EXIT_HLT:

@@ -83,6 +83,9 @@ class Machine {
                                std::span<const std::span<std::uint64_t>> vcpu_bitmaps);
   // The rings' harvester (per-vCPU dirty counts), or null with the bitmap.
   DirtyRingHarvester* dirty_rings() { return dirty_rings_.get(); }
+  // Per vCPU, how often it stopped because its dirty ring was full: what a ring too small
+  // for the harvests costs the guest (and proof, to a test, that a ring went round).
+  std::vector<std::uint64_t> dirty_ring_full_exits() const;
 
   // Keeps vCPU `index` out of the guest until `until` (dirty-limit), replacing any hold it
   // had: a time past releases it. It leaves at once if it is in the guest; one on its way in
@@ -150,6 +153,7 @@ class Machine {
   // Per vCPU, counted up on the way into KVM_RUN and again out of it: odd while it may be in
   // the guest.
   std::vector<std::atomic<std::uint64_t>> run_phase_;
+  std::vector<std::atomic<std::uint64_t>> ring_full_exits_;  // per vCPU
 
   std::vector<std::thread> threads_;
   mutable std::mutex mutex_;

@@ -168,7 +168,7 @@ GuestMemory GuestMemory::create(std::span<const RegionLayout> layout, const Memo
     total += region.size;
   }
   if (total > host_memory_bytes())
-    throw std::invalid_argument("guest memory of " + std::to_string(total >> 20) + " MiB exceeds the host's " +
+    throw std::invalid_argument("guest memory of " + std::to_string(total >> 20) + " MiB exceeds this host's " +
                                 std::to_string(host_memory_bytes() >> 20) + " MiB");
   GuestMemory memory;
   memory.backing_ = options.backing;

@@ -1,6 +1,7 @@
 #include "kvm/state.h"
 
 #include <cstring>
+#include <sstream>
 
 namespace mig::kvm {
 
@@ -8,6 +9,15 @@ namespace {
 
 constexpr std::uint32_t kMsrTsc = 0x10;
 constexpr std::uint32_t kMsrTscAdjust = 0x3b;
+// Hyper-V's clocks, which KVM lists whether or not the guest uses Hyper-V: the time the
+// vCPU has run (restored as an offset, then counting on) and the reference time counter
+// (read from KVM's clock; a restore's write is ignored).
+constexpr std::uint32_t kMsrHypervVpRuntime = 0x40000010;
+constexpr std::uint32_t kMsrHypervTimeRefCount = 0x40000020;
+
+bool is_clock(std::uint32_t msr) {
+  return msr == kMsrTsc || msr == kMsrTscAdjust || msr == kMsrHypervVpRuntime || msr == kMsrHypervTimeRefCount;
+}
 // Offset of the LAPIC timer current-count register (TMCCT) in the register page.
 constexpr std::size_t kLapicTimerCurrentCount = 0x390;
 
@@ -16,36 +26,52 @@ bool same_bytes(const T& a, const T& b) {
   return std::memcmp(&a, &b, sizeof(T)) == 0;
 }
 
-bool same_msrs_ignoring_tsc(const std::vector<kvm_msr_entry>& a, const std::vector<kvm_msr_entry>& b) {
-  if (a.size() != b.size()) return false;
+// The first MSR that differs (clocks aside), or "" where none does.
+std::string msr_difference(const std::vector<kvm_msr_entry>& a, const std::vector<kvm_msr_entry>& b) {
+  if (a.size() != b.size()) return "msrs (count)";
   for (std::size_t i = 0; i < a.size(); ++i) {
-    if (a[i].index != b[i].index) return false;
-    if (a[i].index == kMsrTsc || a[i].index == kMsrTscAdjust) continue;
-    if (a[i].data != b[i].data) return false;
+    if (a[i].index != b[i].index) return "msrs (list)";
+    if (is_clock(a[i].index)) continue;
+    if (a[i].data != b[i].data) {
+      std::ostringstream text;
+      text << std::hex << std::showbase << "msr " << a[i].index << ": " << a[i].data << " against " << b[i].data;
+      return text.str();
+    }
   }
-  return true;
+  return "";
 }
 
 }  // namespace
 
-bool equal_ignoring_time(const VcpuState& a, const VcpuState& b) {
+std::string difference_ignoring_time(const VcpuState& a, const VcpuState& b) {
   kvm_lapic_state lapic_a = a.lapic, lapic_b = b.lapic;
   std::memset(lapic_a.regs + kLapicTimerCurrentCount, 0, 4);
   std::memset(lapic_b.regs + kLapicTimerCurrentCount, 0, 4);
-  return same_bytes(a.mp_state, b.mp_state) && same_bytes(a.regs, b.regs) && same_bytes(a.sregs, b.sregs) &&
-         a.xsave == b.xsave && same_bytes(a.xcrs, b.xcrs) && same_bytes(a.debugregs, b.debugregs) &&
-         same_bytes(lapic_a, lapic_b) && same_msrs_ignoring_tsc(a.msrs, b.msrs) &&
-         same_bytes(a.events, b.events) && a.cpuid.size() == b.cpuid.size() &&
-         std::memcmp(a.cpuid.data(), b.cpuid.data(), a.cpuid.size() * sizeof(kvm_cpuid_entry2)) == 0 &&
-         a.tsc_khz == b.tsc_khz;
+  if (!same_bytes(a.mp_state, b.mp_state)) return "mp_state";
+  if (!same_bytes(a.regs, b.regs)) return "regs";
+  if (!same_bytes(a.sregs, b.sregs)) return "sregs";
+  if (a.xsave != b.xsave) return "xsave";
+  if (!same_bytes(a.xcrs, b.xcrs)) return "xcrs";
+  if (!same_bytes(a.debugregs, b.debugregs)) return "debugregs";
+  if (!same_bytes(lapic_a, lapic_b)) return "lapic";
+  if (auto msr = msr_difference(a.msrs, b.msrs); !msr.empty()) return msr;
+  if (!same_bytes(a.events, b.events)) return "events";
+  if (a.cpuid.size() != b.cpuid.size() ||
+      std::memcmp(a.cpuid.data(), b.cpuid.data(), a.cpuid.size() * sizeof(kvm_cpuid_entry2)) != 0)
+    return "cpuid";
+  if (a.tsc_khz != b.tsc_khz) return "tsc_khz";
+  return "";
 }
 
-bool equal_ignoring_time(const VmState& a, const VmState& b) {
+std::string difference_ignoring_time(const VmState& a, const VmState& b) {
   kvm_pit_state2 pit_a = a.pit, pit_b = b.pit;
   for (auto* pit : {&pit_a, &pit_b})
     for (auto& channel : pit->channels) channel.count_load_time = 0;
-  return same_bytes(a.pic_master, b.pic_master) && same_bytes(a.pic_slave, b.pic_slave) &&
-         same_bytes(a.ioapic, b.ioapic) && same_bytes(pit_a, pit_b);
+  if (!same_bytes(a.pic_master, b.pic_master)) return "pic_master";
+  if (!same_bytes(a.pic_slave, b.pic_slave)) return "pic_slave";
+  if (!same_bytes(a.ioapic, b.ioapic)) return "ioapic";
+  if (!same_bytes(pit_a, pit_b)) return "pit";
+  return "";
 }
 
 }  // namespace mig::kvm

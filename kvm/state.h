@@ -5,6 +5,7 @@
 #include <linux/kvm.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace mig::kvm {
@@ -31,9 +32,11 @@ struct VmState {
   kvm_clock_data clock{};
 };
 
-// Fields whose value moves with wall-clock time even in a paused VM (the TSC, kvmclock,
-// the LAPIC timer's current count, PIT load times). State comparisons skip them.
-bool equal_ignoring_time(const VcpuState& a, const VcpuState& b);
-bool equal_ignoring_time(const VmState& a, const VmState& b);
+// Fields whose value moves with wall-clock time even in a paused VM (the TSC, Hyper-V's
+// clocks, kvmclock, the LAPIC timer's current count, PIT load times). State
+// comparisons skip them, and name the first field that differs ("" where none does), so
+// that a failed check says what moved.
+std::string difference_ignoring_time(const VcpuState& a, const VcpuState& b);
+std::string difference_ignoring_time(const VmState& a, const VmState& b);
 
 }  // namespace mig::kvm

@@ -49,8 +49,8 @@ TEST_CASE("a running guest's full state restores into a fresh VM and the guest c
   // Saving again straight after restoring must give back what was saved.
   const auto resaved = destination->save_state();
   REQUIRE(resaved.vcpus.size() == saved.vcpus.size());
-  for (std::size_t i = 0; i < saved.vcpus.size(); ++i) CHECK(kvm::equal_ignoring_time(saved.vcpus[i], resaved.vcpus[i]));
-  CHECK(kvm::equal_ignoring_time(saved.vm, resaved.vm));
+  for (std::size_t i = 0; i < saved.vcpus.size(); ++i) CHECK(kvm::difference_ignoring_time(saved.vcpus[i], resaved.vcpus[i]) == "");
+  CHECK(kvm::difference_ignoring_time(saved.vm, resaved.vm) == "");
   CHECK(saved.serial == resaved.serial);
   CHECK(saved.probe == resaved.probe);
 
@@ -139,8 +139,17 @@ TEST_CASE("with dirty rings the log names the vCPU that wrote each page - and mi
   const std::byte* host = memory.regions()[0].host();
   const std::vector<std::byte> snapshot(host, host + memory.regions()[0].layout.size);
   machine->resume();
+  // Until each ring has filled three times, however slowly the guest runs (KVM nested in an
+  // emulator, as in CI, writes a hundredth of the rate asked); 200 ms at full speed.
+  const auto deadline = std::chrono::steady_clock::now() + 60s;
+  const auto each_ring_filled_thrice = [&] {
+    const auto exits = machine->dirty_ring_full_exits();
+    return exits[0] >= 3 && exits[1] >= 3;
+  };
+  while (!each_ring_filled_thrice() && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(20ms);
   std::this_thread::sleep_for(200ms);
   machine->pause();
+  REQUIRE(each_ring_filled_thrice());
   machine->fetch_dirty_log_by_vcpu(0, unnamed, by_vcpu);
 
   // Each vCPU writes its own half of the working set (which starts at 4 MiB).
@@ -160,10 +169,10 @@ TEST_CASE("with dirty rings the log names the vCPU that wrote each page - and mi
       changed_outside += changed;
     }
   }
-  CHECK(named_right > 2000);  // 200 MB/s for 200 ms is about 9800 writes, over 4096 pages
+  CHECK(named_right > 2000);  // of 4096: about 3000 random writes per vCPU over its 2048 pages
   CHECK(changed_outside > 0);
   const auto harvested = machine->dirty_rings()->harvested_counts();
-  CHECK(harvested[0] > 1024);  // its ring went round, so its ring-full exits were served
+  CHECK(harvested[0] > 1024);  // its ring went round and its ring-full exits were served
   CHECK(harvested[1] > 1024);
   require_healthy(*machine);
 }

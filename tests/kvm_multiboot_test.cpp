@@ -113,7 +113,7 @@ TEST_CASE("absurd memory sizes and vCPU counts are refused") {
   CHECK_THROWS_WITH(kvm::GuestMemory::create(kvm::pc_memory_layout(0)),
                     Contains("empty or not page-aligned"));
   CHECK_THROWS_WITH(kvm::GuestMemory::create(kvm::pc_memory_layout(1ull << 50)),
-                    Contains("exceeds the host"));
+                    Contains("exceeds this host"));
   auto config = test::small_config();
   config.vcpus = 0;
   CHECK_THROWS_WITH(kvm::Machine::create(config), Contains("vCPU count"));
