@@ -14,7 +14,7 @@ set -euo pipefail
 [ $# -ge 2 ] || { echo "usage: $0 WORKDIR COMMAND..." >&2; exit 2; }
 work=$(realpath -m "$1"); shift
 kernel_root=${MIG_NESTED_KERNEL:-/opt/mig-nested-kvm}
-vmlinuz=$(ls "$kernel_root"/boot/vmlinuz-* 2>/dev/null | head -1)
+vmlinuz=$(ls "$kernel_root"/boot/vmlinuz-* 2>/dev/null | head -1 || true)
 [ -n "$vmlinuz" ] || { echo "nested-kvm: no kernel in $kernel_root/boot (scripts/install-deps.sh unpacks one)" >&2; exit 2; }
 modules=$kernel_root/lib/modules/${vmlinuz##*/vmlinuz-}
 # In the order they load: each after what it depends on (their modinfo's depends=).

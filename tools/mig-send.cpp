@@ -148,6 +148,7 @@ int boot_and_migrate(const BootedGuest& options, const nlohmann::json& arguments
     if (!options.qmp.empty()) qmp_path = control::qmp_socket_path(options.qmp);
     vm = tools::boot_guest(options.vm);
     fmt::print("mig-send: guest memory: {}\n", kvm::describe_page_size(options.vm.memory.options()));
+    std::fflush(stdout);  // the guest is up and SIGUSR1 is handled: a script may wait for this line
   } catch (const std::exception& e) {
     fmt::print(stderr, "mig-send: {}\n", e.what());
     return tools::kExitSetupError;
