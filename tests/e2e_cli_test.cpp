@@ -316,7 +316,12 @@ TEST_CASE("post-copy moves a busy guest - its faults are served on demand - and 
   CHECK(at_source["pages_urgent"].get<std::uint64_t>() + at_source["pages_background"].get<std::uint64_t>() ==
         at_source["pages_needed"].get<std::uint64_t>());
   CHECK(at_destination["postcopy-requests"].get<std::uint64_t>() > 0);
-  CHECK(at_destination["postcopy-requests"] == at_source["postcopy-requests"]);
+  // The destination counts the requests it sent, the source those it received. One sent as
+  // the background push ends is answered by the push, and never read (seen nested in TCG).
+  const auto sent = at_destination["postcopy-requests"].get<std::uint64_t>();
+  const auto received = at_source["postcopy-requests"].get<std::uint64_t>();
+  CHECK(received <= sent);
+  CHECK(sent <= received + 2);
   CHECK(at_destination["fault_latency"]["count"].get<std::uint64_t>() > 0);
   CHECK(at_destination["postcopy-blocktime"].get<double>() > 0);
   // The guest checks its own registers and memory as it runs: nothing it saw went wrong.
