@@ -2,7 +2,6 @@
 #include <sys/stat.h>
 
 #include <catch2/catch.hpp>
-#include <fstream>
 #include <thread>
 
 #include "kvm/disk_image.h"
@@ -13,11 +12,6 @@ using namespace mig::test;
 using Catch::Matchers::Contains;
 
 namespace {
-
-std::vector<char> file_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
 
 std::uint64_t allocated(const std::string& path) {
   struct stat st {};
@@ -56,7 +50,7 @@ TEST_CASE("copy-storage-all moves a disk the guest writes - byte for byte, holes
   INFO(sender.stderr_text() << receiver->stderr_text());
   REQUIRE(sender.wait() == 0);
   // The destination holds the guest paused: its image is what arrived.
-  CHECK(file_bytes(destination) == file_bytes(source));
+  CHECK(file_contents(destination) == file_contents(source));
   CHECK(allocated(destination) <= allocated(source) * 105 / 100);
   const auto s = read_json(send_stats);
   CHECK(s["disk"]["copied"] == true);
@@ -90,7 +84,7 @@ TEST_CASE("copy-storage-all moves a synthetic guest's disk byte for byte - no KV
                 "--stats-json", send_stats, "--disk", source, "--copy-storage-all"});
   INFO(sender.stderr_text() << receiver->stderr_text());
   REQUIRE(sender.wait() == 0);
-  CHECK(file_bytes(destination) == file_bytes(source));
+  CHECK(file_contents(destination) == file_contents(source));
   const auto s = read_json(send_stats);
   CHECK(s["disk"]["copied"] == true);
   CHECK(s["disk"]["verified"] == true);

@@ -2,7 +2,6 @@
 #include <catch2/catch.hpp>
 #include <condition_variable>
 #include <deque>
-#include <fstream>
 #include <future>
 #include <mutex>
 
@@ -11,6 +10,7 @@
 #include "engine/source_migration.h"
 #include "kvm/cpu_features.h"
 #include "tests/fake_vm.h"
+#include "tests/support.h"
 #include "transport/endpoint.h"
 
 using namespace mig;
@@ -617,12 +617,6 @@ std::string make_image(const std::string& name, std::uint64_t size, std::uint64_
 
 kvm::DiskConfig writeback(const std::string& path) { return {path, kvm::ImageFormat::raw, kvm::CacheMode::writeback}; }
 
-std::vector<std::byte> file_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::vector<char> chars((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  return {reinterpret_cast<const std::byte*>(chars.data()), reinterpret_cast<const std::byte*>(chars.data()) + chars.size()};
-}
-
 }  // namespace
 
 TEST_CASE("shared storage: the image's lock changes hands at the switchover - or stays with a source that fails") {
@@ -713,7 +707,7 @@ TEST_CASE("copy-storage: chunks the guest writes during the rounds arrive - hole
   // Round 0 moved the 4 MiB of data, not the 64 MiB disk; later rounds the written chunks.
   CHECK(sent.disk->processed_bytes < (4u << 20) + static_cast<std::uint64_t>(round) * (256 << 10));
   received.vm.reset();
-  CHECK(file_bytes(destination_path) == file_bytes(source_path));
+  CHECK(test::file_contents(destination_path) == test::file_contents(source_path));
   auto copy = kvm::DiskImage::open(writeback(destination_path));
   CHECK(copy->allocated_bytes() <= disk.image().allocated_bytes() * 105 / 100);
   std::remove(source_path.c_str());

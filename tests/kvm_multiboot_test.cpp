@@ -3,7 +3,6 @@
 
 #include <catch2/catch.hpp>
 #include <cstring>
-#include <fstream>
 #include <vector>
 
 #include "kvm/machine.h"
@@ -14,14 +13,6 @@ using namespace mig;
 using Catch::Matchers::Contains;
 
 namespace {
-
-std::vector<std::byte> read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::vector<char> raw((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  std::vector<std::byte> out(raw.size());
-  std::memcpy(out.data(), raw.data(), raw.size());
-  return out;
-}
 
 std::string parse_error(std::span<const std::byte> bytes) {
   try {
@@ -60,7 +51,7 @@ TEST_CASE("an a.out-kludge image loads at its header's addresses") {
 }
 
 TEST_CASE("bad images are rejected with a reason") {
-  const auto good = read_file(test::kGuestImage);
+  const auto good = test::file_contents(test::kGuestImage);
   SECTION("missing file") {
     CHECK_THROWS_WITH(kvm::read_multiboot_file("/nonexistent/kernel"), Contains("cannot open kernel image"));
   }

@@ -1,9 +1,10 @@
-// What the tests share: the guest image, and a KVM check that skips rather than passes.
+// What the tests share: the guest image, a KVM check that skips rather than passes, and a file reader.
 #pragma once
 
 #include <chrono>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "kvm/machine.h"
 
@@ -14,6 +15,10 @@ inline const std::string kGuestImage = MIG_GUEST_IMAGE;
 // Exits the test process with MIG_SKIP_CODE (reported by CTest as skipped) when /dev/kvm
 // cannot be used here.
 void require_kvm();
+
+// A whole file, read in one go: tests compare disk images of hundreds of MiB, which a
+// byte-at-a-time stream iterator takes minutes to read under ASan.
+std::vector<std::byte> file_contents(const std::string& path);
 
 inline kvm::MachineConfig small_config(std::uint64_t mem_bytes = 64ull << 20, unsigned vcpus = 1) {
   kvm::MachineConfig config;
