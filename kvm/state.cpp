@@ -18,6 +18,7 @@ constexpr std::uint32_t kMsrHypervTimeRefCount = 0x40000020;
 bool is_clock(std::uint32_t msr) {
   return msr == kMsrTsc || msr == kMsrTscAdjust || msr == kMsrHypervVpRuntime || msr == kMsrHypervTimeRefCount;
 }
+
 // Offset of the LAPIC timer current-count register (TMCCT) in the register page.
 constexpr std::size_t kLapicTimerCurrentCount = 0x390;
 

@@ -140,7 +140,8 @@ TEST_CASE("with dirty rings the log names the vCPU that wrote each page - and mi
   const std::vector<std::byte> snapshot(host, host + memory.regions()[0].layout.size);
   machine->resume();
   // Until each ring has filled three times, however slowly the guest runs (KVM nested in an
-  // emulator, as in CI, writes a hundredth of the rate asked); 200 ms at full speed.
+  // emulator, as in CI, writes a hundredth of the rate asked), then 200 ms more: three
+  // fills of about 1000 distinct pages leave the check below little margin on their own.
   const auto deadline = std::chrono::steady_clock::now() + 60s;
   const auto each_ring_filled_thrice = [&] {
     const auto exits = machine->dirty_ring_full_exits();
