@@ -34,8 +34,9 @@ struct VmState {
 
 // Fields whose value moves with wall-clock time even in a paused VM (the TSC, Hyper-V's
 // clocks, kvmclock, the LAPIC timer's current count, PIT load times), and the LAPIC's
-// processor priority, which KVM derives afresh on a restore. State comparisons skip them, and name the first field that differs ("" where none does), so
-// that a failed check says what moved.
+// processor priority, which KVM derives afresh on a restore. State comparisons skip them,
+// and name the first field that differs ("" where none does), so that a failed check says
+// what moved.
 std::string difference_ignoring_time(const VcpuState& a, const VcpuState& b);
 std::string difference_ignoring_time(const VmState& a, const VmState& b);
 
