@@ -49,10 +49,10 @@ std::string msr_difference(const std::vector<kvm_msr_entry>& a, const std::vecto
 // The first LAPIC register (16-byte aligned, as the APIC lays them out) that differs.
 std::string lapic_difference(const kvm_lapic_state& a, const kvm_lapic_state& b) {
   for (std::size_t offset = 0; offset < sizeof a.regs; offset += 16) {
-    std::uint32_t value_a = 0, value_b = 0;
-    std::memcpy(&value_a, a.regs + offset, sizeof value_a);
-    std::memcpy(&value_b, b.regs + offset, sizeof value_b);
     if (std::memcmp(a.regs + offset, b.regs + offset, 16) != 0) {
+      std::uint32_t value_a = 0, value_b = 0;  // a register's value is the first 4 of its 16 bytes
+      std::memcpy(&value_a, a.regs + offset, sizeof value_a);
+      std::memcpy(&value_b, b.regs + offset, sizeof value_b);
       std::ostringstream text;
       text << std::hex << std::showbase << "lapic register " << offset << ": " << value_a << " against " << value_b;
       return text.str();
