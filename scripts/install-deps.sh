@@ -9,7 +9,7 @@ $SUDO apt-get install -y -qq --no-install-recommends \
   build-essential cmake ninja-build binutils pkg-config \
   libboost-dev liburing-dev libxxhash-dev libzstd-dev catch2 \
   libcli11-dev nlohmann-json3-dev libfmt-dev qemu-system-x86 qemu-utils libnbd-dev iperf3 \
-  libssl-dev openssl clang help2man file dpkg-dev python3-matplotlib iproute2 >/dev/null
+  libssl-dev openssl clang help2man file dpkg-dev python3-matplotlib iproute2 gdb >/dev/null
 
 # Where /dev/kvm is unusable, the tests that need KVM run inside QEMU's TCG instead
 # (scripts/nested-kvm.sh), under Debian's kernel, unpacked here rather than installed: this

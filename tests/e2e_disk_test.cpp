@@ -47,8 +47,7 @@ TEST_CASE("copy-storage-all moves a disk the guest writes - byte for byte, holes
                                               "--stats-json", recv_stats});
   Child sender(with(send_args(endpoint, send_stats, "mode=random rate=50 wss=16M disk=1 diskrate=20 diskspan=64M", "1"),
                     {"--disk", source, "--copy-storage-all"}));
-  INFO(sender.stderr_text() << receiver->stderr_text());
-  REQUIRE(sender.wait() == 0);
+  require_exit_code(sender, 0, receiver.get());
   // The destination holds the guest paused: its image is what arrived.
   CHECK(file_contents(destination) == file_contents(source));
   CHECK(allocated(destination) <= allocated(source) * 105 / 100);
@@ -82,8 +81,7 @@ TEST_CASE("copy-storage-all moves a synthetic guest's disk byte for byte - no KV
                                               "--stats-json", recv_stats});
   Child sender({kTools + "mig-send", "--synthetic-guest", "20", "--mem", "64M", "--to", endpoint, "--after", "1",
                 "--stats-json", send_stats, "--disk", source, "--copy-storage-all"});
-  INFO(sender.stderr_text() << receiver->stderr_text());
-  REQUIRE(sender.wait() == 0);
+  require_exit_code(sender, 0, receiver.get());
   CHECK(file_contents(destination) == file_contents(source));
   const auto s = read_json(send_stats);
   CHECK(s["disk"]["copied"] == true);
@@ -108,9 +106,7 @@ TEST_CASE("qcow2: a 4 GiB image holding 256 MiB moves only its data") {
   auto [receiver, endpoint] = start_receiver({"--disk", destination + ",format=qcow2", "--run-for", "0.2"});
   Child sender(with(send_args(endpoint, send_stats, "mode=idle wss=8M"),
                     {"--disk", source + ",format=qcow2,cache=writeback", "--copy-storage-all"}));
-  INFO(sender.stderr_text() << receiver->stderr_text());
-  REQUIRE(sender.wait() == 0);
-  REQUIRE(receiver->wait() == 0);
+  require_exit_codes(sender, 0, *receiver, 0);
   const auto s = read_json(send_stats);
   CHECK(s["disk"]["processed"] == 256ull << 20);
   CHECK(s["disk"]["size"] == 4ull << 30);

@@ -43,9 +43,7 @@ TEST_CASE("a synthetic guest migrates between mig-send and mig-recv - verified, 
   const auto send_stats = temp_path("synthetic-send.json"), recv_stats = temp_path("synthetic-recv.json");
   auto [receiver, endpoint] = start_synthetic_receiver({"--run-for", "1", "--stats-json", recv_stats});
   Child sender(synthetic_send_args(endpoint, send_stats, "50"));
-  INFO(sender.stderr_text() << receiver->stderr_text());
-  REQUIRE(sender.wait() == 0);
-  REQUIRE(receiver->wait() == 0);
+  require_exit_codes(sender, 0, *receiver, 0);
   const auto s = read_json(send_stats), r = read_json(recv_stats);
   CHECK(s["status"] == "completed");
   CHECK(s["verified"] == true);
@@ -63,9 +61,7 @@ TEST_CASE("dirty-limit caps a synthetic guest's dirtying vCPU through its rings 
   // 60 MB/s against a 40 MB/s link: it cannot converge unless the brake works.
   Child sender(synthetic_send_args(endpoint, send_stats, "60",
                                    {"--compute-vcpus", "1", "--dirty-track", "ring", "--policy", "dirty-limit", "--bandwidth", "40M"}));
-  INFO(sender.stderr_text() << receiver->stderr_text());
-  REQUIRE(sender.wait() == 0);
-  REQUIRE(receiver->wait() == 0);
+  require_exit_codes(sender, 0, *receiver, 0);
   const auto s = read_json(send_stats), r = read_json(recv_stats);
   check_converged_by_dirty_limit(s);
   CHECK(r["verified"] == true);
@@ -78,9 +74,7 @@ TEST_CASE("post-copy moves a synthetic guest that dirties faster than the link -
   const auto send_stats = temp_path("synthetic-pc-send.json"), recv_stats = temp_path("synthetic-pc-recv.json");
   auto [receiver, endpoint] = start_synthetic_receiver({"--run-for", "1", "--stats-json", recv_stats});
   Child sender(synthetic_send_args(endpoint, send_stats, "0", {"--postcopy", "--bandwidth", "50M"}));
-  INFO(sender.stderr_text() << receiver->stderr_text());
-  REQUIRE(sender.wait() == 0);
-  REQUIRE(receiver->wait() == 0);
+  require_exit_codes(sender, 0, *receiver, 0);
   const auto s = read_json(send_stats), r = read_json(recv_stats);
   CHECK(s["stop_reason"] == "postcopy");
   CHECK(r["verified"] == true);
@@ -95,9 +89,7 @@ TEST_CASE("a memfd-backed synthetic guest is handed over on the same host, not c
   Child receiver({kTools + "mig-recv", "--synthetic-guest", "--listen", "unix:" + socket, "--run-for", "0.5", "--stats-json", recv_stats});
   REQUIRE_THAT(receiver.read_line(), Contains("listening on unix:"));
   Child sender(synthetic_send_args("unix:" + socket, temp_path("synthetic-handover-send.json"), "20", {"--memfd"}));
-  INFO(sender.stderr_text() << receiver.stderr_text());
-  REQUIRE(sender.wait() == 0);
-  REQUIRE(receiver.wait() == 0);
+  require_exit_codes(sender, 0, receiver, 0);
   CHECK_THAT(sender.stderr_text(), Contains("shared-memory"));
   const auto r = read_json(recv_stats);
   CHECK(r["pages_received"] == 0);
@@ -121,9 +113,7 @@ TEST_CASE("a receiver killed or stopped mid-migration costs no guest: the source
     receiver->signal(SIGTERM);
     expected_receiver_exit = 2;
   }
-  INFO(sender.stderr_text() << receiver->stderr_text());
-  CHECK(receiver->wait() == expected_receiver_exit);
-  REQUIRE(sender.wait() == 2);
+  require_exit_codes(sender, 2, *receiver, expected_receiver_exit);
   CHECK_THAT(sender.stderr_text(), Contains("keeps running here"));
   const auto s = read_json(send_stats);
   CHECK(s["status"] == "failed");
