@@ -56,17 +56,13 @@ TEST_CASE("a running guest's full state restores into a fresh VM and the guest c
 
   destination->start();
   REQUIRE(destination->probe().wait_handover(2s));
-  std::this_thread::sleep_for(300ms);
+  // 150 beats at 2 ms and 60 ticks at 200 Hz come in 300 ms on hardware.
+  CHECK(test::wait_for_progress(destination->probe(), before, 50, 20));
   destination->pause();
   require_healthy(*destination);
   const auto handover = *destination->probe().handover();
   CHECK(handover.sequence_continued);
-  const auto after = destination->probe().snapshot();
-  for (std::size_t i = 0; i < after.size(); ++i) {
-    CHECK(after[i].last_seq > before[i].last_seq + 50);  // about 150 beats at 2 ms
-    CHECK(after[i].seq_breaks == 0);
-    CHECK(after[i].ticks > before[i].ticks + 20);  // 200 Hz for 300 ms
-  }
+  for (const auto& vcpu : destination->probe().snapshot()) CHECK(vcpu.seq_breaks == 0);
   // The guest's TSC went on from where it was, not from zero and not backwards: the guest
   // itself reports MIG_CHECK_FAIL_TSC otherwise (checked in require_healthy), and here:
   auto tsc_of = [](const kvm::VcpuState& s) -> std::uint64_t {
@@ -172,7 +168,7 @@ TEST_CASE("with dirty rings the log names the vCPU that wrote each page - and mi
   }
   CHECK(named_right > 2000);  // of 4096: about 3000 random writes per vCPU over its 2048 pages
   CHECK(changed_outside > 0);
-  const auto harvested = machine->dirty_rings()->harvested_counts();
+  const auto harvested = machine->pages_dirtied_by_vcpu();
   CHECK(harvested[0] > 1024);  // its ring went round and its ring-full exits were served
   CHECK(harvested[1] > 1024);
   require_healthy(*machine);

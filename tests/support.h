@@ -2,6 +2,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -19,6 +20,20 @@ void require_kvm();
 // A whole file, read in one go: tests compare disk images of hundreds of MiB, which a
 // byte-at-a-time stream iterator takes minutes to read under ASan.
 std::vector<std::byte> file_contents(const std::string& path);
+
+// Waits, for at most 30 s, until `done(vcpu, its state)` holds for every vCPU. Tests wait
+// for the guest's progress rather than time it: a busy host, or TCG's nested KVM, runs the
+// guest at a fraction of its pace.
+bool wait_for_vcpus(const kvm::Probe& probe, const std::function<bool(std::size_t, const kvm::HeartbeatState&)>& done);
+
+// Until every vCPU has sent more than `beats` heartbeats since `before`, and, given `ticks`,
+// its timer more than that many ticks.
+inline bool wait_for_progress(const kvm::Probe& probe, const std::vector<kvm::HeartbeatState>& before, std::uint32_t beats,
+                              std::uint32_t ticks = 0) {
+  return wait_for_vcpus(probe, [&](std::size_t vcpu, const kvm::HeartbeatState& now) {
+    return now.last_seq > before.at(vcpu).last_seq + beats && (ticks == 0 || now.ticks > before.at(vcpu).ticks + ticks);
+  });
+}
 
 inline kvm::MachineConfig small_config(std::uint64_t mem_bytes = 64ull << 20, unsigned vcpus = 1) {
   kvm::MachineConfig config;

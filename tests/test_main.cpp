@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <stdexcept>
+#include <thread>
 
 #include "kvm/system.h"
 
@@ -29,6 +30,19 @@ std::vector<std::byte> file_contents(const std::string& path) {
   in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
   if (!in) throw std::runtime_error("cannot read " + path);
   return bytes;
+}
+
+bool wait_for_vcpus(const kvm::Probe& probe, const std::function<bool(std::size_t, const kvm::HeartbeatState&)>& done) {
+  const auto all_done = [&] {
+    const auto now = probe.snapshot();
+    for (std::size_t vcpu = 0; vcpu < now.size(); ++vcpu)
+      if (!done(vcpu, now[vcpu])) return false;
+    return true;
+  };
+  using namespace std::chrono;
+  for (const auto give_up = steady_clock::now() + seconds(30); !all_done(); std::this_thread::sleep_for(milliseconds(5)))
+    if (steady_clock::now() > give_up) return false;
+  return true;
 }
 
 }  // namespace mig::test
