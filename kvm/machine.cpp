@@ -127,6 +127,12 @@ void Machine::fetch_dirty_log_by_vcpu(std::size_t slot, std::span<std::uint64_t>
   memory_.take_vmm_writes(slot, bitmap);
 }
 
+std::vector<std::uint64_t> Machine::pages_dirtied_by_vcpu() {
+  if (!dirty_rings_) throw std::logic_error("Machine::pages_dirtied_by_vcpu needs dirty rings");
+  flush_vcpu_dirty_buffers();
+  return dirty_rings_->harvested_counts();
+}
+
 // On Intel's PML a vCPU's dirty pages reach its ring only when it leaves the guest: KVM
 // flushes the PML buffer (up to 512 pages) at every exit. KVM_GET_DIRTY_LOG kicks the vCPUs
 // itself; a ring harvest does not. So before one, every vCPU that may be in the guest is

@@ -81,8 +81,12 @@ class Machine {
   // only those the VMM's devices wrote in `bitmap`.
   void fetch_dirty_log_by_vcpu(std::size_t slot, std::span<std::uint64_t> bitmap,
                                std::span<const std::span<std::uint64_t>> vcpu_bitmaps);
-  // The rings' harvester (per-vCPU dirty counts), or null with the bitmap.
+  // The rings' harvester, or null with the bitmap.
   DirtyRingHarvester* dirty_rings() { return dirty_rings_.get(); }
+  // With dirty rings: per vCPU, the pages it has dirtied in all (each counted once per
+  // recycling), up to now. The vCPUs' PML buffers are flushed into their rings first:
+  // unflushed, a count may lag by 512 pages, two seconds of dirty-limit's 1 MB/s cap.
+  std::vector<std::uint64_t> pages_dirtied_by_vcpu();
   // Per vCPU, how often it stopped because its dirty ring was full: what a ring too small
   // for the harvests costs the guest (and proof, to a test, that a ring went round).
   std::vector<std::uint64_t> dirty_ring_full_exits() const;

@@ -101,7 +101,7 @@ class KvmVm final : public HostedVm {
   std::unique_ptr<kvm::Machine> machine_;
   std::vector<std::unique_ptr<KvmDisk>> disks_;
   Throttler throttler_{[this] { machine_->pause(); }, [this] { machine_->resume(); }};  // after machine_: stopped before it goes
-  DirtyLimiter dirty_limiter_{[this] { return machine_->dirty_rings()->harvested_counts(); },
+  DirtyLimiter dirty_limiter_{[this] { return machine_->pages_dirtied_by_vcpu(); },
                               [this](unsigned vcpu, DirtyLimiter::Clock::time_point until) { machine_->hold_vcpu(vcpu, until); }};
 };
 
