@@ -1,11 +1,15 @@
 #include "tests/process.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
+#include <sstream>
 #include <stdexcept>
 #include <utility>
 
