@@ -1,5 +1,8 @@
 #include "transport/protocol.h"
 
+#include <concepts>
+#include <type_traits>
+
 namespace mig::wire {
 
 const char* to_string(MessageType type) {
@@ -75,342 +78,252 @@ void validate(const PageDescriptor& d) {
 }
 
 namespace {
-// The codec of every message that is a single fixed-size field.
-template <typename Message, typename Field>
-std::vector<std::byte> encode_field(const Message& m, Field Message::*field) {
-  return encode_value(m.*field);
-}
-template <typename Message, typename Field>
-Message decode_field(std::span<const std::byte> payload, Field Message::*field, const char* what) {
-  Message m;
-  m.*field = decode_value<Field>(payload, what);
-  return m;
-}
-}  // namespace
 
-std::vector<std::byte> encode(const Hello& m) {
-  ByteWriter w;
-  w.put(m.version);
-  w.put(m.capabilities);
-  w.put(m.page_size);
-  w.put(m.vcpus);
-  w.put_string(m.host_boot_id);
-  w.put_vector(m.regions);
-  w.put(m.channels);
-  w.put(m.session);
-  w.put(static_cast<std::uint32_t>(m.disks.size()));
-  for (const auto& d : m.disks) {
-    w.put(d.size);
-    w.put(d.chunk_bytes);
-    w.put(d.flags);
-    w.put_string(d.path);
+// Every message's layout is written once, in a layout() below, and that one description both
+// writes and reads it: a field cannot be written in one order and read in another. The Writer
+// trusts the values it is given. The Reader bounds every length and count, names what it was
+// reading when the bytes run out, and runs a layout's checks where they stand, so Hello's
+// version is judged before anything after it is read.
+class Writer {
+ public:
+  template <typename T>
+    requires std::is_trivially_copyable_v<T>
+  void field(const T& value, const char*) {
+    bytes_.put(value);
   }
-  w.put_vector(m.cpuid);
-  w.put(m.tsc_khz);
-  return w.take();
-}
-template <>
-Hello decode<Hello>(std::span<const std::byte> payload) {
-  ByteReader r(payload);
-  Hello m;
-  // The version comes first and is checked before anything else is interpreted.
-  m.version = r.get<std::uint32_t>("Hello.version");
-  if (m.version != kVersion)
-    throw ProtocolError("peer speaks mig protocol version " + std::to_string(m.version) + ", this build speaks " +
-                        std::to_string(kVersion));
-  m.capabilities = r.get<std::uint32_t>("Hello.capabilities");
-  m.page_size = r.get<std::uint32_t>("Hello.page_size");
-  if (m.page_size != kPageSize) throw ProtocolError("peer uses page size " + std::to_string(m.page_size));
-  m.vcpus = r.get<std::uint32_t>("Hello.vcpus");
-  if (m.vcpus == 0 || m.vcpus > kMaxVcpus) throw ProtocolError("Hello asks for " + std::to_string(m.vcpus) + " vCPUs");
-  m.host_boot_id = r.get_string(kMaxNameBytes, "Hello.host_boot_id");
-  m.regions = r.get_vector<Region>(kMaxRegions, "Hello.regions");
-  if (m.regions.empty()) throw ProtocolError("Hello has no memory regions");
+  void field(const std::string& text, std::size_t, const char*) { bytes_.put_string(text); }
+  template <typename T>
+  void field(const std::vector<T>& values, std::size_t, const char*) {
+    bytes_.put_vector(values);
+  }
+  // A count, then each item as `item` lays it out.
+  template <typename T, typename Item>
+  void list(const std::vector<T>& items, std::uint32_t, const char*, Item&& item) {
+    bytes_.put(static_cast<std::uint32_t>(items.size()));
+    for (const auto& each : items) item(each);
+  }
+  template <typename Check>
+  void check(Check&&) {}
+  std::vector<std::byte> take() { return bytes_.take(); }
+
+ private:
+  ByteWriter bytes_;
+};
+
+class Reader {
+ public:
+  explicit Reader(std::span<const std::byte> payload) : bytes_(payload) {}
+  template <typename T>
+    requires std::is_trivially_copyable_v<T>
+  void field(T& value, const char* what) {
+    value = bytes_.get<T>(what);
+  }
+  void field(std::string& text, std::size_t max_bytes, const char* what) { text = bytes_.get_string(max_bytes, what); }
+  template <typename T>
+  void field(std::vector<T>& values, std::size_t max_values, const char* what) {
+    values = bytes_.get_vector<T>(max_values, what);
+  }
+  template <typename T, typename Item>
+  void list(std::vector<T>& items, std::uint32_t max_items, const char* what, Item&& item) {
+    const auto count = bytes_.get<std::uint32_t>(what);
+    if (count > max_items)
+      throw ProtocolError(std::string(what) + " counts " + std::to_string(count) + ", more than the limit of " +
+                          std::to_string(max_items));
+    items.resize(count);
+    for (auto& each : items) item(each);
+  }
+  template <typename Check>
+  void check(Check&& refuse_if_malformed) {
+    refuse_if_malformed();
+  }
+  void expect_end(const char* what) const { bytes_.expect_end(what); }
+
+ private:
+  ByteReader bytes_;
+};
+
+// A layout takes its message as `Message<T> auto&`: const when written, not when read.
+template <typename M, typename T>
+concept Message = std::same_as<std::remove_const_t<M>, T>;
+
+[[noreturn]] void refuse(const std::string& why) { throw ProtocolError(why); }
+
+void check_shape(const Hello& m) {
+  if (m.page_size != kPageSize) refuse("peer uses page size " + std::to_string(m.page_size));
+  if (m.vcpus == 0 || m.vcpus > kMaxVcpus) refuse("Hello asks for " + std::to_string(m.vcpus) + " vCPUs");
+  if (m.regions.empty()) refuse("Hello has no memory regions");
   std::uint64_t total = 0;
   for (const auto& region : m.regions) {
     if (region.size == 0 || region.size % kPageSize || region.guest_addr % kPageSize || region.size > kMaxGuestBytes ||
         region.guest_addr > kMaxGuestBytes)
-      throw ProtocolError("Hello has a malformed memory region");
+      refuse("Hello has a malformed memory region");
     total += region.size;
   }
-  if (total > kMaxGuestBytes) throw ProtocolError("Hello asks for " + std::to_string(total) + " bytes of guest memory");
-  m.channels = r.get<std::uint32_t>("Hello.channels");
-  if (m.channels == 0 || m.channels > kMaxChannels) throw ProtocolError("Hello asks for " + std::to_string(m.channels) + " channels");
-  m.session = r.get<std::uint64_t>("Hello.session");
-  const auto disks = r.get<std::uint32_t>("Hello.disks");
-  if (disks > kMaxDisks) throw ProtocolError("Hello has " + std::to_string(disks) + " disks");
-  for (std::uint32_t i = 0; i < disks; ++i) {
-    Disk d;
-    d.size = r.get<std::uint64_t>("Hello.disk.size");
-    d.chunk_bytes = r.get<std::uint32_t>("Hello.disk.chunk_bytes");
-    d.flags = r.get<std::uint32_t>("Hello.disk.flags");
-    d.path = r.get_string(kMaxPathBytes, "Hello.disk.path");
+  if (total > kMaxGuestBytes) refuse("Hello asks for " + std::to_string(total) + " bytes of guest memory");
+  if (m.channels == 0 || m.channels > kMaxChannels) refuse("Hello asks for " + std::to_string(m.channels) + " channels");
+  for (const auto& d : m.disks)
     if (d.size == 0 || d.size % 512 || d.size > kMaxDiskBytes || d.chunk_bytes < kMinDiskChunk ||
         d.chunk_bytes > kMaxDiskChunk || (d.chunk_bytes & (d.chunk_bytes - 1)) || (d.flags & ~kDiskCopy))
-      throw ProtocolError("Hello has a malformed disk");
-    m.disks.push_back(std::move(d));
-  }
-  m.cpuid = r.get_vector<CpuidLeaf>(kMaxCpuidLeaves, "Hello.cpuid");
-  m.tsc_khz = r.get<std::uint32_t>("Hello.tsc_khz");
-  if (m.tsc_khz > kMaxTscKhz) throw ProtocolError("Hello gives the guest a TSC of " + std::to_string(m.tsc_khz) + " kHz");
-  r.expect_end("Hello");
-  return m;
+      refuse("Hello has a malformed disk");
+  if (m.tsc_khz > kMaxTscKhz) refuse("Hello gives the guest a TSC of " + std::to_string(m.tsc_khz) + " kHz");
 }
 
-std::vector<std::byte> encode(const HelloAck& m) {
-  ByteWriter w;
-  w.put(m.capabilities);
-  w.put_string(m.host_boot_id);
-  w.put(m.channels);
-  return w.take();
-}
-template <>
-HelloAck decode<HelloAck>(std::span<const std::byte> payload) {
-  ByteReader r(payload);
-  HelloAck m;
-  m.capabilities = r.get<std::uint32_t>("HelloAck.capabilities");
-  m.host_boot_id = r.get_string(kMaxNameBytes, "HelloAck.host_boot_id");
-  m.channels = r.get<std::uint32_t>("HelloAck.channels");
-  r.expect_end("HelloAck");
-  return m;
-}
-
-std::vector<std::byte> encode(const StateSection& m) {
-  ByteWriter w;
-  w.put_string(m.name);
-  w.put(m.version);
-  w.put_bytes(m.data);
-  return w.take();
-}
-template <>
-StateSection decode<StateSection>(std::span<const std::byte> payload) {
-  ByteReader r(payload);
-  StateSection m;
-  m.name = r.get_string(kMaxNameBytes, "StateSection.name");
-  m.version = r.get<std::uint32_t>("StateSection.version");
-  auto data = r.get_bytes(kMaxStateSection, "StateSection.data");
-  m.data.assign(data.begin(), data.end());
-  r.expect_end("StateSection");
-  return m;
+void layout(auto& io, Message<Hello> auto& m) {
+  io.field(m.version, "Hello.version");
+  // Another version may lay out what follows differently: say so, not that it is malformed.
+  io.check([&] {
+    if (m.version != kVersion)
+      refuse("peer speaks mig protocol version " + std::to_string(m.version) + ", this build speaks " +
+             std::to_string(kVersion));
+  });
+  io.field(m.capabilities, "Hello.capabilities");
+  io.field(m.page_size, "Hello.page_size");
+  io.field(m.vcpus, "Hello.vcpus");
+  io.field(m.host_boot_id, kMaxNameBytes, "Hello.host_boot_id");
+  io.field(m.regions, kMaxRegions, "Hello.regions");
+  io.field(m.channels, "Hello.channels");
+  io.field(m.session, "Hello.session");
+  io.list(m.disks, kMaxDisks, "Hello.disks", [&](auto& disk) {
+    io.field(disk.size, "Hello.disk.size");
+    io.field(disk.chunk_bytes, "Hello.disk.chunk_bytes");
+    io.field(disk.flags, "Hello.disk.flags");
+    io.field(disk.path, kMaxPathBytes, "Hello.disk.path");
+  });
+  io.field(m.cpuid, kMaxCpuidLeaves, "Hello.cpuid");
+  io.field(m.tsc_khz, "Hello.tsc_khz");
+  io.check([&] { check_shape(m); });
 }
 
-std::vector<std::byte> encode(const Complete& m) {
-  ByteWriter w;
-  w.put(m.page_digest);
-  w.put(m.pages_sent);
-  w.put(m.disk_digest);
-  return w.take();
-}
-template <>
-Complete decode<Complete>(std::span<const std::byte> payload) {
-  ByteReader r(payload);
-  Complete m;
-  m.page_digest = r.get<std::uint64_t>("Complete.page_digest");
-  m.pages_sent = r.get<std::uint64_t>("Complete.pages_sent");
-  m.disk_digest = r.get<std::uint64_t>("Complete.disk_digest");
-  r.expect_end("Complete");
-  return m;
+void layout(auto& io, Message<HelloAck> auto& m) {
+  io.field(m.capabilities, "HelloAck.capabilities");
+  io.field(m.host_boot_id, kMaxNameBytes, "HelloAck.host_boot_id");
+  io.field(m.channels, "HelloAck.channels");
 }
 
-std::vector<std::byte> encode(const Ready& m) { return encode_field(m, &Ready::restore_ns); }
-template <>
-Ready decode<Ready>(std::span<const std::byte> payload) {
-  return decode_field(payload, &Ready::restore_ns, "Ready");
+void layout(auto& io, Message<ChannelHello> auto& m) {
+  io.field(m.session, "ChannelHello.session");
+  io.field(m.index, "ChannelHello.index");
 }
 
-std::vector<std::byte> encode(const Commit&) { return {}; }
-template <>
-Commit decode<Commit>(std::span<const std::byte> payload) {
-  ByteReader(payload).expect_end("Commit");
-  return {};
+void layout(auto& io, Message<SharedMemory> auto& m) {
+  io.field(m.regions, "SharedMemory.regions");
+  io.check([&] {
+    if (m.regions == 0 || m.regions > kMaxRegions) refuse("SharedMemory announces " + std::to_string(m.regions) + " regions");
+  });
 }
 
-std::vector<std::byte> encode(const Running& m) {
-  ByteWriter w;
-  w.put(m.resumed_at_ns);
-  w.put(m.resume_ns);
-  return w.take();
+// PagePlan, PostcopyStart and PostcopyResumeAck: one page bitmap per region.
+void layout_bitmaps(auto& io, auto& m, const char* name) {
+  io.list(m.bitmaps, kMaxRegions, name, [&](auto& bitmap) { io.field(bitmap, kMaxPlanBytes / 8, name); });
+  io.check([&] {
+    if (m.bitmaps.empty()) refuse(std::string(name) + " has no regions");
+  });
 }
-template <>
-Running decode<Running>(std::span<const std::byte> payload) {
-  ByteReader r(payload);
-  Running m;
-  m.resumed_at_ns = r.get<std::int64_t>("Running.resumed_at_ns");
-  m.resume_ns = r.get<std::uint64_t>("Running.resume_ns");
-  r.expect_end("Running");
-  return m;
+void layout(auto& io, Message<PagePlan> auto& m) { layout_bitmaps(io, m, "PagePlan"); }
+void layout(auto& io, Message<PostcopyStart> auto& m) { layout_bitmaps(io, m, "PostcopyStart"); }
+void layout(auto& io, Message<PostcopyResumeAck> auto& m) { layout_bitmaps(io, m, "PostcopyResumeAck"); }
+
+void layout(auto& io, Message<DiskData> auto& m) {
+  io.field(m.disk, "DiskData.disk");
+  io.field(m.offset, "DiskData.offset");
+  io.field(m.data, kMaxDiskData, "DiskData.data");
+  io.check([&] {
+    if (m.data.empty()) refuse("DiskData with no data");
+  });
 }
 
-std::vector<std::byte> encode(const Handover& m) {
-  ByteWriter w;
-  w.put(m.gap_ns);
-  w.put(m.sequence_continued);
-  w.put(m.last_source_seq);
-  w.put(m.first_destination_seq);
-  return w.take();
-}
-template <>
-Handover decode<Handover>(std::span<const std::byte> payload) {
-  ByteReader r(payload);
-  Handover m;
-  m.gap_ns = r.get<std::int64_t>("Handover.gap_ns");
-  m.sequence_continued = r.get<std::uint8_t>("Handover.sequence_continued");
-  m.last_source_seq = r.get<std::uint32_t>("Handover.last_source_seq");
-  m.first_destination_seq = r.get<std::uint32_t>("Handover.first_destination_seq");
-  r.expect_end("Handover");
-  return m;
+void layout(auto& io, Message<DiskZero> auto& m) {
+  io.field(m.disk, "DiskZero.disk");
+  io.field(m.offset, "DiskZero.offset");
+  io.field(m.length, "DiskZero.length");
+  io.check([&] {
+    if (m.length == 0) refuse("DiskZero of no bytes");
+  });
 }
 
-std::vector<std::byte> encode(const Error& m) {
-  ByteWriter w;
-  w.put_string(m.message);
-  return w.take();
-}
-template <>
-Error decode<Error>(std::span<const std::byte> payload) {
-  ByteReader r(payload);
-  Error m{r.get_string(kMaxMessageBytes, "Error.message")};
-  r.expect_end("Error");
-  return m;
+void layout(auto& io, Message<RoundEnd> auto& m) { io.field(m.round, "RoundEnd.round"); }
+void layout(auto& io, Message<RoundAck> auto& m) { io.field(m.round, "RoundAck.round"); }
+
+void layout(auto& io, Message<StateSection> auto& m) {
+  io.field(m.name, kMaxNameBytes, "StateSection.name");
+  io.field(m.version, "StateSection.version");
+  io.field(m.data, kMaxStateSection, "StateSection.data");
 }
 
-std::vector<std::byte> encode(const RoundEnd& m) { return encode_field(m, &RoundEnd::round); }
-template <>
-RoundEnd decode<RoundEnd>(std::span<const std::byte> payload) {
-  return decode_field(payload, &RoundEnd::round, "RoundEnd");
+void layout(auto& io, Message<Complete> auto& m) {
+  io.field(m.page_digest, "Complete.page_digest");
+  io.field(m.pages_sent, "Complete.pages_sent");
+  io.field(m.disk_digest, "Complete.disk_digest");
 }
 
-std::vector<std::byte> encode(const RoundAck& m) { return encode_field(m, &RoundAck::round); }
-template <>
-RoundAck decode<RoundAck>(std::span<const std::byte> payload) {
-  return decode_field(payload, &RoundAck::round, "RoundAck");
+void layout(auto& io, Message<Ready> auto& m) { io.field(m.restore_ns, "Ready.restore_ns"); }
+
+void layout(auto&, Message<Commit> auto&) {}
+
+void layout(auto& io, Message<Running> auto& m) {
+  io.field(m.resumed_at_ns, "Running.resumed_at_ns");
+  io.field(m.resume_ns, "Running.resume_ns");
 }
 
-std::vector<std::byte> encode(const SharedMemory& m) { return encode_field(m, &SharedMemory::regions); }
-namespace {
-
-// PagePlan, PostcopyStart and PostcopyResumeAck all carry one page bitmap per region.
-template <typename M>
-M decode_bitmaps(std::span<const std::byte> payload, const char* name) {
-  ByteReader r(payload);
-  M m;
-  const auto regions = r.get<std::uint32_t>(name);
-  if (regions == 0 || regions > kMaxRegions) throw ProtocolError(std::string(name) + " has " + std::to_string(regions) + " regions");
-  for (std::uint32_t i = 0; i < regions; ++i) m.bitmaps.push_back(r.get_vector<std::uint64_t>(kMaxPlanBytes / 8, name));
-  r.expect_end(name);
-  return m;
+void layout(auto& io, Message<Handover> auto& m) {
+  io.field(m.gap_ns, "Handover.gap_ns");
+  io.field(m.sequence_continued, "Handover.sequence_continued");
+  io.field(m.last_source_seq, "Handover.last_source_seq");
+  io.field(m.first_destination_seq, "Handover.first_destination_seq");
 }
 
-std::vector<std::byte> encode_bitmaps(const std::vector<std::vector<std::uint64_t>>& bitmaps) {
-  ByteWriter w;
-  w.put(static_cast<std::uint32_t>(bitmaps.size()));
-  for (const auto& b : bitmaps) w.put_vector(b);
-  return w.take();
-}
+void layout(auto& io, Message<CommitRetry> auto& m) { io.field(m.session, "CommitRetry.session"); }
+
+void layout(auto& io, Message<Error> auto& m) { io.field(m.message, kMaxMessageBytes, "Error.message"); }
+
+void layout(auto& io, Message<PageRequest> auto& m) { io.field(m.guest_addr, "PageRequest.guest_addr"); }
+void layout(auto& io, Message<PostcopyDone> auto& m) { io.field(m.pages_installed, "PostcopyDone.pages_installed"); }
+void layout(auto& io, Message<PostcopyResume> auto& m) { io.field(m.session, "PostcopyResume.session"); }
 
 }  // namespace
 
-template <>
-PagePlan decode<PagePlan>(std::span<const std::byte> payload) {
-  return decode_bitmaps<PagePlan>(payload, "PagePlan");
-}
-std::vector<std::byte> encode(const PagePlan& m) { return encode_bitmaps(m.bitmaps); }
-
-template <>
-PostcopyStart decode<PostcopyStart>(std::span<const std::byte> payload) {
-  return decode_bitmaps<PostcopyStart>(payload, "PostcopyStart");
-}
-std::vector<std::byte> encode(const PostcopyStart& m) { return encode_bitmaps(m.bitmaps); }
-
-template <>
-PostcopyResumeAck decode<PostcopyResumeAck>(std::span<const std::byte> payload) {
-  return decode_bitmaps<PostcopyResumeAck>(payload, "PostcopyResumeAck");
-}
-std::vector<std::byte> encode(const PostcopyResumeAck& m) { return encode_bitmaps(m.bitmaps); }
-
-std::vector<std::byte> encode(const PageRequest& m) { return encode_field(m, &PageRequest::guest_addr); }
-template <>
-PageRequest decode<PageRequest>(std::span<const std::byte> payload) {
-  return decode_field(payload, &PageRequest::guest_addr, "PageRequest");
+template <typename T>
+std::vector<std::byte> encode(const T& message) {
+  Writer writer;
+  layout(writer, message);
+  return writer.take();
 }
 
-std::vector<std::byte> encode(const PostcopyDone& m) { return encode_field(m, &PostcopyDone::pages_installed); }
-template <>
-PostcopyDone decode<PostcopyDone>(std::span<const std::byte> payload) {
-  return decode_field(payload, &PostcopyDone::pages_installed, "PostcopyDone");
+template <typename T>
+T decode(std::span<const std::byte> payload) {
+  Reader reader(payload);
+  T message;
+  layout(reader, message);
+  reader.expect_end(to_string(type_of<T>()));
+  return message;
 }
 
-std::vector<std::byte> encode(const CommitRetry& m) { return encode_field(m, &CommitRetry::session); }
-template <>
-CommitRetry decode<CommitRetry>(std::span<const std::byte> payload) {
-  return decode_field(payload, &CommitRetry::session, "CommitRetry");
-}
-std::vector<std::byte> encode(const PostcopyResume& m) { return encode_field(m, &PostcopyResume::session); }
-template <>
-PostcopyResume decode<PostcopyResume>(std::span<const std::byte> payload) {
-  return decode_field(payload, &PostcopyResume::session, "PostcopyResume");
-}
-
-std::vector<std::byte> encode(const ChannelHello& m) {
-  ByteWriter w;
-  w.put(m.session);
-  w.put(m.index);
-  return w.take();
-}
-template <>
-ChannelHello decode<ChannelHello>(std::span<const std::byte> payload) {
-  ByteReader r(payload);
-  ChannelHello m;
-  m.session = r.get<std::uint64_t>("ChannelHello.session");
-  m.index = r.get<std::uint32_t>("ChannelHello.index");
-  r.expect_end("ChannelHello");
-  return m;
-}
-
-template <>
-SharedMemory decode<SharedMemory>(std::span<const std::byte> payload) {
-  const auto m = decode_field(payload, &SharedMemory::regions, "SharedMemory");
-  if (m.regions == 0 || m.regions > kMaxRegions) throw ProtocolError("SharedMemory announces " + std::to_string(m.regions) + " regions");
-  return m;
-}
-
-std::vector<std::byte> encode(const DiskData& m) {
-  ByteWriter w;
-  w.put(m.disk);
-  w.put(m.offset);
-  w.put_bytes(m.data);
-  return w.take();
-}
-template <>
-DiskData decode<DiskData>(std::span<const std::byte> payload) {
-  ByteReader r(payload);
-  DiskData m;
-  m.disk = r.get<std::uint32_t>("DiskData.disk");
-  m.offset = r.get<std::uint64_t>("DiskData.offset");
-  auto data = r.get_bytes(kMaxDiskData, "DiskData.data");
-  if (data.empty()) throw ProtocolError("DiskData with no data");
-  m.data.assign(data.begin(), data.end());
-  r.expect_end("DiskData");
-  return m;
-}
-
-std::vector<std::byte> encode(const DiskZero& m) {
-  ByteWriter w;
-  w.put(m.disk);
-  w.put(m.offset);
-  w.put(m.length);
-  return w.take();
-}
-template <>
-DiskZero decode<DiskZero>(std::span<const std::byte> payload) {
-  ByteReader r(payload);
-  DiskZero m;
-  m.disk = r.get<std::uint32_t>("DiskZero.disk");
-  m.offset = r.get<std::uint64_t>("DiskZero.offset");
-  m.length = r.get<std::uint64_t>("DiskZero.length");
-  if (m.length == 0) throw ProtocolError("DiskZero of no bytes");
-  r.expect_end("DiskZero");
-  return m;
-}
+// The codec of each message, compiled here once.
+#define MIG_WIRE_CODEC(T)                                      \
+  template std::vector<std::byte> encode<T>(const T& message); \
+  template T decode<T>(std::span<const std::byte> payload);
+MIG_WIRE_CODEC(Hello)
+MIG_WIRE_CODEC(HelloAck)
+MIG_WIRE_CODEC(ChannelHello)
+MIG_WIRE_CODEC(SharedMemory)
+MIG_WIRE_CODEC(PagePlan)
+MIG_WIRE_CODEC(PostcopyStart)
+MIG_WIRE_CODEC(PostcopyResumeAck)
+MIG_WIRE_CODEC(DiskData)
+MIG_WIRE_CODEC(DiskZero)
+MIG_WIRE_CODEC(RoundEnd)
+MIG_WIRE_CODEC(RoundAck)
+MIG_WIRE_CODEC(StateSection)
+MIG_WIRE_CODEC(Complete)
+MIG_WIRE_CODEC(Ready)
+MIG_WIRE_CODEC(Commit)
+MIG_WIRE_CODEC(Running)
+MIG_WIRE_CODEC(Handover)
+MIG_WIRE_CODEC(CommitRetry)
+MIG_WIRE_CODEC(Error)
+MIG_WIRE_CODEC(PageRequest)
+MIG_WIRE_CODEC(PostcopyDone)
+MIG_WIRE_CODEC(PostcopyResume)
+#undef MIG_WIRE_CODEC
 
 }  // namespace mig::wire

@@ -359,30 +359,10 @@ struct Error {
 };
 
 // encode() gives the payload; decode() takes exactly one payload and throws ProtocolError on
-// anything malformed or out of bounds.
-std::vector<std::byte> encode(const Hello& m);
-std::vector<std::byte> encode(const HelloAck& m);
-std::vector<std::byte> encode(const StateSection& m);
-std::vector<std::byte> encode(const Complete& m);
-std::vector<std::byte> encode(const Ready& m);
-std::vector<std::byte> encode(const Commit& m);
-std::vector<std::byte> encode(const Running& m);
-std::vector<std::byte> encode(const Handover& m);
-std::vector<std::byte> encode(const Error& m);
-std::vector<std::byte> encode(const RoundEnd& m);
-std::vector<std::byte> encode(const RoundAck& m);
-std::vector<std::byte> encode(const SharedMemory& m);
-std::vector<std::byte> encode(const PagePlan& m);
-std::vector<std::byte> encode(const ChannelHello& m);
-std::vector<std::byte> encode(const PostcopyStart& m);
-std::vector<std::byte> encode(const PageRequest& m);
-std::vector<std::byte> encode(const PostcopyDone& m);
-std::vector<std::byte> encode(const PostcopyResume& m);
-std::vector<std::byte> encode(const PostcopyResumeAck& m);
-std::vector<std::byte> encode(const DiskData& m);
-std::vector<std::byte> encode(const DiskZero& m);
-std::vector<std::byte> encode(const CommitRetry& m);
-
+// anything malformed or out of bounds. Both exist for each message struct above (protocol.cpp
+// lays each out once for both).
+template <typename T>
+std::vector<std::byte> encode(const T& message);
 template <typename T>
 T decode(std::span<const std::byte> payload);
 
