@@ -84,30 +84,27 @@ void copy_error(const std::string& error, mig_outcome& out) {
   out.error[n] = '\0';
 }
 
-mig_outcome to_c(const engine::MigrationStats& s) {
+// What a source's and a destination's statistics both say; `bytes` went out or came in.
+template <typename Stats>
+mig_outcome outcome_of(const Stats& s, std::uint64_t bytes) {
   mig_outcome out{};
   out.status = to_c(s.status);
   copy_error(s.error, out);
   out.total_ms = s.total_ms;
-  out.downtime_ms = s.downtime_ms;
   out.rounds = s.rounds;
   out.guest_bytes = s.guest_bytes;
-  out.bytes = s.bytes_sent;
+  out.bytes = bytes;
   out.verified = s.verified;
   return out;
 }
 
-mig_outcome to_c(const engine::IncomingStats& s) {
-  mig_outcome out{};
-  out.status = to_c(s.status);
-  copy_error(s.error, out);
-  out.total_ms = s.total_ms;
-  out.rounds = s.rounds;
-  out.guest_bytes = s.guest_bytes;
-  out.bytes = s.bytes_received;
-  out.verified = s.verified;
+mig_outcome to_c(const engine::MigrationStats& s) {
+  auto out = outcome_of(s, s.bytes_sent);
+  out.downtime_ms = s.downtime_ms;
   return out;
 }
+
+mig_outcome to_c(const engine::IncomingStats& s) { return outcome_of(s, s.bytes_received); }
 
 std::shared_ptr<const transport::TlsContext> load_tls(const char* x509_dir, const char* psk_file,
                                                       transport::TlsCredentials credentials, transport::TlsRole role) {
