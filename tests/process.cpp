@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <sstream>
 #include <stdexcept>
@@ -39,11 +40,13 @@ std::string stacks_of(pid_t pid) {
   std::FILE* gdb = ::popen(command.c_str(), "r");
   if (!gdb) return "(cannot run gdb: " + std::string(std::strerror(errno)) + ")\n";
   std::string frames, everything;
-  char line[1024];
-  while (std::fgets(line, sizeof line, gdb)) {
+  char* line = nullptr;  // getline's: a frame with long template names is kept whole
+  std::size_t capacity = 0;
+  while (::getline(&line, &capacity, gdb) > 0) {
     everything += line;
     if (line[0] == '#' || std::strncmp(line, "Thread ", 7) == 0) frames += line;
   }
+  std::free(line);
   const int status = ::pclose(gdb);
   // No frames: gdb is missing or could not attach, and its own words say which.
   return frames.empty() ? "(no stacks, gdb exited with " + std::to_string(status) + "): " + everything : frames;
