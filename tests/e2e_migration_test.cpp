@@ -118,10 +118,7 @@ TEST_CASE("sweep: the destination's memory holds the sweep pattern") {
   test::require_kvm();
   auto source = boot("mode=sweep rate=200 wss=16M hb=2");
   // A pass done before the migration, however slowly the guest runs (80 ms at full speed).
-  const auto deadline = std::chrono::steady_clock::now() + 60s;
-  while (source->machine().probe().snapshot()[0].sweep_passes == 0 && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(20ms);
-  REQUIRE(source->machine().probe().snapshot()[0].sweep_passes > 0);
+  REQUIRE(test::wait_until([&] { return source->machine().probe().snapshot()[0].sweep_passes > 0; }, 60s));
   auto m = migrate_over_tcp(*source);
   require_completed(m);
   auto& destination = m.destination()->machine();

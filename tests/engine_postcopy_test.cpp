@@ -14,6 +14,7 @@
 #include "engine/postcopy_destination.h"
 #include "engine/postcopy_source.h"
 #include "tests/fake_vm.h"
+#include "tests/support.h"
 
 using namespace mig;
 using namespace std::chrono_literals;
@@ -231,10 +232,7 @@ TEST_CASE("post-copy survives a cut link - both sides pause - and recovery compl
       });
       auto sender = std::async(std::launch::async, [&] { return engine::SourceMigration(source, send_end, options, control).run(); });
       // The operator: once the source says it is paused, point it at the recovery address.
-      const auto deadline = std::chrono::steady_clock::now() + 10s;
-      while (control->status() != engine::MigrationStatus::postcopy_paused && std::chrono::steady_clock::now() < deadline)
-        std::this_thread::sleep_for(5ms);
-      REQUIRE(control->status() == engine::MigrationStatus::postcopy_paused);
+      REQUIRE(test::wait_until([&] { return control->status() == engine::MigrationStatus::postcopy_paused; }, 10s));
       CHECK_FALSE(control->cancel());  // too late to take the guest back
       CHECK(control->resume_postcopy([&] { return recovery.open(); }));
       const auto sent = sender.get();

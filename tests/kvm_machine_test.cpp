@@ -138,15 +138,15 @@ TEST_CASE("with dirty rings the log names the vCPU that wrote each page - and mi
   // Until each ring has filled three times, however slowly the guest runs (KVM nested in an
   // emulator, as in CI, writes a hundredth of the rate asked), then 200 ms more: three
   // fills of about 1000 distinct pages leave the check below little margin on their own.
-  const auto deadline = std::chrono::steady_clock::now() + 60s;
-  const auto each_ring_filled_thrice = [&] {
-    const auto exits = machine->dirty_ring_full_exits();
-    return exits[0] >= 3 && exits[1] >= 3;
-  };
-  while (!each_ring_filled_thrice() && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(20ms);
+  const bool each_ring_filled_thrice = test::wait_until(
+      [&] {
+        const auto exits = machine->dirty_ring_full_exits();
+        return exits[0] >= 3 && exits[1] >= 3;
+      },
+      60s);
   std::this_thread::sleep_for(200ms);
   machine->pause();
-  REQUIRE(each_ring_filled_thrice());
+  REQUIRE(each_ring_filled_thrice);
   machine->fetch_dirty_log_by_vcpu(0, unnamed, by_vcpu);
 
   // Each vCPU writes its own half of the working set (which starts at 4 MiB).

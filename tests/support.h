@@ -21,9 +21,12 @@ void require_kvm();
 // byte-at-a-time stream iterator takes minutes to read under ASan.
 std::vector<std::byte> file_contents(const std::string& path);
 
-// Waits, for at most 30 s, until `done(vcpu, its state)` holds for every vCPU. Tests wait
-// for the guest's progress rather than time it: a busy host, or TCG's nested KVM, runs the
-// guest at a fraction of its pace.
+// Polls `done` every 5 ms until it holds, for at most `limit`, and says whether it did. Tests
+// wait for what they need rather than sleep a fixed time: a busy host, or TCG's nested KVM,
+// runs the guest at a fraction of its pace.
+bool wait_until(const std::function<bool()>& done, std::chrono::milliseconds limit);
+
+// Waits, for at most 30 s, until `done(vcpu, its state)` holds for every vCPU.
 bool wait_for_vcpus(const kvm::Probe& probe, const std::function<bool(std::size_t, const kvm::HeartbeatState&)>& done);
 
 // Until every vCPU has sent more than `beats` heartbeats since `before`, and, given `ticks`,

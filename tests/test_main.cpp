@@ -32,17 +32,22 @@ std::vector<std::byte> file_contents(const std::string& path) {
   return bytes;
 }
 
-bool wait_for_vcpus(const kvm::Probe& probe, const std::function<bool(std::size_t, const kvm::HeartbeatState&)>& done) {
-  const auto all_done = [&] {
-    const auto now = probe.snapshot();
-    for (std::size_t vcpu = 0; vcpu < now.size(); ++vcpu)
-      if (!done(vcpu, now[vcpu])) return false;
-    return true;
-  };
-  using namespace std::chrono;
-  for (const auto give_up = steady_clock::now() + seconds(30); !all_done(); std::this_thread::sleep_for(milliseconds(5)))
-    if (steady_clock::now() > give_up) return false;
+bool wait_until(const std::function<bool()>& done, std::chrono::milliseconds limit) {
+  const auto give_up = std::chrono::steady_clock::now() + limit;
+  for (; !done(); std::this_thread::sleep_for(std::chrono::milliseconds(5)))
+    if (std::chrono::steady_clock::now() > give_up) return false;
   return true;
+}
+
+bool wait_for_vcpus(const kvm::Probe& probe, const std::function<bool(std::size_t, const kvm::HeartbeatState&)>& done) {
+  return wait_until(
+      [&] {
+        const auto now = probe.snapshot();
+        for (std::size_t vcpu = 0; vcpu < now.size(); ++vcpu)
+          if (!done(vcpu, now[vcpu])) return false;
+        return true;
+      },
+      std::chrono::seconds(30));
 }
 
 }  // namespace mig::test
