@@ -5,14 +5,17 @@
 #include "mig/mig.h"
 
 #include <algorithm>
+#include <bit>
 #include <condition_variable>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <new>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "engine/incoming_migration.h"
 #include "engine/source_migration.h"
@@ -62,12 +65,18 @@ mig_result guarded(Body body) {
   }
 }
 
-mig_result result_of(engine::MigrationStatus status) {
-  switch (status) {
+// A failure once the guest ran at the destination in post-copy cannot resume the source:
+// neither side holds the whole guest.
+bool guest_lost(const engine::MigrationStats& s) { return s.failed_phase == engine::Phase::postcopy; }
+bool guest_lost(const engine::IncomingStats& s) { return s.postcopy.has_value(); }
+
+template <typename Stats>
+mig_result result_of(const Stats& s) {
+  switch (s.status) {
     case engine::MigrationStatus::completed: return MIG_OK;
     case engine::MigrationStatus::cancelled: return MIG_ERR_CANCELLED;
     case engine::MigrationStatus::handoff_unknown: return MIG_ERR_HANDOFF_UNKNOWN;
-    default: return MIG_ERR_FAILED;
+    default: return guest_lost(s) ? MIG_ERR_GUEST_LOST : MIG_ERR_FAILED;
   }
 }
 
@@ -95,6 +104,8 @@ mig_outcome outcome_of(const Stats& s, std::uint64_t bytes) {
   out.guest_bytes = s.guest_bytes;
   out.bytes = bytes;
   out.verified = s.verified;
+  out.postcopy = s.postcopy.has_value();
+  out.postcopy_recoveries = s.postcopy ? s.postcopy->recoveries : 0;
   return out;
 }
 
@@ -129,9 +140,15 @@ mig_result wait_outcome(std::mutex& mutex, std::condition_variable& finished, co
   if (timeout_ms < 0) finished.wait(lock, done);
   else if (!finished.wait_for(lock, std::chrono::milliseconds(timeout_ms), done)) throw Failure(MIG_ERR_TIMEOUT, still_running);
   if (out) *out = to_c(*result);
-  const mig_result code = result_of(result->status);
+  const mig_result code = result_of(*result);
   if (code != MIG_OK) last_error = result->error;
   return code;
+}
+
+// A callback's negative errno becomes the migration's error, naming the callback.
+void check_callback(const std::string& callback, int rc) {
+  if (rc < 0) throw std::runtime_error(callback + " failed: " + std::strerror(-rc));
+  if (rc > 0) throw std::runtime_error(callback + " failed with " + std::to_string(rc));
 }
 
 }  // namespace
@@ -141,6 +158,63 @@ mig_result wait_outcome(std::mutex& mutex, std::condition_variable& finished, co
 struct mig_state_writer {
   std::vector<engine::StateSection>* sections;
 };
+
+struct mig_extent_writer {
+  std::vector<engine::DiskExtent>* extents;
+};
+
+namespace {
+
+// A disk of callbacks (mig_vm_add_disk).
+class CallbackDisk final : public engine::MigratableDisk {
+ public:
+  CallbackDisk(const mig_disk_ops& ops, void* opaque, const mig_disk_info& info)
+      : ops_(ops), opaque_(opaque), size_(info.size), chunk_bytes_(info.chunk_bytes), path_(info.path ? info.path : "") {}
+
+  std::uint64_t size() const override { return size_; }
+  std::string path() const override { return path_; }
+  std::uint64_t chunk_bytes() const override { return chunk_bytes_; }
+
+  std::vector<engine::DiskExtent> data_extents() override {
+    if (!ops_.data_extents) return {{0, size_}};
+    std::vector<engine::DiskExtent> extents;
+    mig_extent_writer writer{&extents};
+    check("data_extents", ops_.data_extents(opaque_, &writer));
+    return extents;
+  }
+  void track_writes(bool on) override { check("track_writes", ops_.track_writes(opaque_, on ? 1 : 0)); }
+  void fetch_written(std::span<std::uint64_t> bitmap) override {
+    std::fill(bitmap.begin(), bitmap.end(), 0);
+    check("fetch_written", ops_.fetch_written(opaque_, bitmap.data(), bitmap.size()));
+  }
+  void read(std::uint64_t offset, std::span<std::byte> out) override {
+    check("read", ops_.read(opaque_, offset, out.data(), out.size()));
+  }
+  void write(std::uint64_t offset, std::span<const std::byte> data) override {
+    check("write", ops_.write(opaque_, offset, data.data(), data.size()));
+  }
+  void write_zeroes(std::uint64_t offset, std::uint64_t length) override {
+    check("write_zeroes", ops_.write_zeroes(opaque_, offset, length));
+  }
+  void release() override {
+    if (ops_.release) check("release", ops_.release(opaque_));
+  }
+  void reacquire() override {
+    if (ops_.reacquire) check("reacquire", ops_.reacquire(opaque_));
+  }
+
+ private:
+  void check(const char* callback, int rc) const {
+    check_callback("disk callback " + std::string(callback) + (path_.empty() ? "" : " (" + path_ + ")"), rc);
+  }
+
+  const mig_disk_ops ops_;
+  void* const opaque_;
+  const std::uint64_t size_, chunk_bytes_;
+  const std::string path_;
+};
+
+}  // namespace
 
 struct mig_vm final : engine::MigratableVm {
   mig_vm(const mig_vm_ops& ops_, void* opaque_, unsigned vcpus_, std::vector<engine::MemoryRegion> regions_)
@@ -174,14 +248,20 @@ struct mig_vm final : engine::MigratableVm {
     check("restore_state", ops.restore_state(opaque, views.data(), views.size()));
   }
 
-  // A callback's negative errno becomes the migration's error, naming the callback.
-  static void check(const char* callback, int rc) {
-    if (rc < 0) throw std::runtime_error(std::string("VM callback ") + callback + " failed: " + std::strerror(-rc));
-    if (rc > 0) throw std::runtime_error(std::string("VM callback ") + callback + " failed with " + std::to_string(rc));
+  std::string postcopy_unsupported() const override { return postcopy_refusal; }
+
+  std::vector<engine::MigratableDisk*> disks() override {
+    std::vector<engine::MigratableDisk*> out;
+    for (const auto& disk : added_disks) out.push_back(disk.get());
+    return out;
   }
+
+  static void check(const char* callback, int rc) { check_callback(std::string("VM callback ") + callback, rc); }
 
   const mig_vm_ops ops;
   mig_vcpu_dirty_limit_fn vcpu_dirty_limit = nullptr;  // mig_vm_set_vcpu_dirty_limit's; none by default
+  std::vector<std::unique_ptr<CallbackDisk>> added_disks;  // mig_vm_add_disk's, in order
+  std::string postcopy_refusal;  // a destination's, from mig_recv_options.postcopy
   void* const opaque;
   const unsigned vcpus;
   const std::vector<engine::MemoryRegion> regions;
@@ -191,6 +271,7 @@ struct mig_vm final : engine::MigratableVm {
 
 struct mig_migration {
   std::shared_ptr<engine::MigrationControl> control;
+  std::shared_ptr<const transport::TlsContext> tls;  // the start's, for a post-copy recovery too
   std::thread thread;
   std::mutex mutex;
   std::condition_variable finished;
@@ -224,6 +305,11 @@ engine::SenderOptions sender_options(const mig_send_options& o) {
   options.compress_level = o.compress_level;
   options.verify = o.verify != 0;
   options.peer_timeout = std::chrono::milliseconds(o.peer_timeout_ms);
+  options.copy_storage = o.copy_storage != 0;
+  options.postcopy = o.postcopy != 0;
+  if (o.postcopy && o.postcopy_after_ms >= 0) options.postcopy_after_s = o.postcopy_after_ms / 1000;
+  // As mig-send does: a guest that will not converge switches to post-copy where it can.
+  if (o.postcopy) options.policy.on_no_convergence = engine::NoConvergence::postcopy;
   if (o.policy) options.policy_plugin = engine::PolicyRegistry::global().make(o.policy, options.policy);
   return options;
 }
@@ -257,6 +343,7 @@ const char* mig_result_name(mig_result result) {
     case MIG_ERR_CANCELLED: return "cancelled";
     case MIG_ERR_HANDOFF_UNKNOWN: return "handoff-unknown";
     case MIG_ERR_INTERNAL: return "internal";
+    case MIG_ERR_GUEST_LOST: return "guest-lost";
   }
   return "unknown";
 }
@@ -309,6 +396,32 @@ mig_result mig_vm_set_vcpu_dirty_limit(mig_vm* vm, mig_vcpu_dirty_limit_fn set_v
   });
 }
 
+mig_result mig_extent_add(mig_extent_writer* writer, uint64_t offset, uint64_t length) {
+  return guarded([&] {
+    require(writer, "mig_extent_add needs a writer");
+    writer->extents->push_back({offset, length});
+    return MIG_OK;
+  });
+}
+
+mig_result mig_vm_add_disk(mig_vm* vm, const mig_disk_ops* ops, void* opaque, const mig_disk_info* info) {
+  return guarded([&] {
+    require(vm && ops && info, "mig_vm_add_disk needs a VM, ops and info");
+    require(ops->track_writes && ops->fetch_written && ops->read && ops->write && ops->write_zeroes,
+            "mig_vm_add_disk: every callback but data_extents, release and reacquire is required");
+    require(!ops->release == !ops->reacquire, "mig_vm_add_disk: release and reacquire go together");
+    require(info->size > 0 && info->size % 512 == 0 && info->size <= wire::kMaxDiskBytes,
+            "mig_vm_add_disk: size must be a multiple of 512, from 512 bytes to 16 TiB");
+    require(std::has_single_bit(info->chunk_bytes) && info->chunk_bytes >= wire::kMinDiskChunk &&
+                info->chunk_bytes <= wire::kMaxDiskChunk,
+            "mig_vm_add_disk: chunk_bytes must be a power of two from 4 KiB to 1 MiB");
+    require(!info->path || std::strlen(info->path) <= wire::kMaxPathBytes, "mig_vm_add_disk: the path is too long");
+    require(vm->added_disks.size() < wire::kMaxDisks, "mig_vm_add_disk: a VM has at most 16 disks");
+    vm->added_disks.push_back(std::make_unique<CallbackDisk>(*ops, opaque, *info));
+    return MIG_OK;
+  });
+}
+
 void mig_send_options_init(mig_send_options* options) {
   if (!options) return;
   *options = {};
@@ -319,6 +432,7 @@ void mig_send_options_init(mig_send_options* options) {
   options->verify = defaults.verify;
   options->auto_converge = defaults.policy.auto_converge;
   options->peer_timeout_ms = static_cast<unsigned>(defaults.peer_timeout.count());
+  options->postcopy_after_ms = -1;
 }
 
 mig_result mig_migration_start(mig_vm* vm, const char* uri, const mig_send_options* options, mig_migration** out) {
@@ -335,6 +449,7 @@ mig_result mig_migration_start(mig_vm* vm, const char* uri, const mig_send_optio
     auto stream = sender.open_channel();
 
     auto migration = std::make_unique<mig_migration>();
+    migration->tls = tls;
     migration->control = std::make_shared<engine::MigrationControl>(sender.tunables(), observer_of(*options));
     migration->control->advance(engine::MigrationStatus::none, engine::MigrationStatus::setup);
     migration->thread = std::thread(&mig_migration::run, migration.get(), std::ref(*vm), std::move(stream), std::move(sender));
@@ -387,6 +502,26 @@ mig_result mig_migration_cancel(mig_migration* migration) {
   });
 }
 
+mig_result mig_migration_start_postcopy(mig_migration* migration) {
+  return guarded([&] {
+    require(migration, "mig_migration_start_postcopy needs a migration");
+    if (!migration->control->start_postcopy())
+      throw Failure(MIG_ERR_STATE, "no switch to post-copy: it was not enabled, or it is too late");
+    return MIG_OK;
+  });
+}
+
+mig_result mig_migration_recover_postcopy(mig_migration* migration, const char* uri) {
+  return guarded([&] {
+    require(migration && uri, "mig_migration_recover_postcopy needs a migration and a uri");
+    const auto endpoint = transport::Endpoint::parse(uri);
+    auto connect = [endpoint, tls = migration->tls] { return transport::connect(endpoint, tls.get()); };
+    if (!migration->control->resume_postcopy(std::move(connect)))
+      throw Failure(MIG_ERR_STATE, "the migration is not paused in post-copy");
+    return MIG_OK;
+  });
+}
+
 mig_result mig_migration_wait(mig_migration* migration, int64_t timeout_ms, mig_outcome* out) {
   return guarded([&] {
     require(migration, "mig_migration_wait needs a migration");
@@ -398,6 +533,7 @@ mig_result mig_migration_wait(mig_migration* migration, int64_t timeout_ms, mig_
 void mig_migration_free(mig_migration* migration) {
   if (!migration) return;
   migration->control->cancel();
+  migration->control->abandon();  // nobody is left to recover a broken post-copy
   if (migration->thread.joinable()) migration->thread.join();
   delete migration;
 }
@@ -407,15 +543,19 @@ void mig_migration_free(mig_migration* migration) {
 // ---- the destination ---------------------------------------------------------------------
 
 struct mig_incoming {
-  mig_incoming(transport::Listener listener_, mig_vm_factory factory_, void* factory_opaque_, engine::ReceiverOptions options_)
-      : listener(std::move(listener_)), address(listener.endpoint()), factory(factory_), factory_opaque(factory_opaque_),
-        options(std::move(options_)) {}
+  mig_incoming(transport::Listener listener_, std::optional<transport::Listener> recovery_listener_, mig_vm_factory factory_,
+               void* factory_opaque_, engine::ReceiverOptions options_, bool postcopy_)
+      : listener(std::move(listener_)), recovery_listener(std::move(recovery_listener_)), address(listener.endpoint()),
+        recovery_address(recovery_listener ? recovery_listener->endpoint() : ""), factory(factory_),
+        factory_opaque(factory_opaque_), options(std::move(options_)), postcopy(postcopy_) {}
 
   transport::Listener listener;
-  const std::string address;
+  std::optional<transport::Listener> recovery_listener;  // mig_recv_options.recovery_uri's
+  const std::string address, recovery_address;
   const mig_vm_factory factory;
   void* const factory_opaque;
   engine::ReceiverOptions options;
+  const bool postcopy;  // mig_recv_options.postcopy
   std::thread thread;
   std::mutex mutex;
   std::condition_variable finished;
@@ -424,16 +564,19 @@ struct mig_incoming {
   std::optional<engine::IncomingStats> result;
   std::unique_ptr<engine::MigratableVm> vm;  // the guest, once here
 
+  // The receiver checks the disks the VMM added against the source's (engine::DiskReceiver).
   std::unique_ptr<engine::MigratableVm> make_vm(const engine::VmShape& shape) {
-    if (!shape.disks.empty()) throw std::runtime_error("this receiver takes no disks (the C API has no storage migration)");
     if (!shape.shared_memory_fds.empty()) throw std::runtime_error("this receiver cannot adopt shared memory");
     std::vector<mig_region_shape> regions;
     for (const auto& r : shape.regions) regions.push_back({r.guest_addr, r.size});
-    const mig_vm_shape c_shape{shape.vcpus, regions.size(), regions.data()};
+    std::vector<mig_disk_shape> disks;
+    for (const auto& d : shape.disks) disks.push_back({d.size, d.chunk_bytes, d.copy ? 1 : 0, d.source_path.c_str()});
+    const mig_vm_shape c_shape{shape.vcpus, regions.size(), regions.data(), disks.size(), disks.data()};
     last_error.clear();
     mig_vm* made = factory(factory_opaque, &c_shape);
     if (!made) throw std::runtime_error("the VMM refused the guest" + (last_error.empty() ? "" : ": " + last_error));
     std::unique_ptr<engine::MigratableVm> owned(made);
+    if (!postcopy) made->postcopy_refusal = "this receiver takes no post-copy (mig_recv_options.postcopy is 0)";
     if (made->regions.size() != regions.size()) throw std::runtime_error("the VMM built a VM of another shape");
     for (std::size_t i = 0; i < regions.size(); ++i)
       if (made->regions[i].guest_addr != regions[i].guest_addr || made->regions[i].size != regions[i].size)
@@ -444,6 +587,13 @@ struct mig_incoming {
   void run() {
     try {
       options.accept_channel = [this](std::chrono::milliseconds timeout) { return listener.accept(timeout); };
+      // A broken post-copy link waits for its source on the recovery address, for as long as
+      // this handle lives: the guest here cannot run on without the pages only it holds.
+      if (recovery_listener) options.await_recovery = [this]() -> engine::ReceiverOptions::Accept {
+        std::lock_guard lock(mutex);
+        if (quitting) return {};
+        return [this](std::chrono::milliseconds timeout) { return recovery_listener->accept(timeout); };
+      };
       // Pre-flight checks (a source's dry run) are answered on the way to the migration.
       while (!receive_one(listener.accept())) {
       }
@@ -493,6 +643,7 @@ void mig_recv_options_init(mig_recv_options* options) {
   const engine::ReceiverOptions defaults;
   options->peer_timeout_ms = static_cast<unsigned>(defaults.peer_timeout.count());
   options->autostart = defaults.autostart;
+  options->postcopy = 1;
 }
 
 mig_result mig_incoming_listen(const char* uri, const mig_recv_options* options, mig_vm_factory factory,
@@ -509,8 +660,11 @@ mig_result mig_incoming_listen(const char* uri, const mig_recv_options* options,
     if (options->tls_authz) credentials.authz.push_back(options->tls_authz);
     transport::AcceptPolicy policy;
     policy.tls = load_tls(options->tls_creds_dir, options->tls_psk_file, credentials, transport::TlsRole::server);
+    std::optional<transport::Listener> recovery;
+    if (options->recovery_uri) recovery.emplace(transport::Endpoint::parse(options->recovery_uri), policy);
     transport::Listener listener(transport::Endpoint::parse(uri), std::move(policy));
-    auto incoming = std::make_unique<mig_incoming>(std::move(listener), factory, factory_opaque, std::move(receiver));
+    auto incoming = std::make_unique<mig_incoming>(std::move(listener), std::move(recovery), factory, factory_opaque,
+                                                   std::move(receiver), options->postcopy != 0);
     incoming->thread = std::thread(&mig_incoming::run, incoming.get());
     *out = incoming.release();
     return MIG_OK;
@@ -518,6 +672,10 @@ mig_result mig_incoming_listen(const char* uri, const mig_recv_options* options,
 }
 
 const char* mig_incoming_address(const mig_incoming* incoming) { return incoming ? incoming->address.c_str() : ""; }
+
+const char* mig_incoming_recovery_address(const mig_incoming* incoming) {
+  return incoming ? incoming->recovery_address.c_str() : "";
+}
 
 mig_result mig_incoming_wait(mig_incoming* incoming, int64_t timeout_ms, mig_outcome* out) {
   return guarded([&] {
@@ -535,6 +693,7 @@ void mig_incoming_free(mig_incoming* incoming) {
     if (incoming->receiving) incoming->receiving->abort();
   }
   incoming->listener.interrupt();
+  if (incoming->recovery_listener) incoming->recovery_listener->interrupt();
   if (incoming->thread.joinable()) incoming->thread.join();
   delete incoming;
 }

@@ -152,6 +152,8 @@ IncomingResult IncomingMigration::run() {
     // A channel's own error says more than the shutdown of channel 0 it caused.
     const auto channel_error = s.extra.stop();
     s.stats.error = aborted_ ? "the receiver was told to stop" : channel_error ? *channel_error : e.what();
+    // The guest ran here in post-copy: it is lost, and the statistics say it had switched.
+    if (s.postcopy_memory && s.resumed_at != Clock::time_point{}) s.stats.postcopy = postcopy_so_far();
     if (!dynamic_cast<const transport::RemoteError*>(&e)) {
       try {
         stream_->set_timeout(std::chrono::milliseconds(200));
@@ -476,13 +478,19 @@ IncomingMigration::State IncomingMigration::on_postcopy_complete(const wire::Fra
   s.postcopy_memory->finish();
   verify(complete.page_digest, " after post-copy");
   verify_disks(complete.disk_digest);
-  auto postcopy = s.postcopy_memory->stats();
-  stream_->send(wire::PostcopyDone{postcopy.pages_needed});
-  postcopy.recoveries = s.recoveries;
-  postcopy.postcopy_ms = std::chrono::duration<double, std::milli>(Clock::now() - s.resumed_at).count();
-  s.stats.postcopy = postcopy;
+  s.stats.postcopy = postcopy_so_far();
+  stream_->send(wire::PostcopyDone{s.stats.postcopy->pages_needed});
   finish_completed(Clock::now());
   return State::running;
+}
+
+// Post-copy since the guest resumed here.
+PostcopyStats IncomingMigration::postcopy_so_far() const {
+  const Session& s = *s_;
+  auto postcopy = s.postcopy_memory->stats();
+  postcopy.recoveries = s.recoveries;
+  postcopy.postcopy_ms = std::chrono::duration<double, std::milli>(Clock::now() - s.resumed_at).count();
+  return postcopy;
 }
 
 // The link broke after the switchover. The guest stays here, its vCPUs waiting on whatever

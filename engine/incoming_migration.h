@@ -131,6 +131,7 @@ class IncomingMigration {
   State on_postcopy_start(const wire::FrameHeader& frame);
   State on_postcopy_complete(const wire::FrameHeader& frame);
   void recover_postcopy(const std::exception& broken);
+  PostcopyStats postcopy_so_far() const;
   void finish_completed(std::chrono::steady_clock::time_point resumed_at);
   void report_guest_handover();
 

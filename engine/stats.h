@@ -140,6 +140,8 @@ struct IncomingStats {
   double resume_ms = 0;
   std::optional<GuestHandover> guest;
   double cpu_s = 0;  // user + system CPU time of the receiving threads (engine/cpu_time.h)
+  // When the guest ran here in post-copy: completed, or failed with the guest lost (pages
+  // only the source held never came).
   std::optional<PostcopyStats> postcopy;
   std::optional<DiskStats> disk;
   bool commit_retried = false;  // Commit came on a new connection, after the first broke

@@ -3,12 +3,17 @@
  * checked to be C too. Each check prints what failed; the exit status is the verdict. */
 #define _POSIX_C_SOURCE 200809L
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "mig/mig.h"
 
@@ -27,8 +32,21 @@ enum { kRegions = 2 };
 static const uint64_t kRegionAddr[kRegions] = {0, 1ull << 30};
 static const uint64_t kRegionSize[kRegions] = {4u << 20, 2u << 20};
 
+/* A disk of 16 chunks of 64 KiB, in memory. */
+enum { kChunkBytes = 64u << 10, kChunks = 16, kDiskBytes = kChunkBytes * kChunks };
+
+typedef struct fake_disk {
+  unsigned char* data;          /* NULL: the VM has no disk */
+  uint64_t allocated;           /* bit c: chunk c may hold data (a sparse image's extents) */
+  uint64_t written;             /* bit c: chunk c written since the last fetch */
+  int tracking, held;           /* held: this side has the image's write lock */
+  int fail_reacquire;           /* reacquire returns -EBUSY: another host holds the lock */
+  int reads, writes, zeroes;    /* calls of each */
+} fake_disk;
+
 typedef struct fake_vm {
   pthread_mutex_t lock;
+  fake_disk disk;
   mig_memory_region regions[kRegions];
   uint64_t* written[kRegions]; /* the dirty log: pages written since the last fetch */
   int logging, paused, stopping;
@@ -40,6 +58,9 @@ typedef struct fake_vm {
   double dirty_limit;          /* bytes per second the guest may dirty; 0: no cap */
   int dirty_limit_calls;
   double first_dirty_limit;   /* what the first call asked for */
+  int touch_on_resume;        /* a destination's guest reads every page once it runs */
+  int has_toucher;
+  pthread_t toucher;
 } fake_vm;
 
 static void sleep_us(long us) {
@@ -64,12 +85,32 @@ static void* guest_writes(void* arg) {
       unsigned char* host = vm->regions[region].host;
       memcpy(host + page * MIG_PAGE_SIZE + (vm->writes % 512) * 8, &vm->writes, sizeof vm->writes);
       if (vm->logging) vm->written[region][page / 64] |= 1ull << (page % 64);
+      if (vm->disk.data && vm->writes % 16 == 0) { /* every 16th write goes to the disk's second half */
+        const uint64_t chunk = kChunks / 2 + (vm->writes / 16 * 5) % (kChunks / 2);
+        memcpy(vm->disk.data + chunk * kChunkBytes + (vm->writes % 8192) * 8, &vm->writes, sizeof vm->writes);
+        vm->disk.allocated |= 1ull << chunk;
+        if (vm->disk.tracking) vm->disk.written |= 1ull << chunk;
+      }
       ++vm->writes;
     }
     pause_us = vm->dirty_limit > 0 ? (long)(MIG_PAGE_SIZE * 1e6 / vm->dirty_limit) : 20;
     pthread_mutex_unlock(&vm->lock);
   }
   pthread_mutex_unlock(&vm->lock);
+  return NULL;
+}
+
+/* A destination's guest in post-copy: reads a byte of every page, as a guest would touch
+ * memory the source may still hold; each missing page traps until it is here. */
+static void* guest_touches(void* arg) {
+  fake_vm* vm = arg;
+  volatile unsigned char sum = 0;
+  size_t r;
+  uint64_t page;
+  for (r = 0; r < kRegions; ++r)
+    for (page = 0; page < pages_of(r); page += 3)
+      sum = (unsigned char)(sum + ((volatile unsigned char*)vm->regions[r].host)[page * MIG_PAGE_SIZE]);
+  (void)sum;
   return NULL;
 }
 
@@ -105,6 +146,7 @@ static int fake_resume(void* opaque) {
   pthread_mutex_lock(&vm->lock);
   vm->paused = 0;
   ++vm->resumes;
+  if (vm->touch_on_resume && !vm->has_toucher) vm->has_toucher = pthread_create(&vm->toucher, NULL, guest_touches, vm) == 0;
   pthread_mutex_unlock(&vm->lock);
   return 0;
 }
@@ -135,6 +177,85 @@ static int fake_set_vcpu_dirty_limit(void* opaque, double bytes_per_second) {
   vm->dirty_limit = bytes_per_second;
   pthread_mutex_unlock(&vm->lock);
   return 0;
+}
+
+/* The disk's callbacks; all but read and write take the VM's lock, as the guest writes it. */
+static int disk_extents(void* opaque, mig_extent_writer* out) {
+  fake_vm* vm = opaque;
+  int c, rc = 0;
+  pthread_mutex_lock(&vm->lock);
+  for (c = 0; c < kChunks && rc == 0; ++c)
+    if (vm->disk.allocated >> c & 1) rc = mig_extent_add(out, (uint64_t)c * kChunkBytes, kChunkBytes) == MIG_OK ? 0 : -EINVAL;
+  pthread_mutex_unlock(&vm->lock);
+  return rc;
+}
+
+static int disk_track_writes(void* opaque, int on) { return set_locked(opaque, &((fake_vm*)opaque)->disk.tracking, on); }
+
+static int disk_fetch_written(void* opaque, uint64_t* bitmap, size_t words) {
+  fake_vm* vm = opaque;
+  if (words != 1 || bitmap[0] != 0) return -EINVAL;
+  pthread_mutex_lock(&vm->lock);
+  bitmap[0] = vm->disk.written;
+  vm->disk.written = 0;
+  pthread_mutex_unlock(&vm->lock);
+  return 0;
+}
+
+static int disk_in_range(uint64_t offset, uint64_t length) {
+  return offset % kChunkBytes == 0 && offset <= kDiskBytes && length <= kDiskBytes - offset;
+}
+
+static int disk_read(void* opaque, uint64_t offset, void* out, size_t length) {
+  fake_vm* vm = opaque;
+  if (!disk_in_range(offset, length)) return -EINVAL;
+  pthread_mutex_lock(&vm->lock);
+  memcpy(out, vm->disk.data + offset, length);
+  ++vm->disk.reads;
+  pthread_mutex_unlock(&vm->lock);
+  return 0;
+}
+
+static int disk_write(void* opaque, uint64_t offset, const void* data, size_t length) {
+  fake_vm* vm = opaque;
+  if (!disk_in_range(offset, length)) return -EINVAL;
+  memcpy(vm->disk.data + offset, data, length);
+  ++vm->disk.writes;
+  return 0;
+}
+
+static int disk_write_zeroes(void* opaque, uint64_t offset, uint64_t length) {
+  fake_vm* vm = opaque;
+  if (!disk_in_range(offset, length)) return -EINVAL;
+  memset(vm->disk.data + offset, 0, length);
+  ++vm->disk.zeroes;
+  return 0;
+}
+
+static int disk_release(void* opaque) { return set_locked(opaque, &((fake_vm*)opaque)->disk.held, 0); }
+
+static int disk_reacquire(void* opaque) {
+  fake_vm* vm = opaque;
+  if (vm->disk.fail_reacquire) return -EBUSY;
+  return set_locked(vm, &vm->disk.held, 1);
+}
+
+static const mig_disk_ops disk_ops = {disk_extents, disk_track_writes, disk_fetch_written, disk_read,
+                                      disk_write,   disk_write_zeroes, disk_release,       disk_reacquire};
+
+/* Gives the VM its disk: a source's holds data in its first half but for chunk 3, which
+ * reads as zeros, and its guest writes the second half, a hole at first; a destination's is
+ * all zeros until the data comes. */
+static void fake_disk_attach(fake_vm* vm, mig_vm* described, int with_data) {
+  const mig_disk_info info = {kDiskBytes, kChunkBytes, "fake.img"};
+  pthread_mutex_lock(&vm->lock);
+  vm->disk.data = calloc(kDiskBytes, 1);
+  if (with_data) memset(vm->disk.data, 0x33, kDiskBytes / 2);
+  memset(vm->disk.data + 3 * kChunkBytes, 0, kChunkBytes);
+  vm->disk.allocated = with_data ? (1ull << kChunks / 2) - 1 : 0;
+  vm->disk.held = with_data;
+  pthread_mutex_unlock(&vm->lock);
+  CHECK(mig_vm_add_disk(described, &disk_ops, vm, &info) == MIG_OK);
 }
 
 static const mig_vm_ops fake_ops = {fake_start_dirty_log, fake_stop_dirty_log, fake_fetch_dirty_log, fake_pause,
@@ -170,10 +291,12 @@ static void fake_vm_free(fake_vm* vm) {
     pthread_mutex_unlock(&vm->lock);
     pthread_join(vm->writer, NULL);
   }
+  if (vm->has_toucher) pthread_join(vm->toucher, NULL);
   for (r = 0; r < kRegions; ++r) {
     free(vm->regions[r].host);
     free(vm->written[r]);
   }
+  free(vm->disk.data);
   pthread_mutex_destroy(&vm->lock);
   free(vm);
 }
@@ -188,16 +311,30 @@ static mig_vm* describe(fake_vm* vm) {
 typedef struct destination {
   fake_vm* vm;
   int refuse;
+  int skip_disks;        /* build the VM without the disks the shape has */
+  int fail_reacquire;    /* its disk's lock stays another host's */
+  int touch;             /* its guest touches every page once it runs (post-copy) */
+  int no_recovery;       /* listen without a recovery address */
+  mig_disk_shape disk;   /* the shape's disk, when it had one */
 } destination;
 
 static mig_vm* make_destination_vm(void* opaque, const mig_vm_shape* shape) {
   destination* d = opaque;
+  mig_vm* described;
   size_t r;
-  if (d->refuse || shape->vcpus != 1 || shape->region_count != kRegions) return NULL;
+  if (d->refuse || shape->vcpus != 1 || shape->region_count != kRegions || shape->disk_count > 1) return NULL;
   for (r = 0; r < kRegions; ++r)
     if (shape->regions[r].guest_addr != kRegionAddr[r] || shape->regions[r].size != kRegionSize[r]) return NULL;
   d->vm = fake_vm_new(0);
-  return describe(d->vm);
+  d->vm->touch_on_resume = d->touch;
+  described = describe(d->vm);
+  if (shape->disk_count == 1) {
+    d->disk = shape->disks[0];
+    d->disk.source_path = NULL; /* valid only during this call */
+    d->vm->disk.fail_reacquire = d->fail_reacquire;
+    if (!d->skip_disks) fake_disk_attach(d->vm, described, 0);
+  }
+  return described;
 }
 
 typedef struct events {
@@ -218,6 +355,7 @@ static mig_incoming* listen_for(destination* d) {
   mig_recv_options options;
   mig_incoming* incoming = NULL;
   mig_recv_options_init(&options);
+  if (!d->no_recovery) options.recovery_uri = "tcp:127.0.0.1:0";
   CHECK(mig_incoming_listen("tcp:127.0.0.1:0", &options, make_destination_vm, d, &incoming) == MIG_OK);
   return incoming;
 }
@@ -231,13 +369,19 @@ typedef struct pair {
   mig_migration* migration;
 } pair;
 
-static void pair_open(pair* p, int refuse) {
+static void pair_open_to(pair* p, destination how) {
   p->source = fake_vm_new(1);
   p->source_vm = describe(p->source);
-  p->d.vm = NULL;
-  p->d.refuse = refuse;
+  p->d = how;
   p->incoming = listen_for(&p->d);
   p->migration = NULL;
+}
+
+static void pair_open(pair* p, int refuse) {
+  destination how;
+  memset(&how, 0, sizeof how);
+  how.refuse = refuse;
+  pair_open_to(p, how);
 }
 
 static void pair_start(pair* p, const mig_send_options* options) {
@@ -312,6 +456,8 @@ static void test_cancel(void) {
   CHECK(mig_migration_wait(p.migration, 0, NULL) == MIG_ERR_TIMEOUT);
   CHECK(mig_migration_set_downtime(p.migration, 50) == MIG_OK);
   CHECK(mig_migration_set_downtime(p.migration, -1) == MIG_ERR_INVALID);
+  CHECK(mig_migration_start_postcopy(p.migration) == MIG_ERR_STATE); /* not enabled */
+  CHECK(mig_migration_recover_postcopy(p.migration, "tcp:127.0.0.1:1") == MIG_ERR_STATE);
   CHECK(mig_migration_cancel(p.migration) == MIG_OK);
   CHECK(mig_migration_wait(p.migration, 30000, &outcome) == MIG_ERR_CANCELLED);
   CHECK(outcome.status == MIG_STATUS_CANCELLED && strstr(outcome.error, "cancel") != NULL);
@@ -360,6 +506,279 @@ static void test_dirty_limit(int fail_save_state) {
   pair_close(&p);
 }
 
+/* A disk that moves with the guest, its data copied (`copy`) or its lock handed over. */
+static void test_storage(int copy) {
+  pair p;
+  mig_send_options options;
+  mig_outcome sent, received;
+
+  pair_open(&p, 0);
+  fake_disk_attach(p.source, p.source_vm, 1);
+  sleep_us(20000);
+  mig_send_options_init(&options);
+  options.copy_storage = copy;
+  pair_start(&p, &options);
+  CHECK(mig_migration_wait(p.migration, 60000, &sent) == MIG_OK);
+  CHECK(sent.status == MIG_STATUS_COMPLETED && sent.verified == 1);
+  CHECK(mig_incoming_wait(p.incoming, 60000, &received) == MIG_OK);
+  CHECK(received.status == MIG_STATUS_COMPLETED && received.verified == 1);
+  CHECK(p.d.disk.size == kDiskBytes && p.d.disk.chunk_bytes == kChunkBytes && p.d.disk.copy == copy);
+  CHECK(p.d.vm && p.d.vm->disk.data && !p.source->disk.tracking);
+  if (p.d.vm && p.d.vm->disk.data && copy) {
+    /* Round 0 read the first half; chunk 3 came as zeros; the guest's writes came after. */
+    CHECK(memcmp(p.source->disk.data, p.d.vm->disk.data, kDiskBytes) == 0);
+    CHECK(p.source->disk.reads >= 1 && p.d.vm->disk.writes >= 1 && p.d.vm->disk.zeroes >= 1);
+    CHECK(p.source->disk.held && !p.d.vm->disk.held); /* a copy's lock never moves */
+  } else if (p.d.vm && p.d.vm->disk.data) {
+    CHECK(p.source->disk.reads == 0 && p.d.vm->disk.writes == 0 && p.d.vm->disk.zeroes == 0);
+    CHECK(!p.source->disk.held && p.d.vm->disk.held);
+  }
+  pair_close(&p);
+}
+
+/* A disk the destination cannot take: the migration fails before the commit, and the source
+ * runs on with its disk, lock and all. */
+static void test_storage_refused(int copy, int skip_disks, int fail_reacquire, const char* expected) {
+  pair p;
+  mig_send_options options;
+  mig_outcome outcome;
+
+  pair_open(&p, 0);
+  p.d.skip_disks = skip_disks;
+  p.d.fail_reacquire = fail_reacquire;
+  fake_disk_attach(p.source, p.source_vm, 1);
+  mig_send_options_init(&options);
+  options.copy_storage = copy;
+  pair_start(&p, &options);
+  CHECK(mig_migration_wait(p.migration, 60000, &outcome) == MIG_ERR_FAILED);
+  CHECK(strstr(outcome.error, expected) != NULL);
+  if (!strstr(outcome.error, expected)) fprintf(stderr, "  the error was: %s\n", outcome.error);
+  pthread_mutex_lock(&p.source->lock);
+  CHECK(!p.source->paused && p.source->disk.held && !p.source->disk.tracking);
+  pthread_mutex_unlock(&p.source->lock);
+  pair_close(&p);
+}
+
+/* ---- post-copy ---------------------------------------------------------------------------- */
+
+/* A link between the source and the destination: a TCP proxy that carries each connection
+ * at about 8 MB/s, so that post-copy lasts long enough to be cut, and can cut every
+ * connection it carries at once, as a failed link would. */
+enum { kMaxLinks = 16 };
+
+typedef struct net_link {
+  pthread_mutex_t lock;
+  int listen_fd;
+  uint16_t target_port;
+  char address[64];
+  int stopping;
+  pthread_t acceptor;
+  int fds[2 * kMaxLinks]; /* both ends of every connection carried; closed by link_close */
+  pthread_t carriers[kMaxLinks];
+  int carried;
+} net_link;
+
+typedef struct carrier_args {
+  int a, b;
+} carrier_args;
+
+static int forward(int from, int to, char* buffer, size_t size) {
+  const ssize_t n = read(from, buffer, size);
+  ssize_t at = 0;
+  if (n <= 0) return -1;
+  while (at < n) {
+    const ssize_t w = send(to, buffer + at, (size_t)(n - at), MSG_NOSIGNAL);
+    if (w <= 0) return -1;
+    at += w;
+  }
+  return 0;
+}
+
+static void* carry(void* arg) {
+  carrier_args c = *(carrier_args*)arg;
+  char* buffer = malloc(64 << 10);
+  free(arg);
+  for (;;) {
+    struct pollfd fds[2] = {{c.a, POLLIN, 0}, {c.b, POLLIN, 0}};
+    if (poll(fds, 2, -1) < 0) break;
+    if ((fds[0].revents && forward(c.a, c.b, buffer, 64 << 10) < 0) ||
+        (fds[1].revents && forward(c.b, c.a, buffer, 64 << 10) < 0))
+      break;
+    sleep_us(8000);
+  }
+  shutdown(c.a, SHUT_RDWR);
+  shutdown(c.b, SHUT_RDWR);
+  free(buffer);
+  return NULL;
+}
+
+static int connect_local(uint16_t port) {
+  struct sockaddr_in to;
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  memset(&to, 0, sizeof to);
+  to.sin_family = AF_INET;
+  to.sin_port = htons(port);
+  to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (fd >= 0 && connect(fd, (struct sockaddr*)&to, sizeof to) == 0) return fd;
+  if (fd >= 0) close(fd);
+  return -1;
+}
+
+static void* accept_links(void* arg) {
+  net_link* l = arg;
+  for (;;) {
+    struct pollfd ready = {l->listen_fd, POLLIN, 0};
+    int a, b;
+    carrier_args* c;
+    pthread_mutex_lock(&l->lock);
+    if (l->stopping) break;
+    pthread_mutex_unlock(&l->lock);
+    if (poll(&ready, 1, 20) <= 0) continue;
+    a = accept(l->listen_fd, NULL, NULL);
+    b = a >= 0 ? connect_local(l->target_port) : -1;
+    pthread_mutex_lock(&l->lock);
+    if (b < 0 || l->carried == kMaxLinks) {
+      if (a >= 0) close(a);
+      if (b >= 0) close(b);
+      pthread_mutex_unlock(&l->lock);
+      continue;
+    }
+    c = malloc(sizeof *c);
+    c->a = a;
+    c->b = b;
+    l->fds[2 * l->carried] = a;
+    l->fds[2 * l->carried + 1] = b;
+    pthread_create(&l->carriers[l->carried++], NULL, carry, c);
+    pthread_mutex_unlock(&l->lock);
+  }
+  pthread_mutex_unlock(&l->lock);
+  return NULL;
+}
+
+/* A link to the destination at `address` ("tcp:127.0.0.1:PORT"). */
+static void link_open(net_link* l, const char* address) {
+  struct sockaddr_in at;
+  socklen_t size = sizeof at;
+  unsigned port = 0;
+  memset(l, 0, sizeof *l);
+  pthread_mutex_init(&l->lock, NULL);
+  CHECK(sscanf(address, "tcp:127.0.0.1:%u", &port) == 1);
+  l->target_port = (uint16_t)port;
+  l->listen_fd = socket(AF_INET, SOCK_STREAM, 0);
+  memset(&at, 0, sizeof at);
+  at.sin_family = AF_INET;
+  at.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  CHECK(bind(l->listen_fd, (struct sockaddr*)&at, sizeof at) == 0 && listen(l->listen_fd, 16) == 0);
+  CHECK(getsockname(l->listen_fd, (struct sockaddr*)&at, &size) == 0);
+  snprintf(l->address, sizeof l->address, "tcp:127.0.0.1:%u", (unsigned)ntohs(at.sin_port));
+  pthread_create(&l->acceptor, NULL, accept_links, l);
+}
+
+/* Every connection it carries breaks; later ones are carried again. */
+static void link_cut(net_link* l) {
+  int i;
+  pthread_mutex_lock(&l->lock);
+  for (i = 0; i < 2 * l->carried; ++i) shutdown(l->fds[i], SHUT_RDWR);
+  pthread_mutex_unlock(&l->lock);
+}
+
+static void link_close(net_link* l) {
+  int i;
+  link_cut(l);
+  pthread_mutex_lock(&l->lock);
+  l->stopping = 1;
+  pthread_mutex_unlock(&l->lock);
+  pthread_join(l->acceptor, NULL);
+  for (i = 0; i < l->carried; ++i) pthread_join(l->carriers[i], NULL);
+  for (i = 0; i < 2 * l->carried; ++i) close(l->fds[i]);
+  close(l->listen_fd);
+  pthread_mutex_destroy(&l->lock);
+}
+
+/* Waits up to 30 s for the migration to reach `status`; whether it did. */
+static int wait_for_status(mig_migration* migration, mig_status status) {
+  mig_progress progress;
+  int i;
+  for (i = 0; i < 15000; ++i) {
+    if (mig_migration_progress(migration, &progress) == MIG_OK && progress.status == status) return 1;
+    sleep_us(2000);
+  }
+  return 0;
+}
+
+static void check_memory_moved(const pair* p) {
+  size_t r;
+  for (r = 0; p->d.vm && r < kRegions; ++r)
+    CHECK(memcmp(p->source->regions[r].host, p->d.vm->regions[r].host, kRegionSize[r]) == 0);
+}
+
+/* The guest switches to post-copy after round 0 and runs at the destination, touching every
+ * page, while the pages it dirtied during round 0 are still at the source. */
+static void test_postcopy(void) {
+  pair p;
+  destination how;
+  mig_send_options options;
+  mig_outcome sent, received;
+
+  memset(&how, 0, sizeof how);
+  how.touch = 1;
+  pair_open_to(&p, how);
+  mig_send_options_init(&options);
+  options.postcopy = 1;
+  options.postcopy_after_ms = 0;
+  pair_start(&p, &options);
+  CHECK(mig_migration_wait(p.migration, 60000, &sent) == MIG_OK);
+  CHECK(sent.status == MIG_STATUS_COMPLETED && sent.postcopy == 1 && sent.verified == 1);
+  CHECK(mig_incoming_wait(p.incoming, 60000, &received) == MIG_OK);
+  CHECK(received.status == MIG_STATUS_COMPLETED && received.postcopy == 1 && received.verified == 1);
+  CHECK(p.source->paused && p.d.vm && p.d.vm->has_toucher && p.d.vm->writes == p.source->writes);
+  check_memory_moved(&p);
+  pair_close(&p);
+}
+
+/* The link breaks in post-copy. With a recovery address at the destination, the source
+ * reconnects there and post-copy completes; without one, the destination gives the guest
+ * up at once (MIG_ERR_GUEST_LOST), and the source waits, paused, until it is freed. */
+static void test_postcopy_broken_link(int recoverable) {
+  pair p;
+  net_link l;
+  destination how;
+  mig_send_options options;
+  mig_outcome sent, received;
+
+  memset(&how, 0, sizeof how);
+  how.touch = recoverable; /* a guest blocked on a page that never comes would never end */
+  how.no_recovery = !recoverable;
+  pair_open_to(&p, how);
+  link_open(&l, mig_incoming_address(p.incoming));
+  mig_send_options_init(&options);
+  options.postcopy = 1;
+  options.postcopy_after_ms = 0;
+  CHECK(mig_migration_start(p.source_vm, l.address, &options, &p.migration) == MIG_OK);
+  CHECK(wait_for_status(p.migration, MIG_STATUS_POSTCOPY_ACTIVE));
+  link_cut(&l);
+  CHECK(wait_for_status(p.migration, MIG_STATUS_POSTCOPY_PAUSED));
+  CHECK(mig_migration_cancel(p.migration) == MIG_ERR_STATE);
+  if (recoverable) {
+    CHECK(mig_migration_recover_postcopy(p.migration, mig_incoming_recovery_address(p.incoming)) == MIG_OK);
+    CHECK(mig_migration_wait(p.migration, 60000, &sent) == MIG_OK);
+    CHECK(sent.status == MIG_STATUS_COMPLETED && sent.postcopy == 1 && sent.postcopy_recoveries == 1);
+    CHECK(mig_incoming_wait(p.incoming, 60000, &received) == MIG_OK);
+    CHECK(received.status == MIG_STATUS_COMPLETED && received.postcopy_recoveries == 1 && received.verified == 1);
+    check_memory_moved(&p);
+  } else {
+    CHECK(strcmp(mig_incoming_recovery_address(p.incoming), "") == 0);
+    CHECK(mig_incoming_wait(p.incoming, 60000, &received) == MIG_ERR_GUEST_LOST);
+    CHECK(received.status == MIG_STATUS_FAILED && received.postcopy == 1 && strstr(received.error, "recovery") != NULL);
+    CHECK(mig_migration_wait(p.migration, 0, NULL) == MIG_ERR_TIMEOUT);
+    mig_migration_free(p.migration); /* gives the paused post-copy up */
+    p.migration = NULL;
+  }
+  CHECK(p.source->paused);
+  link_close(&l);
+  pair_close(&p);
+}
+
 /* Failures on either side leave the source running, each with a message that says why. */
 static void test_failures_resume_the_source(int refuse, int fail_save_state, const char* expected) {
   pair p;
@@ -392,6 +811,7 @@ static void test_bad_arguments(void) {
   CHECK(mig_api_version() == MIG_API_VERSION);
   CHECK(strcmp(mig_status_name(MIG_STATUS_POSTCOPY_ACTIVE), "postcopy-active") == 0);
   CHECK(strcmp(mig_result_name(MIG_ERR_HANDOFF_UNKNOWN), "handoff-unknown") == 0);
+  CHECK(strcmp(mig_result_name(MIG_ERR_GUEST_LOST), "guest-lost") == 0);
 
   missing.pause = NULL;
   CHECK(mig_vm_new(&missing, source, 1, source->regions, kRegions, &none) == MIG_ERR_INVALID && none == NULL);
@@ -413,6 +833,23 @@ static void test_bad_arguments(void) {
   options.policy = "zen";
   CHECK(mig_migration_start(source_vm, "tcp:127.0.0.1:1", &options, &migration) == MIG_ERR_INVALID);
   CHECK(strstr(mig_last_error(), "no policy 'zen'") != NULL);
+  CHECK(mig_vm_add_disk(source_vm, &disk_ops, source, NULL) == MIG_ERR_INVALID);
+  {
+    mig_disk_ops no_read = disk_ops, release_alone = disk_ops;
+    mig_disk_info info = {kDiskBytes, kChunkBytes, NULL};
+    no_read.read = NULL;
+    release_alone.reacquire = NULL;
+    CHECK(mig_vm_add_disk(source_vm, &no_read, source, &info) == MIG_ERR_INVALID);
+    CHECK(strstr(mig_last_error(), "required") != NULL);
+    CHECK(mig_vm_add_disk(source_vm, &release_alone, source, &info) == MIG_ERR_INVALID);
+    info.chunk_bytes = 3 * 4096;
+    CHECK(mig_vm_add_disk(source_vm, &disk_ops, source, &info) == MIG_ERR_INVALID);
+    CHECK(strstr(mig_last_error(), "power of two") != NULL);
+    info.chunk_bytes = kChunkBytes;
+    info.size = kDiskBytes + 100;
+    CHECK(mig_vm_add_disk(source_vm, &disk_ops, source, &info) == MIG_ERR_INVALID);
+  }
+
   mig_send_options_init(&options);
   options.channels = 17;
   CHECK(mig_migration_start(source_vm, "tcp:127.0.0.1:1", &options, &migration) == MIG_ERR_INVALID);
@@ -434,6 +871,13 @@ int main(void) {
   test_dirty_limit(1);
   test_failures_resume_the_source(1, 0, "refused the guest");
   test_failures_resume_the_source(0, 1, "save_state failed: Input/output error");
+  test_storage(1);
+  test_storage(0);
+  test_storage_refused(1, 1, 0, "the source has 1 disks, the VM here 0");
+  test_storage_refused(0, 0, 1, "disk callback reacquire (fake.img) failed: Device or resource busy");
+  test_postcopy();
+  test_postcopy_broken_link(1);
+  test_postcopy_broken_link(0);
   if (failures) fprintf(stderr, "%d checks failed\n", failures);
   else printf("capi_test: every check passed\n");
   return failures ? 1 : 0;

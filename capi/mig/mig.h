@@ -17,8 +17,12 @@
  *  - Any thread may call; one handle may be used from several threads at once where the
  *    function says "thread-safe".
  *
- * This is C99 and uses no C++ type. Post-copy, storage migration, same-host memory hand-over
- * and policies of one's own are not in this version of the API (the C++ engine has them).
+ * This is C99 and uses no C++ type. Same-host memory hand-over and policies of one's own are
+ * not in this version of the API (the C++ engine has them).
+ *
+ * Compatibility: MIG_API_VERSION only grows. Before mig 1.0 a new MINOR version may change
+ * the layout of these structs (mig 0.10 grew mig_send_options, mig_recv_options, mig_outcome
+ * and mig_vm_shape), so a program is rebuilt for it; the shared library's soname says so.
  */
 #ifndef MIG_MIG_H
 #define MIG_MIG_H
@@ -50,7 +54,10 @@ typedef enum mig_result {
   MIG_ERR_CANCELLED = -6,        /* as FAILED, because mig_migration_cancel() asked */
   MIG_ERR_HANDOFF_UNKNOWN = -7,  /* the link broke after the commit: the destination may run the
                                     guest, so the source VM stays paused; never resume it blindly */
-  MIG_ERR_INTERNAL = -8          /* out of memory, or a bug in mig: the message says which */
+  MIG_ERR_INTERNAL = -8,         /* out of memory, or a bug in mig: the message says which */
+  MIG_ERR_GUEST_LOST = -9        /* post-copy failed after the switch (given up while its link was
+                                    broken): neither side holds the whole guest, so it is lost; the
+                                    source VM stays paused and must never run again */
 } mig_result;
 
 /* "ok", "invalid", ... : the code's name. Never NULL. */
@@ -133,6 +140,53 @@ void mig_vm_free(mig_vm* vm);
 typedef int (*mig_vcpu_dirty_limit_fn)(void* opaque, double bytes_per_second);
 mig_result mig_vm_set_vcpu_dirty_limit(mig_vm* vm, mig_vcpu_dirty_limit_fn set_vcpu_dirty_limit);
 
+/* ---- disks (MIG_API_VERSION 3) ----------------------------------------------------------- */
+
+/* A guest disk, as the VMM serves it. Offsets and lengths are in bytes. */
+typedef struct mig_disk_info {
+  uint64_t size;        /* a multiple of 512, at most 16 TiB */
+  uint64_t chunk_bytes; /* the unit of write tracking: a power of two from 4 KiB to 1 MiB */
+  const char* path;     /* the image, for messages and for the destination's factory; copied.
+                           NULL: "" */
+} mig_disk_info;
+
+/* Where data_extents puts its ranges; valid only during that callback. */
+typedef struct mig_extent_writer mig_extent_writer;
+mig_result mig_extent_add(mig_extent_writer* writer, uint64_t offset, uint64_t length);
+
+/* The callbacks of one disk, as functions of its `opaque`; each returns 0 or a negative errno
+ * value, as mig_vm_ops' do, and runs under the same rules (mig's threads, one at a time, with
+ * the VM's callbacks too). */
+typedef struct mig_disk_ops {
+  /* Source, when disks are copied (mig_send_options.copy_storage). data_extents adds the ranges
+   * that may hold data, found without reading the disk; everything else must read as zeros.
+   * Optional: NULL claims the whole disk. While tracking is on, fetch_written sets bit c
+   * (word c / 64, bit c % 64) for every chunk c that a completed guest write touched since
+   * the previous fetch; mig clears the bitmap (`words` 64-bit words) before each call. While
+   * the VM is paused no write may complete. */
+  int (*data_extents)(void* opaque, mig_extent_writer* out);
+  int (*track_writes)(void* opaque, int on);
+  int (*fetch_written)(void* opaque, uint64_t* bitmap, size_t words);
+  int (*read)(void* opaque, uint64_t offset, void* out, size_t length);
+  /* Destination, when disks are copied: what arrives, in whole chunks (the last chunk may be
+   * short). write_zeroes may leave a hole. */
+  int (*write)(void* opaque, uint64_t offset, const void* data, size_t length);
+  int (*write_zeroes)(void* opaque, uint64_t offset, uint64_t length);
+  /* Shared storage, which one host at a time may write. release (source, paused) flushes the
+   * image and gives its write lock up; reacquire takes it: on the destination before the
+   * guest may run there, on the source again after a failure. Return -EBUSY while another
+   * host holds it (the source tries again for 5 s). Optional, both or neither: NULL means
+   * there is nothing to hand over. */
+  int (*release)(void* opaque);
+  int (*reacquire)(void* opaque);
+} mig_disk_ops;
+
+/* Adds a disk to the VM, after those added before (the order is the disks' identity: the
+ * destination's VM must add the same disks in the same order). `ops` and `info` are copied;
+ * `opaque` is the VMM's. At most 16 disks. Not while a migration uses the VM. How they move
+ * is the migration's choice: mig_send_options.copy_storage. */
+mig_result mig_vm_add_disk(mig_vm* vm, const mig_disk_ops* ops, void* opaque, const mig_disk_info* info);
+
 /* ---- statuses, progress and events --------------------------------------------------- */
 
 /* QEMU's migration statuses, in mig's order. */
@@ -141,8 +195,8 @@ typedef enum mig_status {
   MIG_STATUS_SETUP,
   MIG_STATUS_ACTIVE,          /* pre-copy rounds, the guest running */
   MIG_STATUS_DEVICE,          /* stop-and-copy: the guest paused, its last pages and state travel */
-  MIG_STATUS_POSTCOPY_ACTIVE, /* reserved for post-copy */
-  MIG_STATUS_POSTCOPY_PAUSED,
+  MIG_STATUS_POSTCOPY_ACTIVE, /* the destination runs the guest; the pages it lacks still come */
+  MIG_STATUS_POSTCOPY_PAUSED, /* ... and the link broke: see mig_migration_recover_postcopy */
   MIG_STATUS_POSTCOPY_RECOVER,
   MIG_STATUS_COMPLETED,
   MIG_STATUS_FAILED,
@@ -196,6 +250,9 @@ typedef struct mig_event {
 /* How a migration ended, seen from the side that asks. */
 typedef struct mig_outcome {
   mig_status status;             /* COMPLETED, FAILED, CANCELLED or HANDOFF_UNKNOWN */
+  int postcopy;                  /* 1: post-copy began (the source: it switched over; the
+                                    destination: the guest ran here before it had every page) */
+  uint32_t postcopy_recoveries;  /* reconnections after a broken post-copy link */
   char error[256];               /* why, when not COMPLETED; truncated to fit */
   double total_ms;
   double downtime_ms;            /* the source's pause to the destination's resume (source only) */
@@ -222,6 +279,20 @@ typedef struct mig_send_options {
    * qemu, xen, kubevirt-stall, ovirt-steps, dirty-limit: see mig_vm_set_vcpu_dirty_limit);
    * NULL (default): mig's, with the fields above. */
   const char* policy;
+  /* The VM's disks (mig_vm_add_disk): 1 copies their data with the memory, round by round
+   * (virsh migrate --copy-storage-all); 0 (default) leaves them on storage both hosts see and
+   * moves only their write lock. */
+  int copy_storage;
+  /* Post-copy (default 0): offered to the receiver, with a connection of its own for the
+   * pages the guest waits for there. The switch to it comes once round 0 is done and either
+   * postcopy_after_ms of the migration have passed (negative, the default: not by time),
+   * mig_migration_start_postcopy asks, or pre-copy does not converge. From the switch on the
+   * destination runs the guest and only the source holds the pages it still lacks: a broken
+   * link then pauses the migration (MIG_STATUS_POSTCOPY_PAUSED) until
+   * mig_migration_recover_postcopy reconnects it. Disks do not take post-copy: their last
+   * chunks go at the switch. */
+  int postcopy;
+  double postcopy_after_ms;
   /* TLS 1.3, both ends authenticated. At most one of the two credentials; both NULL
    * (default): plaintext. See mig-send(1) --tls-creds and --tls-psk for the files. */
   const char* tls_creds_dir;
@@ -254,6 +325,14 @@ mig_result mig_migration_force_switchover(mig_migration* migration);
  * too late (the commit was sent) or the migration already ended. The outcome then comes
  * from mig_migration_wait. */
 mig_result mig_migration_cancel(mig_migration* migration);
+/* Thread-safe. Switch to post-copy once round 0 is done (migrate-start-postcopy).
+ * MIG_ERR_STATE without options.postcopy, or once it is too late to switch. */
+mig_result mig_migration_start_postcopy(mig_migration* migration);
+/* Thread-safe. Reconnects a postcopy-paused migration to the destination's recovery address
+ * (mig_incoming_recovery_address there), with the TLS of the start; returns at once, and the
+ * status says how it goes (back to POSTCOPY_ACTIVE, or POSTCOPY_PAUSED again to try once
+ * more). MIG_ERR_STATE unless the status is MIG_STATUS_POSTCOPY_PAUSED. */
+mig_result mig_migration_recover_postcopy(mig_migration* migration, const char* uri);
 
 /* Blocks until the migration has ended or `timeout_ms` passed (negative: no limit), and
  * fills `out` (may be NULL) with the outcome. Returns MIG_OK when it completed: the
@@ -262,7 +341,9 @@ mig_result mig_migration_cancel(mig_migration* migration);
  * MIG_ERR_HANDOFF_UNKNOWN, as mig_result says. Thread-safe. */
 mig_result mig_migration_wait(mig_migration* migration, int64_t timeout_ms, mig_outcome* out);
 
-/* Cancels a migration that is still running, waits for its end, and frees the handle. */
+/* Cancels a migration that is still running, waits for its end, and frees the handle. A
+ * migration in post-copy is past cancelling: this waits for it to complete, and gives it up
+ * if its link breaks (at once, if it is paused now), which loses the guest. */
 void mig_migration_free(mig_migration* migration);
 
 /* ---- the destination ----------------------------------------------------------------- */
@@ -272,15 +353,27 @@ typedef struct mig_region_shape {
   uint64_t size;
 } mig_region_shape;
 
+typedef struct mig_disk_shape {
+  uint64_t size;
+  uint64_t chunk_bytes;
+  int copy;                /* 1: the data comes over the wire, into an image made here;
+                              0: the image is shared, and only its write lock moves */
+  const char* source_path; /* the image's path at the source */
+} mig_disk_shape;
+
 /* The sender's VM, for the destination to build an empty one like it. */
 typedef struct mig_vm_shape {
   unsigned vcpus;
   size_t region_count;
   const mig_region_shape* regions;
+  size_t disk_count;
+  const mig_disk_shape* disks;
 } mig_vm_shape;
 
 /* Builds an empty, paused VM of `shape` (same regions, zero-filled memory) and describes it
- * with mig_vm_new; ownership of the mig_vm passes to mig. Returns NULL to refuse the guest
+ * with mig_vm_new, and adds its disks (mig_vm_add_disk: the same number, in the same order,
+ * each of the same size and chunk_bytes; a copied disk reads as zeros until the data comes);
+ * ownership of the mig_vm passes to mig. Returns NULL to refuse the guest
  * (the migration fails; mig_last_error on that thread, if set, says why). Runs on the
  * receiver's thread, once per incoming migration. */
 typedef mig_vm* (*mig_vm_factory)(void* factory_opaque, const mig_vm_shape* shape);
@@ -295,6 +388,14 @@ typedef struct mig_recv_options {
   const char* tls_creds_dir;
   const char* tls_psk_file;
   const char* tls_authz;
+  /* Post-copy: 1 (default) takes it when a source offers it, which needs the VM's memory to be
+   * private anonymous memory (mig traps its missing pages with userfaultfd and drops stale
+   * ones with MADV_DONTNEED) and autostart; 0 refuses it, and such a source fails at once. */
+  int postcopy;
+  /* Where a post-copy source reconnects after its link broke ("tcp:HOST:PORT", port 0 picks
+   * one; mig_incoming_recovery_address says which), listened on from the start. NULL
+   * (default): no recovery, and a broken post-copy link loses the guest. */
+  const char* recovery_uri;
 } mig_recv_options;
 
 void mig_recv_options_init(mig_recv_options* options);
@@ -308,11 +409,17 @@ mig_result mig_incoming_listen(const char* uri, const mig_recv_options* options,
                                void* factory_opaque, mig_incoming** out);
 /* What the source connects to, with the actual port. Valid while the handle lives. */
 const char* mig_incoming_address(const mig_incoming* incoming);
+/* Where a post-copy source reconnects (options.recovery_uri, with the actual port); "" without
+ * one. Valid while the handle lives. */
+const char* mig_incoming_recovery_address(const mig_incoming* incoming);
 /* As mig_migration_wait; on MIG_OK the guest runs here (or waits, with autostart 0) in the
- * VM the factory built. */
+ * VM the factory built. In post-copy it returns once every page is here; while the link is
+ * broken it waits on recovery_uri for the source. MIG_ERR_GUEST_LOST: post-copy failed after
+ * the switch, and the guest here lacks pages it will never get. */
 mig_result mig_incoming_wait(mig_incoming* incoming, int64_t timeout_ms, mig_outcome* out);
-/* Stops listening, abandons a migration still arriving (its source keeps the guest), and
- * frees the handle and the mig_vm the factory made; the VMM's own VM is left alone. */
+/* Stops listening, abandons a migration still arriving (its source keeps the guest; in
+ * post-copy, the guest is lost), and frees the handle and the mig_vm the factory made; the
+ * VMM's own VM is left alone. */
 void mig_incoming_free(mig_incoming* incoming);
 
 #ifdef __cplusplus
