@@ -4,10 +4,15 @@
 // crosses into C.
 #include "mig/mig.h"
 
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+
 #include <algorithm>
 #include <bit>
+#include <cstdio>
 #include <condition_variable>
 #include <cstring>
+#include <fstream>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -106,6 +111,7 @@ mig_outcome outcome_of(const Stats& s, std::uint64_t bytes) {
   out.verified = s.verified;
   out.postcopy = s.postcopy.has_value();
   out.postcopy_recoveries = s.postcopy ? s.postcopy->recoveries : 0;
+  out.shared_memory = s.shared_memory;
   return out;
 }
 
@@ -143,6 +149,48 @@ mig_result wait_outcome(std::mutex& mutex, std::condition_variable& finished, co
   const mig_result code = result_of(*result);
   if (code != MIG_OK) last_error = result->error;
   return code;
+}
+
+// The mapping that holds `host`, as /proc/self/maps describes it. A VMM's memory is only
+// pointers to the C API, and what backs them decides what mig may do with it.
+struct Mapping {
+  bool is_private = false;
+  dev_t device = 0;
+  unsigned long inode = 0;  // 0: anonymous memory
+};
+
+std::optional<Mapping> mapping_of(const void* host) {
+  const auto address = reinterpret_cast<unsigned long>(host);
+  std::ifstream maps("/proc/self/maps");
+  for (std::string line; std::getline(maps, line);) {
+    unsigned long start = 0, end = 0, inode = 0;
+    unsigned major_number = 0, minor_number = 0;
+    char permissions[5] = {};
+    if (std::sscanf(line.c_str(), "%lx-%lx %4s %*s %x:%x %lu", &start, &end, permissions, &major_number, &minor_number,
+                    &inode) != 6)
+      continue;
+    if (address >= start && address < end) return Mapping{permissions[3] == 'p', makedev(major_number, minor_number), inode};
+  }
+  return std::nullopt;
+}
+
+// After a hand-over the guest must resume on the source's memory, never on memory of the
+// VMM's own that reads as zeros.
+bool maps_file(const void* host, int fd) {
+  struct stat file {};
+  const auto mapping = mapping_of(host);
+  return ::fstat(fd, &file) == 0 && mapping && mapping->inode == file.st_ino && mapping->device == file.st_dev;
+}
+
+// Post-copy traps missing pages with userfaultfd and drops stale ones with MADV_DONTNEED,
+// which leaves a shared file's pages in place: stale data the guest would read unawares.
+std::string postcopy_unsupported_by(std::span<const engine::MemoryRegion> regions) {
+  for (std::size_t i = 0; i < regions.size(); ++i) {
+    const auto mapping = mapping_of(regions[i].host);
+    if (!mapping || !mapping->is_private || mapping->inode != 0)
+      return "memory region " + std::to_string(i) + " is not private anonymous memory, which post-copy needs";
+  }
+  return {};
 }
 
 // A callback's negative errno becomes the migration's error, naming the callback.
@@ -248,7 +296,10 @@ struct mig_vm final : engine::MigratableVm {
     check("restore_state", ops.restore_state(opaque, views.data(), views.size()));
   }
 
-  std::string postcopy_unsupported() const override { return postcopy_refusal; }
+  std::string postcopy_unsupported() const override {
+    return postcopy_refusal.empty() ? postcopy_unsupported_by(regions) : postcopy_refusal;
+  }
+  std::vector<int> shareable_memory_fds() const override { return memory_fds; }
 
   std::vector<engine::MigratableDisk*> disks() override {
     std::vector<engine::MigratableDisk*> out;
@@ -262,6 +313,7 @@ struct mig_vm final : engine::MigratableVm {
   mig_vcpu_dirty_limit_fn vcpu_dirty_limit = nullptr;  // mig_vm_set_vcpu_dirty_limit's; none by default
   std::vector<std::unique_ptr<CallbackDisk>> added_disks;  // mig_vm_add_disk's, in order
   std::string postcopy_refusal;  // a destination's, from mig_recv_options.postcopy
+  std::vector<int> memory_fds;   // mig_vm_set_memory_fds'; borrowed
   void* const opaque;
   const unsigned vcpus;
   const std::vector<engine::MemoryRegion> regions;
@@ -392,6 +444,16 @@ mig_result mig_vm_set_vcpu_dirty_limit(mig_vm* vm, mig_vcpu_dirty_limit_fn set_v
   return guarded([&] {
     require(vm, "mig_vm_set_vcpu_dirty_limit needs a VM");
     vm->vcpu_dirty_limit = set_vcpu_dirty_limit;
+    return MIG_OK;
+  });
+}
+
+mig_result mig_vm_set_memory_fds(mig_vm* vm, const int* fds, size_t count) {
+  return guarded([&] {
+    require(vm && fds, "mig_vm_set_memory_fds needs a VM and fds");
+    require(count == vm->regions.size(), "mig_vm_set_memory_fds: one fd per memory region");
+    require(std::all_of(fds, fds + count, [](int fd) { return fd >= 0; }), "mig_vm_set_memory_fds: an fd is negative");
+    vm->memory_fds.assign(fds, fds + count);
     return MIG_OK;
   });
 }
@@ -566,21 +628,24 @@ struct mig_incoming {
 
   // The receiver checks the disks the VMM added against the source's (engine::DiskReceiver).
   std::unique_ptr<engine::MigratableVm> make_vm(const engine::VmShape& shape) {
-    if (!shape.shared_memory_fds.empty()) throw std::runtime_error("this receiver cannot adopt shared memory");
     std::vector<mig_region_shape> regions;
     for (const auto& r : shape.regions) regions.push_back({r.guest_addr, r.size});
     std::vector<mig_disk_shape> disks;
     for (const auto& d : shape.disks) disks.push_back({d.size, d.chunk_bytes, d.copy ? 1 : 0, d.source_path.c_str()});
-    const mig_vm_shape c_shape{shape.vcpus, regions.size(), regions.data(), disks.size(), disks.data()};
+    const mig_vm_shape c_shape{shape.vcpus,  regions.size(), regions.data(), disks.size(), disks.data(),
+                               shape.shared_memory_fds.size(), shape.shared_memory_fds.data()};
     last_error.clear();
     mig_vm* made = factory(factory_opaque, &c_shape);
     if (!made) throw std::runtime_error("the VMM refused the guest" + (last_error.empty() ? "" : ": " + last_error));
     std::unique_ptr<engine::MigratableVm> owned(made);
     if (!postcopy) made->postcopy_refusal = "this receiver takes no post-copy (mig_recv_options.postcopy is 0)";
     if (made->regions.size() != regions.size()) throw std::runtime_error("the VMM built a VM of another shape");
-    for (std::size_t i = 0; i < regions.size(); ++i)
+    for (std::size_t i = 0; i < regions.size(); ++i) {
       if (made->regions[i].guest_addr != regions[i].guest_addr || made->regions[i].size != regions[i].size)
         throw std::runtime_error("the VMM built a VM of another shape");
+      if (!shape.shared_memory_fds.empty() && !maps_file(made->regions[i].host, shape.shared_memory_fds[i]))
+        throw std::runtime_error("the VMM's memory region " + std::to_string(i) + " does not map the source's memory it was handed");
+    }
     return owned;
   }
 
@@ -644,6 +709,7 @@ void mig_recv_options_init(mig_recv_options* options) {
   options->peer_timeout_ms = static_cast<unsigned>(defaults.peer_timeout.count());
   options->autostart = defaults.autostart;
   options->postcopy = 1;
+  options->share_memory = 1;
 }
 
 mig_result mig_incoming_listen(const char* uri, const mig_recv_options* options, mig_vm_factory factory,
@@ -656,6 +722,7 @@ mig_result mig_incoming_listen(const char* uri, const mig_recv_options* options,
     receiver.autostart = options->autostart != 0;
     receiver.max_guest_bytes = options->max_guest_bytes;
     receiver.max_vcpus = options->max_vcpus;
+    receiver.adopt_shared_memory = options->share_memory != 0;
     transport::TlsCredentials credentials;
     if (options->tls_authz) credentials.authz.push_back(options->tls_authz);
     transport::AcceptPolicy policy;

@@ -223,7 +223,7 @@ IncomingMigration::State IncomingMigration::on_hello(const wire::FrameHeader& fr
   }
   s.shape.vcpus = s.hello.vcpus;
   for (const auto& r : s.hello.regions) s.shape.regions.push_back({r.guest_addr, r.size});
-  if ((s.hello.capabilities & wire::kCapSharedMemory) && stream_->can_pass_fds()) {
+  if (options_.adopt_shared_memory && (s.hello.capabilities & wire::kCapSharedMemory) && stream_->can_pass_fds()) {
     // The VM is built on the source's memory, which arrives only after the acknowledgement.
     stream_->send(wire::HelloAck{wire::kCapSharedMemory, transport::host_boot_id()});
     s.stats.shared_memory = true;

@@ -51,6 +51,10 @@ struct ReceiverOptions {
   // post-copy link fails at once.
   using Accept = std::function<transport::Stream(std::chrono::milliseconds timeout)>;
   std::function<Accept()> await_recovery;
+  // Same-host hand-over: when the source offers its memory (over a unix: socket), build the VM
+  // on it (the factory maps VmShape::shared_memory_fds). False declines: the pages are copied,
+  // unverified (a source that offers its memory asks for no verification).
+  bool adopt_shared_memory = true;
   // False leaves the guest paused once it is here (QEMU's -S): the migration completes, and
   // whoever owns the VM resumes it. Post-copy is then not offered: its guest must run.
   bool autostart = true;

@@ -240,8 +240,8 @@ MigrationStats SourceMigration::run() {
 namespace {
 
 constexpr const char* kNoPostcopyThere =
-    "the destination cannot take post-copy: its guest memory cannot trap missing pages (hugetlbfs), it takes no "
-    "extra connections, or it leaves the guest paused";
+    "the destination cannot take post-copy: its guest memory cannot trap missing pages (hugetlbfs, a shared file), it "
+    "takes no extra connections, or it leaves the guest paused";
 
 // What the destination checks before it builds anything: the guest's shape, CPU and clock.
 wire::Hello describe_guest(const MigratableVm& vm) {

@@ -1,7 +1,7 @@
 /* The C API from C: migrations between two in-process fake VMs, whose "guest" is a thread
  * writing pages while it is not paused. Compiled as C99 with -pedantic, so the header is
  * checked to be C too. Each check prints what failed; the exit status is the verdict. */
-#define _POSIX_C_SOURCE 200809L
+#define _GNU_SOURCE /* memfd_create */
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -58,6 +59,8 @@ typedef struct fake_vm {
   double dirty_limit;          /* bytes per second the guest may dirty; 0: no cap */
   int dirty_limit_calls;
   double first_dirty_limit;   /* what the first call asked for */
+  int mapped;                 /* the regions map files (same-host hand-over), not the heap */
+  int memfds[kRegions];       /* those files, where this VM made them; -1 otherwise */
   int touch_on_resume;        /* a destination's guest reads every page once it runs */
   int has_toucher;
   pthread_t toucher;
@@ -100,8 +103,9 @@ static void* guest_writes(void* arg) {
   return NULL;
 }
 
-/* A destination's guest in post-copy: reads a byte of every page, as a guest would touch
- * memory the source may still hold; each missing page traps until it is here. */
+/* A destination's guest in post-copy: reads a byte of every third page, as a guest touches
+ * memory the source may still hold; each missing page traps until it is here (the others
+ * come in the background). */
 static void* guest_touches(void* arg) {
   fake_vm* vm = arg;
   volatile unsigned char sum = 0;
@@ -179,7 +183,8 @@ static int fake_set_vcpu_dirty_limit(void* opaque, double bytes_per_second) {
   return 0;
 }
 
-/* The disk's callbacks; all but read and write take the VM's lock, as the guest writes it. */
+/* The disk's callbacks. Those a source calls take the VM's lock, as its guest writes the
+ * disk too; nothing else writes a destination's while the data comes. */
 static int disk_extents(void* opaque, mig_extent_writer* out) {
   fake_vm* vm = opaque;
   int c, rc = 0;
@@ -262,15 +267,20 @@ static const mig_vm_ops fake_ops = {fake_start_dirty_log, fake_stop_dirty_log, f
                                     fake_resume,          fake_save_state,     fake_restore_state,   NULL};
 
 /* Memory of the test's shape: a source's holds data (no zero pages to skip), and its guest
- * starts writing at once; a destination's is zero-filled. */
-static fake_vm* fake_vm_new(int with_writer) {
+ * starts writing at once; a destination's is zero-filled. With `memfds` (one per region) the
+ * regions map those files instead: a destination's as they are, the source's memory. */
+static fake_vm* fake_vm_on(int with_writer, const int* memfds) {
   size_t r;
   fake_vm* vm = calloc(1, sizeof *vm);
   pthread_mutex_init(&vm->lock, NULL);
+  vm->mapped = memfds != NULL;
   for (r = 0; r < kRegions; ++r) {
     void* host = NULL;
-    if (posix_memalign(&host, MIG_PAGE_SIZE, kRegionSize[r]) != 0) abort();
-    memset(host, with_writer ? 0x5a : 0, kRegionSize[r]);
+    vm->memfds[r] = -1;
+    if (memfds) host = mmap(NULL, kRegionSize[r], PROT_READ | PROT_WRITE, MAP_SHARED, memfds[r], 0);
+    else if (posix_memalign(&host, MIG_PAGE_SIZE, kRegionSize[r]) != 0) host = MAP_FAILED;
+    if (host == MAP_FAILED) abort();
+    if (!memfds || with_writer) memset(host, with_writer ? 0x5a : 0, kRegionSize[r]);
     vm->regions[r].guest_addr = kRegionAddr[r];
     vm->regions[r].size = kRegionSize[r];
     vm->regions[r].host = host;
@@ -279,6 +289,22 @@ static fake_vm* fake_vm_new(int with_writer) {
   vm->paused = !with_writer;
   vm->has_writer = with_writer;
   if (with_writer) pthread_create(&vm->writer, NULL, guest_writes, vm);
+  return vm;
+}
+
+static fake_vm* fake_vm_new(int with_writer) { return fake_vm_on(with_writer, NULL); }
+
+/* A VM whose memory is in memfds, which it owns: a source's can be handed over on this host. */
+static fake_vm* fake_vm_in_memfds(int with_writer) {
+  int memfds[kRegions];
+  size_t r;
+  fake_vm* vm;
+  for (r = 0; r < kRegions; ++r) {
+    memfds[r] = memfd_create("capi-test", MFD_CLOEXEC);
+    if (memfds[r] < 0 || ftruncate(memfds[r], (off_t)kRegionSize[r]) != 0) abort();
+  }
+  vm = fake_vm_on(with_writer, memfds);
+  for (r = 0; r < kRegions; ++r) vm->memfds[r] = memfds[r];
   return vm;
 }
 
@@ -293,7 +319,9 @@ static void fake_vm_free(fake_vm* vm) {
   }
   if (vm->has_toucher) pthread_join(vm->toucher, NULL);
   for (r = 0; r < kRegions; ++r) {
-    free(vm->regions[r].host);
+    if (vm->mapped) munmap(vm->regions[r].host, kRegionSize[r]);
+    else free(vm->regions[r].host);
+    if (vm->memfds[r] >= 0) close(vm->memfds[r]);
     free(vm->written[r]);
   }
   free(vm->disk.data);
@@ -313,8 +341,12 @@ typedef struct destination {
   int refuse;
   int skip_disks;        /* build the VM without the disks the shape has */
   int fail_reacquire;    /* its disk's lock stays another host's */
-  int touch;             /* its guest touches every page once it runs (post-copy) */
+  int touch;             /* its guest touches pages once it runs (post-copy) */
   int no_recovery;       /* listen without a recovery address */
+  int decline_memory;    /* decline a same-host source's memory: copy it */
+  int ignore_memory;     /* take it, and build the VM on memory of its own all the same */
+  int in_memfds;         /* build the VM's memory in memfds of its own */
+  const char* uri;       /* where it listens; NULL: a TCP port of its own */
   mig_disk_shape disk;   /* the shape's disk, when it had one */
 } destination;
 
@@ -325,7 +357,9 @@ static mig_vm* make_destination_vm(void* opaque, const mig_vm_shape* shape) {
   if (d->refuse || shape->vcpus != 1 || shape->region_count != kRegions || shape->disk_count > 1) return NULL;
   for (r = 0; r < kRegions; ++r)
     if (shape->regions[r].guest_addr != kRegionAddr[r] || shape->regions[r].size != kRegionSize[r]) return NULL;
-  d->vm = fake_vm_new(0);
+  if (shape->memory_fd_count != 0 && shape->memory_fd_count != kRegions) return NULL;
+  if (d->in_memfds) d->vm = fake_vm_in_memfds(0);
+  else d->vm = fake_vm_on(0, shape->memory_fd_count && !d->ignore_memory ? shape->memory_fds : NULL);
   d->vm->touch_on_resume = d->touch;
   described = describe(d->vm);
   if (shape->disk_count == 1) {
@@ -356,7 +390,8 @@ static mig_incoming* listen_for(destination* d) {
   mig_incoming* incoming = NULL;
   mig_recv_options_init(&options);
   if (!d->no_recovery) options.recovery_uri = "tcp:127.0.0.1:0";
-  CHECK(mig_incoming_listen("tcp:127.0.0.1:0", &options, make_destination_vm, d, &incoming) == MIG_OK);
+  options.share_memory = !d->decline_memory;
+  CHECK(mig_incoming_listen(d->uri ? d->uri : "tcp:127.0.0.1:0", &options, make_destination_vm, d, &incoming) == MIG_OK);
   return incoming;
 }
 
@@ -369,8 +404,9 @@ typedef struct pair {
   mig_migration* migration;
 } pair;
 
-static void pair_open_to(pair* p, destination how) {
-  p->source = fake_vm_new(1);
+/* A pair whose source is `source` (NULL: a new one, its memory on the heap). */
+static void pair_open_to(pair* p, destination how, fake_vm* source) {
+  p->source = source ? source : fake_vm_new(1);
   p->source_vm = describe(p->source);
   p->d = how;
   p->incoming = listen_for(&p->d);
@@ -381,7 +417,7 @@ static void pair_open(pair* p, int refuse) {
   destination how;
   memset(&how, 0, sizeof how);
   how.refuse = refuse;
-  pair_open_to(p, how);
+  pair_open_to(p, how, NULL);
 }
 
 static void pair_start(pair* p, const mig_send_options* options) {
@@ -722,7 +758,7 @@ static void test_postcopy(void) {
 
   memset(&how, 0, sizeof how);
   how.touch = 1;
-  pair_open_to(&p, how);
+  pair_open_to(&p, how, NULL);
   mig_send_options_init(&options);
   options.postcopy = 1;
   options.postcopy_after_ms = 0;
@@ -749,7 +785,7 @@ static void test_postcopy_broken_link(int recoverable) {
   memset(&how, 0, sizeof how);
   how.touch = recoverable; /* a guest blocked on a page that never comes would never end */
   how.no_recovery = !recoverable;
-  pair_open_to(&p, how);
+  pair_open_to(&p, how, NULL);
   link_open(&l, mig_incoming_address(p.incoming));
   mig_send_options_init(&options);
   options.postcopy = 1;
@@ -776,6 +812,92 @@ static void test_postcopy_broken_link(int recoverable) {
   }
   CHECK(p.source->paused);
   link_close(&l);
+  pair_close(&p);
+}
+
+/* A destination whose memory is a shared file cannot take post-copy: the source, which asked
+ * for it, fails at once and runs on. */
+static void test_postcopy_refused_by_shared_memory(void) {
+  pair p;
+  destination how;
+  mig_send_options options;
+  mig_outcome sent;
+
+  memset(&how, 0, sizeof how);
+  how.in_memfds = 1;
+  pair_open_to(&p, how, NULL);
+  mig_send_options_init(&options);
+  options.postcopy = 1;
+  pair_start(&p, &options);
+  CHECK(mig_migration_wait(p.migration, 60000, &sent) == MIG_ERR_FAILED);
+  CHECK(strstr(sent.error, "post-copy") != NULL);
+  if (!strstr(sent.error, "post-copy")) fprintf(stderr, "  the error was: %s\n", sent.error);
+  pthread_mutex_lock(&p.source->lock);
+  CHECK(!p.source->paused);
+  pthread_mutex_unlock(&p.source->lock);
+  pair_close(&p);
+}
+
+/* ---- same-host hand-over ----------------------------------------------------------------- */
+
+/* A source whose memory is in memfds starts migrating over a unix socket to a destination
+ * that maps that very memory, declines it (a copy), or builds its VM on memory of its own. */
+enum handover { kHandOver, kDecline, kIgnore };
+
+static void start_handover(pair* p, enum handover mode) {
+  destination how;
+  mig_send_options options;
+  static char uri[64];
+  fake_vm* source = fake_vm_in_memfds(1);
+
+  CHECK(mig_vm_set_memory_fds(NULL, source->memfds, kRegions) == MIG_ERR_INVALID);
+  memset(&how, 0, sizeof how);
+  snprintf(uri, sizeof uri, "unix:/tmp/mig-capi-test-%ld.sock", (long)getpid());
+  how.uri = uri;
+  how.decline_memory = mode == kDecline;
+  how.ignore_memory = mode == kIgnore;
+  pair_open_to(p, how, source);
+  CHECK(mig_vm_set_memory_fds(p->source_vm, source->memfds, 1) == MIG_ERR_INVALID);
+  CHECK(mig_vm_set_memory_fds(p->source_vm, source->memfds, kRegions) == MIG_OK);
+  sleep_us(20000);
+  mig_send_options_init(&options);
+  pair_start(p, &options);
+}
+
+/* Handed over, no page crosses the socket; declined, the memory is copied. */
+static void test_memory_handover(int decline) {
+  pair p;
+  mig_outcome sent, received;
+
+  start_handover(&p, decline ? kDecline : kHandOver);
+  CHECK(mig_migration_wait(p.migration, 60000, &sent) == MIG_OK);
+  CHECK(mig_incoming_wait(p.incoming, 60000, &received) == MIG_OK);
+  CHECK(sent.shared_memory == !decline && received.shared_memory == !decline);
+  CHECK(p.d.vm && p.d.vm->mapped == !decline && p.d.vm->writes == p.source->writes && p.source->writes > 0);
+  check_memory_moved(&p);
+  if (decline) {
+    CHECK(sent.bytes > kRegionSize[0] + kRegionSize[1]);
+  } else if (p.d.vm) {
+    /* One copy of the guest's memory, mapped twice. */
+    CHECK(sent.bytes < 64 * 1024);
+    ((unsigned char*)p.d.vm->regions[1].host)[5] ^= 0xff;
+    CHECK(memcmp(p.source->regions[1].host, p.d.vm->regions[1].host, 8) == 0);
+  }
+  pair_close(&p);
+}
+
+/* A destination VM that takes the memory but maps memory of its own would resume the guest
+ * on zeros: it is refused before the commit, and the source runs on. */
+static void test_handover_to_other_memory(void) {
+  pair p;
+  mig_outcome sent;
+
+  start_handover(&p, kIgnore);
+  CHECK(mig_migration_wait(p.migration, 60000, &sent) == MIG_ERR_FAILED);
+  CHECK(strstr(sent.error, "does not map the source's memory") != NULL);
+  pthread_mutex_lock(&p.source->lock);
+  CHECK(!p.source->paused);
+  pthread_mutex_unlock(&p.source->lock);
   pair_close(&p);
 }
 
@@ -878,6 +1000,10 @@ int main(void) {
   test_postcopy();
   test_postcopy_broken_link(1);
   test_postcopy_broken_link(0);
+  test_postcopy_refused_by_shared_memory();
+  test_memory_handover(0);
+  test_memory_handover(1);
+  test_handover_to_other_memory();
   if (failures) fprintf(stderr, "%d checks failed\n", failures);
   else printf("capi_test: every check passed\n");
   return failures ? 1 : 0;

@@ -17,8 +17,8 @@
  *  - Any thread may call; one handle may be used from several threads at once where the
  *    function says "thread-safe".
  *
- * This is C99 and uses no C++ type. Same-host memory hand-over and policies of one's own are
- * not in this version of the API (the C++ engine has them).
+ * This is C99 and uses no C++ type. Policies of one's own are not in this version of the API
+ * (the C++ engine has them).
  *
  * Compatibility: MIG_API_VERSION only grows. Before mig 1.0 a new MINOR version may change
  * the layout of these structs (mig 0.10 grew mig_send_options, mig_recv_options, mig_outcome
@@ -140,6 +140,14 @@ void mig_vm_free(mig_vm* vm);
 typedef int (*mig_vcpu_dirty_limit_fn)(void* opaque, double bytes_per_second);
 mig_result mig_vm_set_vcpu_dirty_limit(mig_vm* vm, mig_vcpu_dirty_limit_fn set_vcpu_dirty_limit);
 
+/* Same-host hand-over (MIG_API_VERSION 3): the VM's memory is in files, one per region (a
+ * memfd, or a file on tmpfs or hugetlbfs), each region mapped MAP_SHARED from offset 0. Over a
+ * unix: URI the destination then maps this very memory instead of receiving a copy (for a VMM
+ * replaced in place): the guest pauses at the start, no page is sent, only state moves.
+ * `count` is the VM's region count. mig neither dups nor closes the fds; they stay open
+ * while the mig_vm lives. Not while a migration uses the VM. */
+mig_result mig_vm_set_memory_fds(mig_vm* vm, const int* fds, size_t count);
+
 /* ---- disks (MIG_API_VERSION 3) ----------------------------------------------------------- */
 
 /* A guest disk, as the VMM serves it. Offsets and lengths are in bytes. */
@@ -250,9 +258,6 @@ typedef struct mig_event {
 /* How a migration ended, seen from the side that asks. */
 typedef struct mig_outcome {
   mig_status status;             /* COMPLETED, FAILED, CANCELLED or HANDOFF_UNKNOWN */
-  int postcopy;                  /* 1: post-copy began (the source: it switched over; the
-                                    destination: the guest ran here before it had every page) */
-  uint32_t postcopy_recoveries;  /* reconnections after a broken post-copy link */
   char error[256];               /* why, when not COMPLETED; truncated to fit */
   double total_ms;
   double downtime_ms;            /* the source's pause to the destination's resume (source only) */
@@ -260,6 +265,10 @@ typedef struct mig_outcome {
   uint64_t guest_bytes;
   uint64_t bytes;                /* sent (source) or received (destination), every wire byte */
   int verified;                  /* 1: the page hashes of both sides matched */
+  int postcopy;                  /* 1: post-copy began (the source: it switched over; the
+                                    destination: the guest ran here before it had every page) */
+  uint32_t postcopy_recoveries;  /* reconnections after a broken post-copy link */
+  int shared_memory;             /* 1: same-host hand-over: the memory was handed over, not copied */
 } mig_outcome;
 
 /* ---- the source ---------------------------------------------------------------------- */
@@ -337,8 +346,8 @@ mig_result mig_migration_recover_postcopy(mig_migration* migration, const char* 
 /* Blocks until the migration has ended or `timeout_ms` passed (negative: no limit), and
  * fills `out` (may be NULL) with the outcome. Returns MIG_OK when it completed: the
  * destination runs the guest and the source VM must never run again. Otherwise
- * MIG_ERR_TIMEOUT (still running), MIG_ERR_FAILED, MIG_ERR_CANCELLED or
- * MIG_ERR_HANDOFF_UNKNOWN, as mig_result says. Thread-safe. */
+ * MIG_ERR_TIMEOUT (still running), MIG_ERR_FAILED, MIG_ERR_CANCELLED,
+ * MIG_ERR_HANDOFF_UNKNOWN or MIG_ERR_GUEST_LOST, as mig_result says. Thread-safe. */
 mig_result mig_migration_wait(mig_migration* migration, int64_t timeout_ms, mig_outcome* out);
 
 /* Cancels a migration that is still running, waits for its end, and frees the handle. A
@@ -368,12 +377,19 @@ typedef struct mig_vm_shape {
   const mig_region_shape* regions;
   size_t disk_count;
   const mig_disk_shape* disks;
+  /* Same-host hand-over: the source's memory, one fd per region, for the VM to map
+   * (MAP_SHARED, from offset 0, the region's size) instead of allocating its own; borrowed for
+   * this call (dup what you keep). mig refuses a VM whose regions do not map them. 0 and NULL
+   * otherwise. */
+  size_t memory_fd_count;
+  const int* memory_fds;
 } mig_vm_shape;
 
-/* Builds an empty, paused VM of `shape` (same regions, zero-filled memory) and describes it
- * with mig_vm_new, and adds its disks (mig_vm_add_disk: the same number, in the same order,
- * each of the same size and chunk_bytes; a copied disk reads as zeros until the data comes);
- * ownership of the mig_vm passes to mig. Returns NULL to refuse the guest
+/* Builds an empty, paused VM of `shape` (same regions, zero-filled memory, or the source's
+ * memory when `shape` hands it over), describes it with mig_vm_new, and adds its disks
+ * (mig_vm_add_disk: the same number, in the same order, each of the same size and
+ * chunk_bytes; a copied disk reads as zeros until the data comes); ownership of the mig_vm
+ * passes to mig. Returns NULL to refuse the guest
  * (the migration fails; mig_last_error on that thread, if set, says why). Runs on the
  * receiver's thread, once per incoming migration. */
 typedef mig_vm* (*mig_vm_factory)(void* factory_opaque, const mig_vm_shape* shape);
@@ -388,14 +404,19 @@ typedef struct mig_recv_options {
   const char* tls_creds_dir;
   const char* tls_psk_file;
   const char* tls_authz;
-  /* Post-copy: 1 (default) takes it when a source offers it, which needs the VM's memory to be
-   * private anonymous memory (mig traps its missing pages with userfaultfd and drops stale
-   * ones with MADV_DONTNEED) and autostart; 0 refuses it, and such a source fails at once. */
+  /* Post-copy: 1 (default) takes it when a source offers it, where the VM's memory is private
+   * anonymous memory (mig traps its missing pages with userfaultfd and drops stale ones with
+   * MADV_DONTNEED; mig looks at the mappings) and autostart is on; 0 refuses it. A source that
+   * asked for post-copy fails at once where it is refused, and runs on. */
   int postcopy;
   /* Where a post-copy source reconnects after its link broke ("tcp:HOST:PORT", port 0 picks
    * one; mig_incoming_recovery_address says which), listened on from the start. NULL
    * (default): no recovery, and a broken post-copy link loses the guest. */
   const char* recovery_uri;
+  /* Same-host hand-over: 1 (default) takes the memory a source on this host offers (the
+   * factory maps mig_vm_shape.memory_fds); 0 declines it, and the pages are copied, without
+   * verification (a source offering its memory asks for none). */
+  int share_memory;
 } mig_recv_options;
 
 void mig_recv_options_init(mig_recv_options* options);
