@@ -151,7 +151,7 @@ mig_result wait_outcome(std::mutex& mutex, std::condition_variable& finished, co
   return code;
 }
 
-// The mapping that holds `host`, as /proc/self/maps describes it. A VMM's memory is only
+// A mapping of this process, as /proc/self/maps describes it. A VMM's memory is only
 // pointers to the C API, and what backs them decides what mig may do with it.
 struct Mapping {
   bool is_private = false;
@@ -159,35 +159,44 @@ struct Mapping {
   unsigned long inode = 0;  // 0: anonymous memory
 };
 
-std::optional<Mapping> mapping_of(const void* host) {
-  const auto address = reinterpret_cast<unsigned long>(host);
+// The mappings that make up `region`'s memory; empty when part of it is not mapped at all.
+std::vector<Mapping> mappings_of(const engine::MemoryRegion& region) {
+  const auto first = reinterpret_cast<unsigned long>(region.host), last = first + region.size;
+  unsigned long covered = first;  // the file lists mappings by address
+  std::vector<Mapping> mappings;
   std::ifstream maps("/proc/self/maps");
-  for (std::string line; std::getline(maps, line);) {
+  for (std::string line; covered < last && std::getline(maps, line);) {
     unsigned long start = 0, end = 0, inode = 0;
     unsigned major_number = 0, minor_number = 0;
     char permissions[5] = {};
     if (std::sscanf(line.c_str(), "%lx-%lx %4s %*s %x:%x %lu", &start, &end, permissions, &major_number, &minor_number,
-                    &inode) != 6)
+                    &inode) != 6 ||
+        end <= covered || start >= last)
       continue;
-    if (address >= start && address < end) return Mapping{permissions[3] == 'p', makedev(major_number, minor_number), inode};
+    if (start > covered) return {};
+    mappings.push_back({permissions[3] == 'p', makedev(major_number, minor_number), inode});
+    covered = end;
   }
-  return std::nullopt;
+  if (covered < last) return {};
+  return mappings;
 }
 
 // After a hand-over the guest must resume on the source's memory, never on memory of the
 // VMM's own that reads as zeros.
-bool maps_file(const void* host, int fd) {
+bool maps_file(const engine::MemoryRegion& region, int fd) {
   struct stat file {};
-  const auto mapping = mapping_of(host);
-  return ::fstat(fd, &file) == 0 && mapping && mapping->inode == file.st_ino && mapping->device == file.st_dev;
+  const auto mappings = mappings_of(region);
+  return ::fstat(fd, &file) == 0 && !mappings.empty() && std::all_of(mappings.begin(), mappings.end(), [&](const Mapping& m) {
+           return m.inode == file.st_ino && m.device == file.st_dev;
+         });
 }
 
 // Post-copy traps missing pages with userfaultfd and drops stale ones with MADV_DONTNEED,
 // which leaves a shared file's pages in place: stale data the guest would read unawares.
 std::string postcopy_unsupported_by(std::span<const engine::MemoryRegion> regions) {
   for (std::size_t i = 0; i < regions.size(); ++i) {
-    const auto mapping = mapping_of(regions[i].host);
-    if (!mapping || !mapping->is_private || mapping->inode != 0)
+    const auto mappings = mappings_of(regions[i]);
+    if (mappings.empty() || std::any_of(mappings.begin(), mappings.end(), [](const Mapping& m) { return !m.is_private || m.inode != 0; }))
       return "memory region " + std::to_string(i) + " is not private anonymous memory, which post-copy needs";
   }
   return {};
@@ -643,7 +652,7 @@ struct mig_incoming {
     for (std::size_t i = 0; i < regions.size(); ++i) {
       if (made->regions[i].guest_addr != regions[i].guest_addr || made->regions[i].size != regions[i].size)
         throw std::runtime_error("the VMM built a VM of another shape");
-      if (!shape.shared_memory_fds.empty() && !maps_file(made->regions[i].host, shape.shared_memory_fds[i]))
+      if (!shape.shared_memory_fds.empty() && !maps_file(made->regions[i], shape.shared_memory_fds[i]))
         throw std::runtime_error("the VMM's memory region " + std::to_string(i) + " does not map the source's memory it was handed");
     }
     return owned;

@@ -379,8 +379,9 @@ typedef struct mig_vm_shape {
   const mig_disk_shape* disks;
   /* Same-host hand-over: the source's memory, one fd per region, for the VM to map
    * (MAP_SHARED, from offset 0, the region's size) instead of allocating its own; borrowed for
-   * this call (dup what you keep). mig refuses a VM whose regions do not map them. 0 and NULL
-   * otherwise. */
+   * this call (dup what you keep). mig refuses a VM whose regions do not map them. A memfd
+   * not sealed against shrinking (F_SEAL_SHRINK) lets the source's process truncate it under
+   * the guest; mig's own VMM refuses such a memfd, and a VMM should too. 0 and NULL otherwise. */
   size_t memory_fd_count;
   const int* memory_fds;
 } mig_vm_shape;
