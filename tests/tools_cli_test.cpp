@@ -1,10 +1,15 @@
 // The tools' own glue (tools/cli.h), where it does more than pass flags on.
 #include <unistd.h>
 
+#include <atomic>
 #include <catch2/catch.hpp>
+#include <chrono>
+#include <csignal>
 #include <fstream>
+#include <thread>
 
 #include "tests/process.h"
+#include "tests/support.h"
 #include "tools/cli.h"
 
 using namespace mig;
@@ -27,4 +32,25 @@ TEST_CASE("statistics go to a device in place - and a path that cannot be writte
   CHECK(tools::write_stats_json("/dev/null", {{"written", 1}}));
   CHECK(::access("/dev/null.partial", F_OK) != 0);
   CHECK_FALSE(tools::write_stats_json("/nonexistent-directory/stats.json", {{"written", 1}}));
+}
+
+// mig-send's hook calls Domain::quit(), which waits for the migration; the tool meanwhile
+// returns and destroys the Domain. A hook that went without waiting left the call running
+// into a destroyed Domain: ASan caught it once, as mig-send's exit 1 in the fault matrix.
+TEST_CASE("a terminate hook's end waits for its call under way - the call never outlives its target") {
+  tools::ControlSignals signals;
+  std::atomic<bool> target_alive{true}, called{false}, saw_target_gone{false};
+  {
+    const auto hook = signals.on_terminate([&] {
+      called = true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      if (!target_alive) saw_target_gone = true;
+    });
+    REQUIRE(::kill(::getpid(), SIGTERM) == 0);  // to the process: the watcher thread takes it
+    REQUIRE(signals.wait(10) == tools::ControlSignals::Signal::terminate);
+    REQUIRE(test::wait_until([&] { return called.load(); }, std::chrono::seconds(10)));
+  }
+  target_alive = false;
+  std::this_thread::sleep_for(std::chrono::milliseconds(400));  // long enough for a call left running to see it
+  CHECK_FALSE(saw_target_gone);
 }

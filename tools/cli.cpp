@@ -175,11 +175,14 @@ ControlSignals::TerminateHook ControlSignals::on_terminate(std::function<void()>
   return TerminateHook(*this);
 }
 
-// The callback runs on the watcher thread with mutex_ released, so a hook being removed
-// meanwhile may still see one last call; callbacks only ask their target to quit.
+// The callback runs on the watcher thread with mutex_ released (it may take a while: a
+// quitting Domain waits for its migrations). A call under way still uses what the old
+// callback refers to, so replacing it waits for that call to end: a hook going out of scope
+// must not leave the watcher calling into its target as the target is destroyed.
 void ControlSignals::set_on_terminate(std::function<void()> callback) {
-  std::lock_guard lock(mutex_);
+  std::unique_lock lock(mutex_);
   on_terminate_ = std::move(callback);
+  callback_returned_.wait(lock, [&] { return !calling_; });
 }
 
 void ControlSignals::watch() {
@@ -196,10 +199,17 @@ void ControlSignals::watch() {
       } else {
         terminating_ = true;
         callback = on_terminate_;
+        calling_ = static_cast<bool>(callback);
       }
     }
     signalled_.notify_all();
-    if (callback) callback();
+    if (!callback) continue;
+    callback();
+    {
+      std::lock_guard lock(mutex_);
+      calling_ = false;
+    }
+    callback_returned_.notify_all();
   }
 }
 

@@ -81,7 +81,8 @@ class ControlSignals {
   ControlSignals& operator=(const ControlSignals&) = delete;
 
   // Calls `callback` on SIGINT or SIGTERM for as long as the returned hook lives: declare
-  // the hook after whatever the callback uses, so it is gone first.
+  // the hook after whatever the callback uses, so it is gone first: its end waits for a
+  // call under way.
   class TerminateHook {
    public:
     explicit TerminateHook(ControlSignals& signals) : signals_(signals) {}
@@ -101,9 +102,10 @@ class ControlSignals {
   void watch();
   void set_on_terminate(std::function<void()> callback);
   std::mutex mutex_;
-  std::condition_variable signalled_;
+  std::condition_variable signalled_, callback_returned_;
   std::function<void()> on_terminate_;
   bool usr1_ = false;
+  bool calling_ = false;  // the watcher is in on_terminate_'s callback
   std::atomic<bool> terminating_{false}, stop_{false};
   std::thread watcher_;
 };
