@@ -300,11 +300,18 @@ class Run:
                                                    for b in beats)
         self.row["receiver said"] = last_line(self.path("recv.err"))
         self.row["source said"] = last_line(self.path("send.err"))
+        # Kept for a row that misses its targets: the work directory goes with the run.
+        self.row["stderr"] = {tool: last_lines(self.path(name), 40) for tool, name in (("mig-send", "send.err"),
+                                                                                       ("mig-recv", "recv.err"))}
+
+
+def last_lines(path, count):
+    lines = [l for l in open(path).read().splitlines() if l.strip()] if os.path.exists(path) else []
+    return lines[-count:]
 
 
 def last_line(path):
-    lines = [l for l in open(path).read().splitlines() if l.strip()] if os.path.exists(path) else []
-    return lines[-1] if lines else ""
+    return (last_lines(path, 1) or [""])[0]
 
 
 class FullFilesystem:
@@ -404,6 +411,11 @@ def print_table(rows):
     for r in rows:
         print("%s (%s):\n  source: %s\n  receiver: %s" % (r["fault"], r["when"], r.get("source error") or r["source said"],
                                                      r["receiver said"]))
+    for r in rows:
+        if r["met targets"] != "yes":
+            for tool, lines in r.get("stderr", {}).items():
+                print("\n%s (%s): the last lines %s wrote to stderr:" % (r["fault"], r["when"], tool))
+                print("\n".join("  | " + line for line in lines) or "  | (nothing)")
 
 
 def main():
