@@ -36,7 +36,8 @@ TEST_CASE("statistics go to a device in place - and a path that cannot be writte
 
 // mig-send's hook calls Domain::quit(), which waits for the migration; the tool meanwhile
 // returns and destroys the Domain. A hook that went without waiting left the call running
-// into a destroyed Domain: ASan caught it once, as mig-send's exit 1 in the fault matrix.
+// into a destroyed Domain (the likeliest cause of mig-send's exit 1, ASan's, in one CI run
+// of the fault matrix, whose stderr was lost).
 TEST_CASE("a terminate hook's end waits for its call under way - the call never outlives its target") {
   tools::ControlSignals signals;
   std::atomic<bool> target_alive{true}, called{false}, saw_target_gone{false};
