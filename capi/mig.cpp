@@ -521,7 +521,7 @@ mig_result mig_migration_start(mig_vm* vm, const char* uri, const mig_send_optio
 
     auto migration = std::make_unique<mig_migration>();
     migration->tls = tls;
-    migration->control = std::make_shared<engine::MigrationControl>(sender.tunables(), observer_of(*options));
+    migration->control = engine::make_control(sender, observer_of(*options));
     migration->control->advance(engine::MigrationStatus::none, engine::MigrationStatus::setup);
     migration->thread = std::thread(&mig_migration::run, migration.get(), std::ref(*vm), std::move(stream), std::move(sender));
     *out = migration.release();

@@ -208,7 +208,7 @@ void Domain::migrate(MigrateRequest request) {
     require_guest_idle("migrate");
     if (run_state_ != RunState::running) throw CommandError("migrate: the guest is " + std::string(to_string(run_state_)) + ", not running");
     if (outgoing_thread_.joinable()) outgoing_thread_.join();  // the previous one, finished
-    control = std::make_shared<engine::MigrationControl>(request.options.tunables(), migration_observer());
+    control = engine::make_control(request.options, migration_observer());
     control_ = control;
     outgoing_tls_ = request.tls;
     outgoing_active_ = true;

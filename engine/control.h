@@ -122,6 +122,7 @@ class MigrationControl {
   // The bandwidth limit as of now, read before every page batch.
   double bandwidth_limit() const { return bandwidth_limit_.load(std::memory_order_relaxed); }
   bool switchover_forced() const { return switchover_forced_.load(std::memory_order_relaxed); }
+  // Lets start_postcopy() ask: the migration offers post-copy (make_control, at its start).
   void enable_postcopy() { postcopy_enabled_ = true; }
   bool postcopy_requested() const { return postcopy_requested_.load(std::memory_order_relaxed); }
   // Blocks while postcopy-paused until resume_postcopy() (returns its connect) or abandon()

@@ -213,10 +213,11 @@ IncomingMigration::State IncomingMigration::on_hello(const wire::FrameHeader& fr
   if (options_.hello_received) options_.hello_received(s.stats.dry_run);
   check_guest_fits(s.hello);
   for (const auto& d : s.hello.disks) s.shape.disks.push_back({d.size, d.chunk_bytes, (d.flags & wire::kDiskCopy) != 0, d.path});
+  const std::uint32_t postcopy = s.hello.capabilities & wire::kCapPostcopy;
   if (s.stats.dry_run) {
     // As far as it can be told without building the VM.
     if (options_.check_disks) options_.check_disks(s.shape.disks);
-    const std::uint32_t postcopy = postcopy_possible(s.hello) ? wire::kCapPostcopy : 0;
+    check_postcopy_possible(nullptr);
     stream_->send(wire::HelloAck{wire::kCapDryRun | postcopy, transport::host_boot_id(), channels_accepted(s.hello)});
     s.stats.status = MigrationStatus::completed;
     return State::running;  // nothing built, nothing to run: the check is the whole session
@@ -225,16 +226,18 @@ IncomingMigration::State IncomingMigration::on_hello(const wire::FrameHeader& fr
   for (const auto& r : s.hello.regions) s.shape.regions.push_back({r.guest_addr, r.size});
   if (options_.adopt_shared_memory && (s.hello.capabilities & wire::kCapSharedMemory) && stream_->can_pass_fds()) {
     // The VM is built on the source's memory, which arrives only after the acknowledgement.
-    stream_->send(wire::HelloAck{wire::kCapSharedMemory, transport::host_boot_id()});
+    // Nothing is left to copy late, so no post-copy; verification covers the copied disks.
+    stream_->send(wire::HelloAck{wire::kCapSharedMemory | (s.hello.capabilities & wire::kCapVerify), transport::host_boot_id()});
     s.stats.shared_memory = true;
     return State::awaiting_shared_memory;
   }
+  check_postcopy_possible(nullptr);
   build_vm();
+  check_postcopy_possible(s.vm.get());
+  s.postcopy = postcopy != 0;
   s.channels = channels_accepted(s.hello);
   s.stats.channels = s.channels;
-  s.postcopy = postcopy_possible(s.hello) && s.vm->postcopy_unsupported().empty();
-  const std::uint32_t accepted = (s.hello.capabilities & wire::kCapVerify) | (s.postcopy ? wire::kCapPostcopy : 0);
-  stream_->send(wire::HelloAck{accepted, transport::host_boot_id(), s.channels});
+  stream_->send(wire::HelloAck{(s.hello.capabilities & wire::kCapVerify) | postcopy, transport::host_boot_id(), s.channels});
   // Post-copy answers record their hashes as one more channel (postcopy_source.h).
   s.hashes = std::make_unique<PageHashes>(s.regions, s.channels + (s.postcopy ? 1 : 0));
   s.pages = std::make_unique<PageReceiver>(s.regions, *stream_, *s.hashes, 0, s.channels);
@@ -252,10 +255,20 @@ std::uint32_t IncomingMigration::channels_accepted(const wire::Hello& hello) con
   return options_.accept_channel ? hello.channels : 1;
 }
 
-// Post-copy as far as this receiver's options decide it: asked for, a connection of its own,
-// and a guest that runs here at once. The VM's memory has its say once built.
-bool IncomingMigration::postcopy_possible(const wire::Hello& hello) const {
-  return (hello.capabilities & wire::kCapPostcopy) && options_.accept_channel && options_.autostart;
+// A source that asked for post-copy fails without it, so a receiver that cannot take it answers
+// with an Error that says why. Post-copy needs a connection of its own and a guest that runs
+// here at once; this receiver's options decide that before anything is built, and the VM's
+// memory has its say once it is.
+void IncomingMigration::check_postcopy_possible(const MigratableVm* vm) const {
+  if (!(s_->hello.capabilities & wire::kCapPostcopy)) return;
+  std::string why;
+  if (!options_.accept_channel)
+    why = "this receiver takes no extra connections, and post-copy needs one for its urgent pages";
+  else if (!options_.autostart)
+    why = "this receiver leaves the guest paused, and a guest in post-copy must run to ask for its pages";
+  else if (vm)
+    why = vm->postcopy_unsupported();
+  if (!why.empty()) throw std::runtime_error("the destination cannot take post-copy: " + why);
 }
 
 // Before anything is built for it: the guest must be within this receiver's limits, and this
@@ -345,9 +358,10 @@ IncomingMigration::State IncomingMigration::on_complete(const wire::FrameHeader&
   return restore_and_report_ready();
 }
 
+// Memory handed over is the source's own: one copy, nothing to compare.
 void IncomingMigration::verify(std::uint64_t source_digest, const char* when) {
   Session& s = *s_;
-  if (!(s.hello.capabilities & wire::kCapVerify)) return;
+  if (!(s.hello.capabilities & wire::kCapVerify) || s.stats.shared_memory) return;
   if (s.hashes->digest() != source_digest)
     throw std::runtime_error(std::string("verification failed") + when + ": destination memory differs from the source's");
   s.stats.verified = true;

@@ -119,7 +119,7 @@ class IncomingMigration {
   State on_hello(const wire::FrameHeader& frame);
   void check_guest_fits(const wire::Hello& hello) const;
   std::uint32_t channels_accepted(const wire::Hello& hello) const;
-  bool postcopy_possible(const wire::Hello& hello) const;
+  void check_postcopy_possible(const MigratableVm* vm) const;
   State on_shared_memory(const wire::FrameHeader& frame);
   void build_vm();
   void start_doorman();

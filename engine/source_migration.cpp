@@ -115,6 +115,12 @@ Tunables SenderOptions::tunables() const {
           policy.throttle_max_pct};
 }
 
+std::shared_ptr<MigrationControl> make_control(const SenderOptions& options, MigrationObserver observer) {
+  auto control = std::make_shared<MigrationControl>(options.tunables(), std::move(observer));
+  if (options.postcopy) control->enable_postcopy();
+  return control;
+}
+
 struct SourceMigration::State {
   State(MigratableVm& vm_, transport::Stream& stream_, SenderOptions options_, MigrationControl& control)
       : vm(vm_), stream(stream_), options(std::move(options_)), policy(options.policy),
@@ -171,7 +177,7 @@ struct SourceMigration::State {
 
 SourceMigration::SourceMigration(MigratableVm& vm, transport::Stream& stream, SenderOptions options,
                                  std::shared_ptr<MigrationControl> control)
-    : control_(control ? std::move(control) : std::make_shared<MigrationControl>(options.tunables())) {
+    : control_(control ? std::move(control) : make_control(options)) {
   s_ = std::make_unique<State>(vm, stream, std::move(options), *control_);
 }
 
@@ -239,9 +245,9 @@ MigrationStats SourceMigration::run() {
 
 namespace {
 
-constexpr const char* kNoPostcopyThere =
-    "the destination cannot take post-copy: its guest memory cannot trap missing pages (hugetlbfs, a shared file), it "
-    "takes no extra connections, or it leaves the guest paused";
+// A receiver that cannot take post-copy says why in an Error; one that answers without it broke
+// the protocol.
+constexpr const char* kPostcopyDropped = "the destination took the migration without the post-copy asked for";
 
 // What the destination checks before it builds anything: the guest's shape, CPU and clock.
 wire::Hello describe_guest(const MigratableVm& vm) {
@@ -281,10 +287,9 @@ DestinationCheck check_destination(MigratableVm& vm, transport::Stream& stream, 
   const auto ack = receive_hello_ack(stream);  // a refusal arrives as Error, and throws
   if (!(ack.capabilities & wire::kCapDryRun))
     throw std::runtime_error("the destination took the check for a migration (it predates dry runs)");
-  const bool postcopy = (ack.capabilities & wire::kCapPostcopy) != 0;
-  if (options.postcopy && !postcopy) throw std::runtime_error(kNoPostcopyThere);
+  if (options.postcopy && !(ack.capabilities & wire::kCapPostcopy)) throw wire::ProtocolError(kPostcopyDropped);
   if (ack.channels < 1 || ack.channels > hello.channels) throw wire::ProtocolError("receiver accepted an impossible channel count");
-  return {ack.channels, postcopy};
+  return {ack.channels, options.postcopy};
 }
 
 void SourceMigration::set_up() {
@@ -294,12 +299,11 @@ void SourceMigration::set_up() {
   auto hello = describe_guest(s.vm);
   const auto memory_fds = s.vm.shareable_memory_fds();
   const bool offer_sharing = s.options.share_memory && !memory_fds.empty() && s.stream.can_pass_fds();
-  // Shared memory needs no verification: there is only one copy.
-  hello.capabilities = offer_sharing ? wire::kCapSharedMemory : s.options.verify ? wire::kCapVerify : 0;
-  if (s.options.postcopy && !offer_sharing) {
+  // Offered beside sharing, verification and post-copy apply if the receiver copies instead.
+  hello.capabilities = (offer_sharing ? wire::kCapSharedMemory : 0) | (s.options.verify ? wire::kCapVerify : 0);
+  if (s.options.postcopy) {
     if (!s.options.open_channel) throw std::invalid_argument("post-copy needs a way to open its channel");
     hello.capabilities |= wire::kCapPostcopy;
-    control_->enable_postcopy();
   }
   hello.channels = std::clamp(s.options.channels, 1u, wire::kMaxChannels);
   if (hello.channels > 1 && !s.options.open_channel) throw std::invalid_argument("parallel channels need a way to open them");
@@ -309,10 +313,10 @@ void SourceMigration::set_up() {
   send_counted(s.stream, *control_, hello, false);
   const auto ack = receive_hello_ack(s.stream);
   s.verify = s.options.verify && (ack.capabilities & wire::kCapVerify);
-  s.postcopy = (hello.capabilities & wire::kCapPostcopy) && (ack.capabilities & wire::kCapPostcopy);
-  if ((hello.capabilities & wire::kCapPostcopy) && !s.postcopy) throw std::runtime_error(kNoPostcopyThere);
-  s.same_host = !hello.host_boot_id.empty() && ack.host_boot_id == hello.host_boot_id;
   s.shared = offer_sharing && (ack.capabilities & wire::kCapSharedMemory);
+  s.postcopy = s.options.postcopy && !s.shared && (ack.capabilities & wire::kCapPostcopy);
+  if (s.options.postcopy && !s.shared && !s.postcopy) throw wire::ProtocolError(kPostcopyDropped);
+  s.same_host = !hello.host_boot_id.empty() && ack.host_boot_id == hello.host_boot_id;
   if (s.shared) hand_over_memory(memory_fds);
   s.channels = s.shared ? 1 : ack.channels;
   if (s.channels < 1 || s.channels > hello.channels) throw wire::ProtocolError("receiver accepted an impossible channel count");
@@ -636,7 +640,7 @@ void SourceMigration::commit() {
   stats.pages_sent = s.totals.pages_sent;
   stats.pages_zero = s.totals.pages_zero;
   stats.pages_skipped = s.totals.pages_skipped;
-  stats.verified = s.verify;
+  stats.verified = s.verify && !s.shared;  // memory handed over is one copy: nothing compared
   stats.shared_memory = s.shared;
   stats.channels = s.channels;
   stats.total_ms = ms_between(s.start, s.running_at);

@@ -90,6 +90,10 @@ struct SenderOptions {
   Tunables tunables() const;
 };
 
+// The control of a migration with `options`, steerable from the moment the migration is
+// started: migrate-start-postcopy may come before the migration's thread has set anything up.
+std::shared_ptr<MigrationControl> make_control(const SenderOptions& options, MigrationObserver observer = {});
+
 // The pre-flight check (mig-send --check, QMP migrate's dry-run): tells the receiver at the
 // other end of `stream` about the guest (shape, CPU, TSC rate) and what a migration with
 // `options` would ask (its channels, post-copy) as that migration would, and returns once it
@@ -105,8 +109,8 @@ DestinationCheck check_destination(MigratableVm& vm, transport::Stream& stream, 
 
 class SourceMigration {
  public:
-  // `control` may be shared with whoever steers the migration; without one, the migration
-  // makes its own.
+  // `control` (from make_control) may be shared with whoever steers the migration; without
+  // one, the migration makes its own.
   SourceMigration(MigratableVm& vm, transport::Stream& stream, SenderOptions options,
                   std::shared_ptr<MigrationControl> control = nullptr);
   ~SourceMigration();

@@ -861,18 +861,24 @@ static void start_handover(pair* p, enum handover mode) {
   CHECK(mig_vm_set_memory_fds(p->source_vm, source->memfds, kRegions) == MIG_OK);
   sleep_us(20000);
   mig_send_options_init(&options);
+  /* Offered beside the memory, post-copy and verification apply if the destination copies. */
+  options.postcopy = 1;
   pair_start(p, &options);
 }
 
-/* Handed over, no page crosses the socket; declined, the memory is copied. */
+/* Handed over, no page crosses the socket, and there is nothing to verify or to copy late;
+ * declined, the memory is copied, verified, and can switch to post-copy. */
 static void test_memory_handover(int decline) {
   pair p;
   mig_outcome sent, received;
 
   start_handover(&p, decline ? kDecline : kHandOver);
+  CHECK(mig_migration_start_postcopy(p.migration) == MIG_OK);
   CHECK(mig_migration_wait(p.migration, 60000, &sent) == MIG_OK);
   CHECK(mig_incoming_wait(p.incoming, 60000, &received) == MIG_OK);
   CHECK(sent.shared_memory == !decline && received.shared_memory == !decline);
+  CHECK(sent.verified == decline && received.verified == decline);
+  CHECK(sent.postcopy == decline && received.postcopy == decline);
   CHECK(p.d.vm && p.d.vm->mapped == !decline && p.d.vm->writes == p.source->writes && p.source->writes > 0);
   check_memory_moved(&p);
   if (decline) {

@@ -63,10 +63,12 @@ void keep_dirtying(test::FakeVm& vm) {
 }
 
 // A migration that goes on until somebody steps in: a downtime limit of 0 ms that no round
-// can meet, and rounds enough.
-void start_endless_migration(control::QmpClient& client, const DestinationHost& destination) {
+// can meet, and rounds enough. `more`: further arguments to migrate.
+void start_endless_migration(control::QmpClient& client, const DestinationHost& destination, json more = json::object()) {
   client.execute("migrate-set-parameters", {{"downtime-limit", 0}});
-  client.execute("migrate", {{"uri", destination.endpoint}, {"max-iterations", 1000}});
+  json arguments{{"uri", destination.endpoint}, {"max-iterations", 1000}};
+  arguments.update(more);
+  client.execute("migrate", arguments);
 }
 
 json wait_for_status(control::QmpClient& client, const std::set<std::string>& statuses) {
@@ -353,6 +355,24 @@ TEST_CASE("QMP: a receiver started deferred listens when migrate-incoming says w
   CHECK(client.execute("query-migrate")["status"] == "completed");
   REQUIRE(made != nullptr);
   CHECK(made->region_memory(0) == source.vm->region_memory(0));
+}
+
+// An orchestrator may switch as soon as it has started the migration, before the migration's
+// own thread has connected, let alone set anything up.
+TEST_CASE("QMP: migrate-start-postcopy straight after migrate is taken - and the migration ends in post-copy") {
+  SourceHost host("postcopy-at-once");
+  keep_dirtying(*host.vm);
+  DestinationHost destination;
+  control::QmpClient client(host.path);
+  start_endless_migration(client, destination, {{"postcopy", true}});
+  client.execute("migrate-start-postcopy");
+  const auto info = wait_for_status(client, {"completed", "failed", "cancelled"});
+  INFO(info.dump());
+  REQUIRE(info["status"] == "completed");
+  CHECK(info["mig"]["stop-reason"] == "postcopy");
+  REQUIRE(destination.domain.wait_incoming());
+  REQUIRE(destination.vm);
+  CHECK(destination.vm->region_memory(0) == host.vm->region_memory(0));
 }
 
 TEST_CASE("QMP: migrate over mutual TLS - a source without credentials is refused and the destination waits on") {

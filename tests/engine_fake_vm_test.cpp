@@ -1010,12 +1010,13 @@ TEST_CASE("a dry run also asks for the migration's channels and post-copy - and 
   struct Case {
     const char* what;
     bool takes_channels, autostart;
-    std::optional<engine::DestinationCheck> expected;  // none: refused for post-copy
+    std::optional<engine::DestinationCheck> expected;  // none: refused for post-copy, saying `why`
+    const char* why;
   };
   const Case cases[] = {
-      {"a receiver that takes extra connections and runs the guest", true, true, engine::DestinationCheck{4, true}},
-      {"one that takes no extra connections", false, true, std::nullopt},
-      {"one that leaves the guest paused (--paused)", true, false, std::nullopt},
+      {"a receiver that takes extra connections and runs the guest", true, true, engine::DestinationCheck{4, true}, ""},
+      {"one that takes no extra connections", false, true, std::nullopt, "takes no extra connections"},
+      {"one that leaves the guest paused (--paused)", true, false, std::nullopt, "leaves the guest paused"},
   };
   for (const auto& c : cases) {
     INFO(c.what);
@@ -1033,7 +1034,8 @@ TEST_CASE("a dry run also asks for the migration's channels and post-copy - and 
       CHECK(check.channels == c.expected->channels);
       CHECK(check.postcopy == c.expected->postcopy);
     } else {
-      CHECK_THROWS_WITH(engine::check_destination(source, send_end, asking), Contains("the destination cannot take post-copy"));
+      CHECK_THROWS_WITH(engine::check_destination(source, send_end, asking),
+                        Contains("the destination cannot take post-copy: this receiver " + std::string(c.why)));
     }
     receiver.get();
     CHECK(made == nullptr);

@@ -213,7 +213,7 @@ TEST_CASE("post-copy survives a cut link - both sides pause - and recovery compl
       dirty_during_round_zero(source, kPages);
       auto options = postcopy_options(connections);
       options.bandwidth_limit = 16e6;
-      auto control = std::make_shared<engine::MigrationControl>(options.tunables());
+      auto control = engine::make_control(options);
       auto [send_end, relay_in] = test::stream_pair();
       auto [relay_out, recv_end] = test::stream_pair();
       test::FakeVm* destination = nullptr;

@@ -1,10 +1,11 @@
-// The mig migration protocol, whole. Version 3 (the guest's CPUID in Hello).
+// The mig migration protocol, whole. Version 6 (verification offered beside shared memory).
 //
 //   sender (source)                                   receiver (destination, incoming mode)
 //   Hello {version, capabilities, vcpus, regions, channels, session, disks, the guest's CPUID}
-//                                                 ──▶  checks it can give the guest that CPU
-//                                                      (else Error naming what it lacks), then
-//                                                      creates a VM of that shape
+//                                                 ──▶  checks it can take the guest: its CPU,
+//                                                      its size, the post-copy asked for (else
+//                                                      Error naming why), then creates a VM of
+//                                                      that shape
 //                                                 ◀── HelloAck {capabilities, boot id, channels}
 //   [channels 1..n-1: a connection each, opening with ChannelHello {session, index}; each
 //    carries the pages of its share of guest memory and its own RoundEnd/RoundAck]
@@ -72,7 +73,9 @@
 namespace mig::wire {
 
 inline constexpr std::uint32_t kMagic = 0x3147494d;  // "MIG1"
-inline constexpr std::uint32_t kVersion = 5;  // 4: kCapDryRun; 5: Hello.tsc_khz
+// 4: kCapDryRun; 5: Hello.tsc_khz; 6: kCapVerify and kCapPostcopy offered beside kCapSharedMemory
+// (a hand-over declined is a verified copy), and post-copy refused with an Error
+inline constexpr std::uint32_t kVersion = 6;
 inline constexpr std::uint32_t kPageSize = 4096;
 
 // Bounds on what a receiver accepts.
@@ -142,7 +145,10 @@ static_assert(sizeof(FrameHeader) == 16);
 // Checks magic, type and the payload bound for that type.
 void validate(const FrameHeader& header);
 
-// Capability bits, offered in Hello and accepted in HelloAck.
+// Capability bits, offered in Hello and accepted in HelloAck. A source offers each its options
+// allow. A receiver that takes kCapSharedMemory takes no kCapPostcopy (nothing is left to copy
+// late), and kCapVerify then covers only what is copied: the disks, not the one memory. One that
+// cannot take the kCapPostcopy asked for answers Error, saying why.
 inline constexpr std::uint32_t kCapVerify = 1u << 0;        // page-hash verification at Complete
 inline constexpr std::uint32_t kCapSharedMemory = 1u << 1;  // same host: guest memory handed over as memfds
 inline constexpr std::uint32_t kCapPostcopy = 1u << 2;      // the switchover may be to post-copy

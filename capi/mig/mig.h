@@ -334,8 +334,9 @@ mig_result mig_migration_force_switchover(mig_migration* migration);
  * too late (the commit was sent) or the migration already ended. The outcome then comes
  * from mig_migration_wait. */
 mig_result mig_migration_cancel(mig_migration* migration);
-/* Thread-safe. Switch to post-copy once round 0 is done (migrate-start-postcopy).
- * MIG_ERR_STATE without options.postcopy, or once it is too late to switch. */
+/* Thread-safe. Switch to post-copy once round 0 is done (migrate-start-postcopy); taken from
+ * the moment mig_migration_start returned. MIG_ERR_STATE without options.postcopy, or once it
+ * is too late to switch. */
 mig_result mig_migration_start_postcopy(mig_migration* migration);
 /* Thread-safe. Reconnects a postcopy-paused migration to the destination's recovery address
  * (mig_incoming_recovery_address there), with the TLS of the start; returns at once, and the
