@@ -708,8 +708,8 @@ void SourceMigration::postcopy() {
     } catch (const std::exception& e) {
       const auto serving = s.postcopy_source->stop_serving();
       s.stats.error = "post-copy link broke: " + (serving ? *serving : explain_failure(*s.main, e)) +
-                      "; the destination runs the guest and only this side holds its missing pages. Recover with "
-                      "migrate-recover there and migrate {resume: true} here; the guest must not run here again";
+                      "; the destination runs the guest and only this side holds its missing pages: this side waits "
+                      "to be reconnected to the destination's recovery address, and the guest must not run here again";
       control_->update_postcopy(s.postcopy_stats, s.stats.error);
       control_->advance(MigrationStatus::postcopy_active, MigrationStatus::postcopy_paused);
       reconnect_postcopy();

@@ -9,6 +9,7 @@
 #include <set>
 #include <thread>
 
+#include "control/json.h"
 #include "control/qmp_client.h"
 #include "control/qmp_server.h"
 #include "tests/fake_vm.h"
@@ -355,6 +356,16 @@ TEST_CASE("QMP: a receiver started deferred listens when migrate-incoming says w
   CHECK(client.execute("query-migrate")["status"] == "completed");
   REQUIRE(made != nullptr);
   CHECK(made->region_memory(0) == source.vm->region_memory(0));
+}
+
+TEST_CASE("QMP: a paused post-copy's error-desc says how to recover in QMP's words - the engine's own text names none") {
+  engine::MigrationProgress paused;
+  paused.status = engine::MigrationStatus::postcopy_paused;
+  paused.error = "post-copy link broke: the peer closed the connection";
+  const auto info = control::migration_info(paused);
+  CHECK(info["error-desc"] == paused.error + R"( (QMP: migrate-recover {"uri"} at the destination, then migrate {"uri", "resume": true} here))");
+  paused.status = engine::MigrationStatus::failed;
+  CHECK(control::migration_info(paused)["error-desc"] == paused.error);
 }
 
 // An orchestrator may switch as soon as it has started the migration, before the migration's

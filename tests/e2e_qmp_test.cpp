@@ -186,6 +186,7 @@ TEST_CASE("a destination that dies during post-copy: the source pauses, says why
   REQUIRE(status == "postcopy-paused");
   CHECK_THAT(info.value("error-desc", ""), Contains("post-copy link broke"));
   CHECK_THAT(info.value("error-desc", ""), Contains("must not run here again"));
+  CHECK_THAT(info.value("error-desc", ""), Contains(R"(then migrate {"uri", "resume": true} here)"));
   CHECK_THAT(ctl(a, {"status"}).out, Contains("postmigrate"));
   CHECK(ctl(a, {"cont"}).exit_code != 0);  // the guest ran at the destination: never here again
   CHECK(ctl(a, {"cancel"}).exit_code == 0);  // answered, and refused inside: still paused
