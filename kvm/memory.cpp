@@ -63,8 +63,38 @@ bool scan_populated(int pagemap, const std::byte* base, std::uint64_t pages, std
   }
 }
 
+// Pages of memory a file holds, in memory or swapped out.
+std::uint64_t allocated_pages(int fd) {
+  struct stat st {};
+  check_syscall("fstat guest memory file", [&] { return ::fstat(fd, &st); });
+  return static_cast<std::uint64_t>(st.st_blocks) * 512 / kPageSize;
+}
+
+// Sets the bits of `bitmap` for the file's data (SEEK_DATA to SEEK_HOLE): a memfd's pages in
+// memory or swapped out; all of a hugetlbfs file, which has no holes to report. Runs start and
+// end on page boundaries there; they are widened to whole pages all the same. Slower than
+// mincore where the data is fragmented (a GiB of every other page: 0.4 s against 4 ms here).
+void add_file_data(int fd, std::uint64_t pages, std::span<std::uint64_t> bitmap) {
+  const auto end = static_cast<off_t>(pages * kPageSize);
+  for (off_t offset = 0; offset < end;) {
+    const off_t data = ::lseek(fd, offset, SEEK_DATA);
+    if (data < 0 && errno == ENXIO) return;  // no data past `offset`
+    if (data < 0) throw_errno("lseek(SEEK_DATA) on guest memory");
+    const off_t hole = std::min(end, check_syscall("lseek(SEEK_HOLE) on guest memory", [&] { return ::lseek(fd, data, SEEK_HOLE); }));
+    const auto last = (static_cast<std::uint64_t>(hole) + kPageSize - 1) / kPageSize;
+    for (auto page = static_cast<std::uint64_t>(data) / kPageSize; page < last; ++page)
+      bitmap[page / 64] |= std::uint64_t{1} << (page % 64);
+    offset = hole;
+  }
+}
+
 constexpr std::uint64_t kHugePageSize = 2ull << 20;
 constexpr long kHugetlbfsMagic = 0x958458f6;  // HUGETLBFS_MAGIC from <linux/magic.h>
+
+bool on_hugetlbfs(int fd) {
+  struct statfs fs {};
+  return ::fstatfs(fd, &fs) == 0 && fs.f_type == kHugetlbfsMagic;
+}
 
 // The selected word of a sysfs setting such as "always within_size advise [never] deny force";
 // empty where the file is missing (a kernel without THP).
@@ -212,10 +242,12 @@ GuestMemory GuestMemory::adopt(std::span<const RegionLayout> layout, std::span<c
     check_syscall("fstat memory fd", [&] { return ::fstat(fds[i], &st); });
     if (static_cast<std::uint64_t>(st.st_size) < layout[i].size || layout[i].size % kPageSize)
       throw std::invalid_argument("shared memory file " + std::to_string(i) + " is smaller than its region");
-    // A memfd the peer could still shrink would turn our next access into a SIGBUS. Files
-    // that cannot carry seals (hugetlbfs) are not memfds; they are taken as they are.
+    // A memfd the peer could still shrink would turn our next access into a SIGBUS. A file in
+    // a hugetlbfs mount (--mem-path) cannot be sealed at all (the kernel gives it F_SEAL_SEAL
+    // alone): it is taken as it is, from the peer whose credentials the socket checked.
     const int seals = ::fcntl(fds[i], F_GET_SEALS);
-    if (seals >= 0 && !(seals & F_SEAL_SHRINK))
+    const bool unsealable = seals >= 0 && (seals & F_SEAL_SEAL) && on_hugetlbfs(fds[i]);
+    if (seals >= 0 && !(seals & F_SEAL_SHRINK) && !unsealable)
       throw std::invalid_argument("shared memory file " + std::to_string(i) +
                                   " is a memfd not sealed against shrinking (F_SEAL_SHRINK): the peer could truncate it under the guest");
     Region r{layout[i], {}, UniqueFd(check_syscall("dup memory fd", [&] { return ::fcntl(fds[i], F_DUPFD_CLOEXEC, 0); }))};
@@ -338,14 +370,21 @@ void GuestMemory::populated_pages(std::size_t index, std::span<std::uint64_t> bi
   constexpr std::uint64_t kChunk = 16384;
   auto set = [&](std::uint64_t page) { bitmap[page / 64] |= std::uint64_t{1} << (page % 64); };
   if (shareable()) {
-    // Page-cache residency: also right for pages another process wrote into the memfd.
+    // What is in memory (mincore), which is all of the file's data unless some of it is
+    // swapped out, or is hugetlbfs pages that another process (a hand-over's source) wrote and
+    // this one has not mapped: mincore sees neither. The file's allocated blocks tell.
     std::vector<unsigned char> resident(kChunk);
+    std::uint64_t resident_pages = 0;
     for (std::uint64_t first = 0; first < pages; first += kChunk) {
       const std::uint64_t n = std::min(kChunk, pages - first);
       check_syscall("mincore", [&] { return ::mincore(region.host() + first * kPageSize, n * kPageSize, resident.data()); });
       for (std::uint64_t i = 0; i < n; ++i)
-        if (resident[i] & 1) set(first + i);
+        if (resident[i] & 1) {
+          set(first + i);
+          ++resident_pages;
+        }
     }
+    if (allocated_pages(region.memfd.get()) > resident_pages) add_file_data(region.memfd.get(), pages, bitmap);
     return;
   }
   // Present or swapped: neither means never touched.

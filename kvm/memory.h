@@ -88,8 +88,9 @@ class GuestMemory {
   enum class PageScan { best, pagemap_entries };
   // Sets bit i of `bitmap` for every page i of region `index` that has ever been backed by
   // memory; the others have never been touched and read as zero. Asks the kernel (pagemap
-  // for anonymous memory, mincore for memfd) instead of touching the pages, which would cost
-  // a fault each.
+  // for anonymous memory; for a file, mincore, and its SEEK_DATA where some of its data is
+  // swapped out or not mapped here) instead of touching the pages, which would cost a fault
+  // each.
   void populated_pages(std::size_t index, std::span<std::uint64_t> bitmap, PageScan scan = PageScan::best) const;
 
   // Asks for transparent huge pages from now on (new faults, and khugepaged for the rest), for

@@ -1,4 +1,6 @@
 // Guest memory without a VM: which pages count as populated, and populating ahead.
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
 #include <cerrno>
@@ -37,6 +39,46 @@ std::string vm_flags(const std::byte* start) {
   }
   return "";
 }
+
+// A hugetlbfs mount of our own, so what it holds does not depend on the host's mounts; gone
+// afterwards whatever the checks do. Mounting needs root.
+struct HugetlbfsMount {
+  std::filesystem::path dir = std::filesystem::temp_directory_path() / ("mig-hugetlbfs-" + std::to_string(::getpid()));
+  int error = 0;  // mount(2)'s errno; 0: mounted
+  HugetlbfsMount() {
+    std::filesystem::create_directory(dir);
+    if (::mount("none", dir.c_str(), "hugetlbfs", 0, "pagesize=2M") != 0) error = errno;
+  }
+  ~HugetlbfsMount() {
+    ::umount(dir.c_str());
+    std::filesystem::remove(dir);
+  }
+};
+
+unsigned read_number(const char* path) {
+  unsigned value = 0;
+  std::ifstream(path) >> value;
+  return value;
+}
+constexpr const char* kNrHugePages = "/proc/sys/vm/nr_hugepages";
+unsigned free_huge_pages() { return read_number("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages"); }
+
+// Held by a test while it counts on the host's free huge pages or changes them: ctest runs
+// test cases as processes side by side.
+struct HugePagesLock {
+  HugePagesLock() { REQUIRE(::flock(file.get(), LOCK_EX) == 0); }
+  UniqueFd file = UniqueFd::open("/tmp/mig-tests-huge-pages.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+};
+
+// At least `wanted` free 2 MiB pages for the test, the host's count put back afterwards (root).
+struct HugePagesForTest {
+  explicit HugePagesForTest(unsigned wanted) : before(read_number(kNrHugePages)) {
+    if (free_huge_pages() < wanted) std::ofstream(kNrHugePages) << before + wanted - free_huge_pages();
+  }
+  ~HugePagesForTest() { std::ofstream(kNrHugePages) << before; }
+  HugePagesLock lock;
+  const unsigned before;
+};
 }  // namespace
 
 TEST_CASE("populated pages are exactly the touched ones - by either kernel interface and either backing") {
@@ -60,6 +102,38 @@ TEST_CASE("populated pages are exactly the touched ones - by either kernel inter
 
     memory.populate();
     CHECK(populated(memory, kvm::GuestMemory::PageScan::best) == std::vector<std::uint64_t>(kPages / 64, ~std::uint64_t{0}));
+  }
+}
+
+// Memory handed over: the source wrote pages this process has never mapped. In a memfd the
+// page cache shows them; in a hugetlbfs file only the file does, and a page missed here would
+// never be sent onward, leaving the next destination a zero page where the guest had data.
+TEST_CASE("handed-over memory counts the pages its source wrote as populated - memfd and hugetlbfs") {
+  const std::vector<kvm::RegionLayout> layout = {{0, 64ull << 20}};
+  constexpr std::uint64_t kWritten = 3 * 512 + 7;  // in the fourth 2 MiB page
+  const auto expect_written = [&](kvm::MemoryOptions options) {
+    auto source = kvm::GuestMemory::create(layout, options);
+    source.regions()[0].host()[kWritten * kvm::kPageSize] = std::byte{1};
+    auto adopted = kvm::GuestMemory::adopt(layout, std::vector<int>{source.regions()[0].memfd.get()});
+    const auto bitmap = populated(adopted, kvm::GuestMemory::PageScan::best);
+    CHECK((bitmap[kWritten / 64] >> (kWritten % 64) & 1) == 1);
+    return bitmap;
+  };
+  SECTION("memfd: the written page, and only it") {
+    std::vector<std::uint64_t> expected(kPages / 64, 0);
+    expected[kWritten / 64] = std::uint64_t{1} << (kWritten % 64);
+    CHECK(expect_written({.backing = kvm::MemoryBacking::memfd, .transparent_huge_pages = false, .hugetlbfs_dir = {}}) == expected);
+  }
+  SECTION("hugetlbfs: the file says it holds data, and reports no holes") {
+    HugetlbfsMount mount;
+    if (mount.error) {
+      REQUIRE(mount.error == EPERM);
+      WARN("not root: no hugetlbfs of our own");
+      return;
+    }
+    HugePagesForTest huge_pages(64);  // the source's 32, and room to spare
+    REQUIRE(free_huge_pages() >= 32);
+    expect_written({.backing = kvm::MemoryBacking::hugetlbfs, .transparent_huge_pages = false, .hugetlbfs_dir = mount.dir.string()});
   }
 }
 
@@ -95,26 +169,15 @@ TEST_CASE("hugetlbfs backing refuses what is not a hugetlbfs mount, and a mount 
   const std::vector<kvm::RegionLayout> layout = {{0, 64ull << 20}};
   CHECK_THROWS_WITH(kvm::GuestMemory::create(layout, options), Contains("/tmp is not a hugetlbfs mount"));
 
-  // A mount of our own, so what it holds does not depend on the host's mounts; gone afterwards
-  // whatever the checks do.
-  struct Mount {
-    std::filesystem::path dir = std::filesystem::temp_directory_path() / ("mig-hugetlbfs-" + std::to_string(::getpid()));
-    Mount() { std::filesystem::create_directory(dir); }
-    ~Mount() {
-      ::umount(dir.c_str());
-      std::filesystem::remove(dir);
-    }
-  } mount;
-  if (::mount("none", mount.dir.c_str(), "hugetlbfs", 0, "pagesize=2M") != 0) {
-    REQUIRE(errno == EPERM);  // anything else is a finding; not being root only limits the test
+  HugetlbfsMount mount;
+  if (mount.error) {
+    REQUIRE(mount.error == EPERM);  // anything else is a finding; not being root only limits the test
     WARN("not root: no hugetlbfs of our own to check the reservation error against");
     return;
   }
   options.hugetlbfs_dir = mount.dir.string();
-  std::ifstream free_file("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages");
-  unsigned free_pages = 0;
-  free_file >> free_pages;
-  if (free_pages < 32) {
+  HugePagesLock lock;
+  if (free_huge_pages() < 32) {
     CHECK_THROWS_WITH(kvm::GuestMemory::create(layout, options),
                       Contains("32 huge pages of 2048 KiB needed") && Contains("/proc/sys/vm/nr_hugepages"));
   } else {
