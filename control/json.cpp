@@ -181,10 +181,11 @@ nlohmann::json migration_info(const engine::MigrationProgress& p) {
   };
   if (last.dirty_limit_MBps > 0) info["vcpu-dirty-limit"] = last.dirty_limit_MBps;  // QEMU's parameter, in its unit (MB/s)
   nlohmann::json own = {{"phase", engine::to_string(p.phase)}, {"rounds", round_table(p.rounds)}};
-  if (!p.error.empty()) info["error-desc"] = p.error;
-  // The engine names no front end; here, what to do is said in QMP's words.
-  if (p.status == engine::MigrationStatus::postcopy_paused)
-    info["error-desc"] = p.error + R"( (QMP: migrate-recover {"uri"} at the destination, then migrate {"uri", "resume": true} here))";
+  // The engine names no front end: while post-copy is paused, what to do is said here, in QMP's words.
+  if (!p.error.empty())
+    info["error-desc"] = p.status != engine::MigrationStatus::postcopy_paused
+                             ? p.error
+                             : p.error + R"( (QMP: migrate-recover {"uri"} at the destination, then migrate {"uri", "resume": true} here))";
   // QEMU's block-migration "disk" object, from the last round's figures or the outcome's.
   if (const auto& disk = p.result && p.result->disk ? p.result->disk : p.disk; disk && disk->copied)
     info["disk"] = {{"transferred", disk->processed_bytes},
