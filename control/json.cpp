@@ -213,7 +213,7 @@ nlohmann::json migration_info(const engine::MigrationProgress& p) {
 }
 
 nlohmann::json to_json(const engine::DestinationCheck& check) {
-  return {{"channels", check.channels}, {"postcopy", check.postcopy}};
+  return {{"channels", check.channels}, {"postcopy", check.postcopy}, {"shared-memory", check.shared_memory}};
 }
 
 }  // namespace mig::control

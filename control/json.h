@@ -17,7 +17,7 @@ nlohmann::json to_json(const engine::RoundStats& round);
 nlohmann::json to_json(const engine::PostcopyStats& postcopy);
 nlohmann::json to_json(const engine::DiskStats& disk);
 nlohmann::json to_json(const engine::LatencySummary& latency);
-// migrate's dry-run reply: {"channels", "postcopy"}.
+// migrate's dry-run reply: {"channels", "postcopy", "shared-memory"}.
 nlohmann::json to_json(const engine::DestinationCheck& check);
 
 // QEMU's MigrationInfo (query-migrate) for a migration in any state, with mig's own fields

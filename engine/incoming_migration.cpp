@@ -215,16 +215,19 @@ IncomingMigration::State IncomingMigration::on_hello(const wire::FrameHeader& fr
   for (const auto& d : s.hello.disks) s.shape.disks.push_back({d.size, d.chunk_bytes, (d.flags & wire::kDiskCopy) != 0, d.path});
   const std::uint32_t postcopy = s.hello.capabilities & wire::kCapPostcopy;
   if (s.stats.dry_run) {
-    // As far as it can be told without building the VM.
+    // As far as it can be told without building the VM. Memory it would take leaves nothing
+    // to copy late, so then post-copy is not asked of it.
     if (options_.check_disks) options_.check_disks(s.shape.disks);
-    check_postcopy_possible(nullptr);
-    stream_->send(wire::HelloAck{wire::kCapDryRun | postcopy, transport::host_boot_id(), channels_accepted(s.hello)});
+    const std::uint32_t memory = takes_memory(s.hello) ? wire::kCapSharedMemory : 0;
+    if (!memory) check_postcopy_possible(nullptr);
+    stream_->send(wire::HelloAck{wire::kCapDryRun | memory | (memory ? 0 : postcopy), transport::host_boot_id(),
+                                 channels_accepted(s.hello)});
     s.stats.status = MigrationStatus::completed;
     return State::running;  // nothing built, nothing to run: the check is the whole session
   }
   s.shape.vcpus = s.hello.vcpus;
   for (const auto& r : s.hello.regions) s.shape.regions.push_back({r.guest_addr, r.size});
-  if (options_.adopt_shared_memory && (s.hello.capabilities & wire::kCapSharedMemory) && stream_->can_pass_fds()) {
+  if (takes_memory(s.hello)) {
     // The VM is built on the source's memory, which arrives only after the acknowledgement.
     // Nothing is left to copy late, so no post-copy; verification covers the copied disks.
     stream_->send(wire::HelloAck{wire::kCapSharedMemory | (s.hello.capabilities & wire::kCapVerify), transport::host_boot_id()});
@@ -248,6 +251,12 @@ IncomingMigration::State IncomingMigration::on_hello(const wire::FrameHeader& fr
   }
   start_doorman();
   return State::receiving_pages;
+}
+
+// The source's memory is taken (a same-host hand-over) where it is offered, this receiver
+// adopts shared memory, and the stream can carry file descriptors.
+bool IncomingMigration::takes_memory(const wire::Hello& hello) const {
+  return options_.adopt_shared_memory && (hello.capabilities & wire::kCapSharedMemory) && stream_->can_pass_fds();
 }
 
 // Extra channels need accept_channel; without it the sender falls back to one.

@@ -118,6 +118,7 @@ class IncomingMigration {
   State step(State state, const wire::FrameHeader& frame);
   State on_hello(const wire::FrameHeader& frame);
   void check_guest_fits(const wire::Hello& hello) const;
+  bool takes_memory(const wire::Hello& hello) const;
   std::uint32_t channels_accepted(const wire::Hello& hello) const;
   void check_postcopy_possible(const MigratableVm* vm) const;
   State on_shared_memory(const wire::FrameHeader& frame);

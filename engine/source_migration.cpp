@@ -275,21 +275,32 @@ wire::HelloAck receive_hello_ack(transport::Stream& stream) {
   }
 }
 
+// A same-host hand-over is offered where the guest's memory can be shared and the stream can
+// carry its file descriptors (a unix socket).
+bool offers_memory(const std::vector<int>& memory_fds, const transport::Stream& stream, const SenderOptions& options) {
+  return options.share_memory && !memory_fds.empty() && stream.can_pass_fds();
+}
+
 }  // namespace
 
 DestinationCheck check_destination(MigratableVm& vm, transport::Stream& stream, const SenderOptions& options) {
   stream.set_timeout(options.peer_timeout);
   auto hello = describe_guest(vm);
-  hello.capabilities = wire::kCapDryRun | (options.postcopy ? wire::kCapPostcopy : 0);
+  // The memory is offered as the migration would offer it: a receiver that would take it
+  // needs no post-copy, so a --paused one is fit for a same-host hand-over.
+  const bool offer_sharing = offers_memory(vm.shareable_memory_fds(), stream, options);
+  hello.capabilities = wire::kCapDryRun | (offer_sharing ? wire::kCapSharedMemory : 0) |
+                       (options.postcopy ? wire::kCapPostcopy : 0);
   hello.channels = std::clamp(options.channels, 1u, wire::kMaxChannels);
   hello.disks = describe_disks(vm.disks(), options.copy_storage);
   stream.send(hello);
   const auto ack = receive_hello_ack(stream);  // a refusal arrives as Error, and throws
   if (!(ack.capabilities & wire::kCapDryRun))
     throw std::runtime_error("the destination took the check for a migration (it predates dry runs)");
-  if (options.postcopy && !(ack.capabilities & wire::kCapPostcopy)) throw wire::ProtocolError(kPostcopyDropped);
+  const bool shared = offer_sharing && (ack.capabilities & wire::kCapSharedMemory);
+  if (options.postcopy && !shared && !(ack.capabilities & wire::kCapPostcopy)) throw wire::ProtocolError(kPostcopyDropped);
   if (ack.channels < 1 || ack.channels > hello.channels) throw wire::ProtocolError("receiver accepted an impossible channel count");
-  return {ack.channels, options.postcopy};
+  return {shared ? 1u : ack.channels, options.postcopy && !shared, shared};
 }
 
 void SourceMigration::set_up() {
@@ -298,7 +309,7 @@ void SourceMigration::set_up() {
   s.stream.set_interrupt([control = control_.get()] { return control->cancel_requested(); });
   auto hello = describe_guest(s.vm);
   const auto memory_fds = s.vm.shareable_memory_fds();
-  const bool offer_sharing = s.options.share_memory && !memory_fds.empty() && s.stream.can_pass_fds();
+  const bool offer_sharing = offers_memory(memory_fds, s.stream, s.options);
   // Offered beside sharing, verification and post-copy apply if the receiver copies instead.
   hello.capabilities = (offer_sharing ? wire::kCapSharedMemory : 0) | (s.options.verify ? wire::kCapVerify : 0);
   if (s.options.postcopy) {

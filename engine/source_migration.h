@@ -103,7 +103,8 @@ std::shared_ptr<MigrationControl> make_control(const SenderOptions& options, Mig
 // and what only the destination's VM knows (hugetlbfs memory cannot take post-copy).
 struct DestinationCheck {
   std::uint32_t channels = 1;  // the page channels it would accept (fewer than asked: the rest are not used)
-  bool postcopy = false;
+  bool postcopy = false;       // false where the memory would be handed over: nothing is left to copy late
+  bool shared_memory = false;  // it would take the guest's memory as it is (a same-host hand-over)
 };
 DestinationCheck check_destination(MigratableVm& vm, transport::Stream& stream, const SenderOptions& options);
 

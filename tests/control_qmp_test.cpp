@@ -431,7 +431,7 @@ TEST_CASE("QMP: migrate with dry-run asks the destination, which answers and wai
   });
   control::QmpClient client(host.path);
   CHECK(client.execute("migrate", {{"uri", destination.endpoint}, {"dry-run", true}, {"parallel", 2}}) ==
-        json{{"channels", 2}, {"postcopy", false}});
+        json{{"channels", 2}, {"postcopy", false}, {"shared-memory", false}});
   CHECK(client.execute("query-status")["status"] == "running");
   CHECK(client.execute("query-migrate") == json::object());  // no migration ran
   CHECK(destination.vm == nullptr);

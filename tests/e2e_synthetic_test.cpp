@@ -98,6 +98,26 @@ TEST_CASE("a memfd-backed synthetic guest is handed over on the same host, not c
   std::remove(temp_path("synthetic-handover-send.json").c_str());
 }
 
+TEST_CASE("a dry run asking post-copy of a paused receiver passes where the memory would be handed over") {
+  const auto socket = temp_path("synthetic-check.sock");
+  Child receiver({kTools + "mig-recv", "--synthetic-guest", "--listen", "unix:" + socket, "--paused"});
+  REQUIRE_THAT(receiver.read_line(), Contains("listening on unix:"));
+  const std::vector<std::string> check = {kTools + "mig-send", "--synthetic-guest", "10", "--mem", "16M", "--to",
+                                          "unix:" + socket, "--after", "0", "--postcopy", "--check"};
+  auto with_memfd = check;
+  with_memfd.push_back("--memfd");
+  const auto handed_over = run_tool(with_memfd);
+  INFO(handed_over.err);
+  CHECK(handed_over.exit_code == 0);
+  CHECK_THAT(handed_over.out, Contains("would take this guest, its memory handed over"));
+  // Memory to be copied would need post-copy, which a paused guest cannot serve.
+  const auto copied = run_tool(check);
+  CHECK(copied.exit_code == 2);
+  CHECK_THAT(copied.err, Contains("leaves the guest paused"));
+  receiver.signal(SIGTERM);
+  receiver.wait();
+}
+
 TEST_CASE("a receiver killed or stopped mid-migration costs no guest: the source runs on") {
   const auto send_stats = temp_path("synthetic-killed.json");
   auto [receiver, endpoint] = start_synthetic_receiver({});

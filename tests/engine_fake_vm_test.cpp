@@ -1002,21 +1002,28 @@ TEST_CASE("a dry run asks the destination and changes nothing: yes, or no with i
   }
 }
 
-TEST_CASE("a dry run also asks for the migration's channels and post-copy - and says what the destination would take") {
+TEST_CASE("a dry run also asks for the migration's channels, post-copy and hand-over - and says what the destination would take") {
   test::FakeVm source({kPages});
+  // Memory a same-host hand-over could take: to a dry run only the offer matters.
+  const UniqueFd memory(::memfd_create("dry-run-guest", MFD_CLOEXEC));
+  REQUIRE(memory.get() >= 0);
+  source.memory_fds = {memory.get()};
   engine::SenderOptions asking;
   asking.channels = 4;
   asking.postcopy = true;
   struct Case {
     const char* what;
-    bool takes_channels, autostart;
+    bool takes_channels, autostart, takes_memory;
     std::optional<engine::DestinationCheck> expected;  // none: refused for post-copy, saying `why`
     const char* why;
   };
   const Case cases[] = {
-      {"a receiver that takes extra connections and runs the guest", true, true, engine::DestinationCheck{4, true}, ""},
-      {"one that takes no extra connections", false, true, std::nullopt, "takes no extra connections"},
-      {"one that leaves the guest paused (--paused)", true, false, std::nullopt, "leaves the guest paused"},
+      {"a receiver that takes extra connections and runs the guest", true, true, false, engine::DestinationCheck{4, true, false}, ""},
+      {"one that takes no extra connections", false, true, false, std::nullopt, "takes no extra connections"},
+      {"one that leaves the guest paused (--paused)", true, false, false, std::nullopt, "leaves the guest paused"},
+      // The real migration would hand the memory over and need no post-copy.
+      {"a paused one that takes the memory", false, false, true, engine::DestinationCheck{1, false, true}, ""},
+      {"a running one that takes the memory", true, true, true, engine::DestinationCheck{1, false, true}, ""},
   };
   for (const auto& c : cases) {
     INFO(c.what);
@@ -1027,12 +1034,14 @@ TEST_CASE("a dry run also asks for the migration's channels and post-copy - and 
       engine::ReceiverOptions options{2000ms, 100ms, {}, {}};
       if (c.takes_channels) options.accept_channel = [&](std::chrono::milliseconds timeout) { return connections.accept(timeout); };
       options.autostart = c.autostart;
+      options.adopt_shared_memory = c.takes_memory;
       return engine::IncomingMigration(s, test::fake_factory(&made), options).run();
     });
     if (c.expected) {
       const auto check = engine::check_destination(source, send_end, asking);
       CHECK(check.channels == c.expected->channels);
       CHECK(check.postcopy == c.expected->postcopy);
+      CHECK(check.shared_memory == c.expected->shared_memory);
     } else {
       CHECK_THROWS_WITH(engine::check_destination(source, send_end, asking),
                         Contains("the destination cannot take post-copy: this receiver " + std::string(c.why)));
@@ -1047,8 +1056,10 @@ TEST_CASE("a dry run also asks for the migration's channels and post-copy - and 
     return engine::IncomingMigration(s, test::fake_factory(&made), engine::ReceiverOptions{2000ms, 100ms, {}, {}}).run();
   });
   asking.postcopy = false;
+  asking.share_memory = false;
   const auto check = engine::check_destination(source, send_end, asking);
   CHECK(check.channels == 1);
   CHECK_FALSE(check.postcopy);
+  CHECK_FALSE(check.shared_memory);
   receiver.get();
 }

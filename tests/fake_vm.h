@@ -62,6 +62,8 @@ class FakeVm final : public engine::MigratableVm {
   std::vector<wire::CpuidLeaf> guest_cpuid() const override { return cpuid; }
   std::uint32_t tsc_khz = 0;  // what guest_tsc_khz() says
   std::uint32_t guest_tsc_khz() const override { return tsc_khz; }
+  std::vector<int> memory_fds;  // what shareable_memory_fds() says; only offered, never handed over
+  std::vector<int> shareable_memory_fds() const override { return memory_fds; }
 
   // Writes `value` at the start of a page, as a vCPU would: refused while paused.
   bool write(std::size_t region, std::uint64_t page, std::uint64_t value) {

@@ -37,8 +37,11 @@ int report_check(const std::function<nlohmann::json()>& ask) {
     return tools::kExitMigrationFailed;
   }
   const auto channels = answer.value("channels", 1u);
-  fmt::print("mig-send: the destination would take this guest, on {} channel{}{} (a dry run: nothing else was sent)\n",
-             channels, channels == 1 ? "" : "s", answer.value("postcopy", false) ? ", with post-copy" : "");
+  const auto how = answer.value("shared-memory", false)
+                       ? std::string(", its memory handed over")
+                       : fmt::format(", on {} channel{}{}", channels, channels == 1 ? "" : "s",
+                                     answer.value("postcopy", false) ? ", with post-copy" : "");
+  fmt::print("mig-send: the destination would take this guest{} (a dry run: nothing else was sent)\n", how);
   return tools::kExitMigrated;
 }
 
