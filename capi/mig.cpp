@@ -22,6 +22,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/populated_pages.h"
 #include "engine/incoming_migration.h"
 #include "engine/source_migration.h"
 #include "transport/endpoint.h"
@@ -157,6 +158,7 @@ struct Mapping {
   bool is_private = false;
   dev_t device = 0;
   unsigned long inode = 0;  // 0: anonymous memory
+  bool at_region_offset = false;  // maps the file at the offset the region's bytes have from its start
 };
 
 // The mappings that make up `region`'s memory; empty when part of it is not mapped at all.
@@ -166,15 +168,15 @@ std::vector<Mapping> mappings_of(const engine::MemoryRegion& region) {
   std::vector<Mapping> mappings;
   std::ifstream maps("/proc/self/maps");
   for (std::string line; covered < last && std::getline(maps, line);) {
-    unsigned long start = 0, end = 0, inode = 0;
+    unsigned long start = 0, end = 0, offset = 0, inode = 0;
     unsigned major_number = 0, minor_number = 0;
     char permissions[5] = {};
-    if (std::sscanf(line.c_str(), "%lx-%lx %4s %*s %x:%x %lu", &start, &end, permissions, &major_number, &minor_number,
-                    &inode) != 6 ||
+    if (std::sscanf(line.c_str(), "%lx-%lx %4s %lx %x:%x %lu", &start, &end, permissions, &offset, &major_number,
+                    &minor_number, &inode) != 7 ||
         end <= covered || start >= last)
       continue;
     if (start > covered) return {};
-    mappings.push_back({permissions[3] == 'p', makedev(major_number, minor_number), inode});
+    mappings.push_back({permissions[3] == 'p', makedev(major_number, minor_number), inode, start - offset == first});
     covered = end;
   }
   if (covered < last) return {};
@@ -189,6 +191,25 @@ bool maps_file(const engine::MemoryRegion& region, int fd) {
   return ::fstat(fd, &file) == 0 && !mappings.empty() && std::all_of(mappings.begin(), mappings.end(), [&](const Mapping& m) {
            return m.inode == file.st_ino && m.device == file.st_dev;
          });
+}
+
+// mig_populated_pages' test of what backs [host, host + size): "" where the kernel's answer
+// holds, else why not.
+std::string populated_pages_unknowable(const engine::MemoryRegion& region, int fd) {
+  const auto mappings = mappings_of(region);
+  if (mappings.empty()) return "part of the memory is not mapped";
+  if (fd < 0)
+    return std::all_of(mappings.begin(), mappings.end(), [](const Mapping& m) { return m.is_private && m.inode == 0; })
+               ? ""
+               : "the memory is not private anonymous memory: pass the file it maps";
+  struct stat file {};
+  if (::fstat(fd, &file) != 0) return "fd " + std::to_string(fd) + " is not open";
+  return std::all_of(mappings.begin(), mappings.end(),
+                     [&](const Mapping& m) {
+                       return !m.is_private && m.at_region_offset && m.inode == file.st_ino && m.device == file.st_dev;
+                     })
+             ? ""
+             : "the memory is not fd " + std::to_string(fd) + " mapped MAP_SHARED from its offset 0";
 }
 
 // Post-copy traps missing pages with userfaultfd and drops stale ones with MADV_DONTNEED,
@@ -309,6 +330,11 @@ struct mig_vm final : engine::MigratableVm {
     return postcopy_refusal.empty() ? postcopy_unsupported_by(regions) : postcopy_refusal;
   }
   std::vector<int> shareable_memory_fds() const override { return memory_fds; }
+  void populated_pages(std::size_t region, std::span<std::uint64_t> bitmap) override {
+    if (!populated) return engine::MigratableVm::populated_pages(region, bitmap);
+    std::fill(bitmap.begin(), bitmap.end(), 0);
+    check("populated_pages", populated(opaque, region, bitmap.data(), bitmap.size()));
+  }
 
   std::vector<engine::MigratableDisk*> disks() override {
     std::vector<engine::MigratableDisk*> out;
@@ -323,6 +349,7 @@ struct mig_vm final : engine::MigratableVm {
   std::vector<std::unique_ptr<CallbackDisk>> added_disks;  // mig_vm_add_disk's, in order
   std::string postcopy_refusal;  // a destination's, from mig_recv_options.postcopy
   std::vector<int> memory_fds;   // mig_vm_set_memory_fds'; borrowed
+  mig_populated_pages_fn populated = nullptr;  // mig_vm_set_populated_pages'; none: every page may hold data
   void* const opaque;
   const unsigned vcpus;
   const std::vector<engine::MemoryRegion> regions;
@@ -463,6 +490,33 @@ mig_result mig_vm_set_memory_fds(mig_vm* vm, const int* fds, size_t count) {
     require(count == vm->regions.size(), "mig_vm_set_memory_fds: one fd per memory region");
     require(std::all_of(fds, fds + count, [](int fd) { return fd >= 0; }), "mig_vm_set_memory_fds: an fd is negative");
     vm->memory_fds.assign(fds, fds + count);
+    return MIG_OK;
+  });
+}
+
+mig_result mig_vm_set_populated_pages(mig_vm* vm, mig_populated_pages_fn populated_pages) {
+  return guarded([&] {
+    require(vm, "mig_vm_set_populated_pages needs a VM");
+    vm->populated = populated_pages;
+    return MIG_OK;
+  });
+}
+
+mig_result mig_populated_pages(const void* host, uint64_t size, int fd, uint64_t* bitmap, size_t words) {
+  return guarded([&] {
+    require(host && bitmap, "mig_populated_pages needs memory and a bitmap");
+    require(size && size % MIG_PAGE_SIZE == 0 && reinterpret_cast<std::uintptr_t>(host) % MIG_PAGE_SIZE == 0,
+            "mig_populated_pages: host and size must be page-aligned, and size not 0");
+    const std::uint64_t pages = size / MIG_PAGE_SIZE;
+    require(words >= (pages + 63) / 64, "mig_populated_pages: the bitmap is too small for the memory");
+    const engine::MemoryRegion region{0, size, static_cast<std::byte*>(const_cast<void*>(host))};
+    const auto why_not = populated_pages_unknowable(region, fd);
+    if (!why_not.empty()) throw Failure(MIG_ERR_INVALID, "mig_populated_pages: " + why_not);
+    const std::span<std::uint64_t> out(bitmap, words);
+    if (fd < 0)
+      mark_populated_anonymous(region.host, pages, out);
+    else
+      mark_populated_file(region.host, fd, pages, out);
     return MIG_OK;
   });
 }

@@ -1,7 +1,6 @@
 #include "kvm/memory.h"
 
 #include <fcntl.h>
-#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
@@ -22,71 +21,6 @@ namespace {
 constexpr std::uint64_t kGiB = 1ull << 30;
 constexpr std::uint64_t kLowMemoryEnd = 3 * kGiB;
 constexpr std::uint64_t kHighMemoryStart = 4 * kGiB;
-
-// PAGEMAP_SCAN (Linux 6.7) from <linux/fs.h>, which Debian 12's headers predate. It returns
-// runs of pages in the asked categories: a 2 GiB region takes 4 ms instead of 14 ms of
-// reading one pagemap entry per page.
-struct PageRegion {
-  std::uint64_t start, end, categories;
-};
-struct PagemapScanArg {
-  std::uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages, category_inverted, category_mask,
-      category_anyof_mask, return_mask;
-};
-constexpr std::uint64_t kPageIsPresent = 1 << 3, kPageIsSwapped = 1 << 4;
-constexpr unsigned long kPagemapScan = _IOWR('f', 16, PagemapScanArg);
-
-// Sets the bits of `bitmap` (one per page from `base`) for every page that is present or
-// swapped. Returns false where the kernel has no PAGEMAP_SCAN.
-bool scan_populated(int pagemap, const std::byte* base, std::uint64_t pages, std::span<std::uint64_t> bitmap) {
-  std::vector<PageRegion> runs(4096);
-  PagemapScanArg arg{};
-  arg.size = sizeof arg;
-  arg.start = reinterpret_cast<std::uint64_t>(base);
-  arg.end = arg.start + pages * kPageSize;
-  arg.vec = reinterpret_cast<std::uint64_t>(runs.data());
-  arg.vec_len = runs.size();
-  arg.category_anyof_mask = arg.return_mask = kPageIsPresent | kPageIsSwapped;
-  for (;;) {
-    const int found = ::ioctl(pagemap, kPagemapScan, &arg);
-    if (found < 0) {
-      if (errno == ENOTTY || errno == EINVAL) return false;
-      throw_errno("ioctl(PAGEMAP_SCAN)");
-    }
-    for (const auto& run : std::span(runs).first(static_cast<std::size_t>(found)))
-      for (std::uint64_t page = (run.start - reinterpret_cast<std::uint64_t>(base)) / kPageSize,
-                         end = (run.end - reinterpret_cast<std::uint64_t>(base)) / kPageSize;
-           page < end; ++page)
-        bitmap[page / 64] |= std::uint64_t{1} << (page % 64);
-    if (arg.walk_end >= arg.end) return true;
-    arg.start = arg.walk_end;
-  }
-}
-
-// Pages of memory a file holds, in memory or swapped out.
-std::uint64_t allocated_pages(int fd) {
-  struct stat st {};
-  check_syscall("fstat guest memory file", [&] { return ::fstat(fd, &st); });
-  return static_cast<std::uint64_t>(st.st_blocks) * 512 / kPageSize;
-}
-
-// Sets the bits of `bitmap` for the file's data (SEEK_DATA to SEEK_HOLE): a memfd's pages in
-// memory or swapped out; all of a hugetlbfs file, which has no holes to report. Runs start and
-// end on page boundaries there; they are widened to whole pages all the same. Slower than
-// mincore where the data is fragmented (a GiB of every other page: 0.4 s against 4 ms here).
-void add_file_data(int fd, std::uint64_t pages, std::span<std::uint64_t> bitmap) {
-  const auto end = static_cast<off_t>(pages * kPageSize);
-  for (off_t offset = 0; offset < end;) {
-    const off_t data = ::lseek(fd, offset, SEEK_DATA);
-    if (data < 0 && errno == ENXIO) return;  // no data past `offset`
-    if (data < 0) throw_errno("lseek(SEEK_DATA) on guest memory");
-    const off_t hole = std::min(end, check_syscall("lseek(SEEK_HOLE) on guest memory", [&] { return ::lseek(fd, data, SEEK_HOLE); }));
-    const auto last = (static_cast<std::uint64_t>(hole) + kPageSize - 1) / kPageSize;
-    for (auto page = static_cast<std::uint64_t>(data) / kPageSize; page < last; ++page)
-      bitmap[page / 64] |= std::uint64_t{1} << (page % 64);
-    offset = hole;
-  }
-}
 
 constexpr std::uint64_t kHugePageSize = 2ull << 20;
 constexpr long kHugetlbfsMagic = 0x958458f6;  // HUGETLBFS_MAGIC from <linux/magic.h>
@@ -367,42 +301,10 @@ void GuestMemory::populated_pages(std::size_t index, std::span<std::uint64_t> bi
   const std::uint64_t pages = region.layout.size / kPageSize;
   if (bitmap.size() * 64 < pages) throw std::invalid_argument("populated-page bitmap too small");
   std::fill(bitmap.begin(), bitmap.end(), 0);
-  constexpr std::uint64_t kChunk = 16384;
-  auto set = [&](std::uint64_t page) { bitmap[page / 64] |= std::uint64_t{1} << (page % 64); };
-  if (shareable()) {
-    // What is in memory (mincore), which is all of the file's data unless some of it is
-    // swapped out, or is hugetlbfs pages that another process (a hand-over's source) wrote and
-    // this one has not mapped: mincore sees neither. The file's allocated blocks tell.
-    std::vector<unsigned char> resident(kChunk);
-    std::uint64_t resident_pages = 0;
-    for (std::uint64_t first = 0; first < pages; first += kChunk) {
-      const std::uint64_t n = std::min(kChunk, pages - first);
-      check_syscall("mincore", [&] { return ::mincore(region.host() + first * kPageSize, n * kPageSize, resident.data()); });
-      for (std::uint64_t i = 0; i < n; ++i)
-        if (resident[i] & 1) {
-          set(first + i);
-          ++resident_pages;
-        }
-    }
-    if (allocated_pages(region.memfd.get()) > resident_pages) add_file_data(region.memfd.get(), pages, bitmap);
-    return;
-  }
-  // Present or swapped: neither means never touched.
-  UniqueFd pagemap = UniqueFd::open("/proc/self/pagemap", O_RDONLY);
-  if (scan == PageScan::best && scan_populated(pagemap.get(), region.host(), pages, bitmap)) return;
-  // Kernels before 6.7: one pagemap entry per page, bit 63 = present, bit 62 = swapped.
-  std::vector<std::uint64_t> entries(kChunk);
-  const auto base = reinterpret_cast<std::uint64_t>(region.host()) / kPageSize;
-  for (std::uint64_t first = 0; first < pages; first += kChunk) {
-    const std::uint64_t n = std::min(kChunk, pages - first);
-    const auto bytes = static_cast<ssize_t>(n * sizeof(std::uint64_t));
-    const ssize_t got = check_syscall("read /proc/self/pagemap", [&] {
-      return ::pread(pagemap.get(), entries.data(), static_cast<std::size_t>(bytes), static_cast<off_t>((base + first) * 8));
-    });
-    if (got != bytes) throw std::runtime_error("short read from /proc/self/pagemap");
-    for (std::uint64_t i = 0; i < n; ++i)
-      if (entries[i] >> 62) set(first + i);
-  }
+  if (shareable())
+    mark_populated_file(region.host(), region.memfd.get(), pages, bitmap);
+  else
+    mark_populated_anonymous(region.host(), pages, bitmap, scan);
 }
 
 }  // namespace mig::kvm

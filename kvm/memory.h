@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../common/fd.h"
+#include "../common/populated_pages.h"
 
 namespace mig::kvm {
 
@@ -82,10 +83,7 @@ class GuestMemory {
   // nullptr. Every guest-supplied address goes through here before it is dereferenced.
   std::byte* translate(std::uint64_t guest_addr, std::uint64_t len) const;
 
-  // How populated_pages() asks about anonymous memory: `best` is PAGEMAP_SCAN where the kernel
-  // has it (6.7 on), else one pagemap entry per page, which `pagemap_entries` forces so tests
-  // can hold the two to each other.
-  enum class PageScan { best, pagemap_entries };
+  using PageScan = mig::PageScan;  // how populated_pages() asks about anonymous memory
   // Sets bit i of `bitmap` for every page i of region `index` that has ever been backed by
   // memory; the others have never been touched and read as zero. Asks the kernel (pagemap
   // for anonymous memory; for a file, mincore, and its SEEK_DATA where some of its data is

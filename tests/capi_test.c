@@ -64,6 +64,7 @@ typedef struct fake_vm {
   int touch_on_resume;        /* a destination's guest reads every page once it runs */
   int has_toucher;
   pthread_t toucher;
+  int populated_calls;        /* of the populated-pages callback */
 } fake_vm;
 
 static void sleep_us(long us) {
@@ -907,6 +908,105 @@ static void test_handover_to_other_memory(void) {
   pair_close(&p);
 }
 
+/* The pages of [host, host + size) the kernel counts as touched; -1 where mig_populated_pages
+ * refuses. */
+static long populated_count(void* host, uint64_t size, int fd) {
+  uint64_t bitmap[64] = {0};
+  long count = 0;
+  size_t w;
+  if (size / MIG_PAGE_SIZE > 64 * 64 || mig_populated_pages(host, size, fd, bitmap, 64) != MIG_OK) return -1;
+  for (w = 0; w < 64; ++w) count += __builtin_popcountll(bitmap[w]);
+  return count;
+}
+
+/* mig_populated_pages on each kind of memory it knows, and on memory it must refuse: a
+ * private mapping of a file reads the file where untouched, and a mapping from another
+ * offset does not line up with the file's data. */
+static void test_populated_pages_of_memory(void) {
+  enum { kPages = 512 };
+  const uint64_t size = kPages * MIG_PAGE_SIZE;
+  uint64_t bitmap[kPages / 64] = {0};
+  unsigned char* anonymous = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  const int memfd = memfd_create("capi-populated", MFD_CLOEXEC);
+  unsigned char *shared, *file_private, *shifted;
+  if (anonymous == MAP_FAILED || memfd < 0 || ftruncate(memfd, (off_t)(2 * size)) != 0) abort();
+  shared = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+  file_private = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, memfd, 0);
+  shifted = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, MIG_PAGE_SIZE);
+  if (shared == MAP_FAILED || file_private == MAP_FAILED || shifted == MAP_FAILED) abort();
+  madvise(anonymous, size, MADV_NOHUGEPAGE); /* a huge page would make one write 512 pages */
+
+  anonymous[3 * MIG_PAGE_SIZE] = 1;
+  anonymous[300 * MIG_PAGE_SIZE + 17] = 1;
+  CHECK(mig_populated_pages(anonymous, size, -1, bitmap, kPages / 64) == MIG_OK);
+  CHECK(bitmap[0] == 1u << 3 && bitmap[300 / 64] == 1ull << (300 % 64) && populated_count(anonymous, size, -1) == 2);
+  shared[5 * MIG_PAGE_SIZE] = 1;
+  CHECK(populated_count(shared, size, memfd) == 1);
+  /* Another process's writes to the file count too, though this mapping never saw them. */
+  CHECK(pwrite(memfd, "x", 1, 7 * MIG_PAGE_SIZE) == 1);
+  CHECK(populated_count(shared, size, memfd) == 2);
+
+  CHECK(mig_populated_pages(shared, size, -1, bitmap, kPages / 64) == MIG_ERR_INVALID);
+  CHECK(strstr(mig_last_error(), "not private anonymous memory") != NULL);
+  CHECK(mig_populated_pages(file_private, size, -1, bitmap, kPages / 64) == MIG_ERR_INVALID);
+  CHECK(mig_populated_pages(file_private, size, memfd, bitmap, kPages / 64) == MIG_ERR_INVALID);
+  CHECK(strstr(mig_last_error(), "MAP_SHARED from its offset 0") != NULL);
+  CHECK(mig_populated_pages(shifted, size, memfd, bitmap, kPages / 64) == MIG_ERR_INVALID);
+  CHECK(mig_populated_pages(anonymous, size, memfd, bitmap, kPages / 64) == MIG_ERR_INVALID);
+  CHECK(mig_populated_pages(anonymous, size, -1, bitmap, kPages / 64 - 1) == MIG_ERR_INVALID);
+  CHECK(mig_populated_pages(anonymous + 1, MIG_PAGE_SIZE, -1, bitmap, 1) == MIG_ERR_INVALID);
+  CHECK(mig_populated_pages(anonymous, size, -1, NULL, kPages / 64) == MIG_ERR_INVALID);
+  munmap(anonymous, size);
+  CHECK(mig_populated_pages(anonymous, size, -1, bitmap, kPages / 64) == MIG_ERR_INVALID);
+  CHECK(strstr(mig_last_error(), "not mapped") != NULL);
+  munmap(shared, size);
+  munmap(file_private, size);
+  munmap(shifted, size);
+  close(memfd);
+}
+
+static int fake_populated_pages(void* opaque, size_t region, uint64_t* bitmap, size_t words) {
+  fake_vm* vm = opaque;
+  ++vm->populated_calls;
+  return mig_populated_pages(vm->regions[region].host, vm->regions[region].size, -1, bitmap, words) == MIG_OK ? 0 : -EINVAL;
+}
+
+/* A guest that touched a few pages of its memory: with the callback, round 0 reads those and
+ * no other page of the source (each would be faulted in, as the zero page); without it, it
+ * reads them all. Either way the destination ends with the same memory. */
+static void test_never_touched_pages(int with_callback) {
+  static const uint64_t touched[] = {0, 1, 77, 500, 1023};
+  pair p;
+  mig_send_options options;
+  mig_outcome sent, received;
+  size_t r, i;
+  const long pages = (long)(pages_of(0) + pages_of(1));
+
+  pair_open_to(&p, (destination){0}, fake_vm_new(0));
+  for (r = 0; r < kRegions; ++r) {
+    madvise(p.source->regions[r].host, kRegionSize[r], MADV_NOHUGEPAGE);
+    madvise(p.source->regions[r].host, kRegionSize[r], MADV_DONTNEED); /* as never touched */
+  }
+  for (i = 0; i < sizeof touched / sizeof touched[0]; ++i)
+    ((unsigned char*)p.source->regions[i % kRegions].host)[touched[i] * MIG_PAGE_SIZE + 8] = (unsigned char)(i + 1);
+  CHECK(mig_vm_set_populated_pages(NULL, fake_populated_pages) == MIG_ERR_INVALID);
+  if (with_callback) CHECK(mig_vm_set_populated_pages(p.source_vm, fake_populated_pages) == MIG_OK);
+  mig_send_options_init(&options);
+  pair_start(&p, &options);
+  CHECK(mig_migration_wait(p.migration, 60000, &sent) == MIG_OK);
+  CHECK(mig_incoming_wait(p.incoming, 60000, &received) == MIG_OK);
+  CHECK(sent.verified == 1 && received.verified == 1);
+  CHECK(p.source->populated_calls == (with_callback ? kRegions : 0));
+  {
+    long read = 0; /* counted before the comparison below reads every page */
+    for (r = 0; r < kRegions; ++r) read += populated_count(p.source->regions[r].host, kRegionSize[r], -1);
+    if (with_callback) CHECK(read == (long)(sizeof touched / sizeof touched[0]));
+    else CHECK(read == pages);
+  }
+  check_memory_moved(&p);
+  pair_close(&p);
+}
+
 /* Failures on either side leave the source running, each with a message that says why. */
 static void test_failures_resume_the_source(int refuse, int fail_save_state, const char* expected) {
   pair p;
@@ -1010,6 +1110,9 @@ int main(void) {
   test_memory_handover(0);
   test_memory_handover(1);
   test_handover_to_other_memory();
+  test_populated_pages_of_memory();
+  test_never_touched_pages(1);
+  test_never_touched_pages(0);
   if (failures) fprintf(stderr, "%d checks failed\n", failures);
   else printf("capi_test: every check passed\n");
   return failures ? 1 : 0;

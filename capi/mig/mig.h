@@ -148,6 +148,26 @@ mig_result mig_vm_set_vcpu_dirty_limit(mig_vm* vm, mig_vcpu_dirty_limit_fn set_v
  * while the mig_vm lives. Not while a migration uses the VM. */
 mig_result mig_vm_set_memory_fds(mig_vm* vm, const int* fds, size_t count);
 
+/* Never-touched pages (MIG_API_VERSION 4). Round 0 sends only the pages that may hold data;
+ * without this callback (NULL, the default) every page may, and round 0 reads the whole guest,
+ * faulting in memory the guest never touched. The callback sets bit p of `bitmap` (`words`
+ * 64-bit words, which mig clears before the call) for every page p of memory region `region`
+ * that may hold non-zero data. A page left clear must read as zero; finding out must not fault
+ * it in. Called once per region at the start of a migration, after dirty logging started.
+ * mig_populated_pages answers it from the kernel; a VMM whose memory is filled lazily (from a
+ * snapshot through userfaultfd, say) must also set the pages it has yet to fill. */
+typedef int (*mig_populated_pages_fn)(void* opaque, size_t region, uint64_t* bitmap, size_t words);
+mig_result mig_vm_set_populated_pages(mig_vm* vm, mig_populated_pages_fn populated_pages);
+
+/* Sets bit p of `bitmap` (`words` 64-bit words; clears none) for every page p of
+ * [host, host + size) that the kernel says was ever touched, without touching any: for private
+ * anonymous memory (`fd` -1), the pages present or swapped out (/proc/self/pagemap); for a file
+ * mapped MAP_SHARED from offset 0 (`fd`, a memfd or a file on tmpfs or hugetlbfs), the pages in
+ * memory or in the file (mincore, SEEK_DATA). MIG_ERR_INVALID where the memory is mapped
+ * otherwise (a private mapping of a file reads the file, not zero, where untouched): mig looks
+ * at /proc/self/maps. `host` and `size` are multiples of MIG_PAGE_SIZE. */
+mig_result mig_populated_pages(const void* host, uint64_t size, int fd, uint64_t* bitmap, size_t words);
+
 /* ---- disks (MIG_API_VERSION 3) ----------------------------------------------------------- */
 
 /* A guest disk, as the VMM serves it. Offsets and lengths are in bytes. */
