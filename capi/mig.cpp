@@ -326,9 +326,7 @@ struct mig_vm final : engine::MigratableVm {
     check("restore_state", ops.restore_state(opaque, views.data(), views.size()));
   }
 
-  std::string postcopy_unsupported() const override {
-    return postcopy_refusal.empty() ? postcopy_unsupported_by(regions) : postcopy_refusal;
-  }
+  std::string postcopy_unsupported() const override { return postcopy_unsupported_by(regions); }
   std::vector<int> shareable_memory_fds() const override { return memory_fds; }
   void populated_pages(std::size_t region, std::span<std::uint64_t> bitmap) override {
     if (!populated) return engine::MigratableVm::populated_pages(region, bitmap);
@@ -347,7 +345,6 @@ struct mig_vm final : engine::MigratableVm {
   const mig_vm_ops ops;
   mig_vcpu_dirty_limit_fn vcpu_dirty_limit = nullptr;  // mig_vm_set_vcpu_dirty_limit's; none by default
   std::vector<std::unique_ptr<CallbackDisk>> added_disks;  // mig_vm_add_disk's, in order
-  std::string postcopy_refusal;  // a destination's, from mig_recv_options.postcopy
   std::vector<int> memory_fds;   // mig_vm_set_memory_fds'; borrowed
   mig_populated_pages_fn populated = nullptr;  // mig_vm_set_populated_pages'; none: every page may hold data
   void* const opaque;
@@ -400,6 +397,23 @@ engine::SenderOptions sender_options(const mig_send_options& o) {
   if (o.postcopy) options.policy.on_no_convergence = engine::NoConvergence::postcopy;
   if (o.policy) options.policy_plugin = engine::PolicyRegistry::global().make(o.policy, options.policy);
   return options;
+}
+
+// The source's options for a migration to `uri`, and the TLS they connect with.
+struct SenderSetUp {
+  engine::SenderOptions options;
+  std::shared_ptr<const transport::TlsContext> tls;
+};
+SenderSetUp sender_to(const char* uri, const mig_send_options& o) {
+  SenderSetUp set_up{sender_options(o), nullptr};
+  const auto endpoint = transport::Endpoint::parse(uri);
+  transport::TlsCredentials credentials;
+  credentials.hostname = o.tls_hostname ? o.tls_hostname : "";
+  set_up.tls = load_tls(o.tls_creds_dir, o.tls_psk_file, credentials, transport::TlsRole::client);
+  // Opens the first connection and the extra channels, and is how the source asks again
+  // after a connection lost at the commit.
+  set_up.options.open_channel = [endpoint, tls = set_up.tls] { return transport::connect(endpoint, tls.get()); };
+  return set_up;
 }
 
 engine::MigrationObserver observer_of(const mig_send_options& o) {
@@ -563,14 +577,7 @@ void mig_send_options_init(mig_send_options* options) {
 mig_result mig_migration_start(mig_vm* vm, const char* uri, const mig_send_options* options, mig_migration** out) {
   return guarded([&] {
     require(vm && uri && options && out, "mig_migration_start needs a vm, a uri, options and out");
-    auto sender = sender_options(*options);
-    const auto endpoint = transport::Endpoint::parse(uri);
-    transport::TlsCredentials credentials;
-    credentials.hostname = options->tls_hostname ? options->tls_hostname : "";
-    const auto tls = load_tls(options->tls_creds_dir, options->tls_psk_file, credentials, transport::TlsRole::client);
-    // Opens the extra channels, and is how the source asks again after a connection lost at
-    // the commit.
-    sender.open_channel = [endpoint, tls] { return transport::connect(endpoint, tls.get()); };
+    auto [sender, tls] = sender_to(uri, *options);
     auto stream = sender.open_channel();
 
     auto migration = std::make_unique<mig_migration>();
@@ -579,6 +586,24 @@ mig_result mig_migration_start(mig_vm* vm, const char* uri, const mig_send_optio
     migration->control->advance(engine::MigrationStatus::none, engine::MigrationStatus::setup);
     migration->thread = std::thread(&mig_migration::run, migration.get(), std::ref(*vm), std::move(stream), std::move(sender));
     *out = migration.release();
+    return MIG_OK;
+  });
+}
+
+mig_result mig_check_destination(mig_vm* vm, const char* uri, const mig_send_options* options, mig_destination_check* out) {
+  return guarded([&] {
+    require(vm && uri && options && out, "mig_check_destination needs a vm, a uri, options and out");
+    const auto [sender, tls] = sender_to(uri, *options);
+    auto stream = sender.open_channel();
+    engine::DestinationCheck check;
+    try {
+      check = engine::check_destination(*vm, stream, sender);
+    } catch (const transport::PeerError&) {
+      throw;  // unreachable or silent: MIG_ERR_CONNECT
+    } catch (const std::runtime_error& e) {
+      throw Failure(MIG_ERR_FAILED, e.what());  // its refusal, or an answer no migration could go on from
+    }
+    *out = {check.channels, check.postcopy ? 1 : 0, check.shared_memory ? 1 : 0};
     return MIG_OK;
   });
 }
@@ -669,10 +694,10 @@ void mig_migration_free(mig_migration* migration) {
 
 struct mig_incoming {
   mig_incoming(transport::Listener listener_, std::optional<transport::Listener> recovery_listener_, mig_vm_factory factory_,
-               void* factory_opaque_, engine::ReceiverOptions options_, bool postcopy_)
+               void* factory_opaque_, engine::ReceiverOptions options_)
       : listener(std::move(listener_)), recovery_listener(std::move(recovery_listener_)), address(listener.endpoint()),
         recovery_address(recovery_listener ? recovery_listener->endpoint() : ""), factory(factory_),
-        factory_opaque(factory_opaque_), options(std::move(options_)), postcopy(postcopy_) {}
+        factory_opaque(factory_opaque_), options(std::move(options_)) {}
 
   transport::Listener listener;
   std::optional<transport::Listener> recovery_listener;  // mig_recv_options.recovery_uri's
@@ -680,7 +705,6 @@ struct mig_incoming {
   const mig_vm_factory factory;
   void* const factory_opaque;
   engine::ReceiverOptions options;
-  const bool postcopy;  // mig_recv_options.postcopy
   std::thread thread;
   std::mutex mutex;
   std::condition_variable finished;
@@ -701,7 +725,6 @@ struct mig_incoming {
     mig_vm* made = factory(factory_opaque, &c_shape);
     if (!made) throw std::runtime_error("the VMM refused the guest" + (last_error.empty() ? "" : ": " + last_error));
     std::unique_ptr<engine::MigratableVm> owned(made);
-    if (!postcopy) made->postcopy_refusal = "this receiver takes no post-copy (mig_recv_options.postcopy is 0)";
     if (made->regions.size() != regions.size()) throw std::runtime_error("the VMM built a VM of another shape");
     for (std::size_t i = 0; i < regions.size(); ++i) {
       if (made->regions[i].guest_addr != regions[i].guest_addr || made->regions[i].size != regions[i].size)
@@ -786,6 +809,7 @@ mig_result mig_incoming_listen(const char* uri, const mig_recv_options* options,
     receiver.max_guest_bytes = options->max_guest_bytes;
     receiver.max_vcpus = options->max_vcpus;
     receiver.adopt_shared_memory = options->share_memory != 0;
+    receiver.postcopy = options->postcopy != 0;
     transport::TlsCredentials credentials;
     if (options->tls_authz) credentials.authz.push_back(options->tls_authz);
     transport::AcceptPolicy policy;
@@ -794,7 +818,7 @@ mig_result mig_incoming_listen(const char* uri, const mig_recv_options* options,
     if (options->recovery_uri) recovery.emplace(transport::Endpoint::parse(options->recovery_uri), policy);
     transport::Listener listener(transport::Endpoint::parse(uri), std::move(policy));
     auto incoming = std::make_unique<mig_incoming>(std::move(listener), std::move(recovery), factory, factory_opaque,
-                                                   std::move(receiver), options->postcopy != 0);
+                                                   std::move(receiver));
     incoming->thread = std::thread(&mig_incoming::run, incoming.get());
     *out = incoming.release();
     return MIG_OK;

@@ -271,7 +271,9 @@ std::uint32_t IncomingMigration::channels_accepted(const wire::Hello& hello) con
 void IncomingMigration::check_postcopy_possible(const MigratableVm* vm) const {
   if (!(s_->hello.capabilities & wire::kCapPostcopy)) return;
   std::string why;
-  if (!options_.accept_channel)
+  if (!options_.postcopy)
+    why = "this receiver takes no post-copy";
+  else if (!options_.accept_channel)
     why = "this receiver takes no extra connections, and post-copy needs one for its urgent pages";
   else if (!options_.autostart)
     why = "this receiver leaves the guest paused, and a guest in post-copy must run to ask for its pages";

@@ -58,6 +58,9 @@ struct ReceiverOptions {
   // False leaves the guest paused once it is here (QEMU's -S): the migration completes, and
   // whoever owns the VM resumes it. Post-copy is then not offered: its guest must run.
   bool autostart = true;
+  // False refuses post-copy (a VMM that cannot serve its guest's page faults): a source that
+  // asks for it is told so at Hello, a dry run's included.
+  bool postcopy = true;
   // The largest guest accepted (memory bytes, vCPUs); 0 takes the protocol's bounds. Checked
   // at Hello, before the VM is built.
   std::uint64_t max_guest_bytes = 0;

@@ -849,6 +849,7 @@ static void start_handover(pair* p, enum handover mode) {
   destination how;
   mig_send_options options;
   static char uri[64];
+  mig_destination_check check;
   fake_vm* source = fake_vm_in_memfds(1);
 
   CHECK(mig_vm_set_memory_fds(NULL, source->memfds, kRegions) == MIG_ERR_INVALID);
@@ -864,6 +865,9 @@ static void start_handover(pair* p, enum handover mode) {
   mig_send_options_init(&options);
   /* Offered beside the memory, post-copy and verification apply if the destination copies. */
   options.postcopy = 1;
+  /* The dry run says which it would be. */
+  CHECK(mig_check_destination(p->source_vm, uri, &options, &check) == MIG_OK);
+  CHECK(check.shared_memory == (mode != kDecline) && check.postcopy == (mode == kDecline));
   pair_start(p, &options);
 }
 
@@ -1007,6 +1011,42 @@ static void test_never_touched_pages(int with_callback) {
   pair_close(&p);
 }
 
+/* The pre-flight check: what the destination would take, or why not. It builds nothing, and
+ * the real migration follows. */
+static void test_check_destination(void) {
+  pair p;
+  mig_send_options options;
+  mig_recv_options no_postcopy;
+  mig_incoming* refusing = NULL;
+  mig_destination_check check;
+  mig_outcome sent, received;
+
+  pair_open(&p, 0);
+  mig_send_options_init(&options);
+  options.channels = 4;
+  options.postcopy = 1;
+  CHECK(mig_check_destination(p.source_vm, mig_incoming_address(p.incoming), &options, &check) == MIG_OK);
+  CHECK(check.channels == 4 && check.postcopy == 1 && check.shared_memory == 0);
+  CHECK(p.d.vm == NULL);
+  mig_recv_options_init(&no_postcopy);
+  no_postcopy.postcopy = 0;
+  CHECK(mig_incoming_listen("tcp:127.0.0.1:0", &no_postcopy, make_destination_vm, &p.d, &refusing) == MIG_OK);
+  CHECK(mig_check_destination(p.source_vm, mig_incoming_address(refusing), &options, &check) == MIG_ERR_FAILED);
+  CHECK(strstr(mig_last_error(), "the destination cannot take post-copy: this receiver takes no post-copy") != NULL);
+  mig_incoming_free(refusing);
+  CHECK(mig_check_destination(p.source_vm, "tcp:127.0.0.1:1", &options, &check) == MIG_ERR_CONNECT);
+  CHECK(mig_check_destination(NULL, mig_incoming_address(p.incoming), &options, &check) == MIG_ERR_INVALID);
+  options.channels = 0;
+  CHECK(mig_check_destination(p.source_vm, mig_incoming_address(p.incoming), &options, &check) == MIG_ERR_INVALID);
+  options.channels = 4;
+  pair_start(&p, &options);
+  CHECK(mig_migration_wait(p.migration, 60000, &sent) == MIG_OK);
+  CHECK(mig_incoming_wait(p.incoming, 60000, &received) == MIG_OK);
+  CHECK(sent.verified == 1 && received.verified == 1);
+  check_memory_moved(&p);
+  pair_close(&p);
+}
+
 /* Failures on either side leave the source running, each with a message that says why. */
 static void test_failures_resume_the_source(int refuse, int fail_save_state, const char* expected) {
   pair p;
@@ -1110,6 +1150,7 @@ int main(void) {
   test_memory_handover(0);
   test_memory_handover(1);
   test_handover_to_other_memory();
+  test_check_destination();
   test_populated_pages_of_memory();
   test_never_touched_pages(1);
   test_never_touched_pages(0);

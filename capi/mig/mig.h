@@ -343,6 +343,22 @@ typedef struct mig_migration mig_migration;
  * nothing was touched and the VM runs on. `vm` must outlive the migration handle. */
 mig_result mig_migration_start(mig_vm* vm, const char* uri, const mig_send_options* options, mig_migration** out);
 
+/* The pre-flight check (MIG_API_VERSION 4; mig-send --check, QMP migrate's dry-run): tells the
+ * receiver at `uri` about the guest - its shape, disks, and what a migration with `options`
+ * would ask: channels, post-copy, over unix: the memory - as mig_migration_start would, and
+ * returns its answer. Nothing of the VM changes and no page is sent; the receiver builds
+ * nothing and goes on waiting for the real migration. Not checked: what only the
+ * destination's VM knows (the factory may still refuse). MIG_OK: it would take the guest, as
+ * `out` says. MIG_ERR_FAILED: it would not, and mig_last_error() says why. MIG_ERR_CONNECT:
+ * it could not be reached, or did not answer within options->peer_timeout_ms. */
+typedef struct mig_destination_check {
+  unsigned channels; /* the page channels it would accept (fewer than asked: the rest go unused) */
+  int postcopy;      /* 1: it would take the post-copy asked for; 0 where none was asked, or the
+                        memory would be handed over (nothing is left to copy late) */
+  int shared_memory; /* 1: it would take the guest's memory as it is (a same-host hand-over) */
+} mig_destination_check;
+mig_result mig_check_destination(mig_vm* vm, const char* uri, const mig_send_options* options, mig_destination_check* out);
+
 /* Thread-safe. A consistent snapshot. */
 mig_result mig_migration_progress(mig_migration* migration, mig_progress* out);
 /* Thread-safe. Taken at the next round boundary (bandwidth: the next page batch). */
