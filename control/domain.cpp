@@ -1,5 +1,7 @@
 #include "control/domain.h"
 
+#include <vector>
+
 #include "control/json.h"
 #include "engine/pages.h"
 
@@ -49,25 +51,47 @@ Domain::~Domain() {
     if (t->joinable()) t->join();
 }
 
+// A sink, and the lock a call of it holds. emit calls sinks outside sinks_mutex_, from a
+// copy of the list, so a sink just removed may still be under way on another thread (a
+// migration's thread reporting its end while a QMP server goes away): unsubscribe takes this
+// lock to wait that call out. Recursive, so that a sink may unsubscribe itself.
+struct Domain::Subscriber {
+  explicit Subscriber(EventSink sink_) : sink(std::move(sink_)) {}
+  const EventSink sink;
+  std::recursive_mutex calling;
+  bool gone = false;  // under `calling`
+};
+
 std::uint64_t Domain::subscribe(EventSink sink) {
   std::lock_guard lock(sinks_mutex_);
-  sinks_[next_sink_] = std::move(sink);
+  sinks_[next_sink_] = std::make_shared<Subscriber>(std::move(sink));
   return next_sink_++;
 }
 
 void Domain::unsubscribe(std::uint64_t id) {
-  std::lock_guard lock(sinks_mutex_);
-  sinks_.erase(id);
+  std::shared_ptr<Subscriber> subscriber;
+  {
+    std::lock_guard lock(sinks_mutex_);
+    auto it = sinks_.find(id);
+    if (it == sinks_.end()) return;
+    subscriber = std::move(it->second);
+    sinks_.erase(it);
+  }
+  std::lock_guard wait_for_call(subscriber->calling);
+  subscriber->gone = true;
 }
 
 void Domain::emit(const std::string& name, nlohmann::json data) {
   const Event event{name, std::move(data), std::chrono::system_clock::now()};
-  std::map<std::uint64_t, EventSink> sinks;
+  std::vector<std::shared_ptr<Subscriber>> subscribers;
   {
     std::lock_guard lock(sinks_mutex_);
-    sinks = sinks_;
+    for (const auto& [id, subscriber] : sinks_) subscribers.push_back(subscriber);
   }
-  for (const auto& [id, sink] : sinks) sink(event);
+  for (const auto& subscriber : subscribers) {
+    std::lock_guard call(subscriber->calling);
+    if (!subscriber->gone) subscriber->sink(event);
+  }
 }
 
 void Domain::set_run_state(RunState state) {

@@ -66,7 +66,9 @@ class Domain {
   Domain(const Domain&) = delete;
   Domain& operator=(const Domain&) = delete;
 
-  // Sinks are called on whichever thread caused the event, never with the domain locked.
+  // Sinks are called on whichever thread caused the event, never with the domain locked,
+  // one call of a sink at a time. unsubscribe returns once no call of that sink is under
+  // way, so whatever the sink uses may go right after (a sink may unsubscribe itself).
   std::uint64_t subscribe(EventSink sink);
   void unsubscribe(std::uint64_t id);
 
@@ -160,8 +162,9 @@ class Domain {
   std::int64_t dirty_start_time_ = 0;
   std::thread dirty_thread_;
 
+  struct Subscriber;
   std::mutex sinks_mutex_;
-  std::map<std::uint64_t, EventSink> sinks_;
+  std::map<std::uint64_t, std::shared_ptr<Subscriber>> sinks_;
   std::uint64_t next_sink_ = 1;
 };
 

@@ -5,7 +5,9 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <atomic>
 #include <cstring>
+#include <future>
 #include <set>
 #include <thread>
 
@@ -90,6 +92,35 @@ std::vector<std::string> migration_events(control::QmpClient& client) {
 }
 
 }  // namespace
+
+// mig-send's QMP server went away while the failed migration's thread was still in the
+// server's event sink: a use-after-free ASan caught in the fault matrix.
+TEST_CASE("unsubscribe waits for a call of the sink under way - and a sink may unsubscribe itself") {
+  control::Domain domain(std::make_unique<test::FakeVm>(std::vector<std::uint64_t>{kPages}));
+  std::promise<void> entered;
+  std::atomic<bool> finished{false};
+  const auto slow = domain.subscribe([&](const control::Event& event) {
+    if (event.name != "STOP") return;
+    entered.set_value();
+    std::this_thread::sleep_for(100ms);  // still under way when unsubscribe is called
+    finished = true;
+  });
+  std::thread stopping([&] { domain.stop(); });
+  entered.get_future().wait();
+  domain.unsubscribe(slow);
+  CHECK(finished);
+  stopping.join();
+
+  std::uint64_t once = 0;
+  int calls = 0;
+  once = domain.subscribe([&](const control::Event&) {
+    ++calls;
+    domain.unsubscribe(once);
+  });
+  domain.cont();
+  domain.stop();
+  CHECK(calls == 1);
+}
 
 TEST_CASE("QMP: greeting, capabilities negotiation, then commands") {
   SourceHost host("greeting");
