@@ -946,7 +946,7 @@ static void test_populated_pages_of_memory(void) {
   CHECK(bitmap[0] == 1u << 3 && bitmap[300 / 64] == 1ull << (300 % 64) && populated_count(anonymous, size, -1) == 2);
   shared[5 * MIG_PAGE_SIZE] = 1;
   CHECK(populated_count(shared, size, memfd) == 1);
-  /* Another process's writes to the file count too, though this mapping never saw them. */
+  /* A write through the fd, not the mapping, counts too (mincore sees the page cache). */
   CHECK(pwrite(memfd, "x", 1, 7 * MIG_PAGE_SIZE) == 1);
   CHECK(populated_count(shared, size, memfd) == 2);
 
