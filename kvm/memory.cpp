@@ -47,18 +47,38 @@ std::string read_line(const std::string& path) {
   return line;
 }
 
-// An unlinked file in the hugetlbfs mount at `dir`, sized for one region.
-UniqueFd hugetlbfs_file(const std::string& dir, std::uint64_t size) {
+// Where huge-page memory comes from, in the operator's words, for errors and descriptions.
+std::string huge_page_source(const std::string& dir) { return dir.empty() ? "--hugetlb" : "--mem-path " + dir; }
+
+// Sealed at its size for good: a process it is handed to can trust that the file will not
+// shrink under its mapping (a SIGBUS on the next access), and refuses one that could.
+void seal_at_size(int memfd) {
+  check_syscall("seal guest memfd", [&] { return ::fcntl(memfd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL); });
+}
+
+// An unlinked file of huge pages, sized for one region: in the hugetlbfs mount at `dir`, or,
+// with no `dir`, a memfd of the kernel's own hugetlbfs (MFD_HUGETLB), which unlike a file in
+// a mount can be sealed.
+UniqueFd huge_page_file(const std::string& dir, std::uint64_t size) {
+  UniqueFd file;
+  if (dir.empty()) {
+    file = UniqueFd(::memfd_create("mig-guest", MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_HUGETLB));
+    if (!file.valid()) throw_errno("memfd_create(MFD_HUGETLB) for --hugetlb");
+  } else {
+    struct statfs fs {};
+    if (::statfs(dir.c_str(), &fs) != 0 || fs.f_type != kHugetlbfsMagic)
+      throw std::invalid_argument("--mem-path " + dir + " is not a hugetlbfs mount (mount -t hugetlbfs none DIR)");
+    file = UniqueFd(::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600));
+    if (!file.valid()) throw_errno("create a file in " + dir);
+  }
   struct statfs fs {};
-  if (dir.empty() || ::statfs(dir.c_str(), &fs) != 0 || fs.f_type != kHugetlbfsMagic)
-    throw std::invalid_argument("--mem-path " + dir + " is not a hugetlbfs mount (mount -t hugetlbfs none DIR)");
+  check_syscall("statfs", [&] { return ::fstatfs(file.get(), &fs); });
   const auto huge_page = static_cast<std::uint64_t>(fs.f_bsize);
   if (size % huge_page)
     throw std::invalid_argument("guest memory region of " + std::to_string(size) + " bytes is not a multiple of " +
-                                dir + "'s " + std::to_string(huge_page >> 10) + " KiB pages");
-  UniqueFd file(::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600));
-  if (!file.valid()) throw_errno("create a file in " + dir);
+                                huge_page_source(dir) + "'s " + std::to_string(huge_page >> 10) + " KiB pages");
   check_syscall("ftruncate hugetlbfs file", [&] { return ::ftruncate(file.get(), static_cast<off_t>(size)); });
+  if (dir.empty()) seal_at_size(file.get());
   return file;
 }
 
@@ -75,7 +95,7 @@ Mapping map_hugetlbfs(int fd, std::uint64_t size, const std::string& dir) {
     if (e.code().value() != ENOMEM) throw;
     const std::string free_pages =
         read_line("/sys/kernel/mm/hugepages/hugepages-" + std::to_string(huge_page_kib) + "kB/free_hugepages");
-    throw std::invalid_argument("--mem-path " + dir + ": " + std::to_string((size >> 10) / huge_page_kib) + " huge pages of " +
+    throw std::invalid_argument(huge_page_source(dir) + ": " + std::to_string((size >> 10) / huge_page_kib) + " huge pages of " +
                                 std::to_string(huge_page_kib) + " KiB needed, " + (free_pages.empty() ? "none" : free_pages) +
                                 " free (reserve them in /proc/sys/vm/nr_hugepages)");
   }
@@ -104,7 +124,8 @@ bool free_huge_blocks_reported_to_hypervisor() {
 }
 
 std::string describe_page_size(const MemoryOptions& options) {
-  if (options.backing == MemoryBacking::hugetlbfs) return "hugetlbfs pages from " + options.hugetlbfs_dir;
+  if (options.backing == MemoryBacking::hugetlbfs)
+    return options.hugetlbfs_dir.empty() ? "huge pages from a sealed memfd (MFD_HUGETLB)" : "hugetlbfs pages from " + options.hugetlbfs_dir;
   if (!options.transparent_huge_pages) return "4 KiB pages (transparent huge pages not asked for)";
   if (options.backing == MemoryBacking::anonymous) {
     const std::string thp = selected_setting("/sys/kernel/mm/transparent_hugepage/enabled");
@@ -145,17 +166,14 @@ GuestMemory GuestMemory::create(std::span<const RegionLayout> layout, const Memo
 GuestMemory::Region GuestMemory::create_region(const RegionLayout& layout, const MemoryOptions& options) {
   Region r{layout, {}, {}};
   if (options.backing == MemoryBacking::hugetlbfs) {
-    r.memfd = hugetlbfs_file(options.hugetlbfs_dir, layout.size);
+    r.memfd = huge_page_file(options.hugetlbfs_dir, layout.size);
     r.mapping = map_hugetlbfs(r.memfd.get(), layout.size, options.hugetlbfs_dir);
     return r;
   }
   if (options.backing == MemoryBacking::memfd) {
     r.memfd = UniqueFd(check_syscall("memfd_create", [] { return ::memfd_create("mig-guest", MFD_CLOEXEC | MFD_ALLOW_SEALING); }));
     check_syscall("ftruncate guest memfd", [&] { return ::ftruncate(r.memfd.get(), static_cast<off_t>(layout.size)); });
-    // Sealed at its size for good: a process it is handed to can trust that the file will
-    // not shrink under its mapping (a SIGBUS on the next access), and refuses one that could.
-    check_syscall("seal guest memfd",
-                  [&] { return ::fcntl(r.memfd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL); });
+    seal_at_size(r.memfd.get());
   }
   // MAP_NORESERVE: a guest rarely touches all of its memory, and we want untouched pages to
   // stay unbacked (and free to skip when migrating).
@@ -178,12 +196,17 @@ GuestMemory GuestMemory::adopt(std::span<const RegionLayout> layout, std::span<c
       throw std::invalid_argument("shared memory file " + std::to_string(i) + " is smaller than its region");
     // A memfd the peer could still shrink would turn our next access into a SIGBUS. A file in
     // a hugetlbfs mount (--mem-path) cannot be sealed at all (the kernel gives it F_SEAL_SEAL
-    // alone): it is taken as it is, from the peer whose credentials the socket checked.
+    // alone): it is taken as it is, from the peer whose credentials the socket checked. (A
+    // --hugetlb memfd is sealed like any of mig's memfds.)
     const int seals = ::fcntl(fds[i], F_GET_SEALS);
-    const bool unsealable = seals >= 0 && (seals & F_SEAL_SEAL) && on_hugetlbfs(fds[i]);
+    const bool huge_pages = on_hugetlbfs(fds[i]);
+    const bool unsealable = seals >= 0 && (seals & F_SEAL_SEAL) && huge_pages;
     if (seals >= 0 && !(seals & F_SEAL_SHRINK) && !unsealable)
       throw std::invalid_argument("shared memory file " + std::to_string(i) +
                                   " is a memfd not sealed against shrinking (F_SEAL_SHRINK): the peer could truncate it under the guest");
+    // Huge pages anywhere make the whole guest's memory hugetlbfs: it cannot drop 4 KiB pages
+    // or take post-copy, whichever region is asked.
+    if (huge_pages) memory.backing_ = MemoryBacking::hugetlbfs;
     Region r{layout[i], {}, UniqueFd(check_syscall("dup memory fd", [&] { return ::fcntl(fds[i], F_DUPFD_CLOEXEC, 0); }))};
     r.mapping = Mapping::map(layout[i].size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, r.memfd.get(), 0,
                              "mmap shared guest memory");

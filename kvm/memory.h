@@ -20,7 +20,10 @@ inline constexpr std::uint64_t kPageSize = 4096;
 enum class MemoryBacking {
   anonymous,  // private anonymous memory
   memfd,      // a memfd per region, shareable with another process over a UNIX socket
-  hugetlbfs,  // a file per region in a hugetlbfs mount (QEMU's -mem-path), shareable like a memfd
+  // A file of huge pages per region, shareable like a memfd: in a hugetlbfs mount (QEMU's
+  // -mem-path), or a sealed memfd of huge pages (MFD_HUGETLB; QEMU's memory-backend-memfd
+  // with hugetlb=on) where no directory is given.
+  hugetlbfs,
 };
 
 // How guest memory is backed. Huge pages matter here: a fault on fresh memory costs 4-9 us
@@ -32,7 +35,7 @@ struct MemoryOptions {
   // memory gets them wherever THP is not "never"; memfd memory only where the kernel's
   // shmem_enabled allows. KVM's dirty log stays at 4 KiB either way.
   bool transparent_huge_pages = true;
-  std::string hugetlbfs_dir;  // with MemoryBacking::hugetlbfs: where to create the files
+  std::string hugetlbfs_dir;  // with MemoryBacking::hugetlbfs: the mount to create the files in; empty: memfds
   // With transparent_huge_pages: fault memory in 4 KiB pages at first, and ask for huge pages
   // only from advise_huge_pages() on (a receiver, once its guest runs). See FillCost.
   bool huge_pages_after_fill = false;
@@ -67,7 +70,7 @@ class GuestMemory {
   };
 
   // Throws std::invalid_argument for an empty or unaligned layout, one larger than the host's
-  // memory, or a hugetlbfs directory that is not one or lacks reserved huge pages.
+  // memory, a hugetlbfs directory that is not one, or too few reserved huge pages.
   static GuestMemory create(std::span<const RegionLayout> layout, const MemoryOptions& options = {});
   // Maps existing memory files, one per region (another VMM's memfds, for a same-host
   // hand-over). The fds are duplicated; the caller keeps its own.

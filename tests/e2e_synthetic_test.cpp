@@ -4,7 +4,9 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <optional>
 
+#include "tests/huge_pages.h"
 #include "tests/process.h"
 #include "tests/tls_creds.h"
 
@@ -84,11 +86,22 @@ TEST_CASE("post-copy moves a synthetic guest that dirties faster than the link -
   std::remove(recv_stats.c_str());
 }
 
-TEST_CASE("a memfd-backed synthetic guest is handed over on the same host, not copied") {
+TEST_CASE("a memfd-backed synthetic guest is handed over on the same host, not copied - --memfd, or --hugetlb's huge pages") {
+  std::string memory_flag = "--memfd";
+  std::optional<HugePagesForTest> huge_pages;
+  SECTION("--memfd") {}
+  SECTION("--hugetlb: sealed, so the receiver takes it as it takes any of mig's memfds") {
+    huge_pages.emplace(32);  // the source's 64 MiB; the receiver maps the same pages
+    if (!huge_pages->reserved()) {
+      WARN("not root: no huge pages to reserve");
+      return;
+    }
+    memory_flag = "--hugetlb";
+  }
   const auto socket = temp_path("synthetic-handover.sock"), recv_stats = temp_path("synthetic-handover.json");
   Child receiver({kTools + "mig-recv", "--synthetic-guest", "--listen", "unix:" + socket, "--run-for", "0.5", "--stats-json", recv_stats});
   REQUIRE_THAT(receiver.read_line(), Contains("listening on unix:"));
-  Child sender(synthetic_send_args("unix:" + socket, temp_path("synthetic-handover-send.json"), "20", {"--memfd"}));
+  Child sender(synthetic_send_args("unix:" + socket, temp_path("synthetic-handover-send.json"), "20", {memory_flag}));
   require_exit_codes(sender, 0, receiver, 0);
   CHECK_THAT(sender.stderr_text(), Contains("shared-memory"));
   const auto r = read_json(recv_stats);

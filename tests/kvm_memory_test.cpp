@@ -14,8 +14,10 @@
 #include <vector>
 
 #include "kvm/memory.h"
+#include "tests/huge_pages.h"
 
 using namespace mig;
+using namespace mig::test;
 using Catch::Matchers::Contains;
 
 namespace {
@@ -55,30 +57,6 @@ struct HugetlbfsMount {
   }
 };
 
-unsigned read_number(const char* path) {
-  unsigned value = 0;
-  std::ifstream(path) >> value;
-  return value;
-}
-constexpr const char* kNrHugePages = "/proc/sys/vm/nr_hugepages";
-unsigned free_huge_pages() { return read_number("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages"); }
-
-// Held by a test while it counts on the host's free huge pages or changes them: ctest runs
-// test cases as processes side by side.
-struct HugePagesLock {
-  HugePagesLock() { REQUIRE(::flock(file.get(), LOCK_EX) == 0); }
-  UniqueFd file = UniqueFd::open("/tmp/mig-tests-huge-pages.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-};
-
-// At least `wanted` free 2 MiB pages for the test, the host's count put back afterwards (root).
-struct HugePagesForTest {
-  explicit HugePagesForTest(unsigned wanted) : before(read_number(kNrHugePages)) {
-    if (free_huge_pages() < wanted) std::ofstream(kNrHugePages) << before + wanted - free_huge_pages();
-  }
-  ~HugePagesForTest() { std::ofstream(kNrHugePages) << before; }
-  HugePagesLock lock;
-  const unsigned before;
-};
 }  // namespace
 
 TEST_CASE("populated pages are exactly the touched ones - by either kernel interface and either backing") {
@@ -115,6 +93,7 @@ TEST_CASE("handed-over memory counts the pages its source wrote as populated - m
     auto source = kvm::GuestMemory::create(layout, options);
     source.regions()[0].host()[kWritten * kvm::kPageSize] = std::byte{1};
     auto adopted = kvm::GuestMemory::adopt(layout, std::vector<int>{source.regions()[0].memfd.get()});
+    CHECK(adopted.backing() == options.backing);  // huge pages stay huge pages: no 4 KiB drops, no post-copy
     const auto bitmap = populated(adopted, kvm::GuestMemory::PageScan::best);
     CHECK((bitmap[kWritten / 64] >> (kWritten % 64) & 1) == 1);
     return bitmap;
@@ -134,6 +113,14 @@ TEST_CASE("handed-over memory counts the pages its source wrote as populated - m
     HugePagesForTest huge_pages(64);  // the source's 32, and room to spare
     REQUIRE(free_huge_pages() >= 32);
     expect_written({.backing = kvm::MemoryBacking::hugetlbfs, .transparent_huge_pages = false, .hugetlbfs_dir = mount.dir.string()});
+  }
+  SECTION("a memfd of huge pages (--hugetlb): as a file in a mount") {
+    HugePagesForTest huge_pages(64);
+    if (!huge_pages.reserved()) {
+      WARN("not root: no huge pages to reserve");
+      return;
+    }
+    expect_written({.backing = kvm::MemoryBacking::hugetlbfs, .transparent_huge_pages = false, .hugetlbfs_dir = {}});
   }
 }
 
@@ -186,6 +173,33 @@ TEST_CASE("hugetlbfs backing refuses what is not a hugetlbfs mount, and a mount 
     CHECK(memory.shareable());
   }
   CHECK_THROWS_WITH(kvm::GuestMemory::create({{{0, 3ull << 20}}}, options), Contains("not a multiple of"));
+}
+
+// QEMU's memory-backend-memfd with hugetlb=on: huge pages with no mount, and, unlike a file in
+// a mount, sealed, so a receiver need not take them on trust.
+TEST_CASE("--hugetlb memory is a memfd of huge pages sealed at its size - and too few huge pages are refused clearly") {
+  HugePagesForTest huge_pages(8);
+  if (!huge_pages.reserved()) {
+    WARN("not root: no huge pages to reserve");
+    return;
+  }
+  kvm::MemoryOptions options;
+  options.backing = kvm::MemoryBacking::hugetlbfs;
+  const std::vector<kvm::RegionLayout> layout = {{0, 8ull << 20}};
+  auto memory = kvm::GuestMemory::create(layout, options);
+  const int fd = memory.regions()[0].memfd.get();
+  CHECK((::fcntl(fd, F_GET_SEALS) & (F_SEAL_SHRINK | F_SEAL_GROW)) == (F_SEAL_SHRINK | F_SEAL_GROW));
+  CHECK(::ftruncate(fd, 2 << 20) == -1);
+  CHECK(errno == EPERM);
+  CHECK_THAT(kvm::describe_page_size(options), Contains("sealed memfd"));
+  auto adopted = kvm::GuestMemory::adopt(layout, std::vector<int>{fd});
+  CHECK(adopted.backing() == kvm::MemoryBacking::hugetlbfs);
+  CHECK_THROWS_WITH(adopted.discard(0, 0, 1), Contains("cannot be dropped"));
+
+  const std::uint64_t more_than_the_host_has = read_number(kNrHugePages) + 1;
+  CHECK_THROWS_WITH(kvm::GuestMemory::create({{{0, more_than_the_host_has << 21}}}, options),
+                    Contains("--hugetlb: " + std::to_string(more_than_the_host_has) + " huge pages of 2048 KiB needed"));
+  CHECK_THROWS_WITH(kvm::GuestMemory::create({{{0, 3ull << 20}}}, options), Contains("not a multiple of --hugetlb's 2048 KiB pages"));
 }
 
 TEST_CASE("memfd guest memory is sealed at its size - and adopting a memfd that could shrink is refused") {

@@ -1,6 +1,7 @@
-// The tools' own glue (tools/cli.h), where it does more than pass flags on.
+// The tools' own glue (tools/cli.h, tools/vm_options.h), where it does more than pass flags on.
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
@@ -11,6 +12,7 @@
 #include "tests/process.h"
 #include "tests/support.h"
 #include "tools/cli.h"
+#include "tools/vm_options.h"
 
 using namespace mig;
 using namespace mig::test;
@@ -54,4 +56,24 @@ TEST_CASE("a terminate hook's end waits for its call under way - the call never 
   target_alive = false;
   std::this_thread::sleep_for(std::chrono::milliseconds(400));  // long enough for a call left running to see it
   CHECK_FALSE(saw_target_gone);
+}
+
+TEST_CASE("the memory flags choose one backing - --hugetlb is hugetlbfs with no mount, and excludes the others") {
+  const auto parse = [](std::vector<std::string> args) {
+    CLI::App app;
+    tools::MemoryFlags flags;
+    flags.add_to(app);
+    std::reverse(args.begin(), args.end());  // CLI11 takes them last first
+    app.parse(args);
+    return flags.options();
+  };
+  CHECK(parse({}).backing == kvm::MemoryBacking::anonymous);
+  CHECK(parse({"--memfd"}).backing == kvm::MemoryBacking::memfd);
+  const auto hugetlb = parse({"--hugetlb"});
+  CHECK(hugetlb.backing == kvm::MemoryBacking::hugetlbfs);
+  CHECK(hugetlb.hugetlbfs_dir.empty());
+  CHECK(parse({"--mem-path", "/dev/hugepages"}).hugetlbfs_dir == "/dev/hugepages");
+  CHECK_THROWS_AS(parse({"--hugetlb", "--memfd"}), CLI::ExcludesError);
+  CHECK_THROWS_AS(parse({"--hugetlb", "--mem-path", "/dev/hugepages"}), CLI::ExcludesError);
+  CHECK_THROWS_AS(parse({"--memfd", "--mem-path", "/dev/hugepages"}), CLI::ExcludesError);
 }

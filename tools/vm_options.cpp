@@ -92,10 +92,16 @@ void MemoryFlags::add_to(CLI::App& app) {
   auto* with_memfd = app.add_flag("--memfd", memfd,
                                   "back guest memory with memfd instead of anonymous memory, so a same-host migration can "
                                   "hand it over instead of copying it");
-  app.add_option("--mem-path", mem_path,
-                 "back guest memory with files in this hugetlbfs mount, like QEMU's -mem-path (needs huge pages reserved "
-                 "in /proc/sys/vm/nr_hugepages)")
-      ->excludes(with_memfd);
+  auto* with_mem_path = app.add_option("--mem-path", mem_path,
+                                       "back guest memory with files in this hugetlbfs mount, like QEMU's -mem-path (needs "
+                                       "huge pages reserved in /proc/sys/vm/nr_hugepages); they cannot be sealed")
+                            ->excludes(with_memfd);
+  app.add_flag("--hugetlb", hugetlb,
+               "back guest memory with sealed memfds of huge pages (MFD_HUGETLB, like QEMU's memory-backend-memfd with "
+               "hugetlb=on): no mount needed, huge pages reserved in /proc/sys/vm/nr_hugepages, and a same-host "
+               "migration hands them over sealed, as --memfd's")
+      ->excludes(with_memfd)
+      ->excludes(with_mem_path);
   app.add_flag("--small-pages", small_pages,
                "do not ask for transparent huge pages (asked for by default, as QEMU does: the guest needs fewer "
                "TLB entries, and on most hosts fresh memory fills several times faster)");
@@ -103,9 +109,9 @@ void MemoryFlags::add_to(CLI::App& app) {
 
 kvm::MemoryOptions MemoryFlags::options() const {
   kvm::MemoryOptions options;
-  options.backing = !mem_path.empty() ? kvm::MemoryBacking::hugetlbfs
-                    : memfd           ? kvm::MemoryBacking::memfd
-                                      : kvm::MemoryBacking::anonymous;
+  options.backing = !mem_path.empty() || hugetlb ? kvm::MemoryBacking::hugetlbfs
+                    : memfd                      ? kvm::MemoryBacking::memfd
+                                                 : kvm::MemoryBacking::anonymous;
   options.hugetlbfs_dir = mem_path;
   options.transparent_huge_pages = !small_pages;
   return options;

@@ -17,6 +17,7 @@ namespace mig::tools {
 // How guest memory is backed, on either side of a migration.
 struct MemoryFlags {
   bool memfd = false;
+  bool hugetlb = false;
   bool small_pages = false;
   std::string mem_path;
 

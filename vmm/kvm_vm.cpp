@@ -219,7 +219,7 @@ std::string KvmVm::tsc_refusal(std::uint32_t guest_khz) {
 
 std::string KvmVm::postcopy_unsupported() const {
   if (machine_->memory().backing() == kvm::MemoryBacking::hugetlbfs)
-    return "hugetlbfs guest memory (--mem-path) traps and fills in 2 MiB pages, and mig's post-copy moves 4 KiB ones";
+    return "hugetlbfs guest memory (--mem-path, --hugetlb) traps and fills in 2 MiB pages, and mig's post-copy moves 4 KiB ones";
   return {};
 }
 
