@@ -177,7 +177,7 @@ TEST_CASE("hugetlbfs backing refuses what is not a hugetlbfs mount, and a mount 
 
 // QEMU's memory-backend-memfd with hugetlb=on: huge pages with no mount, and, unlike a file in
 // a mount, sealed, so a receiver need not take them on trust.
-TEST_CASE("--hugetlb memory is a memfd of huge pages sealed at its size - and too few huge pages are refused clearly") {
+TEST_CASE("memory from --hugetlb is a memfd of huge pages sealed at its size - and too few huge pages are refused clearly") {
   HugePagesForTest huge_pages(8);
   if (!huge_pages.reserved()) {
     WARN("not root: no huge pages to reserve");
