@@ -168,16 +168,18 @@ void ExtraChannels::start(std::vector<transport::Stream> streams, const std::vec
                           PageHashes& hashes, transport::Stream& main, CpuTime& cpu) {
   streams_ = std::move(streams);
   const auto channels = static_cast<unsigned>(streams_.size() + 1);
-  for (unsigned i = 0; i < streams_.size(); ++i) {
+  // Every receiver before any thread: a thread reading receivers_ while a later push_back
+  // moved its elements would read freed memory.
+  for (unsigned i = 0; i < streams_.size(); ++i)
     receivers_.push_back(std::make_unique<PageReceiver>(regions, streams_[i], hashes, i + 1, channels));
-    threads_.emplace_back([this, i, &main, &cpu] {
+  for (unsigned i = 0; i < streams_.size(); ++i) {
+    threads_.emplace_back([this, i, &main, &cpu, &receiver = *receivers_[i], &stream = streams_[i]] {
       name_this_thread("mig-recv-ch" + std::to_string(i + 1));
       CpuTime::Scope counted(cpu);
-      auto& stream = streams_[i];
       try {
         for (;;) {
           const auto header = stream.read_header();
-          if (!receivers_[i]->handle(header))
+          if (!receiver.handle(header))
             throw wire::ProtocolError(std::string("unexpected ") + wire::to_string(static_cast<wire::MessageType>(header.type)) +
                                       " on a page channel");
         }

@@ -24,7 +24,9 @@ std::vector<PageRun> runs_of(std::span<const std::uint64_t> bitmap, std::uint64_
 
 // Calls visit(PageRun) for each run of set bits among bits [begin, end) of `bitmap`, in
 // ascending order, reading only the words that hold them: a channel walks its own chunks of
-// a bitmap, not the whole of it.
+// a bitmap, not the whole of it. Each word is read once, atomically: post-copy's source walks
+// its unsent pages while its request thread claims them (claim_page), and a relaxed load is
+// the plain load it would be anyway, minus the data race.
 template <typename Visit>
 void for_each_run(std::span<const std::uint64_t> bitmap, std::uint64_t begin, std::uint64_t end, Visit&& visit);
 
@@ -75,7 +77,8 @@ void for_each_run(std::span<const std::uint64_t> bitmap, std::uint64_t begin, st
   end = std::min<std::uint64_t>(end, std::uint64_t{bitmap.size()} * 64);
   PageRun open;  // the run being extended across word boundaries; count 0 when none
   for (std::uint64_t word_first = begin / 64 * 64; word_first < end; word_first += 64) {
-    std::uint64_t word = bitmap[static_cast<std::size_t>(word_first / 64)];
+    std::uint64_t word = std::atomic_ref(const_cast<std::uint64_t&>(bitmap[static_cast<std::size_t>(word_first / 64)]))
+                             .load(std::memory_order_relaxed);
     if (begin > word_first) word &= ~std::uint64_t{0} << (begin - word_first);
     if (end - word_first < 64) word &= (std::uint64_t{1} << (end - word_first)) - 1;
     while (word) {
