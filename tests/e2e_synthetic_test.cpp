@@ -92,10 +92,7 @@ TEST_CASE("a memfd-backed synthetic guest is handed over on the same host, not c
   SECTION("--memfd") {}
   SECTION("--hugetlb: sealed, so the receiver takes it as it takes any of mig's memfds") {
     huge_pages.emplace(32);  // the source's 64 MiB; the receiver maps the same pages
-    if (!huge_pages->reserved()) {
-      WARN("not root: no huge pages to reserve");
-      return;
-    }
+    huge_pages->require();
     memory_flag = "--hugetlb";
   }
   const auto socket = temp_path("synthetic-handover.sock"), recv_stats = temp_path("synthetic-handover.json");

@@ -4,9 +4,13 @@
 
 #include <fcntl.h>
 #include <sys/file.h>
+#include <unistd.h>
 
+#include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <stdexcept>
+#include <string>
 
 #include "common/fd.h"
 
@@ -29,14 +33,24 @@ struct HugePagesLock {
   UniqueFd file = UniqueFd::open("/tmp/mig-tests-huge-pages.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0600);
 };
 
-// At least `wanted` free 2 MiB pages for the test, the host's count put back afterwards. Not
-// root, nothing changes: `reserved()` says whether the test has them.
+// At least `wanted` free 2 MiB pages for the test, the host's count put back afterwards.
 struct HugePagesForTest {
   explicit HugePagesForTest(unsigned wanted) : before(read_number(kNrHugePages)), wanted_(wanted) {
     if (free_huge_pages() < wanted) std::ofstream(kNrHugePages) << before + wanted - free_huge_pages();
   }
   ~HugePagesForTest() { std::ofstream(kNrHugePages) << before; }
-  bool reserved() const { return free_huge_pages() >= wanted_; }
+  // The test goes on only with its huge pages. Not root, none can be reserved: the test is
+  // skipped (MIG_SKIP_CODE, as one without KVM is), never passed. As root, pages the kernel
+  // would not give are a failure.
+  void require() const {
+    if (free_huge_pages() >= wanted_) return;
+    if (::geteuid() != 0) {
+      std::printf("SKIPPED: not root, so no huge pages can be reserved\n");
+      std::exit(MIG_SKIP_CODE);
+    }
+    throw std::runtime_error("the kernel gave " + std::to_string(free_huge_pages()) + " free huge pages of the " +
+                             std::to_string(wanted_) + " asked for in " + kNrHugePages);
+  }
   HugePagesLock lock;
   const unsigned before;
 

@@ -116,10 +116,7 @@ TEST_CASE("handed-over memory counts the pages its source wrote as populated - m
   }
   SECTION("a memfd of huge pages (--hugetlb): as a file in a mount") {
     HugePagesForTest huge_pages(64);
-    if (!huge_pages.reserved()) {
-      WARN("not root: no huge pages to reserve");
-      return;
-    }
+    huge_pages.require();
     expect_written({.backing = kvm::MemoryBacking::hugetlbfs, .transparent_huge_pages = false, .hugetlbfs_dir = {}});
   }
 }
@@ -179,10 +176,7 @@ TEST_CASE("hugetlbfs backing refuses what is not a hugetlbfs mount, and a mount 
 // a mount, sealed, so a receiver need not take them on trust.
 TEST_CASE("memory from --hugetlb is a memfd of huge pages sealed at its size - and too few huge pages are refused clearly") {
   HugePagesForTest huge_pages(8);
-  if (!huge_pages.reserved()) {
-    WARN("not root: no huge pages to reserve");
-    return;
-  }
+  huge_pages.require();
   kvm::MemoryOptions options;
   options.backing = kvm::MemoryBacking::hugetlbfs;
   const std::vector<kvm::RegionLayout> layout = {{0, 8ull << 20}};
