@@ -21,11 +21,9 @@ brake rather than the migration's own CPU use. Per run: total time, downtime, ro
 and the computing vCPU's work rate during pre-copy as a share of its rate before (3 s or more),
 and its longest heartbeat gap.
 
-Where the sweep stands when the migration starts decides much of it: a page the sweep wrote
-just before round 0 sent it is dirty but unchanged, and skipped in round 1, so a sweep just
-ahead of the sender costs far less than one just behind it (3.6 to 6.4 s for the same
-policy, in a trial). The repeats therefore start at phases spread evenly over one sweep
-pass (--after from 3 s on), the same phases for every policy. It prints
+Where the sweep stands when the migration starts can change the rounds (and the throttle
+steps), so the repeats start at phases spread evenly over one sweep pass (--after from 3 s
+on), the same phases for every policy. It prints
 a table of medians with min-max, and with --json writes every run (bench/plot.py dirtylimit
 draws them).
 """

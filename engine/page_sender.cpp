@@ -36,8 +36,8 @@ PageSender::PageSender(std::span<const MemoryRegion> regions, transport::Stream&
     // Batches send cached pages straight from their slots: a slot must not be reused while
     // the batch that points at it is being built.
     delta_.emplace(std::max(config.delta_cache_pages, 2 * kBatchPages));
-    delta_bytes_.reserve(kBatchPages * kPageSize);  // never reallocates: iovecs point into it
   }
+  batch_bytes_.reserve(kBatchPages * kPageSize);  // never reallocates: iovecs point into it
 }
 
 void PageSender::begin(std::uint32_t round, bool guest_paused) {
@@ -94,16 +94,27 @@ void PageSender::add_page(std::size_t region, std::uint64_t page) {
     std::memcpy(snapshot_, host, kPageSize);
     host = snapshot_;
   }
-  const std::uint64_t hash = hash_page(host);
-  const std::uint64_t last_sent = hashes_.get(region, page);
-  const bool zero = hash == zero_page_hash() && is_zero_page(host);
-  // Unchanged since its last send: the receiver already holds these bytes. Zero pages the
-  // receiver never got are such pages too (both tables start at the zero hash).
-  if (hash == last_sent && (zero ? skip_zero_ : dedup_)) {
-    ++counts_.pages_skipped;
-    return;
+  std::uint64_t hash = hash_page(host);
+  bool zero = hash == zero_page_hash() && is_zero_page(host);
+  bool copied = false;
+  // Unchanged since its last send: if that send is certain, the receiver already holds these
+  // bytes. Zero pages the receiver never got are such pages too (both tables start at the
+  // zero hash).
+  if (hash == hashes_.get(region, page) && (zero ? skip_zero_ : dedup_)) {
+    if (hashes_.certain(region, page)) {
+      ++counts_.pages_skipped;
+      return;
+    }
+    // The last send read running guest memory after hashing it, so the receiver may hold a
+    // version in between (page_hashes.h). This send must be of the bytes it hashes.
+    if (!guest_paused_ && !through_cache) {
+      host = copy_into_batch(host);
+      hash = hash_page(host);
+      zero = hash == zero_page_hash() && is_zero_page(host);
+      copied = true;
+    }
   }
-  hashes_.set(channel_, region, page, hash);
+  hashes_.set(channel_, region, page, hash, zero || guest_paused_ || through_cache || copied);
   wire::PageDescriptor d;
   d.guest_addr = regions_[region].guest_addr + page * kPageSize;
   d.encoding = zero ? wire::PageEncoding::zero : wire::PageEncoding::raw;
@@ -115,6 +126,9 @@ void PageSender::add_page(std::size_t region, std::uint64_t page) {
     ++counts_.pages_zero;
   } else if (through_cache) {
     add_through_cache(region, page, host, d);
+  } else if (copied) {
+    pages_.push_back({const_cast<std::byte*>(host), kPageSize});
+    memory_ = transport::PageMemory::scratch;
   } else if (!pages_.empty() && static_cast<const std::byte*>(pages_.back().iov_base) + pages_.back().iov_len == host) {
     pages_.back().iov_len += kPageSize;  // adjacent pages: one iovec, fewer and larger copies
   } else {
@@ -125,16 +139,24 @@ void PageSender::add_page(std::size_t region, std::uint64_t page) {
   if (descriptors_.size() == kBatchPages) flush();
 }
 
+// Each page of a batch adds at most a page to batch_bytes_, which never outgrows what it
+// reserved: the iovecs that point into it stay valid until the batch is sent.
+const std::byte* PageSender::copy_into_batch(const std::byte* page) {
+  const std::size_t at = batch_bytes_.size();
+  batch_bytes_.insert(batch_bytes_.end(), page, page + kPageSize);
+  return batch_bytes_.data() + at;
+}
+
 // `snapshot` is the page as hashed. It goes as a delta against its cached version when that
 // is small enough, else whole from its cache slot; either way the slot then holds it.
 void PageSender::add_through_cache(std::size_t region, std::uint64_t page, const std::byte* snapshot,
                                    wire::PageDescriptor& d) {
   std::byte* slot = delta_->find(region, page);
-  const std::size_t at = delta_bytes_.size();
-  if (slot && encode_delta(slot, snapshot, kPageSize / 2, delta_bytes_) > 0) {
+  const std::size_t at = batch_bytes_.size();
+  if (slot && encode_delta(slot, snapshot, kPageSize / 2, batch_bytes_) > 0) {
     d.encoding = wire::PageEncoding::delta;
-    d.length = static_cast<std::uint32_t>(delta_bytes_.size() - at);
-    pages_.push_back({delta_bytes_.data() + at, d.length});
+    d.length = static_cast<std::uint32_t>(batch_bytes_.size() - at);
+    pages_.push_back({batch_bytes_.data() + at, d.length});
     ++counts_.pages_delta;
   } else {
     slot = delta_->slot_for(region, page);
@@ -170,7 +192,7 @@ void PageSender::flush() {
   report(stream_.counters().bytes_sent - before);
   descriptors_.clear();
   pages_.clear();
-  delta_bytes_.clear();
+  batch_bytes_.clear();
   memory_ = transport::PageMemory::guest;
 }
 

@@ -65,6 +65,7 @@ class PageSender {
   void begin(std::uint32_t round, bool guest_paused);
   RoundCounts end();
   void add_page(std::size_t region, std::uint64_t page);
+  const std::byte* copy_into_batch(const std::byte* page);
   void add_through_cache(std::size_t region, std::uint64_t page, const std::byte* snapshot, wire::PageDescriptor& d);
   void flush();
   void report(std::uint64_t bytes);  // tells control_ what this round did since the last report
@@ -83,7 +84,7 @@ class PageSender {
   std::uint64_t pages_delta_total_ = 0;
   std::optional<BatchCompressor> compressor_;
   std::optional<DeltaCache> delta_;
-  std::vector<std::byte> delta_bytes_;
+  std::vector<std::byte> batch_bytes_;  // what this batch sends from here: deltas, pages resent as copies
   alignas(64) std::byte snapshot_[kPageSize];
   std::vector<wire::PageDescriptor> descriptors_;
   std::vector<iovec> pages_;

@@ -20,9 +20,7 @@ constexpr double kDirtyLimitCreditS = 0.010;
 // trace (each vCPU it names, and the writes it names no vCPU for) has its own trace clock,
 // which runs with wall time slowed by the throttle; a vCPU under a dirty limit is also held,
 // so that what it wrote since the limit began never outruns the limit. The pages written
-// gather until the engine fetches them. Every write and every send is stamped with its wall
-// time: a page whose last write came before its last send is unchanged since, and the
-// engine's dedup skips it when its turn comes.
+// gather until the engine fetches them.
 class ReplayedGuest {
  public:
   ReplayedGuest(const DirtyTrace& trace, double start_s)
@@ -31,9 +29,7 @@ class ReplayedGuest {
         loop_from_(static_cast<std::uint64_t>(start_s / interval_s_)),
         clocks_(trace.vcpus + 1, start_s / interval_s_),
         pacing_(trace.vcpus),
-        dirty_((trace.pages + 63) / 64, 0),
-        last_write_(trace.pages, -1),
-        last_send_(trace.pages, -1) {}
+        dirty_((trace.pages + 63) / 64, 0) {}
 
   // `seconds` of wall time from `wall`, at `throttle_pct`, each vCPU dirtying at most
   // `limit_pages_per_s` (0: no limit).
@@ -42,7 +38,7 @@ class ReplayedGuest {
     if (limit_pages_per_s <= 0 && std::adjacent_find(clocks_.begin(), clocks_.end(), std::not_equal_to<>()) == clocks_.end()) {
       // No writer held, none behind: one pass over the trace for them all.
       pacing_.assign(trace_.vcpus, {});
-      run_free(kEveryWriter, wall, seconds, speed);
+      run_free(kEveryWriter, seconds, speed);
       return;
     }
     for (std::size_t writer = 0; writer < clocks_.size(); ++writer) {
@@ -50,7 +46,7 @@ class ReplayedGuest {
       if (names_a_vcpu && limit_pages_per_s > 0)
         run_held(writer, wall, seconds, speed, limit_pages_per_s);
       else
-        run_free(writer, wall, seconds, speed);
+        run_free(writer, seconds, speed);
       if (names_a_vcpu && limit_pages_per_s <= 0) pacing_[writer] = {};
     }
   }
@@ -64,19 +60,6 @@ class ReplayedGuest {
     return pages;
   }
 
-  // Whether `page` was written since it last left (it has, if it never left).
-  bool changed_since_sent(std::uint64_t page) const { return last_send_[page] < 0 || last_write_[page] > last_send_[page]; }
-
-  std::size_t count_changed(const std::vector<std::uint64_t>& pages) const {
-    return static_cast<std::size_t>(std::count_if(pages.begin(), pages.end(), [&](auto page) { return changed_since_sent(page); }));
-  }
-
-  void sent(std::uint64_t page, double wall) { last_send_[page] = wall; }
-
-  // The wall time the guest runs between the sender's looks at it: one trace interval, since
-  // a trace knows no finer time than that.
-  double step_s() const { return interval_s_; }
-
  private:
   // Where a dirty-limited vCPU's pacing began, and what it has written since.
   struct Pacing {
@@ -89,16 +72,13 @@ class ReplayedGuest {
     return writer < trace_.vcpus ? static_cast<std::uint32_t>(writer) : std::uint32_t{kNoVcpu};
   }
 
-  void write(std::uint64_t page, double wall) {
-    dirty_[page / 64] |= std::uint64_t{1} << (page % 64);
-    last_write_[page] = std::max(last_write_[page], wall);
-  }
+  void write(std::uint64_t page) { dirty_[page / 64] |= std::uint64_t{1} << (page % 64); }
 
   // Runs one writer, or all of them (kEveryWriter) when their clocks agree.
-  void run_free(std::size_t writer, double wall, double seconds, double speed) {
+  void run_free(std::size_t writer, double seconds, double speed) {
     const bool all = writer == kEveryWriter;
     const double from = clocks_[all ? 0 : writer], to = from + seconds * speed;
-    for_each_write(trace_, from, to, [&](std::uint64_t page, double when) { write(page, wall + (when - from) / speed); },
+    for_each_write(trace_, from, to, [&](std::uint64_t page, double) { write(page); },
                    all ? kEveryWriter : writer_id(writer), loop_from_);
     if (all)
       std::fill(clocks_.begin(), clocks_.end(), to);
@@ -130,7 +110,7 @@ class ReplayedGuest {
       }
       held = at - unheld;
       ++pacing.pages;
-      write(page, at);
+      write(page);
     }
   }
 
@@ -140,41 +120,20 @@ class ReplayedGuest {
   std::vector<double> clocks_;  // per writer (the vCPUs, then the unnamed writes): trace time, in intervals
   std::vector<Pacing> pacing_;  // per vCPU
   std::vector<std::uint64_t> dirty_;
-  std::vector<double> last_write_, last_send_;  // wall times; -1: never
 };
 
-// One pre-copy round from wall time `now`. The pages pending leave in address order, back to
-// back at the link's rate, while the guest runs on in steps: as the engine's dedup does, the
-// sender skips a page when its turn comes if it is unchanged since it last left (judged from
-// the guest as it stood when the step began). RoundEnd and RoundAck follow the last page; then
-// the dirty log is fetched, into `pending`.
+// One pre-copy round from wall time `now`: the pages pending leave back to back at the link's
+// rate while the guest runs on, RoundEnd and RoundAck follow the last page, and then the
+// dirty log is fetched, into `pending`. Every pending page is sent: the engine's dedup skips
+// a page only when its bytes equal those of a send it is certain of (page_hashes.h), which
+// takes a rewrite with the same bytes, and a trace cannot tell that from a change.
 RoundStats replay_round(ReplayedGuest& guest, std::vector<std::uint64_t>& pending, double now, RoundStats r,
                         const SimulatorOptions& o) {
   const std::uint64_t scale = o.guest_scale;
-  const double page_s = static_cast<double>(scale * kWirePageBytes) / o.bandwidth_Bps;
-  const double dirty_limit = r.dirty_limit_MBps * 1e6 / kPageSize;
-  double guest_at = now, sender_at = now;  // how far the guest has run; when the next page can leave
-  auto run_guest_until = [&](double until) {
-    guest.run(guest_at, until - guest_at, r.throttle_pct, dirty_limit);
-    guest_at = until;
-  };
-  std::uint64_t sent = 0;
-  for (std::size_t next = 0; next < pending.size();) {
-    const double step_end = guest_at + guest.step_s();
-    for (; next < pending.size() && sender_at < step_end; ++next) {
-      if (!guest.changed_since_sent(pending[next])) continue;
-      guest.sent(pending[next], sender_at);
-      sender_at += page_s;
-      ++sent;
-    }
-    if (next < pending.size()) run_guest_until(step_end);  // the sender is busy until past it
-  }
-  r.pages_sent = sent * scale;
-  r.pages_skipped = (pending.size() - sent) * scale;
+  r.pages_sent = pending.size() * scale;
   r.bytes_sent = r.pages_sent * kWirePageBytes + kRoundOverheadBytes;
-  const double round_end = sender_at + kRoundOverheadBytes / o.bandwidth_Bps + 2 * o.latency_ms / 1000;
-  run_guest_until(round_end);
-  r.duration_s = round_end - now;
+  r.duration_s = static_cast<double>(r.bytes_sent) / o.bandwidth_Bps + 2 * o.latency_ms / 1000;
+  guest.run(now, r.duration_s, r.throttle_pct, r.dirty_limit_MBps * 1e6 / kPageSize);
   pending = guest.fetch();
   r.dirty_pages = pending.size() * scale;
   r.dirty_rate_Bps = static_cast<double>(r.dirty_pages * kPageSize) / r.duration_s;
@@ -259,7 +218,7 @@ SimulatedMigration simulate(const DirtyTrace& trace, const SimulatorOptions& o) 
   // Stop-and-copy: the last pages and the state, unlimited; Complete, restore, Ready, Commit.
   const double pause_bandwidth = o.pause_bandwidth_Bps > 0 ? o.pause_bandwidth_Bps : o.bandwidth_Bps;
   const std::uint64_t final_bytes =
-      guest.count_changed(pending) * o.guest_scale * kWirePageBytes + o.state_bytes + kRoundOverheadBytes;
+      pending.size() * o.guest_scale * kWirePageBytes + o.state_bytes + kRoundOverheadBytes;
   m.bytes_sent += final_bytes;
   m.downtime_ms = (static_cast<double>(final_bytes) / pause_bandwidth + 1.5 * rtt) * 1000 + o.restore_ms;
   m.total_ms = now * 1000 + m.downtime_ms + 0.5 * rtt * 1000;

@@ -5,11 +5,9 @@
 // to send, the round trips, restore) is modelled from the link and a few fixed costs:
 //   - a page on the wire is 4096 bytes plus its 16-byte descriptor (zero pages are not
 //     modelled: a trace cannot tell them);
-//   - dedup: a round sends its pages in address order, back to back, while the guest runs
-//     on; a page whose last write came before it last left is unchanged, and skipped when
-//     its turn comes (as the engine hashes it then); a page written after it left is assumed
-//     to have changed. The guest runs in steps of one trace interval, and the sender judges
-//     the pages of a step from the guest as it stood when the step began;
+//   - every write is taken to change its page, so dedup never skips one: the engine skips
+//     only a page rewritten with the bytes it last sent for certain (page_hashes.h), which a
+//     trace cannot tell;
 //   - round 0 sends the pages populated when the trace began; round k sends the pages the
 //     guest wrote during round k-1 (each write of a trace frame is put at a fixed
 //     pseudo-random moment within its interval); the guest's clock slows by the throttle the

@@ -44,7 +44,7 @@ struct SenderOptions {
   std::shared_ptr<const MigrationPolicy> policy_plugin;
   bool offline = false;  // pause first and copy everything once: a cold migration
   bool verify = true;    // page-hash verification at completion
-  bool dedup = true;     // skip a dirty page whose contents equal its last-sent version
+  bool dedup = true;     // skip a dirty page whose contents equal a version it surely sent (page_hashes.h)
   // Skip never-touched pages in round 0 (found without faulting them in) and zero pages the
   // receiver already holds as zero. Off: every page is read and sent, for measuring the gain.
   bool skip_zero_pages = true;

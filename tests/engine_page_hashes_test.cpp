@@ -41,3 +41,18 @@ TEST_CASE("page hash digest tells pages apart: swapped contents do not cancel ou
   c.set(0, 0, 2, 9);
   CHECK(a.digest() != c.digest());
 }
+
+TEST_CASE("an entry from running memory stays uncertain until a certain send - and the digest is the same either way") {
+  PageHashes sender(kRegions, 2), receiver(kRegions, 1);
+  CHECK(sender.certain(0, 3));  // never sent: both sides hold the zero page
+  sender.set(0, 0, 3, 111, false);
+  sender.set(1, 0, 4, 222);
+  CHECK_FALSE(sender.certain(0, 3));
+  CHECK(sender.certain(0, 4));  // a neighbour in the same word, set by another channel
+  receiver.set(0, 0, 3, 111);
+  receiver.set(0, 0, 4, 222);
+  CHECK(sender.digest() == receiver.digest());
+  sender.set(0, 0, 3, 111);  // resent as a copy
+  CHECK(sender.certain(0, 3));
+  CHECK(sender.digest() == receiver.digest());
+}

@@ -22,7 +22,8 @@
 namespace mig::transport {
 
 // Where the page parts of a frame point. Only guest memory may go zero-copy: it lives as
-// long as the VM, and a page the guest rewrites after the send is dirty and goes again.
+// long as the VM, and a page the guest rewrites after the send is dirty and goes again
+// (the engine takes what crossed as uncertain: engine/page_hashes.h).
 // Scratch buffers (compressed batches, deltas, cached page versions) are reused by the next
 // batch, so the kernel must copy them before send_gathered returns.
 enum class PageMemory { guest, scratch };
