@@ -19,6 +19,7 @@
 #include <thread>
 
 #include "engine/incoming_migration.h"
+#include "engine/pages.h"
 #include "engine/simulator.h"
 #include "engine/source_migration.h"
 #include "transport/endpoint.h"
@@ -61,6 +62,15 @@ class ReplayingVm final : public engine::MigratableVm {
     std::lock_guard lock(mutex_);
     std::copy(dirty_.begin(), dirty_.end(), bitmap.begin());
     std::fill(dirty_.begin(), dirty_.end(), 0);
+  }
+  // Re-arming waits for the engine, as KVM's manual protection lets it (and mig-sim models).
+  void fetch_dirty_log_unarmed(std::size_t, std::span<std::uint64_t> bitmap) override {
+    std::lock_guard lock(mutex_);
+    std::copy(dirty_.begin(), dirty_.end(), bitmap.begin());
+  }
+  void rearm_dirty_pages(std::size_t, std::uint64_t first_page, std::span<const std::uint64_t> pages) override {
+    std::lock_guard lock(mutex_);
+    engine::clear_pages(dirty_, first_page, pages);
   }
   bool set_throttle(double share) override {
     std::lock_guard lock(mutex_);

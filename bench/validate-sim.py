@@ -16,8 +16,9 @@ the same policy and link. Two kinds of pairs:
     computes here: one that spins takes one of this host's two cores from the migration, by
     as much as the scheduler pleases, which no link calibration can predict.
 Per link, three idle guests' migrations first calibrate the simulator (the link's best page
-throughput, the median set-up and restore times); the workloads are then predicted, never
-fitted. It
+throughput, the median set-up and restore times), and told how far the sender reads ahead
+of the link (TCP's largest send buffer, as configured). The workloads are then predicted,
+never fitted. It
 prints a table and, with --json, every row with all its repeats (bench/plot.py validation
 draws them).
 
@@ -88,7 +89,7 @@ def calibrate(build, net, work, runs=3):
 def migration_start(build, trace):
     """Where in `trace` the real migration began: AFTER_S after the guest was ready, which a
     synthetic guest is once its fill has written every page. The sweep's phase then matches
-    the real one's, and it decides much (a page swept just before it was sent is skipped)."""
+    the real one's, and it decides much (a page swept just before its turn leaves once)."""
     info = subprocess.run([os.path.join(build, "tools", "mig-sim"), trace, "--info"], capture_output=True, text=True,
                           check=True).stdout
     filled = re.search(r"every page written by ([0-9.]+) s", info)
@@ -97,11 +98,20 @@ def migration_start(build, trace):
     return float(filled.group(1)) + AFTER_S
 
 
+def send_buffer_max():
+    """How far mig-send can read ahead of the link: TCP's largest send buffer here (it sets
+    none of its own), which bounds the shaper's queue too (tbf holds up to 100 ms: 5 MB at
+    400 Mbit/s, 12.5 MB at 1 Gbit/s)."""
+    with open("/proc/sys/net/ipv4/tcp_wmem") as f:
+        return int(f.read().split()[2])
+
+
 def simulate(build, trace, policy, calibration):
     bandwidth = "%d" % calibration["bandwidth_Bps"]  # bytes per second
     out = subprocess.run([os.path.join(build, "tools", "mig-sim"), trace, "--policy", policy, "--bandwidth", bandwidth,
                           "--setup-ms", "%.3f" % calibration["setup_ms"], "--restore-ms",
                           "%.3f" % calibration["restore_ms"], "--trace-start", "%.3f" % migration_start(build, trace),
+                          "--read-ahead-bytes", str(send_buffer_max()),
                           "--json"], capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 

@@ -12,6 +12,8 @@
 #include <random>
 #include <stdexcept>
 
+#include "engine/pages.h"
+
 namespace mig::engine {
 namespace {
 
@@ -445,6 +447,18 @@ void RecordingVm::fetch_dirty_log(std::size_t region, std::span<std::uint64_t> b
   auto& pending = engine_bitmaps_.at(region);
   std::copy(pending.begin(), pending.end(), bitmap.begin());
   std::fill(pending.begin(), pending.end(), 0);
+}
+
+void RecordingVm::fetch_dirty_log_unarmed(std::size_t region, std::span<std::uint64_t> bitmap) {
+  std::lock_guard lock(mutex_);
+  fetch_inner(region);
+  const auto& pending = engine_bitmaps_.at(region);
+  std::copy(pending.begin(), pending.end(), bitmap.begin());
+}
+
+void RecordingVm::rearm_dirty_pages(std::size_t region, std::uint64_t first_page, std::span<const std::uint64_t> pages) {
+  std::lock_guard lock(mutex_);
+  clear_pages(engine_bitmaps_.at(region), first_page, pages);
 }
 
 }  // namespace mig::engine

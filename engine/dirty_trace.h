@@ -136,6 +136,10 @@ class RecordingVm final : public MigratableVm {
   void start_dirty_log() override;
   void stop_dirty_log() override;
   void fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) override;
+  // The engine's pages re-arm when it says, whatever the inner VM does: a write after the
+  // last look at the inner VM is reported next time.
+  void fetch_dirty_log_unarmed(std::size_t region, std::span<std::uint64_t> bitmap) override;
+  void rearm_dirty_pages(std::size_t region, std::uint64_t first_page, std::span<const std::uint64_t> pages) override;
   std::vector<int> shareable_memory_fds() const override { return inner_->shareable_memory_fds(); }
   void populated_pages(std::size_t region, std::span<std::uint64_t> bitmap) override { inner_->populated_pages(region, bitmap); }
   std::string postcopy_unsupported() const override { return inner_->postcopy_unsupported(); }

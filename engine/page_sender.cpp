@@ -30,7 +30,7 @@ RoundCounts& RoundCounts::operator+=(const RoundCounts& o) {
 PageSender::PageSender(std::span<const MemoryRegion> regions, transport::Stream& stream, PageHashes& hashes,
                        const PageSenderConfig& config, MigrationControl& control, unsigned channel, unsigned channels)
     : regions_(regions), stream_(stream), hashes_(hashes), control_(control), dedup_(config.dedup),
-      skip_zero_(config.skip_zero_pages), channel_(channel), channels_(channels) {
+      skip_zero_(config.skip_zero_pages), dirty_log_(config.dirty_log), channel_(channel), channels_(channels) {
   if (config.compress_level > 0) compressor_.emplace(config.compress_level);
   if (config.delta_cache_pages > 0) {
     // Batches send cached pages straight from their slots: a slot must not be reused while
@@ -71,11 +71,33 @@ RoundCounts PageSender::send_round(std::uint32_t round, Bitmaps& pending, bool g
         claim_page(pending[r], page);
       }
     };
-    // Each channel reads only its own share of the bitmap.
-    for_each_channel_range(regions_[r].guest_addr / kPageSize, regions_[r].size / kPageSize, channel_, channels_,
-                           [&](std::uint64_t begin, std::uint64_t end) { for_each_run(pending[r], begin, end, add_run); });
+    // Each channel reads only its own share of the bitmap, a stretch at a time: while the
+    // guest runs, a stretch's dirty log is re-armed just before its pages are read, so that a
+    // write made before then leaves with its page and one made after is fetched next round.
+    auto send_range = [&](std::uint64_t begin, std::uint64_t end) {
+      for (std::uint64_t from = begin, to; from < end && !stopped; from = to) {
+        to = std::min(end, (from / kRearmPages + 1) * kRearmPages);
+        if (dirty_log_ && !guest_paused) rearm_dirty_log(r, pending[r], from, to);
+        for_each_run(pending[r], from, to, add_run);
+      }
+    };
+    for_each_channel_range(regions_[r].guest_addr / kPageSize, regions_[r].size / kPageSize, channel_, channels_, send_range);
   }
   return end();
+}
+
+// Re-arms the pages pending in [begin, end): each will be read after this, in this round or,
+// stopped early, a later one (it stays pending).
+void PageSender::rearm_dirty_log(std::size_t region, std::span<const std::uint64_t> pending, std::uint64_t begin,
+                                 std::uint64_t end) {
+  const std::uint64_t first = begin / 64 * 64;
+  rearming_.clear();
+  bool any = false;
+  for (std::uint64_t word_first = first; word_first < end; word_first += 64) {
+    rearming_.push_back(word_within(pending, word_first, begin, end));
+    any = any || rearming_.back() != 0;
+  }
+  if (any) dirty_log_->rearm_dirty_pages(region, first, rearming_);
 }
 
 RoundCounts PageSender::send_pages(std::uint32_t round, std::size_t region, std::uint64_t first, std::uint64_t count) {

@@ -33,6 +33,9 @@ struct PageSenderConfig {
   bool skip_zero_pages = true;
   int compress_level = 0;
   std::size_t delta_cache_pages = 0;
+  // The VM whose dirty log the sender re-arms, stretch by stretch, just before it reads the
+  // pages of a live round (MigratableVm::rearm_dirty_pages); none for pages sent otherwise.
+  MigratableVm* dirty_log = nullptr;
 };
 
 // Hashes each page as it goes, which both feeds verification and finds the pages not worth
@@ -40,6 +43,10 @@ struct PageSenderConfig {
 class PageSender {
  public:
   static constexpr std::size_t kBatchPages = 256;
+  // Pages re-armed at once (a multiple of 64): a write between a stretch's re-arming and a
+  // page's turn in it still sends the page again next round, and each re-arming costs an
+  // ioctl that write-protects pages; 2 MiB, the channels' chunk (wire::kChannelChunkPages).
+  static constexpr std::uint64_t kRearmPages = 512;
 
   // Channel `channel` of `channels`: it handles only the pages that travel on it.
   PageSender(std::span<const MemoryRegion> regions, transport::Stream& stream, PageHashes& hashes,
@@ -64,6 +71,7 @@ class PageSender {
  private:
   void begin(std::uint32_t round, bool guest_paused);
   RoundCounts end();
+  void rearm_dirty_log(std::size_t region, std::span<const std::uint64_t> pending, std::uint64_t begin, std::uint64_t end);
   void add_page(std::size_t region, std::uint64_t page);
   const std::byte* copy_into_batch(const std::byte* page);
   void add_through_cache(std::size_t region, std::uint64_t page, const std::byte* snapshot, wire::PageDescriptor& d);
@@ -75,6 +83,8 @@ class PageSender {
   PageHashes& hashes_;  // shared by all channels; each writes only its own pages' entries
   MigrationControl& control_;
   bool dedup_, skip_zero_;
+  MigratableVm* dirty_log_;
+  std::vector<std::uint64_t> rearming_;  // the pages of a stretch to re-arm
   unsigned channel_, channels_;
   std::uint32_t round_ = 0;
   bool guest_paused_ = false, unpaced_ = false;

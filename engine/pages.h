@@ -34,6 +34,13 @@ std::uint64_t count_pages(std::span<const std::uint64_t> bitmap, std::uint64_t p
 
 inline std::size_t bitmap_words(std::uint64_t pages) { return static_cast<std::size_t>((pages + 63) / 64); }
 
+// Clears in `bitmap` the pages set in `pages` (bit i for page `first_page` + i, `first_page` a
+// multiple of 64), as MigratableVm::rearm_dirty_pages() asks; pages past the end are ignored.
+inline void clear_pages(std::span<std::uint64_t> bitmap, std::uint64_t first_page, std::span<const std::uint64_t> pages) {
+  for (std::size_t w = 0; w < pages.size() && first_page / 64 + w < bitmap.size(); ++w)
+    bitmap[static_cast<std::size_t>(first_page / 64) + w] &= ~pages[w];
+}
+
 // One number per page of guest memory, for maps and atomics: the region in the top 16 bits,
 // the page within it below.
 inline std::uint64_t page_key(std::size_t region, std::uint64_t page) { return std::uint64_t{region} << 48 | page; }
@@ -72,15 +79,23 @@ void for_each_channel_range(std::uint64_t region_first, std::uint64_t pages, uns
     visit(std::max(c * chunk, region_first) - region_first, std::min((c + 1) * chunk - region_first, pages));
 }
 
+// The word of `bitmap` that holds bit `word_first` (a multiple of 64), read atomically as
+// for_each_run() reads it, with only its bits in [begin, end) kept.
+inline std::uint64_t word_within(std::span<const std::uint64_t> bitmap, std::uint64_t word_first, std::uint64_t begin,
+                                 std::uint64_t end) {
+  std::uint64_t word = std::atomic_ref(const_cast<std::uint64_t&>(bitmap[static_cast<std::size_t>(word_first / 64)]))
+                           .load(std::memory_order_relaxed);
+  if (begin > word_first) word &= ~std::uint64_t{0} << (begin - word_first);
+  if (end - word_first < 64) word &= (std::uint64_t{1} << (end - word_first)) - 1;
+  return word;
+}
+
 template <typename Visit>
 void for_each_run(std::span<const std::uint64_t> bitmap, std::uint64_t begin, std::uint64_t end, Visit&& visit) {
   end = std::min<std::uint64_t>(end, std::uint64_t{bitmap.size()} * 64);
   PageRun open;  // the run being extended across word boundaries; count 0 when none
   for (std::uint64_t word_first = begin / 64 * 64; word_first < end; word_first += 64) {
-    std::uint64_t word = std::atomic_ref(const_cast<std::uint64_t&>(bitmap[static_cast<std::size_t>(word_first / 64)]))
-                             .load(std::memory_order_relaxed);
-    if (begin > word_first) word &= ~std::uint64_t{0} << (begin - word_first);
-    if (end - word_first < 64) word &= (std::uint64_t{1} << (end - word_first)) - 1;
+    std::uint64_t word = word_within(bitmap, word_first, begin, end);
     while (word) {
       const auto start = static_cast<unsigned>(std::countr_zero(word));
       const auto length = static_cast<unsigned>(std::countr_one(word >> start));

@@ -6,6 +6,8 @@
 #include <stdexcept>
 #include <utility>
 
+#include "engine/page_sender.h"
+
 namespace mig::engine {
 namespace {
 
@@ -50,6 +52,15 @@ class ReplayedGuest {
       if (names_a_vcpu && limit_pages_per_s <= 0) pacing_[writer] = {};
     }
   }
+
+  // The engine re-arms these pages' dirty tracking: their writes until now leave with them.
+  void rearm(std::span<const std::uint64_t> pages) {
+    for (auto page : pages) dirty_[page / 64] &= ~(std::uint64_t{1} << (page % 64));
+  }
+
+  // The wall time the guest runs between the sender's re-armings: one trace interval, since a
+  // trace knows no finer time than that.
+  double step_s() const { return interval_s_; }
 
   // The pages written since the last fetch, ascending, as the dirty log would give them.
   std::vector<std::uint64_t> fetch() {
@@ -122,18 +133,40 @@ class ReplayedGuest {
   std::vector<std::uint64_t> dirty_;
 };
 
-// One pre-copy round from wall time `now`: the pages pending leave back to back at the link's
-// rate while the guest runs on, RoundEnd and RoundAck follow the last page, and then the
-// dirty log is fetched, into `pending`. Every pending page is sent: the engine's dedup skips
-// a page only when its bytes equal those of a send it is certain of (page_hashes.h), which
-// takes a rewrite with the same bytes, and a trace cannot tell that from a change.
+// One pre-copy round from wall time `now`: the pages pending leave in address order, back to
+// back at the link's rate, read ahead of it by what the way holds, while the guest runs on in
+// steps. As the engine does, the sender re-arms the dirty tracking of a stretch of pages as it
+// reads the first of them (at the start of that step): what the guest wrote to them before
+// then leaves with them. RoundEnd and RoundAck follow the last page, and then the dirty log
+// is fetched, into `pending`. Every pending page is sent: the engine's dedup skips a page only
+// when its bytes equal those of a send it is certain of (page_hashes.h), which takes a rewrite
+// with the same bytes, and a trace cannot tell that from a change.
 RoundStats replay_round(ReplayedGuest& guest, std::vector<std::uint64_t>& pending, double now, RoundStats r,
                         const SimulatorOptions& o) {
   const std::uint64_t scale = o.guest_scale;
   r.pages_sent = pending.size() * scale;
   r.bytes_sent = r.pages_sent * kWirePageBytes + kRoundOverheadBytes;
   r.duration_s = static_cast<double>(r.bytes_sent) / o.bandwidth_Bps + 2 * o.latency_ms / 1000;
-  guest.run(now, r.duration_s, r.throttle_pct, r.dirty_limit_MBps * 1e6 / kPageSize);
+  const double page_s = static_cast<double>(scale * kWirePageBytes) / o.bandwidth_Bps, end = now + r.duration_s;
+  const double dirty_limit = r.dirty_limit_MBps * 1e6 / kPageSize;
+  std::size_t rearmed = 0;  // pending[0, rearmed) are re-armed
+  for (double at = now; at < end;) {
+    const double step_end = std::min(end, at + guest.step_s());
+    // The pages read before the step ends (page i leaves at i * page_s, read ahead of that);
+    // the engine re-arms each one's stretch of PageSender::kRearmPages as it comes to the
+    // first page of it.
+    const double read_by = (step_end - now) / page_s + o.read_ahead_bytes / static_cast<double>(scale * kWirePageBytes);
+    const auto due = static_cast<std::size_t>(std::min(static_cast<double>(pending.size()), std::ceil(read_by)));
+    while (rearmed < due) {
+      const std::uint64_t stretch = pending[rearmed] / PageSender::kRearmPages;
+      std::size_t stretch_end = rearmed;
+      while (stretch_end < pending.size() && pending[stretch_end] / PageSender::kRearmPages == stretch) ++stretch_end;
+      guest.rearm(std::span(pending).subspan(rearmed, stretch_end - rearmed));
+      rearmed = stretch_end;
+    }
+    guest.run(at, step_end - at, r.throttle_pct, dirty_limit);
+    at = step_end;
+  }
   pending = guest.fetch();
   r.dirty_pages = pending.size() * scale;
   r.dirty_rate_Bps = static_cast<double>(r.dirty_pages * kPageSize) / r.duration_s;

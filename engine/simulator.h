@@ -44,6 +44,11 @@ struct SimulatorOptions {
   double bandwidth_Bps = 125e6;                   // pre-copy page data over the link (all channels together)
   double pause_bandwidth_Bps = 0;                 // the final round's; 0: bandwidth_Bps
   double latency_ms = 0.05;                       // one way
+  // How far ahead of the link the sender reads pages, once the way has filled: what the
+  // socket's send buffer and the link's queues hold between them (TCP's send buffer bounds
+  // both: data queued on the way is unacknowledged, and stays in it). A page's dirty
+  // tracking is re-armed when it is read, that much before it leaves.
+  double read_ahead_bytes = 0;
   unsigned channels = 1;                          // only the bandwidth they share is modelled
   unsigned guest_scale = 1;
   bool can_throttle = true;

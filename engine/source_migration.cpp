@@ -85,10 +85,12 @@ class SourceRollback {
 };
 
 // ORs the pages dirtied since the last fetch into `pending`; returns how many are pending.
+// They stay unarmed until PageSender reaches them: a page written between this fetch and its
+// turn then leaves once, with that write, and is not fetched again for it.
 std::uint64_t fetch_dirty(MigratableVm& vm, std::span<const MemoryRegion> regions, Bitmaps& scratch, Bitmaps& pending) {
   std::uint64_t total = 0;
   for (std::size_t r = 0; r < regions.size(); ++r) {
-    vm.fetch_dirty_log(r, scratch[r]);
+    vm.fetch_dirty_log_unarmed(r, scratch[r]);
     for (std::size_t w = 0; w < pending[r].size(); ++w) pending[r][w] |= scratch[r][w];
     total += count_pages(pending[r], regions[r].size / kPageSize);
   }
@@ -364,7 +366,7 @@ void SourceMigration::open_channels() {
   // With post-copy, one more PageHashes channel: the answers to requests.
   s.hashes = std::make_unique<PageHashes>(s.regions, s.channels + (s.postcopy ? 1 : 0));
   const PageSenderConfig config{s.options.dedup, s.options.skip_zero_pages, s.options.compress_level,
-                                s.options.delta_cache_pages};
+                                s.options.delta_cache_pages, &s.vm};
   for (unsigned i = 0; i < s.channels; ++i)
     s.senders.push_back(std::make_unique<PageSender>(s.regions, *s.streams[i], *s.hashes, config, *control_, i, s.channels));
   s.pending = empty_bitmaps(s.regions);

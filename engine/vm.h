@@ -87,6 +87,18 @@ class MigratableVm {
   virtual void start_dirty_log() = 0;
   virtual void stop_dirty_log() = 0;
   virtual void fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) = 0;
+  // Re-arming later, as KVM's manual dirty-log protection allows. fetch_dirty_log_unarmed()
+  // reports as fetch_dirty_log() does, but may leave the pages it reports unarmed: reported
+  // again by every later fetch, whatever is written meanwhile, until rearm_dirty_pages()
+  // re-arms them (the pages set in `pages`, bit i for page `first_page` + i; `first_page` a
+  // multiple of 64). The engine re-arms a page just before it reads it to send it, so a page
+  // the guest writes between the fetch and its turn leaves once, with that write, rather than
+  // again in the next round. The defaults re-arm at the fetch, which is always safe.
+  virtual void fetch_dirty_log_unarmed(std::size_t region, std::span<std::uint64_t> bitmap) {
+    fetch_dirty_log(region, bitmap);
+  }
+  virtual void rearm_dirty_pages(std::size_t /*region*/, std::uint64_t /*first_page*/,
+                                 std::span<const std::uint64_t> /*pages*/) {}
   // Where the VM knows which vCPU dirtied a page (KVM's dirty ring), a fetch can say so, for
   // dirty traces that a simulator replays vCPU by vCPU: fetch_dirty_log()'s pages, but each
   // vCPU's in `vcpu_bitmaps[v]` (vcpu_count() of them, sized as `bitmap`) and the rest (the

@@ -30,6 +30,7 @@ DirtyRingHarvester::DirtyRingHarvester(std::vector<std::span<DirtyGfn>> rings, s
     : slot_pages_(std::move(slot_pages)), recycle_(std::move(recycle)), harvested_(rings.size(), 0) {
   for (auto ring : rings) collectors_.emplace_back(ring);
   for (auto pages : slot_pages_) found_.emplace_back((pages + 63) / 64, 0);
+  unarmed_ = found_;
   pages_.assign(rings.size(), std::vector<std::vector<std::uint64_t>>(slot_pages_.size()));
 }
 
@@ -67,14 +68,43 @@ void DirtyRingHarvester::take_locked(std::size_t slot, Put&& put) {
 void DirtyRingHarvester::forget() {
   std::lock_guard lock(mutex_);
   harvest_locked();  // once for every slot: a harvest ends in a reset of every ring
-  for (std::size_t slot = 0; slot < slot_pages_.size(); ++slot) take_locked(slot, [](std::size_t, std::uint64_t) {});
+  for (std::size_t slot = 0; slot < slot_pages_.size(); ++slot) {
+    take_locked(slot, [](std::size_t, std::uint64_t) {});
+    std::fill(unarmed_[slot].begin(), unarmed_[slot].end(), 0);
+  }
 }
 
 void DirtyRingHarvester::take(std::size_t slot, std::span<std::uint64_t> bitmap) {
-  if (bitmap.size() * 64 < slot_pages_.at(slot)) throw std::invalid_argument("dirty bitmap too small for slot");
   std::lock_guard lock(mutex_);
+  auto& unarmed = take_unarmed_locked(slot, bitmap);
+  std::fill(unarmed.begin(), unarmed.end(), 0);  // reported, and armed again by the harvest
+}
+
+void DirtyRingHarvester::take_unarmed(std::size_t slot, std::span<std::uint64_t> bitmap) {
+  std::lock_guard lock(mutex_);
+  take_unarmed_locked(slot, bitmap);
+}
+
+std::vector<std::uint64_t>& DirtyRingHarvester::take_unarmed_locked(std::size_t slot, std::span<std::uint64_t> bitmap) {
+  if (bitmap.size() * 64 < slot_pages_.at(slot)) throw std::invalid_argument("dirty bitmap too small for slot");
+  auto& unarmed = gather_unarmed_locked(slot);
+  for (std::size_t w = 0; w < unarmed.size(); ++w) bitmap[w] |= unarmed[w];
+  return unarmed;
+}
+
+void DirtyRingHarvester::rearm(std::size_t slot, std::uint64_t first_page, std::span<const std::uint64_t> pages) {
+  if (first_page % 64 != 0) throw std::invalid_argument("pages to re-arm must start at a multiple of 64");
+  std::lock_guard lock(mutex_);
+  auto& unarmed = gather_unarmed_locked(slot);
+  for (std::size_t w = 0; w < pages.size() && first_page / 64 + w < unarmed.size(); ++w)
+    unarmed[first_page / 64 + w] &= ~pages[w];
+}
+
+std::vector<std::uint64_t>& DirtyRingHarvester::gather_unarmed_locked(std::size_t slot) {
   harvest_locked();
-  take_locked(slot, [&](std::size_t, std::uint64_t page) { bitmap[page / 64] |= std::uint64_t{1} << (page % 64); });
+  auto& unarmed = unarmed_.at(slot);
+  take_locked(slot, [&](std::size_t, std::uint64_t page) { unarmed[page / 64] |= std::uint64_t{1} << (page % 64); });
+  return unarmed;
 }
 
 void DirtyRingHarvester::take_by_vcpu(std::size_t slot, std::span<const std::span<std::uint64_t>> vcpu_bitmaps) {

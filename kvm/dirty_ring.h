@@ -60,8 +60,15 @@ class DirtyRingHarvester {
   // Harvests, then drops everything found: what was dirtied before now is never reported.
   void forget();
   // Harvests, then ORs every page found in `slot` into `bitmap` (ceil(pages / 64) words),
-  // and forgets them.
+  // and forgets them (and any left unarmed).
   void take(std::size_t slot, std::span<std::uint64_t> bitmap);
+  // Re-arming later (engine/vm.h). take_unarmed() takes as take() does, but keeps the pages
+  // unarmed: every later take reports them, until rearm() forgets those set in `pages` (bit
+  // i for page `first_page` + i, `first_page` a multiple of 64). rearm() harvests first: a
+  // page written before it is forgotten with what was written, and its ring entry recycled,
+  // so that a write after it is published again.
+  void take_unarmed(std::size_t slot, std::span<std::uint64_t> bitmap);
+  void rearm(std::size_t slot, std::uint64_t first_page, std::span<const std::uint64_t> pages);
   // The same, but each page into `vcpu_bitmaps[v]` of the vCPU whose ring named it first.
   void take_by_vcpu(std::size_t slot, std::span<const std::span<std::uint64_t>> vcpu_bitmaps);
   // Per vCPU, the entries ever harvested from its ring: the pages it dirtied, each counted
@@ -73,12 +80,17 @@ class DirtyRingHarvester {
   // Moves the pages found in `slot` so far out, calling put(vcpu, page) for each.
   template <typename Put>
   void take_locked(std::size_t slot, Put&& put);
+  // Harvests, and moves the pages found in `slot` into its unarmed bitmap, which it returns.
+  std::vector<std::uint64_t>& gather_unarmed_locked(std::size_t slot);
+  // The same, then ORs that bitmap into `bitmap`.
+  std::vector<std::uint64_t>& take_unarmed_locked(std::size_t slot, std::span<std::uint64_t> bitmap);
 
   std::mutex mutex_;
   std::vector<DirtyRingCollector> collectors_;
   std::vector<std::uint64_t> slot_pages_;
   std::function<void()> recycle_;
   std::vector<std::vector<std::uint64_t>> found_;               // per slot, a bit per page
+  std::vector<std::vector<std::uint64_t>> unarmed_;             // per slot: taken, not yet re-armed
   std::vector<std::vector<std::vector<std::uint64_t>>> pages_;  // per vCPU, per slot: the pages it named first
   std::vector<std::uint64_t> harvested_;                        // per vCPU
 };

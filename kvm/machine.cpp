@@ -107,14 +107,35 @@ void Machine::set_dirty_logging(bool on) {
 }
 
 void Machine::fetch_and_clear_dirty_log(std::size_t slot, std::span<std::uint64_t> bitmap) {
+  fetch_dirty_log(slot, bitmap, true);
+}
+
+void Machine::fetch_dirty_log_unarmed(std::size_t slot, std::span<std::uint64_t> bitmap) {
+  fetch_dirty_log(slot, bitmap, false);
+}
+
+void Machine::fetch_dirty_log(std::size_t slot, std::span<std::uint64_t> bitmap, bool rearm) {
   if (dirty_rings_) {
     std::fill(bitmap.begin(), bitmap.end(), 0);
     flush_vcpu_dirty_buffers();
-    dirty_rings_->take(slot, bitmap);
-  } else {
+    if (rearm)
+      dirty_rings_->take(slot, bitmap);
+    else
+      dirty_rings_->take_unarmed(slot, bitmap);
+  } else if (rearm) {
     vm_.fetch_and_clear_dirty_log(slot, bitmap);
+  } else {
+    vm_.fetch_dirty_log_unarmed(slot, bitmap);
   }
   memory_.take_vmm_writes(slot, bitmap);
+}
+
+// With rings, what a vCPU's PML buffer still holds counts as written after: no kick here.
+void Machine::rearm_dirty_pages(std::size_t slot, std::uint64_t first_page, std::span<const std::uint64_t> pages) {
+  if (dirty_rings_)
+    dirty_rings_->rearm(slot, first_page, pages);
+  else
+    vm_.rearm_dirty_pages(slot, first_page, pages);
 }
 
 void Machine::fetch_dirty_log_by_vcpu(std::size_t slot, std::span<std::uint64_t> bitmap,

@@ -77,6 +77,10 @@ class Machine {
   void set_dirty_logging(bool on);
   // KVM's dirty log of `slot`, with the pages the VMM's devices wrote ORed in.
   void fetch_and_clear_dirty_log(std::size_t slot, std::span<std::uint64_t> bitmap);
+  // The same in two steps, as Vm's, or with dirty rings as DirtyRingHarvester's. The
+  // devices' writes are taken at the fetch either way: one after it is reported next time.
+  void fetch_dirty_log_unarmed(std::size_t slot, std::span<std::uint64_t> bitmap);
+  void rearm_dirty_pages(std::size_t slot, std::uint64_t first_page, std::span<const std::uint64_t> pages);
   // With dirty rings: the same, but the pages each vCPU dirtied in `vcpu_bitmaps[v]`, and
   // only those the VMM's devices wrote in `bitmap`.
   void fetch_dirty_log_by_vcpu(std::size_t slot, std::span<std::uint64_t> bitmap,
@@ -137,6 +141,7 @@ class Machine {
   bool wait_while_held(unsigned index);
   bool enter_guest(unsigned index);
   void flush_vcpu_dirty_buffers();
+  void fetch_dirty_log(std::size_t slot, std::span<std::uint64_t> bitmap, bool rearm);
   VirtioBlk* disk_at(std::uint16_t port) const;
   void fail(std::string reason);
 

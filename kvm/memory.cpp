@@ -257,6 +257,20 @@ void GuestMemory::take_vmm_writes(std::size_t index, std::span<std::uint64_t> bi
   for (std::size_t w = 0; w < words; ++w) bitmap[w] |= vmm_writes_[index][w].exchange(0);
 }
 
+// The flag stays set: bits may stay set after a peek, and a forget may leave some.
+void GuestMemory::peek_vmm_writes(std::size_t index, std::span<std::uint64_t> bitmap) const {
+  const std::size_t words = std::min<std::size_t>(bitmap.size(), (regions_.at(index).layout.size / kPageSize + 63) / 64);
+  if (!vmm_wrote_[index].load()) return;
+  for (std::size_t w = 0; w < words; ++w) bitmap[w] |= vmm_writes_[index][w].load();
+}
+
+void GuestMemory::forget_vmm_writes(std::size_t index, std::uint64_t first_page, std::span<const std::uint64_t> pages) {
+  const std::size_t words = (regions_.at(index).layout.size / kPageSize + 63) / 64, first = first_page / 64;
+  if (first_page % 64 != 0) throw std::invalid_argument("pages to forget must start at a multiple of 64");
+  for (std::size_t w = 0; w < pages.size() && first + w < words; ++w)
+    if (pages[w]) vmm_writes_[index][first + w].fetch_and(~pages[w]);
+}
+
 std::byte* GuestMemory::translate(std::uint64_t guest_addr, std::uint64_t len) const {
   for (const auto& r : regions_) {
     const auto& l = r.layout;

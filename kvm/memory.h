@@ -112,6 +112,12 @@ class GuestMemory {
   // (a dirty ring's harvest would otherwise pay for the whole guest every round).
   void note_vmm_write(std::uint64_t guest_addr, std::uint64_t len);
   void take_vmm_writes(std::size_t index, std::span<std::uint64_t> bitmap);
+  // The same in two steps, for a VM whose every write comes through here (a synthetic guest)
+  // and whose dirty log re-arms later (engine/vm.h): the peek leaves the bits set, and
+  // forget_vmm_writes() clears those set in `pages` (bit i for page `first_page` + i,
+  // `first_page` a multiple of 64).
+  void peek_vmm_writes(std::size_t index, std::span<std::uint64_t> bitmap) const;
+  void forget_vmm_writes(std::size_t index, std::uint64_t first_page, std::span<const std::uint64_t> pages);
 
   // Drops the contents of `count` pages of region `index` from page `first`: afterwards they
   // are absent (and read as zero, or trap under userfaultfd). Anonymous memory unmaps them;

@@ -2,6 +2,7 @@
 
 #include <sys/ioctl.h>
 
+#include <algorithm>
 #include <bit>
 #include <stdexcept>
 #include <string>
@@ -91,19 +92,31 @@ void Vm::set_dirty_logging(bool on) {
 }
 
 void Vm::fetch_and_clear_dirty_log(std::size_t slot, std::span<std::uint64_t> bitmap) {
-  if (dirty_ring_entries_ > 0) throw std::logic_error("Vm::fetch_and_clear_dirty_log on a VM with dirty rings");
-  const std::uint64_t pages = slot_pages(slot);
-  if (bitmap.size() * 64 < pages) throw std::invalid_argument("dirty bitmap too small for slot");
+  fetch_dirty_log_unarmed(slot, bitmap);
+  rearm_dirty_pages(slot, 0, bitmap);
+}
+
+void Vm::fetch_dirty_log_unarmed(std::size_t slot, std::span<std::uint64_t> bitmap) {
+  if (dirty_ring_entries_ > 0) throw std::logic_error("Vm::fetch_dirty_log_unarmed on a VM with dirty rings");
+  if (bitmap.size() * 64 < slot_pages(slot)) throw std::invalid_argument("dirty bitmap too small for slot");
   kvm_dirty_log log{};
   log.slot = static_cast<std::uint32_t>(slot);
   log.dirty_bitmap = bitmap.data();
   check_syscall("KVM_GET_DIRTY_LOG", [&] { return ::ioctl(fd_.get(), KVM_GET_DIRTY_LOG, &log); });
+}
+
+void Vm::rearm_dirty_pages(std::size_t slot, std::uint64_t first_page, std::span<const std::uint64_t> pages) {
   if (!manual_protect_) return;  // KVM_GET_DIRTY_LOG already cleared and re-protected
+  const std::uint64_t slot_end = slot_pages(slot);
+  if (first_page % 64 != 0 || first_page >= slot_end) throw std::invalid_argument("pages to re-arm outside the slot");
+  // KVM takes a count that is a multiple of 64 or ends the slot.
+  const std::uint64_t count = std::min<std::uint64_t>(pages.size() * 64, slot_end - first_page);
+  if (count == 0) return;
   kvm_clear_dirty_log clear{};
   clear.slot = static_cast<std::uint32_t>(slot);
-  clear.first_page = 0;
-  clear.num_pages = static_cast<std::uint32_t>(pages);
-  clear.dirty_bitmap = bitmap.data();
+  clear.first_page = first_page;
+  clear.num_pages = static_cast<std::uint32_t>(count);
+  clear.dirty_bitmap = const_cast<std::uint64_t*>(pages.data());  // only read
   check_syscall("KVM_CLEAR_DIRTY_LOG", [&] { return ::ioctl(fd_.get(), KVM_CLEAR_DIRTY_LOG, &clear); });
 }
 

@@ -38,6 +38,14 @@ class Vm {
   // re-arms write protection for exactly those pages, so a write after this call shows up in
   // the next one. `bitmap` holds at least ceil(slot_pages / 64) words. Not with dirty rings.
   void fetch_and_clear_dirty_log(std::size_t slot, std::span<std::uint64_t> bitmap);
+  // The same in two steps, where KVM allows (manual protection): the fetch leaves the pages
+  // it reports writable and set in KVM's bitmap, so that every later fetch reports them too,
+  // until rearm_dirty_pages() write-protects and clears those of `pages` (bit i for page
+  // `first_page` + i, `first_page` a multiple of 64). Without manual protection the fetch
+  // re-arms at once and rearm_dirty_pages() has nothing to do.
+  void fetch_dirty_log_unarmed(std::size_t slot, std::span<std::uint64_t> bitmap);
+  bool rearms_when_asked() const { return manual_protect_; }
+  void rearm_dirty_pages(std::size_t slot, std::uint64_t first_page, std::span<const std::uint64_t> pages);
   // With dirty rings: recycles every entry harvested from every vCPU's ring, and
   // write-protects those pages again (KVM_RESET_DIRTY_RINGS).
   void reset_dirty_rings();

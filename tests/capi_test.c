@@ -876,9 +876,13 @@ static void start_handover(pair* p, enum handover mode) {
 static void test_memory_handover(int decline) {
   pair p;
   mig_outcome sent, received;
+  mig_result result;
 
   start_handover(&p, decline ? kDecline : kHandOver);
-  CHECK(mig_migration_start_postcopy(p.migration) == MIG_OK);
+  /* Handed over, with no page to copy, the migration may be over before the request comes
+   * (seen once under ctest -j2): there is nothing to switch either way. */
+  result = mig_migration_start_postcopy(p.migration);
+  CHECK(result == MIG_OK || (!decline && result == MIG_ERR_STATE));
   CHECK(mig_migration_wait(p.migration, 60000, &sent) == MIG_OK);
   CHECK(mig_incoming_wait(p.incoming, 60000, &received) == MIG_OK);
   CHECK(sent.shared_memory == !decline && received.shared_memory == !decline);

@@ -18,6 +18,7 @@
 #include <utility>
 
 #include "engine/incoming_migration.h"
+#include "engine/pages.h"
 #include "engine/source_migration.h"
 #include "engine/vm.h"
 #include "kvm/disk_image.h"
@@ -94,13 +95,14 @@ class FakeVm final : public engine::MigratableVm {
     logging_ = false;
     if (fail_stop_dirty_log) throw std::runtime_error("KVM_SET_USER_MEMORY_REGION: out of memory");
   }
-  void fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) override {
-    if (before_fetch && region == 0) before_fetch(*this);  // the guest's writes during the round
+  void fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) override { fetch(region, bitmap, true); }
+  // Re-arming waits for the engine, as with KVM's manual protection: the bits stay set.
+  void fetch_dirty_log_unarmed(std::size_t region, std::span<std::uint64_t> bitmap) override {
+    fetch(region, bitmap, false);
+  }
+  void rearm_dirty_pages(std::size_t region, std::uint64_t first_page, std::span<const std::uint64_t> pages) override {
     std::lock_guard lock(mutex_);
-    // A thrashing guest rewrites everything it ever touched between any two fetches.
-    const auto& source = thrash ? touched_[region] : dirty_[region];
-    std::copy(source.begin(), source.end(), bitmap.begin());
-    std::fill(dirty_[region].begin(), dirty_[region].end(), 0);
+    engine::clear_pages(dirty_[region], first_page, pages);
   }
   void populated_pages(std::size_t region, std::span<std::uint64_t> bitmap) override {
     {
@@ -169,6 +171,14 @@ class FakeVm final : public engine::MigratableVm {
 
  private:
   static void set(std::vector<std::uint64_t>& bits, std::uint64_t page) { bits[page / 64] |= 1ull << (page % 64); }
+  void fetch(std::size_t region, std::span<std::uint64_t> bitmap, bool rearm) {
+    if (before_fetch && region == 0) before_fetch(*this);  // the guest's writes during the round
+    std::lock_guard lock(mutex_);
+    // A thrashing guest rewrites everything it ever touched between any two fetches.
+    const auto& source = thrash ? touched_[region] : dirty_[region];
+    std::copy(source.begin(), source.end(), bitmap.begin());
+    if (rearm) std::fill(dirty_[region].begin(), dirty_[region].end(), 0);
+  }
   std::mutex mutex_;
   bool paused_ = false, logging_ = false;
   std::vector<GuestBytes> memory_;

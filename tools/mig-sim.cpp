@@ -95,6 +95,9 @@ struct Flags {
     app.add_option("--pause-bandwidth", pause_bandwidth, "the final round's rate, which mig does not limit (default: --bandwidth)")
         ->check(tools::parses_with(parse_rate));
     app.add_option("--latency", o.latency_ms, "one-way latency in ms (default 0.05)")->check(CLI::Range(0.0, 10000.0));
+    app.add_option("--read-ahead-bytes", o.read_ahead_bytes,
+                   "how far the sender reads ahead of the link: the send buffer and link queues (default 0)")
+        ->check(CLI::Range(0.0, 1e12));
     app.add_option("--channels", o.channels, "parallel channels (they share the bandwidth)")->check(CLI::Range(1u, 16u));
     app.add_option("--guest-scale", o.guest_scale, "a guest K times the trace's: K copies side by side")->check(CLI::Range(1u, 1u << 16));
     app.add_option("--downtime-ms", o.convergence.downtime_target_ms, "the downtime target (default 30)")->check(CLI::Range(0.0, 1e7));

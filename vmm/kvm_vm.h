@@ -79,6 +79,12 @@ class KvmVm final : public HostedVm {
   void fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) override {
     machine_->fetch_and_clear_dirty_log(region, bitmap);
   }
+  void fetch_dirty_log_unarmed(std::size_t region, std::span<std::uint64_t> bitmap) override {
+    machine_->fetch_dirty_log_unarmed(region, bitmap);
+  }
+  void rearm_dirty_pages(std::size_t region, std::uint64_t first_page, std::span<const std::uint64_t> pages) override {
+    machine_->rearm_dirty_pages(region, first_page, pages);
+  }
   bool dirty_log_names_vcpus() const override { return machine_->config().dirty_ring_entries > 0; }
   void fetch_dirty_log_by_vcpu(std::size_t region, std::span<std::uint64_t> bitmap,
                                std::span<const std::span<std::uint64_t>> vcpu_bitmaps) override;

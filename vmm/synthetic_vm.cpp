@@ -105,6 +105,20 @@ void SyntheticVm::fetch_dirty_log(std::size_t region, std::span<std::uint64_t> b
   if (rings_) rings_->harvester().take(region, bitmap);
 }
 
+void SyntheticVm::fetch_dirty_log_unarmed(std::size_t region, std::span<std::uint64_t> bitmap) {
+  std::fill(bitmap.begin(), bitmap.end(), 0);
+  if (!rings_) return memory_.peek_vmm_writes(region, bitmap);
+  memory_.take_vmm_writes(region, bitmap);
+  rings_->harvester().take_unarmed(region, bitmap);
+}
+
+void SyntheticVm::rearm_dirty_pages(std::size_t region, std::uint64_t first_page, std::span<const std::uint64_t> pages) {
+  if (rings_)
+    rings_->harvester().rearm(region, first_page, pages);
+  else
+    memory_.forget_vmm_writes(region, first_page, pages);
+}
+
 void SyntheticVm::fetch_dirty_log_by_vcpu(std::size_t region, std::span<std::uint64_t> bitmap,
                                           std::span<const std::span<std::uint64_t>> vcpu_bitmaps) {
   if (!rings_) return MigratableVm::fetch_dirty_log_by_vcpu(region, bitmap, vcpu_bitmaps);

@@ -71,6 +71,10 @@ class SyntheticVm final : public HostedVm {
   void start_dirty_log() override;
   void stop_dirty_log() override;
   void fetch_dirty_log(std::size_t region, std::span<std::uint64_t> bitmap) override;
+  // Re-arming waits for the engine, as KVM's manual protection lets it (with rings, as
+  // kvm::DirtyRingHarvester keeps pages unarmed).
+  void fetch_dirty_log_unarmed(std::size_t region, std::span<std::uint64_t> bitmap) override;
+  void rearm_dirty_pages(std::size_t region, std::uint64_t first_page, std::span<const std::uint64_t> pages) override;
   bool dirty_log_names_vcpus() const override { return rings_ != nullptr; }
   void fetch_dirty_log_by_vcpu(std::size_t region, std::span<std::uint64_t> bitmap,
                                std::span<const std::span<std::uint64_t>> vcpu_bitmaps) override;
