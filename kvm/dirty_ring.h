@@ -69,8 +69,10 @@ class DirtyRingHarvester {
   // so that a write after it is published again.
   void take_unarmed(std::size_t slot, std::span<std::uint64_t> bitmap);
   void rearm(std::size_t slot, std::uint64_t first_page, std::span<const std::uint64_t> pages);
-  // The same, but each page into `vcpu_bitmaps[v]` of the vCPU whose ring named it first.
-  void take_by_vcpu(std::size_t slot, std::span<const std::span<std::uint64_t>> vcpu_bitmaps);
+  // As take(), but each page into `vcpu_bitmaps[v]` of the vCPU whose ring named it first;
+  // pages an earlier take_unarmed() left unarmed, which no vCPU names again, into `unnamed`.
+  void take_by_vcpu(std::size_t slot, std::span<std::uint64_t> unnamed,
+                    std::span<const std::span<std::uint64_t>> vcpu_bitmaps);
   // Per vCPU, the entries ever harvested from its ring: the pages it dirtied, each counted
   // once per recycling.
   std::vector<std::uint64_t> harvested_counts();

@@ -142,9 +142,9 @@ void Machine::fetch_dirty_log_by_vcpu(std::size_t slot, std::span<std::uint64_t>
                                       std::span<const std::span<std::uint64_t>> vcpu_bitmaps) {
   if (!dirty_rings_) throw std::logic_error("Machine::fetch_dirty_log_by_vcpu needs dirty rings");
   for (auto words : vcpu_bitmaps) std::fill(words.begin(), words.end(), 0);
-  flush_vcpu_dirty_buffers();
-  dirty_rings_->take_by_vcpu(slot, vcpu_bitmaps);
   std::fill(bitmap.begin(), bitmap.end(), 0);
+  flush_vcpu_dirty_buffers();
+  dirty_rings_->take_by_vcpu(slot, bitmap, vcpu_bitmaps);
   memory_.take_vmm_writes(slot, bitmap);
 }
 

@@ -91,7 +91,9 @@ TEST_CASE("soft dirty rings publish a page once per reset, into the ring of the 
     CHECK_FALSE(rings.note_write(1, 0, 7));  // second: not published
     std::vector<std::uint64_t> of_vcpu0(2), of_vcpu1(2);
     const std::vector<std::span<std::uint64_t>> by_vcpu{of_vcpu0, of_vcpu1};
-    rings.harvester().take_by_vcpu(0, by_vcpu);
+    std::vector<std::uint64_t> unnamed(2);
+    rings.harvester().take_by_vcpu(0, unnamed, by_vcpu);
+    CHECK(count(unnamed) == 0);
     CHECK(of_vcpu0[0] == 1ull << 7);
     CHECK(of_vcpu1[0] == 1ull << 5);
     CHECK(count(of_vcpu0) + count(of_vcpu1) == 2);
@@ -125,7 +127,8 @@ TEST_CASE("the harvester takes every ring at once, names each page's first vCPU,
   CHECK(ring0[0].flags == kvm::kDirtyGfnReset);
   CHECK(harvester.harvested_counts() == std::vector<std::uint64_t>{1, 4});  // entries, whatever they named
   std::vector<std::uint64_t> of_vcpu0(2), of_vcpu1(2);
-  harvester.take_by_vcpu(0, std::vector<std::span<std::uint64_t>>{of_vcpu0, of_vcpu1});
+  std::vector<std::uint64_t> unnamed(2);
+  harvester.take_by_vcpu(0, unnamed, std::vector<std::span<std::uint64_t>>{of_vcpu0, of_vcpu1});
   CHECK(of_vcpu0[0] == 1ull << 5);
   CHECK(count(of_vcpu1) == 0);
   std::vector<std::uint64_t> slot1(1);
@@ -145,7 +148,7 @@ TEST_CASE("the harvester takes every ring at once, names each page's first vCPU,
 
 // What the engine's late re-arming relies on with rings (engine/vm.h): taken unarmed, a page
 // is reported until re-armed; a write before its re-arming goes with it, one after does not.
-TEST_CASE("pages taken unarmed are reported until re-armed - exactly those asked for") {
+TEST_CASE("pages taken unarmed are reported until re-armed - exactly those asked for, by any take") {
   std::vector<kvm::DirtyGfn> ring(8);
   int recycled = 0;
   kvm::DirtyRingHarvester harvester({ring}, {128}, [&] { ++recycled; });
@@ -172,6 +175,18 @@ TEST_CASE("pages taken unarmed are reported until re-armed - exactly those asked
   CHECK(all == std::vector<std::uint64_t>{1ull << 3 | 1ull << 4, 1ull << 6});
   std::fill(all.begin(), all.end(), 0);
   harvester.take(0, all);  // take() re-arms what it reports
+  CHECK(count(all) == 0);
+
+  publish(ring[5], 0, 9);
+  std::fill(taken.begin(), taken.end(), 0);
+  harvester.take_unarmed(0, taken);
+  publish(ring[6], 0, 10);
+  std::vector<std::uint64_t> unnamed(2), of_vcpu0(2);
+  harvester.take_by_vcpu(0, unnamed, std::vector<std::span<std::uint64_t>>{of_vcpu0});
+  CHECK(unnamed == std::vector<std::uint64_t>{1ull << 9, 0});  // left unarmed: reported, by no vCPU
+  CHECK(of_vcpu0 == std::vector<std::uint64_t>{1ull << 10, 0});
+  std::fill(all.begin(), all.end(), 0);
+  harvester.take(0, all);  // and re-armed, as take() does
   CHECK(count(all) == 0);
   CHECK_THROWS_WITH(harvester.rearm(0, 1, all), Catch::Contains("multiple of 64"));
 }

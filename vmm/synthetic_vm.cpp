@@ -125,7 +125,7 @@ void SyntheticVm::fetch_dirty_log_by_vcpu(std::size_t region, std::span<std::uin
   std::fill(bitmap.begin(), bitmap.end(), 0);
   memory_.take_vmm_writes(region, bitmap);
   for (auto vcpu_bitmap : vcpu_bitmaps) std::fill(vcpu_bitmap.begin(), vcpu_bitmap.end(), 0);
-  rings_->harvester().take_by_vcpu(region, vcpu_bitmaps);
+  rings_->harvester().take_by_vcpu(region, bitmap, vcpu_bitmaps);
 }
 
 bool SyntheticVm::set_throttle(double share) {
