@@ -86,15 +86,9 @@ TEST_CASE("post-copy moves a synthetic guest that dirties faster than the link -
   std::remove(recv_stats.c_str());
 }
 
-TEST_CASE("a memfd-backed synthetic guest is handed over on the same host, not copied - --memfd, or --hugetlb's huge pages") {
-  std::string memory_flag = "--memfd";
-  std::optional<HugePagesForTest> huge_pages;
-  SECTION("--memfd") {}
-  SECTION("--hugetlb: sealed, so the receiver takes it as it takes any of mig's memfds") {
-    huge_pages.emplace(32);  // the source's 64 MiB; the receiver maps the same pages
-    huge_pages->require();
-    memory_flag = "--hugetlb";
-  }
+namespace {
+// A synthetic guest in shared memory (`memory_flag`) is handed over on the same host, not copied.
+void hand_over_synthetic_guest(const std::string& memory_flag) {
   const auto socket = temp_path("synthetic-handover.sock"), recv_stats = temp_path("synthetic-handover.json");
   Child receiver({kTools + "mig-recv", "--synthetic-guest", "--listen", "unix:" + socket, "--run-for", "0.5", "--stats-json", recv_stats});
   REQUIRE_THAT(receiver.read_line(), Contains("listening on unix:"));
@@ -106,6 +100,17 @@ TEST_CASE("a memfd-backed synthetic guest is handed over on the same host, not c
   check_guest_unharmed(r);
   std::remove(recv_stats.c_str());
   std::remove(temp_path("synthetic-handover-send.json").c_str());
+}
+}  // namespace
+
+TEST_CASE("a memfd-backed synthetic guest is handed over on the same host, not copied - --memfd") {
+  hand_over_synthetic_guest("--memfd");
+}
+
+TEST_CASE("a synthetic guest in --hugetlb's huge pages is handed over too: sealed, so taken as any of mig's memfds") {
+  HugePagesForTest huge_pages(32);  // the source's 64 MiB; the receiver maps the same pages
+  huge_pages.require();
+  hand_over_synthetic_guest("--hugetlb");
 }
 
 TEST_CASE("a dry run asking post-copy of a paused receiver passes where the memory would be handed over") {

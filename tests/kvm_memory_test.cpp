@@ -51,6 +51,12 @@ struct HugetlbfsMount {
     std::filesystem::create_directory(dir);
     if (::mount("none", dir.c_str(), "hugetlbfs", 0, "pagesize=2M") != 0) error = errno;
   }
+  // The test goes on only with the mount; not root, it is skipped. Any other error is a finding.
+  void require() const {
+    if (error == 0) return;
+    REQUIRE(error == EPERM);
+    skip_test("not root: no hugetlbfs of our own");
+  }
   ~HugetlbfsMount() {
     ::umount(dir.c_str());
     std::filesystem::remove(dir);
@@ -86,39 +92,42 @@ TEST_CASE("populated pages are exactly the touched ones - by either kernel inter
 // Memory handed over: the source wrote pages this process has never mapped. In a memfd the
 // page cache shows them; in a hugetlbfs file only the file does, and a page missed here would
 // never be sent onward, leaving the next destination a zero page where the guest had data.
-TEST_CASE("handed-over memory counts the pages its source wrote as populated - memfd and hugetlbfs") {
-  const std::vector<kvm::RegionLayout> layout = {{0, 64ull << 20}};
-  constexpr std::uint64_t kWritten = 3 * 512 + 7;  // in the fourth 2 MiB page
-  const auto expect_written = [&](kvm::MemoryOptions options) {
-    auto source = kvm::GuestMemory::create(layout, options);
-    source.regions()[0].host()[kWritten * kvm::kPageSize] = std::byte{1};
-    auto adopted = kvm::GuestMemory::adopt(layout, std::vector<int>{source.regions()[0].memfd.get()});
-    CHECK(adopted.backing() == options.backing);  // huge pages stay huge pages: no 4 KiB drops, no post-copy
-    const auto bitmap = populated(adopted, kvm::GuestMemory::PageScan::best);
-    CHECK((bitmap[kWritten / 64] >> (kWritten % 64) & 1) == 1);
-    return bitmap;
-  };
-  SECTION("memfd: the written page, and only it") {
-    std::vector<std::uint64_t> expected(kPages / 64, 0);
-    expected[kWritten / 64] = std::uint64_t{1} << (kWritten % 64);
-    CHECK(expect_written({.backing = kvm::MemoryBacking::memfd, .transparent_huge_pages = false, .hugetlbfs_dir = {}}) == expected);
-  }
-  SECTION("hugetlbfs: the file says it holds data, and reports no holes") {
-    HugetlbfsMount mount;
-    if (mount.error) {
-      REQUIRE(mount.error == EPERM);
-      WARN("not root: no hugetlbfs of our own");
-      return;
-    }
-    HugePagesForTest huge_pages(64);  // the source's 32, and room to spare
-    REQUIRE(free_huge_pages() >= 32);
-    expect_written({.backing = kvm::MemoryBacking::hugetlbfs, .transparent_huge_pages = false, .hugetlbfs_dir = mount.dir.string()});
-  }
-  SECTION("a memfd of huge pages (--hugetlb): as a file in a mount") {
-    HugePagesForTest huge_pages(64);
-    huge_pages.require();
-    expect_written({.backing = kvm::MemoryBacking::hugetlbfs, .transparent_huge_pages = false, .hugetlbfs_dir = {}});
-  }
+// Returns what the adopted memory counts as populated, the written page checked.
+namespace {
+constexpr std::uint64_t kHandedOverBytes = 64ull << 20;
+constexpr std::uint64_t kWritten = 3 * 512 + 7;  // the page the source writes, in the fourth 2 MiB page
+
+std::vector<std::uint64_t> populated_after_handover(const kvm::MemoryOptions& options) {
+  const std::vector<kvm::RegionLayout> layout = {{0, kHandedOverBytes}};
+  auto source = kvm::GuestMemory::create(layout, options);
+  source.regions()[0].host()[kWritten * kvm::kPageSize] = std::byte{1};
+  auto adopted = kvm::GuestMemory::adopt(layout, std::vector<int>{source.regions()[0].memfd.get()});
+  CHECK(adopted.backing() == options.backing);  // huge pages stay huge pages: no 4 KiB drops, no post-copy
+  auto bitmap = populated(adopted, kvm::GuestMemory::PageScan::best);
+  CHECK((bitmap[kWritten / 64] >> (kWritten % 64) & 1) == 1);
+  return bitmap;
+}
+}  // namespace
+
+TEST_CASE("handed-over memory counts the pages its source wrote as populated - memfd: the written page, and only it") {
+  std::vector<std::uint64_t> expected(kHandedOverBytes / kvm::kPageSize / 64, 0);
+  expected[kWritten / 64] = std::uint64_t{1} << (kWritten % 64);
+  CHECK(populated_after_handover({.backing = kvm::MemoryBacking::memfd, .transparent_huge_pages = false, .hugetlbfs_dir = {}}) ==
+        expected);
+}
+
+TEST_CASE("handed-over memory counts the pages its source wrote as populated - hugetlbfs: the file says it holds data") {
+  HugetlbfsMount mount;
+  mount.require();
+  HugePagesForTest huge_pages(64);  // the source's 32, and room to spare
+  huge_pages.require();
+  populated_after_handover({.backing = kvm::MemoryBacking::hugetlbfs, .transparent_huge_pages = false, .hugetlbfs_dir = mount.dir.string()});
+}
+
+TEST_CASE("handed-over memory counts the pages its source wrote as populated - a memfd of huge pages (--hugetlb)") {
+  HugePagesForTest huge_pages(64);
+  huge_pages.require();
+  populated_after_handover({.backing = kvm::MemoryBacking::hugetlbfs, .transparent_huge_pages = false, .hugetlbfs_dir = {}});
 }
 
 TEST_CASE("guest memory asks for huge pages by default, on 2 MiB boundaries, and not when told not to") {
@@ -146,20 +155,20 @@ TEST_CASE("a receiver's memory can fill in small pages first and ask for huge pa
   CHECK_THAT(vm_flags(host), Contains(" hg "));
 }
 
-TEST_CASE("hugetlbfs backing refuses what is not a hugetlbfs mount, and a mount without enough huge pages, clearly") {
+TEST_CASE("hugetlbfs backing refuses a directory that is not a hugetlbfs mount, clearly") {
   kvm::MemoryOptions options;
   options.backing = kvm::MemoryBacking::hugetlbfs;
   options.hugetlbfs_dir = "/tmp";
-  const std::vector<kvm::RegionLayout> layout = {{0, 64ull << 20}};
-  CHECK_THROWS_WITH(kvm::GuestMemory::create(layout, options), Contains("/tmp is not a hugetlbfs mount"));
+  CHECK_THROWS_WITH(kvm::GuestMemory::create({{{0, 64ull << 20}}}, options), Contains("/tmp is not a hugetlbfs mount"));
+}
 
+TEST_CASE("hugetlbfs backing refuses a mount without enough huge pages, clearly, and shares one with them") {
   HugetlbfsMount mount;
-  if (mount.error) {
-    REQUIRE(mount.error == EPERM);  // anything else is a finding; not being root only limits the test
-    WARN("not root: no hugetlbfs of our own to check the reservation error against");
-    return;
-  }
+  mount.require();
+  kvm::MemoryOptions options;
+  options.backing = kvm::MemoryBacking::hugetlbfs;
   options.hugetlbfs_dir = mount.dir.string();
+  const std::vector<kvm::RegionLayout> layout = {{0, 64ull << 20}};
   HugePagesLock lock;
   if (free_huge_pages() < 32) {
     CHECK_THROWS_WITH(kvm::GuestMemory::create(layout, options),
