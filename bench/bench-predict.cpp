@@ -8,7 +8,10 @@
 // (hot and cold) from 2 vCPUs, so a 512 GiB guest dirties 12.8 GB/s, about a 100 Gbit/s
 // link, from 1024 vCPUs (which dirty-limit caps one by one).
 //
-//   bench-predict [--trace FILE | --workload WORDS] [--latency MS] [--json rows.json]
+// The sender reads ahead of the link by what TCP's send buffer holds, 4 MiB by default
+// (Linux's default largest, tcp_wmem's third value), as in the validation (bench/validate-sim.py).
+//
+//   bench-predict [--trace FILE | --workload WORDS] [--latency MS] [--read-ahead-bytes N] [--json rows.json]
 // bench/plot.py predictions ROWS.json OUT.png draws the rows.
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
@@ -31,11 +34,17 @@ constexpr std::uint64_t kGuestGiB[] = {64, 128, 256, 512};
 
 std::uint64_t trace_bytes(const engine::DirtyTrace& trace) { return trace.pages * engine::kPageSize; }
 
+struct Setting {
+  double latency_ms = 0.05;
+  double read_ahead_bytes = 4 << 20;
+};
+
 nlohmann::json predict(const engine::DirtyTrace& trace, const Link& link, std::uint64_t guest_gib, const std::string& policy,
-                       double latency_ms) {
+                       const Setting& setting) {
   engine::SimulatorOptions o;
   o.bandwidth_Bps = link.bytes_per_second;
-  o.latency_ms = latency_ms;
+  o.latency_ms = setting.latency_ms;
+  o.read_ahead_bytes = setting.read_ahead_bytes;
   o.guest_scale = static_cast<unsigned>((guest_gib << 30) / trace_bytes(trace));
   o.policy = engine::PolicyRegistry::global().make(policy, o.convergence);
   const auto m = engine::simulate(trace, o);
@@ -49,10 +58,13 @@ nlohmann::json predict(const engine::DirtyTrace& trace, const Link& link, std::u
 int main(int argc, char** argv) {
   CLI::App app{"bench-predict: mig-sim's predictions for 64-512 GiB guests on 1-100 Gbit/s links, every policy side by side"};
   std::string trace_path, workload = "hotcold:rate=25M,wss=256M,mem=1G,seconds=60,vcpus=2", json_path;
-  double latency_ms = 0.05;
+  Setting setting;
   app.add_option("--trace", trace_path, "a recorded dirty trace (mig-vm --record-trace)")->check(CLI::ExistingFile);
   app.add_option("--workload", workload, "otherwise a synthesized one (mig-sim --synthesize's words)");
-  app.add_option("--latency", latency_ms, "one-way latency in ms")->check(CLI::Range(0.0, 1000.0));
+  app.add_option("--latency", setting.latency_ms, "one-way latency in ms (default 0.05)")->check(CLI::Range(0.0, 1000.0));
+  app.add_option("--read-ahead-bytes", setting.read_ahead_bytes,
+                 "how far the sender reads ahead of the link, as mig-sim's option (default 4 MiB: TCP's send buffer)")
+      ->check(CLI::Range(0.0, 1e12));
   app.add_option("--json", json_path, "write every row here");
   CLI11_PARSE(app, argc, argv);
   try {
@@ -65,14 +77,18 @@ int main(int argc, char** argv) {
     for (const auto& link : kLinks)
       for (auto gib : kGuestGiB)
         for (const auto& [policy, summary] : engine::PolicyRegistry::global().list()) {
-          const auto row = predict(trace, link, gib, policy, latency_ms);
+          const auto row = predict(trace, link, gib, policy, setting);
           fmt::print("{:<8} {:>5} {:<15} {:>11.1f} {:>11.1f} {:>6} {:>9.1f}  {}{}\n", link.name, gib, policy,
                      row["total_ms"].get<double>() / 1e3, row["downtime_ms"].get<double>(), row["rounds"].get<unsigned>(),
                      row["bytes_sent"].get<double>() / (1ull << 30), row["stop_rule"].get<std::string>(),
                      row["aborted"].get<bool>() ? " (gives up)" : "");
           rows.push_back(row);
         }
-    if (!json_path.empty()) std::ofstream(json_path) << nlohmann::json{{"latency_ms", latency_ms}, {"rows", rows}}.dump(1) << "\n";
+    if (!json_path.empty())
+      std::ofstream(json_path) << nlohmann::json{{"latency_ms", setting.latency_ms},
+                                                 {"read_ahead_bytes", setting.read_ahead_bytes},
+                                                 {"rows", rows}}.dump(1)
+                               << "\n";
     return 0;
   } catch (const std::exception& e) {
     fmt::print(stderr, "bench-predict: {}\n", e.what());
