@@ -306,6 +306,14 @@ struct mig_vm final : engine::MigratableVm {
     std::fill(bitmap.begin(), bitmap.end(), 0);
     check("fetch_dirty_log", ops.fetch_dirty_log(opaque, region, bitmap.data(), bitmap.size()));
   }
+  void fetch_dirty_log_unarmed(std::size_t region, std::span<std::uint64_t> bitmap) override {
+    if (!fetch_unarmed) return fetch_dirty_log(region, bitmap);
+    std::fill(bitmap.begin(), bitmap.end(), 0);
+    check("fetch_dirty_log_unarmed", fetch_unarmed(opaque, region, bitmap.data(), bitmap.size()));
+  }
+  void rearm_dirty_pages(std::size_t region, std::uint64_t first_page, std::span<const std::uint64_t> pages) override {
+    if (rearm) check("rearm_dirty_pages", rearm(opaque, region, first_page, pages.data(), pages.size()));
+  }
   bool set_throttle(double share) override { return ops.set_throttle && ops.set_throttle(opaque, share) == 0; }
   bool set_vcpu_dirty_limit(double bytes_per_s) override {
     return vcpu_dirty_limit && vcpu_dirty_limit(opaque, bytes_per_s) == 0;
@@ -347,6 +355,8 @@ struct mig_vm final : engine::MigratableVm {
   std::vector<std::unique_ptr<CallbackDisk>> added_disks;  // mig_vm_add_disk's, in order
   std::vector<int> memory_fds;   // mig_vm_set_memory_fds'; borrowed
   mig_populated_pages_fn populated = nullptr;  // mig_vm_set_populated_pages'; none: every page may hold data
+  mig_fetch_dirty_log_unarmed_fn fetch_unarmed = nullptr;  // mig_vm_set_late_rearm's pair; none: armed at
+  mig_rearm_dirty_pages_fn rearm = nullptr;                // each fetch
   void* const opaque;
   const unsigned vcpus;
   const std::vector<engine::MemoryRegion> regions;
@@ -512,6 +522,19 @@ mig_result mig_vm_set_populated_pages(mig_vm* vm, mig_populated_pages_fn populat
   return guarded([&] {
     require(vm, "mig_vm_set_populated_pages needs a VM");
     vm->populated = populated_pages;
+    return MIG_OK;
+  });
+}
+
+mig_result mig_vm_set_late_rearm(mig_vm* vm, mig_fetch_dirty_log_unarmed_fn fetch_dirty_log_unarmed,
+                                 mig_rearm_dirty_pages_fn rearm_dirty_pages) {
+  return guarded([&] {
+    require(vm, "mig_vm_set_late_rearm needs a VM");
+    require(!fetch_dirty_log_unarmed == !rearm_dirty_pages,
+            "mig_vm_set_late_rearm: both callbacks or neither (a log fetched unarmed that is never re-armed "
+            "reports every page again)");
+    vm->fetch_unarmed = fetch_dirty_log_unarmed;
+    vm->rearm = rearm_dirty_pages;
     return MIG_OK;
   });
 }

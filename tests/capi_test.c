@@ -65,6 +65,11 @@ typedef struct fake_vm {
   int has_toucher;
   pthread_t toucher;
   int populated_calls;        /* of the populated-pages callback */
+  int armed_fetches;          /* calls of fetch_dirty_log, which re-arms at the fetch */
+  int rearms;                 /* calls of the late re-arming callback */
+  int misplaced_rearms;       /* ... naming pages unaligned or outside the region */
+  int fail_rearm;             /* it returns -EIO */
+  int writes_at_start;        /* pages start_dirty_log writes once logging is on */
 } fake_vm;
 
 static void sleep_us(long us) {
@@ -127,7 +132,21 @@ static int set_locked(fake_vm* vm, int* flag, int value) {
   return 0;
 }
 
-static int fake_start_dirty_log(void* opaque) { return set_locked(opaque, &((fake_vm*)opaque)->logging, 1); }
+/* Logging starts; then the guest writes `writes_at_start` pages of region 0, every third
+ * one, each before round 0 reads it. */
+static int fake_start_dirty_log(void* opaque) {
+  fake_vm* vm = opaque;
+  int i;
+  pthread_mutex_lock(&vm->lock);
+  vm->logging = 1;
+  for (i = 0; i < vm->writes_at_start; ++i) {
+    const uint64_t page = 3u * (uint64_t)i;
+    memset((unsigned char*)vm->regions[0].host + page * MIG_PAGE_SIZE, 0xa5, 64);
+    vm->written[0][page / 64] |= 1ull << (page % 64);
+  }
+  pthread_mutex_unlock(&vm->lock);
+  return 0;
+}
 
 static int fake_stop_dirty_log(void* opaque) { return set_locked(opaque, &((fake_vm*)opaque)->logging, 0); }
 
@@ -136,12 +155,41 @@ static int fake_fetch_dirty_log(void* opaque, size_t region, uint64_t* bitmap, s
   size_t w;
   if (region >= kRegions || words != (pages_of(region) + 63) / 64) return -EINVAL;
   pthread_mutex_lock(&vm->lock);
+  ++vm->armed_fetches;
   for (w = 0; w < words; ++w) {
     bitmap[w] = vm->written[region][w];
     vm->written[region][w] = 0;
   }
   pthread_mutex_unlock(&vm->lock);
   return 0;
+}
+
+/* Late re-arming, as KVM's manual protection does it: a fetch leaves the log as it is; a
+ * page's bit stays set until re-armed (writes meanwhile set nothing new), and a write after
+ * that sets it again. */
+static int fake_fetch_dirty_log_unarmed(void* opaque, size_t region, uint64_t* bitmap, size_t words) {
+  fake_vm* vm = opaque;
+  if (region >= kRegions || words != (pages_of(region) + 63) / 64) return -EINVAL;
+  pthread_mutex_lock(&vm->lock);
+  memcpy(bitmap, vm->written[region], words * sizeof *bitmap);
+  pthread_mutex_unlock(&vm->lock);
+  return 0;
+}
+
+static int fake_rearm_dirty_pages(void* opaque, size_t region, uint64_t first_page, const uint64_t* pages, size_t words) {
+  fake_vm* vm = opaque;
+  size_t w;
+  int rc;
+  pthread_mutex_lock(&vm->lock);
+  ++vm->rearms;
+  if (region >= kRegions || first_page % 64 != 0 || first_page / 64 + words > (pages_of(region) + 63) / 64) {
+    ++vm->misplaced_rearms;
+  } else {
+    for (w = 0; w < words; ++w) vm->written[region][first_page / 64 + w] &= ~pages[w];
+  }
+  rc = vm->fail_rearm ? -EIO : 0;
+  pthread_mutex_unlock(&vm->lock);
+  return rc;
 }
 
 static int fake_pause(void* opaque) { return set_locked(opaque, &((fake_vm*)opaque)->paused, 1); }
@@ -433,7 +481,16 @@ static void pair_close(pair* p) {
   fake_vm_free(p->d.vm);
 }
 
-static void test_live_migration(unsigned channels, const char* policy) {
+/* The source's log was re-armed late exactly when the test asked for it, and only at pages
+ * mig may name. */
+static void check_rearmed_late(const fake_vm* source, int late_rearm) {
+  if (late_rearm) CHECK(source->rearms > 0 && source->armed_fetches == 0);
+  else CHECK(source->rearms == 0 && source->armed_fetches > 0);
+  CHECK(source->misplaced_rearms == 0);
+}
+
+/* With `late_rearm`, the source's dirty log is re-armed through mig_vm_set_late_rearm. */
+static void test_live_migration(unsigned channels, const char* policy, int late_rearm) {
   pair p;
   events seen = {PTHREAD_MUTEX_INITIALIZER, 0, 0, 0};
   mig_send_options options;
@@ -442,6 +499,8 @@ static void test_live_migration(unsigned channels, const char* policy) {
   size_t r;
 
   pair_open(&p, 0);
+  if (late_rearm)
+    CHECK(mig_vm_set_late_rearm(p.source_vm, fake_fetch_dirty_log_unarmed, fake_rearm_dirty_pages) == MIG_OK);
   sleep_us(20000); /* let the guest write for a while first */
   mig_send_options_init(&options);
   options.channels = channels;
@@ -468,6 +527,7 @@ static void test_live_migration(unsigned channels, const char* policy) {
   for (r = 0; p.d.vm && r < kRegions; ++r)
     CHECK(memcmp(p.source->regions[r].host, p.d.vm->regions[r].host, kRegionSize[r]) == 0);
   CHECK(mig_migration_cancel(p.migration) == MIG_ERR_STATE);
+  check_rearmed_late(p.source, late_rearm);
   pair_close(&p);
 }
 
@@ -1015,6 +1075,41 @@ static void test_never_touched_pages(int with_callback) {
   pair_close(&p);
 }
 
+/* A guest that writes pages after logging starts and before round 0 reads them, and then no
+ * more. Re-armed late, those pages leave once, in round 0, with what was written, and round 1
+ * finds nothing; re-armed at the fetch, round 0's fetch reports them and they go again. */
+static void test_late_rearm_sends_once(int late_rearm) {
+  enum { kWrittenAtStart = 64 };
+  pair p;
+  mig_send_options options;
+  mig_outcome sent, received;
+  mig_progress progress;
+  fake_vm* source = fake_vm_new(0);
+  const uint64_t expected_pages = pages_of(0) + pages_of(1) + (late_rearm ? 0 : kWrittenAtStart);
+  size_t r;
+
+  for (r = 0; r < kRegions; ++r) memset(source->regions[r].host, 0x5a, kRegionSize[r]); /* no zero page */
+  source->paused = 0;
+  source->writes_at_start = kWrittenAtStart;
+  pair_open_to(&p, (destination){0}, source);
+  if (late_rearm)
+    CHECK(mig_vm_set_late_rearm(p.source_vm, fake_fetch_dirty_log_unarmed, fake_rearm_dirty_pages) == MIG_OK);
+  mig_send_options_init(&options);
+  options.channels = 2;
+  pair_start(&p, &options);
+  CHECK(mig_migration_wait(p.migration, 60000, &sent) == MIG_OK);
+  CHECK(mig_incoming_wait(p.incoming, 60000, &received) == MIG_OK);
+  CHECK(sent.verified == 1 && received.verified == 1);
+  CHECK(mig_migration_progress(p.migration, &progress) == MIG_OK);
+  CHECK(progress.pages_sent == expected_pages);
+  if (progress.pages_sent != expected_pages)
+    fprintf(stderr, "  %llu pages sent, %llu expected\n", (unsigned long long)progress.pages_sent,
+            (unsigned long long)expected_pages);
+  check_rearmed_late(p.source, late_rearm);
+  check_memory_moved(&p);
+  pair_close(&p);
+}
+
 /* The pre-flight check: what the destination would take, or why not. It builds nothing, and
  * the real migration follows. */
 static void test_check_destination(void) {
@@ -1051,14 +1146,19 @@ static void test_check_destination(void) {
   pair_close(&p);
 }
 
+typedef enum source_failure { kDestinationRefuses, kSaveStateFails, kRearmFails } source_failure;
+
 /* Failures on either side leave the source running, each with a message that says why. */
-static void test_failures_resume_the_source(int refuse, int fail_save_state, const char* expected) {
+static void test_failures_resume_the_source(source_failure failure, const char* expected) {
   pair p;
   mig_send_options options;
   mig_outcome outcome;
 
-  pair_open(&p, refuse);
-  p.source->fail_save_state = fail_save_state;
+  pair_open(&p, failure == kDestinationRefuses);
+  p.source->fail_save_state = failure == kSaveStateFails;
+  p.source->fail_rearm = failure == kRearmFails;
+  if (failure == kRearmFails)
+    CHECK(mig_vm_set_late_rearm(p.source_vm, fake_fetch_dirty_log_unarmed, fake_rearm_dirty_pages) == MIG_OK);
   mig_send_options_init(&options);
   pair_start(&p, &options);
   CHECK(mig_migration_wait(p.migration, 60000, &outcome) == MIG_ERR_FAILED);
@@ -1084,6 +1184,12 @@ static void test_bad_arguments(void) {
   CHECK(strcmp(mig_status_name(MIG_STATUS_POSTCOPY_ACTIVE), "postcopy-active") == 0);
   CHECK(strcmp(mig_result_name(MIG_ERR_HANDOFF_UNKNOWN), "handoff-unknown") == 0);
   CHECK(strcmp(mig_result_name(MIG_ERR_GUEST_LOST), "guest-lost") == 0);
+
+  CHECK(mig_vm_set_late_rearm(source_vm, fake_fetch_dirty_log_unarmed, NULL) == MIG_ERR_INVALID);
+  CHECK(strstr(mig_last_error(), "both callbacks or neither") != NULL);
+  CHECK(mig_vm_set_late_rearm(source_vm, NULL, fake_rearm_dirty_pages) == MIG_ERR_INVALID);
+  CHECK(mig_vm_set_late_rearm(NULL, fake_fetch_dirty_log_unarmed, fake_rearm_dirty_pages) == MIG_ERR_INVALID);
+  CHECK(mig_vm_set_late_rearm(source_vm, NULL, NULL) == MIG_OK);
 
   missing.pause = NULL;
   CHECK(mig_vm_new(&missing, source, 1, source->regions, kRegions, &none) == MIG_ERR_INVALID && none == NULL);
@@ -1136,13 +1242,15 @@ static void test_bad_arguments(void) {
 
 int main(void) {
   test_bad_arguments();
-  test_live_migration(1, NULL);
-  test_live_migration(4, "xen");
+  test_live_migration(1, NULL, 0);
+  test_live_migration(4, "xen", 0);
+  test_live_migration(2, NULL, 1);
   test_cancel();
   test_dirty_limit(0);
   test_dirty_limit(1);
-  test_failures_resume_the_source(1, 0, "refused the guest");
-  test_failures_resume_the_source(0, 1, "save_state failed: Input/output error");
+  test_failures_resume_the_source(kDestinationRefuses, "refused the guest");
+  test_failures_resume_the_source(kSaveStateFails, "save_state failed: Input/output error");
+  test_failures_resume_the_source(kRearmFails, "rearm_dirty_pages failed: Input/output error");
   test_storage(1);
   test_storage(0);
   test_storage_refused(1, 1, 0, "the source has 1 disks, the VM here 0");
@@ -1158,6 +1266,8 @@ int main(void) {
   test_populated_pages_of_memory();
   test_never_touched_pages(1);
   test_never_touched_pages(0);
+  test_late_rearm_sends_once(1);
+  test_late_rearm_sends_once(0);
   if (failures) fprintf(stderr, "%d checks failed\n", failures);
   else printf("capi_test: every check passed\n");
   return failures ? 1 : 0;

@@ -168,6 +168,24 @@ mig_result mig_vm_set_populated_pages(mig_vm* vm, mig_populated_pages_fn populat
  * at /proc/self/maps. `host` and `size` are multiples of MIG_PAGE_SIZE. */
 mig_result mig_populated_pages(const void* host, uint64_t size, int fd, uint64_t* bitmap, size_t words);
 
+/* Late re-arming (MIG_API_VERSION 5), as KVM's manual dirty-log protection allows
+ * (KVM_GET_DIRTY_LOG then KVM_CLEAR_DIRTY_LOG). fetch_dirty_log_unarmed reports what
+ * fetch_dirty_log does, but need not re-arm tracking for the pages it reports: every later
+ * fetch, of either kind, may report them again, whatever the guest writes meanwhile, until
+ * rearm_dirty_pages names them. That call re-arms page `first_page` + i of region `region`
+ * for each bit i set in `pages` (`words` 64-bit words, none past the region's last page;
+ * `first_page` a multiple of 64): a write after it returns must be reported by the next
+ * fetch, and one before it need not be. mig re-arms a stretch of pages just before it reads
+ * them to send them, while the guest runs (round 0 included), so a page the guest writes
+ * between the fetch and its turn leaves once, with that write, rather than again in the next
+ * round. Both callbacks, or neither (NULL, the default: the log is re-armed at each fetch,
+ * always safe). */
+typedef int (*mig_fetch_dirty_log_unarmed_fn)(void* opaque, size_t region, uint64_t* bitmap, size_t words);
+typedef int (*mig_rearm_dirty_pages_fn)(void* opaque, size_t region, uint64_t first_page, const uint64_t* pages,
+                                        size_t words);
+mig_result mig_vm_set_late_rearm(mig_vm* vm, mig_fetch_dirty_log_unarmed_fn fetch_dirty_log_unarmed,
+                                 mig_rearm_dirty_pages_fn rearm_dirty_pages);
+
 /* ---- disks (MIG_API_VERSION 3) ----------------------------------------------------------- */
 
 /* A guest disk, as the VMM serves it. Offsets and lengths are in bytes. */

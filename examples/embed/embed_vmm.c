@@ -24,6 +24,7 @@
 #include <mig/mig.h>
 
 #define MEM_SIZE (1u << 20)
+#define MEM_PAGES (MEM_SIZE / MIG_PAGE_SIZE)
 #define CODE_ADDR 0x1000u
 #define COUNTER_ADDR 0x500u
 
@@ -42,6 +43,7 @@ struct vmm {
   pthread_mutex_t lock;
   pthread_cond_t changed;
   int pause_wanted, stopped, failed; /* the vCPU thread parks while pause_wanted */
+  int manual_protect;                /* KVM_GET_DIRTY_LOG leaves pages unarmed until cleared */
 };
 
 static void die(const char* what) {
@@ -89,6 +91,12 @@ static struct vmm* vmm_new(int load) {
   int run_size;
   if ((v->kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC)) < 0) die("/dev/kvm");
   if ((v->vm = ioctl(v->kvm, KVM_CREATE_VM, 0)) < 0) die("KVM_CREATE_VM");
+  { /* where KVM has it: mig re-arms the dirty log just before it reads each stretch of pages */
+    struct kvm_enable_cap manual = {.cap = KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                                    .args = {KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE}};
+    v->manual_protect = ioctl(v->kvm, KVM_CHECK_EXTENSION, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) > 0 &&
+                        ioctl(v->vm, KVM_ENABLE_CAP, &manual) == 0;
+  }
   v->mem = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (v->mem == MAP_FAILED) die("mmap");
   v->slot = (struct kvm_userspace_memory_region){0, 0, 0, MEM_SIZE, (unsigned long)v->mem};
@@ -125,13 +133,32 @@ static int set_logging(struct vmm* v, int on) {
 static int start_dirty_log(void* opaque) { return set_logging(opaque, 1); }
 static int stop_dirty_log(void* opaque) { return set_logging(opaque, 0); }
 
-static int fetch_dirty_log(void* opaque, size_t region, uint64_t* bitmap, size_t words) {
+/* Under manual protection KVM_GET_DIRTY_LOG re-arms nothing: KVM_CLEAR_DIRTY_LOG re-arms the
+ * pages it names (from a multiple of 64, for a multiple of 64 or to the slot's end). */
+static int fetch_dirty_log_unarmed(void* opaque, size_t region, uint64_t* bitmap, size_t words) {
   struct vmm* v = opaque;
   struct kvm_dirty_log log = {0};
-  if (region != 0 || words < MEM_SIZE / MIG_PAGE_SIZE / 64) return -EINVAL;
+  if (region != 0 || words < MEM_PAGES / 64) return -EINVAL;
   log.slot = 0;
   log.dirty_bitmap = bitmap; /* KVM's layout is mig's: a bit per page, 64-bit words */
   return ioctl_or_errno(v->vm, KVM_GET_DIRTY_LOG, &log);
+}
+
+static int rearm_dirty_pages(void* opaque, size_t region, uint64_t first_page, const uint64_t* pages, size_t words) {
+  struct vmm* v = opaque;
+  struct kvm_clear_dirty_log clear = {0};
+  if (region != 0 || first_page >= MEM_PAGES) return -EINVAL;
+  clear.slot = 0;
+  clear.first_page = first_page;
+  clear.num_pages = (uint32_t)(words * 64 < MEM_PAGES - first_page ? words * 64 : MEM_PAGES - first_page);
+  clear.dirty_bitmap = (void*)pages; /* only read */
+  return ioctl_or_errno(v->vm, KVM_CLEAR_DIRTY_LOG, &clear);
+}
+
+static int fetch_dirty_log(void* opaque, size_t region, uint64_t* bitmap, size_t words) {
+  const int failed = fetch_dirty_log_unarmed(opaque, region, bitmap, words);
+  if (failed || !((struct vmm*)opaque)->manual_protect) return failed;
+  return rearm_dirty_pages(opaque, region, 0, bitmap, words);
 }
 
 static int vm_pause(void* opaque) {
@@ -190,7 +217,8 @@ static int populated_pages(void* opaque, size_t region, uint64_t* bitmap, size_t
 static mig_vm* describe(struct vmm* v) {
   mig_memory_region region = {0, MEM_SIZE, v->mem};
   mig_vm* vm = NULL;
-  if (mig_vm_new(&ops, v, 1, &region, 1, &vm) != MIG_OK || mig_vm_set_populated_pages(vm, populated_pages) != MIG_OK)
+  if (mig_vm_new(&ops, v, 1, &region, 1, &vm) != MIG_OK || mig_vm_set_populated_pages(vm, populated_pages) != MIG_OK ||
+      (v->manual_protect && mig_vm_set_late_rearm(vm, fetch_dirty_log_unarmed, rearm_dirty_pages) != MIG_OK))
     fprintf(stderr, "embed-vmm: %s\n", mig_last_error());
   return vm;
 }
@@ -223,8 +251,8 @@ static int send_guest(const char* uri) {
     fprintf(stderr, "embed-vmm: migration %s: %s (the guest runs on here)\n", mig_status_name(outcome.status), outcome.error);
     return 1;
   }
-  printf("source: migrated at %u after %u rounds, %.1f ms downtime, %llu bytes\n", counter(v), outcome.rounds,
-         outcome.downtime_ms, (unsigned long long)outcome.bytes);
+  printf("source: migrated at %u after %u rounds, %.1f ms downtime, %llu bytes%s\n", counter(v), outcome.rounds,
+         outcome.downtime_ms, (unsigned long long)outcome.bytes, v->manual_protect ? ", dirty log re-armed late" : "");
   mig_migration_free(migration);
   mig_vm_free(vm);
   return 0;
