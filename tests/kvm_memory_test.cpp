@@ -51,11 +51,12 @@ struct HugetlbfsMount {
     std::filesystem::create_directory(dir);
     if (::mount("none", dir.c_str(), "hugetlbfs", 0, "pagesize=2M") != 0) error = errno;
   }
-  // The test goes on only with the mount; not root, it is skipped. Any other error is a finding.
+  // The test goes on only with the mount; without the right to mount (not root), it is
+  // skipped. Any other error is a finding.
   void require() const {
     if (error == 0) return;
     REQUIRE(error == EPERM);
-    skip_test("not root: no hugetlbfs of our own");
+    skip_test("no right to mount a hugetlbfs of our own (not root)");
   }
   ~HugetlbfsMount() {
     ::umount(dir.c_str());
@@ -92,11 +93,11 @@ TEST_CASE("populated pages are exactly the touched ones - by either kernel inter
 // Memory handed over: the source wrote pages this process has never mapped. In a memfd the
 // page cache shows them; in a hugetlbfs file only the file does, and a page missed here would
 // never be sent onward, leaving the next destination a zero page where the guest had data.
-// Returns what the adopted memory counts as populated, the written page checked.
 namespace {
 constexpr std::uint64_t kHandedOverBytes = 64ull << 20;
 constexpr std::uint64_t kWritten = 3 * 512 + 7;  // the page the source writes, in the fourth 2 MiB page
 
+// What the adopted memory counts as populated, the written page checked.
 std::vector<std::uint64_t> populated_after_handover(const kvm::MemoryOptions& options) {
   const std::vector<kvm::RegionLayout> layout = {{0, kHandedOverBytes}};
   auto source = kvm::GuestMemory::create(layout, options);
