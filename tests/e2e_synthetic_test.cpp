@@ -4,7 +4,6 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
-#include <optional>
 
 #include "tests/huge_pages.h"
 #include "tests/process.h"
