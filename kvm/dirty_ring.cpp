@@ -1,7 +1,7 @@
 #include "kvm/dirty_ring.h"
 
-#include <atomic>
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <stdexcept>
 #include <utility>
@@ -110,9 +110,9 @@ std::vector<std::uint64_t>& DirtyRingHarvester::gather_unarmed_locked(std::size_
 void DirtyRingHarvester::take_by_vcpu(std::size_t slot, std::span<std::uint64_t> unnamed,
                                       std::span<const std::span<std::uint64_t>> vcpu_bitmaps) {
   if (vcpu_bitmaps.size() < pages_.size()) throw std::invalid_argument("a dirty bitmap is needed for every vCPU");
-  for (auto bitmap : vcpu_bitmaps)
-    if (bitmap.size() * 64 < slot_pages_.at(slot)) throw std::invalid_argument("dirty bitmap too small for slot");
-  if (unnamed.size() * 64 < slot_pages_.at(slot)) throw std::invalid_argument("dirty bitmap too small for slot");
+  const auto too_small = [&](std::span<std::uint64_t> bitmap) { return bitmap.size() * 64 < slot_pages_.at(slot); };
+  if (too_small(unnamed) || std::ranges::any_of(vcpu_bitmaps, too_small))
+    throw std::invalid_argument("dirty bitmap too small for slot");
   std::lock_guard lock(mutex_);
   harvest_locked();
   take_locked(slot, [&](std::size_t vcpu, std::uint64_t page) { vcpu_bitmaps[vcpu][page / 64] |= std::uint64_t{1} << (page % 64); });
