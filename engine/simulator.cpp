@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "engine/page_sender.h"
+#include "transport/rate_limit.h"
 
 namespace mig::engine {
 namespace {
@@ -133,29 +134,62 @@ class ReplayedGuest {
   std::vector<std::uint64_t> dirty_;
 };
 
+// When a round's bytes leave: at the link's rate, and under the sender's limit no sooner than
+// its token buckets allow. The engine gives each channel a bucket of limit / channels
+// (PageSender), full when the first batch goes and kept for the migration; they are modelled
+// as one bucket that holds all their bursts.
+class PreCopySending {
+ public:
+  explicit PreCopySending(const SimulatorOptions& o)
+      : link_Bps_(o.bandwidth_Bps),
+        limit_Bps_(o.bandwidth_limit_Bps),
+        burst_(limit_Bps_ > 0 ? o.channels * transport::TokenBucket::default_burst(limit_Bps_ / o.channels) : 0),
+        tokens_(burst_) {}
+
+  // Seconds from the round's start until its first `bytes` have left.
+  double seconds_for(double bytes) const {
+    const double on_link = bytes / link_Bps_;
+    return limit_Bps_ > 0 ? std::max(on_link, (bytes - tokens_) / limit_Bps_) : on_link;
+  }
+  // The bytes that have left `seconds` into the round.
+  double bytes_by(double seconds) const {
+    const double on_link = seconds * link_Bps_;
+    return limit_Bps_ > 0 ? std::min(on_link, tokens_ + seconds * limit_Bps_) : on_link;
+  }
+  // A round of `bytes` ended after `seconds`: the tokens it spent are gone, and those the
+  // limit added meanwhile are there, up to the burst.
+  void end_round(double bytes, double seconds) {
+    if (limit_Bps_ > 0) tokens_ = std::clamp(tokens_ + seconds * limit_Bps_ - bytes, 0.0, burst_);
+  }
+
+ private:
+  const double link_Bps_, limit_Bps_, burst_;
+  double tokens_;
+};
+
 // One pre-copy round from wall time `now`: the pages pending leave in address order, back to
-// back at the link's rate, read ahead of it by what the way holds, while the guest runs on in
+// back as `sending` lets them, read ahead of it by what the way holds, while the guest runs on in
 // steps. As the engine does, the sender re-arms the dirty tracking of a stretch of pages as it
 // reads the first of them (at the start of that step): what the guest wrote to them before
 // then leaves with them. RoundEnd and RoundAck follow the last page, and then the dirty log
 // is fetched, into `pending`. Every pending page is sent: the engine's dedup skips a page only
 // when its bytes equal those of a send it is certain of (page_hashes.h), which takes a rewrite
 // with the same bytes, and a trace cannot tell that from a change.
-RoundStats replay_round(ReplayedGuest& guest, std::vector<std::uint64_t>& pending, double now, RoundStats r,
-                        const SimulatorOptions& o) {
+RoundStats replay_round(ReplayedGuest& guest, PreCopySending& sending, std::vector<std::uint64_t>& pending, double now,
+                        RoundStats r, const SimulatorOptions& o) {
   const std::uint64_t scale = o.guest_scale;
   r.pages_sent = pending.size() * scale;
   r.bytes_sent = r.pages_sent * kWirePageBytes + kRoundOverheadBytes;
-  r.duration_s = static_cast<double>(r.bytes_sent) / o.bandwidth_Bps + 2 * o.latency_ms / 1000;
-  const double page_s = static_cast<double>(scale * kWirePageBytes) / o.bandwidth_Bps, end = now + r.duration_s;
+  r.duration_s = sending.seconds_for(static_cast<double>(r.bytes_sent)) + 2 * o.latency_ms / 1000;
+  const double page_bytes = static_cast<double>(scale * kWirePageBytes), end = now + r.duration_s;
   const double dirty_limit = r.dirty_limit_MBps * 1e6 / kPageSize;
   std::size_t rearmed = 0;  // pending[0, rearmed) are re-armed
   for (double at = now; at < end;) {
     const double step_end = std::min(end, at + guest.step_s());
-    // The pages read before the step ends (page i leaves at i * page_s, read ahead of that);
+    // The pages read before the step ends (those that have left, and what is read ahead);
     // the engine re-arms each one's stretch of PageSender::kRearmPages as it comes to the
     // first page of it.
-    const double read_by = (step_end - now) / page_s + o.read_ahead_bytes / static_cast<double>(scale * kWirePageBytes);
+    const double read_by = (sending.bytes_by(step_end - now) + o.read_ahead_bytes) / page_bytes;
     const auto due = static_cast<std::size_t>(std::min(static_cast<double>(pending.size()), std::ceil(read_by)));
     while (rearmed < due) {
       const std::uint64_t stretch = pending[rearmed] / PageSender::kRearmPages;
@@ -167,6 +201,7 @@ RoundStats replay_round(ReplayedGuest& guest, std::vector<std::uint64_t>& pendin
     guest.run(at, step_end - at, r.throttle_pct, dirty_limit);
     at = step_end;
   }
+  sending.end_round(static_cast<double>(r.bytes_sent), r.duration_s);
   pending = guest.fetch();
   r.dirty_pages = pending.size() * scale;
   r.dirty_rate_Bps = static_cast<double>(r.dirty_pages * kPageSize) / r.duration_s;
@@ -200,6 +235,8 @@ std::vector<std::uint64_t> populated_at(const DirtyTrace& trace, double start_s)
 void check(const DirtyTrace& trace, const SimulatorOptions& o) {
   if (trace.frames.empty()) throw std::invalid_argument("the trace has no intervals to replay");
   if (!(o.bandwidth_Bps > 0)) throw std::invalid_argument("the bandwidth must be positive");
+  if (!(o.bandwidth_limit_Bps >= 0)) throw std::invalid_argument("the bandwidth limit must be positive, or 0 for none");
+  if (o.channels < 1) throw std::invalid_argument("there must be at least one channel");
   if (o.guest_scale < 1) throw std::invalid_argument("the guest scale must be at least 1");
   if (o.trace_start_s < 0 || o.trace_start_s >= trace.seconds())
     throw std::invalid_argument("the trace start must be within the trace (0 to " + shortest_text(trace.seconds()) + " s)");
@@ -217,6 +254,7 @@ SimulatedMigration simulate(const DirtyTrace& trace, const SimulatorOptions& o) 
   // Connecting and Hello/HelloAck: two round trips; dirty tracking starts after them.
   double now = 2 * rtt + o.setup_ms / 1000;
   ReplayedGuest guest(trace, o.trace_start_s);
+  PreCopySending sending(o);
   std::vector<std::uint64_t> pending = populated_at(trace, o.trace_start_s);
 
   // Pre-copy, round by round, until the policy (or the round limit) says otherwise. A
@@ -224,7 +262,7 @@ SimulatedMigration simulate(const DirtyTrace& trace, const SimulatorOptions& o) 
   const bool can_limit_dirty_rate = trace.vcpus > 0;
   for (RoundStats next;;) {
     next.round = static_cast<std::uint32_t>(m.round_table.size());
-    const auto r = replay_round(guest, pending, now, next, o);
+    const auto r = replay_round(guest, sending, pending, now, next, o);
     now += r.duration_s;
     m.bytes_sent += r.bytes_sent;
     m.round_table.push_back(r);

@@ -18,7 +18,10 @@
 //     10 ms of catching up); writes no vCPU is named for are never held. A trace that names no
 //     vCPU replays a guest that cannot take the limit, and dirty-limit runs without its brake;
 //   - a pre-copy round costs its bytes at the bandwidth plus one round trip (RoundEnd,
-//     RoundAck); the final round its bytes at the pause bandwidth (the engine does not limit
+//     RoundAck); under the sender's own limit, its bytes leave as the engine's token buckets
+//     let them: the buckets start full, so the first burst leaves at the link's rate, and
+//     what the limit leaves unspent between rounds (their round trips) is spent in the next;
+//     the final round its bytes at the pause bandwidth (the engine does not limit
 //     it) plus the state, then one and a half round trips and `restore_ms` until the
 //     destination resumes, and half a round trip more until the source hears Running;
 //   - a trace shorter than the migration is replayed again from where the migration started
@@ -43,6 +46,7 @@ struct SimulatorOptions {
   ConvergencePolicy convergence;                  // the downtime target and round limit (and mig's rule)
   double bandwidth_Bps = 125e6;                   // pre-copy page data over the link (all channels together)
   double pause_bandwidth_Bps = 0;                 // the final round's; 0: bandwidth_Bps
+  double bandwidth_limit_Bps = 0;                 // the sender's (mig-send --bandwidth); 0: none
   double latency_ms = 0.05;                       // one way
   // How far ahead of the link the sender reads pages, once the way has filled: what the
   // socket's send buffer and the link's queues hold between them (TCP's send buffer bounds

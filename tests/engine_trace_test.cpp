@@ -310,6 +310,36 @@ TEST_CASE("the simulator replays a trace through the policy and the round accoun
     CHECK(engine::simulate(trace, o).round_table[0].dirty_pages == 100);
   }
 
+  SECTION("under the sender's limit, the token buckets' first burst leaves at the link's rate, then the limit holds") {
+    const auto trace = steady_trace(10000, 0, 100);
+    o.bandwidth_Bps = 1e9;
+    o.bandwidth_limit_Bps = 100e6;
+    o.channels = 2;
+    const double bytes = 10000.0 * engine::kWirePageBytes + 128;
+    const double burst = 2 * 2.0 * (1 << 20);  // each channel's bucket holds 2 MiB (10 ms at 50 MB/s is less)
+    const auto m = engine::simulate(trace, o);
+    REQUIRE(m.round_table.size() == 1);
+    CHECK(m.round_table[0].duration_s * 1000 == Approx((bytes - burst) / 100e6 * 1000 + 2));
+    CHECK(m.downtime_ms == Approx(128 / 1e9 * 1000 + 3));  // the final round is not limited
+    o.bandwidth_Bps = 50e6;  // a link slower than the limit: the limit never binds
+    CHECK(engine::simulate(trace, o).round_table[0].duration_s * 1000 == Approx(bytes / 50e6 * 1000 + 2));
+  }
+
+  SECTION("under the sender's limit, a round spends what the last round trip left unspent, and no more") {
+    // Pages 0-999 written in each of the first 3 s: round 0 (about 0.4 s) leaves 1000 dirty,
+    // and round 1 starts with 2 ms of tokens, earned in round 0's round trip.
+    const auto trace = steady_trace(10000, 1000, 300);
+    o.bandwidth_Bps = 1e9;
+    o.bandwidth_limit_Bps = 100e6;
+    o.convergence.downtime_target_ms = 1;
+    o.convergence.max_rounds = 2;
+    const auto m = engine::simulate(trace, o);
+    REQUIRE(m.round_table.size() == 2);
+    REQUIRE(m.round_table[1].pages_sent == 1000);
+    const double round1_bytes = 1000.0 * engine::kWirePageBytes + 128;
+    CHECK(m.round_table[1].duration_s * 1000 == Approx((round1_bytes - 2e-3 * 100e6) / 100e6 * 1000 + 2));
+  }
+
   SECTION("the same trace and options predict the same migration; a K-times guest sends K times the pages") {
     const auto trace = engine::synthesize_trace("random:rate=20M,wss=8M,mem=32M,seconds=5");
     const auto once = engine::simulate(trace, o);
@@ -363,5 +393,7 @@ TEST_CASE("the simulator replays a trace through the policy and the round accoun
     CHECK_THROWS_WITH(engine::simulate(steady_trace(10, 1, 1), o), Contains("bandwidth"));
     o.bandwidth_Bps = 1e6;
     CHECK_THROWS_WITH(engine::simulate(steady_trace(10, 1, 0), o), Contains("no intervals"));
+    o.bandwidth_limit_Bps = -1;
+    CHECK_THROWS_WITH(engine::simulate(steady_trace(10, 1, 1), o), Contains("bandwidth limit"));
   }
 }

@@ -81,7 +81,7 @@ nlohmann::json to_json(const engine::SimulatedMigration& m) {
 }
 
 struct Flags {
-  std::string trace_path, synthesize, output, policy_spec = "mig", bandwidth = "1Gbit", pause_bandwidth;
+  std::string trace_path, synthesize, output, policy_spec = "mig", bandwidth = "1Gbit", pause_bandwidth, max_bandwidth;
   engine::SimulatorOptions o;
   double interval_ms = 10;
   bool json = false, info = false;
@@ -93,6 +93,9 @@ struct Flags {
     app.add_option("--bandwidth", bandwidth, "the link, e.g. 25Gbit or 3GB (per second; default 1Gbit)")
         ->check(tools::parses_with(parse_rate));
     app.add_option("--pause-bandwidth", pause_bandwidth, "the final round's rate, which mig does not limit (default: --bandwidth)")
+        ->check(tools::parses_with(parse_rate));
+    app.add_option("--max-bandwidth", max_bandwidth,
+                   "the sender's limit, mig-send's --bandwidth: a token bucket on pre-copy page data over the link (default: none)")
         ->check(tools::parses_with(parse_rate));
     app.add_option("--latency", o.latency_ms, "one-way latency in ms (default 0.05)")->check(CLI::Range(0.0, 10000.0));
     app.add_option("--read-ahead-bytes", o.read_ahead_bytes,
@@ -124,6 +127,7 @@ void write_synthetic_trace(const Flags& f) {
 void predict(Flags f, const engine::DirtyTrace& trace) {
   f.o.bandwidth_Bps = parse_rate(f.bandwidth);
   if (!f.pause_bandwidth.empty()) f.o.pause_bandwidth_Bps = parse_rate(f.pause_bandwidth);
+  if (!f.max_bandwidth.empty()) f.o.bandwidth_limit_Bps = parse_rate(f.max_bandwidth);
   f.o.policy = engine::PolicyRegistry::global().make(f.policy_spec, f.o.convergence);
   const auto m = engine::simulate(trace, f.o);
   const auto result = to_json(m);

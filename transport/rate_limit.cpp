@@ -7,7 +7,7 @@
 namespace mig::transport {
 
 TokenBucket::TokenBucket(double bytes_per_second, double burst_bytes)
-    : rate_(bytes_per_second), burst_(std::max({burst_bytes, bytes_per_second / 100, 2.0 * (1 << 20)})), tokens_(burst_) {
+    : rate_(bytes_per_second), burst_(std::max(burst_bytes, default_burst(bytes_per_second))), tokens_(burst_) {
   if (!(bytes_per_second > 0)) throw std::invalid_argument("bandwidth limit must be positive");
 }
 

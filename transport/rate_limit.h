@@ -1,6 +1,7 @@
 // A token bucket: at most `rate` bytes per second on average, in bursts of at most `burst`.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -12,6 +13,9 @@ class TokenBucket {
   // `bytes_per_second` > 0. The burst is what one page batch needs, or 10 ms at the rate,
   // whichever is larger, so a batch never waits for tokens it can never have.
   explicit TokenBucket(double bytes_per_second, double burst_bytes = 0);
+  // The burst a bucket of this rate gets without one asked for: 10 ms at the rate, at least
+  // 2 MiB. A new bucket starts with it, so its first bytes leave at once (mig-sim models that).
+  static double default_burst(double bytes_per_second) { return std::max(bytes_per_second / 100, 2.0 * (1 << 20)); }
 
   // The delay before `bytes` may go, with the tokens taken; zero when they are there now.
   // Split from the sleep so it can be tested without a clock.
