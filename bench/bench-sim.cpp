@@ -1,9 +1,10 @@
 // bench-sim: how well mig-sim predicts real migrations. Each workload is a dirty trace; the
 // real run migrates a VM that writes the trace's pages into its memory in real time (a
 // replaying VM, in this process) through the real engine over TCP loopback, and the
-// simulator replays the same trace. Per link, an idle guest's migration first calibrates the
-// simulator (the engine's page throughput, set-up and restore times); the workloads are then
-// predicted, never fitted.
+// simulator replays the same trace, under mig's policy and xen's, and with post-copy right
+// after round 0. Per link, an idle guest's migration first calibrates the simulator (the
+// engine's page throughput, set-up and restore times); the workloads are then predicted,
+// never fitted.
 //
 //   bench-sim [--repeats 3] [--json rows.json]
 #include <CLI/CLI.hpp>
@@ -18,6 +19,7 @@
 #include <mutex>
 #include <thread>
 
+#include "common/page_allocator.h"
 #include "engine/incoming_migration.h"
 #include "engine/pages.h"
 #include "engine/simulator.h"
@@ -30,14 +32,19 @@ using namespace std::chrono_literals;
 namespace {
 
 // A VM whose guest writes a trace's pages into its memory, interval by interval, while it
-// runs; slowed by the throttle as a CPU-bound guest would be.
+// runs; slowed by the throttle as a CPU-bound guest would be. Its state says where in the
+// trace the guest is, so that after a switch to post-copy it goes on at the destination,
+// which then asks for the pages it writes before they come.
 class ReplayingVm final : public engine::MigratableVm {
  public:
-  explicit ReplayingVm(const engine::DirtyTrace* trace, std::uint64_t pages)
-      : trace_(trace), memory_(pages * engine::kPageSize), dirty_((pages + 63) / 64) {
-    if (!trace_) return;
-    for (auto page : trace_->populated) std::memset(&memory_[page * engine::kPageSize], 0x5a, 64);
-    thread_ = std::thread([this] { replay(); });
+  // A source: the guest runs from now.
+  static std::unique_ptr<ReplayingVm> running(const engine::DirtyTrace& trace) {
+    return std::unique_ptr<ReplayingVm>(new ReplayingVm(&trace, trace.pages, false));
+  }
+  // A destination, paused until the migration resumes it; with a trace, its guest then
+  // goes on from where the arriving state says it was.
+  static std::unique_ptr<ReplayingVm> arriving(const engine::DirtyTrace* trace, std::uint64_t pages) {
+    return std::unique_ptr<ReplayingVm>(new ReplayingVm(trace, pages, true));
   }
   ~ReplayingVm() override {
     {
@@ -79,10 +86,27 @@ class ReplayingVm final : public engine::MigratableVm {
   }
   void pause() override { set(paused_, true); }
   void resume() override { set(paused_, false); }
-  std::vector<engine::StateSection> save_state() override { return {{"replay", 1, std::vector<std::byte>(4096)}}; }
-  void restore_state(const std::vector<engine::StateSection>&) override {}
+  std::vector<engine::StateSection> save_state() override {
+    std::lock_guard lock(mutex_);
+    std::vector<std::byte> state(4096);
+    std::memcpy(state.data(), &trace_time_, sizeof trace_time_);
+    return {{"replay", 1, std::move(state)}};
+  }
+  void restore_state(const std::vector<engine::StateSection>& sections) override {
+    std::lock_guard lock(mutex_);
+    std::memcpy(&trace_time_, sections.at(0).data.data(), sizeof trace_time_);
+  }
 
  private:
+  ReplayingVm(const engine::DirtyTrace* trace, std::uint64_t pages, bool paused)
+      : trace_(trace), memory_(pages * engine::kPageSize), dirty_((pages + 63) / 64), paused_(paused) {
+    if (!trace_) return;
+    // A running guest's populated pages hold data; an arriving one's come over the wire.
+    if (!paused)
+      for (auto page : trace_->populated) std::memset(&memory_[page * engine::kPageSize], 0x5a, 64);
+    thread_ = std::thread([this] { replay(); });
+  }
+
   void set(bool& flag, bool value) {
     std::lock_guard lock(mutex_);
     flag = value;
@@ -92,7 +116,6 @@ class ReplayingVm final : public engine::MigratableVm {
   void replay() {
     const auto step = trace_->interval / 10;
     auto next = std::chrono::steady_clock::now();
-    double trace_time = 0;  // in intervals
     std::uint64_t value = 1;
     for (;;) {
       next += step;
@@ -100,22 +123,23 @@ class ReplayingVm final : public engine::MigratableVm {
       std::lock_guard lock(mutex_);
       if (stopping_) return;
       if (paused_) continue;
-      const double until = trace_time + 0.1 * (1 - throttle_);
-      engine::for_each_write(*trace_, trace_time, until, [&](std::uint64_t page, double) {
+      const double until = trace_time_ + 0.1 * (1 - throttle_);
+      engine::for_each_write(*trace_, trace_time_, until, [&](std::uint64_t page, double) {
         ++value;
         std::memcpy(&memory_[page * engine::kPageSize + (value % 512) * 8], &value, sizeof value);
         if (logging_) dirty_[page / 64] |= 1ull << (page % 64);
       });
-      trace_time = until;
+      trace_time_ = until;
     }
   }
 
   const engine::DirtyTrace* trace_;
-  std::vector<std::byte> memory_;
+  GuestBytes memory_;
   std::mutex mutex_;
   std::vector<std::uint64_t> dirty_;
-  bool logging_ = false, paused_ = false, stopping_ = false;
+  bool logging_ = false, paused_, stopping_ = false;
   double throttle_ = 0;
+  double trace_time_ = 0;  // in intervals
   std::thread thread_;
 };
 
@@ -124,16 +148,26 @@ struct Link {
   double limit_Bps = 0;  // the engine's bandwidth limit; 0: loopback as it comes
 };
 
-engine::MigrationStats migrate(const engine::DirtyTrace& trace, const Link& link, const std::string& policy) {
-  ReplayingVm vm(&trace, trace.pages);
+// What a pair migrates under: a policy, and whether post-copy takes over right after round 0
+// (mig-send --postcopy).
+struct Mode {
+  std::string policy;
+  bool postcopy = false;
+  std::string label() const { return postcopy ? policy + ", post-copy" : policy; }
+};
+
+engine::MigrationStats migrate(const engine::DirtyTrace& trace, const Link& link, const Mode& mode) {
+  const auto vm = ReplayingVm::running(trace);
   std::this_thread::sleep_for(200ms);  // the guest has been running a while
   transport::Listener listener(transport::Endpoint::parse("tcp:127.0.0.1:0"));
   auto receiver = std::async(std::launch::async, [&] {
     auto stream = listener.accept(10s);
     engine::ReceiverOptions options;
     options.accept_channel = [&](std::chrono::milliseconds timeout) { return listener.accept(timeout); };
-    auto factory = [](const engine::VmShape& shape) {
-      return std::make_unique<ReplayingVm>(nullptr, shape.regions.at(0).size / engine::kPageSize);
+    // In post-copy the guest goes on at the destination, and asks for the pages it writes
+    // before they come.
+    auto factory = [&](const engine::VmShape& shape) {
+      return ReplayingVm::arriving(mode.postcopy ? &trace : nullptr, shape.regions.at(0).size / engine::kPageSize);
     };
     return engine::IncomingMigration(stream, factory, options).run().stats;
   });
@@ -141,13 +175,17 @@ engine::MigrationStats migrate(const engine::DirtyTrace& trace, const Link& link
   auto stream = transport::connect(endpoint);
   engine::SenderOptions options;
   options.bandwidth_limit = link.limit_Bps;
-  options.policy_plugin = engine::PolicyRegistry::global().make(policy, options.policy);
+  options.policy_plugin = engine::PolicyRegistry::global().make(mode.policy, options.policy);
   options.open_channel = [endpoint] { return transport::connect(endpoint); };
   options.handover_wait = 0ms;
-  auto stats = engine::SourceMigration(vm, stream, options).run();
+  options.postcopy = mode.postcopy;
+  if (mode.postcopy) options.postcopy_after_s = 0;
+  auto stats = engine::SourceMigration(*vm, stream, options).run();
   stream = transport::Stream(UniqueFd());
-  receiver.get();
+  const auto received = receiver.get();
   if (stats.status != engine::MigrationStatus::completed) throw std::runtime_error("a real migration failed: " + stats.error);
+  // The guest's waiting is measured where it runs.
+  if (stats.postcopy && received.postcopy) stats.postcopy->blocktime_ms = received.postcopy->blocktime_ms;
   return stats;
 }
 
@@ -157,7 +195,7 @@ engine::SimulatorOptions calibrate(const Link& link, std::uint64_t pages, unsign
   engine::DirtyTrace idle = engine::synthesize_trace("random:rate=0,mem=" + std::to_string(pages * engine::kPageSize) + ",seconds=10");
   std::vector<double> bandwidth, setup, downtime;
   for (unsigned i = 0; i < repeats; ++i) {
-    const auto stats = migrate(idle, link, "mig");
+    const auto stats = migrate(idle, link, {"mig"});
     bandwidth.push_back(stats.round_table.at(0).bandwidth_Bps);
     setup.push_back(stats.setup_ms);
     downtime.push_back(stats.downtime_ms);
@@ -190,28 +228,50 @@ void print_rounds(const std::vector<engine::RoundStats>& real, const std::vector
 double error_pct(double predicted, double real) { return real > 0 ? (predicted - real) / real * 100 : 0; }
 
 // One pair's line in the table, and its row for --json: each real figure as sorted repeats.
+template <typename Get>
+std::vector<double> sorted(const std::vector<engine::MigrationStats>& runs, Get get) {
+  std::vector<double> v;
+  for (const auto& r : runs) v.push_back(static_cast<double>(get(r)));
+  std::sort(v.begin(), v.end());
+  return v;
+}
+
+// A post-copy pair's second line: after the switch, the real guest went on at the
+// destination and asked for the pages it wrote before the push brought them.
+nlohmann::json compare_postcopy(const std::vector<engine::MigrationStats>& runs, const engine::PostcopyStats& sim) {
+  const auto postcopy = [](const engine::MigrationStats& r) -> const engine::PostcopyStats& {
+    if (!r.postcopy) throw std::runtime_error("a real migration did not switch to post-copy");
+    return *r.postcopy;
+  };
+  const auto requests = sorted(runs, [&](const auto& r) { return postcopy(r).requests; });
+  const auto blocktime = sorted(runs, [&](const auto& r) { return postcopy(r).blocktime_ms; });
+  const auto after = sorted(runs, [&](const auto& r) { return postcopy(r).postcopy_ms; });
+  fmt::print("  post-copy, real (min-max) / sim: requests {:.0f}-{:.0f} / {}, blocktime {:.1f}-{:.1f} / {:.1f} ms, "
+             "every page there {:.1f}-{:.1f} / {:.1f} ms after the source heard the guest run\n",
+             requests.front(), requests.back(), sim.requests, blocktime.front(), blocktime.back(), sim.blocktime_ms,
+             after.front(), after.back(), sim.postcopy_ms);
+  return {{"real_requests", requests}, {"real_blocktime_ms", blocktime}, {"real_postcopy_ms", after},
+          {"sim_requests", sim.requests}, {"sim_blocktime_ms", sim.blocktime_ms}, {"sim_postcopy_ms", sim.postcopy_ms}};
+}
+
 nlohmann::json compare(const std::string& workload, const Link& link, const std::string& policy,
                        const std::vector<engine::MigrationStats>& runs, const engine::SimulatedMigration& sim) {
-  auto field = [&](auto get) {
-    std::vector<double> v;
-    for (const auto& r : runs) v.push_back(static_cast<double>(get(r)));
-    std::sort(v.begin(), v.end());
-    return v;
-  };
-  const auto total = field([](const auto& r) { return r.total_ms; });
-  const auto bytes = field([](const auto& r) { return r.bytes_sent; });
-  const auto rounds = field([](const auto& r) { return r.rounds; });
-  const auto downtime = field([](const auto& r) { return r.downtime_ms; });
+  const auto total = sorted(runs, [](const auto& r) { return r.total_ms; });
+  const auto bytes = sorted(runs, [](const auto& r) { return r.bytes_sent; });
+  const auto rounds = sorted(runs, [](const auto& r) { return r.rounds; });
+  const auto downtime = sorted(runs, [](const auto& r) { return r.downtime_ms; });
   const double median_total = total[total.size() / 2], median_bytes = bytes[bytes.size() / 2];
   fmt::print("| {} | {} | {} | {:.0f} ({:.0f}-{:.0f}) / {:.0f} | {:+.1f} % | {:.1f} / {:.1f} | {:+.1f} % | {:.0f}-{:.0f} / {} | {:.2f}-{:.2f} / {:.2f} |\n",
              workload.substr(0, workload.find(',')), link.name, policy, median_total, total.front(), total.back(),
              sim.total_ms, error_pct(sim.total_ms, median_total), median_bytes / 1e6,
              static_cast<double>(sim.bytes_sent) / 1e6, error_pct(static_cast<double>(sim.bytes_sent), median_bytes),
              rounds.front(), rounds.back(), sim.rounds, downtime.front(), downtime.back(), sim.downtime_ms);
-  return {{"workload", workload}, {"link", link.name}, {"policy", policy},
-          {"real_total_ms", total}, {"real_bytes", bytes}, {"real_rounds", rounds}, {"real_downtime_ms", downtime},
-          {"sim_total_ms", sim.total_ms}, {"sim_bytes", sim.bytes_sent}, {"sim_rounds", sim.rounds},
-          {"sim_downtime_ms", sim.downtime_ms}};
+  nlohmann::json row = {{"workload", workload}, {"link", link.name}, {"policy", policy},
+                        {"real_total_ms", total}, {"real_bytes", bytes}, {"real_rounds", rounds}, {"real_downtime_ms", downtime},
+                        {"sim_total_ms", sim.total_ms}, {"sim_bytes", sim.bytes_sent}, {"sim_rounds", sim.rounds},
+                        {"sim_downtime_ms", sim.downtime_ms}};
+  if (sim.postcopy) row.update(compare_postcopy(runs, *sim.postcopy));
+  return row;
 }
 
 }  // namespace
@@ -232,7 +292,7 @@ int main(int argc, char** argv) {
                                               "hotcold:rate=200M,wss=48M,mem=64M,seconds=30",
                                               "sweep:rate=100M,wss=16M,mem=64M,seconds=30"};
   const std::vector<Link> links = {{"loopback", 0}, {"loopback at 1 Gbit/s", 125e6}};
-  const std::vector<std::string> policies = {"mig", "xen"};
+  const std::vector<Mode> modes = {{"mig"}, {"xen"}, {"mig", true}};
   nlohmann::json rows = nlohmann::json::array(), calibrations = nlohmann::json::array();
 
   fmt::print("| workload | link | policy | total ms real (min-max) / sim | err | MB real / sim | err | rounds real / sim | downtime ms real / sim |\n");
@@ -250,12 +310,13 @@ int main(int argc, char** argv) {
     for (const auto& workload : workloads) {
       if (workload.rfind(only, 0) != 0) continue;
       const auto trace = engine::synthesize_trace(workload);
-      for (const auto& policy : policies) {
+      for (const auto& mode : modes) {
         std::vector<engine::MigrationStats> runs;
-        for (unsigned i = 0; i < repeats; ++i) runs.push_back(migrate(trace, link, policy));
-        sim_options.policy = engine::PolicyRegistry::global().make(policy, sim_options.convergence);
+        for (unsigned i = 0; i < repeats; ++i) runs.push_back(migrate(trace, link, mode));
+        sim_options.policy = engine::PolicyRegistry::global().make(mode.policy, sim_options.convergence);
+        sim_options.postcopy = mode.postcopy ? engine::SimulatorOptions::Postcopy::after_round_0 : engine::SimulatorOptions::Postcopy::off;
         const auto sim = engine::simulate(trace, sim_options);
-        rows.push_back(compare(workload, link, policy, runs, sim));
+        rows.push_back(compare(workload, link, mode.label(), runs, sim));
         if (show_rounds) print_rounds(runs.front().round_table, sim.round_table);
         std::fflush(stdout);
       }

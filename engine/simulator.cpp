@@ -4,6 +4,7 @@
 #include <bit>
 #include <cmath>
 #include <stdexcept>
+#include <set>
 #include <utility>
 
 #include "engine/page_sender.h"
@@ -52,6 +53,41 @@ class ReplayedGuest {
         run_free(writer, seconds, speed);
       if (names_a_vcpu && limit_pages_per_s <= 0) pacing_[writer] = {};
     }
+  }
+
+  // After a post-copy switchover: `seconds` of wall time from `wall` at the destination,
+  // which neither throttles nor limits the guest. visit(page, wall time) returns how long the
+  // write waits (for a page still on its way); the writer's later writes come that much
+  // later, and one still waiting when the time is up goes on from that write.
+  template <typename Visit>
+  void run_at_destination(double wall, double seconds, Visit&& visit) {
+    struct Write {
+      double when;  // trace time
+      std::uint64_t page;
+      std::size_t writer;
+    };
+    std::vector<Write> writes;
+    const std::vector<double> from = clocks_;
+    for (std::size_t writer = 0; writer < clocks_.size(); ++writer)
+      for_each_write(trace_, from[writer], from[writer] + seconds / interval_s_,
+                     [&](std::uint64_t page, double when) { writes.push_back({when, page, writer}); }, writer_id(writer), loop_from_);
+    std::sort(writes.begin(), writes.end(), [](const Write& a, const Write& b) { return a.when < b.when; });
+    std::vector<double> waited(clocks_.size(), 0);
+    std::vector<bool> held_over(clocks_.size(), false);
+    for (const auto& w : writes) {
+      if (held_over[w.writer]) continue;
+      const double at = wall + (w.when - from[w.writer]) * interval_s_ + waited[w.writer];
+      if (at >= wall + seconds) {
+        held_over[w.writer] = true;
+        clocks_[w.writer] = w.when;
+        continue;
+      }
+      waited[w.writer] += visit(w.page, at);
+      clocks_[w.writer] = std::nextafter(w.when, w.when + 1);  // past it at least; its time run is added below
+    }
+    for (std::size_t writer = 0; writer < clocks_.size(); ++writer)
+      if (!held_over[writer])
+        clocks_[writer] = std::max(clocks_[writer], from[writer] + std::max(0.0, seconds - waited[writer]) / interval_s_);
   }
 
   // The engine re-arms these pages' dirty tracking: their writes until now leave with them.
@@ -143,6 +179,7 @@ class PreCopySending {
   explicit PreCopySending(const SimulatorOptions& o)
       : link_Bps_(o.bandwidth_Bps),
         limit_Bps_(o.bandwidth_limit_Bps),
+        channels_(o.channels),
         burst_(limit_Bps_ > 0 ? o.channels * transport::TokenBucket::default_burst(limit_Bps_ / o.channels) : 0),
         tokens_(burst_) {}
 
@@ -161,10 +198,19 @@ class PreCopySending {
   void end_round(double bytes, double seconds) {
     if (limit_Bps_ > 0) tokens_ = std::clamp(tokens_ + seconds * limit_Bps_ - bytes, 0.0, burst_);
   }
+  // Post-copy's push, `idle_s` after the last round: on the main channel alone, at the whole
+  // limit. With one channel that is the bucket pre-copy used; with more, a new (full) one.
+  void start_push(double idle_s) {
+    if (channels_ == 1) return end_round(0, idle_s);
+    burst_ = limit_Bps_ > 0 ? transport::TokenBucket::default_burst(limit_Bps_) : 0;
+    tokens_ = burst_;
+    channels_ = 1;
+  }
 
  private:
-  const double link_Bps_, limit_Bps_, burst_;
-  double tokens_;
+  const double link_Bps_, limit_Bps_;
+  unsigned channels_;
+  double burst_, tokens_;
 };
 
 // One pre-copy round from wall time `now`: the pages pending leave in address order, back to
@@ -242,59 +288,205 @@ void check(const DirtyTrace& trace, const SimulatorOptions& o) {
     throw std::invalid_argument("the trace start must be within the trace (0 to " + shortest_text(trace.seconds()) + " s)");
 }
 
+// After a post-copy switchover the destination runs the guest, and every page it lacks
+// leaves the source once: pushed in address order, paced by the sender's limit as pre-copy
+// was, or at once when the guest writes it first (a request, answered unpaced in a round
+// trip plus the page's time on the link, after which the push goes on from the page after
+// it, as PostcopySource does). The writer waits for the page; a trace holds no reads, so a
+// page the guest only reads is never requested.
+class PostcopyReplay {
+ public:
+  PostcopyReplay(std::span<const std::uint64_t> needed, double resumed, const PreCopySending& pacing, const SimulatorOptions& o)
+      : missing_(needed.begin(), needed.end()),
+        pacing_(pacing),
+        scale_(o.guest_scale),
+        page_bytes_(static_cast<double>(o.guest_scale * kWirePageBytes)),
+        link_Bps_(o.bandwidth_Bps),
+        rtt_(2 * o.latency_ms / 1000),
+        resumed_(resumed),
+        // The source starts pushing when it hears Running, half a round trip after the guest
+        // resumed; each page lands half a round trip after it left.
+        first_landing_(resumed + rtt_),
+        finished_(first_landing_) {
+    stats_.pages_needed = needed.size() * scale_;
+  }
+
+  // The guest writes `page` at wall time `when` (writes come in time order); returns how
+  // long the writer waits for it.
+  double write(std::uint64_t page, double when) {
+    push_until(when);
+    if (missing_.erase(page) == 0) return 0;
+    ++urgent_;
+    push_at_ = page + 1;
+    const double wait = rtt_ + static_cast<double>(kWirePageBytes) / link_Bps_;
+    stats_.requests += scale_;
+    stats_.blocktime_ms += static_cast<double>(scale_) * wait * 1000;
+    finished_ = std::max(finished_, when + wait);
+    return wait;
+  }
+
+  // The background push, up to wall time `when`: paced as pre-copy was, on a link that the
+  // answers to requests share.
+  void push_until(double when) {
+    const double since = std::max(0.0, when - first_landing_);
+    const double landed = std::floor(std::min(pacing_.bytes_by(since), since * link_Bps_ - static_cast<double>(urgent_) * page_bytes_) / page_bytes_);
+    while (!missing_.empty() && static_cast<double>(pushed_) < landed) {
+      auto next = missing_.lower_bound(push_at_);
+      if (next == missing_.end()) next = missing_.begin();
+      push_at_ = *next + 1;
+      missing_.erase(next);
+      ++pushed_;
+    }
+    if (missing_.empty())
+      finished_ = std::max(finished_, first_landing_ + std::max(pacing_.seconds_for(static_cast<double>(pushed_) * page_bytes_),
+                                                               static_cast<double>(pushed_ + urgent_) * page_bytes_ / link_Bps_));
+  }
+
+  bool done() const { return missing_.empty(); }
+
+  // The last page landed at `finished_`; Complete follows it, and PostcopyDone comes back.
+  PostcopyStats stats() const {
+    PostcopyStats p = stats_;
+    p.pages_urgent = urgent_ * scale_;
+    p.pages_background = pushed_ * scale_;
+    p.postcopy_ms = (finished_ - resumed_) * 1000;
+    return p;
+  }
+
+ private:
+  std::set<std::uint64_t> missing_;
+  const PreCopySending& pacing_;
+  const std::uint64_t scale_;
+  const double page_bytes_, link_Bps_, rtt_, resumed_, first_landing_;
+  double finished_;
+  std::uint64_t push_at_ = 0, pushed_ = 0, urgent_ = 0;
+  PostcopyStats stats_;
+};
+
+// One simulated migration, phase by phase, as SourceMigration runs a real one.
+class Simulation {
+ public:
+  Simulation(const DirtyTrace& trace, const SimulatorOptions& o)
+      : trace_(trace),
+        o_(o),
+        policy_(o.policy ? o.policy : PolicyRegistry::global().make("mig", o.convergence)),
+        rtt_(2 * o.latency_ms / 1000),
+        pause_bandwidth_Bps_(o.pause_bandwidth_Bps > 0 ? o.pause_bandwidth_Bps : o.bandwidth_Bps),
+        guest_(trace, o.trace_start_s),
+        sending_(o),
+        pending_(populated_at(trace, o.trace_start_s)) {
+    m_.policy = policy_->name();
+    m_.guest_bytes = trace.guest_bytes() * o.guest_scale;
+  }
+
+  SimulatedMigration run() {
+    // Connecting and Hello/HelloAck: two round trips; dirty tracking starts after them.
+    now_ = 2 * rtt_ + o_.setup_ms / 1000;
+    switch (precopy()) {
+      case Ending::stop_and_copy: stop_and_copy(); break;
+      case Ending::postcopy: switch_to_postcopy(); break;
+      case Ending::give_up: give_up(); break;
+    }
+    return m_;
+  }
+
+ private:
+  enum class Ending { stop_and_copy, postcopy, give_up };
+
+  // Round by round, until the policy (or the round limit) says otherwise. A per-vCPU dirty
+  // limit needs a trace that names the vCPUs. As the engine does, post-copy (where it is on)
+  // takes over from a pre-copy that cannot converge, or right after round 0 when asked to.
+  Ending precopy() {
+    const bool can_limit_dirty_rate = trace_.vcpus > 0, postcopy = o_.postcopy != SimulatorOptions::Postcopy::off;
+    for (RoundStats next;;) {
+      next.round = static_cast<std::uint32_t>(m_.round_table.size());
+      const auto r = replay_round(guest_, sending_, pending_, now_, next, o_);
+      now_ += r.duration_s;
+      m_.bytes_sent += r.bytes_sent;
+      m_.round_table.push_back(r);
+      m_.round_table.back().expected_downtime_ms = expected_downtime_ms(m_.round_table, o_.convergence);
+      const auto answer = decide_within_round_limit(*policy_, {m_.round_table, tunables_of(o_.convergence), o_.convergence.max_rounds,
+                                                               trace_.pages * o_.guest_scale, o_.can_throttle, postcopy,
+                                                               can_limit_dirty_rate});
+      m_.stop_rule = answer.rule;
+      const bool unconverged = answer.decision == Decision::stop_max_rounds || answer.decision == Decision::stop_no_progress ||
+                               answer.decision == Decision::start_postcopy;
+      if (postcopy && (unconverged || o_.postcopy == SimulatorOptions::Postcopy::after_round_0)) return Ending::postcopy;
+      if (answer.decision == Decision::abort_no_progress || answer.decision == Decision::start_postcopy) return Ending::give_up;
+      if (answer.decision != Decision::next_round) {
+        m_.stop_reason = stop_reason_of(answer.decision);
+        return Ending::stop_and_copy;
+      }
+      if (o_.can_throttle) next.throttle_pct = answer.throttle_pct;
+      if (can_limit_dirty_rate) next.dirty_limit_MBps = answer.dirty_limit_MBps;
+    }
+  }
+
+  // The last pages and the state, unlimited; Complete, restore, Ready, Commit.
+  void stop_and_copy() {
+    const std::uint64_t final_bytes = pending_.size() * o_.guest_scale * kWirePageBytes + o_.state_bytes + kRoundOverheadBytes;
+    m_.bytes_sent += final_bytes;
+    m_.downtime_ms = pause_to_resume_ms(final_bytes);
+    m_.total_ms = now_ * 1000 + m_.downtime_ms + 0.5 * rtt_ * 1000;
+    m_.rounds = static_cast<std::uint32_t>(m_.round_table.size()) + 1;
+  }
+
+  // Instead of the final round: the state goes with the list of the pages the destination
+  // lacks (a bitmap of guest memory), the guest resumes there, and the pages follow while it
+  // runs, until Complete and PostcopyDone.
+  void switch_to_postcopy() {
+    const std::uint64_t bitmap_bytes = (trace_.pages * o_.guest_scale + 63) / 64 * 8;
+    const std::uint64_t switch_bytes = o_.state_bytes + bitmap_bytes + kRoundOverheadBytes;
+    m_.downtime_ms = pause_to_resume_ms(switch_bytes);
+    const double resumed = now_ + m_.downtime_ms / 1000;
+    // The push starts from a full bucket at the whole limit (it is one channel); with one
+    // channel already, the bucket goes on, refilled over the switchover.
+    sending_.start_push(resumed + 0.5 * rtt_ - now_);
+    PostcopyReplay replay(pending_, resumed, sending_, o_);
+    for (double at = resumed; !replay.done(); at += guest_.step_s()) {
+      guest_.run_at_destination(at, guest_.step_s(), [&](std::uint64_t page, double when) { return replay.write(page, when); });
+      replay.push_until(at + guest_.step_s());
+    }
+    PostcopyStats p = replay.stats();
+    p.switchover_ms = now_ * 1000;
+    p.bytes_before = m_.bytes_sent;
+    p.bytes_after = switch_bytes + p.pages_needed * kWirePageBytes;
+    m_.bytes_sent += p.bytes_after;
+    m_.total_ms = (resumed + 0.5 * rtt_) * 1000 + p.postcopy_ms;  // PostcopyDone, heard at the source
+    m_.rounds = static_cast<std::uint32_t>(m_.round_table.size()) + 1;
+    m_.stop_reason = StopReason::postcopy;
+    m_.postcopy = p;
+  }
+
+  // The engine fails the migration here: the source runs on.
+  void give_up() {
+    m_.aborted = true;
+    m_.total_ms = now_ * 1000;
+    m_.rounds = static_cast<std::uint32_t>(m_.round_table.size());
+  }
+
+  // From the pause until the destination resumes: `bytes` at the pause bandwidth, then
+  // Complete, Ready and Commit (one and a half round trips) and the restore.
+  double pause_to_resume_ms(std::uint64_t bytes) const {
+    return (static_cast<double>(bytes) / pause_bandwidth_Bps_ + 1.5 * rtt_) * 1000 + o_.restore_ms;
+  }
+
+  const DirtyTrace& trace_;
+  const SimulatorOptions& o_;
+  const std::shared_ptr<const MigrationPolicy> policy_;
+  const double rtt_, pause_bandwidth_Bps_;
+  ReplayedGuest guest_;
+  PreCopySending sending_;
+  std::vector<std::uint64_t> pending_;  // to send in the next round
+  double now_ = 0;                      // wall seconds since the migration began
+  SimulatedMigration m_;
+};
+
 }  // namespace
 
 SimulatedMigration simulate(const DirtyTrace& trace, const SimulatorOptions& o) {
   check(trace, o);
-  const auto policy = o.policy ? o.policy : PolicyRegistry::global().make("mig", o.convergence);
-  const double rtt = 2 * o.latency_ms / 1000;
-  SimulatedMigration m;
-  m.policy = policy->name();
-  m.guest_bytes = trace.guest_bytes() * o.guest_scale;
-  // Connecting and Hello/HelloAck: two round trips; dirty tracking starts after them.
-  double now = 2 * rtt + o.setup_ms / 1000;
-  ReplayedGuest guest(trace, o.trace_start_s);
-  PreCopySending sending(o);
-  std::vector<std::uint64_t> pending = populated_at(trace, o.trace_start_s);
-
-  // Pre-copy, round by round, until the policy (or the round limit) says otherwise. A
-  // per-vCPU dirty limit needs a trace that names the vCPUs.
-  const bool can_limit_dirty_rate = trace.vcpus > 0;
-  for (RoundStats next;;) {
-    next.round = static_cast<std::uint32_t>(m.round_table.size());
-    const auto r = replay_round(guest, sending, pending, now, next, o);
-    now += r.duration_s;
-    m.bytes_sent += r.bytes_sent;
-    m.round_table.push_back(r);
-    m.round_table.back().expected_downtime_ms = expected_downtime_ms(m.round_table, o.convergence);
-    const auto answer = decide_within_round_limit(*policy, {m.round_table, tunables_of(o.convergence), o.convergence.max_rounds,
-                                                            trace.pages * o.guest_scale, o.can_throttle, false,
-                                                            can_limit_dirty_rate});
-    m.stop_rule = answer.rule;
-    if (answer.decision == Decision::abort_no_progress || answer.decision == Decision::start_postcopy) {
-      // The engine gives up here (post-copy is not simulated): the source runs on.
-      m.aborted = true;
-      m.total_ms = now * 1000;
-      m.rounds = static_cast<std::uint32_t>(m.round_table.size());
-      return m;
-    }
-    if (answer.decision != Decision::next_round) {
-      m.stop_reason = stop_reason_of(answer.decision);
-      break;
-    }
-    if (o.can_throttle) next.throttle_pct = answer.throttle_pct;
-    if (can_limit_dirty_rate) next.dirty_limit_MBps = answer.dirty_limit_MBps;
-  }
-
-  // Stop-and-copy: the last pages and the state, unlimited; Complete, restore, Ready, Commit.
-  const double pause_bandwidth = o.pause_bandwidth_Bps > 0 ? o.pause_bandwidth_Bps : o.bandwidth_Bps;
-  const std::uint64_t final_bytes =
-      pending.size() * o.guest_scale * kWirePageBytes + o.state_bytes + kRoundOverheadBytes;
-  m.bytes_sent += final_bytes;
-  m.downtime_ms = (static_cast<double>(final_bytes) / pause_bandwidth + 1.5 * rtt) * 1000 + o.restore_ms;
-  m.total_ms = now * 1000 + m.downtime_ms + 0.5 * rtt * 1000;
-  m.rounds = static_cast<std::uint32_t>(m.round_table.size()) + 1;
-  return m;
+  return Simulation(trace, o).run();
 }
 
 }  // namespace mig::engine

@@ -24,6 +24,14 @@
 //     the final round its bytes at the pause bandwidth (the engine does not limit
 //     it) plus the state, then one and a half round trips and `restore_ms` until the
 //     destination resumes, and half a round trip more until the source hears Running;
+//   - after a switch to post-copy, the state and a bitmap of the pages the destination lacks
+//     go at the pause bandwidth, the guest resumes there, and each of those pages leaves
+//     once: pushed in address order, paced by the sender's limit as pre-copy was, or at once
+//     on the guest's first write to it (a request, answered unpaced in a round trip plus the
+//     page's time on the link, while the writer waits; the push then goes on after it).
+//     Reads, which a trace does not hold, never request a page; and the destination's own
+//     costs (dropping the stale pages in the downtime, installing each page, waking a
+//     writer) are not modelled, nor is post-copy's recovery from a broken link;
 //   - a trace shorter than the migration is replayed again from where the migration started
 //     in it (`trace_start_s`), since what comes before that (a boot, a fill) is not the
 //     workload.
@@ -33,6 +41,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "../engine/dirty_trace.h"
@@ -60,6 +69,9 @@ struct SimulatorOptions {
   double setup_ms = 1;          // connecting and the handshake, beyond their round trips
   double restore_ms = 1;        // verifying and restoring at the destination, and resuming
   std::uint64_t state_bytes = 64 * 1024;  // vCPU, VM and device state
+  // Post-copy, as mig-send offers it: none, right after round 0 (--postcopy), or once the
+  // policy finds that pre-copy cannot converge (--postcopy-ram, with no operator to ask).
+  enum class Postcopy { off, after_round_0, on_no_progress } postcopy = Postcopy::off;
 };
 
 struct SimulatedMigration {
@@ -72,6 +84,9 @@ struct SimulatedMigration {
   StopReason stop_reason = StopReason::none;
   std::string policy, stop_rule;
   bool aborted = false;  // the policy gave up: a real run would fail and resume the source
+  // After a switch to post-copy: what the source would report, but for what a trace cannot
+  // tell (fault latencies, zero-filled pages, each vCPU's blocktime).
+  std::optional<PostcopyStats> postcopy;
 };
 
 // Throws std::invalid_argument for options it cannot model (no bandwidth, an empty trace).

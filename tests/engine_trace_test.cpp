@@ -61,6 +61,17 @@ void overwrite(const std::string& path, std::size_t offset, const std::string& b
   f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
 }
 
+// 100 MB/s, 1 ms each way, and nothing else: no set-up, restore or state to send.
+engine::SimulatorOptions simple_link() {
+  engine::SimulatorOptions o;
+  o.bandwidth_Bps = 100e6;
+  o.latency_ms = 1;
+  o.setup_ms = 0;
+  o.restore_ms = 0;
+  o.state_bytes = 0;
+  return o;
+}
+
 }  // namespace
 
 TEST_CASE("a trace written is the trace read back, and a synthetic one is seeded and sized as asked") {
@@ -233,12 +244,7 @@ TEST_CASE("a page the guest writes while the recorder looks up populated pages i
 }
 
 TEST_CASE("the simulator replays a trace through the policy and the round accounting") {
-  engine::SimulatorOptions o;
-  o.bandwidth_Bps = 100e6;
-  o.latency_ms = 1;
-  o.setup_ms = 0;
-  o.restore_ms = 0;
-  o.state_bytes = 0;
+  auto o = simple_link();
 
   SECTION("an idle guest: round 0, then the final round with nothing left") {
     const auto trace = steady_trace(1000, 0, 100);
@@ -395,5 +401,96 @@ TEST_CASE("the simulator replays a trace through the policy and the round accoun
     CHECK_THROWS_WITH(engine::simulate(steady_trace(10, 1, 0), o), Contains("no intervals"));
     o.bandwidth_limit_Bps = -1;
     CHECK_THROWS_WITH(engine::simulate(steady_trace(10, 1, 1), o), Contains("bandwidth limit"));
+  }
+}
+
+TEST_CASE("the simulator switches to post-copy as the engine does, and each page left goes once") {
+  auto o = simple_link();
+  const double rtt_ms = 2, page_ms = engine::kWirePageBytes / 100e6 * 1000;
+
+  SECTION("right after round 0: the pages dirtied meanwhile go after the switch, pushed or requested") {
+    const auto trace = steady_trace(1000, 50, 1000);  // pages 0-49 written in every 10 ms
+    o.postcopy = engine::SimulatorOptions::Postcopy::after_round_0;
+    const auto m = engine::simulate(trace, o);
+    REQUIRE(m.postcopy);
+    const auto& p = *m.postcopy;
+    CHECK(m.stop_reason == engine::StopReason::postcopy);
+    CHECK(m.rounds == 2);
+    REQUIRE(m.round_table.size() == 1);
+    CHECK(p.pages_needed == 50);
+    CHECK(p.pages_urgent + p.pages_background == 50);
+    CHECK(p.requests == p.pages_urgent);
+    CHECK(p.requests > 0);  // the guest writes some before the push reaches them
+    CHECK(p.blocktime_ms == Approx(static_cast<double>(p.requests) * (rtt_ms + page_ms)));
+    // The state (none here), the bitmap of 1000 pages and the frames, then Ready and Commit.
+    CHECK(m.downtime_ms == Approx((128.0 + 128) / 100e6 * 1000 + 1.5 * rtt_ms));
+    CHECK(p.switchover_ms == Approx(m.round_table[0].duration_s * 1000 + 2 * rtt_ms));
+    // The link is busy until the last page has left, requested or not; a request is answered
+    // before the push ends, and lands at most a round trip and a page later.
+    CHECK(p.postcopy_ms >= Approx(50 * page_ms + rtt_ms));
+    CHECK(p.postcopy_ms <= Approx(50 * page_ms + rtt_ms + rtt_ms + page_ms));
+    CHECK(m.total_ms == Approx(p.switchover_ms + m.downtime_ms + 0.5 * rtt_ms + p.postcopy_ms));
+    CHECK(p.bytes_before == m.round_table[0].bytes_sent);
+    CHECK(p.bytes_after == 256 + 50 * engine::kWirePageBytes);
+    CHECK(m.bytes_sent == p.bytes_before + p.bytes_after);
+  }
+
+  SECTION("a page the guest writes after the push delivered it is never requested") {
+    auto trace = steady_trace(1000, 0, 1000);
+    for (std::uint64_t p = 0; p < 50; ++p) trace.frames[3].push_back(p);  // during round 0, after their read
+    for (std::uint64_t p = 0; p < 50; ++p) trace.frames[20].push_back(p);  // long after the switch
+    o.postcopy = engine::SimulatorOptions::Postcopy::after_round_0;
+    const auto p = engine::simulate(trace, o).postcopy.value();
+    CHECK(p.pages_needed == 50);
+    CHECK(p.requests == 0);
+    CHECK(p.pages_background == 50);
+    CHECK(p.blocktime_ms == 0);
+    CHECK(p.postcopy_ms == Approx(50 * page_ms + rtt_ms));
+  }
+
+  SECTION("the push is paced by the sender's limit, the answers to requests are not; a writer waits for its page") {
+    // Pages 0-499 are written at once (dirty: their stretch was re-armed as round 0 began),
+    // and again within 10 ms, 2.5 s in: after the switch, with the push at 1 MB/s (4 ms a
+    // page) about 125 pages in. Of the rest, those the writer reaches before the push does
+    // are requested; each request holds it 2 ms, in which the push goes on half a page.
+    auto trace = steady_trace(1000, 0, 1000);
+    for (std::uint64_t p = 0; p < 500; ++p) {
+      trace.frames[0].push_back(p);
+      trace.frames[250].push_back(p);
+    }
+    o.bandwidth_limit_Bps = 1e6;
+    o.postcopy = engine::SimulatorOptions::Postcopy::after_round_0;
+    const auto m = engine::simulate(trace, o);
+    const auto& p = m.postcopy.value();
+    CHECK(p.pages_needed == 500);
+    INFO("requests " << p.requests << ", post-copy " << p.postcopy_ms << " ms");
+    CHECK(p.requests > 200);  // unpaced, the push would have delivered every page in 21 ms
+    CHECK(p.requests < 300);  // a writer that did not wait would request every page not pushed yet
+    CHECK(p.blocktime_ms == Approx(static_cast<double>(p.requests) * (rtt_ms + page_ms)));
+    CHECK(p.postcopy_ms == Approx(static_cast<double>(p.pages_background) * engine::kWirePageBytes / 1e6 * 1000).epsilon(0.05));
+  }
+
+  SECTION("with post-copy on, a pre-copy that cannot converge switches instead of stopping or giving up") {
+    const auto trace = engine::synthesize_trace("random:rate=400M,wss=64M,mem=64M,seconds=20");
+    o.can_throttle = false;  // nor can auto-converge slow it
+    o.postcopy = engine::SimulatorOptions::Postcopy::on_no_progress;
+    const auto unconverged = engine::simulate(trace, o);
+    CHECK(unconverged.stop_reason == engine::StopReason::postcopy);
+    CHECK(unconverged.round_table.size() > 1);
+    CHECK(unconverged.postcopy);
+    o.policy = engine::PolicyRegistry::global().make("ovirt-steps:steps=1:50,then=postcopy");
+    const auto ovirt = engine::simulate(trace, o);
+    CHECK_FALSE(ovirt.aborted);
+    CHECK(ovirt.postcopy);
+    o.postcopy = engine::SimulatorOptions::Postcopy::off;  // the engine fails as the policy asks, and the source runs on
+    CHECK(engine::simulate(trace, o).aborted);
+  }
+
+  SECTION("a guest that converges stops and copies, post-copy on or not") {
+    const auto trace = steady_trace(1000, 0, 100);
+    o.postcopy = engine::SimulatorOptions::Postcopy::on_no_progress;
+    const auto m = engine::simulate(trace, o);
+    CHECK(m.stop_reason == engine::StopReason::converged);
+    CHECK_FALSE(m.postcopy);
   }
 }

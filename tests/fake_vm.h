@@ -2,7 +2,6 @@
 // pages while a migration runs; pause() stops it the way stopping vCPUs would.
 #pragma once
 
-#include <sys/mman.h>
 #include <sys/socket.h>
 
 #include <atomic>
@@ -17,6 +16,7 @@
 #include <thread>
 #include <utility>
 
+#include "common/page_allocator.h"
 #include "engine/incoming_migration.h"
 #include "engine/pages.h"
 #include "engine/source_migration.h"
@@ -27,23 +27,7 @@
 
 namespace mig::test {
 
-// Page-aligned private anonymous memory, as guest memory is: userfaultfd and MADV_DONTNEED
-// work on it, which post-copy needs.
-template <typename T>
-struct PageAllocator {
-  using value_type = T;
-  PageAllocator() = default;
-  template <typename U>
-  PageAllocator(const PageAllocator<U>&) {}
-  T* allocate(std::size_t n) {
-    void* p = ::mmap(nullptr, n * sizeof(T), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) throw std::bad_alloc();
-    return static_cast<T*>(p);
-  }
-  void deallocate(T* p, std::size_t n) { ::munmap(p, n * sizeof(T)); }
-  friend bool operator==(const PageAllocator&, const PageAllocator&) { return true; }
-};
-using GuestBytes = std::vector<std::byte, PageAllocator<std::byte>>;
+using mig::GuestBytes;
 
 // A disk on a real image file (real OFD locks, real holes), written by the test as a guest
 // would write it (ImageDisk::guest_write).

@@ -71,20 +71,29 @@ void print_trace_info(const std::string& path, const engine::DirtyTrace& t) {
   fmt::print("  no vCPU named (the VMM's writes): {:.1f} MB/s\n", MBps(writes[t.vcpus]));
 }
 
+// A real run's post-copy fields, less those a trace cannot tell.
+nlohmann::json postcopy_json(const std::optional<engine::PostcopyStats>& p) {
+  if (!p) return nullptr;
+  auto json = control::to_json(*p);
+  for (const char* unknown : {"recoveries", "pages_zero_filled", "fault_latency", "postcopy-vcpu-blocktime"}) json.erase(unknown);
+  return json;
+}
+
 nlohmann::json to_json(const engine::SimulatedMigration& m) {
   nlohmann::json rounds = nlohmann::json::array();
   for (const auto& r : m.round_table) rounds.push_back(control::to_json(r));
   return {{"total_ms", m.total_ms},       {"downtime_ms", m.downtime_ms}, {"rounds", m.rounds},
           {"bytes_sent", m.bytes_sent},   {"guest_bytes", m.guest_bytes}, {"policy", m.policy},
           {"stop_reason", engine::to_string(m.stop_reason)},              {"stop_rule", m.stop_rule},
-          {"aborted", m.aborted},         {"round_table", rounds}};
+          {"aborted", m.aborted},         {"postcopy", postcopy_json(m.postcopy)},
+          {"round_table", rounds}};
 }
 
 struct Flags {
   std::string trace_path, synthesize, output, policy_spec = "mig", bandwidth = "1Gbit", pause_bandwidth, max_bandwidth;
   engine::SimulatorOptions o;
   double interval_ms = 10;
-  bool json = false, info = false;
+  bool json = false, info = false, postcopy = false, postcopy_ram = false;
 
   void add_to(CLI::App& app) {
     app.add_option("trace", trace_path, "the dirty trace to replay")->check(CLI::ExistingFile);
@@ -101,6 +110,10 @@ struct Flags {
     app.add_option("--read-ahead-bytes", o.read_ahead_bytes,
                    "how far the sender reads ahead of the link: the send buffer and link queues (default 0)")
         ->check(CLI::Range(0.0, 1e12));
+    auto* after_round_0 = app.add_flag("--postcopy", postcopy, "as mig-send --postcopy: switch to post-copy once round 0 is done");
+    app.add_flag("--postcopy-ram", postcopy_ram,
+                 "as mig-send --postcopy-ram: switch to post-copy when the policy finds pre-copy cannot converge")
+        ->excludes(after_round_0);
     app.add_option("--channels", o.channels, "parallel channels (they share the bandwidth)")->check(CLI::Range(1u, 16u));
     app.add_option("--guest-scale", o.guest_scale, "a guest K times the trace's: K copies side by side")->check(CLI::Range(1u, 1u << 16));
     app.add_option("--downtime-ms", o.convergence.downtime_target_ms, "the downtime target (default 30)")->check(CLI::Range(0.0, 1e7));
@@ -128,6 +141,8 @@ void predict(Flags f, const engine::DirtyTrace& trace) {
   f.o.bandwidth_Bps = parse_rate(f.bandwidth);
   if (!f.pause_bandwidth.empty()) f.o.pause_bandwidth_Bps = parse_rate(f.pause_bandwidth);
   if (!f.max_bandwidth.empty()) f.o.bandwidth_limit_Bps = parse_rate(f.max_bandwidth);
+  using Postcopy = engine::SimulatorOptions::Postcopy;
+  f.o.postcopy = f.postcopy ? Postcopy::after_round_0 : f.postcopy_ram ? Postcopy::on_no_progress : Postcopy::off;
   f.o.policy = engine::PolicyRegistry::global().make(f.policy_spec, f.o.convergence);
   const auto m = engine::simulate(trace, f.o);
   const auto result = to_json(m);
@@ -139,6 +154,10 @@ void predict(Flags f, const engine::DirtyTrace& trace) {
   fmt::print("predicted: {} in {:.1f} ms, {} rounds, {:.1f} MB sent, downtime {:.2f} ms; {} ({})\n",
              m.aborted ? "gave up (the source runs on)" : "migrated", m.total_ms, m.rounds,
              static_cast<double>(m.bytes_sent) / 1e6, m.downtime_ms, m.policy, m.stop_rule);
+  if (const auto& p = m.postcopy)
+    fmt::print("post-copy: switched at {:.1f} ms; {} pages after it, {} requested by the guest's writes (reads are not in a "
+               "trace), blocktime {:.1f} ms; every page there {:.1f} ms after the source heard the guest run\n",
+               p->switchover_ms, p->pages_needed, p->requests, p->blocktime_ms, p->postcopy_ms);
 }
 
 }  // namespace
