@@ -227,7 +227,7 @@ void print_rounds(const std::vector<engine::RoundStats>& real, const std::vector
 
 double error_pct(double predicted, double real) { return real > 0 ? (predicted - real) / real * 100 : 0; }
 
-// One pair's line in the table, and its row for --json: each real figure as sorted repeats.
+// One figure of every repeat, sorted.
 template <typename Get>
 std::vector<double> sorted(const std::vector<engine::MigrationStats>& runs, Get get) {
   std::vector<double> v;
@@ -254,6 +254,7 @@ nlohmann::json compare_postcopy(const std::vector<engine::MigrationStats>& runs,
           {"sim_requests", sim.requests}, {"sim_blocktime_ms", sim.blocktime_ms}, {"sim_postcopy_ms", sim.postcopy_ms}};
 }
 
+// One pair's line in the table, and its row for --json: each real figure as sorted repeats.
 nlohmann::json compare(const std::string& workload, const Link& link, const std::string& policy,
                        const std::vector<engine::MigrationStats>& runs, const engine::SimulatedMigration& sim) {
   const auto total = sorted(runs, [](const auto& r) { return r.total_ms; });

@@ -27,8 +27,6 @@
 
 namespace mig::test {
 
-using mig::GuestBytes;
-
 // A disk on a real image file (real OFD locks, real holes), written by the test as a guest
 // would write it (ImageDisk::guest_write).
 using vmm::ImageDisk;
