@@ -3,8 +3,8 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
-#include <stdexcept>
 #include <set>
+#include <stdexcept>
 #include <utility>
 
 #include "engine/page_sender.h"
@@ -180,7 +180,7 @@ class PreCopySending {
       : link_Bps_(o.bandwidth_Bps),
         limit_Bps_(o.bandwidth_limit_Bps),
         channels_(o.channels),
-        burst_(limit_Bps_ > 0 ? o.channels * transport::TokenBucket::default_burst(limit_Bps_ / o.channels) : 0),
+        burst_(bursts(o.channels)),
         tokens_(burst_) {}
 
   // Seconds from the round's start until its first `bytes` have left.
@@ -202,12 +202,16 @@ class PreCopySending {
   // limit. With one channel that is the bucket pre-copy used; with more, a new (full) one.
   void start_push(double idle_s) {
     if (channels_ == 1) return end_round(0, idle_s);
-    burst_ = limit_Bps_ > 0 ? transport::TokenBucket::default_burst(limit_Bps_) : 0;
-    tokens_ = burst_;
     channels_ = 1;
+    tokens_ = burst_ = bursts(1);
   }
 
  private:
+  // The bursts of `channels` buckets that share the limit.
+  double bursts(unsigned channels) const {
+    return limit_Bps_ > 0 ? channels * transport::TokenBucket::default_burst(limit_Bps_ / channels) : 0;
+  }
+
   const double link_Bps_, limit_Bps_;
   unsigned channels_;
   double burst_, tokens_;
@@ -307,9 +311,9 @@ class PostcopyReplay {
         // The source starts pushing when it hears Running, half a round trip after the guest
         // resumed; each page lands half a round trip after it left.
         first_landing_(resumed + rtt_),
-        finished_(first_landing_) {
-    stats_.pages_needed = needed.size() * scale_;
-  }
+        request_wait_(rtt_ + static_cast<double>(kWirePageBytes) / link_Bps_),
+        needed_(needed.size()),
+        finished_(first_landing_) {}
 
   // The guest writes `page` at wall time `when` (writes come in time order); returns how
   // long the writer waits for it.
@@ -318,11 +322,8 @@ class PostcopyReplay {
     if (missing_.erase(page) == 0) return 0;
     ++urgent_;
     push_at_ = page + 1;
-    const double wait = rtt_ + static_cast<double>(kWirePageBytes) / link_Bps_;
-    stats_.requests += scale_;
-    stats_.blocktime_ms += static_cast<double>(scale_) * wait * 1000;
-    finished_ = std::max(finished_, when + wait);
-    return wait;
+    finished_ = std::max(finished_, when + request_wait_);
+    return request_wait_;
   }
 
   // The background push, up to wall time `when`: paced as pre-copy was, on a link that the
@@ -346,9 +347,11 @@ class PostcopyReplay {
 
   // The last page landed at `finished_`; Complete follows it, and PostcopyDone comes back.
   PostcopyStats stats() const {
-    PostcopyStats p = stats_;
-    p.pages_urgent = urgent_ * scale_;
+    PostcopyStats p;
+    p.pages_needed = needed_ * scale_;
+    p.requests = p.pages_urgent = urgent_ * scale_;
     p.pages_background = pushed_ * scale_;
+    p.blocktime_ms = static_cast<double>(p.requests) * request_wait_ * 1000;
     p.postcopy_ms = (finished_ - resumed_) * 1000;
     return p;
   }
@@ -358,9 +361,10 @@ class PostcopyReplay {
   const PreCopySending& pacing_;
   const std::uint64_t scale_;
   const double page_bytes_, link_Bps_, rtt_, resumed_, first_landing_;
+  const double request_wait_;  // a round trip and the page's time on the link
+  const std::uint64_t needed_;
   double finished_;
   std::uint64_t push_at_ = 0, pushed_ = 0, urgent_ = 0;
-  PostcopyStats stats_;
 };
 
 // One simulated migration, phase by phase, as SourceMigration runs a real one.
