@@ -76,9 +76,14 @@ Vcpu Vcpu::create(const KvmSystem& sys, const Vm& vm, unsigned index, const std:
   if (vm.dirty_ring_entries() > 0)
     vcpu.dirty_ring_area_ = Mapping::map(vm.dirty_ring_entries() * sizeof(DirtyGfn), PROT_READ | PROT_WRITE, MAP_SHARED,
                                          vcpu.fd_.get(), KVM_DIRTY_LOG_PAGE_OFFSET * ::getpagesize(), "mmap dirty ring");
-  auto cpuid = make_cpuid2(cpuid_for_vcpu(cpuid_table, index));
-  vcpu_ioctl(vcpu.fd(), abi::kSetCpuid2, "KVM_SET_CPUID2", cpuid.data());
+  vcpu.set_cpuid(cpuid_for_vcpu(cpuid_table, index));
   return vcpu;
+}
+
+void Vcpu::set_cpuid(std::vector<kvm_cpuid_entry2> cpuid) {
+  auto table = make_cpuid2(cpuid);
+  vcpu_ioctl(fd(), abi::kSetCpuid2, "KVM_SET_CPUID2", table.data());
+  cpuid_ = std::move(cpuid);
 }
 
 std::uint32_t Vcpu::tsc_khz() const {
@@ -150,11 +155,10 @@ VcpuState Vcpu::save_state() const {
   // VCPU_EVENTS last: everything read before may still have queued an exception or NMI.
   vcpu_ioctl(fd, KVM_GET_VCPU_EVENTS, "KVM_GET_VCPU_EVENTS", &s.events);
 
-  auto cpuid = make_cpuid2(std::vector<kvm_cpuid_entry2>(256));
-  auto* header = reinterpret_cast<abi::Cpuid2Header*>(cpuid.data());
-  vcpu_ioctl(fd, abi::kGetCpuid2, "KVM_GET_CPUID2", header);
-  s.cpuid.resize(header->nent);
-  std::memcpy(s.cpuid.data(), header + 1, header->nent * sizeof(kvm_cpuid_entry2));
+  // The table the vCPU was given, not KVM_GET_CPUID2's: a PVM host reports the hardware's
+  // features there, beyond its own KVM_GET_SUPPORTED_CPUID, and every destination would
+  // then refuse a guest that had moved once as asking for a CPU it lacks.
+  s.cpuid = cpuid_;
   s.tsc_khz = tsc_khz();
   return s;
 }
@@ -166,8 +170,7 @@ void Vcpu::restore_state(const VcpuState& s) {
   if (tsc.plan == TscPlan::refuse) throw std::runtime_error(tsc.reason);
   if (tsc.plan == TscPlan::scale) check_syscall("KVM_SET_TSC_KHZ", [&] { return ::ioctl(fd, KVM_SET_TSC_KHZ, s.tsc_khz); });
   // CPUID before anything that depends on the features it exposes (XSAVE layout, MSRs).
-  auto cpuid = make_cpuid2(s.cpuid);
-  vcpu_ioctl(fd, abi::kSetCpuid2, "KVM_SET_CPUID2", cpuid.data());
+  set_cpuid(s.cpuid);
   vcpu_set(fd, KVM_SET_MP_STATE, "KVM_SET_MP_STATE", s.mp_state);
   // REGS before VCPU_EVENTS: KVM_SET_REGS clears a pending exception.
   vcpu_set(fd, KVM_SET_REGS, "KVM_SET_REGS", s.regs);

@@ -46,12 +46,16 @@ class Vcpu {
   void restore_state(const VcpuState& state);
 
  private:
+  void set_cpuid(std::vector<kvm_cpuid_entry2> cpuid);
+
   const KvmSystem* sys_ = nullptr;
   unsigned index_ = 0;
   UniqueFd fd_;
   Mapping run_area_;
   Mapping dirty_ring_area_;
   std::vector<std::uint32_t> saved_msrs_;
+  // What KVM_SET_CPUID2 was given: the guest's CPU, which its saved state carries.
+  std::vector<kvm_cpuid_entry2> cpuid_;
 };
 
 }  // namespace mig::kvm

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "guest/probe.h"
+#include "kvm/cpu_features.h"
 #include "tests/support.h"
 
 using namespace mig;
@@ -42,6 +43,9 @@ TEST_CASE("a running guest's full state restores into a fresh VM and the guest c
   const auto saved = source->save_state();
   const auto before = source->probe().snapshot();
   require_healthy(*source);
+  // The state claims no CPU feature beyond the table the guest was given, or a guest that
+  // moved once could move no further (a PVM host's KVM_GET_CPUID2 reports more).
+  for (const auto& vcpu : saved.vcpus) CHECK(kvm::missing_cpu_features(vcpu.cpuid, source->guest_cpuid()).empty());
 
   auto destination = kvm::Machine::create(config);
   copy_memory(source->memory(), destination->memory());
