@@ -228,17 +228,20 @@ TEST_CASE("throttling holds the vCPUs part of the time - and a pause ends it") {
     std::this_thread::sleep_for(window);
     return vm->machine().probe().snapshot()[0].count - before;
   };
-  const auto free_running = beats_in(300ms);
+  // The vCPU's own pace: the best of three 100 ms windows. A test beside this one can only
+  // slow a spinning vCPU, so one slow window must not set the bar the others are held to.
+  auto best_pace = [&] { return std::max({beats_in(100ms), beats_in(100ms), beats_in(100ms)}); };
+  const auto free_running = best_pace();
   REQUIRE(vm->set_throttle(0.7));
-  const auto throttled = beats_in(300ms);
-  INFO("heartbeats in 300 ms: " << free_running << " free, " << throttled << " throttled at 70 %");
+  const auto throttled = beats_in(300ms) / 3;
+  INFO("heartbeats per 100 ms: " << free_running << " free at best, " << throttled << " throttled at 70 %");
   CHECK(throttled < free_running * 2 / 3);
   vm->pause();  // ends the throttling first
   const auto parked = vm->machine().probe().snapshot()[0].count;
   std::this_thread::sleep_for(50ms);
   CHECK(vm->machine().probe().snapshot()[0].count == parked);  // the throttler did not resume it
   vm->resume();
-  CHECK(beats_in(300ms) > free_running * 2 / 3);
+  CHECK(best_pace() > free_running * 2 / 3);
 }
 
 TEST_CASE("parallel channels: a dirtying guest migrates over three connections") {
