@@ -73,11 +73,14 @@ TEST_CASE("dirty-limit caps a KVM guest's dirtying vCPU through KVM's dirty ring
   const auto send_stats = temp_path("kvm-dl-send.json"), recv_stats = temp_path("kvm-dl-recv.json");
   auto [receiver, endpoint] = start_receiver({"--run-for", "0.5", "--stats-json", recv_stats, "--dirty-track", "ring"});
   // 60 MB/s over 16 MiB against a 10 MB/s link: it cannot converge unless the brake works.
-  // Nested in TCG too, where the guest dirties only 15-30 MB/s: against 40 MB/s it sometimes
-  // converged before the brake was ever set (1 run in 8).
+  // Nested in TCG, the guest dirties far less: against 40 MB/s it sometimes converged before
+  // the brake was set (1 run in 8), and against 10 MB/s once under ASan. QEMU's trigger (two
+  // rounds dirtying half of what they sent) waits for a fast writer; at 1 % the brake comes
+  // after rounds 0 and 1 for any guest that dirties 0.1 MB/s, and a 3 ms target keeps one
+  // under 0.4 MB/s from converging before it.
   auto args = send_args(endpoint, send_stats, "mode=random rate=60 wss=16M hb=2 cpus=2 compute=1");
-  args.insert(args.end(), {"--vcpus", "2", "--dirty-track", "ring", "--dirty-ring-entries", "1024", "--policy", "dirty-limit",
-                           "--bandwidth", "10M"});
+  args.insert(args.end(), {"--vcpus", "2", "--dirty-track", "ring", "--dirty-ring-entries", "1024", "--policy",
+                           "dirty-limit:trigger_pct=1", "--downtime-ms", "3", "--bandwidth", "10M"});
   Child sender(args);
   require_exit_codes(sender, 0, *receiver, 0);
   const auto s = read_json(send_stats), r = read_json(recv_stats);
