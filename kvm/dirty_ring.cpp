@@ -12,14 +12,13 @@ DirtyRingCollector::DirtyRingCollector(std::span<DirtyGfn> ring) : ring_(ring) {
   if (ring_.empty() || !std::has_single_bit(ring_.size())) throw std::invalid_argument("a dirty ring holds a power of two of entries");
 }
 
-std::uint32_t DirtyRingCollector::harvest(const std::function<void(std::uint32_t, std::uint64_t)>& mark) {
+void DirtyRingCollector::harvest(const std::function<void(std::uint32_t, std::uint64_t)>& mark) {
   const auto mask = static_cast<std::uint32_t>(ring_.size() - 1);
-  std::uint32_t taken = 0;
-  for (;; ++fetch_index_, ++taken) {
+  for (;; ++fetch_index_) {
     DirtyGfn& entry = ring_[fetch_index_ & mask];
     std::atomic_ref flags(entry.flags);
     // Acquire: the slot and offset were written before the producer set DIRTY.
-    if (!(flags.load(std::memory_order_acquire) & kDirtyGfnDirty)) return taken;
+    if (!(flags.load(std::memory_order_acquire) & kDirtyGfnDirty)) return;
     mark(entry.slot, entry.offset);
     flags.store(kDirtyGfnReset, std::memory_order_release);
   }
@@ -27,7 +26,7 @@ std::uint32_t DirtyRingCollector::harvest(const std::function<void(std::uint32_t
 
 DirtyRingHarvester::DirtyRingHarvester(std::vector<std::span<DirtyGfn>> rings, std::vector<std::uint64_t> slot_pages,
                                        std::function<void()> recycle)
-    : slot_pages_(std::move(slot_pages)), recycle_(std::move(recycle)), harvested_(rings.size(), 0) {
+    : slot_pages_(std::move(slot_pages)), recycle_(std::move(recycle)), pages_added_(rings.size(), 0) {
   for (auto ring : rings) collectors_.emplace_back(ring);
   for (auto pages : slot_pages_) found_.emplace_back((pages + 63) / 64, 0);
   unarmed_ = found_;
@@ -41,14 +40,15 @@ void DirtyRingHarvester::harvest() {
 
 void DirtyRingHarvester::harvest_locked() {
   for (std::size_t vcpu = 0; vcpu < collectors_.size(); ++vcpu) {
-    harvested_[vcpu] += collectors_[vcpu].harvest([&](std::uint32_t slot, std::uint64_t offset) {
+    collectors_[vcpu].harvest([&](std::uint32_t slot, std::uint64_t offset) {
       // Anything but a page of a slot of ours (address space 0) is not the guest's RAM.
       if (slot >= slot_pages_.size() || offset >= slot_pages_[slot]) return;
       std::uint64_t& word = found_[slot][offset / 64];
       const std::uint64_t bit = std::uint64_t{1} << (offset % 64);
-      if (word & bit) return;
+      if (word & bit) return;  // dirty already, until the migration takes it
       word |= bit;
       pages_[vcpu][slot].push_back(offset);
+      ++pages_added_[vcpu];
     });
   }
   recycle_();
@@ -120,10 +120,10 @@ void DirtyRingHarvester::take_by_vcpu(std::size_t slot, std::span<std::uint64_t>
   for (std::size_t w = 0; w < unarmed.size(); ++w) unnamed[w] |= std::exchange(unarmed[w], 0);
 }
 
-std::vector<std::uint64_t> DirtyRingHarvester::harvested_counts() {
+std::vector<std::uint64_t> DirtyRingHarvester::pages_added_by_vcpu() {
   std::lock_guard lock(mutex_);
   harvest_locked();
-  return harvested_;
+  return pages_added_;
 }
 
 }  // namespace mig::kvm

@@ -37,8 +37,8 @@ class DirtyRingCollector {
   // `ring`: a power-of-two number of entries, alive as long as this.
   explicit DirtyRingCollector(std::span<DirtyGfn> ring);
   // Takes every entry published since the last harvest, in order, calls mark(slot, offset)
-  // for each and marks it for reset. Returns how many. One harvester at a time per ring.
-  std::uint32_t harvest(const std::function<void(std::uint32_t slot, std::uint64_t offset)>& mark);
+  // for each and marks it for reset. One harvester at a time per ring.
+  void harvest(const std::function<void(std::uint32_t slot, std::uint64_t offset)>& mark);
 
  private:
   std::span<DirtyGfn> ring_;
@@ -73,9 +73,12 @@ class DirtyRingHarvester {
   // pages an earlier take_unarmed() left unarmed, which no vCPU names again, into `unnamed`.
   void take_by_vcpu(std::size_t slot, std::span<std::uint64_t> unnamed,
                     std::span<const std::span<std::uint64_t>> vcpu_bitmaps);
-  // Per vCPU, the entries ever harvested from its ring: the pages it dirtied, each counted
-  // once per recycling.
-  std::vector<std::uint64_t> harvested_counts();
+  // Per vCPU, the pages it added to the dirty set, ever: a page counts when the vCPU's ring
+  // names it first, and again only once the migration has taken it. Not every entry: each
+  // harvest re-arms what it found, so a vCPU that keeps rewriting a few pages (a stack, a
+  // counter) would be named again at every harvest, and dirty-limit's looks, 100 a second,
+  // would charge it for dirtying memory the migration sends once a round.
+  std::vector<std::uint64_t> pages_added_by_vcpu();
 
  private:
   void harvest_locked();
@@ -94,7 +97,7 @@ class DirtyRingHarvester {
   std::vector<std::vector<std::uint64_t>> found_;               // per slot, a bit per page
   std::vector<std::vector<std::uint64_t>> unarmed_;             // per slot: taken, not yet re-armed
   std::vector<std::vector<std::vector<std::uint64_t>>> pages_;  // per vCPU, per slot: the pages it named first
-  std::vector<std::uint64_t> harvested_;                        // per vCPU
+  std::vector<std::uint64_t> pages_added_;                      // per vCPU
 };
 
 }  // namespace mig::kvm

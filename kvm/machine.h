@@ -87,8 +87,8 @@ class Machine {
                                std::span<const std::span<std::uint64_t>> vcpu_bitmaps);
   // The rings' harvester, or null with the bitmap.
   DirtyRingHarvester* dirty_rings() { return dirty_rings_.get(); }
-  // With dirty rings: per vCPU, the pages it has dirtied in all (each counted once per
-  // recycling), up to now. The vCPUs' PML buffers are flushed into their rings first:
+  // With dirty rings: per vCPU, the pages it has added to the dirty set in all, up to now
+  // (DirtyRingHarvester::pages_added_by_vcpu). The vCPUs' PML buffers are flushed into their rings first:
   // unflushed, a count may lag by 512 pages, two seconds of dirty-limit's 1 MB/s cap.
   std::vector<std::uint64_t> pages_dirtied_by_vcpu();
   // Per vCPU, how often it stopped because its dirty ring was full: what a ring too small
