@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """Dirty-limit against auto-converge: what each costs the vCPUs that do not dirty memory.
 
-    bench/dirty-limit.py BUILD_DIR [--guest synthetic|kvm] [--repeats 4] [--json rows.json]    (as root)
+    bench/dirty-limit.py BUILD_DIR [--guest synthetic|kvm] [--link veth|limit] [--others-cpus 0]
+                         [--repeats 4] [--json rows.json]    (as root)
 
 QEMU 8.1's cover letter for dirty-limit: a guest dirtying 90 MB/s over a 1 Gbit link
 finished in 6.0 s with dirty-limit against 33.5 s with auto-converge, while its vCPUs that
@@ -11,13 +12,16 @@ The guest: a synthetic one (256 MiB, 2 vCPUs, per-vCPU dirty rings): vCPU 0 swee
 at the workload's rate, vCPU 1 computes (--compute-vcpus 1) and reports its work. With
 --guest kvm it is the workload guest on KVM, the same way (mode=sweep compute=1 hb=1, a
 256 MiB working set, KVM's dirty rings); it starts after one sweep pass has filled memory. mig-send
-migrates it between two network namespaces over a veth shaped to 1 Gbit/s (tc tbf), under
+migrates it between two network namespaces over a veth shaped to 1 Gbit/s (tc tbf) or, with
+--link limit where tc is missing, over loopback under mig-send's own 1 Gbit/s limit
+(--bandwidth 125M, its token buckets), under
   - qemu: QEMU's rule with auto-converge, which holds every vCPU;
   - dirty-limit: QEMU's rule with dirty-limit, which caps each vCPU's dirty rate (1 MB/s);
   - mig: mig's default, for reference.
 The computing vCPU's thread runs alone on CPU 1; everything else (mig-send with the dirtying
-vCPU, mig-recv, the link) shares CPU 0. On two cores that is the only way its speed shows the
-brake rather than the migration's own CPU use. Per run: total time, downtime, rounds, bytes,
+vCPU, mig-recv, the link) shares CPU 0, or --others-cpus. On two cores that is the only way its
+speed shows the brake rather than the migration's own CPU use; on more, --others-cpus 0,2-15
+lets the dirtying vCPU reach its rate. Per run: total time, downtime, rounds, bytes,
 and the computing vCPU's work rate during pre-copy as a share of its rate before (3 s or more),
 and its longest heartbeat gap.
 
@@ -28,6 +32,7 @@ a table of medians with min-max, and with --json writes every run (bench/plot.py
 draws them).
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -39,7 +44,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import netlab  # noqa: E402
 
-LINK = ("veth 1 Gbit/s", "1gbit")
+LINKS = {"veth": "veth 1 Gbit/s", "limit": "loopback, mig-send's 1 Gbit/s limit"}
 WORKLOADS = [90, 150]  # MB/s dirtied by vCPU 0: under the link, and over it
 POLICIES = ["qemu", "dirty-limit", "mig"]
 AFTER_S = 3  # at least: the computing vCPU's baseline
@@ -56,13 +61,19 @@ def guest_args(build, guest, dirty_MBps):
             "--append", "mode=sweep rate=%d wss=%dM cpus=2 compute=1 hb=1" % (dirty_MBps, GUEST_MIB)]
 
 
-def migrate(build, net, work, guest, dirty_MBps, policy, name, after_s):
-    """One migration, `after_s` after the guest is ready; mig-send's stats."""
+def migrate(build, net, work, guest, dirty_MBps, policy, name, after_s, others_cpus):
+    """One migration, `after_s` after the guest is ready; mig-send's stats. `net`: the veth
+    between namespaces, or None for loopback under mig-send's own limit."""
     stats = os.path.join(work, name + ".json")
-    receiver = netlab.start_receiver(build, net, PORT, pin_cpu=0, synthetic=guest == "synthetic")
-    sender = subprocess.Popen(["ip", "netns", "exec", net.source, "taskset", "-c", "0", os.path.join(build, "tools", "mig-send")] +
-                              guest_args(build, guest, dirty_MBps) +
-                              ["--dirty-track", "ring", "--to", "tcp:%s:%d" % (netlab.DEST_ADDR, PORT),
+    if net:
+        receiver = netlab.start_receiver(build, net, PORT, pin_cpu=others_cpus, synthetic=guest == "synthetic")
+        in_source, destination, limit = ["ip", "netns", "exec", net.source], netlab.DEST_ADDR, []
+    else:
+        receiver = start_loopback_receiver(build, others_cpus, guest == "synthetic")
+        in_source, destination, limit = [], "127.0.0.1", ["--bandwidth", "125M"]
+    sender = subprocess.Popen(in_source + ["taskset", "-c", others_cpus, os.path.join(build, "tools", "mig-send")] +
+                              guest_args(build, guest, dirty_MBps) + limit +
+                              ["--dirty-track", "ring", "--to", "tcp:%s:%d" % (destination, PORT),
                                "--after", "%.3f" % after_s, "--policy", policy, "--stats-json", stats],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     pin_thread(sender.pid, "vcpu1", 1)
@@ -71,6 +82,17 @@ def migrate(build, net, work, guest, dirty_MBps, policy, name, after_s):
     if sender.returncode != 0:
         raise RuntimeError("a migration failed: " + errors)
     return json.load(open(stats))
+
+
+def start_loopback_receiver(build, cpus, synthetic):
+    """netlab's receiver, on loopback in this namespace."""
+    receiver = subprocess.Popen(["taskset", "-c", cpus, os.path.join(build, "tools", "mig-recv")] +
+                                (["--synthetic-guest"] if synthetic else []) +
+                                ["--listen", "tcp:127.0.0.1:%d" % PORT, "--run-for", "0.2"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if "listening on" not in receiver.stdout.readline():
+        raise RuntimeError("mig-recv did not listen: " + receiver.stderr.read())
+    return receiver
 
 
 def pin_thread(pid, name, cpu):
@@ -97,9 +119,9 @@ def phase_starts(guest, dirty_MBps, repeats):
     return [first + pass_s * k / repeats for k in range(repeats)]
 
 
-def row(guest, dirty_MBps, policy, repeat, stats):
+def row(link, guest, dirty_MBps, policy, repeat, stats):
     computing = stats["local_guest_work"][0]
-    return {"link": LINK[0], "guest": guest, "dirty_MBps": dirty_MBps, "policy": policy, "repeat": repeat,
+    return {"link": link, "guest": guest, "dirty_MBps": dirty_MBps, "policy": policy, "repeat": repeat,
             "total_ms": stats["total_ms"], "downtime_ms": stats["downtime_ms"], "rounds": stats["rounds"],
             "bytes_sent": stats["bytes_sent"], "stop_rule": stats["stop_rule"],
             "max_throttle_pct": max(r["throttle_pct"] for r in stats["round_table"]),
@@ -118,21 +140,26 @@ def main():
     parser.add_argument("build")
     parser.add_argument("--guest", choices=["synthetic", "kvm"], default="synthetic",
                         help="the synthetic guest (no KVM needed), or the workload guest on KVM")
+    parser.add_argument("--link", choices=sorted(LINKS), default="veth",
+                        help="a veth shaped by tc, or loopback under mig-send's own limit (where tc is missing)")
+    parser.add_argument("--others-cpus", default="0", help="the CPUs for all but the computing vCPU (taskset's list)")
     parser.add_argument("--repeats", type=int, default=4, help="runs per policy, at phases spread over a sweep pass")
     parser.add_argument("--json", help="write every run here")
     args = parser.parse_args()
-    if not netlab.usable():
-        sys.exit("dirty-limit.py: needs root and ip netns")
+    if os.geteuid() != 0 or (args.link == "veth" and not netlab.usable()):
+        sys.exit("dirty-limit.py: needs root, and ip netns for --link veth")
+    link = LINKS[args.link]
     rows = []
-    with tempfile.TemporaryDirectory() as work, netlab.Network(LINK[1]) as net:
+    with tempfile.TemporaryDirectory() as work, (netlab.Network("1gbit") if args.link == "veth" else contextlib.nullcontext()) as net:
         for dirty in WORKLOADS:
             for policy in POLICIES:
                 for repeat, after_s in enumerate(phase_starts(args.guest, dirty, args.repeats)):
-                    stats = migrate(args.build, net, work, args.guest, dirty, policy, "%s-%d-%d" % (policy, dirty, repeat), after_s)
-                    rows.append(row(args.guest, dirty, policy, repeat, stats))
+                    stats = migrate(args.build, net, work, args.guest, dirty, policy, "%s-%d-%d" % (policy, dirty, repeat), after_s,
+                                    args.others_cpus)
+                    rows.append(row(link, args.guest, dirty, policy, repeat, stats))
                     print(json.dumps(rows[-1]), flush=True)
     print("\n%s, %s guest of %d MiB: vCPU 0 dirties, vCPU 1 computes; median (min-max) of %d runs at phases spread over a sweep"
-          % (LINK[0], args.guest, GUEST_MIB, args.repeats))
+          % (link, args.guest, GUEST_MIB, args.repeats))
     print("| dirtied | policy | total ms | downtime ms | rounds | GB sent | brake | computing vCPU's speed % | its longest gap ms |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for dirty in WORKLOADS:
