@@ -30,7 +30,7 @@ void install_kick_handler() {
 
 // Only Intel's PML holds a vCPU's dirty pages back until it leaves the guest. AMD hosts and
 // PVM (shadow paging) log each page in the ring as the guest's write faults, so a harvest
-// there needs no kick: on this PVM host the kicks alone made a ring harvest cost 1.6-3 ms.
+// there needs no kick: on this PVM host the kicks alone made a ring harvest cost 0.8-3 ms.
 bool vcpus_buffer_dirty_pages() {
   static const bool pml = [] {
     std::ifstream parameter("/sys/module/kvm_intel/parameters/pml");

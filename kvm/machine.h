@@ -88,8 +88,9 @@ class Machine {
   // The rings' harvester, or null with the bitmap.
   DirtyRingHarvester* dirty_rings() { return dirty_rings_.get(); }
   // With dirty rings: per vCPU, the pages it has added to the dirty set in all, up to now
-  // (DirtyRingHarvester::pages_added_by_vcpu). The vCPUs' PML buffers are flushed into their rings first:
-  // unflushed, a count may lag by 512 pages, two seconds of dirty-limit's 1 MB/s cap.
+  // (DirtyRingHarvester::pages_added_by_vcpu). The vCPUs' PML buffers are flushed into their
+  // rings first: unflushed, a count may lag by 512 pages, two seconds of dirty-limit's 1 MB/s
+  // cap.
   std::vector<std::uint64_t> pages_dirtied_by_vcpu();
   // Per vCPU, how often it stopped because its dirty ring was full: what a ring too small
   // for the harvests costs the guest (and proof, to a test, that a ring went round).
