@@ -1,12 +1,16 @@
 #!/usr/bin/python3
 """mig-sim against real migrations between two network namespaces, on a shaped veth link.
 
-    bench/validate-sim.py BUILD_DIR [--repeats 3] [--json rows.json]    (as root)
+    bench/validate-sim.py BUILD_DIR [--guest synthetic|kvm] [--repeats 3] [--json rows.json]    (as root)
 
 Each pair is one workload, one link and one policy. The real side: mig-send starts a
 synthetic guest (128 MiB, 2 vCPUs) and migrates it to a mig-recv in the other namespace,
 `repeats` times. The predicted side: mig-sim replays a dirty trace of the same guest under
-the same policy and link. Two kinds of pairs:
+the same policy and link. With --guest kvm the guest is the workload guest on KVM instead,
+writing random pages of a 128 MiB working set on 2 vCPUs (mode=random, filled first), and
+every pair's trace is one of the guest recorded alone: a random writer, once filled,
+dirties the same way at any moment, so the replay starts KVM_TRACE_START_S in, well after
+the fill. Two kinds of pairs:
   - unbraked: both vCPUs sweep at 5 to 30 MB/s on both links, under mig and xen, neither of
     which slows them; the trace is the first repeat's own (--record-trace);
   - braked: both vCPUs sweep at 90 or 150 MB/s in all over the 1 Gbit link, with dirty
@@ -47,18 +51,25 @@ BRAKED_GUEST = ["--dirty-track", "ring"]
 AFTER_S = 1.5        # mig-send --after: the guest is filled and steady well before
 ALONE_S = 15         # how long a guest alone is recorded: longer than its migrations, so never replayed round
 PORT = 7431
+KVM_TRACE_START_S = 3.0  # the workload guest had booted and filled 128 MiB by 0.6 s here
+guest = "synthetic"   # --guest
 
 
-def guest_args(dirty_MBps, extra):
-    return ["--synthetic-guest", str(dirty_MBps), "--mem", "128M", "--vcpus", "2"] + extra
+def guest_args(build, dirty_MBps, extra):
+    if guest == "synthetic":
+        return ["--synthetic-guest", str(dirty_MBps), "--mem", "128M", "--vcpus", "2"] + extra
+    # The working set starts 4 MiB in (guest/workload.c): room for it, and the kernel below it.
+    workload = "mode=random rate=%g wss=128M" % dirty_MBps if dirty_MBps >= 1 else "mode=idle"
+    return ["--kernel", os.path.join(build, "guest", "mig-guest.elf"), "--mem", "136M", "--vcpus", "2",
+            "--append", workload + " cpus=2 hb=2"] + extra
 
 
 def migrate(build, net, work, dirty_MBps, policy, name, extra=()):
     """One real migration; its mig-send stats and its trace's path."""
     trace, stats = os.path.join(work, name + ".trace"), os.path.join(work, name + ".json")
-    receiver = netlab.start_receiver(build, net, PORT)
+    receiver = netlab.start_receiver(build, net, PORT, synthetic=guest == "synthetic")
     sender = subprocess.run(["ip", "netns", "exec", net.source, os.path.join(build, "tools", "mig-send")] +
-                            guest_args(dirty_MBps, list(extra)) +
+                            guest_args(build, dirty_MBps, list(extra)) +
                             ["--to", "tcp:%s:%d" % (netlab.DEST_ADDR, PORT), "--after", str(AFTER_S),
                              "--policy", policy, "--record-trace", trace, "--stats-json", stats],
                             capture_output=True, text=True)
@@ -71,7 +82,7 @@ def migrate(build, net, work, dirty_MBps, policy, name, extra=()):
 def record_alone(build, work, dirty_MBps, extra):
     """A trace of the guest running alone, not migrated."""
     trace = os.path.join(work, "alone-%d.trace" % dirty_MBps)
-    subprocess.run([os.path.join(build, "tools", "mig-vm")] + guest_args(dirty_MBps, list(extra)) +
+    subprocess.run([os.path.join(build, "tools", "mig-vm")] + guest_args(build, dirty_MBps, list(extra)) +
                    ["--record-trace", trace, "--run-for", str(ALONE_S)], check=True, capture_output=True)
     return trace
 
@@ -89,7 +100,10 @@ def calibrate(build, net, work, runs=3):
 def migration_start(build, trace):
     """Where in `trace` the real migration began: AFTER_S after the guest was ready, which a
     synthetic guest is once its fill has written every page. The sweep's phase then matches
-    the real one's, and it decides much (a page swept just before its turn leaves once)."""
+    the real one's, and it decides much (a page swept just before its turn leaves once).
+    The workload guest writes at random, which has no phase (see KVM_TRACE_START_S)."""
+    if guest == "kvm":
+        return KVM_TRACE_START_S
     info = subprocess.run([os.path.join(build, "tools", "mig-sim"), trace, "--info"], capture_output=True, text=True,
                           check=True).stdout
     filled = re.search(r"every page written by ([0-9.]+) s", info)
@@ -123,9 +137,13 @@ def error_pct(predicted, real):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("build")
+    parser.add_argument("--guest", choices=["synthetic", "kvm"], default="synthetic",
+                        help="the synthetic guest (no KVM needed), or the workload guest on KVM")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write every row here")
     args = parser.parse_args()
+    global guest
+    guest = args.guest
     if not netlab.usable():
         print("validate-sim needs root and network namespaces (ip netns)")
         return 1
@@ -137,9 +155,10 @@ def main():
             with netlab.Network(rate) as net:
                 calibration = calibrate(args.build, net, work)
                 for dirty in UNBRAKED:
+                    alone = record_alone(args.build, work, dirty, []) if guest == "kvm" else None
                     for policy in UNBRAKED_POLICIES:
                         runs = [migrate(args.build, net, work, dirty, policy, "run%d" % i) for i in range(args.repeats)]
-                        sim = simulate(args.build, runs[0][1], policy, calibration)  # the first repeat's trace
+                        sim = simulate(args.build, alone or runs[0][1], policy, calibration)  # else the first repeat's trace
                         rows.append(report_row("%d MB/s" % dirty, link_name, policy, [stats for stats, _ in runs], sim,
                                                calibration))
                 if rate != BRAKED_LINK:
@@ -153,7 +172,8 @@ def main():
                                                simulate(args.build, alone, policy, calibration), calibration))
     if args.json:
         with open(args.json, "w") as out:  # as bench-sim writes them, for bench/plot.py validation
-            json.dump({"guest": "(recorded synthetic guests, shaped veth)", "rows": rows}, out, indent=1)
+            json.dump({"guest": "(recorded %s guests, shaped veth)" % ("synthetic" if guest == "synthetic" else "KVM workload"),
+                       "rows": rows}, out, indent=1)
     return 0
 
 
@@ -167,7 +187,8 @@ def report_row(workload, link, policy, runs, sim, calibration):
         real_bytes / 1e6, sim["bytes_sent"] / 1e6, error_pct(sim["bytes_sent"], real_bytes), rounds[0], rounds[-1],
         sim["rounds"]))
     sys.stdout.flush()
-    return {"workload": "synthetic sweep %s, 128 MiB, 2 vCPUs" % workload, "link": link, "policy": policy,
+    kind = "synthetic sweep" if guest == "synthetic" else "KVM random writes"
+    return {"workload": "%s %s, 128 MiB, 2 vCPUs" % (kind, workload), "link": link, "policy": policy,
             "calibration": calibration, "real_total_ms": total, "real_bytes": sent, "real_rounds": rounds,
             "sim_total_ms": sim["total_ms"], "sim_bytes": sim["bytes_sent"], "sim_rounds": sim["rounds"],
             "sim_downtime_ms": sim["downtime_ms"], "real_downtime_ms": sorted(r["downtime_ms"] for r in runs),
