@@ -65,11 +65,10 @@ def migrate(build, net, work, guest, dirty_MBps, policy, name, after_s, others_c
     """One migration, `after_s` after the guest is ready; mig-send's stats. `net`: the veth
     between namespaces, or None for loopback under mig-send's own limit."""
     stats = os.path.join(work, name + ".json")
+    receiver = netlab.start_receiver(build, net, PORT, pin_cpu=others_cpus, synthetic=guest == "synthetic")
     if net:
-        receiver = netlab.start_receiver(build, net, PORT, pin_cpu=others_cpus, synthetic=guest == "synthetic")
         in_source, destination, limit = ["ip", "netns", "exec", net.source], netlab.DEST_ADDR, []
     else:
-        receiver = start_loopback_receiver(build, others_cpus, guest == "synthetic")
         in_source, destination, limit = [], "127.0.0.1", ["--bandwidth", "125M"]
     sender = subprocess.Popen(in_source + ["taskset", "-c", others_cpus, os.path.join(build, "tools", "mig-send")] +
                               guest_args(build, guest, dirty_MBps) + limit +
@@ -82,17 +81,6 @@ def migrate(build, net, work, guest, dirty_MBps, policy, name, after_s, others_c
     if sender.returncode != 0:
         raise RuntimeError("a migration failed: " + errors)
     return json.load(open(stats))
-
-
-def start_loopback_receiver(build, cpus, synthetic):
-    """netlab's receiver, on loopback in this namespace."""
-    receiver = subprocess.Popen(["taskset", "-c", cpus, os.path.join(build, "tools", "mig-recv")] +
-                                (["--synthetic-guest"] if synthetic else []) +
-                                ["--listen", "tcp:127.0.0.1:%d" % PORT, "--run-for", "0.2"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if "listening on" not in receiver.stdout.readline():
-        raise RuntimeError("mig-recv did not listen: " + receiver.stderr.read())
-    return receiver
 
 
 def pin_thread(pid, name, cpu):

@@ -64,13 +64,14 @@ class Network:
 
 
 def start_receiver(build, net, port, pin_cpu=None, synthetic=True):
-    """A mig-recv listening in the destination namespace (on CPU `pin_cpu` if given) for a
-    synthetic guest, or a KVM one, that runs the guest 0.2 s after it arrives; returns once
-    it listens."""
+    """A mig-recv listening in the destination namespace (on loopback in this one where `net`
+    is None; on CPUs `pin_cpu`, taskset's list, if given) for a synthetic guest, or a KVM
+    one, that runs the guest 0.2 s after it arrives; returns once it listens."""
     pin = ["taskset", "-c", str(pin_cpu)] if pin_cpu is not None else []
-    receiver = subprocess.Popen(["ip", "netns", "exec", net.dest] + pin +
+    inside, address = (["ip", "netns", "exec", net.dest], DEST_ADDR) if net else ([], "127.0.0.1")
+    receiver = subprocess.Popen(inside + pin +
                                 [os.path.join(build, "tools", "mig-recv")] + (["--synthetic-guest"] if synthetic else []) +
-                                ["--listen", "tcp:%s:%d" % (DEST_ADDR, port), "--run-for", "0.2"],
+                                ["--listen", "tcp:%s:%d" % (address, port), "--run-for", "0.2"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if "listening on" not in receiver.stdout.readline():
         raise RuntimeError("mig-recv did not listen: " + receiver.stderr.read())
