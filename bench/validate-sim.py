@@ -53,6 +53,7 @@ ALONE_S = 15         # how long a guest alone is recorded: longer than its migra
 PORT = 7431
 KVM_TRACE_START_S = 3.0  # the workload guest had booted and filled 128 MiB by 0.6 s here
 guest = "synthetic"   # --guest
+WORKLOADS = {"synthetic": "synthetic sweep", "kvm": "KVM workload guest, random writes"}  # what each guest does
 
 
 def guest_args(build, dirty_MBps, extra):
@@ -148,7 +149,7 @@ def main():
         print("validate-sim needs root and network namespaces (ip netns)")
         return 1
     rows = []
-    print("| guest sweeps | link | policy | total ms real (min-max) / sim | err | MB real / sim | err | rounds real / sim |")
+    print("| guest dirties | link | policy | total ms real (min-max) / sim | err | MB real / sim | err | rounds real / sim |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory(prefix="mig-validate-sim-") as work:
         for link_name, rate in LINKS:
@@ -172,8 +173,7 @@ def main():
                                                simulate(args.build, alone, policy, calibration), calibration))
     if args.json:
         with open(args.json, "w") as out:  # as bench-sim writes them, for bench/plot.py validation
-            json.dump({"guest": "(recorded %s guests, shaped veth)" % ("synthetic" if guest == "synthetic" else "KVM workload"),
-                       "rows": rows}, out, indent=1)
+            json.dump({"guest": "(recorded guests: %s; shaped veth)" % WORKLOADS[guest], "rows": rows}, out, indent=1)
     return 0
 
 
@@ -187,8 +187,7 @@ def report_row(workload, link, policy, runs, sim, calibration):
         real_bytes / 1e6, sim["bytes_sent"] / 1e6, error_pct(sim["bytes_sent"], real_bytes), rounds[0], rounds[-1],
         sim["rounds"]))
     sys.stdout.flush()
-    kind = "synthetic sweep" if guest == "synthetic" else "KVM random writes"
-    return {"workload": "%s %s, 128 MiB, 2 vCPUs" % (kind, workload), "link": link, "policy": policy,
+    return {"workload": "%s %s, 128 MiB, 2 vCPUs" % (WORKLOADS[guest], workload), "link": link, "policy": policy,
             "calibration": calibration, "real_total_ms": total, "real_bytes": sent, "real_rounds": rounds,
             "sim_total_ms": sim["total_ms"], "sim_bytes": sim["bytes_sent"], "sim_rounds": sim["rounds"],
             "sim_downtime_ms": sim["downtime_ms"], "real_downtime_ms": sorted(r["downtime_ms"] for r in runs),
